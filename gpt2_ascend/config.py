@@ -1,0 +1,207 @@
+"""GPT2Config: one dataclass for every shape, named presets, and the mapping to HF's config.json."""
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from dataclasses import dataclass, field, fields
+from typing import Optional
+
+ACTIVATIONS = ("gelu_new", "fast_gelu", "gelu")
+ATTN_IMPLEMENTATIONS = ("eager", "sdpa", "npu", "auto")
+
+# MindFormers' shapes (see DESIGN.md). vocab 50257, eps 1e-5 and dropout 0.1 everywhere.
+PRESETS = {
+    "tiny": dict(n_layer=2, n_embd=64, n_head=4, n_positions=128, activation="gelu_new"),
+    "small": dict(n_layer=12, n_embd=768, n_head=12, n_positions=1024, activation="gelu_new"),
+    "medium": dict(n_layer=24, n_embd=1024, n_head=16, n_positions=1024, activation="gelu_new"),
+    "large": dict(n_layer=36, n_embd=1280, n_head=20, n_positions=1024, activation="gelu_new"),
+    "xl": dict(n_layer=48, n_embd=1600, n_head=25, n_positions=1024, activation="fast_gelu"),
+    "13b": dict(n_layer=40, n_embd=5120, n_head=40, n_positions=2048, activation="fast_gelu"),
+    "52b": dict(n_layer=64, n_embd=8192, n_head=32, n_positions=1024, activation="fast_gelu"),
+}
+
+# HF activation_function names -> ours. HF's "gelu_fast"/"gelu_pytorch_tanh" are the same tanh
+# approximation as gelu_new; "quick_gelu" is x * sigmoid(1.702 x), MindSpore's fast_gelu.
+HF_ACTIVATION_TO_OURS = {
+    "gelu_new": "gelu_new", "gelu_fast": "gelu_new", "gelu_pytorch_tanh": "gelu_new",
+    "gelu_python_tanh": "gelu_new", "quick_gelu": "fast_gelu", "gelu": "gelu", "gelu_python": "gelu",
+}
+OURS_TO_HF_ACTIVATION = {"gelu_new": "gelu_new", "fast_gelu": "quick_gelu", "gelu": "gelu"}
+
+# HF config.json keys that carry no meaning for the GPT-2 math (bookkeeping, generation defaults,
+# GPT2DoubleHeads summary settings). Read and ignored; anything else unknown is an error.
+HF_IGNORED_KEYS = {
+    "architectures", "model_type", "transformers_version", "torch_dtype", "dtype", "task_specific_params",
+    "n_ctx", "summary_type", "summary_use_proj", "summary_activation", "summary_proj_to_labels",
+    "summary_first_dropout", "use_cache", "bos_token_id", "eos_token_id", "_name_or_path", "id2label",
+    "label2id", "problem_type", "return_dict", "output_hidden_states", "output_attentions",
+    "reorder_and_upcast_attn", "scale_attn_weights", "scale_attn_by_inverse_layer_idx",
+    "add_cross_attention", "tokenizer_class", "prefix", "max_length", "do_sample", "chunk_size_feed_forward",
+    "is_encoder_decoder", "is_decoder", "_attn_implementation_autoset", "attn_implementation",
+    "gradient_checkpointing", "finetuning_task", "torchscript", "tie_encoder_decoder", "pruned_heads",
+    "cross_attention_hidden_size", "decoder_start_token_id", "sep_token_id", "tf_legacy_loss",
+    "use_bfloat16", "_commit_hash", "output_scores", "return_dict_in_generate", "transformers.js_config",
+}
+
+
+@dataclass
+class GPT2Config:
+    vocab_size: int = 50257
+    n_positions: int = 1024
+    n_embd: int = 768
+    n_layer: int = 12
+    n_head: int = 12
+    n_inner: Optional[int] = None  # None -> 4 * n_embd
+    activation: str = "gelu_new"
+    layer_norm_epsilon: float = 1e-5
+    embd_pdrop: float = 0.1
+    attn_pdrop: float = 0.1
+    resid_pdrop: float = 0.1
+    initializer_range: float = 0.02
+    tie_word_embeddings: bool = True
+    num_labels: int = 2
+    pad_token_id: int = 50256
+    eos_token_id: int = 50256
+    bos_token_id: int = 50256
+    attn_implementation: str = "auto"
+    gradient_checkpointing: bool = False
+    # Embedding rows are padded internally to a multiple of this (64 -> 50304, for fast matmuls and
+    # vocab-parallel splits). Logits, losses and saved checkpoints always have exactly vocab_size.
+    pad_vocab_size_multiple: int = 1
+    id2label: Optional[dict] = field(default=None, repr=False)
+
+    def __post_init__(self):
+        self.validate()
+
+    def validate(self):
+        if self.activation not in ACTIVATIONS:
+            raise ValueError(f"unknown activation {self.activation!r}: use one of {', '.join(ACTIVATIONS)}")
+        if self.attn_implementation not in ATTN_IMPLEMENTATIONS:
+            raise ValueError(f"unknown attn_implementation {self.attn_implementation!r}: "
+                             f"use one of {', '.join(ATTN_IMPLEMENTATIONS)}")
+        for name in ("vocab_size", "n_positions", "n_embd", "n_layer", "n_head", "num_labels", "pad_vocab_size_multiple"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+                raise ValueError(f"{name} must be a positive integer, got {value!r}")
+        if self.n_embd % self.n_head:
+            raise ValueError(f"n_embd ({self.n_embd}) must be divisible by n_head ({self.n_head})")
+        if self.n_inner is not None and (not isinstance(self.n_inner, int) or self.n_inner <= 0):
+            raise ValueError(f"n_inner must be a positive integer or null, got {self.n_inner!r}")
+        for name in ("embd_pdrop", "attn_pdrop", "resid_pdrop"):
+            if not 0.0 <= float(getattr(self, name)) < 1.0:
+                raise ValueError(f"{name} must be in [0, 1), got {getattr(self, name)!r}")
+        if self.layer_norm_epsilon <= 0:
+            raise ValueError(f"layer_norm_epsilon must be positive, got {self.layer_norm_epsilon!r}")
+
+    # ---- derived sizes ----
+    @property
+    def head_dim(self) -> int:
+        return self.n_embd // self.n_head
+
+    @property
+    def inner_dim(self) -> int:
+        return self.n_inner if self.n_inner is not None else 4 * self.n_embd
+
+    @property
+    def padded_vocab_size(self) -> int:
+        m = self.pad_vocab_size_multiple
+        return (self.vocab_size + m - 1) // m * m
+
+    # ---- construction ----
+    @classmethod
+    def from_preset(cls, name: str, **overrides) -> "GPT2Config":
+        if name not in PRESETS:
+            raise ValueError(f"unknown preset {name!r}: use one of {', '.join(PRESETS)}")
+        return cls.from_dict({**PRESETS[name], **overrides})
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "GPT2Config":
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(d) - known)
+        if unknown:
+            raise ValueError(f"unknown GPT2Config key {unknown[0]!r}: valid keys are {', '.join(sorted(known))}")
+        return cls(**d)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    def replace(self, **changes) -> "GPT2Config":
+        return self.from_dict({**self.to_dict(), **changes})
+
+    # ---- HF config.json ----
+    @classmethod
+    def from_hf_dict(cls, hf: dict) -> "GPT2Config":
+        """Build from a transformers GPT-2 config.json dict; refuses features this model does not have."""
+        if hf.get("model_type", "gpt2") != "gpt2":
+            raise ValueError(f"config.json has model_type {hf.get('model_type')!r}, expected 'gpt2'")
+        if hf.get("add_cross_attention"):
+            raise ValueError("config.json sets add_cross_attention=true: cross-attention GPT-2 is not supported")
+        if hf.get("scale_attn_by_inverse_layer_idx"):
+            raise ValueError("config.json sets scale_attn_by_inverse_layer_idx=true: not supported")
+        if hf.get("scale_attn_weights", True) is False:
+            raise ValueError("config.json sets scale_attn_weights=false: not supported")
+        act = hf.get("activation_function", "gelu_new")
+        if act not in HF_ACTIVATION_TO_OURS:
+            raise ValueError(f"config.json activation_function {act!r} is not supported: "
+                             f"use one of {', '.join(HF_ACTIVATION_TO_OURS)}")
+        mapped = dict(
+            vocab_size=hf.get("vocab_size", 50257), n_positions=hf.get("n_positions", 1024),
+            n_embd=hf.get("n_embd", 768), n_layer=hf.get("n_layer", 12), n_head=hf.get("n_head", 12),
+            n_inner=hf.get("n_inner"), activation=HF_ACTIVATION_TO_OURS[act],
+            layer_norm_epsilon=hf.get("layer_norm_epsilon", 1e-5), embd_pdrop=hf.get("embd_pdrop", 0.1),
+            attn_pdrop=hf.get("attn_pdrop", 0.1), resid_pdrop=hf.get("resid_pdrop", 0.1),
+            initializer_range=hf.get("initializer_range", 0.02),
+            tie_word_embeddings=hf.get("tie_word_embeddings", True),
+        )
+        id2label = hf.get("id2label")
+        if id2label and any(v != f"LABEL_{k}" for k, v in id2label.items()):
+            mapped["id2label"] = {int(k): v for k, v in id2label.items()}
+        mapped["num_labels"] = hf.get("num_labels", len(id2label) if id2label else 2)
+        for ours, theirs in (("eos_token_id", "eos_token_id"), ("bos_token_id", "bos_token_id"),
+                             ("pad_token_id", "pad_token_id")):
+            if hf.get(theirs) is not None:
+                mapped[ours] = hf[theirs]
+        if hf.get("pad_token_id") is None and mapped.get("eos_token_id") is not None:
+            mapped["pad_token_id"] = mapped["eos_token_id"]  # GPT-2 convention: pad = eos
+        # Our own extras survive a round trip through config.json under a namespaced key.
+        extras = hf.get("gpt2_ascend", {})
+        unknown = sorted(set(hf) - HF_IGNORED_KEYS - set(mapped) - {
+            "activation_function", "gpt2_ascend", "num_labels", "n_inner", "resid_pdrop", "embd_pdrop",
+            "attn_pdrop", "layer_norm_epsilon", "initializer_range", "tie_word_embeddings"})
+        if unknown:
+            raise ValueError(f"config.json has unknown GPT-2 key {unknown[0]!r}; remove it or convert the model first")
+        return cls.from_dict({**mapped, **extras})
+
+    def to_hf_dict(self, architecture: str = "GPT2LMHeadModel") -> dict:
+        hf = dict(
+            architectures=[architecture], model_type="gpt2", vocab_size=self.vocab_size,
+            n_positions=self.n_positions, n_ctx=self.n_positions, n_embd=self.n_embd, n_layer=self.n_layer,
+            n_head=self.n_head, n_inner=self.n_inner, activation_function=OURS_TO_HF_ACTIVATION[self.activation],
+            layer_norm_epsilon=self.layer_norm_epsilon, embd_pdrop=self.embd_pdrop, attn_pdrop=self.attn_pdrop,
+            resid_pdrop=self.resid_pdrop, initializer_range=self.initializer_range,
+            tie_word_embeddings=self.tie_word_embeddings, scale_attn_weights=True, use_cache=True,
+            bos_token_id=self.bos_token_id, eos_token_id=self.eos_token_id, pad_token_id=self.pad_token_id,
+            summary_type="cls_index", summary_use_proj=True, summary_activation=None,
+            summary_proj_to_labels=True, summary_first_dropout=0.1,
+        )
+        if architecture == "GPT2ForSequenceClassification":
+            labels = self.id2label or {i: f"LABEL_{i}" for i in range(self.num_labels)}
+            hf["id2label"] = {str(k): v for k, v in labels.items()}
+            hf["label2id"] = {v: int(k) for k, v in labels.items()}
+        extras = {k: getattr(self, k) for k in ("attn_implementation", "gradient_checkpointing", "pad_vocab_size_multiple")
+                  if getattr(self, k) != getattr(GPT2Config, k)}
+        if extras:
+            hf["gpt2_ascend"] = extras
+        return hf
+
+    @classmethod
+    def from_json_file(cls, path: str) -> "GPT2Config":
+        if not os.path.isfile(path):
+            raise FileNotFoundError(f"config file not found: {path}")
+        with open(path, encoding="utf-8") as f:
+            try:
+                d = json.load(f)
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{path} is not valid JSON ({e}); re-export the model") from None
+        return cls.from_hf_dict(d)

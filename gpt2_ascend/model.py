@@ -1,0 +1,373 @@
+"""The GPT-2 module tree, readable top to bottom.
+
+Module and parameter names are HF's (transformer.wte, transformer.h.N.attn.c_attn, ..., lm_head), with
+nn.Linear layers: HF's Conv1D weights are the transpose, handled once in hf.py.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, fields
+from typing import Optional
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
+
+from . import ops
+from .config import GPT2Config
+
+
+# ---------------------------------------------------------------------------------------------
+# outputs and the key/value cache
+# ---------------------------------------------------------------------------------------------
+@dataclass
+class ModelOutput:
+    """Attribute access like HF's outputs; `out[0]` indexes the fields that are set."""
+    loss: Optional[torch.Tensor] = None
+    logits: Optional[torch.Tensor] = None
+    past_key_values: Optional["KVCache"] = None
+    last_hidden_state: Optional[torch.Tensor] = None
+
+    def to_tuple(self):
+        return tuple(getattr(self, f.name) for f in fields(self) if getattr(self, f.name) is not None)
+
+    def __getitem__(self, key):
+        return getattr(self, key) if isinstance(key, str) else self.to_tuple()[key]
+
+
+class KVCache:
+    """Keys and values of every layer, (B, H, S, D) each.
+
+    Dynamic by default (grows by concatenation, like HF's DynamicCache). `KVCache.static(...)`
+    preallocates `max_length` slots so decoding writes in place; with `fixed_shape=True` every step
+    reads the whole buffer under a mask (no shape changes, so a compiled decode step can be captured
+    as a CUDA graph). `length` counts the positions filled so far.
+    """
+
+    def __init__(self, n_layer: int):
+        self.keys: list = [None] * n_layer
+        self.values: list = [None] * n_layer
+        self.length = 0
+        self.max_length: Optional[int] = None
+        self.fixed_shape = False
+        self.positions: Optional[torch.Tensor] = None  # fixed_shape: where this step writes
+
+    @classmethod
+    def static(cls, config: GPT2Config, batch_size: int, max_length: int, device=None, dtype=None,
+               fixed_shape: bool = False) -> "KVCache":
+        cache = cls(config.n_layer)
+        shape = (batch_size, config.n_head, max_length, config.head_dim)
+        cache.keys = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(config.n_layer)]
+        cache.values = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(config.n_layer)]
+        cache.max_length = max_length
+        cache.fixed_shape = fixed_shape
+        return cache
+
+    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor):
+        """Store this step's keys/values and return everything the step may attend to."""
+        if self.max_length is None:
+            if self.keys[layer] is not None:
+                k = torch.cat([self.keys[layer], k], dim=2)
+                v = torch.cat([self.values[layer], v], dim=2)
+            self.keys[layer], self.values[layer] = k, v
+            return k, v
+        if self.fixed_shape:
+            self.keys[layer].index_copy_(2, self.positions, k.to(self.keys[layer].dtype))
+            self.values[layer].index_copy_(2, self.positions, v.to(self.values[layer].dtype))
+            return self.keys[layer], self.values[layer]
+        end = self.length + k.size(2)
+        self.keys[layer][:, :, self.length:end] = k
+        self.values[layer][:, :, self.length:end] = v
+        return self.keys[layer][:, :, :end], self.values[layer][:, :, :end]
+
+    def reorder(self, index: torch.Tensor):
+        """Keep only the batch rows in `index` (beam search / dropping finished rows)."""
+        self.keys = [k.index_select(0, index) if k is not None else None for k in self.keys]
+        self.values = [v.index_select(0, index) if v is not None else None for v in self.values]
+
+    def __len__(self):
+        return self.length
+
+
+def positions_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
+    """Position ids that follow the attention mask, as HF's generate does: the first real token of
+    each row is position 0 whatever the left padding; padded slots get a harmless 1."""
+    pos = attention_mask.long().cumsum(-1) - 1
+    return pos.masked_fill(attention_mask == 0, 1)
+
+
+def build_attention_mask(attention_mask: Optional[torch.Tensor], q_len: int, past: int, device,
+                         cache: Optional[KVCache] = None) -> Optional[torch.Tensor]:
+    """Boolean (B|1, 1, q_len, key_len) mask, True = may attend; None means plain causal attention.
+
+    Causality is by cache slot: the query in slot s sees keys 0..s (slots past..past+q_len-1, or the
+    fixed-shape cache's `positions`). Rows that see nothing at all (queries on left padding) are opened
+    to every key, as HF does, so no kernel produces NaN for them; their outputs are never used.
+    """
+    fixed = cache is not None and cache.fixed_shape
+    if attention_mask is None and not fixed and (past == 0 or q_len == 1):
+        return None
+    key_len = cache.max_length if fixed else past + q_len
+    q_pos = cache.positions if fixed else torch.arange(past, past + q_len, device=device)
+    k_pos = torch.arange(key_len, device=device)
+    mask = (k_pos[None, :] <= q_pos[:, None])[None, None]  # (1, 1, q, k)
+    if attention_mask is not None:
+        mask = mask & attention_mask[:, None, None, :key_len].bool()
+        mask = mask | ~mask.any(dim=-1, keepdim=True)
+    return mask
+
+
+# ---------------------------------------------------------------------------------------------
+# the blocks
+# ---------------------------------------------------------------------------------------------
+class CausalSelfAttention(nn.Module):
+    def __init__(self, config: GPT2Config):
+        super().__init__()
+        self.n_head = config.n_head
+        self.head_dim = config.head_dim
+        self.n_embd = config.n_embd
+        self.c_attn = nn.Linear(config.n_embd, 3 * config.n_embd)  # q, k, v fused, each head-major
+        self.c_proj = nn.Linear(config.n_embd, config.n_embd)
+        self.attn_dropout = config.attn_pdrop
+        self.resid_dropout = nn.Dropout(config.resid_pdrop)
+        self.attn_implementation = config.attn_implementation
+
+    def forward(self, x, mask=None, cache: Optional[KVCache] = None, layer_idx: int = 0):
+        B, T, _ = x.shape
+        q, k, v = self.c_attn(x).split(self.n_embd, dim=2)
+        # view(..., -1, head_dim) keeps this correct when tensor parallel leaves a slice of the heads
+        q, k, v = (t.view(B, T, -1, self.head_dim).transpose(1, 2) for t in (q, k, v))
+        if cache is not None:
+            k, v = cache.update(layer_idx, k, v)
+        impl = ops.resolve_attn_implementation(self.attn_implementation, x.device.type)
+        y = ops.attention(q, k, v, mask=mask, is_causal=mask is None and T > 1,
+                          dropout_p=self.attn_dropout if self.training else 0.0,
+                          scale=1.0 / math.sqrt(self.head_dim), impl=impl)
+        y = y.transpose(1, 2).reshape(B, T, -1)
+        return self.resid_dropout(self.c_proj(y))
+
+
+class MLP(nn.Module):
+    def __init__(self, config: GPT2Config):
+        super().__init__()
+        self.c_fc = nn.Linear(config.n_embd, config.inner_dim)
+        self.c_proj = nn.Linear(config.inner_dim, config.n_embd)
+        self.activation = config.activation
+        self.dropout = nn.Dropout(config.resid_pdrop)
+
+    def forward(self, x):
+        return self.dropout(self.c_proj(ops.activation(self.activation, self.c_fc(x))))
+
+
+class Block(nn.Module):
+    def __init__(self, config: GPT2Config):
+        super().__init__()
+        self.ln_1 = nn.LayerNorm(config.n_embd, eps=config.layer_norm_epsilon)
+        self.attn = CausalSelfAttention(config)
+        self.ln_2 = nn.LayerNorm(config.n_embd, eps=config.layer_norm_epsilon)
+        self.mlp = MLP(config)
+
+    def forward(self, x, mask=None, cache: Optional[KVCache] = None, layer_idx: int = 0):
+        x = x + self.attn(self.ln_1(x), mask, cache, layer_idx)
+        return x + self.mlp(self.ln_2(x))
+
+
+# ---------------------------------------------------------------------------------------------
+# models
+# ---------------------------------------------------------------------------------------------
+class GPT2PreTrainedModel(nn.Module):
+    """Shared plumbing: init, parameter counting, HF-style from_pretrained / save_pretrained."""
+
+    config: GPT2Config
+    hf_architecture = "GPT2LMHeadModel"
+
+    def init_weights(self):
+        """GPT-2 init: N(0, 0.02) everywhere, residual projections N(0, 0.02 / sqrt(2 n_layer))."""
+        std = self.config.initializer_range
+        for name, module in self.named_modules():
+            if isinstance(module, nn.Linear):
+                scale = 1.0 / math.sqrt(2 * self.config.n_layer) if name.endswith("c_proj") else 1.0
+                nn.init.normal_(module.weight, mean=0.0, std=std * scale)
+                if module.bias is not None:
+                    nn.init.zeros_(module.bias)
+            elif isinstance(module, nn.Embedding):
+                nn.init.normal_(module.weight, mean=0.0, std=std)
+            elif isinstance(module, nn.LayerNorm):
+                nn.init.ones_(module.weight)
+                nn.init.zeros_(module.bias)
+
+    def num_parameters(self, exclude_embeddings: bool = False) -> int:
+        """Unique parameters (a tied head counts once); the internal vocab padding is not counted."""
+        n = sum(p.numel() for p in self.parameters())
+        extra_rows = self.config.padded_vocab_size - self.config.vocab_size
+        n -= extra_rows * self.config.n_embd * (1 if self.config.tie_word_embeddings or not hasattr(self, "lm_head") else 2)
+        if exclude_embeddings:
+            n -= (self.config.vocab_size + self.config.n_positions) * self.config.n_embd
+        return n
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.parameters()).device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return next(self.parameters()).dtype
+
+    def gradient_checkpointing_enable(self, **_ignored):
+        self.base_model_body().gradient_checkpointing = True
+
+    def gradient_checkpointing_disable(self):
+        self.base_model_body().gradient_checkpointing = False
+
+    def base_model_body(self) -> "GPT2Model":
+        return self if isinstance(self, GPT2Model) else self.transformer
+
+    @classmethod
+    def from_pretrained(cls, path_or_hub_id: str, dtype=None, device=None, **config_overrides):
+        from .hf import load_pretrained
+        return load_pretrained(cls, path_or_hub_id, dtype=dtype, device=device, **config_overrides)
+
+    def save_pretrained(self, output_dir: str, dtype=None, max_shard_size=None):
+        from .hf import save_pretrained
+        save_pretrained(self, output_dir, dtype=dtype, max_shard_size=max_shard_size)
+
+
+class GPT2Model(GPT2PreTrainedModel):
+    def __init__(self, config: GPT2Config):
+        super().__init__()
+        self.config = config
+        self.wte = nn.Embedding(config.padded_vocab_size, config.n_embd)
+        self.wpe = nn.Embedding(config.n_positions, config.n_embd)
+        self.drop = nn.Dropout(config.embd_pdrop)
+        self.h = nn.ModuleList([Block(config) for _ in range(config.n_layer)])
+        self.ln_f = nn.LayerNorm(config.n_embd, eps=config.layer_norm_epsilon)
+        self.gradient_checkpointing = config.gradient_checkpointing
+        if type(self) is GPT2Model:
+            self.init_weights()
+
+    def forward(self, input_ids, attention_mask=None, position_ids=None, past_key_values=None,
+                use_cache=False, **_unused):
+        B, T = input_ids.shape
+        cache = past_key_values
+        if use_cache and cache is None:
+            cache = KVCache(self.config.n_layer)
+        past = cache.length if cache is not None else 0
+        self._check_lengths(B, T, past, attention_mask, cache)
+
+        if position_ids is None:
+            position_ids = self._default_positions(attention_mask, T, past, input_ids.device, cache)
+        x = self.drop(self.wte(input_ids) + self.wpe(position_ids))
+
+        mask = build_attention_mask(attention_mask, T, past, input_ids.device, cache)
+        if cache is not None and cache.fixed_shape and mask is None:
+            raise ValueError("a fixed-shape KV cache needs an attention_mask over all cache slots")
+        for i, block in enumerate(self.h):
+            if self.gradient_checkpointing and self.training and cache is None:
+                x = checkpoint(block, x, mask, None, i, use_reentrant=False)
+            else:
+                x = block(x, mask, cache, i)
+        x = self.ln_f(x)
+        if cache is not None and not cache.fixed_shape:
+            cache.length = past + T
+        return ModelOutput(last_hidden_state=x, past_key_values=cache if use_cache or past_key_values is not None else None)
+
+    def _check_lengths(self, B, T, past, attention_mask, cache):
+        if cache is not None and cache.max_length is not None and not cache.fixed_shape and past + T > cache.max_length:
+            raise ValueError(f"KV cache holds {cache.max_length} positions but {past + T} are needed; "
+                             f"build it with a larger max_length")
+        if past + T > self.config.n_positions:
+            raise ValueError(f"sequence of {past + T} tokens is longer than the model's context "
+                             f"n_positions={self.config.n_positions}; shorten the input")
+        if attention_mask is not None:
+            expected = cache.max_length if cache is not None and cache.fixed_shape else past + T
+            if attention_mask.shape != (B, expected):
+                raise ValueError(f"attention_mask has shape {tuple(attention_mask.shape)} but ({B}, {expected}) "
+                                 f"is needed: one entry per cached and new token")
+
+    @staticmethod
+    def _default_positions(attention_mask, T, past, device, cache):
+        if attention_mask is None:
+            return torch.arange(past, past + T, device=device)[None]
+        pos = positions_from_mask(attention_mask)
+        if cache is not None and cache.fixed_shape:
+            return pos.index_select(1, cache.positions)
+        return pos[:, past:past + T]
+
+
+class GPT2LMHeadModel(GPT2PreTrainedModel):
+    def __init__(self, config: GPT2Config):
+        super().__init__()
+        self.config = config
+        self.transformer = GPT2Model(config)
+        self.lm_head = nn.Linear(config.n_embd, config.padded_vocab_size, bias=False)
+        if config.tie_word_embeddings:
+            self.lm_head.weight = self.transformer.wte.weight
+        self.init_weights()
+
+    def forward(self, input_ids, attention_mask=None, position_ids=None, labels=None, past_key_values=None,
+                use_cache=False, **_unused):
+        out = self.transformer(input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                               past_key_values=past_key_values, use_cache=use_cache)
+        logits = self.logits(out.last_hidden_state)
+        loss = causal_lm_loss(logits, labels) if labels is not None else None
+        return ModelOutput(loss=loss, logits=logits, past_key_values=out.past_key_values)
+
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """The vocabulary logits, without the internal padding rows."""
+        logits = self.lm_head(hidden)
+        if self.config.padded_vocab_size != self.config.vocab_size:
+            logits = logits[..., : self.config.vocab_size]
+        return logits
+
+    def get_input_embeddings(self):
+        return self.transformer.wte
+
+    def get_output_embeddings(self):
+        return self.lm_head
+
+    def generate(self, input_ids, attention_mask=None, **kwargs):
+        from .generation import generate
+        return generate(self, input_ids, attention_mask=attention_mask, **kwargs)
+
+
+def causal_lm_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Mean next-token cross-entropy: logits at t predict labels at t+1; -100 is ignored."""
+    shift_logits = logits[:, :-1].reshape(-1, logits.size(-1)).float()
+    shift_labels = labels[:, 1:].reshape(-1).to(logits.device)
+    return F.cross_entropy(shift_logits, shift_labels, ignore_index=-100)
+
+
+class GPT2ForSequenceClassification(GPT2PreTrainedModel):
+    hf_architecture = "GPT2ForSequenceClassification"
+
+    def __init__(self, config: GPT2Config):
+        super().__init__()
+        self.config = config
+        self.num_labels = config.num_labels
+        self.transformer = GPT2Model(config)
+        self.score = nn.Linear(config.n_embd, config.num_labels, bias=False)
+        self.init_weights()
+
+    def forward(self, input_ids, attention_mask=None, position_ids=None, labels=None, **_unused):
+        out = self.transformer(input_ids, attention_mask=attention_mask, position_ids=position_ids)
+        last = last_token_index(input_ids, attention_mask, self.config.pad_token_id)
+        pooled = out.last_hidden_state[torch.arange(input_ids.size(0), device=input_ids.device), last]
+        logits = self.score(pooled)
+        loss = None
+        if labels is not None:
+            loss = F.cross_entropy(logits.float().view(-1, self.num_labels), labels.view(-1).to(logits.device))
+        return ModelOutput(loss=loss, logits=logits)
+
+
+def last_token_index(input_ids, attention_mask, pad_token_id):
+    """Index of the last real token of each row (left or right padding): from the attention mask
+    when given, else the rightmost token that is not the pad id (HF's rule)."""
+    T = input_ids.size(1)
+    if attention_mask is not None:
+        real = attention_mask.to(torch.int32)
+    elif pad_token_id is not None:
+        real = (input_ids != pad_token_id).to(torch.int32)
+    else:
+        return torch.full((input_ids.size(0),), T - 1, device=input_ids.device, dtype=torch.long)
+    return (torch.arange(T, device=input_ids.device, dtype=torch.int32) * real).argmax(-1)

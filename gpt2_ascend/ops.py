@@ -1,0 +1,95 @@
+"""What differs per device: attention kernels and gelu variants.
+
+Every function takes plain tensors and picks its kernel from the tensor's device, so the model code
+stays the same on CPU, CUDA and NPU.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+_SQRT_2_OVER_PI = math.sqrt(2.0 / math.pi)
+
+
+# ---------------------------------------------------------------------------------------------
+# activations
+# ---------------------------------------------------------------------------------------------
+def gelu_new_explicit(x: torch.Tensor) -> torch.Tensor:
+    """HF's NewGELUActivation written out (tanh approximation). Used where F.gelu's `approximate`
+    argument is not honoured (Ascend's F.gelu ignores it)."""
+    return 0.5 * x * (1.0 + torch.tanh(_SQRT_2_OVER_PI * (x + 0.044715 * torch.pow(x, 3.0))))
+
+
+def fast_gelu_reference(x: torch.Tensor) -> torch.Tensor:
+    """MindSpore's fast_gelu = x * sigmoid(1.702 x) (HF's quick_gelu)."""
+    return x * torch.sigmoid(1.702 * x)
+
+
+def activation(name: str, x: torch.Tensor) -> torch.Tensor:
+    if name == "gelu_new":
+        if x.device.type == "npu":
+            return gelu_new_explicit(x)
+        return F.gelu(x, approximate="tanh")
+    if name == "fast_gelu":
+        return fast_gelu(x)
+    if name == "gelu":
+        return F.gelu(x)
+    raise ValueError(f"unknown activation {name!r}")
+
+
+def fast_gelu(x: torch.Tensor) -> torch.Tensor:
+    if x.device.type == "npu":
+        from . import device as dev
+        return dev.torch_npu().npu_fast_gelu(x)
+    return fast_gelu_reference(x)
+
+
+# ---------------------------------------------------------------------------------------------
+# attention
+# ---------------------------------------------------------------------------------------------
+def resolve_attn_implementation(impl: str, device_type: str) -> str:
+    """'auto' -> the fast kernel of the device: npu_fusion_attention on NPU, SDPA elsewhere."""
+    if impl == "auto":
+        return "npu" if device_type == "npu" else "sdpa"
+    if impl == "npu" and device_type != "npu":
+        # The NPU kernel takes NPU tensors only; tests swap in a reference torch_npu that runs on CPU.
+        from . import device as dev
+        if not dev.npu_reference_installed():
+            raise RuntimeError("attn_implementation='npu' needs tensors on an NPU device: "
+                               "move the model with .to('npu') or use attn_implementation='auto'")
+    return impl
+
+
+def attention(q, k, v, *, mask=None, is_causal=False, dropout_p=0.0, scale=None, impl="sdpa"):
+    """Scaled dot-product attention over (B, H, T, D) tensors.
+
+    mask: optional boolean (B, 1|H, Tq, Tk), True = may attend (causality already folded in).
+    is_causal: only used when mask is None; means square causal attention.
+    """
+    scale = scale if scale is not None else 1.0 / math.sqrt(q.size(-1))
+    if impl == "sdpa":
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p,
+                                              is_causal=is_causal and mask is None, scale=scale)
+    if impl == "eager":
+        return eager_attention(q, k, v, mask=mask, is_causal=is_causal, dropout_p=dropout_p, scale=scale)
+    if impl == "npu":
+        from .npu_ops import npu_attention
+        return npu_attention(q, k, v, mask=mask, is_causal=is_causal, dropout_p=dropout_p, scale=scale)
+    raise ValueError(f"unknown attention implementation {impl!r}")
+
+
+def eager_attention(q, k, v, *, mask=None, is_causal=False, dropout_p=0.0, scale=None):
+    """Explicit softmax attention, as in HF's eager path (masked scores set to the dtype's minimum,
+    so a fully masked row gives a uniform distribution instead of NaN)."""
+    scores = torch.matmul(q, k.transpose(-1, -2)) * scale
+    if mask is None and is_causal:
+        tq, tk = q.size(-2), k.size(-2)
+        mask = torch.ones(tq, tk, dtype=torch.bool, device=q.device).tril(tk - tq)
+    if mask is not None:
+        scores = scores.masked_fill(~mask, torch.finfo(scores.dtype).min)
+    probs = torch.softmax(scores.float(), dim=-1).to(v.dtype)
+    if dropout_p > 0.0:
+        probs = F.dropout(probs, p=dropout_p)
+    return torch.matmul(probs, v)

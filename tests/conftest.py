@@ -1,0 +1,51 @@
+import os
+
+import pytest
+import torch
+
+from gpt2_ascend import GPT2Config, GPT2ForSequenceClassification, GPT2LMHeadModel
+from gpt2_ascend.hf import hf_to_ours
+from gpt2_ascend.tokenizer import default_data_dir
+
+torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+
+
+@pytest.fixture(scope="session")
+def data_dir():
+    path = default_data_dir()
+    if not os.path.isfile(os.path.join(path, "gpt2", "vocab.json")):
+        pytest.fail(f"GPT-2 data not found in {path}: set GPT2_DATA_DIR to the shared data folder")
+    return path
+
+
+def tiny_config(**overrides):
+    base = dict(n_layer=2, n_embd=64, n_head=4, n_positions=64, vocab_size=512, embd_pdrop=0.0,
+                attn_pdrop=0.0, resid_pdrop=0.0, pad_token_id=511, eos_token_id=511, bos_token_id=511)
+    base.update(overrides)
+    return GPT2Config(**base)
+
+
+def hf_model(config: GPT2Config, kind="lm", attn="eager", seed=0):
+    """A transformers GPT-2 with its own random init, in eval mode."""
+    import transformers
+    torch.manual_seed(seed)
+    arch = "GPT2LMHeadModel" if kind == "lm" else "GPT2ForSequenceClassification"
+    hf_cfg = transformers.GPT2Config(**config.to_hf_dict(arch))
+    hf_cfg._attn_implementation = attn
+    cls = transformers.GPT2LMHeadModel if kind == "lm" else transformers.GPT2ForSequenceClassification
+    return cls(hf_cfg).eval()
+
+
+def ours_from_hf(hf, config: GPT2Config, kind="lm"):
+    cls = GPT2LMHeadModel if kind == "lm" else GPT2ForSequenceClassification
+    model = cls(config).eval()
+    state = hf_to_ours(hf.state_dict(), config)
+    if config.tie_word_embeddings and kind == "lm":
+        state["lm_head.weight"] = state["transformer.wte.weight"]
+    state = {k: v for k, v in state.items() if not (kind != "lm" and k == "lm_head.weight")}
+    model.load_state_dict(state, strict=True)
+    return model
+
+
+def max_diff(a, b):
+    return (a.float() - b.float()).abs().max().item()

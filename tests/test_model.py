@@ -1,0 +1,215 @@
+"""Cache, classification, attention kernels, init, meta device and config validation."""
+import pytest
+import torch
+
+from gpt2_ascend import GPT2Config, GPT2ForSequenceClassification, GPT2LMHeadModel, KVCache
+from conftest import hf_model, max_diff, ours_from_hf, tiny_config
+
+TOL = 1e-5
+
+
+def set_attn(model, impl):
+    for m in model.modules():
+        if hasattr(m, "attn_implementation"):
+            m.attn_implementation = impl
+
+
+@pytest.mark.parametrize("static", [False, True])
+def test_incremental_decoding_equals_full_forward(static):
+    config = tiny_config()
+    torch.manual_seed(0)
+    model = GPT2LMHeadModel(config).eval()
+    ids = torch.randint(0, config.vocab_size, (2, 20))
+    with torch.no_grad():
+        full = model(ids).logits
+        cache = KVCache.static(config, 2, 32) if static else None
+        out = model(ids[:, :6], past_key_values=cache, use_cache=True)
+        steps = [out.logits]
+        for t in range(6, 20):
+            out = model(ids[:, t:t + 1], past_key_values=out.past_key_values, use_cache=True)
+            steps.append(out.logits)
+    assert out.past_key_values.length == 20
+    assert max_diff(torch.cat(steps, dim=1), full) <= TOL
+
+
+def test_incremental_decoding_with_left_padding_matches_hf():
+    config = tiny_config()
+    hf = hf_model(config)
+    ours = ours_from_hf(hf, config)
+    ids = torch.randint(0, config.vocab_size - 1, (2, 12))
+    mask = torch.ones_like(ids)
+    mask[1, :4] = 0
+    ids = ids.masked_fill(mask == 0, config.pad_token_id)
+    with torch.no_grad():
+        out = ours(ids[:, :8], attention_mask=mask[:, :8], use_cache=True)
+        logits = [out.logits]
+        for t in range(8, 12):
+            out = ours(ids[:, t:t + 1], attention_mask=mask[:, :t + 1], past_key_values=out.past_key_values, use_cache=True)
+            logits.append(out.logits)
+        full = ours(ids, attention_mask=mask).logits
+        from gpt2_ascend.model import positions_from_mask
+        ref = hf(ids, attention_mask=mask, position_ids=positions_from_mask(mask)).logits
+    real = mask.bool()
+    assert max_diff(torch.cat(logits, 1)[real], full[real]) <= TOL
+    assert max_diff(full[real], ref[real]) <= TOL
+
+
+def test_fixed_shape_cache_equals_dynamic():
+    config = tiny_config()
+    torch.manual_seed(0)
+    model = GPT2LMHeadModel(config).eval()
+    ids = torch.randint(0, config.vocab_size, (2, 10))
+    cache = KVCache.static(config, 2, 16, fixed_shape=True)
+    slots = torch.zeros(2, 16, dtype=torch.long)
+    with torch.no_grad():
+        full = model(ids).logits
+        for t in range(10):
+            cache.positions = torch.tensor([t])
+            slots[:, t] = 1
+            step = model(ids[:, t:t + 1], attention_mask=slots, past_key_values=cache).logits
+            assert max_diff(step[:, 0], full[:, t]) <= TOL
+
+
+def test_classification_matches_hf_on_padded_batches():
+    config = tiny_config(num_labels=3)
+    hf = hf_model(config, kind="cls")
+    ours = ours_from_hf(hf, config, kind="cls")
+    ids = torch.randint(0, config.vocab_size - 1, (4, 16))
+    mask = torch.ones_like(ids)
+    mask[1, 9:] = 0
+    mask[3, 3:] = 0
+    ids = ids.masked_fill(mask == 0, config.pad_token_id)
+    labels = torch.tensor([0, 2, 1, 1])
+    with torch.no_grad():
+        ref = hf(ids, attention_mask=mask, labels=labels)
+        out = ours(ids, attention_mask=mask, labels=labels)
+        out_no_mask = ours(ids, labels=labels)  # pad id rule, as HF
+    assert out.logits.shape == (4, 3)
+    assert max_diff(out.logits, ref.logits) <= TOL
+    assert abs(out.loss.item() - ref.loss.item()) <= TOL
+    assert max_diff(out_no_mask.logits, ref.logits) <= TOL
+    assert ours.score.bias is None
+
+
+def test_classification_left_padding_pools_last_real_token():
+    config = tiny_config()
+    torch.manual_seed(0)
+    model = GPT2ForSequenceClassification(config).eval()
+    ids = torch.randint(0, config.vocab_size - 1, (1, 8))
+    padded = torch.cat([torch.full((1, 3), config.pad_token_id), ids], 1)
+    mask = torch.cat([torch.zeros(1, 3, dtype=torch.long), torch.ones(1, 8, dtype=torch.long)], 1)
+    with torch.no_grad():
+        assert max_diff(model(padded, attention_mask=mask).logits, model(ids).logits) <= TOL
+
+
+def test_eager_and_sdpa_agree_and_dropout_is_off_in_eval():
+    config = tiny_config(embd_pdrop=0.1, attn_pdrop=0.1, resid_pdrop=0.1)
+    torch.manual_seed(0)
+    model = GPT2LMHeadModel(config).eval()
+    ids = torch.randint(0, config.vocab_size, (2, 30))
+    mask = torch.ones_like(ids)
+    mask[0, :5] = 0
+    with torch.no_grad():
+        set_attn(model, "eager")
+        a = model(ids, attention_mask=mask).logits
+        a2 = model(ids, attention_mask=mask).logits
+        set_attn(model, "sdpa")
+        b = model(ids, attention_mask=mask).logits
+    assert torch.equal(a, a2)
+    assert max_diff(a, b) <= TOL
+    model.train()
+    with torch.no_grad():
+        assert max_diff(model(ids).logits, model(ids).logits) > 1e-4  # dropout active in train mode
+
+
+def test_gradient_checkpointing_same_loss_and_grads():
+    config = tiny_config()
+    torch.manual_seed(0)
+    model = GPT2LMHeadModel(config).train()
+    ids = torch.randint(0, config.vocab_size, (2, 16))
+    model(ids, labels=ids).loss.backward()
+    grads = {n: p.grad.clone() for n, p in model.named_parameters()}
+    model.zero_grad()
+    model.gradient_checkpointing_enable()
+    model(ids, labels=ids).loss.backward()
+    for n, p in model.named_parameters():
+        assert max_diff(p.grad, grads[n]) <= 1e-6, n
+
+
+def test_init_and_tied_head():
+    config = GPT2Config.from_preset("tiny", n_layer=4, n_embd=128)
+    torch.manual_seed(0)
+    model = GPT2LMHeadModel(config)
+    assert model.lm_head.weight is model.transformer.wte.weight
+    assert abs(model.transformer.wpe.weight.std().item() - 0.02) < 2e-3
+    assert abs(model.transformer.h[0].mlp.c_fc.weight.std().item() - 0.02) < 2e-3
+    proj_std = 0.02 / (2 * config.n_layer) ** 0.5
+    assert abs(model.transformer.h[0].attn.c_proj.weight.std().item() - proj_std) < 1e-3
+    assert model.transformer.h[0].attn.c_attn.bias.abs().max().item() == 0.0
+
+
+def test_meta_device_presets_and_parameter_counts():
+    expected = {"small": 124_439_808, "medium": 354_823_168, "large": 774_030_080, "xl": 1_557_611_200}
+    for name in ("small", "medium", "large", "xl", "13b", "52b"):
+        with torch.device("meta"):
+            model = GPT2LMHeadModel(GPT2Config.from_preset(name))
+        assert model.device.type == "meta"
+        if name in expected:
+            assert model.num_parameters() == expected[name]
+    assert model.num_parameters() > 50e9  # 52b
+
+
+def test_padded_vocab_is_invisible():
+    config = tiny_config(vocab_size=500, pad_vocab_size_multiple=64)
+    assert config.padded_vocab_size == 512
+    torch.manual_seed(0)
+    model = GPT2LMHeadModel(config).eval()
+    assert model.transformer.wte.weight.shape[0] == 512
+    ids = torch.randint(0, 500, (2, 8))
+    out = model(ids, labels=ids)
+    assert out.logits.shape[-1] == 500
+    ref = torch.nn.functional.cross_entropy(out.logits[:, :-1].reshape(-1, 500), ids[:, 1:].reshape(-1))
+    assert abs(out.loss.item() - ref.item()) < 1e-6
+    assert model.num_parameters() == GPT2LMHeadModel(config.replace(pad_vocab_size_multiple=1)).num_parameters()
+
+
+@pytest.mark.parametrize("kwargs,message", [
+    (dict(n_embd=100, n_head=3), "divisible"),
+    (dict(activation="relu"), "unknown activation"),
+    (dict(attn_implementation="flash"), "attn_implementation"),
+    (dict(n_layer=0), "positive integer"),
+    (dict(attn_pdrop=1.5), "attn_pdrop"),
+])
+def test_bad_config_one_line(kwargs, message):
+    with pytest.raises(ValueError, match=message) as e:
+        GPT2Config(**kwargs)
+    assert "\n" not in str(e.value)
+
+
+def test_config_presets_and_unknown_keys():
+    assert GPT2Config.from_preset("xl").activation == "fast_gelu"
+    assert GPT2Config.from_preset("13b", n_positions=1024).n_positions == 1024
+    with pytest.raises(ValueError, match="unknown preset"):
+        GPT2Config.from_preset("huge")
+    with pytest.raises(ValueError, match="unknown GPT2Config key 'n_embed'"):
+        GPT2Config.from_dict({"n_embed": 10})
+
+
+def test_hf_config_mapping_round_trip():
+    import transformers
+    config = GPT2Config.from_preset("xl")
+    hf_dict = config.to_hf_dict()
+    assert hf_dict["activation_function"] == "quick_gelu" and hf_dict["n_embd"] == 1600
+    hf_cfg = transformers.GPT2Config(**hf_dict)
+    assert GPT2Config.from_hf_dict(hf_cfg.to_dict()) == config
+    with pytest.raises(ValueError, match="activation_function"):
+        GPT2Config.from_hf_dict({**hf_dict, "activation_function": "swish"})
+    with pytest.raises(ValueError, match="unknown GPT-2 key 'n_embed'"):
+        GPT2Config.from_hf_dict({**hf_dict, "n_embed": 3})
+
+
+def test_context_overflow_is_clear():
+    config = tiny_config(n_positions=16)
+    model = GPT2LMHeadModel(config).eval()
+    with pytest.raises(ValueError, match="longer than the model's context"):
+        model(torch.zeros(1, 17, dtype=torch.long))
