@@ -93,3 +93,17 @@ def eager_attention(q, k, v, *, mask=None, is_causal=False, dropout_p=0.0, scale
     if dropout_p > 0.0:
         probs = F.dropout(probs, p=dropout_p)
     return torch.matmul(probs, v)
+
+
+# ---------------------------------------------------------------------------------------------
+# optimizer
+# ---------------------------------------------------------------------------------------------
+def adamw(param_groups, lr: float, betas=(0.9, 0.95), eps: float = 1e-8, device_type: str = "cpu"):
+    """The fastest AdamW the device has, with the same groups and hyper-parameters everywhere:
+    torch_npu's NpuFusedAdamW on NPU, the fused CUDA kernel on GPU, the foreach one on CPU."""
+    if device_type == "npu":
+        from . import device as dev
+        return dev.torch_npu().optim.NpuFusedAdamW(param_groups, lr=lr, betas=betas, eps=eps)
+    if device_type == "cuda":
+        return torch.optim.AdamW(param_groups, lr=lr, betas=betas, eps=eps, fused=True)
+    return torch.optim.AdamW(param_groups, lr=lr, betas=betas, eps=eps, foreach=True)
