@@ -132,12 +132,22 @@ class CausalSelfAttention(nn.Module):
         self.attn_dropout = config.attn_pdrop
         self.resid_dropout = nn.Dropout(config.resid_pdrop)
         self.attn_implementation = config.attn_implementation
+        # HF layout: c_attn rows are [q of all heads | k | v]. Distributed runs switch to the per-head layout
+        # [q0 k0 v0 | q1 k1 v1 | ...] (parallel/tensor_parallel.py) so that a row-wise tensor-parallel split
+        # hands each rank whole heads; checkpoints are converted back to HF's layout on export.
+        self.qkv_per_head = False
+
+    def split_qkv(self, qkv: torch.Tensor):
+        B, T, _ = qkv.shape
+        if self.qkv_per_head:  # -1: tensor parallel may leave this rank a slice of the heads
+            q, k, v = qkv.view(B, T, -1, 3, self.head_dim).unbind(dim=3)
+        else:
+            q, k, v = (t.view(B, T, -1, self.head_dim) for t in qkv.chunk(3, dim=2))
+        return q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
 
     def forward(self, x, mask=None, cache: Optional[KVCache] = None, layer_idx: int = 0):
         B, T, _ = x.shape
-        q, k, v = self.c_attn(x).split(self.n_embd, dim=2)
-        # view(..., -1, head_dim) keeps this correct when tensor parallel leaves a slice of the heads
-        q, k, v = (t.view(B, T, -1, self.head_dim).transpose(1, 2) for t in (q, k, v))
+        q, k, v = self.split_qkv(self.c_attn(x))
         if cache is not None:
             k, v = cache.update(layer_idx, k, v)
         impl = ops.resolve_attn_implementation(self.attn_implementation, x.device.type)
@@ -171,6 +181,41 @@ class Block(nn.Module):
     def forward(self, x, mask=None, cache: Optional[KVCache] = None, layer_idx: int = 0):
         x = x + self.attn(self.ln_1(x), mask, cache, layer_idx)
         return x + self.mlp(self.ln_2(x))
+
+
+RECOMPUTE_MODES = ("none", "full", "selective")
+
+
+def _selective_policy(ctx, op, *args, **kwargs):
+    """Selective recompute: keep what is expensive to redo (matmuls, attention), recompute the rest
+    (layer norms, gelu, dropout, adds) in the backward pass."""
+    from torch.utils.checkpoint import CheckpointPolicy
+    return CheckpointPolicy.MUST_SAVE if op in _SAVED_OPS else CheckpointPolicy.PREFER_RECOMPUTE
+
+
+def _saved_ops():
+    aten = torch.ops.aten
+    ops_ = {aten.mm.default, aten.addmm.default, aten.bmm.default, aten.baddbmm.default}
+    for name in ("_scaled_dot_product_flash_attention", "_scaled_dot_product_efficient_attention",
+                 "_scaled_dot_product_cudnn_attention"):
+        if hasattr(aten, name):
+            ops_.add(getattr(aten, name).default)
+    return ops_
+
+
+_SAVED_OPS = _saved_ops()
+
+
+def run_block(block: nn.Module, x, mask, cache, layer_idx: int, recompute: str = "none"):
+    """One block, optionally under activation recompute (dropout masks are replayed exactly)."""
+    if recompute == "none":
+        return block(x, mask, cache, layer_idx)
+    if recompute == "full":
+        return checkpoint(block, x, mask, None, layer_idx, use_reentrant=False)
+    from functools import partial
+    from torch.utils.checkpoint import create_selective_checkpoint_contexts
+    return checkpoint(block, x, mask, None, layer_idx, use_reentrant=False,
+                      context_fn=partial(create_selective_checkpoint_contexts, _selective_policy))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -215,10 +260,20 @@ class GPT2PreTrainedModel(nn.Module):
         return next(self.parameters()).dtype
 
     def gradient_checkpointing_enable(self, **_ignored):
-        self.base_model_body().gradient_checkpointing = True
+        self.set_recompute("full")
 
     def gradient_checkpointing_disable(self):
-        self.base_model_body().gradient_checkpointing = False
+        self.set_recompute("none")
+
+    def set_recompute(self, mode: str):
+        """Activation recompute in training: none, full (each block) or selective (keep matmul outputs)."""
+        if mode not in RECOMPUTE_MODES:
+            raise ValueError(f"unknown recompute mode {mode!r}: use one of {', '.join(RECOMPUTE_MODES)}")
+        self.base_model_body().recompute = mode
+
+    @property
+    def is_gradient_checkpointing(self) -> bool:
+        return self.base_model_body().recompute != "none"
 
     def base_model_body(self) -> "GPT2Model":
         return self if isinstance(self, GPT2Model) else self.transformer
@@ -242,7 +297,7 @@ class GPT2Model(GPT2PreTrainedModel):
         self.drop = nn.Dropout(config.embd_pdrop)
         self.h = nn.ModuleList([Block(config) for _ in range(config.n_layer)])
         self.ln_f = nn.LayerNorm(config.n_embd, eps=config.layer_norm_epsilon)
-        self.gradient_checkpointing = config.gradient_checkpointing
+        self.recompute = "full" if config.gradient_checkpointing else "none"
         if type(self) is GPT2Model:
             self.init_weights()
 
@@ -263,14 +318,19 @@ class GPT2Model(GPT2PreTrainedModel):
         if cache is not None and cache.fixed_shape and mask is None:
             raise ValueError("a fixed-shape KV cache needs an attention_mask over all cache slots")
         for i, block in enumerate(self.h):
-            if self.gradient_checkpointing and self.training and cache is None:
-                x = checkpoint(block, x, mask, None, i, use_reentrant=False)
-            else:
-                x = block(x, mask, cache, i)
+            x = run_block(block, x, mask, cache, i, self.recompute if self.training and cache is None else "none")
         x = self.ln_f(x)
         if cache is not None and not cache.fixed_shape:
             cache.length = past + T
         return ModelOutput(last_hidden_state=x, past_key_values=cache if use_cache or past_key_values is not None else None)
+
+    @property
+    def gradient_checkpointing(self) -> bool:
+        return self.recompute != "none"
+
+    @gradient_checkpointing.setter
+    def gradient_checkpointing(self, enabled: bool):
+        self.recompute = "full" if enabled else "none"
 
     def _check_lengths(self, B, T, past, attention_mask, cache):
         if cache is not None and cache.max_length is not None and not cache.fixed_shape and past + T > cache.max_length:

@@ -213,3 +213,35 @@ def test_context_overflow_is_clear():
     model = GPT2LMHeadModel(config).eval()
     with pytest.raises(ValueError, match="longer than the model's context"):
         model(torch.zeros(1, 17, dtype=torch.long))
+
+
+@pytest.mark.parametrize("mode", ["full", "selective"])
+def test_recompute_modes_same_loss_and_grads_with_dropout(mode):
+    config = tiny_config(embd_pdrop=0.1, attn_pdrop=0.1, resid_pdrop=0.1)
+    torch.manual_seed(0)
+    model = GPT2LMHeadModel(config).train()
+    ids = torch.randint(0, config.vocab_size, (2, 16))
+    torch.manual_seed(5)
+    ref_loss = model(ids, labels=ids).loss
+    ref_loss.backward()
+    grads = {n: p.grad.clone() for n, p in model.named_parameters()}
+    model.zero_grad()
+    model.set_recompute(mode)
+    torch.manual_seed(5)
+    loss = model(ids, labels=ids).loss
+    loss.backward()
+    assert loss.item() == ref_loss.item()
+    for n, p in model.named_parameters():
+        assert max_diff(p.grad, grads[n]) <= 1e-6, n
+
+
+def test_per_head_qkv_layout_gives_same_output():
+    from gpt2_ascend.parallel.tensor_parallel import to_per_head_qkv
+    config = tiny_config()
+    torch.manual_seed(0)
+    model = GPT2LMHeadModel(config).eval()
+    ids = torch.randint(0, config.vocab_size, (2, 12))
+    with torch.no_grad():
+        ref = model(ids).logits
+        to_per_head_qkv(model)
+        assert max_diff(model(ids).logits, ref) <= TOL
