@@ -1,0 +1,158 @@
+"""GLUE SST-2 (and CoLA) -> fixed-length token rows for sequence classification, as MindFormers'
+txtcls_dataset_to_mindrecord.py prepares them.
+
+Each row of the .tsv is `line.strip().split("\\t")`: for sst_2 `sentence<TAB>label`, for cola
+`source<TAB>label<TAB>mark<TAB>sentence`. The GLUE SST-2 files have a space before the tab
+("it 's a charming and often affecting journey . <TAB>1"); MindFormers keeps that space, so the sentence's last
+token is " " (id 220); kept here too, so that the token ids match MindFormers'. The sentence is tokenized
+without special tokens, cut to max_length (MindFormers does not cut; the sidecar counts the rows cut), and
+right-padded with the eos id 50256; attention_mask is 1 on tokens, 0 on padding. The classifier pools the last
+non-pad token.
+
+    python -m gpt2_ascend.data.txtcls --dataset_name sst_2 --input_file train.tsv --output_file sst2.train.npz
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+import numpy as np
+
+from .store import save_arrays, sha256_file
+from .text import resolve_tokenizer
+
+DATASETS = ("sst_2", "cola")
+
+
+def _row(dataset_name: str, line: str, where: str) -> tuple[str, str]:
+    fields = line.strip().split("\t")
+    if dataset_name == "cola" and len(fields) == 4:
+        return fields[3], fields[1]
+    if dataset_name == "sst_2" and len(fields) == 2:
+        return fields[0], fields[1]
+    shape = "source<TAB>label<TAB>mark<TAB>sentence" if dataset_name == "cola" else "sentence<TAB>label"
+    raise ValueError(f"{where}: expected `{shape}`, got {len(fields)} tab-separated fields: check --dataset_name")
+
+
+def read_txtcls(path: str, dataset_name: str = "sst_2") -> tuple[list[str], np.ndarray]:
+    """Sentences and int64 labels of a GLUE .tsv. A first row whose label is not an integer is the header."""
+    if dataset_name not in DATASETS:
+        raise ValueError(f"unknown dataset_name {dataset_name!r}: use one of {', '.join(DATASETS)}")
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"input file not found: {path}")
+    sentences, labels = [], []
+    try:
+        with open(path, encoding="utf-8") as f:
+            for number, line in enumerate(f, 1):
+                if not line.strip():
+                    continue
+                sentence, label = _row(dataset_name, line, f"{path} line {number}")
+                try:
+                    labels.append(int(label))
+                except ValueError:
+                    if number == 1:  # the GLUE header row: sentence<TAB>label
+                        continue
+                    raise ValueError(f"{path} line {number}: label {label!r} is not an integer") from None
+                sentences.append(sentence)
+    except UnicodeDecodeError as e:
+        raise ValueError(f"{path} is not UTF-8 text (byte 0x{e.object[e.start]:02x}): convert it to UTF-8") from None
+    if not sentences:
+        raise ValueError(f"{path} has no rows: expected a header and `sentence<TAB>label` rows")
+    return sentences, np.asarray(labels, dtype=np.int64)
+
+
+def read_sst2(path: str) -> tuple[list[str], np.ndarray]:
+    """Sentences (with GLUE's trailing space kept) and int64 labels of a GLUE SST-2 train.tsv / dev.tsv."""
+    return read_txtcls(path, "sst_2")
+
+
+def pad_token_id(tokenizer) -> int:
+    """GPT-2 pads with its eos token, 50256."""
+    return tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+
+
+def encode_rows(sentences: list[str], max_length: int, tokenizer) -> tuple[np.ndarray, np.ndarray, int]:
+    """Right-padded input_ids and attention_mask (int32, shape (rows, max_length)) and the count of rows cut."""
+    if max_length < 1:
+        raise ValueError(f"max_length must be a positive integer, got {max_length}")
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is not None:
+        ids = [e.ids for e in backend.encode_batch(sentences, add_special_tokens=False)]
+    else:
+        ids = [tokenizer.encode(s, add_special_tokens=False) for s in sentences]
+    pad_id = pad_token_id(tokenizer)
+    input_ids = np.full((len(ids), max_length), pad_id, dtype=np.int32)
+    mask = np.zeros((len(ids), max_length), dtype=np.int32)
+    truncated = 0
+    for row, tokens in enumerate(ids):
+        if not tokens:
+            raise ValueError(f"row {row + 1} has an empty sentence: remove it from the input file")
+        truncated += len(tokens) > max_length
+        tokens = tokens[:max_length]
+        input_ids[row, :len(tokens)] = tokens
+        mask[row, :len(tokens)] = 1
+    return input_ids, mask, truncated
+
+
+def txtcls_arrays_and_meta(path: str, max_length: int, tokenizer, tok_info: dict, dataset_name: str = "sst_2"):
+    sentences, labels = read_txtcls(path, dataset_name)
+    input_ids, mask, truncated = encode_rows(sentences, max_length, tokenizer)
+    arrays = dict(input_ids=input_ids, attention_mask=mask, labels=labels)
+    meta = dict(source=os.path.abspath(path), source_sha256=sha256_file(path), source_kind=dataset_name,
+                tokenizer=tok_info["path"], tokenizer_sha256=tok_info["files_sha256"], tokenizer_id=tok_info["id"],
+                options={"dataset_name": dataset_name, "padding": "right", "pad_token_id": int(pad_token_id(tokenizer))},
+                num_truncated=int(truncated), max_tokens=int(mask.sum(1).max()),
+                label_counts={str(k): int(v) for k, v in zip(*np.unique(labels, return_counts=True))})
+    return arrays, meta
+
+
+def prepare_txtcls(input_file: str, max_length: int = 128, tokenizer=None, dataset_name: str = "sst_2") -> dict:
+    """dict(input_ids, attention_mask, labels) of a GLUE .tsv: right padding with the eos id, rows cut to max_length."""
+    tok, info = resolve_tokenizer(tokenizer)
+    return txtcls_arrays_and_meta(input_file, max_length, tok, info, dataset_name)[0]
+
+
+def write_txtcls(input_file: str, output_file: str, max_length: int = 128, tokenizer=None,
+                 dataset_name: str = "sst_2") -> tuple[dict, dict]:
+    """prepare_txtcls, saved as .npz + JSON sidecar; returns (arrays, sidecar)."""
+    tok, info = resolve_tokenizer(tokenizer)
+    arrays, meta = txtcls_arrays_and_meta(input_file, max_length, tok, info, dataset_name)
+    save_arrays(arrays, output_file, meta)
+    return arrays, meta
+
+
+EXAMPLES = """examples:
+  python -m gpt2_ascend.data.txtcls --dataset_name sst_2 --input_file ../shared/data/sst2/train.tsv \\
+      --output_file data/sst2.train.npz --max_length 128
+  python -m gpt2_ascend.data.txtcls --dataset_name sst_2 --input_file ../shared/data/sst2/dev.tsv \\
+      --output_file data/sst2.dev.npz
+"""
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m gpt2_ascend.data.txtcls",
+        description="Prepare a GLUE text-classification .tsv (header skipped) as a .npz of input_ids, "
+                    "attention_mask (right padding with the eos id) and labels, plus a JSON sidecar.",
+        epilog=EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--dataset_name", default="sst_2", choices=DATASETS, help="row layout (default sst_2)")
+    parser.add_argument("--input_file", required=True, help="GLUE train.tsv / dev.tsv")
+    parser.add_argument("--output_file", required=True, help="output .npz (a .json sidecar is written beside it)")
+    parser.add_argument("--max_length", type=int, default=128, help="tokens per row, longer rows are cut (default 128)")
+    parser.add_argument("--tokenizer_type", default=None,
+                        help="tokenizer directory (vocab.json + merges.txt); default: $GPT2_DATA_DIR/gpt2")
+    args = parser.parse_args(argv)
+    try:
+        arrays, meta = write_txtcls(args.input_file, args.output_file, args.max_length, args.tokenizer_type,
+                                    args.dataset_name)
+    except (OSError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(f"wrote {args.output_file}: {len(arrays['labels'])} rows x {args.max_length} tokens, "
+          f"labels {meta['label_counts']}, {meta['num_truncated']} rows cut to max_length")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
