@@ -130,12 +130,13 @@ def download(url: str, dest: str, sha256: str, timeout: float = 60.0, progress: 
             digest.update(chunk)
         start = f.tell()
         response = _open(url, start, timeout)
-        if response is None or (start and not _resumes_at(response, start)):
-            if response is not None:
-                response.close()
-            f.truncate(0)
+        if start and (response is None or not _resumes_at(response, start)):
+            f.truncate(0)  # no resume: the server ignored the Range (200, whole file) or refused it (416)
             digest, start = hashlib.sha256(), 0
-            response = _open(url, 0, timeout)
+            if response is None or response.status != 200:
+                if response is not None:
+                    response.close()
+                response = _open(url, 0, timeout)
         with response:
             total = response.headers.get("Content-Length")
             total = start + int(total) if total and total.isdigit() else None

@@ -1,0 +1,147 @@
+"""The .npy + sidecar store, load_token_blocks on raw and prepared input, and plain-text corpora."""
+import json
+import os
+
+import numpy as np
+import pytest
+
+from gpt2_ascend.data.store import load_blocks, load_token_blocks, save_blocks, token_dtype
+from gpt2_ascend.data.text import prepare_text_corpus, resolve_tokenizer
+from gpt2_ascend.data.wikitext2 import write_wikitext2
+
+
+@pytest.fixture(scope="module")
+def tok_dir(data_dir):
+    return os.path.join(data_dir, "gpt2")
+
+
+@pytest.fixture(scope="module")
+def wiki_slice(data_dir, tmp_path_factory):
+    """The first 400 lines of wiki.valid.tokens (a few articles, ~25k tokens): real data, fast to tokenize."""
+    with open(os.path.join(data_dir, "wikitext-2", "wiki.valid.tokens"), encoding="utf-8") as f:
+        lines = [next(f) for _ in range(400)]
+    path = tmp_path_factory.mktemp("wiki") / "wiki.slice.tokens"
+    path.write_text("".join(lines), encoding="utf-8")
+    return str(path)
+
+
+# ------------------------------------------------------------------------------------------------ save / load
+
+def test_save_load_round_trip_with_sidecar(tmp_path):
+    blocks = (np.arange(6 * 5) * 1000 % 50257).astype(np.uint16).reshape(6, 5)
+    path = str(tmp_path / "sub" / "b.npy")
+    save_blocks(blocks, path, {"source": "x", "options": {"mindformers_compat": False}})
+    loaded = load_blocks(path)
+    assert isinstance(loaded, np.memmap) and not loaded.flags.writeable
+    np.testing.assert_array_equal(loaded, blocks)
+    assert loaded.dtype == np.uint16
+    meta = json.loads(open(path + ".json").read())
+    assert meta == {"source": "x", "options": {"mindformers_compat": False}, "format_version": 1,
+                    "kind": "token_blocks", "dtype": "uint16", "num_blocks": 6, "max_length": 5}
+    assert sorted(os.listdir(tmp_path / "sub")) == ["b.npy", "b.npy.json"]  # no temporary files left
+
+
+def test_token_dtype_by_vocab_size():
+    assert token_dtype(50257) == np.uint16 and token_dtype(65536) == np.uint16
+    assert token_dtype(65537) == np.int32 and token_dtype(152064) == np.int32
+
+
+def test_truncated_npy_is_rejected(tmp_path):
+    path = str(tmp_path / "b.npy")
+    save_blocks(np.ones((50, 8), np.uint16), path, {})
+    with open(path, "r+b") as f:
+        f.truncate(os.path.getsize(path) - 100)
+    with pytest.raises(ValueError, match="corrupt or truncated token file"):
+        load_blocks(path)
+
+
+def test_sidecar_mismatch_is_rejected(tmp_path):
+    path = str(tmp_path / "b.npy")
+    save_blocks(np.ones((4, 8), np.uint16), path, {})
+    np.save(path, np.ones((3, 8), np.uint16))  # array replaced behind the sidecar's back
+    with pytest.raises(ValueError, match="does not match its sidecar"):
+        load_blocks(path)
+
+
+def test_save_rejects_bad_arrays_and_names(tmp_path):
+    with pytest.raises(ValueError, match="2-D integer"):
+        save_blocks(np.ones(8, np.uint16), str(tmp_path / "a.npy"), {})
+    with pytest.raises(ValueError, match="ending in .npy"):
+        save_blocks(np.ones((2, 8), np.uint16), str(tmp_path / "a.bin"), {})
+
+
+# ------------------------------------------------------------------------------------------------ load_token_blocks
+
+def test_raw_and_prepared_input_give_the_same_blocks(wiki_slice, tok_dir, tmp_path):
+    prepared = str(tmp_path / "slice.npy")
+    expected = write_wikitext2(wiki_slice, prepared, 129, tok_dir)
+    assert expected.shape[0] > 100
+    from_npy = load_token_blocks(prepared, 129)
+    np.testing.assert_array_equal(from_npy, expected)
+    np.testing.assert_array_equal(load_token_blocks(str(tmp_path), 129), expected)  # a folder with one .npy
+
+    cache = tmp_path / "cache"
+    from_raw = load_token_blocks(wiki_slice, 129, tok_dir, cache_dir=str(cache))
+    np.testing.assert_array_equal(from_raw, expected)
+    cached = sorted(os.listdir(cache))
+    assert len(cached) == 2 and cached[0].endswith(".npy") and cached[1] == cached[0] + ".json"
+    stamp = os.path.getmtime(cache / cached[0])
+    again = load_token_blocks(wiki_slice, 129, tok_dir, cache_dir=str(cache))  # a cache hit: not written again
+    np.testing.assert_array_equal(again, expected)
+    assert os.path.getmtime(cache / cached[0]) == stamp and sorted(os.listdir(cache)) == cached
+    # another mode or width is another cache entry
+    compat = load_token_blocks(wiki_slice, 129, tok_dir, mindformers_compat=True, cache_dir=str(cache))
+    assert len(os.listdir(cache)) == 4 and compat.shape[0] <= expected.shape[0]
+
+
+def test_width_mismatch_is_a_clear_error(wiki_slice, tok_dir, tmp_path):
+    prepared = str(tmp_path / "slice.npy")
+    write_wikitext2(wiki_slice, prepared, 65, tok_dir)
+    with pytest.raises(ValueError, match=r"blocks of 65 tokens but max_length is 1025: prepare it again with "
+                                         r"--max_length 1025"):
+        load_token_blocks(prepared, 1025)
+
+
+def test_unknown_inputs_are_clear_errors(tmp_path):
+    with pytest.raises(FileNotFoundError, match="dataset not found"):
+        load_token_blocks(str(tmp_path / "nope.npy"), 8)
+    odd = tmp_path / "data.parquet"
+    odd.write_bytes(b"x")
+    with pytest.raises(ValueError, match="don't know how to read"):
+        load_token_blocks(str(odd), 8)
+
+
+# ------------------------------------------------------------------------------------------------ plain text
+
+def test_text_folder_is_sorted_files_joined_by_newline(tmp_path, tok_dir):
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    (corpus / "b.txt").write_text("Second file.\n", encoding="utf-8")
+    (corpus / "a.txt").write_text("\ufeffFirst file, line one.\r\nLine two.\n\n", encoding="utf-8")  # BOM, CRLF
+    (corpus / "empty.txt").write_text("  \n", encoding="utf-8")
+    (corpus / "notes.md").write_text("ignored", encoding="utf-8")
+    tok, _ = resolve_tokenizer(tok_dir)
+    expected = tok.encode("First file, line one.\nLine two.\nSecond file.")
+    blocks = prepare_text_corpus(str(corpus), 3, tok_dir)
+    assert blocks.dtype == np.uint16
+    assert blocks.ravel().tolist() == expected[:len(expected) // 3 * 3]
+    np.testing.assert_array_equal(load_token_blocks(str(corpus), 3, tok_dir), blocks)
+
+
+def test_text_errors(tmp_path, tok_dir):
+    latin = tmp_path / "latin.txt"
+    latin.write_bytes("caf\xe9 au lait".encode("latin-1"))
+    with pytest.raises(ValueError, match=r"latin.txt is not UTF-8 text \(byte 0xe9 at offset 3\)"):
+        prepare_text_corpus(str(latin), 4, tok_dir)
+    empty = tmp_path / "empty.txt"
+    empty.write_text(" \n\n", encoding="utf-8")
+    with pytest.raises(ValueError, match="empty.txt contains no text"):
+        prepare_text_corpus(str(empty), 4, tok_dir)
+    short = tmp_path / "short.txt"
+    short.write_text("Just a few words.", encoding="utf-8")
+    with pytest.raises(ValueError, match=r"short.txt has only 5 tokens, fewer than one block of max_length 1025"):
+        prepare_text_corpus(str(short), 1025, tok_dir)
+    folder = tmp_path / "no_txt"
+    folder.mkdir()
+    with pytest.raises(ValueError, match="no .txt files in folder"):
+        prepare_text_corpus(str(folder), 4, tok_dir)
