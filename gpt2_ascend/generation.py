@@ -1,0 +1,406 @@
+"""Text generation with a preallocated KV cache: prefill once, then one token per step.
+
+The loop follows gpt-fast: the cache is allocated up front for prompt + max_new_tokens slots, the prompt
+is run once (prefill) and every later step feeds one token. With `compile=True` on CUDA the cache runs in
+fixed-shape mode (every step reads all slots under a mask, and writes at `cache.positions`), so the decode
+step has one static shape and torch.compile captures it as a CUDA graph.
+
+Logit processing follows transformers' generate, in its order: repetition penalty (over the real tokens of
+the sequence so far, prompt included, left padding excluded, as transformers 5 does), min_new_tokens
+(eos forbidden before), then for sampling temperature, top-k and top-p. Finished sequences are filled
+with `pad_token_id`; generation stops when every sequence has emitted `eos_token_id`.
+"""
+from __future__ import annotations
+
+import contextlib
+import math
+import warnings
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+
+from .model import KVCache
+
+
+class _FromConfig:
+    """Default for eos/pad ids: the model config's (50256 for GPT-2). `None` means 'no such token'."""
+
+    def __repr__(self):
+        return "<model.config>"
+
+
+FROM_CONFIG = _FromConfig()
+
+
+@dataclass
+class SamplingSettings:
+    max_new_tokens: int = 20
+    min_new_tokens: int = 0
+    do_sample: bool = False
+    temperature: float = 1.0
+    top_k: int = 0
+    top_p: float = 1.0
+    repetition_penalty: float = 1.0
+
+    def validate(self):
+        """One-line errors naming the bad argument and what is allowed."""
+        if not _is_int(self.max_new_tokens) or self.max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens must be a positive integer, got {self.max_new_tokens!r}")
+        if not _is_int(self.min_new_tokens) or not 0 <= self.min_new_tokens <= self.max_new_tokens:
+            raise ValueError(f"min_new_tokens must be an integer in [0, max_new_tokens={self.max_new_tokens}], "
+                             f"got {self.min_new_tokens!r}")
+        if not _is_int(self.top_k) or self.top_k < 0:
+            raise ValueError(f"top_k must be an integer >= 0 (0 disables it), got {self.top_k!r}")
+        if not _is_number(self.top_p) or not 0.0 < self.top_p <= 1.0:
+            raise ValueError(f"top_p must be in (0, 1] (1 disables it), got {self.top_p!r}")
+        if not _is_number(self.repetition_penalty) or not self.repetition_penalty > 0:
+            raise ValueError(f"repetition_penalty must be a positive number (1 disables it), got {self.repetition_penalty!r}")
+        if not _is_number(self.temperature) or (self.do_sample and not self.temperature > 0):
+            raise ValueError(f"temperature must be a positive number when sampling, got {self.temperature!r}; "
+                             f"for deterministic output use greedy decoding (do_sample=False)")
+
+
+def _is_int(x) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool)
+
+
+def _is_number(x) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
+
+
+# ---------------------------------------------------------------------------------------------
+# the public API
+# ---------------------------------------------------------------------------------------------
+def generate(model, input_ids, attention_mask=None, max_new_tokens: int = 20, min_new_tokens: int = 0,
+             do_sample: bool = False, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
+             repetition_penalty: float = 1.0, eos_token_id=FROM_CONFIG, pad_token_id=FROM_CONFIG,
+             seed: Optional[int] = None, streamer=None, compile: bool = False, fixed_shape: bool = False,
+             truncate_prompt: bool = False) -> torch.Tensor:
+    """Continue each prompt; returns (B, prompt_len + n) token ids, prompt included (as transformers does).
+
+    input_ids: (B, T) or (T,) token ids, left-padded when prompts differ in length, with
+        attention_mask (B, T), 1 = real token. Each row's output equals what it gets alone.
+    eos_token_id / pad_token_id: default to the model config's; eos_token_id=None never stops early.
+        After a row emits eos it is filled with pad_token_id; n stops at the step where all rows are done.
+    seed: sampling becomes reproducible (a torch.Generator on the model's device).
+    streamer: an object with put(token_ids) / end() (transformers' BaseStreamer, e.g. TextStreamer):
+        put() gets the prompt first, then each step's new tokens, as in transformers.
+    compile: on CUDA, compile the decode step (CUDA graph) over a fixed-shape cache; elsewhere it runs the
+        same fixed-shape step uncompiled. fixed_shape: use that cache mode without compiling.
+    truncate_prompt: drop the oldest prompt tokens when prompt + max_new_tokens exceeds n_positions
+        (otherwise that is an error).
+    """
+    lm = unwrap_model(model)
+    config = lm.config
+    settings = SamplingSettings(max_new_tokens, min_new_tokens, do_sample, temperature, top_k, top_p,
+                                repetition_penalty)
+    settings.validate()
+    eos, pad = _special_ids(config, eos_token_id, pad_token_id)
+    if seed is not None and not _is_int(seed):
+        raise ValueError(f"seed must be an integer, got {seed!r}")
+    device = next(lm.parameters()).device
+    squeeze = torch.as_tensor(input_ids).dim() == 1
+    input_ids, attention_mask = prepare_prompt(input_ids, attention_mask, config, max_new_tokens,
+                                               truncate_prompt, device)
+    use_compile = bool(compile) and compile_supported(device)
+    if compile and not use_compile:
+        warnings.warn(f"compile=True needs a CUDA device (the model is on {device.type}); running the "
+                      f"fixed-shape decode step uncompiled", stacklevel=2)
+    shape = (input_ids.size(0), input_ids.size(1) + max_new_tokens)
+    if use_compile:
+        decoder = Decoder.reusable(lm, *shape)
+    else:
+        decoder = Decoder(lm, *shape, fixed_shape=bool(compile or fixed_shape))
+    with torch.no_grad(), _eval_mode(lm):
+        out = _decode_loop(decoder, input_ids, attention_mask, settings, eos, pad, seed, streamer)
+    return out[0] if squeeze else out
+
+
+def generate_text(model, tokenizer, prompts, batch_size: int = 8, **kwargs):
+    """Generate continuations of text prompts; returns the new text of each (a str for a str prompt).
+
+    Prompts are left-padded in batches of `batch_size`; kwargs go to `generate`. An empty prompt
+    starts from the eos token, as GPT-2 samples unconditionally.
+    """
+    single = isinstance(prompts, str)
+    prompts = [prompts] if single else list(prompts)
+    if not prompts:
+        raise ValueError("no prompts given")
+    if not _is_int(batch_size) or batch_size < 1:
+        raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
+    if kwargs.get("streamer") is not None and batch_size > 1 and len(prompts) > 1:
+        raise ValueError("a streamer follows one sequence: use batch_size=1 to stream several prompts")
+    config = unwrap_model(model).config
+    start = config.bos_token_id if config.bos_token_id is not None else config.eos_token_id
+    texts = []
+    for i in range(0, len(prompts), batch_size):
+        encoded = [tokenizer(p).input_ids or [start] for p in prompts[i:i + batch_size]]
+        ids, mask = left_pad(encoded, pad_id=config.pad_token_id if config.pad_token_id is not None else start)
+        out = generate(model, ids, attention_mask=mask, **kwargs)
+        new = out[:, ids.size(1):]
+        texts += [tokenizer.decode(row, skip_special_tokens=True) for row in new.tolist()]
+    return texts[0] if single else texts
+
+
+def left_pad(sequences, pad_id: int):
+    """(ids, attention_mask) of a batch of token lists, left-padded to the longest."""
+    width = max(len(s) for s in sequences)
+    ids = torch.full((len(sequences), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(sequences), width), dtype=torch.long)
+    for row, seq in enumerate(sequences):
+        if seq:
+            ids[row, width - len(seq):] = torch.as_tensor(seq)
+            mask[row, width - len(seq):] = 1
+    return ids, mask
+
+
+def unwrap_model(model):
+    """Our GPT2LMHeadModel inside a peft wrapper (its LoRA layers stay active in the module tree)."""
+    if hasattr(model, "get_base_model"):
+        model = model.get_base_model()
+    if not (hasattr(model, "transformer") and hasattr(model, "logits") and hasattr(model, "config")):
+        raise TypeError(f"generate needs a gpt2_ascend GPT2LMHeadModel, got {type(model).__name__}")
+    return model
+
+
+# ---------------------------------------------------------------------------------------------
+# prompts
+# ---------------------------------------------------------------------------------------------
+def prepare_prompt(input_ids, attention_mask, config, max_new_tokens: int, truncate: bool, device):
+    """Validated (B, T) ids and mask on `device`; left padding only; fits the context (or truncated)."""
+    ids = torch.as_tensor(input_ids)
+    if ids.dim() == 1:
+        ids = ids[None]
+    if ids.dim() != 2 or ids.size(1) == 0 or ids.size(0) == 0:
+        raise ValueError(f"input_ids must be a non-empty (batch, length) tensor of token ids, got shape {tuple(ids.shape)}")
+    if ids.is_floating_point():
+        raise ValueError(f"input_ids must hold integer token ids, got dtype {ids.dtype}")
+    ids = ids.long()
+    if int(ids.min()) < 0 or int(ids.max()) >= config.vocab_size:
+        raise ValueError(f"token ids must be in [0, {config.vocab_size}), found {int(ids.min())}..{int(ids.max())}")
+    if attention_mask is None:
+        mask = torch.ones_like(ids)
+    else:
+        mask = torch.as_tensor(attention_mask).long()
+        if mask.dim() == 1:
+            mask = mask[None]
+        if mask.shape != ids.shape:
+            raise ValueError(f"attention_mask has shape {tuple(mask.shape)} but input_ids has {tuple(ids.shape)}")
+        if not bool(((mask == 0) | (mask == 1)).all()):
+            raise ValueError("attention_mask must hold only 0 (padding) and 1 (token)")
+        if not bool(mask[:, -1].all()) or bool((mask[:, 1:] < mask[:, :-1]).any()):
+            raise ValueError("prompts must be left-padded (padding first, then tokens) and none may be empty; "
+                             "set tokenizer.padding_side='left' or use generate_text")
+    context = config.n_positions
+    if ids.size(1) + max_new_tokens > context:
+        if not truncate:
+            raise ValueError(f"prompt of {ids.size(1)} tokens plus max_new_tokens={max_new_tokens} exceeds the "
+                             f"model's context n_positions={context}; shorten the prompt, lower max_new_tokens "
+                             f"or allow truncate_prompt (--truncate_prompt) to keep the last tokens")
+        keep = context - max_new_tokens
+        if keep < 1:
+            raise ValueError(f"max_new_tokens={max_new_tokens} leaves no room for a prompt in n_positions={context}")
+        ids, mask = ids[:, -keep:], mask[:, -keep:]
+    return ids.to(device), mask.to(device)
+
+
+def _special_ids(config, eos_token_id, pad_token_id):
+    eos = config.eos_token_id if eos_token_id is FROM_CONFIG else eos_token_id
+    pad = config.pad_token_id if pad_token_id is FROM_CONFIG else pad_token_id
+    if pad is None:
+        pad = eos  # transformers does the same when a model has no pad token
+    for name, value in (("eos_token_id", eos), ("pad_token_id", pad)):
+        if value is not None and (not _is_int(value) or not 0 <= value < config.vocab_size):
+            raise ValueError(f"{name} must be a token id in [0, {config.vocab_size}) or None, got {value!r}")
+    if eos is not None and pad is None:
+        raise ValueError("pad_token_id is needed to fill sequences that stop at eos")
+    return eos, pad
+
+
+# ---------------------------------------------------------------------------------------------
+# the decoder: cache, prefill, one-token step
+# ---------------------------------------------------------------------------------------------
+class Decoder:
+    """Owns the preallocated cache and the slot mask (B, max_length) of one generate call."""
+
+    def __init__(self, lm, batch_size: int, max_length: int, fixed_shape: bool = False, compiled: bool = False):
+        self.lm = lm
+        device, dtype = next(lm.parameters()).device, next(lm.parameters()).dtype
+        self.cache = KVCache.static(lm.config, batch_size, max_length, device=device, dtype=dtype,
+                                    fixed_shape=fixed_shape)
+        self.slots = torch.zeros(batch_size, max_length, dtype=torch.long, device=device)
+        self.fixed_shape = fixed_shape
+        self.padded = False
+        self.step_fn = _forward_last
+        if fixed_shape:
+            # one position buffer for every decode step, updated in place: a CUDA graph sees the same address
+            self.position = torch.zeros(1, dtype=torch.long, device=device)
+        if compiled:
+            for t in self.cache.keys + self.cache.values + [self.slots, self.position]:
+                torch._dynamo.mark_static_address(t)
+            self.step_fn = compiled_step()
+
+    @classmethod
+    def reusable(cls, lm, batch_size: int, max_length: int) -> "Decoder":
+        """A compiled decoder kept on the model and reused while the shape stays the same: the CUDA graph
+        reads its buffers at fixed addresses (dynamo guards on them), so new buffers would mean a recompile.
+        Only the latest shape is kept, to bound the memory the cache holds between calls."""
+        device, dtype = next(lm.parameters()).device, next(lm.parameters()).dtype
+        key = (batch_size, max_length, device, dtype)
+        kept = getattr(lm, "_compiled_decoder", None)
+        if kept is None or kept[0] != key:
+            lm._compiled_decoder = kept = (key, cls(lm, batch_size, max_length, fixed_shape=True, compiled=True))
+        decoder = kept[1]
+        decoder.slots.zero_()
+        for t in decoder.cache.keys + decoder.cache.values:  # masked, but a stale NaN would still leak in
+            t.zero_()
+        return decoder
+
+    def prefill(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        T = input_ids.size(1)
+        self.slots[:, :T] = attention_mask
+        self.padded = not bool(attention_mask.all())
+        if self.fixed_shape:
+            self.cache.positions = torch.arange(T, device=input_ids.device)
+            logits = _forward_last(self.lm, input_ids, self.slots, self.cache)  # prefill is not captured
+            self.cache.positions = self.position
+            return logits
+        # without padding, no mask at all: plain causal attention takes the fastest kernel
+        return _forward_last(self.lm, input_ids, attention_mask if self.padded else None, self.cache)
+
+    def step(self, tokens: torch.Tensor, slot: int) -> torch.Tensor:
+        """Logits (B, V) after feeding `tokens` (B,) into cache slot `slot`."""
+        self.slots[:, slot] = 1
+        if self.fixed_shape:
+            self.position.fill_(slot)
+            if self.step_fn is not _forward_last:
+                torch.compiler.cudagraph_mark_step_begin()
+            return self.step_fn(self.lm, tokens[:, None], self.slots, self.cache).clone()
+        mask = self.slots[:, :slot + 1] if self.padded else None
+        return _forward_last(self.lm, tokens[:, None], mask, self.cache)
+
+
+def _forward_last(lm, input_ids, attention_mask, cache):
+    """fp32 logits of the last position only (no (B, T, V) tensor at prefill)."""
+    hidden = lm.transformer(input_ids, attention_mask=attention_mask, past_key_values=cache,
+                            use_cache=True).last_hidden_state
+    return lm.logits(hidden[:, -1]).float()
+
+
+_COMPILED_STEP = None
+
+
+def compile_supported(device: torch.device) -> bool:
+    """CUDA graphs need CUDA; elsewhere the fixed-shape step runs uncompiled."""
+    return device.type == "cuda"
+
+
+def compiled_step():
+    """The decode step compiled once per process (CUDA graphs via mode='reduce-overhead'); dynamo
+    recompiles by itself for a new batch size or cache length."""
+    global _COMPILED_STEP
+    if _COMPILED_STEP is None:
+        _COMPILED_STEP = torch.compile(_forward_last, mode="reduce-overhead", dynamic=False)
+    return _COMPILED_STEP
+
+
+# ---------------------------------------------------------------------------------------------
+# the loop and the logit processing
+# ---------------------------------------------------------------------------------------------
+def _decode_loop(decoder: Decoder, input_ids, attention_mask, s: SamplingSettings, eos, pad, seed, streamer):
+    B, T = input_ids.shape
+    device = input_ids.device
+    tokens = torch.full((B, T + s.max_new_tokens), pad if pad is not None else 0, dtype=torch.long, device=device)
+    tokens[:, :T] = input_ids
+    seen = None
+    if s.repetition_penalty != 1.0:
+        seen = torch.zeros(B, decoder.lm.config.vocab_size, dtype=torch.bool, device=device)
+        seen.scatter_(1, input_ids, attention_mask.bool())  # padding is not part of the sequence
+    generator = torch.Generator(device=device).manual_seed(seed) if seed is not None else None
+    unfinished = torch.ones(B, dtype=torch.bool, device=device)
+    all_done = torch.zeros(s.max_new_tokens, dtype=torch.bool, device=device)
+    # the stop check syncs with the device; on accelerators do it every few steps and trim afterwards
+    check_every = 1 if device.type == "cpu" or streamer is not None else 8
+    if streamer is not None:
+        streamer.put(input_ids.cpu())
+
+    logits = decoder.prefill(input_ids, attention_mask)
+    n = s.max_new_tokens
+    for i in range(s.max_new_tokens):
+        next_tokens = choose_next(logits, s, step=i, eos=eos, seen=seen, generator=generator)
+        if eos is not None:
+            next_tokens = torch.where(unfinished, next_tokens, pad)
+            unfinished &= next_tokens != eos
+            all_done[i] = ~unfinished.any()
+        tokens[:, T + i] = next_tokens
+        if seen is not None:
+            seen[torch.arange(B, device=device), next_tokens] = True
+        if streamer is not None:
+            streamer.put(next_tokens.cpu())
+        last = i == s.max_new_tokens - 1
+        if eos is not None and ((i + 1) % check_every == 0 or last) and bool(all_done[:i + 1].any()):
+            n = int(all_done.nonzero()[0]) + 1
+            break
+        if not last:
+            logits = decoder.step(next_tokens, T + i)
+    if streamer is not None:
+        streamer.end()
+    return tokens[:, :T + n]
+
+
+def choose_next(logits: torch.Tensor, s: SamplingSettings, step: int, eos=None, seen=None, generator=None):
+    """The next token of each row from fp32 logits (B, V): greedy argmax or a sample."""
+    scores = process_logits(logits, s, step, eos, seen)
+    if not s.do_sample:
+        return scores.argmax(dim=-1)
+    probs = torch.softmax(scores, dim=-1)
+    return torch.multinomial(probs, num_samples=1, generator=generator).squeeze(1)
+
+
+def process_logits(logits: torch.Tensor, s: SamplingSettings, step: int, eos=None, seen=None) -> torch.Tensor:
+    """transformers' processors, in its order; filtered tokens get -inf."""
+    scores = logits
+    if seen is not None:
+        penalized = torch.where(scores < 0, scores * s.repetition_penalty, scores / s.repetition_penalty)
+        scores = torch.where(seen, penalized, scores)
+    if eos is not None and step < s.min_new_tokens:
+        scores = scores.clone()
+        scores[:, eos] = -math.inf
+    if not s.do_sample:
+        return scores
+    if s.temperature != 1.0:
+        scores = scores / s.temperature
+    if s.top_k > 0:
+        scores = top_k_filter(scores, s.top_k)
+    if s.top_p < 1.0:
+        scores = top_p_filter(scores, s.top_p)
+    return scores
+
+
+def top_k_filter(scores: torch.Tensor, k: int) -> torch.Tensor:
+    """Keep the k highest scores (ties with the k-th are kept, as in transformers)."""
+    k = min(k, scores.size(-1))
+    kth = torch.topk(scores, k, dim=-1).values[..., -1:]
+    return scores.masked_fill(scores < kth, -math.inf)
+
+
+def top_p_filter(scores: torch.Tensor, p: float) -> torch.Tensor:
+    """Nucleus filter: keep the smallest set of most likely tokens whose probability reaches p
+    (transformers' rule: drop tokens whose ascending cumulative probability is <= 1 - p; keep at least one)."""
+    sorted_scores, order = torch.sort(scores, descending=False, dim=-1)
+    cumulative = sorted_scores.softmax(dim=-1).cumsum(dim=-1)
+    remove_sorted = cumulative <= (1 - p)
+    remove_sorted[..., -1:] = False
+    remove = remove_sorted.scatter(-1, order, remove_sorted)
+    return scores.masked_fill(remove, -math.inf)
+
+
+@contextlib.contextmanager
+def _eval_mode(model):
+    was_training = model.training
+    model.eval()
+    try:
+        yield
+    finally:
+        model.train(was_training)

@@ -1,0 +1,292 @@
+"""gpt2_ascend.generation: transformers parity, KV cache numerics, sampling filters, stopping, streaming."""
+import math
+
+import pytest
+import torch
+
+from conftest import hf_model, max_diff, ours_from_hf, tiny_config
+from gpt2_ascend.generation import Decoder, generate, generate_text, left_pad
+
+PAD = 511
+
+
+@pytest.fixture(scope="module")
+def models():
+    config = tiny_config(initializer_range=0.2)  # larger weights than GPT-2's init: varied, non-repeating output
+    hf = hf_model(config, seed=11)
+    return ours_from_hf(hf, config), hf
+
+
+def prompts(lengths=(7, 3, 5), seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randint(0, 500, (n,), generator=g).tolist() for n in lengths]
+
+
+def hf_generate(hf, ids, mask, **kw):
+    with torch.no_grad():
+        return hf.generate(input_ids=ids, attention_mask=mask, do_sample=False, num_beams=1, pad_token_id=PAD,
+                           **kw)
+
+
+def greedy_reference(model, ids, mask, steps, penalty=1.0):
+    """Token by token with a full recompute of every step: no cache involved."""
+    ids, mask = ids.clone(), mask.clone()
+    for _ in range(steps):
+        with torch.no_grad():
+            logits = model(ids, attention_mask=mask).logits[:, -1]
+        if penalty != 1.0:
+            for row in range(ids.size(0)):
+                seen = ids[row][mask[row].bool()].unique()
+                vals = logits[row, seen]
+                logits[row, seen] = torch.where(vals < 0, vals * penalty, vals / penalty)
+        ids = torch.cat([ids, logits.argmax(-1, keepdim=True)], 1)
+        mask = torch.cat([mask, torch.ones_like(mask[:, :1])], 1)
+    return ids
+
+
+@pytest.mark.parametrize("penalty", [1.0, 1.3])
+def test_greedy_matches_transformers_single_and_left_padded_batch(models, penalty):
+    ours, hf = models
+    batch = prompts()
+    ids, mask = left_pad(batch, PAD)
+    kw = dict(max_new_tokens=12, repetition_penalty=penalty, eos_token_id=None)
+    expected = hf_generate(hf, ids, mask, **kw)
+    got = generate(ours, ids, attention_mask=mask, pad_token_id=PAD, **kw)
+    assert torch.equal(got, expected)
+    assert torch.equal(got, greedy_reference(ours, ids, mask, 12, penalty))
+    if penalty != 1.0:  # the penalty really changes this output
+        assert not torch.equal(got, generate(ours, ids, attention_mask=mask, max_new_tokens=12, eos_token_id=None))
+    for row, p in enumerate(batch):  # each prompt alone: the same tokens as inside the padded batch
+        alone = torch.tensor([p])
+        single = ours.generate(alone, **kw)
+        assert torch.equal(single, hf_generate(hf, alone, torch.ones_like(alone), **kw))
+        assert torch.equal(single[0, len(p):], got[row, ids.size(1):])
+
+
+def test_eos_stop_padding_and_min_new_tokens_match_transformers(models):
+    ours, hf = models
+    ids, mask = left_pad(prompts((7, 3, 5)), PAD)
+    ids, mask = ids[[0, 2]], mask[[0, 2]]
+    T = ids.size(1)
+    free = generate(ours, ids, attention_mask=mask, max_new_tokens=10, eos_token_id=None)[:, T:]
+    # an eos that both rows emit, at different steps: one row finishes first, then both
+    first = {t: [int((row == t).nonzero()[0]) for row in free] for t in set(free[0].tolist()) & set(free[1].tolist())}
+    eos, steps = next((t, s) for t, s in sorted(first.items()) if s[0] != s[1])
+    kw = dict(max_new_tokens=10, eos_token_id=eos)
+    got = generate(ours, ids, attention_mask=mask, pad_token_id=PAD, **kw)
+    assert torch.equal(got, hf_generate(hf, ids, mask, **kw))
+    new = got[:, T:]
+    assert new.size(1) == max(steps) + 1  # stopped when the last row emitted eos
+    for row, step in enumerate(steps):
+        assert int(new[row, step]) == eos
+        assert (new[row, step + 1:] == PAD).all()  # padding after a row's eos
+        assert torch.equal(new[row, :step], free[row, :step])
+    # min_new_tokens forbids eos before it
+    got_min = generate(ours, ids, attention_mask=mask, pad_token_id=PAD, min_new_tokens=max(steps) + 2, **kw)
+    assert torch.equal(got_min, hf_generate(hf, ids, mask, min_new_tokens=max(steps) + 2, **kw))
+    assert got_min.size(1) - T >= max(steps) + 2
+    assert not (got_min[:, T:T + max(steps) + 2] == eos).any()
+
+
+def test_max_new_tokens_and_eos_none(models):
+    ours, _ = models
+    ids = torch.tensor([prompts((4,))[0]])
+    out = generate(ours, ids, max_new_tokens=9, eos_token_id=None)
+    assert out.shape == (1, 13)
+    first = int(out[0, 4])
+    stopped = generate(ours, ids, max_new_tokens=9, eos_token_id=first)
+    assert stopped.shape == (1, 5) and int(stopped[0, -1]) == first
+    assert generate(ours, ids[0], max_new_tokens=3).shape == (7,)  # 1-D in, 1-D out
+
+
+@pytest.mark.parametrize("fixed_shape", [False, True])
+def test_cached_decode_logits_equal_full_recompute(models, fixed_shape):
+    ours, _ = models
+    ids, mask = left_pad(prompts((8, 3, 5)), PAD)
+    T, steps = ids.size(1), 6
+    decoder = Decoder(ours, ids.size(0), T + steps, fixed_shape=fixed_shape)
+    g = torch.Generator().manual_seed(1)
+    fed = torch.randint(0, 500, (ids.size(0), steps), generator=g)
+    with torch.no_grad():
+        logits = [decoder.prefill(ids, mask)]
+        for i in range(steps - 1):
+            logits.append(decoder.step(fed[:, i], T + i))
+        full_ids = torch.cat([ids, fed], 1)
+        full_mask = torch.cat([mask, torch.ones_like(fed)], 1)
+        full = ours(full_ids, attention_mask=full_mask).logits
+    for i, step_logits in enumerate(logits):
+        assert max_diff(step_logits, full[:, T - 1 + i]) <= 1e-5
+
+
+def test_fixed_shape_and_compile_flag_give_the_same_tokens_on_cpu(models):
+    ours, _ = models
+    ids, mask = left_pad(prompts(), PAD)
+    base = generate(ours, ids, attention_mask=mask, max_new_tokens=8, eos_token_id=None)
+    fixed = generate(ours, ids, attention_mask=mask, max_new_tokens=8, eos_token_id=None, fixed_shape=True)
+    assert torch.equal(base, fixed)
+    if not torch.cuda.is_available():
+        with pytest.warns(UserWarning, match="needs a CUDA device"):
+            compiled = generate(ours, ids, attention_mask=mask, max_new_tokens=8, eos_token_id=None, compile=True)
+        assert torch.equal(base, compiled)
+
+
+def test_sampling_is_reproducible_with_a_seed(models):
+    ours, _ = models
+    ids, mask = left_pad(prompts(), PAD)
+    kw = dict(attention_mask=mask, max_new_tokens=10, do_sample=True, temperature=1.5, eos_token_id=None)
+    a = generate(ours, ids, seed=7, **kw)
+    b = generate(ours, ids, seed=7, **kw)
+    c = generate(ours, ids, seed=8, **kw)
+    assert torch.equal(a, b)
+    assert not torch.equal(a, c)
+    torch.manual_seed(0)  # the seed's generator is private: the global RNG does not change the result
+    assert torch.equal(generate(ours, ids, seed=7, **kw), a)
+
+
+def allowed_tokens(logits, temperature, top_k, top_p):
+    """The support of the filtered distribution, computed from scratch (probabilities, not HF's code)."""
+    probs = torch.softmax(logits / temperature, -1)
+    allowed = torch.ones_like(probs, dtype=torch.bool)
+    if top_k:
+        kth = probs.sort(descending=True).values[top_k - 1]
+        allowed &= probs >= kth
+    if top_p < 1.0:
+        p = torch.where(allowed, probs, torch.zeros_like(probs))
+        p = p / p.sum()
+        order = p.argsort(descending=True)
+        before = p[order].cumsum(0) - p[order]  # mass of the strictly more likely tokens
+        keep = torch.zeros_like(allowed)
+        keep[order[before < top_p]] = True  # the smallest prefix that reaches top_p
+        allowed &= keep
+    return allowed
+
+
+@pytest.mark.parametrize("top_k,top_p", [(3, 1.0), (0, 0.3), (10, 0.5)])
+def test_top_k_top_p_never_emit_a_filtered_token(models, top_k, top_p):
+    ours, _ = models
+    ids = torch.tensor([prompts((5,))[0]])
+    sizes = []
+    for seed in range(4):
+        out = generate(ours, ids, max_new_tokens=8, do_sample=True, temperature=0.7, top_k=top_k, top_p=top_p,
+                       eos_token_id=None, seed=seed)
+        with torch.no_grad():
+            logits = ours(out).logits[0]
+        for t in range(ids.size(1), out.size(1)):
+            allowed = allowed_tokens(logits[t - 1], 0.7, top_k, top_p)
+            sizes.append(int(allowed.sum()))
+            assert allowed[out[0, t]], f"token {int(out[0, t])} outside the filtered set at step {t}"
+    assert max(sizes) < 512  # the filter really removed tokens
+    # top_k=1 sampling is greedy
+    greedy = generate(ours, ids, max_new_tokens=8, eos_token_id=None)
+    assert torch.equal(generate(ours, ids, max_new_tokens=8, do_sample=True, top_k=1, eos_token_id=None, seed=3),
+                       greedy)
+
+
+class RecordingStreamer:
+    def __init__(self):
+        self.puts, self.ended = [], 0
+
+    def put(self, value):
+        self.puts.append(value.clone())
+
+    def end(self):
+        self.ended += 1
+
+
+def test_streamer_receives_prompt_then_exactly_the_new_tokens(models):
+    ours, _ = models
+    ids = torch.tensor([prompts((5,))[0]])
+    streamer = RecordingStreamer()
+    out = generate(ours, ids, max_new_tokens=7, eos_token_id=None, streamer=streamer)
+    assert torch.equal(streamer.puts[0], ids)
+    assert torch.equal(torch.cat([p.reshape(-1) for p in streamer.puts[1:]]), out[0, 5:])
+    assert streamer.ended == 1
+
+
+@pytest.fixture(scope="module")
+def text_model():
+    torch.manual_seed(0)
+    from gpt2_ascend import GPT2LMHeadModel
+    return GPT2LMHeadModel(tiny_config(vocab_size=50257, n_embd=32, pad_token_id=50256, eos_token_id=50256,
+                                       bos_token_id=50256)).eval()
+
+
+def test_text_streamer_and_generate_text(text_model, data_dir, capsys):
+    from transformers import TextStreamer
+    from gpt2_ascend import load_tokenizer
+    tok = load_tokenizer()
+    texts = ["The meaning of life is", "Hello", ""]
+    batched = generate_text(text_model, tok, texts, batch_size=3, max_new_tokens=6, eos_token_id=None)
+    singles = [generate_text(text_model, tok, t, max_new_tokens=6, eos_token_id=None) for t in texts]
+    assert batched == singles
+    ids = torch.tensor([tok(texts[0]).input_ids])
+    out = generate(text_model, ids, max_new_tokens=6, eos_token_id=None,
+                   streamer=TextStreamer(tok, skip_prompt=True))
+    printed = capsys.readouterr().out
+    assert printed.rstrip("\n") == tok.decode(out[0, ids.size(1):]).rstrip("\n")
+    assert tok.decode(out[0, ids.size(1):]) == singles[0]
+
+
+def test_peft_wrapped_model_generates_like_the_merged_one(models):
+    from gpt2_ascend.train.lora import apply_lora
+    ours, _ = models
+    wrapped = apply_lora(ours_from_hf(hf_model(tiny_config(), seed=11), tiny_config()), rank=4, alpha=8, dropout=0.0)
+    torch.manual_seed(2)
+    for name, p in wrapped.named_parameters():
+        if "lora_B" in name:
+            torch.nn.init.normal_(p, std=0.5)  # a non-trivial adapter
+    ids = torch.tensor([prompts((5,))[0]])
+    adapted = generate(wrapped, ids, max_new_tokens=8, eos_token_id=None)
+    merged = generate(wrapped.merge_and_unload(), ids, max_new_tokens=8, eos_token_id=None)
+    assert torch.equal(adapted, merged)
+    assert not torch.equal(adapted, generate(ours, ids, max_new_tokens=8, eos_token_id=None))
+
+
+def test_context_overflow_and_bad_arguments_fail_with_one_line(models):
+    ours, _ = models
+    ids = torch.randint(0, 500, (1, 60))
+    with pytest.raises(ValueError, match="exceeds the model's context n_positions=64"):
+        generate(ours, ids, max_new_tokens=10)
+    truncated = generate(ours, ids, max_new_tokens=10, truncate_prompt=True, eos_token_id=None)
+    assert torch.equal(truncated, generate(ours, ids[:, -54:], max_new_tokens=10, eos_token_id=None))
+    small = ids[:, :5]
+    for kw, msg in [(dict(top_p=0.0), "top_p"), (dict(top_p=1.5), "top_p"), (dict(top_k=-1), "top_k"),
+                    (dict(do_sample=True, temperature=0.0), "temperature"), (dict(max_new_tokens=0), "max_new_tokens"),
+                    (dict(min_new_tokens=30), "min_new_tokens"), (dict(repetition_penalty=0), "repetition_penalty"),
+                    (dict(eos_token_id=9999), "eos_token_id")]:
+        with pytest.raises(ValueError, match=msg) as err:
+            generate(ours, small, **kw)
+        assert "\n" not in str(err.value)
+    with pytest.raises(ValueError, match="left-padded"):
+        generate(ours, small, attention_mask=torch.tensor([[1, 1, 1, 0, 0]]))
+    with pytest.raises(ValueError, match="token ids must be in"):
+        generate(ours, torch.tensor([[1, 600]]))
+
+
+def test_compiled_decode_step_traces_whole_and_is_reused_across_calls(models, monkeypatch):
+    """The --compile path on CPU: dynamo with a counting eager backend in place of CUDA graphs."""
+    import gpt2_ascend.generation as generation
+    ours, _ = models
+    graphs = []
+
+    def counting_backend(gm, example_inputs):
+        graphs.append(gm)
+        return gm.forward
+
+    torch._dynamo.reset()
+    step = torch.compile(generation._forward_last, backend=counting_backend, dynamic=False)
+    monkeypatch.setattr(generation, "compile_supported", lambda device: True)
+    monkeypatch.setattr(generation, "compiled_step", lambda: step)
+    ids, mask = left_pad(prompts(), PAD)
+    base = generate(ours, ids, attention_mask=mask, max_new_tokens=6, eos_token_id=None)
+    first = generate(ours, ids, attention_mask=mask, max_new_tokens=6, eos_token_id=None, compile=True)
+    kept = ours._compiled_decoder[1]
+    second = generate(ours, ids, attention_mask=mask, max_new_tokens=6, eos_token_id=None, compile=True)
+    assert torch.equal(first, base) and torch.equal(second, base)
+    assert len(graphs) == 1  # one graph (no graph break), not recompiled for a second call of the same shape
+    # the second call reuses the buffers the CUDA graph was recorded on (static addresses)
+    assert ours._compiled_decoder[1] is kept
+    other = generate(ours, ids[:2], attention_mask=mask[:2], max_new_tokens=6, eos_token_id=None, compile=True)
+    assert torch.equal(other, base[:2]) and ours._compiled_decoder[1] is not kept
+    del ours._compiled_decoder
+    torch._dynamo.reset()
