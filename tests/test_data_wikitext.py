@@ -124,7 +124,7 @@ def test_pack_blocks_drops_the_remainder():
         pack_blocks(np.arange(11), 12)
 
 
-# ------------------------------------------------------------------------------------------------ MindFormers on real data
+# ---------------------------------------------------------------------------------------- MindFormers, real data
 
 def _mindformers_clean(string):
     """MindFormers' wikitext_clean, transcribed separately from its source for this test."""

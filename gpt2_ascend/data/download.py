@@ -5,13 +5,14 @@ file (or folder) of it and downloads what is missing. Every download streams to 
 against the sha256 listed here (the checksums of shared/data/SHA256SUMS), then renamed into place; an
 interrupted download resumes from the .part file (HTTP Range) when the server allows it.
 
-| relative name                   | public URL                                                                    |
-|---------------------------------|-------------------------------------------------------------------------------|
-| gpt2/vocab.json, gpt2/merges.txt| https://huggingface.co/openai-community/gpt2/resolve/main/{vocab.json,merges.txt} |
-| wikitext-2/wiki.{split}.tokens  | https://raw.githubusercontent.com/pytorch/examples/main/word_language_model/data/wikitext-2/{split}.txt |
-|                                 | (byte-identical to the WikiText-2 v1 wiki.*.tokens files)                    |
-| sst2/{train,dev}.tsv            | GLUE SST-2 as mirrored in github.com/eyalbd2/Reproducing-AutoPrompt at commit 53e9e22 |
-|                                 | (glue_data/SST-2/train_full.tsv and dev.tsv: the full 67,349 / 872-row GLUE files) |
+Relative names and their public URLs:
+  gpt2/vocab.json, gpt2/merges.txt  https://huggingface.co/openai-community/gpt2/resolve/main/{vocab.json,merges.txt}
+  wikitext-2/wiki.{split}.tokens    https://raw.githubusercontent.com/pytorch/examples/main/
+                                    word_language_model/data/wikitext-2/{split}.txt
+                                    (byte-identical to WikiText-2 v1's wiki.*.tokens)
+  sst2/{train,dev}.tsv              GLUE SST-2 as mirrored by github.com/eyalbd2/Reproducing-AutoPrompt at commit
+                                    53e9e22 (glue_data/SST-2/train_full.tsv and dev.tsv: the full 67,349 and
+                                    872-row GLUE files; that repository's train.tsv is a subset)
 
 GPT2_DATA_URL=BASE replaces all of them by BASE/RELATIVE_NAME (a mirror laid out like the data directory).
 

@@ -101,7 +101,8 @@ def txtcls_arrays_and_meta(path: str, max_length: int, tokenizer, tok_info: dict
     arrays = dict(input_ids=input_ids, attention_mask=mask, labels=labels)
     meta = dict(source=os.path.abspath(path), source_sha256=sha256_file(path), source_kind=dataset_name,
                 tokenizer=tok_info["path"], tokenizer_sha256=tok_info["files_sha256"], tokenizer_id=tok_info["id"],
-                options={"dataset_name": dataset_name, "padding": "right", "pad_token_id": int(pad_token_id(tokenizer))},
+                options={"dataset_name": dataset_name, "padding": "right",
+                         "pad_token_id": int(pad_token_id(tokenizer))},
                 num_truncated=int(truncated), max_tokens=int(mask.sum(1).max()),
                 label_counts={str(k): int(v) for k, v in zip(*np.unique(labels, return_counts=True))})
     return arrays, meta
