@@ -10,7 +10,10 @@ import math
 import torch
 import torch.nn.functional as F
 
+from . import device as dev
+
 _SQRT_2_OVER_PI = math.sqrt(2.0 / math.pi)
+_SQRT_1_OVER_2 = math.sqrt(0.5)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -27,22 +30,25 @@ def fast_gelu_reference(x: torch.Tensor) -> torch.Tensor:
     return x * torch.sigmoid(1.702 * x)
 
 
+def gelu_explicit(x: torch.Tensor) -> torch.Tensor:
+    """Exact (erf) GELU written out, for NPU where F.gelu computes the tanh form whatever `approximate` says."""
+    return 0.5 * x * (1.0 + torch.erf(x * _SQRT_1_OVER_2))
+
+
 def activation(name: str, x: torch.Tensor) -> torch.Tensor:
+    npu = dev.is_npu_tensor(x)
     if name == "gelu_new":
-        if x.device.type == "npu":
-            return gelu_new_explicit(x)
-        return F.gelu(x, approximate="tanh")
+        return gelu_new_explicit(x) if npu else F.gelu(x, approximate="tanh")
     if name == "fast_gelu":
         return fast_gelu(x)
     if name == "gelu":
-        return F.gelu(x)
+        return gelu_explicit(x) if npu else F.gelu(x)
     raise ValueError(f"unknown activation {name!r}")
 
 
 def fast_gelu(x: torch.Tensor) -> torch.Tensor:
-    if x.device.type == "npu":
-        from . import device as dev
-        return dev.torch_npu().npu_fast_gelu(x)
+    if dev.is_npu_tensor(x):
+        return dev.torch_npu().npu_fast_gelu(x)  # x * sigmoid(1.702 x) on Atlas A2, one fused kernel
     return fast_gelu_reference(x)
 
 
@@ -55,7 +61,6 @@ def resolve_attn_implementation(impl: str, device_type: str) -> str:
         return "npu" if device_type == "npu" else "sdpa"
     if impl == "npu" and device_type != "npu":
         # The NPU kernel takes NPU tensors only; tests swap in a reference torch_npu that runs on CPU.
-        from . import device as dev
         if not dev.npu_reference_installed():
             raise RuntimeError("attn_implementation='npu' needs tensors on an NPU device: "
                                "move the model with .to('npu') or use attn_implementation='auto'")
@@ -100,10 +105,11 @@ def eager_attention(q, k, v, *, mask=None, is_causal=False, dropout_p=0.0, scale
 # ---------------------------------------------------------------------------------------------
 def adamw(param_groups, lr: float, betas=(0.9, 0.95), eps: float = 1e-8, device_type: str = "cpu"):
     """The fastest AdamW the device has, with the same groups and hyper-parameters everywhere:
-    torch_npu's NpuFusedAdamW on NPU, the fused CUDA kernel on GPU, the foreach one on CPU."""
+    torch_npu's NpuFusedAdamW on NPU (torch's where its rules exclude it: npu_ops.adamw), the fused
+    CUDA kernel on GPU, the foreach one on CPU."""
     if device_type == "npu":
-        from . import device as dev
-        return dev.torch_npu().optim.NpuFusedAdamW(param_groups, lr=lr, betas=betas, eps=eps)
+        from .npu_ops import adamw as npu_adamw
+        return npu_adamw(param_groups, lr=lr, betas=betas, eps=eps)
     if device_type == "cuda":
         return torch.optim.AdamW(param_groups, lr=lr, betas=betas, eps=eps, fused=True)
     return torch.optim.AdamW(param_groups, lr=lr, betas=betas, eps=eps, foreach=True)
