@@ -1,7 +1,14 @@
 """The one place that knows devices: cpu / cuda / npu selection, the torch_npu import guard,
-distributed backend, autocast settings, RNG state, synchronisation and memory stats."""
+distributed backend, autocast settings, RNG state, synchronisation and memory stats.
+
+torch_npu (Ascend's PyTorch extension, `pip install '.[npu]'`) is imported here and nowhere else,
+lazily and only when present: without it `auto` never picks npu and `--device npu` fails with one
+line that says how to install it. The NPU namespace is taken from the module (`torch_npu.npu`, which
+the real package also installs as `torch.npu`) so a test-only reference module can stand in for it.
+"""
 from __future__ import annotations
 
+import contextlib
 import importlib
 import sys
 
@@ -9,7 +16,7 @@ import torch
 
 NPU_INSTALL_HINT = "install Ascend's torch_npu matching your CANN and PyTorch (pip install '.[npu]')"
 _npu_module = None
-_npu_initialised = False
+_npu_initialised_for = None  # the torch_npu module init_npu() last configured
 
 
 def torch_npu(required: bool = True):
@@ -31,21 +38,27 @@ def npu_available() -> bool:
     mod = torch_npu(required=False)
     if mod is None:
         return False
-    npu = getattr(torch, "npu", None) or getattr(mod, "npu", None)
     try:
-        return bool(npu is not None and npu.is_available())
-    except Exception:
+        return bool(mod.npu.is_available())
+    except Exception:  # a broken driver/CANN install reads as "no NPU", never as a crash in `auto`
         return False
 
 
 def npu_reference_installed() -> bool:
-    """True when a torch_npu module is importable (the real one, or a test reference of its semantics)."""
-    return torch_npu(required=False) is not None
+    """True when the installed torch_npu is the test-only reference of its documented semantics,
+    whose kernels run on CPU tensors (tests/npu_reference)."""
+    mod = torch_npu(required=False)
+    return mod is not None and bool(getattr(mod, "IS_REFERENCE", False))
+
+
+def is_npu_tensor(x: torch.Tensor) -> bool:
+    """Whether `x` lives on an NPU, i.e. whether the NPU kernels apply (tests patch this to run the
+    NPU code path on CPU tensors with the reference torch_npu)."""
+    return x.device.type == "npu"
 
 
 def _npu_namespace():
-    mod = torch_npu()
-    return getattr(torch, "npu", None) or mod.npu
+    return torch_npu().npu
 
 
 def resolve_device(name: str | None = "auto") -> torch.device:
@@ -74,16 +87,17 @@ def resolve_device(name: str | None = "auto") -> torch.device:
 
 
 def init_npu():
-    """One-time NPU setup: prebuilt (binary) kernels instead of per-shape JIT compilation on A2."""
-    global _npu_initialised
-    if _npu_initialised:
-        return
+    """One-time NPU setup per process: binary (prebuilt) operator kernels instead of compiling one
+    per input shape. Atlas A2 already defaults to jit_compile=False; the older training series does
+    not, and per-shape compilation makes every new sequence length or batch size stall."""
+    global _npu_initialised_for
     mod = torch_npu()
-    try:
-        mod.npu.set_compile_mode(jit_compile=False)
-    except AttributeError:
-        pass
-    _npu_initialised = True
+    if _npu_initialised_for is mod:
+        return
+    set_compile_mode = getattr(mod.npu, "set_compile_mode", None)
+    if set_compile_mode is not None:
+        set_compile_mode(jit_compile=False)
+    _npu_initialised_for = mod
 
 
 def set_device(device: torch.device):
@@ -112,7 +126,9 @@ def autocast_dtype(device: torch.device | str, precision: str) -> torch.dtype | 
 
 def autocast(device: torch.device, dtype: torch.dtype | None):
     """An autocast context for the device (a no-op context when dtype is None)."""
-    return torch.autocast(device_type=device.type, dtype=dtype or torch.float32, enabled=dtype is not None)
+    if dtype is None:
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=device.type, dtype=dtype)
 
 
 def rng_state(device: torch.device) -> dict:
