@@ -56,6 +56,27 @@ def convert_qkv_state(state: dict, n_embd: int, n_head: int, to: str) -> dict:
     return out
 
 
+def replicate_parallel():
+    """A ParallelStyle for modules that stay whole on every TP rank (position embedding, unsplit norms,
+    the classifier head): parameters become Replicate DTensors, so one optimizer (foreach/fused) sees only
+    DTensors, while the module still takes and returns plain local tensors."""
+    from torch.distributed.tensor import DTensor, Replicate, distribute_module
+    from torch.distributed.tensor.parallel import ParallelStyle
+
+    class ReplicateParallel(ParallelStyle):
+        def _apply(self, module, device_mesh):
+            def inputs_to_dtensor(_module, inputs, mesh):
+                return tuple(DTensor.from_local(t, mesh, [Replicate()], run_check=False)
+                             if torch.is_tensor(t) and not isinstance(t, DTensor) else t for t in inputs)
+
+            def output_to_local(_module, output, _mesh):
+                return output.to_local() if isinstance(output, DTensor) else output
+
+            return distribute_module(module, device_mesh, input_fn=inputs_to_dtensor, output_fn=output_to_local)
+
+    return ReplicateParallel()
+
+
 def tp_plan(sequence_parallel: bool) -> tuple[dict, dict]:
     """(model-level plan, per-block plan) for parallelize_module."""
     from torch.distributed.tensor import Replicate, Shard
@@ -64,9 +85,14 @@ def tp_plan(sequence_parallel: bool) -> tuple[dict, dict]:
     if not sequence_parallel:
         top = {
             "transformer.wte": RowwiseParallel(input_layouts=Replicate(), output_layouts=Replicate()),
+            "transformer.wpe": replicate_parallel(),
+            "transformer.ln_f": replicate_parallel(),
             "lm_head": ColwiseParallel(output_layouts=Replicate()),
+            "score": replicate_parallel(),
         }
         block = {
+            "ln_1": replicate_parallel(),
+            "ln_2": replicate_parallel(),
             "attn.c_attn": ColwiseParallel(),
             "attn.c_proj": RowwiseParallel(),
             "mlp.c_fc": ColwiseParallel(),
@@ -76,6 +102,8 @@ def tp_plan(sequence_parallel: bool) -> tuple[dict, dict]:
     # Sequence parallel: the residual stream lives as a DTensor sharded on the sequence dim (Shard(1)).
     top = {
         "transformer.wte": RowwiseParallel(input_layouts=Replicate(), output_layouts=Replicate()),
+        "transformer.wpe": replicate_parallel(),
+        "score": replicate_parallel(),
         "transformer.drop": PrepareModuleOutput(output_layouts=Replicate(), desired_output_layouts=Shard(1),
                                                 use_local_output=False),
         "transformer.ln_f": SequenceParallel(),
