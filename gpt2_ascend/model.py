@@ -190,7 +190,9 @@ def _selective_policy(ctx, op, *args, **kwargs):
     """Selective recompute: keep what is expensive to redo (matmuls, attention), recompute the rest
     (layer norms, gelu, dropout, adds) in the backward pass."""
     from torch.utils.checkpoint import CheckpointPolicy
-    return CheckpointPolicy.MUST_SAVE if op in _SAVED_OPS else CheckpointPolicy.PREFER_RECOMPUTE
+    # torch_npu's flash attention registers its op only once torch_npu is imported: match it by name
+    saved = op in _SAVED_OPS or "npu_fusion_attention" in str(op)
+    return CheckpointPolicy.MUST_SAVE if saved else CheckpointPolicy.PREFER_RECOMPUTE
 
 
 def _saved_ops():
