@@ -1,0 +1,16 @@
+"""Weight conversion: MindSpore/MindFormers `.ckpt` <-> HF GPT-2, HF resharding, LoRA export.
+
+    hf_to_mindspore(torch_path, mindspore_path)      HF dir/file (or ours) -> MindFormers GPT-2 .ckpt
+    mindspore_to_hf(mindspore_path, output_dir)      MindFormers .ckpt -> HF dir (config.json + safetensors)
+    load_mindspore_model(mindspore_path)             MindFormers .ckpt -> our model, in memory
+    merge_hf_shards(input_dir, output_dir)           reshard an HF checkpoint, one tensor in memory at a time
+    merge_lora(base, adapter, output_dir)            fold a PEFT LoRA adapter into its base, write an HF dir
+    read_ckpt / write_ckpt / CkptReader / CkptWriter the .ckpt codec (no MindSpore needed)
+"""
+from .lora import merge_lora
+from .mindformers import hf_to_mindspore, load_mindspore_model, mindspore_to_hf
+from .mindspore_ckpt import CkptError, CkptReader, CkptWriter, read_ckpt, write_ckpt
+from .shards import WeightIndex, merge_hf_shards, write_hf_weights
+
+__all__ = ["hf_to_mindspore", "mindspore_to_hf", "load_mindspore_model", "merge_hf_shards", "merge_lora",
+           "read_ckpt", "write_ckpt", "CkptReader", "CkptWriter", "CkptError", "WeightIndex", "write_hf_weights"]
