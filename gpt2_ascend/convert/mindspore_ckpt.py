@@ -247,7 +247,8 @@ class _Walker:
         n = self.varint(limit)
         start = self.file.tell()
         if start + n > limit:
-            self.fail(f"a field of {n} bytes overruns its record", start)
+            where = "the end of the file" if limit == self.end else "its record"
+            self.fail(f"a field of {n} bytes runs past {where}", start)
         return start, start + n
 
     def read(self, limit):
