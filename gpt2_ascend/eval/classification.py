@@ -28,7 +28,12 @@ def classification_accuracy(model, data: dict, batch_size: int = 32, device=None
     if device is not None:
         model.to(device)
     device = _model_device(model)
-    num_labels = getattr(getattr(model, "config", None), "num_labels", None)
+    config = getattr(model, "config", None)
+    n_positions = getattr(config, "n_positions", None)
+    if n_positions is not None and input_ids.size(1) > n_positions:
+        raise ValueError(f"rows of {input_ids.size(1)} tokens are longer than the model's context "
+                         f"n_positions={n_positions}; prepare the data with --max_length {n_positions} or less")
+    num_labels = getattr(config, "num_labels", None)
     if num_labels is not None and labels.numel() and int(labels.max()) >= num_labels:
         raise ValueError(f"label {int(labels.max())} is out of range for a classifier with num_labels={num_labels}")
 

@@ -1,0 +1,178 @@
+"""evaluate.py end to end on slices of the real WikiText-2 valid and SST-2 dev files, tiny models."""
+import importlib.util
+import json
+import os
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import tiny_config
+from gpt2_ascend import GPT2ForSequenceClassification, GPT2LMHeadModel
+from gpt2_ascend.data.store import load_txtcls
+from gpt2_ascend.data.wikitext2 import prepare_wikitext2, wikitext2_token_stream
+from gpt2_ascend.eval import classification_accuracy, perplexity
+from helpers.fake_hub import FakeHub
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SEQ = 32
+
+
+def load_cli(name):
+    spec = importlib.util.spec_from_file_location(name, os.path.join(REPO, f"{name}.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+evaluate = load_cli("evaluate")
+
+
+def real_vocab_config(**over):
+    return tiny_config(vocab_size=50257, n_embd=32, pad_token_id=50256, eos_token_id=50256, bos_token_id=50256,
+                       **over)
+
+
+def head_of(path, n_lines, out):
+    with open(path, encoding="utf-8") as f:
+        lines = [next(f) for _ in range(n_lines)]
+    out.write_text("".join(lines), encoding="utf-8")
+    return str(out)
+
+
+def run_cli(args, tmp_path, capsys):
+    out = tmp_path / "result.json"
+    code = evaluate.main(args + ["--output_json", str(out), "--no_progress", "--device", "cpu"])
+    captured = capsys.readouterr()
+    assert code == 0, captured.err
+    return json.loads(out.read_text()), captured.out
+
+
+@pytest.fixture(scope="module")
+def lm_dirs(tmp_path_factory):
+    """The same random tiny LM saved by transformers and by us."""
+    import transformers
+    root = tmp_path_factory.mktemp("lm")
+    torch.manual_seed(0)
+    config = real_vocab_config()
+    hf = transformers.GPT2LMHeadModel(transformers.GPT2Config(**config.to_hf_dict())).eval()
+    hf.save_pretrained(root / "hf")
+    ours = GPT2LMHeadModel.from_pretrained(str(root / "hf"))
+    ours.save_pretrained(str(root / "ours"))
+    return root, ours
+
+
+def test_perplexity_cli_reproduces_the_api_on_real_wikitext(lm_dirs, data_dir, tmp_path, capsys, monkeypatch):
+    root, ours = lm_dirs
+    valid = head_of(os.path.join(data_dir, "wikitext-2", "wiki.valid.tokens"), 25, tmp_path / "wiki.valid.tokens")
+    blocks = prepare_wikitext2(valid, SEQ)
+    assert blocks.shape[0] >= 30
+    api = perplexity(ours, blocks, SEQ, batch_size=8)
+    for model_dir in ("hf", "ours"):  # written by transformers, and by our save_pretrained
+        got, printed = run_cli(["--task", "perplexity", "--model", str(root / model_dir), "--eval_dataset_dir", valid,
+                                "--seq_length", str(SEQ)], tmp_path, capsys)
+        assert got["ppl"] == pytest.approx(api["ppl"], rel=1e-9)
+        assert got["tokens"] == api["tokens"] == blocks.shape[0] * (SEQ - 1)
+        assert f"perplexity {api['ppl']:.4f}" in printed
+    # MindFormers' batch-mean protocol and a sliding window through the CLI, against the API
+    mf = perplexity(ours, blocks, SEQ, batch_size=5, protocol="mindformers")
+    got, _ = run_cli(["--model", str(root / "ours"), "--eval_dataset_dir", valid, "--seq_length", str(SEQ),
+                      "--protocol", "mindformers", "--batch_size", "5"], tmp_path, capsys)
+    assert got["loss"] == pytest.approx(mf["loss"], rel=1e-9) and got["protocol"] == "mindformers"
+    stream = wikitext2_token_stream(valid)
+    strided = perplexity(ours, stream, SEQ, stride=16)
+    assert strided["tokens"] == len(stream) - 1
+    # a hub id served from 127.0.0.1
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hub-cache"))
+    with FakeHub({"someone/tiny-gpt2": str(root / "hf")}) as hub:
+        monkeypatch.setenv("HF_ENDPOINT", hub.url)
+        got, _ = run_cli(["--model", "someone/tiny-gpt2", "--eval_dataset_dir", valid, "--seq_length", str(SEQ),
+                          "--stride", "16"], tmp_path, capsys)
+    assert got["loss"] == pytest.approx(strided["loss"], rel=1e-9) and got["tokens"] == strided["tokens"]
+
+
+def test_perplexity_cli_with_a_lora_adapter(lm_dirs, data_dir, tmp_path, capsys):
+    from gpt2_ascend.train.lora import apply_lora
+    root, ours = lm_dirs
+    base = GPT2LMHeadModel.from_pretrained(str(root / "ours"))
+    peft_model = apply_lora(base, rank=2, alpha=4, dropout=0.0)
+    torch.manual_seed(1)
+    for name, p in peft_model.named_parameters():
+        if "lora_B" in name:
+            torch.nn.init.normal_(p, std=0.2)
+    peft_model.save_pretrained(str(tmp_path / "adapter"))
+    valid = head_of(os.path.join(data_dir, "wikitext-2", "wiki.valid.tokens"), 12, tmp_path / "wiki.valid.tokens")
+    blocks = prepare_wikitext2(valid, SEQ)
+    expected = perplexity(peft_model, blocks, SEQ)
+    assert expected["loss"] != pytest.approx(perplexity(ours, blocks, SEQ)["loss"], rel=1e-6)
+    got, _ = run_cli(["--model", str(root / "ours"), "--adapter", str(tmp_path / "adapter"),
+                      "--eval_dataset_dir", valid, "--seq_length", str(SEQ)], tmp_path, capsys)
+    assert got["loss"] == pytest.approx(expected["loss"], rel=1e-6)
+
+
+@pytest.fixture(scope="module")
+def sst2_classifier(tmp_path_factory, data_dir):
+    """A tiny classifier finetuned for a few steps on a slice of SST-2 train, saved with save_pretrained."""
+    root = tmp_path_factory.mktemp("sst2")
+    train = head_of(os.path.join(data_dir, "sst2", "train.tsv"), 401, root / "train.tsv")
+    data = load_txtcls(train, 32)
+    ids, mask, labels = (torch.as_tensor(np.asarray(data[k])).long() for k in ("input_ids", "attention_mask", "labels"))
+    torch.manual_seed(0)
+    model = GPT2ForSequenceClassification(real_vocab_config())
+    before = classification_accuracy(model, data)["accuracy"]
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    g = torch.Generator().manual_seed(0)
+    model.train()
+    for _ in range(30):
+        rows = torch.randint(0, len(labels), (16,), generator=g)
+        loss = model(ids[rows], attention_mask=mask[rows], labels=labels[rows]).loss
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    after = classification_accuracy(model, data)["accuracy"]
+    assert after > before + 0.1, (before, after)  # it learned something
+    model.save_pretrained(str(root / "model"))
+    return root / "model"
+
+
+def test_text_classification_cli_matches_the_api(sst2_classifier, data_dir, tmp_path, capsys):
+    dev = head_of(os.path.join(data_dir, "sst2", "dev.tsv"), 121, tmp_path / "dev.tsv")
+    model = GPT2ForSequenceClassification.from_pretrained(str(sst2_classifier))
+    api = classification_accuracy(model, load_txtcls(dev, 64), batch_size=32)
+    got, printed = run_cli(["--task", "text_classification", "--model", str(sst2_classifier),
+                            "--eval_dataset_dir", dev, "--max_length", "64"], tmp_path, capsys)
+    assert got["total"] == 120
+    assert got["accuracy"] == api["accuracy"] and got["correct"] == api["correct"]
+    assert got["per_class"] == {str(k): v for k, v in api["per_class"].items()}
+    assert sum(c["total"] for c in got["per_class"].values()) == 120
+    assert f"accuracy {api['accuracy']:.4f}" in printed
+
+
+def test_cli_errors_are_one_line_with_exit_2(lm_dirs, tmp_path, capsys):
+    root, _ = lm_dirs
+    tokens, tsv = tmp_path / "x.tokens", tmp_path / "x.tsv"
+    tokens.write_text(" = A = \n\n some words here \n")
+    tsv.write_text("sentence\tlabel\nfine\t1\n")
+    ours = str(root / "ours")
+    cases = [
+        (["--model", ours, "--eval_dataset_dir", str(tmp_path / "missing.tokens")], "dataset not found"),
+        (["--model", str(tmp_path / "nope"), "--eval_dataset_dir", str(tokens)], "model path not found"),
+        (["--model", ours, "--eval_dataset_dir", str(tokens)], "n_positions=64"),  # default seq_length 1024
+        (["--model", ours, "--eval_dataset_dir", str(tokens), "--seq_length", "32"], "fewer than one block"),
+        (["--model", ours, "--eval_dataset_dir", str(tokens), "--seq_length", "32", "--stride", "64"], "stride"),
+        (["--model", ours, "--eval_dataset_dir", str(tokens), "--seq_length", "32", "--stride", "8",
+          "--protocol", "mindformers"], "stride"),
+        (["--task", "text_classification", "--model", ours, "--eval_dataset_dir", str(tsv)],
+         "without a classification head"),
+    ]
+    for args, message in cases:
+        assert evaluate.main(args + ["--device", "cpu", "--no_progress"]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith("error: ") and message in err and err.count("\n") == 1, err
+
+
+def test_help_has_examples(capsys):
+    with pytest.raises(SystemExit) as exit_:
+        evaluate.main(["--help"])
+    assert exit_.value.code == 0
+    assert "examples:" in capsys.readouterr().out
