@@ -1,0 +1,117 @@
+"""Batches for training: deterministic shuffling, a slice per data-parallel rank, resumable mid-epoch.
+
+The order of epoch e is a permutation drawn from numpy's PCG64 seeded with (seed, e), so it depends only
+on the seed and the epoch — a resumed run reads exactly the rows an uninterrupted run would. Each rank of
+a data-parallel group takes every world_size-th row of the (truncated) permutation, so ranks never share
+rows and all ranks run the same number of steps.
+
+One item of `StepLoader` is one optimizer step: a list of `micro_batches` micro-batches (gradient
+accumulation), each a dict of int64 tensors of `batch_size` rows.
+"""
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+
+def as_columns(data) -> dict:
+    """A dataset as named columns: a 2-D token-block array becomes {"input_ids": blocks}; a dict
+    (input_ids, attention_mask, labels ...) is checked for a common number of rows."""
+    if isinstance(data, dict):
+        columns = dict(data)
+    else:
+        columns = {"input_ids": data}
+    if not columns:
+        raise ValueError("the dataset has no columns")
+    rows = {name: len(col) for name, col in columns.items()}
+    if len(set(rows.values())) != 1:
+        raise ValueError(f"dataset columns differ in length: {rows}")
+    if next(iter(rows.values())) == 0:
+        raise ValueError("the dataset is empty: prepare it from a larger text or check the path")
+    return columns
+
+
+class StepLoader:
+    """Deterministic, resumable, rank-sliced batches; one item = the micro-batches of one optimizer step."""
+
+    def __init__(self, data, batch_size: int, micro_batches: int = 1, shuffle: bool = True, seed: int = 0,
+                 rank: int = 0, world_size: int = 1, pin_memory: bool = False):
+        if batch_size < 1 or micro_batches < 1:
+            raise ValueError(f"batch_size and micro_batches must be >= 1, got {batch_size} and {micro_batches}")
+        if not 0 <= rank < world_size:
+            raise ValueError(f"rank {rank} is outside world_size {world_size}")
+        self.columns = as_columns(data)
+        self.num_rows = len(next(iter(self.columns.values())))
+        self.batch_size = batch_size
+        self.micro_batches = micro_batches
+        self.shuffle = shuffle
+        self.seed = seed
+        self.rank = rank
+        self.world_size = world_size
+        self.pin_memory = pin_memory
+        rows_per_step = batch_size * micro_batches * world_size
+        self.steps_per_epoch = self.num_rows // rows_per_step
+        if self.steps_per_epoch == 0:
+            raise ValueError(f"the dataset has {self.num_rows} rows, fewer than one step needs "
+                             f"(batch_size {batch_size} x accumulation {micro_batches} x data-parallel "
+                             f"ranks {world_size} = {rows_per_step}); lower the batch size or add data")
+        self.epoch = 0
+        self.step_in_epoch = 0
+        self._order = None
+
+    # ---- order ----
+    def epoch_rows(self, epoch: int) -> np.ndarray:
+        """This rank's row indices for `epoch`, in reading order."""
+        if self.shuffle:
+            order = np.random.Generator(np.random.PCG64([self.seed, epoch])).permutation(self.num_rows)
+        else:
+            order = np.arange(self.num_rows)
+        used = self.steps_per_epoch * self.batch_size * self.micro_batches * self.world_size
+        return order[:used][self.rank::self.world_size]
+
+    # ---- iteration ----
+    def __iter__(self):
+        return self
+
+    def __next__(self) -> list[dict]:
+        if self.step_in_epoch >= self.steps_per_epoch:
+            self.epoch += 1
+            self.step_in_epoch = 0
+            self._order = None
+        if self._order is None:
+            self._order = self.epoch_rows(self.epoch)
+        rows_per_step = self.batch_size * self.micro_batches
+        start = self.step_in_epoch * rows_per_step
+        rows = self._order[start:start + rows_per_step]
+        self.step_in_epoch += 1
+        return [self._gather(rows[i:i + self.batch_size]) for i in range(0, rows_per_step, self.batch_size)]
+
+    def _gather(self, rows: np.ndarray) -> dict:
+        # sorted reads are kinder to a memory-mapped file; the permutation inside a batch is kept
+        batch = {}
+        for name, column in self.columns.items():
+            values = np.asarray(column[np.sort(rows)])[np.argsort(np.argsort(rows))]
+            tensor = torch.from_numpy(values.astype(np.int64, copy=False))
+            batch[name] = tensor.pin_memory() if self.pin_memory else tensor
+        return batch
+
+    # ---- resume ----
+    def state_dict(self) -> dict:
+        return dict(epoch=self.epoch, step_in_epoch=self.step_in_epoch, seed=self.seed, shuffle=self.shuffle,
+                    num_rows=self.num_rows, batch_size=self.batch_size, micro_batches=self.micro_batches,
+                    world_size=self.world_size)
+
+    def load_state_dict(self, state: dict):
+        for key in ("num_rows", "batch_size", "micro_batches", "world_size", "seed", "shuffle"):
+            if state.get(key) != getattr(self, key):
+                raise ValueError(f"the checkpoint's data position was saved with {key}={state.get(key)} but this "
+                                 f"run has {key}={getattr(self, key)}; resume with the same data and batch settings")
+        self.epoch = int(state["epoch"])
+        self.step_in_epoch = int(state["step_in_epoch"])
+        self._order = None
+
+    def seek(self, step: int):
+        """Position the loader as if `step` optimizer steps had been read."""
+        self.epoch, self.step_in_epoch = divmod(step, self.steps_per_epoch)
+        self._order = None
+

@@ -1,0 +1,228 @@
+"""Training checkpoints: OUTPUT_DIR/checkpoint/step_XXXXXXX/, written atomically, verified on read.
+
+A checkpoint is a directory of files, one per state dict (model.pt, optimizer.pt, trainer.pt, ...) plus
+config.json, and a manifest.json written last that lists every file with its size and sha256. The whole
+directory is filled under a temporary name, fsync'd and renamed into place, so a crash mid-write leaves
+the previous checkpoints intact and at most a stale temporary directory (removed on the next start).
+A checkpoint without a manifest, or whose files do not match it, is incomplete or corrupt.
+
+The functions take and return plain state dicts ({"model": ..., "optimizer": ..., ...}): a sharded
+(torch.distributed.checkpoint) version can replace `save_checkpoint` / `load_checkpoint` without the
+trainer changing.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import shutil
+import tempfile
+import time
+
+import torch
+
+MANIFEST = "manifest.json"
+STEP_DIR = re.compile(r"step_(\d+)")
+FORMAT_VERSION = 1
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that is missing, incomplete or corrupt (message: one line)."""
+
+
+def checkpoint_root(output_dir: str) -> str:
+    return os.path.join(output_dir, "checkpoint")
+
+
+def step_dir_name(step: int) -> str:
+    return f"step_{step:07d}"
+
+
+# ---------------------------------------------------------------------------------------------
+# writing
+# ---------------------------------------------------------------------------------------------
+def save_checkpoint(root: str, step: int, states: dict, json_files: dict | None = None, meta: dict | None = None,
+                    keep: int | None = None) -> str:
+    """Write `states` ({name: state_dict}) as root/step_XXXXXXX/{name}.pt plus `json_files`
+    ({filename: obj}) and the manifest; keep only the newest `keep` checkpoints. Returns the path."""
+    os.makedirs(root, exist_ok=True)
+    final = os.path.join(root, step_dir_name(step))
+    tmp = tempfile.mkdtemp(prefix=f".{step_dir_name(step)}.tmp-", dir=root)
+    os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp makes it private; a checkpoint is an ordinary directory
+    try:
+        files = {}
+        for name, state in states.items():
+            path = os.path.join(tmp, f"{name}.pt")
+            torch.save(state, path)
+            files[f"{name}.pt"] = _describe(path)
+        for filename, obj in (json_files or {}).items():
+            path = os.path.join(tmp, filename)
+            _write_json(obj, path)
+            files[filename] = _describe(path)
+        manifest = dict(format=FORMAT_VERSION, step=step, time=time.time(), files=files, meta=meta or {})
+        _write_json(manifest, os.path.join(tmp, MANIFEST))
+        _fsync_dir(tmp)
+        _replace_dir(tmp, final)
+        _fsync_dir(root)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    if keep:
+        prune(root, keep)
+    return final
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def _describe(path: str) -> dict:
+    _fsync_file(path)
+    return dict(bytes=os.path.getsize(path), sha256=sha256_file(path))
+
+
+def _replace_dir(tmp: str, final: str):
+    """Rename tmp to final; an existing final (the same step saved again) is swapped out first."""
+    if os.path.exists(final):
+        old = final + f".old-{os.getpid()}"
+        os.replace(final, old)
+        os.replace(tmp, final)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.replace(tmp, final)
+
+
+def prune(root: str, keep: int):
+    """Delete all but the newest `keep` checkpoints (complete or not)."""
+    for _, path in list_checkpoints(root)[:-keep]:
+        shutil.rmtree(path, ignore_errors=True)
+
+
+def remove_stale_temporaries(root: str):
+    """Temporary directories left by a crash during a save."""
+    if not os.path.isdir(root):
+        return
+    for name in os.listdir(root):
+        if name.startswith(".step_") or ".old-" in name:
+            shutil.rmtree(os.path.join(root, name), ignore_errors=True)
+
+
+# ---------------------------------------------------------------------------------------------
+# reading
+# ---------------------------------------------------------------------------------------------
+def list_checkpoints(root: str) -> list[tuple[int, str]]:
+    """(step, path) of every step_* directory, oldest first."""
+    if not os.path.isdir(root):
+        return []
+    found = []
+    for name in os.listdir(root):
+        m = STEP_DIR.fullmatch(name)
+        if m and os.path.isdir(os.path.join(root, name)):
+            found.append((int(m.group(1)), os.path.join(root, name)))
+    return sorted(found)
+
+
+def read_manifest(path: str) -> dict:
+    manifest_path = os.path.join(path, MANIFEST)
+    if not os.path.isdir(path):
+        raise CheckpointError(f"checkpoint not found: {path}")
+    if not os.path.isfile(manifest_path):
+        raise CheckpointError(f"checkpoint {path} is incomplete (no {MANIFEST}: the save was interrupted)")
+    try:
+        with open(manifest_path, encoding="utf-8") as f:
+            manifest = json.load(f)
+        manifest["files"], manifest["step"]
+    except (json.JSONDecodeError, KeyError, TypeError, UnicodeDecodeError):
+        raise CheckpointError(f"checkpoint {path} has a corrupt {MANIFEST}") from None
+    return manifest
+
+
+def verify_checkpoint(path: str) -> dict:
+    """The manifest, after checking every file's size and sha256; CheckpointError naming the first bad file."""
+    manifest = read_manifest(path)
+    for filename, info in manifest["files"].items():
+        file = os.path.join(path, filename)
+        if not os.path.isfile(file):
+            raise CheckpointError(f"checkpoint {path} is incomplete: {filename} is missing")
+        size = os.path.getsize(file)
+        if size != info["bytes"]:
+            raise CheckpointError(f"checkpoint {path} is corrupt: {filename} has {size} bytes, the manifest "
+                                  f"says {info['bytes']} (truncated?)")
+        if sha256_file(file) != info["sha256"]:
+            raise CheckpointError(f"checkpoint {path} is corrupt: {filename} does not match its sha256")
+    return manifest
+
+
+def find_resume_checkpoint(root: str, report=print) -> str | None:
+    """The newest complete and valid checkpoint under root (None if there is none). Each newer one that
+    fails verification is reported in one line and skipped."""
+    for _, path in reversed(list_checkpoints(root)):
+        try:
+            verify_checkpoint(path)
+            return path
+        except CheckpointError as e:
+            report(f"warning: {e}; trying an older one")
+    return None
+
+
+def load_checkpoint(path: str, names=None, verify: bool = True) -> dict:
+    """{name: state_dict} of a checkpoint directory (all .pt files, or just `names`)."""
+    manifest = verify_checkpoint(path) if verify else read_manifest(path)
+    available = [f[:-3] for f in manifest["files"] if f.endswith(".pt")]
+    wanted = available if names is None else list(names)
+    states = {}
+    for name in wanted:
+        if name not in available:
+            raise CheckpointError(f"checkpoint {path} holds no {name}.pt (it has {', '.join(available)})")
+        try:
+            states[name] = torch.load(os.path.join(path, f"{name}.pt"), map_location="cpu", weights_only=True)
+        except Exception as e:  # a file that verified but does not unpickle: written by something else
+            raise CheckpointError(f"checkpoint {path}: cannot read {name}.pt ({type(e).__name__}: "
+                                  f"{str(e).splitlines()[0] if str(e) else ''})") from None
+    return states
+
+
+def is_training_checkpoint(path: str) -> bool:
+    return os.path.isfile(os.path.join(path, MANIFEST)) and os.path.isfile(os.path.join(path, "model.pt"))
+
+
+# ---------------------------------------------------------------------------------------------
+# files
+# ---------------------------------------------------------------------------------------------
+def sha256_file(path: str, chunk: int = 1 << 22) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while True:
+            block = f.read(chunk)
+            if not block:
+                return h.hexdigest()
+            h.update(block)
+
+
+def _write_json(obj, path: str):
+    with open(path, "w", encoding="utf-8") as f:
+        json.dump(obj, f, indent=2)
+        f.write("\n")
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def _fsync_file(path: str):
+    with open(path, "rb") as f:
+        os.fsync(f.fileno())
+
+
+def _fsync_dir(path: str):
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)

@@ -1,0 +1,427 @@
+"""Training recipes: MindFormers-style YAML files, validated against one schema.
+
+Section and key names follow MindFormers' GPT-2 configs (runner_config, runner_wrapper, optimizer,
+lr_schedule, model.model_config, train_dataset, eval_dataset, callbacks, ...) so a MindFormers user
+recognises them, but only keys this trainer implements are accepted: an unknown key or a bad value is a
+one-line ValueError naming the key and what is valid.
+
+    recipe = load_recipe("configs/gpt2/pretrain_gpt2_tiny.yaml", ["runner_config.batch_size=4"])
+    recipe.runner_config.batch_size        # attribute or dict access, both work
+    gpt2_config(recipe)                    # -> GPT2Config
+    generation_config(recipe)              # -> dict of generation defaults (generate.py reads these)
+"""
+from __future__ import annotations
+
+import copy
+import os
+from dataclasses import dataclass
+from typing import Any
+
+import yaml
+
+from ..config import GPT2Config
+
+# MindFormers' activation names -> ours. MindFormers' GPT-2 "gelu" is the tanh approximation (HF gelu_new).
+HIDDEN_ACT = {"gelu": "gelu_new", "gelu_new": "gelu_new", "fast_gelu": "fast_gelu", "gelu_exact": "gelu"}
+COMPUTE_DTYPES = {"float32": "fp32", "float16": "fp16", "bfloat16": "bf16"}
+SCHEDULE_TYPES = {"polynomial": "polynomial", "PolynomialWithWarmUpLR": "polynomial", "cosine": "cosine",
+                  "CosineWithWarmUpLR": "cosine", "constant": "constant", "ConstantWarmUpLR": "constant"}
+# MindFormers' AdamW flavours all mean AdamW with decoupled weight decay here; the fused kernel is picked
+# per device by gpt2_ascend.ops.adamw.
+OPTIMIZER_TYPES = {"AdamW": "AdamW", "FusedAdamWeightDecay": "AdamW", "AdamWeightDecay": "AdamW",
+                   "FP32StateAdamWeightDecay": "AdamW"}
+ARCHS = ("GPT2LMHeadModel", "GPT2ForSequenceClassification")
+
+
+class Recipe(dict):
+    """A nested dict whose keys also read as attributes (recipe.runner_config.batch_size)."""
+
+    def __getattr__(self, name):
+        try:
+            return self[name]
+        except KeyError:
+            raise AttributeError(name) from None
+
+    def to_dict(self) -> dict:
+        return {k: v.to_dict() if isinstance(v, Recipe) else copy.deepcopy(v) for k, v in self.items()}
+
+
+@dataclass(frozen=True)
+class Key:
+    """One recipe key: its default and what values it accepts."""
+    default: Any
+    kind: str  # int | float | bool | str | choice | list
+    choices: Any = None  # tuple of names, or dict alias -> canonical name
+    minimum: float | None = None
+    nullable: bool = False
+    doc: str = ""
+
+
+def _section(**keys):
+    return dict(keys)
+
+
+CALLBACKS = {
+    "MFLossMonitor": _section(
+        per_print_times=Key(10, "int", minimum=1, doc="pull losses from the device and write metrics every N steps"),
+    ),
+    "CheckpointMonitor": _section(
+        prefix=Key("gpt2", "str", doc="name recorded in the checkpoint manifest"),
+        save_checkpoint_steps=Key(500, "int", minimum=1),
+        keep_checkpoint_max=Key(3, "int", minimum=1),
+    ),
+}
+
+SCHEMA = _section(
+    seed=Key(0, "int", minimum=0),
+    run_mode=Key("train", "choice", ("train", "finetune", "predict", "eval"),
+                 doc="train: from scratch (or from load_checkpoint); finetune: from load_checkpoint"),
+    output_dir=Key("./output", "str"),
+    load_checkpoint=Key("", "str", doc="HF-format directory or one of our checkpoint directories"),
+    resume_training=Key(False, "resume", doc="false, true/auto (newest complete checkpoint) or a checkpoint path"),
+    device=Key("auto", "str", doc="auto | cpu | cuda[:N] | npu[:N]"),
+    use_parallel=Key(False, "bool"),
+    do_eval=Key(False, "bool", doc="evaluate on eval_dataset every eval_step_interval steps"),
+    eval_step_interval=Key(100, "int", minimum=1),
+    tokenizer=Key("", "str", doc="tokenizer directory; empty = $GPT2_DATA_DIR/gpt2"),
+    data_cache_dir=Key("", "str", doc="where raw datasets prepared on the fly are cached; empty = OUTPUT_DIR/data_cache"),
+    runner_config=_section(
+        epochs=Key(1, "int", minimum=1),
+        batch_size=Key(4, "int", minimum=1, doc="per device and micro-batch"),
+        gradient_accumulation_steps=Key(1, "int", minimum=1),
+        max_steps=Key(-1, "int", doc="stop after N optimizer steps (-1: epochs x steps per epoch)"),
+        compile=Key(False, "bool", doc="wrap the model with torch.compile"),
+        progress_bar=Key(True, "bool"),
+    ),
+    runner_wrapper=_section(
+        use_clip_grad=Key(True, "bool"),
+        max_grad_norm=Key(1.0, "float", minimum=0.0),
+        max_consecutive_skips=Key(100, "int", minimum=1,
+                                  doc="fp16: stop when this many steps in a row overflow"),
+        scale_sense=_section(
+            loss_scale_value=Key(2.0 ** 32, "float", minimum=1.0),
+            scale_factor=Key(2.0, "float", minimum=1.0),
+            scale_window=Key(1000, "int", minimum=1),
+        ),
+    ),
+    parallel=_section(
+        data_parallel=Key(1, "int", minimum=1),
+        model_parallel=Key(1, "int", minimum=1),
+        pipeline_stage=Key(1, "int", minimum=1),
+        micro_batch_num=Key(1, "int", minimum=1),
+        optimizer_shard=Key(False, "bool"),
+        recompute=Key("none", "choice", ("none", "selective", "full")),
+        sequence_parallel=Key(False, "bool"),
+    ),
+    model=_section(
+        arch=_section(type=Key("GPT2LMHeadModel", "choice", ARCHS)),
+        model_config=_section(
+            seq_length=Key(1024, "int", minimum=2),
+            max_position_embeddings=Key(None, "int", minimum=1, nullable=True, doc="null = seq_length"),
+            vocab_size=Key(50257, "int", minimum=1),
+            hidden_size=Key(768, "int", minimum=1),
+            num_layers=Key(12, "int", minimum=1),
+            num_heads=Key(12, "int", minimum=1),
+            expand_ratio=Key(4, "int", minimum=1),
+            hidden_act=Key("gelu", "choice", tuple(HIDDEN_ACT)),
+            hidden_dropout_rate=Key(0.1, "float", minimum=0.0),
+            attention_dropout_rate=Key(0.1, "float", minimum=0.0),
+            layer_norm_epsilon=Key(1e-5, "float", minimum=0.0),
+            initializer_range=Key(0.02, "float", minimum=0.0),
+            num_labels=Key(2, "int", minimum=1),
+            eos_token_id=Key(50256, "int", minimum=0),
+            pad_token_id=Key(50256, "int", minimum=0),
+            compute_dtype=Key("float32", "choice", tuple(COMPUTE_DTYPES)),
+            attn_implementation=Key("auto", "choice", ("auto", "eager", "sdpa", "npu")),
+            pad_vocab_size_multiple=Key(1, "int", minimum=1),
+            # generation defaults (generate.py)
+            max_decode_length=Key(1024, "int", minimum=1),
+            top_k=Key(5, "int", minimum=0),
+            top_p=Key(1.0, "float", minimum=0.0),
+            temperature=Key(1.0, "float", minimum=0.0),
+            do_sample=Key(False, "bool"),
+            repetition_penalty=Key(1.0, "float", minimum=0.0),
+            use_past=Key(True, "bool"),
+            pet_config=_section(
+                pet_type=Key("none", "choice", ("none", "lora")),
+                lora_rank=Key(64, "int", minimum=1),
+                lora_alpha=Key(128.0, "float", minimum=0.0),
+                lora_dropout=Key(0.1, "float", minimum=0.0),
+                target_modules=Key(["c_attn"], "list", doc="module names: c_attn, c_proj, c_fc"),
+            ),
+        ),
+    ),
+    lr_schedule=_section(
+        type=Key("polynomial", "choice", SCHEDULE_TYPES),
+        learning_rate=Key(1e-4, "float", minimum=0.0),
+        lr_end=Key(1e-5, "float", minimum=0.0),
+        warmup_steps=Key(0, "int", minimum=0),
+        warmup_lr_init=Key(0.0, "float", minimum=0.0),
+        power=Key(1.0, "float", minimum=0.0),
+        total_steps=Key(-1, "int", doc="-1: steps per epoch x epochs (or max_steps)"),
+    ),
+    optimizer=_section(
+        type=Key("AdamW", "choice", OPTIMIZER_TYPES),
+        beta1=Key(0.9, "float", minimum=0.0),
+        beta2=Key(0.95, "float", minimum=0.0),
+        eps=Key(1e-8, "float", minimum=0.0),
+        weight_decay=Key(0.1, "float", minimum=0.0),
+    ),
+    train_dataset=_section(
+        data_loader=_section(dataset_dir=Key("", "str"), shuffle=Key(True, "bool")),
+        mindformers_compat=Key(False, "bool", doc="raw WikiText-2: drop the last passage as MindFormers does"),
+        max_samples=Key(None, "int", minimum=1, nullable=True, doc="use only the first N rows (null = all)"),
+    ),
+    eval_dataset=_section(
+        data_loader=_section(dataset_dir=Key("", "str"), shuffle=Key(False, "bool")),
+        batch_size=Key(None, "int", minimum=1, nullable=True, doc="null = runner_config.batch_size"),
+        mindformers_compat=Key(False, "bool"),
+        max_samples=Key(None, "int", minimum=1, nullable=True, doc="evaluate the first N rows (null = all)"),
+    ),
+    callbacks=CALLBACKS,
+)
+
+
+# ---------------------------------------------------------------------------------------------
+# loading
+# ---------------------------------------------------------------------------------------------
+def load_recipe(path: str | None = None, overrides=(), base: dict | None = None) -> Recipe:
+    """Read a YAML recipe (or start from `base` / the defaults), apply `section.key=value` overrides,
+    validate everything and fill in defaults."""
+    raw = {}
+    source = "defaults"
+    if path:
+        source = path
+        raw = read_yaml(path)
+    elif base is not None:
+        raw = copy.deepcopy(dict(base))
+    raw = _normalise_callbacks(raw, source)
+    for item in overrides or ():
+        apply_override(raw, item)
+    recipe = _validate(raw, SCHEMA, "", source)
+    check_consistency(recipe, source)
+    return recipe
+
+
+def read_yaml(path: str) -> dict:
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"recipe not found: {path}; pass one of configs/gpt2/*.yaml")
+    with open(path, encoding="utf-8") as f:
+        try:
+            data = yaml.safe_load(f)
+        except yaml.YAMLError as e:
+            where = getattr(e, "problem_mark", None)
+            line = f" at line {where.line + 1}" if where else ""
+            raise ValueError(f"{path} is not valid YAML{line}: {getattr(e, 'problem', e)}") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ValueError(f"{path} must hold a mapping of sections, got {type(data).__name__}")
+    return data
+
+
+def apply_override(raw: dict, item: str):
+    """`section.key=value` (value parsed as YAML: 1e-4, true, [a, b], null)."""
+    if "=" not in item:
+        raise ValueError(f"bad override {item!r}: use section.key=value, e.g. runner_config.batch_size=8")
+    dotted, text = item.split("=", 1)
+    parts = [p for p in dotted.strip().split(".") if p]
+    if not parts:
+        raise ValueError(f"bad override {item!r}: the key is empty")
+    try:
+        value = yaml.safe_load(text) if text.strip() else ""
+    except yaml.YAMLError:
+        value = text
+    node = raw
+    for part in parts[:-1]:
+        if not isinstance(node.get(part), dict):
+            node[part] = {}
+        node = node[part]
+    node[parts[-1]] = value
+
+
+def _normalise_callbacks(raw: dict, source: str) -> dict:
+    """MindFormers writes callbacks as a list of {type: ..., ...}; we key them by type."""
+    callbacks = raw.get("callbacks")
+    if isinstance(callbacks, list):
+        mapping = {}
+        for entry in callbacks:
+            if not isinstance(entry, dict) or "type" not in entry:
+                raise ValueError(f"bad callbacks entry {entry!r} in {source}: each needs a type "
+                                 f"({', '.join(CALLBACKS)})")
+            entry = dict(entry)
+            mapping[entry.pop("type")] = entry
+        raw = {**raw, "callbacks": mapping}
+    return raw
+
+
+def _validate(raw, schema: dict, prefix: str, source: str) -> Recipe:
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, dict):
+        raise ValueError(f"'{prefix.rstrip('.')}' in {source} must be a section (a mapping), got {raw!r}")
+    unknown = sorted(set(raw) - set(schema))
+    if unknown:
+        where = f"of {prefix.rstrip('.')} " if prefix else ""
+        raise ValueError(f"unknown key '{prefix}{unknown[0]}' in {source}: valid keys {where}are "
+                         f"{', '.join(schema)}")
+    out = Recipe()
+    for name, spec in schema.items():
+        if isinstance(spec, dict):
+            out[name] = _validate(raw.get(name), spec, f"{prefix}{name}.", source)
+        else:
+            out[name] = _check_value(raw.get(name, spec.default), spec, prefix + name, source)
+    return out
+
+
+def _check_value(value, spec: Key, name: str, source: str):
+    def bad(expected):
+        return ValueError(f"bad value {value!r} for '{name}' in {source}: expected {expected}")
+
+    if value is None:
+        if spec.nullable or spec.default is None:
+            return None
+        raise bad(f"a {spec.kind} (null is not allowed)")
+    kind = spec.kind
+    if kind == "bool":
+        if isinstance(value, str) and value.lower() in ("true", "false"):
+            value = value.lower() == "true"
+        if not isinstance(value, bool):
+            raise bad("true or false")
+        return value
+    if kind == "int":
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or int(value) != value:
+            raise bad("an integer" + (f" >= {spec.minimum:g}" if spec.minimum is not None else ""))
+        value = int(value)
+    elif kind == "float":
+        if isinstance(value, str):  # YAML 1.1 reads 1e-4 (no dot) as a string
+            try:
+                value = float(value)
+            except ValueError:
+                raise bad("a number") from None
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise bad("a number")
+        value = float(value)
+    elif kind == "str":
+        if not isinstance(value, (str, int, float)) or isinstance(value, bool):
+            raise bad("a string")
+        value = str(value)
+    elif kind == "choice":
+        if not isinstance(value, str) or value not in spec.choices:
+            raise bad("one of " + ", ".join(spec.choices))
+        if isinstance(spec.choices, dict):
+            value = spec.choices[value]
+        return value
+    elif kind == "list":
+        if isinstance(value, str):  # MindFormers style 'a|b' or 'a,b'
+            value = [v for v in value.replace("|", ",").split(",") if v.strip()]
+        if not isinstance(value, list) or not value or not all(isinstance(v, str) for v in value):
+            raise bad("a non-empty list of names")
+        return [v.strip() for v in value]
+    elif kind == "resume":
+        if isinstance(value, str) and value.lower() in ("true", "false"):
+            value = value.lower() == "true"
+        if value is True:
+            return "auto"
+        if value is False or value == "":
+            return False
+        if not isinstance(value, str):
+            raise bad("false, true, auto or a checkpoint path")
+        return value
+    if spec.minimum is not None and value < spec.minimum:
+        raise bad(f"a value >= {spec.minimum:g}")
+    return value
+
+
+def check_consistency(recipe: Recipe, source: str):
+    """Rules that involve several keys."""
+    mc = recipe.model.model_config
+    for name in ("hidden_dropout_rate", "attention_dropout_rate", "lora_dropout"):
+        value = mc.pet_config[name] if name == "lora_dropout" else mc[name]
+        if not 0.0 <= value < 1.0:
+            raise ValueError(f"bad value {value!r} for '{name}' in {source}: expected a rate in [0, 1)")
+    if mc.hidden_size % mc.num_heads:
+        raise ValueError(f"bad model_config in {source}: hidden_size {mc.hidden_size} is not divisible by "
+                         f"num_heads {mc.num_heads}")
+    if mc.max_position_embeddings is not None and mc.seq_length > mc.max_position_embeddings:
+        raise ValueError(f"bad model_config in {source}: seq_length {mc.seq_length} exceeds "
+                         f"max_position_embeddings {mc.max_position_embeddings}")
+    if not 0.0 < mc.top_p <= 1.0:
+        raise ValueError(f"bad value {mc.top_p!r} for 'model.model_config.top_p' in {source}: expected (0, 1]")
+    opt = recipe.optimizer
+    for name in ("beta1", "beta2"):
+        if not 0.0 <= opt[name] < 1.0:
+            raise ValueError(f"bad value {opt[name]!r} for 'optimizer.{name}' in {source}: expected [0, 1)")
+    lr = recipe.lr_schedule
+    if lr.type == "polynomial" and lr.lr_end > lr.learning_rate:
+        raise ValueError(f"bad lr_schedule in {source}: lr_end {lr.lr_end:g} is larger than learning_rate "
+                         f"{lr.learning_rate:g}")
+    if lr.total_steps != -1 and lr.total_steps < 1:
+        raise ValueError(f"bad value {lr.total_steps!r} for 'lr_schedule.total_steps' in {source}: "
+                         f"expected -1 or a positive integer")
+    steps = recipe.runner_config.max_steps
+    if steps != -1 and steps < 1:
+        raise ValueError(f"bad value {steps!r} for 'runner_config.max_steps' in {source}: expected -1 or >= 1")
+    if recipe.run_mode == "finetune" and not recipe.load_checkpoint and not recipe.resume_training:
+        raise ValueError(f"run_mode finetune in {source} needs load_checkpoint: pass --load_checkpoint DIR "
+                         f"(an HF-format GPT-2 directory) or use --run_mode train")
+
+
+# ---------------------------------------------------------------------------------------------
+# what the rest of the library reads from a recipe
+# ---------------------------------------------------------------------------------------------
+def gpt2_config(recipe: Recipe) -> GPT2Config:
+    """The model shape the recipe describes, in GPT2Config terms."""
+    mc = recipe.model.model_config
+    return GPT2Config(
+        vocab_size=mc.vocab_size, n_positions=mc.max_position_embeddings or mc.seq_length,
+        n_embd=mc.hidden_size, n_layer=mc.num_layers, n_head=mc.num_heads,
+        n_inner=mc.expand_ratio * mc.hidden_size, activation=HIDDEN_ACT[mc.hidden_act],
+        layer_norm_epsilon=mc.layer_norm_epsilon, embd_pdrop=mc.hidden_dropout_rate,
+        attn_pdrop=mc.attention_dropout_rate, resid_pdrop=mc.hidden_dropout_rate,
+        initializer_range=mc.initializer_range, num_labels=mc.num_labels, pad_token_id=mc.pad_token_id,
+        eos_token_id=mc.eos_token_id, bos_token_id=mc.eos_token_id,
+        attn_implementation=mc.attn_implementation, pad_vocab_size_multiple=mc.pad_vocab_size_multiple,
+    )
+
+
+def training_overrides(recipe: Recipe) -> dict:
+    """GPT2Config fields a recipe sets on a model loaded from a checkpoint (the shape comes from the
+    checkpoint; dropout, labels and the attention kernel from the recipe)."""
+    mc = recipe.model.model_config
+    return dict(embd_pdrop=mc.hidden_dropout_rate, attn_pdrop=mc.attention_dropout_rate,
+                resid_pdrop=mc.hidden_dropout_rate, num_labels=mc.num_labels,
+                attn_implementation=mc.attn_implementation)
+
+
+def generation_config(recipe: Recipe) -> dict:
+    """Generation defaults under MindFormers' names (max_decode_length counts prompt + new tokens)."""
+    mc = recipe.model.model_config
+    return dict(max_decode_length=mc.max_decode_length, top_k=mc.top_k, top_p=mc.top_p,
+                temperature=mc.temperature, do_sample=mc.do_sample,
+                repetition_penalty=mc.repetition_penalty, use_past=mc.use_past,
+                eos_token_id=mc.eos_token_id, pad_token_id=mc.pad_token_id)
+
+
+def precision(recipe: Recipe) -> str:
+    """fp32 | fp16 | bf16, from model_config.compute_dtype."""
+    return COMPUTE_DTYPES[recipe.model.model_config.compute_dtype]
+
+
+def lora_settings(recipe: Recipe) -> dict | None:
+    pet = recipe.model.model_config.pet_config
+    if pet.pet_type != "lora":
+        return None
+    return dict(rank=pet.lora_rank, alpha=pet.lora_alpha, dropout=pet.lora_dropout,
+                target_modules=tuple(pet.target_modules))
+
+
+def dump_recipe(recipe: Recipe, path: str):
+    """Write the resolved recipe (every key, defaults filled in) as YAML, atomically."""
+    tmp = f"{path}.tmp-{os.getpid()}"
+    with open(tmp, "w", encoding="utf-8") as f:
+        yaml.safe_dump(recipe.to_dict(), f, sort_keys=False)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
