@@ -61,6 +61,15 @@ class SamplingSettings:
                              f"for deterministic output use greedy decoding (do_sample=False)")
 
 
+def check_sampling_args(max_new_tokens: Optional[int] = None, min_new_tokens: int = 0, do_sample: bool = False,
+                        temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
+                        repetition_penalty: float = 1.0):
+    """Validate generation arguments up front (a CLI does this before loading a model); max_new_tokens
+    None means 'decided later' and is not checked."""
+    placeholder = max_new_tokens if max_new_tokens is not None else max(1, min_new_tokens if _is_int(min_new_tokens) else 1)
+    SamplingSettings(placeholder, min_new_tokens, do_sample, temperature, top_k, top_p, repetition_penalty).validate()
+
+
 def _is_int(x) -> bool:
     return isinstance(x, int) and not isinstance(x, bool)
 
@@ -117,11 +126,13 @@ def generate(model, input_ids, attention_mask=None, max_new_tokens: int = 20, mi
     return out[0] if squeeze else out
 
 
-def generate_text(model, tokenizer, prompts, batch_size: int = 8, **kwargs):
+def generate_text(model, tokenizer, prompts, batch_size: int = 8, max_decode_length: Optional[int] = None,
+                  **kwargs):
     """Generate continuations of text prompts; returns the new text of each (a str for a str prompt).
 
     Prompts are left-padded in batches of `batch_size`; kwargs go to `generate`. An empty prompt
-    starts from the eos token, as GPT-2 samples unconditionally.
+    starts from the eos token, as GPT-2 samples unconditionally. Without max_new_tokens,
+    `max_decode_length` (MindFormers' name: prompt + new tokens) sets how many tokens each batch gets.
     """
     single = isinstance(prompts, str)
     prompts = [prompts] if single else list(prompts)
@@ -137,10 +148,23 @@ def generate_text(model, tokenizer, prompts, batch_size: int = 8, **kwargs):
     for i in range(0, len(prompts), batch_size):
         encoded = [tokenizer(p).input_ids or [start] for p in prompts[i:i + batch_size]]
         ids, mask = left_pad(encoded, pad_id=config.pad_token_id if config.pad_token_id is not None else start)
-        out = generate(model, ids, attention_mask=mask, **kwargs)
+        kw = dict(kwargs)
+        if kw.get("max_new_tokens") is None and max_decode_length is not None:
+            kw["max_new_tokens"] = new_token_budget(ids.size(1), max_decode_length, config.n_positions)
+        out = generate(model, ids, attention_mask=mask, **kw)
         new = out[:, ids.size(1):]
         texts += [tokenizer.decode(row, skip_special_tokens=True) for row in new.tolist()]
     return texts[0] if single else texts
+
+
+def new_token_budget(prompt_length: int, max_decode_length: int, n_positions: int) -> int:
+    """How many tokens to generate when prompt + new may total max_decode_length (capped by the context)."""
+    limit = min(max_decode_length, n_positions)
+    if prompt_length >= limit:
+        raise ValueError(f"a prompt of {prompt_length} tokens leaves no room under max_decode_length="
+                         f"{max_decode_length} (context n_positions={n_positions}); pass max_new_tokens "
+                         f"(--max_new_tokens N, with --truncate_prompt for long prompts)")
+    return limit - prompt_length
 
 
 def left_pad(sequences, pad_id: int):

@@ -15,23 +15,43 @@ TOKENIZER_FILES = ("vocab.json", "tokenizer.json")
 
 
 def load_model(path_or_hub_id: str, kind: str = "lm", adapter: str | None = None, device="auto", dtype=None):
-    """(model in eval mode, torch.device): an HF-format directory (ours or written by transformers) or a hub
-    id, with an optional PEFT adapter merged in. kind: 'lm' (GPT2LMHeadModel) or 'cls'
-    (GPT2ForSequenceClassification, which must come with a trained `score` head)."""
+    """(model in eval mode, torch.device): an HF-format directory (ours or written by transformers), a hub id,
+    or a training checkpoint (OUTPUT_DIR/checkpoint/step_N), with an optional PEFT adapter merged in.
+    kind: 'lm' (GPT2LMHeadModel) or 'cls' (GPT2ForSequenceClassification, which must come with a trained
+    `score` head)."""
     from ..device import resolve_device
     from ..hf import load_config, resolve_model_path
     from ..model import GPT2ForSequenceClassification, GPT2LMHeadModel
 
-    device = resolve_device(device)
+    import torch
+    device = device if isinstance(device, torch.device) else resolve_device(device)
     path = resolve_model_path(path_or_hub_id)
     if kind == "cls" and adapter is None:
         _require_classifier(path, load_config)
     cls = GPT2ForSequenceClassification if kind == "cls" else GPT2LMHeadModel
-    model = cls.from_pretrained(path, dtype=dtype, device=device)
+    model = _from_training_checkpoint(cls, path, dtype, device)
+    if model is None:
+        model = cls.from_pretrained(path, dtype=dtype, device=device)
     if adapter:
         from ..train.lora import load_adapter
         model = load_adapter(model, adapter, merge=True).to(device)
     return model.eval(), device
+
+
+def _from_training_checkpoint(cls, path: str, dtype, device):
+    """A trainer checkpoint directory (manifest.json + model.pt + config.json), else None."""
+    from ..config import GPT2Config
+    from ..hf import model_from_state
+    from ..train import checkpoint as ckpt
+    if not (os.path.isdir(path) and ckpt.is_training_checkpoint(path)):
+        return None
+    manifest = ckpt.verify_checkpoint(path)
+    if manifest.get("meta", {}).get("lora"):
+        raise ValueError(f"{path} is a LoRA training checkpoint (adapters only): evaluate its run's final/ "
+                         f"directory, or pass the base model with --adapter final/adapter")
+    config = GPT2Config.from_json_file(os.path.join(path, "config.json"))
+    state = ckpt.load_checkpoint(path, ["model"], verify=False)["model"]
+    return model_from_state(cls, config, state, source=path, dtype=dtype, device=device)
 
 
 def _require_classifier(path: str, load_config):
