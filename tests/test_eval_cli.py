@@ -110,6 +110,17 @@ def test_perplexity_cli_with_a_lora_adapter(lm_dirs, data_dir, tmp_path, capsys)
     assert got["loss"] == pytest.approx(expected["loss"], rel=1e-6)
 
 
+def test_perplexity_cli_reads_a_training_checkpoint(lm_dirs, data_dir, tmp_path, capsys):
+    from gpt2_ascend.train.checkpoint import save_checkpoint
+    root, ours = lm_dirs
+    step_dir = save_checkpoint(str(tmp_path / "checkpoint"), 7, {"model": ours.state_dict()},
+                               json_files={"config.json": ours.config.to_hf_dict()})
+    valid = head_of(os.path.join(data_dir, "wikitext-2", "wiki.valid.tokens"), 12, tmp_path / "wiki.valid.tokens")
+    expected = perplexity(ours, prepare_wikitext2(valid, SEQ), SEQ)
+    got, _ = run_cli(["--model", step_dir, "--eval_dataset_dir", valid, "--seq_length", str(SEQ)], tmp_path, capsys)
+    assert got["loss"] == pytest.approx(expected["loss"], rel=1e-9)
+
+
 @pytest.fixture(scope="module")
 def sst2_classifier(tmp_path_factory, data_dir):
     """A tiny classifier finetuned for a few steps on a slice of SST-2 train, saved with save_pretrained."""
