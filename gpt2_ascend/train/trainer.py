@@ -1,0 +1,635 @@
+"""The trainer: one optimizer step at a time, metrics, periodic evaluation, checkpoints, exact resume.
+
+`Trainer` holds the loop and knows nothing about recipes: give it a model, an optimizer, an LRSchedule
+and a StepLoader. `run_training(recipe)` (what train.py calls) builds those from a recipe, resumes,
+trains and exports OUTPUT_DIR/final/.
+
+The step is written so an accelerator never waits on the host: `train_step` does the micro-batches,
+autocast, loss scaling, clipping, optimizer and schedule without reading a value back; its losses stay
+device tensors until `flush` turns every `log_interval` steps of them into metrics.jsonl lines at once.
+"""
+from __future__ import annotations
+
+import contextlib
+import math
+import os
+import random
+import shutil
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from .. import device as dev
+from ..data.loader import StepLoader
+from . import checkpoint as ckpt
+from .metrics import MetricsLogger, flops_per_token, peak_flops, plot_loss_curve
+from .optim import LRSchedule, build_optimizer, build_schedule, resolve_total_steps, set_lr
+
+
+class TrainingStopped(RuntimeError):
+    """Training cannot go on (non-finite loss, too many overflowing steps); the message is one line."""
+
+
+@dataclass
+class TrainSettings:
+    total_steps: int
+    task: str = "lm"  # lm: next-token loss on (B, T+1) blocks | txtcls: the classifier's loss
+    precision: str = "fp32"  # fp32 | bf16 | fp16 (fp16 adds dynamic loss scaling)
+    max_grad_norm: float | None = 1.0  # None: no clipping (the norm is still logged)
+    log_interval: int = 10
+    save_steps: int | None = None
+    keep_checkpoints: int = 3
+    eval_interval: int | None = None
+    loss_scale: float = 2.0 ** 32
+    scale_factor: float = 2.0
+    scale_window: int = 1000
+    max_consecutive_skips: int = 100
+    progress: bool = True
+    checkpoint_meta: dict = field(default_factory=dict)
+    json_files: dict = field(default_factory=dict)  # extra files in every checkpoint (config.json)
+
+
+# ---------------------------------------------------------------------------------------------
+# the loop
+# ---------------------------------------------------------------------------------------------
+class Trainer:
+    def __init__(self, model, optimizer, schedule: LRSchedule, loader: StepLoader, device: torch.device,
+                 settings: TrainSettings, output_dir: str | None = None, evaluate=None, raw_model=None,
+                 log=print):
+        self.model = model  # what runs the step (compiled / wrapped)
+        self.raw_model = raw_model if raw_model is not None else model  # what is saved and evaluated
+        self.optimizer = optimizer
+        self.schedule = schedule
+        self.loader = loader
+        self.device = device
+        self.settings = settings
+        self.output_dir = output_dir
+        self.evaluate_fn = evaluate
+        self.log = log
+        self.amp_dtype = dev.autocast_dtype(device, settings.precision)
+        self.scaler = None
+        if settings.precision == "fp16":
+            self.scaler = torch.amp.GradScaler(device.type, init_scale=settings.loss_scale,
+                                               growth_factor=settings.scale_factor,
+                                               backoff_factor=1.0 / settings.scale_factor,
+                                               growth_interval=settings.scale_window)
+        self.params = [p for p in self.raw_model.parameters() if p.requires_grad]
+        self.step = 0
+        self.consecutive_skips = 0
+        self.pending: list[dict] = []
+        self.last_eval: dict | None = None
+        self.last_saved_step: int | None = None
+        self.metrics: MetricsLogger | None = None
+        self._interval_start = time.perf_counter()
+
+    # ---- one optimizer step ----
+    def train_step(self, micro_batches: list[dict]) -> dict:
+        """Forward/backward over the micro-batches, then clip, step and advance the schedule. Returns
+        device tensors (loss, grad_norm[, loss_scale]); nothing is read back to the host."""
+        self.model.train()
+        n = len(micro_batches)
+        total_loss = torch.zeros((), device=self.device)
+        for batch in micro_batches:
+            batch = {k: v.to(self.device, non_blocking=True) for k, v in batch.items()}
+            with dev.autocast(self.device, self.amp_dtype):
+                loss = self.compute_loss(batch) / n
+            (self.scaler.scale(loss) if self.scaler is not None else loss).backward()
+            total_loss += loss.detach()
+        out = dict(loss=total_loss)
+        if self.scaler is not None:
+            self.scaler.unscale_(self.optimizer)
+            out["loss_scale"] = self.scaler._get_scale_async().detach().clone()
+        if self.settings.max_grad_norm:
+            out["grad_norm"] = torch.nn.utils.clip_grad_norm_(self.params, self.settings.max_grad_norm)
+        else:
+            out["grad_norm"] = torch.nn.utils.get_total_norm([p.grad for p in self.params if p.grad is not None])
+        set_lr(self.optimizer, self.schedule(self.step))
+        if self.scaler is not None:
+            self.scaler.step(self.optimizer)  # skipped when the unscaled gradients hold inf/nan
+            self.scaler.update()
+        else:
+            self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.step += 1
+        return out
+
+    def compute_loss(self, batch: dict) -> torch.Tensor:
+        if self.settings.task == "txtcls":
+            return self.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                              labels=batch["labels"]).loss
+        tokens = batch["input_ids"]  # (B, T+1): the model reads T tokens and predicts the next T
+        logits = self.model(input_ids=tokens[:, :-1]).logits
+        return F.cross_entropy(logits.float().reshape(-1, logits.size(-1)), tokens[:, 1:].reshape(-1))
+
+    def tokens_per_step(self, micro_batches: list[dict]) -> int:
+        ids = micro_batches[0]["input_ids"]
+        width = ids.size(1) - 1 if self.settings.task == "lm" else ids.size(1)
+        return len(micro_batches) * ids.size(0) * width
+
+    # ---- the run ----
+    def train(self, metrics: MetricsLogger | None = None) -> dict:
+        """Run until settings.total_steps; returns the last step record."""
+        self.metrics = metrics
+        s = self.settings
+        self._interval_start = time.perf_counter()
+        last = None
+        try:
+            while self.step < s.total_steps:
+                micro_batches = next(self.loader)
+                lr = self.schedule(self.step)
+                out = self.train_step(micro_batches)
+                self.pending.append(dict(step=self.step, lr=lr, tokens=self.tokens_per_step(micro_batches),
+                                         epoch=self.step / self.loader.steps_per_epoch, out=out))
+                if metrics is not None:
+                    metrics.advance()
+                at_end = self.step == s.total_steps
+                do_eval = self.evaluate_fn is not None and (
+                    at_end or (s.eval_interval and self.step % s.eval_interval == 0))
+                do_save = self.output_dir is not None and (
+                    at_end or (s.save_steps and self.step % s.save_steps == 0))
+                if do_eval or do_save or at_end or self.step % s.log_interval == 0:
+                    records = self.flush()
+                    problem = self.divergence(records)
+                    if problem:
+                        self._write(records)
+                        raise TrainingStopped(problem)
+                    if do_eval:
+                        records[-1].update(self.evaluate())
+                    self._write(records)
+                    last = records[-1]
+                    if do_save:
+                        self.save_checkpoint()
+                    self._interval_start = time.perf_counter()  # eval / save time is not training time
+        finally:
+            if self.pending:  # an exception mid-interval: keep what was measured
+                try:
+                    self._write(self.flush())
+                except Exception:
+                    pass
+        return last or {}
+
+    def flush(self) -> list[dict]:
+        """Read the pending steps' device values back (one sync) and turn them into records."""
+        if not self.pending:
+            return []
+        keys = [k for k in ("loss", "grad_norm", "loss_scale") if k in self.pending[0]["out"]]
+        stacked = {k: torch.stack([p["out"][k].float() for p in self.pending]).tolist() for k in keys}
+        elapsed = max(time.perf_counter() - self._interval_start, 1e-9)
+        tokens_per_s = sum(p["tokens"] for p in self.pending) / elapsed
+        records = []
+        for i, p in enumerate(self.pending):
+            record = dict(step=p["step"], loss=stacked["loss"][i], lr=p["lr"], tokens_per_s=tokens_per_s,
+                          grad_norm=stacked["grad_norm"][i], epoch=round(p["epoch"], 6))
+            if "loss_scale" in stacked:
+                record["loss_scale"] = stacked["loss_scale"][i]
+                record["skipped"] = not math.isfinite(record["grad_norm"])
+            if self.metrics is not None and self.metrics.mfu(tokens_per_s) is not None:
+                record["mfu"] = self.metrics.mfu(tokens_per_s)
+            records.append(record)
+        self.pending = []
+        self._interval_start = time.perf_counter()
+        return records
+
+    def _write(self, records: list[dict]):
+        if self.metrics is not None and records:
+            self.metrics.write(records)
+
+    def divergence(self, records: list[dict]) -> str | None:
+        """Why training must stop, or None: a non-finite loss without loss scaling, or fp16 steps that
+        overflowed max_consecutive_skips times in a row (each one skipped and the scale lowered)."""
+        for r in records:
+            if self.scaler is not None:
+                self.consecutive_skips = self.consecutive_skips + 1 if r["skipped"] else 0
+                if self.consecutive_skips >= self.settings.max_consecutive_skips:
+                    return (f"{self.consecutive_skips} steps in a row overflowed in fp16 (the last at step "
+                            f"{r['step']}, loss scale {r['loss_scale']:g}): training stopped{self._last_good()}; "
+                            f"lower the learning rate or use bf16")
+            elif not math.isfinite(r["loss"]) or not math.isfinite(r["grad_norm"]):
+                what, value = ("loss", r["loss"]) if not math.isfinite(r["loss"]) else ("gradient norm", r["grad_norm"])
+                return (f"the {what} became {value} at step {r['step']}: training stopped{self._last_good()}; "
+                        f"lower the learning rate, check the data, or use fp16 with loss scaling")
+        return None
+
+    def _last_good(self) -> str:
+        if self.last_saved_step is None:
+            return " (no checkpoint was saved yet)"
+        return f", the last good checkpoint is step {self.last_saved_step}"
+
+    def evaluate(self) -> dict:
+        """Run the evaluation callback; its numbers go into the step's record as eval_*."""
+        result = self.evaluate_fn(self.raw_model)
+        self.last_eval = dict(step=self.step, **result)
+        return {f"eval_{k}": v for k, v in result.items()}
+
+    # ---- checkpoints ----
+    def state_dict(self) -> dict:
+        """Everything a resumed run needs, as state dicts (model, optimizer, trainer)."""
+        trainer = dict(step=self.step, loader=self.loader.state_dict(), schedule=self.schedule.state_dict(),
+                       rng=capture_rng(self.device), consecutive_skips=self.consecutive_skips,
+                       scaler=self.scaler.state_dict() if self.scaler is not None else None)
+        return dict(model=model_state(self.raw_model), optimizer=self.optimizer.state_dict(), trainer=trainer)
+
+    def load_state_dict(self, states: dict):
+        load_model_state(self.raw_model, states["model"])
+        self.optimizer.load_state_dict(states["optimizer"])
+        trainer = states["trainer"]
+        self.step = int(trainer["step"])
+        self.loader.load_state_dict(trainer["loader"])
+        self.consecutive_skips = int(trainer.get("consecutive_skips", 0))
+        if self.scaler is not None and trainer.get("scaler"):
+            self.scaler.load_state_dict(trainer["scaler"])
+        restore_rng(self.device, trainer["rng"])
+        self.last_saved_step = self.step
+
+    def save_checkpoint(self) -> str:
+        root = ckpt.checkpoint_root(self.output_dir)
+        path = ckpt.save_checkpoint(root, self.step, self.state_dict(), json_files=self.settings.json_files,
+                                    meta=dict(self.settings.checkpoint_meta, step=self.step),
+                                    keep=self.settings.keep_checkpoints)
+        self.last_saved_step = self.step
+        return path
+
+
+# ---------------------------------------------------------------------------------------------
+# state helpers
+# ---------------------------------------------------------------------------------------------
+def model_state(model: torch.nn.Module) -> dict:
+    """The weights to checkpoint: all of them, or only the trainable ones when most are frozen (LoRA)."""
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    state = model.state_dict()
+    if len(trainable) < sum(1 for _ in model.parameters()):
+        return {k: v for k, v in state.items() if k in trainable}
+    return state
+
+
+def load_model_state(model: torch.nn.Module, state: dict):
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    full = set(model.state_dict())
+    partial = set(state) == trainable and trainable != full
+    result = model.load_state_dict(state, strict=not partial)
+    if partial and result.unexpected_keys:
+        raise ckpt.CheckpointError(f"checkpoint model state has unexpected tensor {result.unexpected_keys[0]!r}")
+
+
+def capture_rng(device: torch.device) -> dict:
+    """Python, numpy, torch and device generator states, as weights_only-loadable values."""
+    version, internal, gauss = random.getstate()
+    kind, keys, pos, has_gauss, cached = np.random.get_state()
+    return dict(python=[version, list(internal), gauss],
+                numpy=[kind, torch.from_numpy(keys.astype(np.int64)), pos, has_gauss, cached],
+                torch=dev.rng_state(device))
+
+
+def restore_rng(device: torch.device, state: dict):
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(internal), gauss))
+    kind, keys, pos, has_gauss, cached = state["numpy"]
+    np.random.set_state((kind, keys.numpy().astype(np.uint32), pos, has_gauss, cached))
+    dev.set_rng_state(device, state["torch"])
+
+
+def seed_everything(seed: int, device: torch.device):
+    random.seed(seed)
+    np.random.seed(seed)
+    dev.manual_seed(seed, device)
+
+
+# ---------------------------------------------------------------------------------------------
+# from a recipe: distributed seam, model, data, the whole run
+# ---------------------------------------------------------------------------------------------
+@dataclass
+class DistContext:
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def init_distributed(recipe) -> DistContext:
+    """The process layout. One process unless the recipe (use_parallel) and the launcher (torchrun's
+    WORLD_SIZE) both ask for more. The distributed engine (issue 5) replaces the multi-process branch."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    p = recipe.parallel
+    layout = p.data_parallel * p.model_parallel * p.pipeline_stage
+    if not recipe.use_parallel:
+        if world > 1:
+            raise ValueError(f"WORLD_SIZE is {world} but use_parallel is false: pass --use_parallel True, or "
+                             f"run one process")
+        return DistContext()
+    if world == 1:
+        if layout > 1:
+            raise ValueError(f"the parallel section asks for {layout} devices (data_parallel {p.data_parallel} x "
+                             f"model_parallel {p.model_parallel} x pipeline_stage {p.pipeline_stage}) but this is "
+                             f"one process: launch with torchrun --nproc_per_node {layout}, or set "
+                             f"--use_parallel False")
+        return DistContext()
+    raise RuntimeError(f"distributed training arrives with issue 5: this trainer runs one process; launch "
+                       f"without torchrun (WORLD_SIZE is {world}) and with --use_parallel False")
+
+
+def wrap_model(model: torch.nn.Module, recipe, dist: DistContext) -> torch.nn.Module:
+    """The module the step runs: identity on one device (FSDP / tensor parallel wrapping goes here with
+    issue 5), then torch.compile when runner_config.compile asks for it."""
+    if recipe.runner_config.compile:
+        model = torch.compile(model)
+    return model
+
+
+def task_of(recipe) -> str:
+    return "txtcls" if recipe.model.arch.type == "GPT2ForSequenceClassification" else "lm"
+
+
+def build_model(recipe, device: torch.device, log=print) -> torch.nn.Module:
+    """The model a recipe asks for, on `device`: from scratch, or from load_checkpoint (an HF-format
+    directory or one of our checkpoints), with LoRA adapters when model_config.pet_config says so."""
+    from ..config import GPT2Config
+    from ..hf import model_from_state
+    from ..model import GPT2ForSequenceClassification, GPT2LMHeadModel
+    from .lora import apply_lora
+    from .recipe import gpt2_config, lora_settings, training_overrides
+
+    cls = GPT2ForSequenceClassification if task_of(recipe) == "txtcls" else GPT2LMHeadModel
+    source = resolve_path(recipe.load_checkpoint)
+    if source:
+        if not os.path.exists(source):
+            raise FileNotFoundError(f"load_checkpoint not found: {source}; pass an HF-format GPT-2 directory "
+                                    f"or OUTPUT_DIR/checkpoint/step_N")
+        overrides = training_overrides(recipe)
+        if ckpt.is_training_checkpoint(source):
+            manifest = ckpt.verify_checkpoint(source)
+            if manifest.get("meta", {}).get("lora"):
+                raise ValueError(f"{source} is a LoRA checkpoint (adapters only): load its run's final/ "
+                                 f"directory (the merged model) instead, or resume that run with --resume")
+            config = GPT2Config.from_json_file(os.path.join(source, "config.json")).replace(**overrides)
+            state = ckpt.load_checkpoint(source, ["model"], verify=False)["model"]
+            model = model_from_state(cls, config, state, source=source, dtype=torch.float32)
+        else:
+            model = cls.from_pretrained(source, dtype=torch.float32, **overrides)
+        _note_shape(recipe, model.config, source, log)
+    else:
+        model = cls(gpt2_config(recipe))
+    seq = recipe.model.model_config.seq_length
+    if seq > model.config.n_positions:
+        raise ValueError(f"model_config.seq_length {seq} exceeds the model's n_positions "
+                         f"{model.config.n_positions}: set model.model_config.seq_length={model.config.n_positions}")
+    model.set_recompute(recipe.parallel.recompute)
+    lora = lora_settings(recipe)
+    if lora:
+        model = apply_lora(model, **lora)
+    return model.to(device)
+
+
+def _note_shape(recipe, config, source: str, log):
+    mc = recipe.model.model_config
+    wanted = (mc.num_layers, mc.hidden_size, mc.num_heads, mc.vocab_size)
+    have = (config.n_layer, config.n_embd, config.n_head, config.vocab_size)
+    if wanted != have:
+        log(f"note: the model shape comes from {source} ({config.n_layer} layers, hidden {config.n_embd}, "
+            f"{config.n_head} heads, vocab {config.vocab_size}), not from the recipe's model_config")
+
+
+def resolve_path(path: str) -> str:
+    """Expand ~ and environment variables; $GPT2_DATA_DIR defaults to the data directory."""
+    if not path:
+        return ""
+    from ..tokenizer import default_data_dir
+    for form in ("${GPT2_DATA_DIR}", "$GPT2_DATA_DIR"):
+        path = path.replace(form, default_data_dir())
+    return os.path.expanduser(os.path.expandvars(path))
+
+
+def fetch_if_missing(path: str) -> str:
+    """A missing file of the data directory (GPT2_DATA_DIR) is downloaded, checksum-verified; any other
+    missing path is an error."""
+    if not path or os.path.exists(path):
+        return path
+    from ..tokenizer import default_data_dir
+    root = os.path.abspath(default_data_dir())
+    if os.path.abspath(path).startswith(root + os.sep):
+        from ..data.download import dataset_path
+        return dataset_path(os.path.relpath(os.path.abspath(path), root), root=root)
+    raise FileNotFoundError(f"dataset not found: {path}")
+
+
+def load_datasets(recipe, cache_dir: str):
+    """(train data, eval data or None) as numpy arrays: token blocks of seq_length + 1 (train) and
+    seq_length (eval) for language modelling, dicts of input_ids / attention_mask / labels for txtcls."""
+    from ..data import store
+
+    task = task_of(recipe)
+    seq = recipe.model.model_config.seq_length
+    tokenizer = resolve_path(recipe.tokenizer) or None
+    train_path = resolve_path(recipe.train_dataset.data_loader.dataset_dir)
+    eval_path = resolve_path(recipe.eval_dataset.data_loader.dataset_dir)
+    if not train_path:
+        raise ValueError("no training data: pass --train_dataset_dir PATH (a prepared .npy / .npz, or a raw "
+                         "wiki.*.tokens / .txt / .tsv file) or set train_dataset.data_loader.dataset_dir")
+    train_path, eval_path = (fetch_if_missing(p) for p in (train_path, eval_path))
+
+    def load(path, width, compat):
+        if task == "txtcls":
+            return store.load_txtcls(path, max_length=seq, tokenizer=tokenizer, cache_dir=cache_dir)
+        return store.load_token_blocks(path, max_length=width, tokenizer=tokenizer, mindformers_compat=compat,
+                                       cache_dir=cache_dir)
+
+    train = load(train_path, seq + 1, recipe.train_dataset.mindformers_compat)
+    evaluation = load(eval_path, seq, recipe.eval_dataset.mindformers_compat) if eval_path else None
+    return (first_rows(train, recipe.train_dataset.max_samples),
+            first_rows(evaluation, recipe.eval_dataset.max_samples))
+
+
+def check_ranges(data, model_config, what: str):
+    """Token ids inside the vocabulary and labels inside num_labels, checked once up front (an id out of
+    range would otherwise fail deep inside the embedding lookup)."""
+    ids = data["input_ids"] if isinstance(data, dict) else data
+    top = int(np.asarray(ids).max()) if len(ids) else 0
+    if top >= model_config.vocab_size:
+        raise ValueError(f"the {what} holds token id {top} but the model's vocab_size is {model_config.vocab_size}: "
+                         f"was it prepared with another tokenizer? (or set model.model_config.vocab_size)")
+    if isinstance(data, dict) and "labels" in data and len(data["labels"]):
+        labels = np.asarray(data["labels"])
+        if labels.min() < 0 or labels.max() >= model_config.num_labels:
+            raise ValueError(f"the {what} holds labels {labels.min()}..{labels.max()} but num_labels is "
+                             f"{model_config.num_labels}: set model.model_config.num_labels")
+
+
+def first_rows(data, n: int | None):
+    if data is None or n is None:
+        return data
+    if isinstance(data, dict):
+        return {k: v[:n] for k, v in data.items()}
+    return data[:n]
+
+
+def make_evaluator(recipe, eval_data, precision: str):
+    """A callable model -> dict(loss, ppl) or dict(accuracy, loss), using gpt2_ascend.eval."""
+    if eval_data is None:
+        return None
+    from ..eval import classification_accuracy, perplexity
+
+    batch_size = recipe.eval_dataset.batch_size or recipe.runner_config.batch_size
+    seq = recipe.model.model_config.seq_length
+    if task_of(recipe) == "txtcls":
+        def evaluate(model):
+            r = classification_accuracy(model, eval_data, batch_size=batch_size, precision=precision)
+            return dict(loss=r["loss"], accuracy=r["accuracy"])
+    else:
+        def evaluate(model):
+            r = perplexity(model, eval_data, seq, batch_size=batch_size, precision=precision)
+            return dict(loss=r["loss"], ppl=r["ppl"])
+    return evaluate
+
+
+def run_training(recipe, overwrite: bool = False, log=print) -> dict:
+    """Everything train.py does: build from the recipe, resume, train, evaluate, export final/.
+    Returns a summary dict (also written to OUTPUT_DIR/summary.json)."""
+    from ..hf import write_json
+    from .recipe import dump_recipe, lora_settings, precision
+
+    if recipe.run_mode in ("predict", "eval"):
+        tool = "generate.py" if recipe.run_mode == "predict" else "evaluate.py"
+        raise ValueError(f"run_mode {recipe.run_mode} is not training: use {tool} --config ...")
+    dist = init_distributed(recipe)
+    device = dev.resolve_device(recipe.device)
+    dev.set_device(device)
+    output_dir = os.path.abspath(resolve_path(recipe.output_dir))
+    root = ckpt.checkpoint_root(output_dir)
+    resume_path = _resume_path(recipe, root, overwrite, output_dir, log)
+    if not resume_path:  # a fresh run: no events of an earlier one in the TensorBoard folder
+        shutil.rmtree(os.path.join(output_dir, "tensorboard"), ignore_errors=True)
+    os.makedirs(output_dir, exist_ok=True)
+    ckpt.remove_stale_temporaries(root)
+    if dist.is_main:
+        dump_recipe(recipe, os.path.join(output_dir, "recipe.yaml"))
+
+    seed_everything(recipe.seed, device)
+    cache_dir = resolve_path(recipe.data_cache_dir) or os.path.join(output_dir, "data_cache")
+    train_data, eval_data = load_datasets(recipe, cache_dir=cache_dir)
+    model = build_model(recipe, device, log)
+    raw_model = model
+    base = _base_model(raw_model)
+    check_ranges(train_data, base.config, "training data")
+    if eval_data is not None:
+        check_ranges(eval_data, base.config, "evaluation data")
+    train_model = wrap_model(model, recipe, dist)
+    prec = precision(recipe)
+    rc = recipe.runner_config
+    loader = StepLoader(train_data, batch_size=rc.batch_size, micro_batches=rc.gradient_accumulation_steps,
+                        shuffle=recipe.train_dataset.data_loader.shuffle, seed=recipe.seed, rank=dist.rank,
+                        world_size=dist.world_size, pin_memory=device.type == "cuda")
+    run_steps = rc.max_steps if rc.max_steps > 0 else loader.steps_per_epoch * rc.epochs
+    schedule = build_schedule(recipe.lr_schedule, resolve_total_steps(
+        recipe.lr_schedule.total_steps, loader.steps_per_epoch, rc.epochs, rc.max_steps))
+    opt = recipe.optimizer
+    optimizer = build_optimizer(raw_model, schedule(0),
+                                betas=(opt.beta1, opt.beta2), eps=opt.eps, weight_decay=opt.weight_decay,
+                                device_type=device.type)
+    wrapper = recipe.runner_wrapper
+    callbacks = recipe.callbacks
+    lora = lora_settings(recipe)
+    settings = TrainSettings(
+        total_steps=run_steps, task=task_of(recipe), precision=prec,
+        max_grad_norm=wrapper.max_grad_norm if wrapper.use_clip_grad else None,
+        log_interval=callbacks.MFLossMonitor.per_print_times,
+        save_steps=callbacks.CheckpointMonitor.save_checkpoint_steps,
+        keep_checkpoints=callbacks.CheckpointMonitor.keep_checkpoint_max,
+        eval_interval=recipe.eval_step_interval if recipe.do_eval else None,
+        loss_scale=wrapper.scale_sense.loss_scale_value, scale_factor=wrapper.scale_sense.scale_factor,
+        scale_window=wrapper.scale_sense.scale_window, max_consecutive_skips=wrapper.max_consecutive_skips,
+        progress=rc.progress_bar and dist.is_main,
+        checkpoint_meta=dict(prefix=callbacks.CheckpointMonitor.prefix, lora=bool(lora),
+                             load_checkpoint=recipe.load_checkpoint, task=task_of(recipe)),
+        json_files={"config.json": base.config.to_hf_dict(base.hf_architecture)},
+    )
+    trainer = Trainer(train_model, optimizer, schedule, loader, device, settings, output_dir=output_dir,
+                      evaluate=make_evaluator(recipe, eval_data, prec), raw_model=raw_model, log=log)
+    if resume_path:
+        trainer.load_state_dict(ckpt.load_checkpoint(resume_path))
+        log(f"resumed from {resume_path} (step {trainer.step})")
+
+    log(f"training {base.num_parameters():,} parameters ({_trainable(raw_model):,} trainable) on "
+        f"{dev.device_name(device)} ({prec}): {run_steps} steps of {rc.batch_size} x "
+        f"{rc.gradient_accumulation_steps} x {dist.world_size} rows, {loader.steps_per_epoch} steps per epoch")
+    seq = recipe.model.model_config.seq_length
+    fpt = flops_per_token(base.num_parameters(), base.config.n_layer, base.config.n_embd, seq)
+    metrics = MetricsLogger(output_dir, trainer.step, run_steps, resumed=bool(resume_path),
+                            progress=settings.progress, flops_per_token=fpt,
+                            peak=peak_flops(dev.device_name(device), prec))
+    start = time.perf_counter()
+    start_step = trainer.step
+    try:
+        last = trainer.train(metrics)
+    finally:
+        metrics.close()
+    elapsed = time.perf_counter() - start
+    if trainer.last_saved_step != trainer.step:
+        trainer.save_checkpoint()
+    if trainer.evaluate_fn is not None and (trainer.last_eval is None or trainer.last_eval["step"] != trainer.step):
+        trainer.evaluate()
+    curve = plot_loss_curve(metrics.path, os.path.join(output_dir, "loss_curve.png"))
+    final_dir = export_final(raw_model, recipe, output_dir, lora=bool(lora))
+    summary = dict(steps=trainer.step, steps_this_run=trainer.step - start_step, seconds=round(elapsed, 2),
+                   final_loss=last.get("loss"), final=final_dir, loss_curve=curve,
+                   metrics=metrics.path, device=dev.device_name(device), precision=prec)
+    if trainer.last_eval is not None:
+        summary.update({f"eval_{k}": v for k, v in trainer.last_eval.items() if k != "step"})
+    write_json(summary, os.path.join(output_dir, "summary.json"))
+    return summary
+
+
+def _resume_path(recipe, root: str, overwrite: bool, output_dir: str, log) -> str | None:
+    resume = recipe.resume_training
+    if resume and resume != "auto":
+        path = resolve_path(resume)
+        ckpt.verify_checkpoint(path)  # an explicit path must be good: CheckpointError otherwise
+        return path
+    if resume == "auto":
+        path = ckpt.find_resume_checkpoint(root, report=log)
+        if path is None:
+            log(f"no complete checkpoint in {root}: starting from step 0")
+        return path
+    if ckpt.list_checkpoints(root) or os.path.isfile(os.path.join(output_dir, "metrics.jsonl")):
+        if not overwrite:
+            raise ValueError(f"{output_dir} already holds a training run: pass --resume auto to continue it, "
+                             f"--overwrite_output_dir to start over, or another --output_dir")
+        shutil.rmtree(root, ignore_errors=True)
+    return None
+
+
+def _base_model(model):
+    """Our GPT-2 module under a PEFT wrapper (or the model itself)."""
+    get_base = getattr(model, "get_base_model", None)
+    return get_base() if callable(get_base) else model
+
+
+def _trainable(model) -> int:
+    return sum(p.numel() for p in model.parameters() if p.requires_grad)
+
+
+def export_final(model, recipe, output_dir: str, lora: bool) -> str:
+    """OUTPUT_DIR/final/: HF-format config.json + model.safetensors + tokenizer files; for LoRA runs also
+    final/adapter/ (PEFT files), and the merged weights in final/ itself."""
+    from ..tokenizer import default_tokenizer_dir, load_tokenizer, save_tokenizer
+    from .lora import merge_adapter
+
+    final_dir = os.path.join(output_dir, "final")
+    if lora:
+        adapter_dir = os.path.join(output_dir, "final.adapter.tmp")
+        shutil.rmtree(adapter_dir, ignore_errors=True)
+        model.save_pretrained(adapter_dir)
+        model = merge_adapter(model)
+    model.save_pretrained(final_dir)
+    if lora:
+        target = os.path.join(final_dir, "adapter")
+        shutil.rmtree(target, ignore_errors=True)
+        os.replace(adapter_dir, target)
+    tokenizer_dir = resolve_path(recipe.tokenizer) or default_tokenizer_dir()
+    with contextlib.suppress(FileNotFoundError):
+        save_tokenizer(load_tokenizer(tokenizer_dir), final_dir, source_dir=tokenizer_dir)
+    return final_dir

@@ -1,0 +1,274 @@
+"""The trainer through its Python API: the step (accumulation, fp16 loss scaling, divergence), whole runs on
+real WikiText-2 and SST-2 slices, LoRA, and resuming past a corrupt checkpoint."""
+import json
+import os
+import shutil
+
+import numpy as np
+import pytest
+import torch
+
+from gpt2_ascend import GPT2LMHeadModel
+from gpt2_ascend.data.loader import StepLoader
+from gpt2_ascend.train.optim import LRSchedule, build_optimizer
+from gpt2_ascend.train.recipe import load_recipe
+from gpt2_ascend.train.trainer import Trainer, TrainingStopped, TrainSettings, run_training
+
+from conftest import tiny_config
+
+CPU = torch.device("cpu")
+
+
+def _trainer(model, data, batch_size, micro_batches=1, optimizer=None, **settings):
+    loader = StepLoader(data, batch_size=batch_size, micro_batches=micro_batches, shuffle=False)
+    optimizer = optimizer or build_optimizer(model, 1e-2, weight_decay=0.1)
+    settings = TrainSettings(**{"total_steps": 4, "progress": False, **settings})
+    return Trainer(model, optimizer, LRSchedule("constant", 1e-2, 0.0, 0, 4), loader, CPU, settings)
+
+
+def _blocks(rows=8, width=17, vocab=512, seed=0):
+    return np.random.default_rng(seed).integers(0, vocab, (rows, width)).astype(np.int32)
+
+
+def test_gradient_accumulation_equals_the_big_batch():
+    data = _blocks()
+    torch.manual_seed(0)
+    big = GPT2LMHeadModel(tiny_config())
+    small = GPT2LMHeadModel(tiny_config())
+    small.load_state_dict(big.state_dict())
+    # plain SGD: the update is lr x gradient, so the parameters compare the gradients themselves (AdamW's
+    # first step is lr x sign(gradient), which rounding flips on gradients that are ~0)
+    one = _trainer(big, data, batch_size=8, optimizer=torch.optim.SGD(big.parameters(), lr=0.1))
+    out_big = one.train_step(next(one.loader))
+    accum = _trainer(small, data, batch_size=2, micro_batches=4, optimizer=torch.optim.SGD(small.parameters(), lr=0.1))
+    out_small = accum.train_step(next(accum.loader))
+    assert abs(out_big["loss"].item() - out_small["loss"].item()) < 1e-5
+    assert abs(out_big["grad_norm"].item() - out_small["grad_norm"].item()) < 1e-5
+    for (name, a), b in zip(big.named_parameters(), small.parameters()):
+        assert torch.allclose(a, b, atol=1e-6), name
+
+
+def test_step_matches_a_hand_written_adamw_step():
+    """lr from the schedule, clipping at max_grad_norm, decoupled decay only on the 2-D group."""
+    data = _blocks(rows=4)
+    torch.manual_seed(0)
+    model = GPT2LMHeadModel(tiny_config())
+    reference = GPT2LMHeadModel(tiny_config())
+    reference.load_state_dict(model.state_dict())
+    trainer = _trainer(model, data, batch_size=4, max_grad_norm=0.5)
+    trainer.train_step(next(trainer.loader))
+    tokens = torch.as_tensor(data, dtype=torch.long)
+    logits = reference(tokens[:, :-1]).logits
+    torch.nn.functional.cross_entropy(logits.reshape(-1, logits.size(-1)), tokens[:, 1:].reshape(-1)).backward()
+    torch.nn.utils.clip_grad_norm_(reference.parameters(), 0.5)
+    groups = [dict(params=[p for p in reference.parameters() if p.ndim == 2], weight_decay=0.1),
+              dict(params=[p for p in reference.parameters() if p.ndim < 2], weight_decay=0.0)]
+    torch.optim.AdamW(groups, lr=1e-2, betas=(0.9, 0.95), eps=1e-8).step()
+    for (name, a), b in zip(model.named_parameters(), reference.parameters()):
+        assert torch.allclose(a, b, atol=1e-6), name
+
+
+def test_fp16_overflow_skips_the_step_and_lowers_the_scale():
+    torch.manual_seed(0)
+    model = GPT2LMHeadModel(tiny_config())
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    trainer = _trainer(model, _blocks(), batch_size=4, precision="fp16", loss_scale=2.0 ** 40)
+    for _ in range(3):
+        trainer.pending.append(dict(step=trainer.step + 1, lr=0.0, tokens=1, epoch=0.0,
+                                    out=trainer.train_step(next(trainer.loader))))
+    records = trainer.flush()
+    # 2^40 times a loss of ~6 overflows fp16's activation gradients: the update is skipped, the scale halved
+    assert [r["loss_scale"] for r in records] == [2.0 ** 40, 2.0 ** 39, 2.0 ** 38]
+    assert all(r["skipped"] for r in records) and all(np.isfinite(r["loss"]) for r in records)
+    for key, value in model.state_dict().items():
+        assert torch.equal(value, before[key]), key
+    assert trainer.divergence(records) is None
+    trainer.settings.max_consecutive_skips = 4
+    message = trainer.divergence([dict(records[-1], step=4)])
+    assert "4 steps in a row overflowed in fp16" in message and "lower the learning rate or use bf16" in message
+
+
+def test_fp16_recovers_once_the_scale_fits():
+    torch.manual_seed(0)
+    model = GPT2LMHeadModel(tiny_config())
+    trainer = _trainer(model, _blocks(), batch_size=4, precision="fp16", loss_scale=2.0 ** 8, total_steps=3)
+    trainer.train()
+    assert trainer.step == 3 and trainer.scaler.get_scale() == 2.0 ** 8
+    assert not torch.equal(model.transformer.wte.weight, GPT2LMHeadModel(tiny_config()).transformer.wte.weight)
+
+
+def test_nonfinite_loss_without_scaling_stops_with_one_clear_line():
+    torch.manual_seed(0)
+    model = GPT2LMHeadModel(tiny_config())
+    with torch.no_grad():
+        model.transformer.wpe.weight[3] = float("nan")
+    trainer = _trainer(model, _blocks(), batch_size=4, log_interval=2)
+    with pytest.raises(TrainingStopped) as err:
+        trainer.train()
+    message = str(err.value)
+    assert message.startswith("the loss became nan at step 1: training stopped (no checkpoint was saved yet)")
+    assert "\n" not in message
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("precision", ["bf16", "fp16"])
+def test_train_step_never_waits_for_the_gpu(precision):
+    """One whole optimizer step (accumulation, autocast, loss scaling, clipping, fused AdamW, schedule)
+    without a host-device sync: torch raises on any synchronizing call in this mode."""
+    device = torch.device("cuda")
+    torch.manual_seed(0)
+    model = GPT2LMHeadModel(tiny_config()).to(device)
+    loader = StepLoader(_blocks(rows=16), batch_size=4, micro_batches=2, shuffle=False, pin_memory=True)
+    optimizer = build_optimizer(model, 1e-3, device_type="cuda")
+    trainer = Trainer(model, optimizer, LRSchedule("polynomial", 1e-3, 1e-4, 1, 4), loader, device,
+                      TrainSettings(total_steps=4, precision=precision, progress=False))
+    trainer.train_step(next(loader))  # first step: lazy optimizer / scaler state
+    batch = next(loader)
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        out = trainer.train_step(batch)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert torch.isfinite(out["loss"]).item()
+
+
+# ---------------------------------------------------------------------------------------------
+# whole runs through run_training (what train.py calls)
+# ---------------------------------------------------------------------------------------------
+def _recipe(tmp_path, data, *overrides, **sections):
+    base = dict(output_dir=str(tmp_path / "out"), device="cpu",
+                runner_config=dict(batch_size=4, max_steps=6, progress_bar=False),
+                model=dict(model_config=dict(seq_length=16, vocab_size=512, hidden_size=32, num_layers=2,
+                                             num_heads=2, eos_token_id=511, pad_token_id=511)),
+                lr_schedule=dict(learning_rate=1e-3, lr_end=1e-4),
+                train_dataset=dict(data_loader=dict(dataset_dir=str(data))),
+                callbacks=dict(MFLossMonitor=dict(per_print_times=2),
+                               CheckpointMonitor=dict(save_checkpoint_steps=3, keep_checkpoint_max=2)))
+    base.update(sections)
+    return load_recipe(None, list(overrides), base=base)
+
+
+@pytest.fixture
+def token_file(tmp_path):
+    path = tmp_path / "train.npy"
+    np.save(path, _blocks(rows=64, width=17, seed=1).astype(np.uint16))
+    return path
+
+
+def _losses(output_dir):
+    with open(os.path.join(output_dir, "metrics.jsonl")) as f:
+        return [(r["step"], r["loss"]) for r in map(json.loads, f)]
+
+
+def test_tiny_pretrain_on_real_wikitext2_lowers_the_loss(tmp_path, data_dir, tmp_path_factory):
+    valid = os.path.join(data_dir, "wikitext-2", "wiki.valid.tokens")  # real WikiText-2, the smallest split
+    recipe = _recipe(tmp_path, valid, "runner_config.batch_size=8", "runner_config.max_steps=40",
+                     "model.model_config.vocab_size=50257", "model.model_config.eos_token_id=50256",
+                     "model.model_config.pad_token_id=50256", "model.model_config.seq_length=32",
+                     "lr_schedule.learning_rate=5e-3", "lr_schedule.lr_end=5e-4", "lr_schedule.warmup_steps=4",
+                     "model.model_config.hidden_dropout_rate=0", "model.model_config.attention_dropout_rate=0",
+                     f"eval_dataset.data_loader.dataset_dir={valid}", "eval_dataset.max_samples=32",
+                     "callbacks.CheckpointMonitor.save_checkpoint_steps=20", "do_eval=true",
+                     "eval_step_interval=20", f"data_cache_dir={tmp_path_factory.getbasetemp() / 'data_cache'}")
+    summary = run_training(recipe, log=lambda *_: None)
+    out = recipe.output_dir
+    losses = [loss for _, loss in _losses(out)]
+    assert len(losses) == 40 and abs(losses[0] - np.log(50257)) < 0.3  # starts near uniform
+    assert np.mean(losses[-5:]) < losses[0] - 2.0, losses
+    records = [json.loads(line) for line in open(os.path.join(out, "metrics.jsonl"))]
+    assert {"step", "loss", "lr", "tokens_per_s", "grad_norm", "epoch"} <= set(records[0])
+    assert [r["step"] for r in records if "eval_ppl" in r] == [20, 40]
+    assert summary["eval_ppl"] < 5000 and summary["eval_ppl"] == records[-1]["eval_ppl"]
+    for name in ("config.json", "model.safetensors", "vocab.json", "merges.txt", "tokenizer.json"):
+        assert os.path.isfile(os.path.join(out, "final", name)), name
+    assert os.path.getsize(os.path.join(out, "loss_curve.png")) > 1000
+    assert any(n.startswith("events.out.tfevents") for n in os.listdir(os.path.join(out, "tensorboard")))
+    import transformers  # final/ is an ordinary HF checkpoint
+    hf = transformers.GPT2LMHeadModel.from_pretrained(os.path.join(out, "final")).eval()
+    ours = GPT2LMHeadModel.from_pretrained(os.path.join(out, "final")).eval()
+    ids = torch.tensor([[464, 3290, 286, 262]])
+    assert (hf(ids).logits - ours(ids).logits).abs().max() < 1e-5
+
+
+def test_resume_auto_skips_a_truncated_checkpoint_and_matches_the_full_run(tmp_path, token_file):
+    recipe = _recipe(tmp_path, token_file, "runner_config.gradient_accumulation_steps=2")
+    run_training(recipe, log=lambda *_: None)
+    reference = _losses(recipe.output_dir)
+    newest = os.path.join(recipe.output_dir, "checkpoint", "step_0000006", "model.pt")
+    with open(newest, "r+b") as f:
+        f.truncate(100)
+    messages = []
+    again = load_recipe(None, ["resume_training=auto"], base=recipe)
+    summary = run_training(again, log=messages.append)
+    assert any("step_0000006 is corrupt: model.pt has 100 bytes" in m for m in messages), messages
+    assert any("resumed from" in m and "step_0000003" in m for m in messages), messages
+    assert summary["steps_this_run"] == 3
+    assert _losses(recipe.output_dir) == reference  # steps 4-6 again, bit-identical on CPU
+    explicit = load_recipe(None, [f"resume_training={os.path.dirname(newest)}"], base=recipe)
+    with open(newest, "r+b") as f:
+        f.truncate(100)
+    from gpt2_ascend.train.checkpoint import CheckpointError
+    with pytest.raises(CheckpointError, match="truncated"):
+        run_training(explicit, log=lambda *_: None)
+
+
+def test_lora_trains_only_adapters_and_merges_exactly(tmp_path, token_file):
+    torch.manual_seed(0)
+    base = GPT2LMHeadModel(tiny_config(n_positions=16))
+    base.save_pretrained(str(tmp_path / "base"))
+    recipe = _recipe(tmp_path, token_file, "run_mode=finetune", f"load_checkpoint={tmp_path / 'base'}",
+                     "model.model_config.pet_config.pet_type=lora", "model.model_config.pet_config.lora_rank=4",
+                     "model.model_config.pet_config.lora_alpha=8", "model.model_config.pet_config.lora_dropout=0.1",
+                     "lr_schedule.learning_rate=1e-2", "lr_schedule.lr_end=1e-3")
+    run_training(recipe, log=lambda *_: None)
+    final = os.path.join(recipe.output_dir, "final")
+    assert {"adapter_config.json", "adapter_model.safetensors"} <= set(os.listdir(os.path.join(final, "adapter")))
+    state = torch.load(os.path.join(recipe.output_dir, "checkpoint", "step_0000006", "model.pt"), weights_only=True)
+    assert state and all("lora_" in k for k in state)  # a LoRA checkpoint holds the adapters only
+
+    from gpt2_ascend.train.lora import load_adapter
+    adapted = load_adapter(GPT2LMHeadModel.from_pretrained(str(tmp_path / "base")), os.path.join(final, "adapter"),
+                           merge=False).eval()
+    merged = GPT2LMHeadModel.from_pretrained(final).eval()
+    original = base.state_dict()
+    for key, value in merged.state_dict().items():  # base weights untouched except where the adapter merges in
+        if "c_attn.weight" not in key:
+            assert torch.equal(value, original[key]), key
+    lora_b = [p for n, p in adapted.named_parameters() if "lora_B" in n]
+    assert lora_b and all(p.abs().max() > 0 for p in lora_b)  # the adapters did train (B starts at zero)
+    for name, module in adapted.named_modules():
+        if name.endswith("c_attn.base_layer"):
+            assert torch.equal(module.weight, original[name.split("base_model.model.")[1].replace(".base_layer", "")
+                                                       + ".weight"])
+    ids = torch.as_tensor(_blocks(rows=2, width=16, seed=3), dtype=torch.long)
+    with torch.no_grad():
+        assert (adapted(input_ids=ids).logits - merged(ids).logits).abs().max() < 1e-5
+
+
+def test_txtcls_on_an_sst2_slice_learns_above_chance(tmp_path, data_dir):
+    train = tmp_path / "sst2_slice.tsv"
+    with open(os.path.join(data_dir, "sst2", "train.tsv"), encoding="utf-8") as f:
+        train.write_text("".join(line for _, line in zip(range(4001), f)), encoding="utf-8")
+    dev = os.path.join(data_dir, "sst2", "dev.tsv")
+    recipe = _recipe(tmp_path, train, "model.arch.type=GPT2ForSequenceClassification",
+                     "model.model_config.vocab_size=50257", "model.model_config.eos_token_id=50256",
+                     "model.model_config.pad_token_id=50256", "model.model_config.seq_length=48",
+                     "model.model_config.hidden_size=64", "model.model_config.num_heads=4",
+                     "runner_config.batch_size=32", "runner_config.max_steps=150", "lr_schedule.learning_rate=3e-3",
+                     "lr_schedule.lr_end=3e-4", "callbacks.CheckpointMonitor.save_checkpoint_steps=150",
+                     f"eval_dataset.data_loader.dataset_dir={dev}", "eval_dataset.batch_size=128")
+    summary = run_training(recipe, log=lambda *_: None)
+    assert summary["eval_accuracy"] > 0.6, summary  # chance: dev's majority class is 444 of 872 (50.9%)
+    config = json.load(open(os.path.join(recipe.output_dir, "final", "config.json")))
+    assert config["architectures"] == ["GPT2ForSequenceClassification"] and len(config["id2label"]) == 2
+
+
+def test_existing_output_dir_needs_resume_or_overwrite(tmp_path, token_file):
+    recipe = _recipe(tmp_path, token_file, "runner_config.max_steps=2")
+    run_training(recipe, log=lambda *_: None)
+    with pytest.raises(ValueError, match="already holds a training run: pass --resume auto"):
+        run_training(recipe, log=lambda *_: None)
+    summary = run_training(recipe, overwrite=True, log=lambda *_: None)
+    assert summary["steps"] == 2 and len(_losses(recipe.output_dir)) == 2
+    shutil.rmtree(recipe.output_dir)
