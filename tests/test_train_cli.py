@@ -97,7 +97,7 @@ def _main(capsys, *args):
     (["lr_schedule.type=step"], "error: bad value 'step' for 'lr_schedule.type'"),
     (["--train_dataset_dir", "/nonexistent/train.npy"], "error: dataset not found: /nonexistent/train.npy"),
     (["--run_mode", "finetune", "--load_checkpoint", "/nonexistent/model"], "error: load_checkpoint not found"),
-    (["--run_mode", "finetune"], "error: run_mode finetune in"),
+    (["--run_mode", "finetune"], "error: run_mode finetune starts from trained weights: pass --load_checkpoint"),
     (["run_mode=predict"], "error: run_mode predict is not training: use generate.py"),
     (["--device", "cuda"] if not torch.cuda.is_available() else ["--device", "tpu"], "error: "),
     (["model.model_config.vocab_size=100"], "error: the training data holds token id"),
@@ -138,3 +138,13 @@ def test_cli_run_writes_every_output(tmp_path, tiny_run, capsys):
     assert saved["runner_config"]["max_steps"] == 4 and saved["lr_schedule"]["type"] == "polynomial"
     last = json.loads((out / "metrics.jsonl").read_text().splitlines()[-1])
     assert last["step"] == 4 and last["eval_ppl"] > 1
+
+
+def test_resume_with_another_model_shape_is_one_line(tmp_path, tiny_run, capsys):
+    out = tmp_path / "out"
+    assert train.main(["--config", str(tiny_run), "--output_dir", str(out), "--max_steps", "2"]) == 0
+    capsys.readouterr()
+    code, err = _main(capsys, "--config", tiny_run, "--output_dir", out, "--max_steps", "4", "--resume", "auto",
+                      "model.model_config.hidden_size=64")
+    assert code == 2 and err.count("\n") == 1
+    assert "error: the checkpoint's weights do not fit this recipe's model (size mismatch for" in err

@@ -245,6 +245,12 @@ def test_lora_trains_only_adapters_and_merges_exactly(tmp_path, token_file):
     with torch.no_grad():
         assert (adapted(input_ids=ids).logits - merged(ids).logits).abs().max() < 1e-5
 
+    # a LoRA run resumes from its adapter-only checkpoint (the base comes from load_checkpoint again)
+    reference = _losses(recipe.output_dir)
+    shutil.rmtree(os.path.join(recipe.output_dir, "checkpoint", "step_0000006"))
+    run_training(load_recipe(None, ["resume_training=auto"], base=recipe), log=lambda *_: None)
+    assert _losses(recipe.output_dir) == reference
+
 
 def test_txtcls_on_an_sst2_slice_learns_above_chance(tmp_path, data_dir):
     train = tmp_path / "sst2_slice.tsv"

@@ -29,7 +29,7 @@ def test_every_shipped_recipe_loads():
             "finetune_gpt2_small_txtcls", "predict_gpt2_small", "pretrain_gpt2_tiny", "finetune_gpt2_tiny_lora",
             "finetune_gpt2_tiny_txtcls"} <= names
     for path in RECIPES:
-        recipe = load_recipe(path, ["load_checkpoint=some/dir"])
+        recipe = load_recipe(path)
         gpt2_config(recipe)  # every model section maps to a valid GPT2Config
 
 
@@ -107,8 +107,6 @@ def test_unknown_key_lists_valid_ones_and_missing_file(tmp_path):
     bad.write_text("runner_config: [1, 2\n")
     with pytest.raises(ValueError, match="not valid YAML at line"):
         load_recipe(str(bad))
-    with pytest.raises(ValueError, match="needs load_checkpoint"):
-        load_recipe(None, ["run_mode=finetune"])
 
 
 # ---------------------------------------------------------------------------------------------

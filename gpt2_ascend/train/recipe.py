@@ -362,9 +362,6 @@ def check_consistency(recipe: Recipe, source: str):
     steps = recipe.runner_config.max_steps
     if steps != -1 and steps < 1:
         raise ValueError(f"bad value {steps!r} for 'runner_config.max_steps' in {source}: expected -1 or >= 1")
-    if recipe.run_mode == "finetune" and not recipe.load_checkpoint and not recipe.resume_training:
-        raise ValueError(f"run_mode finetune in {source} needs load_checkpoint: pass --load_checkpoint DIR "
-                         f"(an HF-format GPT-2 directory) or use --run_mode train")
 
 
 # ---------------------------------------------------------------------------------------------

@@ -72,10 +72,9 @@ class Trainer:
         self.amp_dtype = dev.autocast_dtype(device, settings.precision)
         self.scaler = None
         if settings.precision == "fp16":
-            self.scaler = torch.amp.GradScaler(device.type, init_scale=settings.loss_scale,
-                                               growth_factor=settings.scale_factor,
-                                               backoff_factor=1.0 / settings.scale_factor,
-                                               growth_interval=settings.scale_window)
+            self.scaler = grad_scaler(device, init_scale=settings.loss_scale, growth_factor=settings.scale_factor,
+                                      backoff_factor=1.0 / settings.scale_factor,
+                                      growth_interval=settings.scale_window)
         self.params = [p for p in self.raw_model.parameters() if p.requires_grad]
         self.step = 0
         self.consecutive_skips = 0
@@ -266,12 +265,23 @@ def model_state(model: torch.nn.Module) -> dict:
 
 
 def load_model_state(model: torch.nn.Module, state: dict):
+    """Load a checkpoint's weights (all, or the trainable ones of a LoRA run); a mismatch is one line."""
     trainable = {n for n, p in model.named_parameters() if p.requires_grad}
-    full = set(model.state_dict())
-    partial = set(state) == trainable and trainable != full
-    result = model.load_state_dict(state, strict=not partial)
-    if partial and result.unexpected_keys:
-        raise ckpt.CheckpointError(f"checkpoint model state has unexpected tensor {result.unexpected_keys[0]!r}")
+    partial = set(state) == trainable and trainable != set(model.state_dict())
+    try:
+        model.load_state_dict(state, strict=not partial)
+    except RuntimeError as e:
+        detail = next((line.strip() for line in str(e).splitlines()[1:] if line.strip()), str(e))
+        raise ckpt.CheckpointError(f"the checkpoint's weights do not fit this recipe's model ({detail}); "
+                                   f"resume with the recipe the run was started with") from None
+
+
+def grad_scaler(device: torch.device, **settings):
+    """Dynamic loss scaling for fp16 (torch_npu brings its own scaler class for NPUs)."""
+    if device.type == "npu":
+        dev.torch_npu()
+        return torch.npu.amp.GradScaler(**settings)
+    return torch.amp.GradScaler(device.type, **settings)
 
 
 def capture_rng(device: torch.device) -> dict:
@@ -495,6 +505,9 @@ def run_training(recipe, overwrite: bool = False, log=print) -> dict:
     if recipe.run_mode in ("predict", "eval"):
         tool = "generate.py" if recipe.run_mode == "predict" else "evaluate.py"
         raise ValueError(f"run_mode {recipe.run_mode} is not training: use {tool} --config ...")
+    if recipe.run_mode == "finetune" and not recipe.load_checkpoint:
+        raise ValueError("run_mode finetune starts from trained weights: pass --load_checkpoint DIR (an HF-format "
+                         "GPT-2 directory) or use --run_mode train")
     dist = init_distributed(recipe)
     device = dev.resolve_device(recipe.device)
     dev.set_device(device)
