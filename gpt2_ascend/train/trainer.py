@@ -499,7 +499,7 @@ def make_evaluator(recipe, eval_data, precision: str):
 def run_training(recipe, overwrite: bool = False, log=print) -> dict:
     """Everything train.py does: build from the recipe, resume, train, evaluate, export final/.
     Returns a summary dict (also written to OUTPUT_DIR/summary.json)."""
-    from ..hf import write_json
+    from ..data.store import write_json  # atomic
     from .recipe import dump_recipe, lora_settings, precision
 
     if recipe.run_mode in ("predict", "eval"):
