@@ -255,6 +255,9 @@ class _AtomicDir:
         parent = os.path.dirname(self.final)
         os.makedirs(parent, exist_ok=True)
         self.tmp = tempfile.mkdtemp(prefix="." + os.path.basename(self.final) + ".tmp-", dir=parent)
+        self.umask = os.umask(0)
+        os.umask(self.umask)
+        os.chmod(self.tmp, 0o777 & ~self.umask)  # mkdtemp makes it private; the export is an ordinary folder
 
     def __enter__(self):
         return self.tmp
@@ -264,7 +267,10 @@ class _AtomicDir:
             shutil.rmtree(self.tmp, ignore_errors=True)
             return False
         for name in os.listdir(self.tmp):
-            fsync_file(os.path.join(self.tmp, name))
+            path = os.path.join(self.tmp, name)
+            if os.path.isfile(path):  # some writers use private temp files; give them the usual mode
+                os.chmod(path, 0o666 & ~self.umask)
+            fsync_file(path)
         if os.path.isdir(self.final):
             # keep files we do not own (tokenizer, adapters); replace ours, dropping stale weight shards
             for name in os.listdir(self.final):
