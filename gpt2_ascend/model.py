@@ -223,6 +223,28 @@ def run_block(block: nn.Module, x, mask, cache, layer_idx: int, recompute: str =
 # ---------------------------------------------------------------------------------------------
 # models
 # ---------------------------------------------------------------------------------------------
+def _rng_snapshot():
+    """The default generator's state for the device modules are being built on. Restored before
+    init_weights, so the draws nn.Linear / nn.Embedding make in their constructors (whose shapes depend on
+    the vocab padding) do not shift the real initialisation."""
+    device = torch.get_default_device()
+    if device.type == "cuda":
+        return device, torch.cuda.get_rng_state(device)
+    if device.type == "cpu":
+        return device, torch.get_rng_state()
+    return device, None
+
+
+def _rng_restore(snapshot):
+    device, state = snapshot
+    if state is None:
+        return
+    if device.type == "cuda":
+        torch.cuda.set_rng_state(state, device)
+    else:
+        torch.set_rng_state(state)
+
+
 class GPT2PreTrainedModel(nn.Module):
     """Shared plumbing: init, parameter counting, HF-style from_pretrained / save_pretrained."""
 
@@ -233,13 +255,17 @@ class GPT2PreTrainedModel(nn.Module):
         """GPT-2 init: N(0, 0.02) everywhere, residual projections N(0, 0.02 / sqrt(2 n_layer))."""
         std = self.config.initializer_range
         for name, module in self.named_modules():
-            if isinstance(module, nn.Linear):
+            if isinstance(module, (nn.Linear, nn.Embedding)):
                 scale = 1.0 / math.sqrt(2 * self.config.n_layer) if name.endswith("c_proj") else 1.0
-                nn.init.normal_(module.weight, mean=0.0, std=std * scale)
-                if module.bias is not None:
+                rows = module.weight.size(0)
+                if name.endswith(("wte", "lm_head")):
+                    # rows past vocab_size only pad: zero, and not drawn, so a seed gives the same real
+                    # weights whatever the padding (one device, or a vocab-parallel run)
+                    rows = min(rows, self.config.vocab_size)
+                    nn.init.zeros_(module.weight[rows:])
+                nn.init.normal_(module.weight[:rows], mean=0.0, std=std * scale)
+                if getattr(module, "bias", None) is not None:
                     nn.init.zeros_(module.bias)
-            elif isinstance(module, nn.Embedding):
-                nn.init.normal_(module.weight, mean=0.0, std=std)
             elif isinstance(module, nn.LayerNorm):
                 nn.init.ones_(module.weight)
                 nn.init.zeros_(module.bias)
@@ -293,6 +319,7 @@ class GPT2PreTrainedModel(nn.Module):
 class GPT2Model(GPT2PreTrainedModel):
     def __init__(self, config: GPT2Config):
         super().__init__()
+        rng = _rng_snapshot()
         self.config = config
         self.wte = nn.Embedding(config.padded_vocab_size, config.n_embd)
         self.wpe = nn.Embedding(config.n_positions, config.n_embd)
@@ -301,6 +328,7 @@ class GPT2Model(GPT2PreTrainedModel):
         self.ln_f = nn.LayerNorm(config.n_embd, eps=config.layer_norm_epsilon)
         self.recompute = "full" if config.gradient_checkpointing else "none"
         if type(self) is GPT2Model:
+            _rng_restore(rng)
             self.init_weights()
 
     def forward(self, input_ids, attention_mask=None, position_ids=None, past_key_values=None,
@@ -360,11 +388,13 @@ class GPT2Model(GPT2PreTrainedModel):
 class GPT2LMHeadModel(GPT2PreTrainedModel):
     def __init__(self, config: GPT2Config):
         super().__init__()
+        rng = _rng_snapshot()
         self.config = config
         self.transformer = GPT2Model(config)
         self.lm_head = nn.Linear(config.n_embd, config.padded_vocab_size, bias=False)
         if config.tie_word_embeddings:
             self.lm_head.weight = self.transformer.wte.weight
+        _rng_restore(rng)
         self.init_weights()
 
     def forward(self, input_ids, attention_mask=None, position_ids=None, labels=None, past_key_values=None,
@@ -405,10 +435,12 @@ class GPT2ForSequenceClassification(GPT2PreTrainedModel):
 
     def __init__(self, config: GPT2Config):
         super().__init__()
+        rng = _rng_snapshot()
         self.config = config
         self.num_labels = config.num_labels
         self.transformer = GPT2Model(config)
         self.score = nn.Linear(config.n_embd, config.num_labels, bias=False)
+        _rng_restore(rng)
         self.init_weights()
 
     def forward(self, input_ids, attention_mask=None, position_ids=None, labels=None, **_unused):

@@ -245,3 +245,13 @@ def test_per_head_qkv_layout_gives_same_output():
         ref = model(ids).logits
         to_per_head_qkv(model)
         assert max_diff(model(ids).logits, ref) <= TOL
+
+
+def test_vocab_padding_does_not_change_the_initial_weights():
+    torch.manual_seed(0)
+    plain = GPT2LMHeadModel(tiny_config(vocab_size=500))
+    torch.manual_seed(0)
+    padded = GPT2LMHeadModel(tiny_config(vocab_size=500, pad_vocab_size_multiple=64))
+    for (name, a), (_, b) in zip(plain.state_dict().items(), padded.state_dict().items()):
+        assert torch.equal(a, b[: a.size(0)]), name
+    assert padded.transformer.wte.weight[500:].abs().max().item() == 0.0
