@@ -98,6 +98,8 @@ def main(argv=None) -> int:
     except (ValueError, FileNotFoundError, CheckpointError, TrainingStopped, RuntimeError, OSError) as e:
         print(f"error: {str(e).splitlines()[0] if str(e) else type(e).__name__}", file=sys.stderr)
         return 2
+    if not summary:  # a distributed run's other ranks: rank 0 reports
+        return 0
     parts = [f"{summary['steps']} steps in {summary['seconds']:.1f}s"]
     if summary.get("final_loss") is not None:
         parts.append(f"final train loss {summary['final_loss']:.4f}")

@@ -116,10 +116,10 @@ def test_13b_recipe_on_one_process_names_the_layout(capsys, tmp_path):
     assert "torchrun --nproc_per_node 32" in err
 
 
-def test_distributed_launch_is_refused_until_issue_5(capsys, tmp_path, tiny_run, monkeypatch):
+def test_a_layout_that_does_not_fill_the_world_is_one_line(capsys, tmp_path, tiny_run, monkeypatch):
     monkeypatch.setenv("WORLD_SIZE", "2")
     code, err = _main(capsys, "--config", tiny_run, "--output_dir", tmp_path / "out", "--use_parallel", "True")
-    assert code == 2 and "distributed training arrives with issue 5" in err
+    assert code == 2 and "1 x 1 x 1 = 1, but the world size is 2" in err and err.count("\n") == 1
     code, err = _main(capsys, "--config", tiny_run, "--output_dir", tmp_path / "out")
     assert code == 2 and "WORLD_SIZE is 2 but use_parallel is false" in err
 

@@ -189,7 +189,7 @@ def test_loader_is_deterministic_and_resumes_mid_epoch():
     other = StepLoader(data, batch_size=3, micro_batches=2, seed=7)
     other.seek(4)
     assert _rows(other, 6) == full[8:]
-    with pytest.raises(ValueError, match="batch_size=3 but this run has batch_size=4"):
+    with pytest.raises(ValueError, match="saved with 6 rows per optimizer step .* this run reads 8"):
         StepLoader(data, batch_size=4, micro_batches=2, seed=7).load_state_dict(state)
 
 

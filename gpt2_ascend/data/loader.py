@@ -102,10 +102,19 @@ class StepLoader:
                     world_size=self.world_size)
 
     def load_state_dict(self, state: dict):
-        for key in ("num_rows", "batch_size", "micro_batches", "world_size", "seed", "shuffle"):
+        """Continue where a checkpoint stopped. The layout may change (say 2-way tensor parallel -> 2-way
+        data parallel with half the rows per rank): what must match is the rows one optimizer step reads
+        in all, since the ranks' slices of a step together are the step's rows of the epoch order."""
+        for key in ("num_rows", "seed", "shuffle"):
             if state.get(key) != getattr(self, key):
                 raise ValueError(f"the checkpoint's data position was saved with {key}={state.get(key)} but this "
                                  f"run has {key}={getattr(self, key)}; resume with the same data and batch settings")
+        saved = state["batch_size"] * state["micro_batches"] * state["world_size"]
+        ours = self.batch_size * self.micro_batches * self.world_size
+        if saved != ours:
+            raise ValueError(f"the checkpoint was saved with {saved} rows per optimizer step (batch_size "
+                             f"{state['batch_size']} x accumulation {state['micro_batches']} x data-parallel ranks "
+                             f"{state['world_size']}) but this run reads {ours}: keep the global batch the same")
         self.epoch = int(state["epoch"])
         self.step_in_epoch = int(state["step_in_epoch"])
         self._order = None

@@ -3,35 +3,40 @@ one HF-format directory without the original world size.
 
 A checkpoint directory holds DCP's files for {"model": ..., "optim": ...} (every rank writes its shards),
 `config.json` (the model, HF-style, plus the layout it was written with), one `rank_<r>.pt` per rank (RNG
-states, data position, scheduler and loss-scaler state) and `manifest.json`, written last, listing every
-file with its size. A directory without a manifest, or whose files disagree with it, is incomplete.
+states, data position, scheduler and loss-scaler state) and `manifest.json`, written last, in the format
+of train/checkpoint.py: every file with its size, and a sha256 for the small ones. A directory without a
+manifest, or whose files disagree with it, is incomplete; resume skips it.
 """
 from __future__ import annotations
 
 import json
 import os
 import shutil
+import time
 
 import torch
 import torch.distributed as dist
 
 from ..config import GPT2Config
 from ..hf import fsync_file, write_json
+from ..train import checkpoint as ckpt
+from ..train.checkpoint import MANIFEST
 from .tensor_parallel import convert_qkv_state
 
-MANIFEST = "manifest.json"
+HASHED_BYTES = 64 << 20  # files up to this size get a sha256 in the manifest; shards are checked by size
 
 
-def _files(directory: str) -> dict:
-    return {name: os.path.getsize(os.path.join(directory, name)) for name in sorted(os.listdir(directory))
-            if name != MANIFEST}
+def _describe(path: str) -> dict:
+    size = os.path.getsize(path)
+    return dict(bytes=size, sha256=ckpt.sha256_file(path)) if size <= HASHED_BYTES else dict(bytes=size)
 
 
-def save_sharded(path: str, model, optimizer, rank_state: dict, meta: dict):
-    """Every rank calls this. Writes into `<path>.tmp` and renames it to `path` once all ranks are done."""
+def save_sharded(path: str, model, optimizer, rank_state: dict, meta: dict, manifest_meta: dict | None = None):
+    """Every rank calls this. Writes into a temporary sibling and renames it to `path` once all ranks
+    are done; the manifest (the training checkpoint format of train/checkpoint.py) is written last."""
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.state_dict import get_state_dict
-    tmp = path + ".tmp"
+    tmp = os.path.join(os.path.dirname(path), "." + os.path.basename(path) + ".tmp-sharded")
     rank = dist.get_rank()
     if rank == 0:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -44,33 +49,20 @@ def save_sharded(path: str, model, optimizer, rank_state: dict, meta: dict):
     dist.barrier()
     if rank == 0:
         write_json(meta, os.path.join(tmp, "config.json"))
-        for name in os.listdir(tmp):
+        files = {}
+        for name in sorted(os.listdir(tmp)):
             fsync_file(os.path.join(tmp, name))
-        write_json({"files": _files(tmp)}, os.path.join(tmp, MANIFEST))
+            files[name] = _describe(os.path.join(tmp, name))
+        manifest = dict(format=ckpt.FORMAT_VERSION, step=meta.get("step"), time=time.time(), files=files,
+                        meta=dict(manifest_meta or {}, sharded=True))
+        write_json(manifest, os.path.join(tmp, MANIFEST))
         fsync_file(os.path.join(tmp, MANIFEST))
-        if os.path.isdir(path):
-            shutil.rmtree(path)
-        os.replace(tmp, path)
+        ckpt._replace_dir(tmp, path)
     dist.barrier()
 
 
-def verify(path: str) -> str | None:
-    """None if the checkpoint is complete and intact, else the reason in a few words."""
-    manifest = os.path.join(path, MANIFEST)
-    if not os.path.isfile(manifest):
-        return "no manifest.json (the write did not finish)"
-    try:
-        with open(manifest, encoding="utf-8") as f:
-            expected = json.load(f)["files"]
-    except (ValueError, KeyError) as e:
-        return f"unreadable manifest.json ({e})"
-    actual = _files(path)
-    for name, size in expected.items():
-        if name not in actual:
-            return f"{name} is missing"
-        if actual[name] != size:
-            return f"{name} has {actual[name]} bytes, the manifest says {size} (truncated or corrupt)"
-    return None
+def is_sharded(path: str) -> bool:
+    return os.path.isfile(os.path.join(path, MANIFEST)) and os.path.isfile(os.path.join(path, ".metadata"))
 
 
 def load_sharded(path: str, model, optimizer) -> dict:
@@ -78,9 +70,7 @@ def load_sharded(path: str, model, optimizer) -> dict:
     Returns this rank's extra state (from the same rank of the old run, or rank 0's if it had fewer)."""
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
-    problem = verify(path)
-    if problem:
-        raise ValueError(f"checkpoint {path} is not usable: {problem}")
+    ckpt.verify_checkpoint(path)
     model_sd, optim_sd = get_state_dict(model, optimizer)
     state = {"model": model_sd, "optim": optim_sd}
     dcp.load(state, checkpoint_id=path)
@@ -101,9 +91,7 @@ def load_full_model_state(path: str) -> tuple[GPT2Config, dict, str]:
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint import FileSystemReader
     from torch.distributed.checkpoint.metadata import TensorStorageMetadata
-    problem = verify(path)
-    if problem:
-        raise ValueError(f"checkpoint {path} is not usable: {problem}")
+    ckpt.verify_checkpoint(path)
     meta = read_meta(path)
     config = GPT2Config.from_hf_dict(meta["model_config"])
     reader = FileSystemReader(path)
@@ -112,22 +100,50 @@ def load_full_model_state(path: str) -> tuple[GPT2Config, dict, str]:
     for key, item in metadata.state_dict_metadata.items():
         if key.startswith("model.") and isinstance(item, TensorStorageMetadata):
             state[key] = torch.empty(item.size, dtype=item.properties.dtype)
-    dcp.load(state, storage_reader=reader, no_dist=True)
+    import warnings
+    with warnings.catch_warnings():  # "assuming the intent is to load in a single process": it is
+        warnings.simplefilter("ignore", UserWarning)
+        dcp.load(state, storage_reader=reader, no_dist=True)
     model_state = {k[len("model."):]: v for k, v in state.items()}
     if meta.get("qkv_layout") == "per_head":
         model_state = convert_qkv_state(model_state, config.n_embd, config.n_head, to="hf")
     return config, model_state, meta["architecture"]
 
 
-def merge_to_hf(src: str, dst: str, dtype=None):
+def merge_to_hf(src: str, dst: str, dtype=None, max_shard_size=None):
     """Consolidate a sharded checkpoint into an HF directory (config.json + model.safetensors)."""
+    config, state, architecture = load_full_model_state(src)
+    _save_hf(config, state, architecture, dst, dtype, max_shard_size)
+    return config, architecture
+
+
+def merge_checkpoint(src: str, dst: str, dtype=None, max_shard_size=None):
+    """Any training checkpoint (sharded DCP, or a single-process step_N with model.pt) -> HF directory."""
+    if not os.path.isdir(src):
+        raise FileNotFoundError(f"checkpoint not found: {src}")
+    if is_sharded(src):
+        return merge_to_hf(src, dst, dtype, max_shard_size)
+    if not ckpt.is_training_checkpoint(src):
+        raise ValueError(f"{src} is not a training checkpoint (no manifest.json with DCP files or model.pt): "
+                         f"pass OUTPUT_DIR/checkpoint/step_N")
+    ckpt.verify_checkpoint(src)
+    config = GPT2Config.from_json_file(os.path.join(src, "config.json"))
+    with open(os.path.join(src, "config.json"), encoding="utf-8") as f:
+        architecture = (json.load(f).get("architectures") or ["GPT2LMHeadModel"])[0]
+    state = ckpt.load_checkpoint(src, ["model"], verify=False)["model"]
+    if any(".lora_" in k for k in state):
+        raise ValueError(f"{src} holds LoRA adapters only: use the run's final/ directory, or "
+                         f"convert/merge_lora.py with its final/adapter")
+    _save_hf(config, state, architecture, dst, dtype, max_shard_size)
+    return config, architecture
+
+
+def _save_hf(config, state, architecture, dst, dtype, max_shard_size):
     from ..hf import save_pretrained
     from ..model import GPT2ForSequenceClassification, GPT2LMHeadModel
-    config, state, architecture = load_full_model_state(src)
     cls = GPT2ForSequenceClassification if architecture == "GPT2ForSequenceClassification" else GPT2LMHeadModel
     with torch.device("meta"):  # names the architecture and config; the tensors come from `state`
         shell = cls(config.replace(pad_vocab_size_multiple=1))  # the internal vocab padding stays internal
     if config.tie_word_embeddings and "lm_head.weight" in state and cls is GPT2LMHeadModel:
-        state.pop("lm_head.weight")
-    save_pretrained(shell, dst, dtype=dtype, state=state)
-    return config, architecture
+        state = {k: v for k, v in state.items() if k != "lm_head.weight"}
+    save_pretrained(shell, dst, dtype=dtype, state=state, max_shard_size=max_shard_size)

@@ -13,7 +13,7 @@ import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ..model import build_attention_mask, causal_lm_loss, last_token_index, positions_from_mask, run_block
+from ..model import build_attention_mask, last_token_index, positions_from_mask, run_block
 
 
 def split_layers(n_layer: int, stages: int) -> list[range]:
@@ -72,10 +72,11 @@ class PipelineStageModule(nn.Module):
 
 
 def stage_loss_fn(is_classifier: bool):
-    """The per-microbatch loss; schedules average it over microbatches (scale_grads=True)."""
+    """The per-microbatch loss; schedules average it over microbatches (scale_grads=True). For language
+    modelling the target is already the next token at each position (the trainer's (B, T+1) blocks)."""
     if is_classifier:
         return lambda logits, labels: F.cross_entropy(logits.float(), labels)
-    return causal_lm_loss
+    return lambda logits, targets: F.cross_entropy(logits.float().flatten(0, 1), targets.flatten())
 
 
 def build_schedule(submodule, stage_module: PipelineStageModule, stage: int, stages: int, pp_group, device,

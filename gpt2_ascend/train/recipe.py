@@ -112,6 +112,7 @@ SCHEMA = _section(
         optimizer_shard=Key(False, "bool"),
         recompute=Key("none", "choice", ("none", "selective", "full")),
         sequence_parallel=Key(False, "bool"),
+        pipeline_schedule=Key("1f1b", "choice", ("1f1b", "gpipe")),
     ),
     model=_section(
         arch=_section(type=Key("GPT2LMHeadModel", "choice", ARCHS)),

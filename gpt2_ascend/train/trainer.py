@@ -315,15 +315,16 @@ class DistContext:
     rank: int = 0
     world_size: int = 1
     local_rank: int = 0
+    parallel: bool = False
 
     @property
     def is_main(self) -> bool:
         return self.rank == 0
 
 
-def init_distributed(recipe) -> DistContext:
-    """The process layout. One process unless the recipe (use_parallel) and the launcher (torchrun's
-    WORLD_SIZE) both ask for more. The distributed engine (issue 5) replaces the multi-process branch."""
+def init_distributed(recipe):
+    """The process layout: a DistContext for one process, or gpt2_ascend.parallel's ParallelContext when
+    the recipe (use_parallel) and the launcher (torchrun's WORLD_SIZE) both ask for more."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
     p = recipe.parallel
     layout = p.data_parallel * p.model_parallel * p.pipeline_stage
@@ -339,8 +340,8 @@ def init_distributed(recipe) -> DistContext:
                              f"one process: launch with torchrun --nproc_per_node {layout}, or set "
                              f"--use_parallel False")
         return DistContext()
-    raise RuntimeError(f"distributed training arrives with issue 5: this trainer runs one process; launch "
-                       f"without torchrun (WORLD_SIZE is {world}) and with --use_parallel False")
+    from ..parallel.engine import init_parallel
+    return init_parallel(recipe)
 
 
 def wrap_model(model: torch.nn.Module, recipe, dist: DistContext) -> torch.nn.Module:
@@ -355,7 +356,7 @@ def task_of(recipe) -> str:
     return "txtcls" if recipe.model.arch.type == "GPT2ForSequenceClassification" else "lm"
 
 
-def build_model(recipe, device: torch.device, log=print) -> torch.nn.Module:
+def build_model(recipe, device: torch.device, log=print, config_overrides: dict | None = None) -> torch.nn.Module:
     """The model a recipe asks for, on `device`: from scratch, or from load_checkpoint (an HF-format
     directory or one of our checkpoints), with LoRA adapters when model_config.pet_config says so."""
     from ..config import GPT2Config
@@ -370,8 +371,19 @@ def build_model(recipe, device: torch.device, log=print) -> torch.nn.Module:
         if not os.path.exists(source):
             raise FileNotFoundError(f"load_checkpoint not found: {source}; pass an HF-format GPT-2 directory "
                                     f"or OUTPUT_DIR/checkpoint/step_N")
-        overrides = training_overrides(recipe)
-        if ckpt.is_training_checkpoint(source):
+        overrides = dict(training_overrides(recipe), **(config_overrides or {}))
+        from ..parallel.checkpoint import is_sharded, load_full_model_state
+        if is_sharded(source):  # a distributed run's checkpoint: gathered into one state here
+            config, state, _ = load_full_model_state(source)
+            config = config.replace(**overrides)
+            from ..hf import pad_vocab
+            state = {k: pad_vocab(v[: config.vocab_size], config) if k in ("transformer.wte.weight",
+                                                                            "lm_head.weight") else v
+                     for k, v in state.items()}
+            if config.tie_word_embeddings:
+                state.pop("lm_head.weight", None)
+            model = model_from_state(cls, config, state, source=source, dtype=torch.float32)
+        elif ckpt.is_training_checkpoint(source):
             manifest = ckpt.verify_checkpoint(source)
             if manifest.get("meta", {}).get("lora"):
                 raise ValueError(f"{source} is a LoRA checkpoint (adapters only): load its run's final/ "
@@ -383,7 +395,7 @@ def build_model(recipe, device: torch.device, log=print) -> torch.nn.Module:
             model = cls.from_pretrained(source, dtype=torch.float32, **overrides)
         _note_shape(recipe, model.config, source, log)
     else:
-        model = cls(gpt2_config(recipe))
+        model = cls(gpt2_config(recipe).replace(**(config_overrides or {})))
     seq = recipe.model.model_config.seq_length
     if seq > model.config.n_positions:
         raise ValueError(f"model_config.seq_length {seq} exceeds the model's n_positions "
@@ -498,7 +510,8 @@ def make_evaluator(recipe, eval_data, precision: str):
 
 def run_training(recipe, overwrite: bool = False, log=print) -> dict:
     """Everything train.py does: build from the recipe, resume, train, evaluate, export final/.
-    Returns a summary dict (also written to OUTPUT_DIR/summary.json)."""
+    Returns a summary dict (also written to OUTPUT_DIR/summary.json). Under torchrun with use_parallel
+    every rank runs this; gpt2_ascend.parallel supplies the model split, the step and the checkpoints."""
     from ..data.store import write_json  # atomic
     from .recipe import dump_recipe, lora_settings, precision
 
@@ -509,28 +522,46 @@ def run_training(recipe, overwrite: bool = False, log=print) -> dict:
         raise ValueError("run_mode finetune starts from trained weights: pass --load_checkpoint DIR (an HF-format "
                          "GPT-2 directory) or use --run_mode train")
     dist = init_distributed(recipe)
-    device = dev.resolve_device(recipe.device)
-    dev.set_device(device)
+    if dist.parallel:
+        from ..parallel import engine
+        device = dist.device
+        log = log if dist.is_main else (lambda *a, **k: None)
+    else:
+        device = dev.resolve_device(recipe.device)
+        dev.set_device(device)
+    sync = engine.barrier if dist.parallel else (lambda: None)
     output_dir = os.path.abspath(resolve_path(recipe.output_dir))
     root = ckpt.checkpoint_root(output_dir)
-    resume_path = _resume_path(recipe, root, overwrite, output_dir, log)
-    if not resume_path:  # a fresh run: no events of an earlier one in the TensorBoard folder
-        shutil.rmtree(os.path.join(output_dir, "tensorboard"), ignore_errors=True)
-    os.makedirs(output_dir, exist_ok=True)
-    ckpt.remove_stale_temporaries(root)
-    if dist.is_main:
+    def prepare_output():  # one rank decides and cleans up; the others follow its answer
+        path = _resume_path(recipe, root, overwrite, output_dir, log)
+        if not path:  # a fresh run: no events of an earlier one in the TensorBoard folder
+            shutil.rmtree(os.path.join(output_dir, "tensorboard"), ignore_errors=True)
+        os.makedirs(output_dir, exist_ok=True)
+        ckpt.remove_stale_temporaries(root)
         dump_recipe(recipe, os.path.join(output_dir, "recipe.yaml"))
+        return path
+    resume_path = engine.on_main(prepare_output) if dist.parallel else prepare_output()
 
     seed_everything(recipe.seed, device)
     cache_dir = resolve_path(recipe.data_cache_dir) or os.path.join(output_dir, "data_cache")
+    if dist.parallel and not dist.is_main:
+        sync()  # rank 0 prepares and caches the data first
     train_data, eval_data = load_datasets(recipe, cache_dir=cache_dir)
-    model = build_model(recipe, device, log)
-    raw_model = model
-    base = _base_model(raw_model)
+    if dist.parallel and dist.is_main:
+        sync()
+    overrides = engine.config_overrides(dist, recipe.model.model_config.pad_vocab_size_multiple) \
+        if dist.parallel else {}
+    model = build_model(recipe, torch.device("cpu") if dist.parallel else device, log, config_overrides=overrides)
+    base = _base_model(model)
     check_ranges(train_data, base.config, "training data")
     if eval_data is not None:
         check_ranges(eval_data, base.config, "evaluation data")
-    train_model = wrap_model(model, recipe, dist)
+    if dist.parallel:
+        pm = engine.parallelize(model, dist, compile_blocks=recipe.runner_config.compile, per_head=not lora_settings(recipe))
+        raw_model, train_model = pm.core, pm.module
+    else:
+        raw_model = model
+        train_model = wrap_model(model, recipe, dist)
     prec = precision(recipe)
     rc = recipe.runner_config
     loader = StepLoader(train_data, batch_size=rc.batch_size, micro_batches=rc.gradient_accumulation_steps,
@@ -560,40 +591,68 @@ def run_training(recipe, overwrite: bool = False, log=print) -> dict:
                              load_checkpoint=recipe.load_checkpoint, task=task_of(recipe)),
         json_files={"config.json": base.config.to_hf_dict(base.hf_architecture)},
     )
-    trainer = Trainer(train_model, optimizer, schedule, loader, device, settings, output_dir=output_dir,
-                      evaluate=make_evaluator(recipe, eval_data, prec), raw_model=raw_model, log=log)
+    common = dict(optimizer=optimizer, schedule=schedule, loader=loader, device=device, settings=settings,
+                  output_dir=output_dir, evaluate=make_evaluator(recipe, eval_data, prec), log=log)
+    if dist.parallel:
+        model_meta = dict(model_config=base.config.to_hf_dict(base.hf_architecture),
+                          architecture=base.hf_architecture, qkv_layout="hf" if lora else "per_head",
+                          task=task_of(recipe), lora=bool(lora))
+        trainer = engine.ParallelTrainer(pm, dist, model_meta, **common)
+    else:
+        trainer = Trainer(train_model, raw_model=raw_model, **common)
     if resume_path:
-        trainer.load_state_dict(ckpt.load_checkpoint(resume_path))
+        if dist.parallel:
+            trainer.load_checkpoint(resume_path)
+        else:
+            trainer.load_state_dict(ckpt.load_checkpoint(resume_path))
         log(f"resumed from {resume_path} (step {trainer.step})")
 
-    log(f"training {base.num_parameters():,} parameters ({_trainable(raw_model):,} trainable) on "
-        f"{dev.device_name(device)} ({prec}): {run_steps} steps of {rc.batch_size} x "
+    layout = f" on {dist.global_world} processes ({_layout(dist.pc)})" if dist.parallel else ""
+    log(f"training {base.num_parameters():,} parameters ({_trainable(model):,} trainable) on "
+        f"{dev.device_name(device)} ({prec}){layout}: {run_steps} steps of {rc.batch_size} x "
         f"{rc.gradient_accumulation_steps} x {dist.world_size} rows, {loader.steps_per_epoch} steps per epoch")
     seq = recipe.model.model_config.seq_length
     fpt = flops_per_token(base.num_parameters(), base.config.n_layer, base.config.n_embd, seq)
-    metrics = MetricsLogger(output_dir, trainer.step, run_steps, resumed=bool(resume_path),
-                            progress=settings.progress, flops_per_token=fpt,
-                            peak=peak_flops(dev.device_name(device), prec))
+    metrics = None
+    if dist.is_main:
+        metrics = MetricsLogger(output_dir, trainer.step, run_steps, resumed=bool(resume_path),
+                                progress=settings.progress, flops_per_token=fpt,
+                                peak=peak_flops(dev.device_name(device), prec))
     start = time.perf_counter()
     start_step = trainer.step
     try:
         last = trainer.train(metrics)
     finally:
-        metrics.close()
+        if metrics is not None:
+            metrics.close()
     elapsed = time.perf_counter() - start
     if trainer.last_saved_step != trainer.step:
         trainer.save_checkpoint()
+    if dist.parallel:
+        final_dir = engine.export_final(trainer, recipe, output_dir, dist)
+        if trainer.evaluate_fn is not None and trainer.pm.pipelined and dist.is_main:
+            engine.evaluate_merged(trainer, final_dir)  # a pipeline stage cannot run the whole model
     if trainer.evaluate_fn is not None and (trainer.last_eval is None or trainer.last_eval["step"] != trainer.step):
         trainer.evaluate()
+    if not dist.is_main:
+        sync()
+        return {}
     curve = plot_loss_curve(metrics.path, os.path.join(output_dir, "loss_curve.png"))
-    final_dir = export_final(raw_model, recipe, output_dir, lora=bool(lora))
+    if not dist.parallel:
+        final_dir = export_final(raw_model, recipe, output_dir, lora=bool(lora))
     summary = dict(steps=trainer.step, steps_this_run=trainer.step - start_step, seconds=round(elapsed, 2),
                    final_loss=last.get("loss"), final=final_dir, loss_curve=curve,
                    metrics=metrics.path, device=dev.device_name(device), precision=prec)
     if trainer.last_eval is not None:
         summary.update({f"eval_{k}": v for k, v in trainer.last_eval.items() if k != "step"})
     write_json(summary, os.path.join(output_dir, "summary.json"))
+    sync()
     return summary
+
+
+def _layout(pc) -> str:
+    return (f"data_parallel {pc.data_parallel} x model_parallel {pc.model_parallel} x pipeline_stage "
+            f"{pc.pipeline_stage}" + (", optimizer_shard" if pc.optimizer_shard else ""))
 
 
 def _resume_path(recipe, root: str, overwrite: bool, output_dir: str, log) -> str | None:

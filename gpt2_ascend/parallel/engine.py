@@ -1,0 +1,303 @@
+"""Distributed training: what the trainer does differently under torchrun.
+
+`init_parallel` starts the process group and the (pp, dp, tp) mesh; `parallelize` turns the model into
+what each rank runs, in torchtitan's order: pipeline split -> tensor parallel -> recompute (already set on
+the blocks) -> compile -> FSDP2 / DDP; `ParallelTrainer` runs one optimizer step through it (the pipeline
+schedule when there are stages), clips across shards and stages, and writes sharded DCP checkpoints.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+
+from .. import device as dev
+from ..train import checkpoint as ckpt
+from ..train.trainer import Trainer, capture_rng, restore_rng
+from . import checkpoint as sharded
+from .clip import clip_grad_norm
+from .data_parallel import apply_ddp, apply_fsdp
+from .mesh import ParallelConfig, build_mesh, init_distributed, vocab_multiple
+from .pipeline import PipelineStageModule, TiedEmbeddingSync, build_schedule, pipeline_step
+from .tensor_parallel import apply_tensor_parallel, to_per_head_qkv
+
+# Parameters above this are built on the meta device and materialised already sharded.
+META_INIT_PARAMS = 2_000_000_000
+
+
+@dataclass
+class ParallelContext:
+    """One rank's view of the layout. `rank` / `world_size` for the data loader are the data-parallel ones."""
+    pc: ParallelConfig
+    mesh: object
+    device: torch.device
+    global_rank: int
+    global_world: int
+    parallel: bool = True
+
+    @property
+    def rank(self) -> int:  # the data loader's slice
+        return self.mesh["dp"].get_local_rank()
+
+    @property
+    def world_size(self) -> int:
+        return self.pc.data_parallel
+
+    @property
+    def is_main(self) -> bool:
+        return self.global_rank == 0
+
+    @property
+    def pp_rank(self) -> int:
+        return self.mesh["pp"].get_local_rank()
+
+    @property
+    def pp_group(self):
+        return self.mesh["pp"].get_group()
+
+    @property
+    def dp_group(self):
+        return self.mesh["dp"].get_group()
+
+
+def parallel_config(recipe) -> ParallelConfig:
+    p = recipe.parallel
+    return ParallelConfig(data_parallel=p.data_parallel, model_parallel=p.model_parallel,
+                          pipeline_stage=p.pipeline_stage, micro_batch_num=p.micro_batch_num,
+                          optimizer_shard=p.optimizer_shard, recompute=p.recompute,
+                          sequence_parallel=p.sequence_parallel, pipeline_schedule=p.pipeline_schedule)
+
+
+def init_parallel(recipe) -> ParallelContext:
+    """Process group + mesh from torchrun's environment and the recipe's parallel section."""
+    pc = parallel_config(recipe)
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    mc = recipe.model.model_config
+    pc.validate(world_size=world, n_head=mc.num_heads, n_layer=mc.num_layers)
+    if pc.pipeline_stage > 1 and recipe.runner_config.batch_size % pc.micro_batch_num:
+        raise ValueError(f"runner_config.batch_size {recipe.runner_config.batch_size} does not split into "
+                         f"parallel.micro_batch_num={pc.micro_batch_num} equal micro-batches: make it a multiple")
+    if recipe.model.model_config.pet_config.pet_type == "lora" and (pc.model_parallel > 1 or pc.pipeline_stage > 1
+                                                                    or pc.uses_fsdp):
+        raise ValueError("LoRA with tensor / pipeline parallel or optimizer_shard is not supported: use "
+                         "data_parallel only (DDP), or one device")
+    device = init_distributed(recipe.device)
+    mesh = build_mesh(pc, device)
+    return ParallelContext(pc=pc, mesh=mesh, device=device, global_rank=dist.get_rank(),
+                           global_world=dist.get_world_size())
+
+
+def barrier():
+    if dist.is_initialized():
+        dist.barrier()
+
+
+def on_main(fn):
+    """Run fn on rank 0 and hand its result to every rank; an error there is raised on every rank
+    (with its one-line message) instead of leaving the others waiting."""
+    box = [None]
+    if dist.get_rank() == 0:
+        try:
+            box[0] = ("ok", fn())
+        except Exception as e:  # noqa: BLE001 - re-raised below, on every rank
+            box[0] = ("error", (type(e).__name__, str(e)))
+    dist.broadcast_object_list(box, src=0)
+    status, value = box[0]
+    if status == "error":
+        kind, message = value
+        raise (ValueError if kind != "FileNotFoundError" else FileNotFoundError)(message)
+    return value
+
+
+def config_overrides(ctx: ParallelContext, base_multiple: int) -> dict:
+    """The internal vocab padding every rank builds with (a multiple of 64 and of the TP degree)."""
+    return dict(pad_vocab_size_multiple=vocab_multiple(ctx.pc, base_multiple))
+
+
+@dataclass
+class ParallelModel:
+    module: nn.Module  # what runs the step (DDP / FSDP / compiled)
+    core: nn.Module  # the bare model or pipeline stage: parameters, names, the architecture
+    schedule: object = None
+    tied: TiedEmbeddingSync | None = None
+
+    @property
+    def pipelined(self) -> bool:
+        return self.schedule is not None
+
+
+def parallelize(model: nn.Module, ctx: ParallelContext, compile_blocks: bool = False,
+                per_head: bool = True) -> ParallelModel:
+    """Split, shard and wrap `model` (built identically on every rank) for this rank."""
+    pc = ctx.pc
+    if per_head:  # the distributed c_attn layout, whatever the TP degree (see tensor_parallel.py)
+        to_per_head_qkv(model)
+    core = model
+    if pc.pipeline_stage > 1:
+        core = PipelineStageModule(model, ctx.pp_rank, pc.pipeline_stage)
+    core.to(ctx.device)
+    if pc.model_parallel > 1:
+        apply_tensor_parallel(core, ctx.mesh["tp"], pc.sequence_parallel)
+    if compile_blocks:
+        for block in _blocks(core):
+            block.compile()  # in place: parameter names stay the same
+    module = core
+    if pc.uses_fsdp:  # fp32 master weights and gradient reduction; autocast sets the compute dtype
+        apply_fsdp(core, ctx.mesh["dp"], param_dtype=None, reduce_dtype=torch.float32)
+    elif pc.uses_ddp:
+        module = apply_ddp(core, ctx.mesh["dp"], ctx.device)
+    pm = ParallelModel(module=module, core=core)
+    if pc.pipeline_stage > 1:
+        pm.schedule = build_schedule(module, core, ctx.pp_rank, pc.pipeline_stage, ctx.pp_group, ctx.device,
+                                     pc.micro_batch_num, pc.pipeline_schedule)
+        pm.tied = TiedEmbeddingSync(ctx.mesh, core)
+    return pm
+
+
+def _blocks(core):
+    h = core.transformer.h
+    return list(h.values()) if isinstance(h, nn.ModuleDict) else list(h)
+
+
+def architecture_of(model: nn.Module) -> str:
+    return getattr(model, "hf_architecture", None) or (
+        "GPT2ForSequenceClassification" if hasattr(model, "score") else "GPT2LMHeadModel")
+
+
+class ParallelTrainer(Trainer):
+    """The trainer's loop with a distributed step and sharded checkpoints."""
+
+    def __init__(self, pm: ParallelModel, ctx: ParallelContext, model_meta: dict, **kwargs):
+        super().__init__(pm.module, raw_model=pm.core, **kwargs)
+        self.pm, self.ctx, self.model_meta = pm, ctx, model_meta
+        if self.scaler is not None:
+            from torch.distributed.fsdp.sharded_grad_scaler import ShardedGradScaler
+            s = self.settings  # every rank must agree on an overflow: the scaler all-reduces found_inf
+            self.scaler = ShardedGradScaler(ctx.device.type, init_scale=s.loss_scale, growth_factor=s.scale_factor,
+                                            backoff_factor=1.0 / s.scale_factor, growth_interval=s.scale_window)
+
+    def train_step(self, micro_batches: list[dict]) -> dict:
+        self.model.train()
+        n = len(micro_batches)
+        total_loss = torch.zeros((), device=self.device)
+        for i, batch in enumerate(micro_batches):
+            batch = {k: v.to(self.device, non_blocking=True) for k, v in batch.items()}
+            if self.pm.pipelined:
+                total_loss += self._pipeline_loss(batch).detach() / n
+            else:
+                with self._no_sync(i < n - 1), dev.autocast(self.device, self.amp_dtype):
+                    loss = self.compute_loss(batch) / n
+                (self.scaler.scale(loss) if self.scaler is not None else loss).backward()
+                total_loss += loss.detach()
+        if self.pm.pipelined and n > 1:
+            for p in self.params:  # each schedule step averaged its micro-batches; average the steps too
+                if p.grad is not None:
+                    p.grad.div_(n)
+        if self.pm.tied is not None:
+            self.pm.tied()
+        if self.ctx.pc.data_parallel > 1:  # the logged loss is the global batch's
+            dist.all_reduce(total_loss, op=dist.ReduceOp.SUM, group=self.ctx.dp_group)
+            total_loss /= self.ctx.pc.data_parallel
+        out = dict(loss=total_loss)
+        if self.scaler is not None:
+            self.scaler.unscale_(self.optimizer)
+            out["loss_scale"] = self.scaler._get_scale_async().detach().clone()
+        duplicates = self.pm.tied.duplicates if self.pm.tied is not None else ()
+        out["grad_norm"] = clip_grad_norm(self.params, self.settings.max_grad_norm or 0.0, self.ctx.pp_group,
+                                          duplicates)
+        from ..train.optim import set_lr
+        set_lr(self.optimizer, self.schedule(self.step))
+        if self.scaler is not None:
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+        else:
+            self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.step += 1
+        return out
+
+    def _pipeline_loss(self, batch: dict) -> torch.Tensor:
+        if self.scaler is not None:
+            raise ValueError("fp16 loss scaling with pipeline_stage > 1 is not supported: use bf16")
+        core = self.pm.core
+        with dev.autocast(self.device, self.amp_dtype):  # the schedule runs the forward in this thread
+            if self.settings.task == "txtcls":
+                return pipeline_step(self.pm.schedule, core, batch["input_ids"], batch["labels"],
+                                     batch["attention_mask"], self.ctx.pp_group)
+            tokens = batch["input_ids"]  # (B, T+1): read T tokens, predict the next T
+            return pipeline_step(self.pm.schedule, core, tokens[:, :-1], tokens[:, 1:], None, self.ctx.pp_group)
+
+    def _no_sync(self, skip: bool):
+        """DDP: reduce gradients once per optimizer step, not per micro-batch."""
+        import contextlib
+        if skip and hasattr(self.model, "no_sync"):
+            return self.model.no_sync()
+        return contextlib.nullcontext()
+
+    # ---- checkpoints ----
+    def rank_state(self) -> dict:
+        return dict(step=self.step, loader=self.loader.state_dict(), schedule=self.schedule.state_dict(),
+                    rng=capture_rng(self.device), consecutive_skips=self.consecutive_skips,
+                    scaler=self.scaler.state_dict() if self.scaler is not None else None)
+
+    def save_checkpoint(self) -> str:
+        root = ckpt.checkpoint_root(self.output_dir)
+        path = os.path.join(root, ckpt.step_dir_name(self.step))
+        meta = dict(self.model_meta, step=self.step, layout=dict(
+            data_parallel=self.ctx.pc.data_parallel, model_parallel=self.ctx.pc.model_parallel,
+            pipeline_stage=self.ctx.pc.pipeline_stage))
+        sharded.save_sharded(path, self.model, self.optimizer, self.rank_state(), meta,
+                             manifest_meta=dict(self.settings.checkpoint_meta, step=self.step, sharded=True))
+        if self.ctx.is_main and self.settings.keep_checkpoints:
+            ckpt.prune(root, self.settings.keep_checkpoints)
+        barrier()
+        self.last_saved_step = self.step
+        return path
+
+    def load_checkpoint(self, path: str):
+        state = sharded.load_sharded(path, self.model, self.optimizer)
+        self.step = int(state["step"])
+        self.loader.load_state_dict(state["loader"])
+        self.consecutive_skips = int(state.get("consecutive_skips", 0))
+        if self.scaler is not None and state.get("scaler"):
+            self.scaler.load_state_dict(state["scaler"])
+        restore_rng(self.device, state["rng"])
+        self.last_saved_step = self.step
+
+    def evaluate(self) -> dict:
+        if self.pm.pipelined:
+            return {}  # a pipeline stage cannot run the whole model: the merged final model is evaluated
+        return super().evaluate()
+
+
+def export_final(trainer: ParallelTrainer, recipe, output_dir: str, ctx: ParallelContext) -> str:
+    """OUTPUT_DIR/final/ in HF format from the run's last (sharded) checkpoint, merged on rank 0."""
+    from ..tokenizer import default_tokenizer_dir, load_tokenizer, save_tokenizer
+    from ..train.trainer import export_final as export_single, resolve_path
+    final_dir = os.path.join(output_dir, "final")
+    if ctx.is_main:
+        if trainer.model_meta.get("lora"):  # data parallel only: rank 0 holds the whole adapted model
+            export_single(trainer.raw_model, recipe, output_dir, lora=True)
+        else:
+            path = os.path.join(ckpt.checkpoint_root(output_dir), ckpt.step_dir_name(trainer.step))
+            sharded.merge_to_hf(path, final_dir)
+            tokenizer_dir = resolve_path(recipe.tokenizer) or default_tokenizer_dir()
+            try:
+                save_tokenizer(load_tokenizer(tokenizer_dir), final_dir, source_dir=tokenizer_dir)
+            except FileNotFoundError:
+                pass
+    barrier()
+    return final_dir
+
+
+def evaluate_merged(trainer: ParallelTrainer, final_dir: str):
+    """Rank 0 evaluates the exported model (pipeline runs, whose stages cannot run it whole)."""
+    from ..model import GPT2ForSequenceClassification, GPT2LMHeadModel
+    cls = GPT2ForSequenceClassification if trainer.model_meta["architecture"] == "GPT2ForSequenceClassification" \
+        else GPT2LMHeadModel
+    model = cls.from_pretrained(final_dir, device=trainer.device)
+    result = trainer.evaluate_fn(model)
+    trainer.last_eval = dict(step=trainer.step, **result)
