@@ -1,0 +1,227 @@
+"""Distributed training through real torchrun processes (gloo, CPU, fp32, tiny shapes).
+
+Every layout must reproduce a single-process run with the same global batch: per-step losses and the
+merged final weights to 1e-5.
+"""
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+import torch
+import yaml
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TOL = 1e-5
+STEPS = 5
+
+
+def _port():
+    import socket
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def workdir(tmp_path_factory):
+    root = tmp_path_factory.mktemp("parallel")
+    rng = np.random.default_rng(0)
+    np.save(root / "train.npy", rng.integers(0, 512, size=(96, 17), dtype=np.uint16))
+    ids = rng.integers(0, 511, size=(64, 12)).astype(np.int32)
+    mask = np.ones_like(ids)
+    for row, length in enumerate(rng.integers(4, 13, size=64)):
+        ids[row, length:], mask[row, length:] = 511, 0  # right padding with the pad id
+    np.savez(root / "cls.npz", input_ids=ids, attention_mask=mask, labels=rng.integers(0, 2, size=64))
+    with open(os.path.join(REPO, "configs/gpt2/pretrain_gpt2_tiny.yaml")) as f:
+        recipe = yaml.safe_load(f)
+    recipe.update(do_eval=False, data_cache_dir=str(root / "cache"))
+    recipe["model"]["model_config"].update(seq_length=16, vocab_size=512, hidden_size=64, num_layers=4,
+                                           num_heads=4, eos_token_id=511, pad_token_id=511, max_decode_length=16)
+    recipe["runner_config"].update(batch_size=8, max_steps=STEPS, progress_bar=False)
+    recipe["lr_schedule"].update(learning_rate=1e-4, lr_end=1e-5, warmup_steps=0)
+    recipe["train_dataset"]["data_loader"]["dataset_dir"] = str(root / "train.npy")
+    recipe["eval_dataset"]["data_loader"]["dataset_dir"] = ""
+    recipe["callbacks"] = [dict(type="MFLossMonitor", per_print_times=1),
+                           dict(type="CheckpointMonitor", prefix="t", save_checkpoint_steps=STEPS,
+                                keep_checkpoint_max=3)]
+    with open(root / "lm.yaml", "w") as f:
+        yaml.safe_dump(recipe, f)
+    recipe["model"]["arch"]["type"] = "GPT2ForSequenceClassification"
+    recipe["model"]["model_config"].update(seq_length=12, num_labels=2)
+    recipe["train_dataset"]["data_loader"]["dataset_dir"] = str(root / "cls.npz")
+    with open(root / "cls.yaml", "w") as f:
+        yaml.safe_dump(recipe, f)
+    return root
+
+
+def _env():
+    return dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=REPO)
+
+
+def run(workdir, name, nproc, *overrides, recipe="lm.yaml", check=True, wait=True):
+    out = workdir / name
+    args = ["--config", str(workdir / recipe), "--output_dir", str(out), *overrides]
+    if nproc == 1:
+        cmd = [sys.executable, os.path.join(REPO, "train.py"), *args]
+    else:
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc),
+               "--master_port", str(_port()), os.path.join(REPO, "train.py"), "--use_parallel", "True", *args]
+    proc = subprocess.Popen(cmd, cwd=REPO, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True, start_new_session=True)
+    if not wait:
+        return proc
+    stdout, stderr = proc.communicate(timeout=600)
+    if check:
+        assert proc.returncode == 0, stderr[-3000:]
+    return out
+
+
+def losses(out):
+    with open(out / "metrics.jsonl") as f:
+        return [(r["step"], r["loss"]) for r in map(json.loads, f)]
+
+
+def weights(directory):
+    from gpt2_ascend.hf import read_state_dict
+    return read_state_dict(str(directory))
+
+
+def assert_same_run(out, reference):
+    got, want = losses(out), losses(reference)
+    assert [s for s, _ in got] == [s for s, _ in want] == list(range(1, STEPS + 1))
+    assert max(abs(a - b) for (_, a), (_, b) in zip(got, want)) <= TOL
+    mine, theirs = weights(out / "final"), weights(reference / "final")
+    assert mine.keys() == theirs.keys()
+    assert max((mine[k] - theirs[k]).abs().max().item() for k in mine) <= TOL
+
+
+@pytest.fixture(scope="module")
+def single(workdir):
+    return run(workdir, "single", 1)
+
+
+@pytest.fixture(scope="module")
+def single_cls(workdir):
+    return run(workdir, "single_cls", 1, recipe="cls.yaml")
+
+
+@pytest.mark.parametrize("name, nproc, layout", [
+    ("dp", 2, ["parallel.data_parallel=2", "runner_config.batch_size=4"]),
+    ("fsdp", 2, ["parallel.data_parallel=2", "parallel.optimizer_shard=true", "runner_config.batch_size=4"]),
+    ("tp", 2, ["parallel.model_parallel=2", "parallel.recompute=full"]),
+    ("tp_sp", 2, ["parallel.model_parallel=2", "parallel.sequence_parallel=true"]),
+    ("pp_gpipe", 2, ["parallel.pipeline_stage=2", "parallel.micro_batch_num=2", "parallel.pipeline_schedule=gpipe"]),
+    ("pp_1f1b", 2, ["parallel.pipeline_stage=2", "parallel.micro_batch_num=4", "parallel.recompute=selective"]),
+    ("dp_tp", 4, ["parallel.data_parallel=2", "parallel.model_parallel=2", "runner_config.batch_size=4"]),
+    ("tp_pp", 4, ["parallel.model_parallel=2", "parallel.pipeline_stage=2", "parallel.micro_batch_num=2"]),
+])
+def test_layout_matches_one_process(workdir, single, name, nproc, layout):
+    out = run(workdir, name, nproc, *layout)
+    assert_same_run(out, single)
+    with open(out / "checkpoint" / f"step_{STEPS:07d}" / "config.json") as f:
+        assert json.load(f)["layout"]["data_parallel"] * 1 >= 1
+
+
+@pytest.mark.parametrize("name, layout", [
+    ("cls_pp", ["parallel.pipeline_stage=2", "parallel.micro_batch_num=2"]),
+    ("cls_dp", ["parallel.data_parallel=2", "runner_config.batch_size=4"]),
+])
+def test_classifier_layouts_match_one_process(workdir, single_cls, name, layout):
+    assert_same_run(run(workdir, name, 2, *layout, recipe="cls.yaml"), single_cls)
+
+
+def test_merged_sharded_checkpoint_loads_in_transformers(workdir, single):
+    import transformers
+    out = workdir / "tp"
+    if not (out / "checkpoint").is_dir():
+        out = run(workdir, "tp", 2, "parallel.model_parallel=2")
+    merged = workdir / "merged_tp"
+    proc = subprocess.run([sys.executable, os.path.join(REPO, "convert/merge_checkpoint.py"), "--src_ckpt_dir",
+                           str(out / "checkpoint" / f"step_{STEPS:07d}"), "--dst_dir", str(merged)],
+                          env=_env(), capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+    theirs = transformers.GPT2LMHeadModel.from_pretrained(merged).eval()
+    from gpt2_ascend import GPT2LMHeadModel
+    running = GPT2LMHeadModel.from_pretrained(single / "final").eval()  # the same run on one process
+    ids = torch.randint(0, 511, (2, 16), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        assert (theirs(ids).logits - running(ids).logits).abs().max().item() <= TOL
+
+
+def descendants(pid: int) -> list[int]:
+    children = {}
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/stat") as f:
+                    ppid = int(f.read().rsplit(")", 1)[1].split()[1])
+            except (OSError, ValueError, IndexError):
+                continue
+            children.setdefault(ppid, []).append(int(entry))
+    found, todo = [], [pid]
+    while todo:
+        for child in children.get(todo.pop(), []):
+            found.append(child)
+            todo.append(child)
+    return found
+
+
+def kill_tree(pid: int):
+    for p in [pid] + descendants(pid):
+        try:
+            os.kill(p, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+
+
+def test_resume_after_kill_on_two_processes(workdir):
+    steps = ["--max_steps", "400", "callbacks.CheckpointMonitor.save_checkpoint_steps=20",
+             "parallel.data_parallel=2", "runner_config.batch_size=2"]
+    reference = run(workdir, "kill_reference", 2, *steps)
+    proc = run(workdir, "kill_victim", 2, *steps, wait=False)
+    victim = workdir / "kill_victim"
+    marker = victim / "checkpoint" / "step_0000040" / "manifest.json"
+    deadline = time.time() + 300
+    while not marker.exists():
+        assert proc.poll() is None, "the run ended before it could be killed: " + proc.stderr.read()[-2000:]
+        assert time.time() < deadline, "no checkpoint at step 40 in time"
+        time.sleep(0.005)
+    kill_tree(proc.pid)  # torchrun and its workers (which run in sessions of their own)
+    proc.communicate()
+    assert len(losses(victim)) < 400
+    run(workdir, "kill_victim", 2, *steps, "--resume", "auto")
+    assert losses(victim) == losses(reference)  # the same per-step losses, bit for bit on CPU
+
+
+def test_resume_on_a_different_layout(workdir):
+    six = ["--max_steps", "6", "callbacks.CheckpointMonitor.save_checkpoint_steps=3"]
+    tp = run(workdir, "relayout_tp", 2, *six, "parallel.model_parallel=2")
+    moved = workdir / "relayout_dp"
+    shutil.copytree(tp, moved)
+    shutil.rmtree(moved / "checkpoint" / "step_0000006")
+    shutil.rmtree(moved / "final")
+    run(workdir, "relayout_dp", 2, *six, "parallel.data_parallel=2", "runner_config.batch_size=4",
+        "--resume", "auto")
+    got, want = losses(moved), losses(tp)
+    assert [s for s, _ in got] == [s for s, _ in want] == list(range(1, 7))
+    assert max(abs(a - b) for (_, a), (_, b) in zip(got, want)) <= TOL
+
+
+@pytest.mark.parametrize("env_world, layout, message", [
+    ("4", ["parallel.data_parallel=3"], "3 x 1 x 1 = 3, but the world size is 4"),
+    ("3", ["parallel.model_parallel=3"], "model_parallel=3 does not divide n_head=4"),
+    ("8", ["parallel.pipeline_stage=8"], "pipeline_stage=8 is more than n_layer=4"),
+])
+def test_bad_layouts_are_one_line(workdir, monkeypatch, capsys, env_world, layout, message):
+    import train
+    monkeypatch.setenv("WORLD_SIZE", env_world)
+    code = train.main(["--config", str(workdir / "lm.yaml"), "--output_dir", str(workdir / "bad"),
+                       "--use_parallel", "True", *layout])
+    err = capsys.readouterr().err
+    assert code == 2 and message in err and err.count("\n") == 1, err
