@@ -81,6 +81,16 @@ def load_sharded(path: str, model, optimizer) -> dict:
     return torch.load(rank_file, map_location="cpu", weights_only=False)
 
 
+def load_model_only(path: str, model):
+    """The weights of a sharded checkpoint into an already-parallel model (any layout), no optimizer."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_model_state_dict, set_model_state_dict
+    ckpt.verify_checkpoint(path)
+    state = {"model": get_model_state_dict(model)}
+    dcp.load(state, checkpoint_id=path)
+    set_model_state_dict(model, state["model"])
+
+
 def read_meta(path: str) -> dict:
     with open(os.path.join(path, "config.json"), encoding="utf-8") as f:
         return json.load(f)

@@ -117,6 +117,59 @@ def config_overrides(ctx: ParallelContext, base_multiple: int) -> dict:
     return dict(pad_vocab_size_multiple=vocab_multiple(ctx.pc, base_multiple))
 
 
+def use_meta_init(recipe, overrides: dict) -> bool:
+    """parallel.meta_init, or automatically for models above META_INIT_PARAMS."""
+    if recipe.parallel.meta_init is not None:
+        return recipe.parallel.meta_init
+    from ..train.recipe import gpt2_config
+    from ..train.trainer import resolve_path
+    from ..hf import load_config
+    source = resolve_path(recipe.load_checkpoint)
+    config = load_config(source) if source and os.path.isfile(os.path.join(source, "config.json")) and \
+        not sharded.is_sharded(source) else gpt2_config(recipe)
+    h, inner = config.n_embd, config.inner_dim
+    params = config.n_layer * (4 * h * h + 2 * h * inner) + (config.vocab_size + config.n_positions) * h
+    return params > META_INIT_PARAMS
+
+
+def build_meta_model(recipe, overrides: dict, log):
+    """The module tree on the meta device and where its weights will come from (None: a fresh init)."""
+    from ..hf import load_config
+    from ..model import GPT2ForSequenceClassification, GPT2LMHeadModel
+    from ..train.recipe import gpt2_config, training_overrides
+    from ..train.trainer import resolve_path, task_of
+    cls = GPT2ForSequenceClassification if task_of(recipe) == "txtcls" else GPT2LMHeadModel
+    source = resolve_path(recipe.load_checkpoint)
+    if recipe.model.model_config.pet_config.pet_type == "lora":
+        raise ValueError("LoRA runs build the whole model on each rank: set parallel.meta_init=false")
+    if source and sharded.is_sharded(source):
+        config = sharded.GPT2Config.from_hf_dict(sharded.read_meta(source)["model_config"])
+        config = config.replace(**dict(training_overrides(recipe), **overrides))
+    elif source:
+        if not os.path.exists(source):
+            raise FileNotFoundError(f"load_checkpoint not found: {source}")
+        config = load_config(source, **dict(training_overrides(recipe), **overrides))
+    else:
+        config = gpt2_config(recipe).replace(**overrides)
+    with torch.device("meta"):
+        model = cls(config)
+    model.set_recompute(recipe.parallel.recompute)
+    log(f"building on the meta device ({'from ' + source if source else 'fresh init'}): each rank allocates "
+        f"only its shards")
+    return model, source or None
+
+
+def materialize_model(pm: "ParallelModel", config, ctx: "ParallelContext", source: str | None):
+    """Allocate and fill this rank's shards (a fresh init, an HF directory, or a sharded checkpoint)."""
+    from .materialize import CheckpointTensors, materialize
+    if source and sharded.is_sharded(source):
+        materialize(pm.core, config, ctx.device, None, pm.tied)
+        sharded.load_model_only(source, pm.module)
+        return
+    tensors = CheckpointTensors(source, config, per_head=True) if source else None
+    materialize(pm.core, config, ctx.device, tensors, pm.tied)
+
+
 @dataclass
 class ParallelModel:
     module: nn.Module  # what runs the step (DDP / FSDP / compiled)
@@ -130,15 +183,17 @@ class ParallelModel:
 
 
 def parallelize(model: nn.Module, ctx: ParallelContext, compile_blocks: bool = False,
-                per_head: bool = True) -> ParallelModel:
-    """Split, shard and wrap `model` (built identically on every rank) for this rank."""
+                per_head: bool = True, materialize: bool = True) -> ParallelModel:
+    """Split, shard and wrap `model` (built identically on every rank) for this rank. A model on the
+    meta device stays there (materialize=False): parallel.materialize gives it its shards afterwards."""
     pc = ctx.pc
     if per_head:  # the distributed c_attn layout, whatever the TP degree (see tensor_parallel.py)
         to_per_head_qkv(model)
     core = model
     if pc.pipeline_stage > 1:
         core = PipelineStageModule(model, ctx.pp_rank, pc.pipeline_stage)
-    core.to(ctx.device)
+    if materialize:
+        core.to(ctx.device)
     if pc.model_parallel > 1:
         apply_tensor_parallel(core, ctx.mesh["tp"], pc.sequence_parallel)
     if compile_blocks:

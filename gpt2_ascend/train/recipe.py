@@ -113,6 +113,8 @@ SCHEMA = _section(
         recompute=Key("none", "choice", ("none", "selective", "full")),
         sequence_parallel=Key(False, "bool"),
         pipeline_schedule=Key("1f1b", "choice", ("1f1b", "gpipe")),
+        meta_init=Key(None, "bool", nullable=True,
+                      doc="build on the meta device and give each rank only its shards; null: above 2B parameters"),
     ),
     model=_section(
         arch=_section(type=Key("GPT2LMHeadModel", "choice", ARCHS)),

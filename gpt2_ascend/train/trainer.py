@@ -551,13 +551,20 @@ def run_training(recipe, overwrite: bool = False, log=print) -> dict:
         sync()
     overrides = engine.config_overrides(dist, recipe.model.model_config.pad_vocab_size_multiple) \
         if dist.parallel else {}
-    model = build_model(recipe, torch.device("cpu") if dist.parallel else device, log, config_overrides=overrides)
+    meta = dist.parallel and engine.use_meta_init(recipe, overrides)
+    if meta:  # large: no full copy anywhere, each rank allocates and fills only its shards
+        model, source = engine.build_meta_model(recipe, overrides, log)
+    else:
+        model = build_model(recipe, torch.device("cpu") if dist.parallel else device, log, config_overrides=overrides)
     base = _base_model(model)
     check_ranges(train_data, base.config, "training data")
     if eval_data is not None:
         check_ranges(eval_data, base.config, "evaluation data")
     if dist.parallel:
-        pm = engine.parallelize(model, dist, compile_blocks=recipe.runner_config.compile, per_head=not lora_settings(recipe))
+        pm = engine.parallelize(model, dist, compile_blocks=recipe.runner_config.compile,
+                                per_head=not lora_settings(recipe), materialize=not meta)
+        if meta:
+            engine.materialize_model(pm, base.config, dist, source)
         raw_model, train_model = pm.core, pm.module
     else:
         raw_model = model
