@@ -397,12 +397,28 @@ class GPT2LMHeadModel(GPT2PreTrainedModel):
         _rng_restore(rng)
         self.init_weights()
 
+    # Tokens per chunk of the fused head + cross-entropy in training (0: plain logits + cross-entropy).
+    loss_chunk_size = 0
+
     def forward(self, input_ids, attention_mask=None, position_ids=None, labels=None, past_key_values=None,
-                use_cache=False, **_unused):
+                use_cache=False, targets=None, **_unused):
+        """labels: HF semantics (shifted inside: logits at t predict labels at t+1). targets: already the
+        next token of each position (nanoGPT semantics), the trainer's form; with loss_chunk_size set,
+        the loss is computed chunk by chunk without the (tokens x vocab) logits and no logits are returned."""
         out = self.transformer(input_ids, attention_mask=attention_mask, position_ids=position_ids,
                                past_key_values=past_key_values, use_cache=use_cache)
-        logits = self.logits(out.last_hidden_state)
-        loss = causal_lm_loss(logits, labels) if labels is not None else None
+        hidden = out.last_hidden_state
+        if targets is not None and self.loss_chunk_size and torch.is_grad_enabled():
+            loss = chunked_linear_cross_entropy(hidden, self.lm_head.weight, targets, self.config.vocab_size,
+                                                self.loss_chunk_size)
+            return ModelOutput(loss=loss, past_key_values=out.past_key_values)
+        logits = self.logits(hidden)
+        loss = None
+        if labels is not None:
+            loss = causal_lm_loss(logits, labels)
+        elif targets is not None:
+            loss = F.cross_entropy(logits.float().reshape(-1, logits.size(-1)), targets.reshape(-1).to(logits.device),
+                                   ignore_index=-100)
         return ModelOutput(loss=loss, logits=logits, past_key_values=out.past_key_values)
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
@@ -421,6 +437,55 @@ class GPT2LMHeadModel(GPT2PreTrainedModel):
     def generate(self, input_ids, attention_mask=None, **kwargs):
         from .generation import generate
         return generate(self, input_ids, attention_mask=attention_mask, **kwargs)
+
+
+class _ChunkedLinearCrossEntropy(torch.autograd.Function):
+    """mean CE(hidden @ weight[:vocab].T, targets), chunk by chunk over the tokens.
+
+    The forward pass also computes the gradients (softmax - one_hot is the logits' gradient), so no chunk's
+    logits outlive the chunk: the (tokens x vocab) fp32 logits of the plain path never exist. The matmuls
+    run in the input dtype (bf16 under autocast), the softmax in fp32."""
+
+    @staticmethod
+    def forward(ctx, hidden, weight, targets, vocab_size, chunk_size):
+        n = hidden.size(0)
+        w = weight[:vocab_size]
+        valid = targets != -100
+        count = valid.sum().clamp(min=1)
+        loss = torch.zeros((), device=hidden.device, dtype=torch.float32)
+        grad_hidden = torch.empty_like(hidden)
+        grad_weight = torch.zeros(weight.shape, device=weight.device, dtype=torch.float32)
+        for start in range(0, n, chunk_size):
+            h = hidden[start:start + chunk_size]
+            t = targets[start:start + chunk_size]
+            keep = valid[start:start + chunk_size]
+            logits = (h @ w.t().to(h.dtype)).float()
+            logp = torch.log_softmax(logits, dim=-1)
+            safe_t = t.clamp(min=0)
+            loss -= logp.gather(1, safe_t[:, None]).squeeze(1).masked_fill(~keep, 0.0).sum()
+            grad = logp.exp_()  # softmax
+            grad[torch.arange(grad.size(0), device=grad.device), safe_t] -= 1.0
+            grad.mul_(keep[:, None].float())
+            grad_hidden[start:start + chunk_size] = (grad.to(h.dtype) @ w.to(h.dtype)).to(hidden.dtype)
+            grad_weight[:vocab_size] += grad.t().to(h.dtype).matmul(h).float()
+        ctx.save_for_backward(grad_hidden, grad_weight, count)
+        ctx.weight_dtype = weight.dtype
+        return loss / count
+
+    @staticmethod
+    def backward(ctx, grad_loss):
+        grad_hidden, grad_weight, count = ctx.saved_tensors
+        scale = grad_loss / count
+        return (grad_hidden * scale.to(grad_hidden.dtype), (grad_weight * scale).to(ctx.weight_dtype),
+                None, None, None)
+
+
+def chunked_linear_cross_entropy(hidden, weight, targets, vocab_size: int, chunk_size: int):
+    """Mean next-token loss from the final hidden states, without materialising all logits."""
+    h = hidden.reshape(-1, hidden.size(-1))
+    if torch.is_autocast_enabled(h.device.type):
+        h = h.to(torch.get_autocast_dtype(h.device.type))
+    return _ChunkedLinearCrossEntropy.apply(h, weight, targets.reshape(-1).to(h.device), vocab_size, chunk_size)
 
 
 def causal_lm_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:

@@ -255,3 +255,25 @@ def test_vocab_padding_does_not_change_the_initial_weights():
     for (name, a), (_, b) in zip(plain.state_dict().items(), padded.state_dict().items()):
         assert torch.equal(a, b[: a.size(0)]), name
     assert padded.transformer.wte.weight[500:].abs().max().item() == 0.0
+
+
+def test_chunked_head_cross_entropy_equals_the_plain_loss_and_gradients():
+    config = tiny_config(vocab_size=500, pad_vocab_size_multiple=64)
+    torch.manual_seed(0)
+    model = GPT2LMHeadModel(config).train()
+    ids = torch.randint(0, 500, (3, 17))
+    targets = ids[:, 1:].clone()
+    targets[1, 5:] = -100  # ignored positions count in neither
+    plain = model(ids[:, :-1], targets=targets)
+    plain.loss.backward()
+    grads = {n: p.grad.clone() for n, p in model.named_parameters()}
+    model.zero_grad()
+    model.loss_chunk_size = 7  # does not divide the 48 tokens: a short last chunk
+    fused = model(ids[:, :-1], targets=targets)
+    assert fused.logits is None
+    fused.loss.backward()
+    assert abs(fused.loss.item() - plain.loss.item()) <= 1e-6
+    for n, p in model.named_parameters():
+        assert max_diff(p.grad, grads[n]) <= 1e-6, n
+    with torch.no_grad():  # evaluation keeps the logits
+        assert model(ids[:, :-1], targets=targets).logits.shape == (3, 16, 500)

@@ -20,7 +20,6 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from .. import device as dev
 from ..data.loader import StepLoader
@@ -120,8 +119,7 @@ class Trainer:
             return self.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
                               labels=batch["labels"]).loss
         tokens = batch["input_ids"]  # (B, T+1): the model reads T tokens and predicts the next T
-        logits = self.model(input_ids=tokens[:, :-1]).logits
-        return F.cross_entropy(logits.float().reshape(-1, logits.size(-1)), tokens[:, 1:].reshape(-1))
+        return self.model(input_ids=tokens[:, :-1], targets=tokens[:, 1:]).loss
 
     def tokens_per_step(self, micro_batches: list[dict]) -> int:
         ids = micro_batches[0]["input_ids"]
@@ -557,6 +555,7 @@ def run_training(recipe, overwrite: bool = False, log=print) -> dict:
     else:
         model = build_model(recipe, torch.device("cpu") if dist.parallel else device, log, config_overrides=overrides)
     base = _base_model(model)
+    configure_speed(base, recipe, dist, device, log)
     check_ranges(train_data, base.config, "training data")
     if eval_data is not None:
         check_ranges(eval_data, base.config, "evaluation data")
@@ -655,6 +654,20 @@ def run_training(recipe, overwrite: bool = False, log=print) -> dict:
     write_json(summary, os.path.join(output_dir, "summary.json"))
     sync()
     return summary
+
+
+def configure_speed(base, recipe, dist, device: torch.device, log):
+    """Speed settings that keep the numbers: TF32 for what stays fp32 on CUDA, and the chunked head +
+    cross-entropy (runner_config.loss_chunk_size) where the head is not split by tensor / pipeline parallel."""
+    if device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+    chunk = recipe.runner_config.loss_chunk_size
+    if chunk and hasattr(base, "lm_head"):
+        if dist.parallel and (dist.pc.model_parallel > 1 or dist.pc.pipeline_stage > 1):
+            log("note: runner_config.loss_chunk_size is ignored under tensor / pipeline parallel")
+        else:
+            base.loss_chunk_size = chunk
 
 
 def _layout(pc) -> str:
