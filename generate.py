@@ -7,7 +7,6 @@ See docs/generation.md.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 import time

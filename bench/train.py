@@ -189,16 +189,16 @@ def largest_batch(args, device, seq, start: int) -> int:
     """Double the batch until ours runs out of memory (CUDA only)."""
     best, batch = start, start * 2
     while batch <= 4096:
+        trainer = None
         try:
-            trainer, model, config = build_ours(args, device, seq)
+            trainer, _, config = build_ours(args, device, seq)
             measure(ours_step_fn(trainer, random_batch(config, batch, seq, device)), device, 1, 1)
-            best = batch
-            batch *= 2
         except torch.OutOfMemoryError:
             break
         finally:
-            trainer = model = None
+            del trainer  # free this try's model and optimizer before the next, larger one
             torch.cuda.empty_cache()
+        best, batch = batch, batch * 2
     return best
 
 

@@ -12,7 +12,6 @@ with `pad_token_id`; generation stops when every sequence has emitted `eos_token
 """
 from __future__ import annotations
 
-import contextlib
 import math
 import warnings
 from dataclasses import dataclass
@@ -20,7 +19,7 @@ from typing import Optional
 
 import torch
 
-from .model import KVCache
+from .model import KVCache, eval_mode
 
 
 class _FromConfig:
@@ -121,7 +120,7 @@ def generate(model, input_ids, attention_mask=None, max_new_tokens: int = 20, mi
         decoder = Decoder.reusable(lm, *shape)
     else:
         decoder = Decoder(lm, *shape, fixed_shape=bool(compile or fixed_shape))
-    with torch.no_grad(), _eval_mode(lm):
+    with torch.no_grad(), eval_mode(lm):
         out = _decode_loop(decoder, input_ids, attention_mask, settings, eos, pad, seed, streamer)
     return out[0] if squeeze else out
 
@@ -420,11 +419,3 @@ def top_p_filter(scores: torch.Tensor, p: float) -> torch.Tensor:
     return scores.masked_fill(remove, -math.inf)
 
 
-@contextlib.contextmanager
-def _eval_mode(model):
-    was_training = model.training
-    model.eval()
-    try:
-        yield
-    finally:
-        model.train(was_training)

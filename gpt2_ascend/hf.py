@@ -16,6 +16,7 @@ from typing import Iterable, Iterator
 import torch
 
 from .config import GPT2Config
+from .fileio import fsync_file, write_json  # noqa: F401  (fsync_file: re-exported)
 
 CONV1D_SUFFIXES = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
 BUFFER_SUFFIXES = (".attn.bias", ".attn.masked_bias")  # causal masks that old HF versions saved
@@ -284,12 +285,6 @@ class _AtomicDir:
         return False
 
 
-def fsync_file(path: str):
-    if os.path.isfile(path):
-        with open(path, "rb") as f:
-            os.fsync(f.fileno())
-
-
 def parse_size(size) -> int:
     """'5GB', '500MB', '10KB' or an int (bytes)."""
     if isinstance(size, int):
@@ -333,12 +328,6 @@ def write_safetensors(hf_state: dict, output_dir: str, max_shard_size=None):
         weight_map.update({k: file for k in names})
     write_json({"metadata": {"total_size": sum(sizes.values())}, "weight_map": weight_map},
                os.path.join(output_dir, SAFE_INDEX))
-
-
-def write_json(obj, path: str):
-    with open(path, "w", encoding="utf-8") as f:
-        json.dump(obj, f, indent=2, sort_keys=False)
-        f.write("\n")
 
 
 def save_pretrained(model, output_dir: str, dtype=None, max_shard_size=None, state: dict | None = None):

@@ -5,6 +5,7 @@ nn.Linear layers: HF's Conv1D weights are the transpose, handled once in hf.py.
 """
 from __future__ import annotations
 
+import contextlib
 import math
 from dataclasses import dataclass, fields
 from typing import Optional
@@ -88,6 +89,17 @@ class KVCache:
 
     def __len__(self):
         return self.length
+
+
+@contextlib.contextmanager
+def eval_mode(model: nn.Module):
+    """Run without dropout and give the model back in the mode it came in."""
+    was_training = model.training
+    model.eval()
+    try:
+        yield
+    finally:
+        model.train(was_training)
 
 
 def positions_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:

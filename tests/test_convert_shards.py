@@ -119,7 +119,7 @@ print(json.dumps({"delta": rss("VmHWM") - base}))
 def test_merge_peak_memory_is_one_tensor_not_the_model(tmp_path, fmt):
     from safetensors.torch import save_file
     g = torch.Generator().manual_seed(0)
-    n_shards, per_shard, numel = 4, 3, 1 << 20  # 12 tensors of 4 MiB: 48 MiB in 4 shards
+    n_shards, per_shard, numel = 8, 3, 1 << 20  # 24 tensors of 4 MiB: 96 MiB in 8 shards (peak ~ a shard + a tensor)
     total = n_shards * per_shard * numel * 4
     src = tmp_path / "in"
     src.mkdir()
@@ -142,7 +142,8 @@ def test_merge_peak_memory_is_one_tensor_not_the_model(tmp_path, fmt):
     streamed, loaded = measure("stream"), measure("load")
     assert loaded > 0.9 * total  # the measurement sees a whole-model load...
     # ...and the merge stays near one tensor (safetensors) or one mapped input shard (.bin)
-    # measured here: ~10 MB (safetensors) and ~15 MB (.bin, one 12 MiB shard mapped) for 48 MiB; loading: ~100 MB
-    assert streamed < (0.35 if fmt == "safetensors" else 0.5) * total, (streamed, total)
+    # seen: 10-19 MB (safetensors: a tensor, plus mapped pages of the shard being read) and ~15 MB (.bin, one
+    # 12 MiB shard mapped), whatever the total; loading the model: about twice the total
+    assert streamed < (0.3 if fmt == "safetensors" else 0.35) * total, (streamed, total)
     merged = WeightIndex([str(tmp_path / "stream" / "model.safetensors")])
-    assert len(merged.where) == 12 and merged.shape("layer3.w2") == (numel,)
+    assert len(merged.where) == n_shards * per_shard and merged.shape("layer3.w2") == (numel,)

@@ -123,7 +123,7 @@ def test_perplexity_cli_reads_a_training_checkpoint(lm_dirs, data_dir, tmp_path,
 
 @pytest.fixture(scope="module")
 def sst2_classifier(tmp_path_factory, data_dir):
-    """A tiny classifier finetuned for a few steps on a slice of SST-2 train, saved with save_pretrained."""
+    """A tiny classifier finetuned for 80 steps on a slice of SST-2 train, saved with save_pretrained."""
     root = tmp_path_factory.mktemp("sst2")
     train = head_of(os.path.join(data_dir, "sst2", "train.tsv"), 401, root / "train.tsv")
     data = load_txtcls(train, 32)
@@ -131,10 +131,10 @@ def sst2_classifier(tmp_path_factory, data_dir):
     torch.manual_seed(0)
     model = GPT2ForSequenceClassification(real_vocab_config())
     before = classification_accuracy(model, data)["accuracy"]
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
     g = torch.Generator().manual_seed(0)
     model.train()
-    for _ in range(30):
+    for _ in range(80):  # lr 1e-3 x 80 steps learns for any seed tried (0.49-0.52 -> 0.89-0.95)
         rows = torch.randint(0, len(labels), (16,), generator=g)
         loss = model(ids[rows], attention_mask=mask[rows], labels=labels[rows]).loss
         optimizer.zero_grad()

@@ -1,5 +1,4 @@
 """gpt2_ascend.generation: transformers parity, KV cache numerics, sampling filters, stopping, streaming."""
-import math
 
 import pytest
 import torch

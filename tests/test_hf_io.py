@@ -6,7 +6,6 @@ import pytest
 import torch
 
 from gpt2_ascend import GPT2ForSequenceClassification, GPT2LMHeadModel
-from gpt2_ascend.hf import save_pretrained
 from conftest import hf_model, max_diff, tiny_config
 from helpers.fake_hub import FakeHub
 

@@ -30,7 +30,8 @@ import sys
 import urllib.error
 import urllib.request
 
-from .store import _fsync_dir, sha256_file
+from ..fileio import fsync_dir
+from .store import sha256_file
 
 HF_GPT2 = "https://huggingface.co/openai-community/gpt2/resolve/main"
 WIKITEXT2 = "https://raw.githubusercontent.com/pytorch/examples/main/word_language_model/data/wikitext-2"
@@ -155,7 +156,7 @@ def download(url: str, dest: str, sha256: str, timeout: float = 60.0, progress: 
             raise ValueError(f"checksum mismatch for {url}: expected sha256 {sha256}, got {got}; the download "
                              f"was deleted (wrong mirror in GPT2_DATA_URL, or a changed file upstream)")
         os.replace(part, dest)
-    _fsync_dir(os.path.dirname(os.path.abspath(dest)))
+    fsync_dir(os.path.dirname(os.path.abspath(dest)))
     return dest
 
 

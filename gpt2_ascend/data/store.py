@@ -13,7 +13,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import tempfile
 import zipfile
 
 import numpy as np
@@ -48,41 +47,7 @@ def token_dtype(vocab_size: int) -> np.dtype:
 
 
 # ---------------------------------------------------------------------------------------------------- atomic files
-
-def atomic_write(path: str, write) -> None:
-    """Call write(binary_file) on a temporary sibling of path, fsync it, then rename it over path."""
-    path = os.path.abspath(path)
-    folder = os.path.dirname(path)
-    os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix="." + os.path.basename(path) + ".", suffix=".tmp", dir=folder)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
-    _fsync_dir(folder)
-
-
-def _fsync_dir(folder: str) -> None:
-    try:  # makes the rename itself durable; not possible on every OS / filesystem
-        fd = os.open(folder, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
-def write_json(obj: dict, path: str) -> None:
-    atomic_write(path, lambda f: f.write((json.dumps(obj, indent=2) + "\n").encode("utf-8")))
+from ..fileio import atomic_write, write_json  # noqa: E402,F401  (re-exported: callers import them from here)
 
 
 def sidecar_path(path: str) -> str:

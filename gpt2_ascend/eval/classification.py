@@ -9,7 +9,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .perplexity import _autocast, _eval_mode, _model_device, _model_dtype, _progress
+from ..model import eval_mode
+from .perplexity import _autocast, _model_device, _model_dtype, _progress
 
 REQUIRED_KEYS = ("input_ids", "attention_mask", "labels")
 
@@ -38,7 +39,7 @@ def classification_accuracy(model, data: dict, batch_size: int = 32, device=None
         raise ValueError(f"label {int(labels.max())} is out of range for a classifier with num_labels={num_labels}")
 
     predictions, loss_sum = [], 0.0
-    with _eval_mode(model), torch.no_grad():
+    with eval_mode(model), torch.no_grad():
         for start in _progress(range(0, labels.numel(), batch_size), progress, "accuracy"):
             ids = input_ids[start:start + batch_size].to(device)
             mask = attention_mask[start:start + batch_size].to(device)

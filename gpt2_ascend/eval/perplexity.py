@@ -19,6 +19,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from ..model import eval_mode
+
 PROTOCOLS = ("token", "mindformers")
 
 
@@ -33,7 +35,7 @@ def perplexity(model, token_ids, seq_length: int, batch_size: int = 8, stride: i
     """
     tokens = _as_long_tensor(token_ids)
     _check_args(model, tokens, seq_length, batch_size, stride, protocol)
-    with _eval_mode(model), torch.no_grad():
+    with eval_mode(model), torch.no_grad():
         if stride is not None:
             nll, count = _sliding_window_nll(model, tokens.reshape(-1), seq_length, stride, batch_size,
                                              precision, progress)
@@ -182,15 +184,6 @@ def _autocast(device: torch.device, precision: str, param_dtype: torch.dtype):
     return autocast(device, dtype)
 
 
-@contextlib.contextmanager
-def _eval_mode(model):
-    """Evaluate without dropout and give the model back in the mode it came in (the trainer calls this)."""
-    was_training = model.training
-    model.eval()
-    try:
-        yield
-    finally:
-        model.train(was_training)
 
 
 def _progress(iterable, enabled: bool, desc: str):

@@ -18,7 +18,7 @@ import torch
 import torch.distributed as dist
 
 from ..config import GPT2Config
-from ..hf import fsync_file, write_json
+from ..fileio import fsync_file, write_json
 from ..train import checkpoint as ckpt
 from ..train.checkpoint import MANIFEST
 from .tensor_parallel import convert_qkv_state

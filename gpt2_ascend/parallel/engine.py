@@ -16,7 +16,7 @@ import torch.nn as nn
 
 from .. import device as dev
 from ..train import checkpoint as ckpt
-from ..train.trainer import Trainer, capture_rng, restore_rng
+from ..train.trainer import Trainer
 from . import checkpoint as sharded
 from .clip import clip_grad_norm
 from .data_parallel import apply_ddp, apply_fsdp
@@ -292,11 +292,7 @@ class ParallelTrainer(Trainer):
             return self.model.no_sync()
         return contextlib.nullcontext()
 
-    # ---- checkpoints ----
-    def rank_state(self) -> dict:
-        return dict(step=self.step, loader=self.loader.state_dict(), schedule=self.schedule.state_dict(),
-                    rng=capture_rng(self.device), consecutive_skips=self.consecutive_skips,
-                    scaler=self.scaler.state_dict() if self.scaler is not None else None)
+    # ---- checkpoints: the weights and optimizer in DCP shards, the loop's state one file per rank ----
 
     def save_checkpoint(self) -> str:
         root = ckpt.checkpoint_root(self.output_dir)
@@ -304,7 +300,7 @@ class ParallelTrainer(Trainer):
         meta = dict(self.model_meta, step=self.step, layout=dict(
             data_parallel=self.ctx.pc.data_parallel, model_parallel=self.ctx.pc.model_parallel,
             pipeline_stage=self.ctx.pc.pipeline_stage))
-        sharded.save_sharded(path, self.model, self.optimizer, self.rank_state(), meta,
+        sharded.save_sharded(path, self.model, self.optimizer, self.trainer_state(), meta,
                              manifest_meta=dict(self.settings.checkpoint_meta, step=self.step, sharded=True))
         if self.ctx.is_main and self.settings.keep_checkpoints:
             ckpt.prune(root, self.settings.keep_checkpoints)
@@ -313,14 +309,7 @@ class ParallelTrainer(Trainer):
         return path
 
     def load_checkpoint(self, path: str):
-        state = sharded.load_sharded(path, self.model, self.optimizer)
-        self.step = int(state["step"])
-        self.loader.load_state_dict(state["loader"])
-        self.consecutive_skips = int(state.get("consecutive_skips", 0))
-        if self.scaler is not None and state.get("scaler"):
-            self.scaler.load_state_dict(state["scaler"])
-        restore_rng(self.device, state["rng"])
-        self.last_saved_step = self.step
+        self.load_trainer_state(sharded.load_sharded(path, self.model, self.optimizer))
 
     def evaluate(self) -> dict:
         if self.pm.pipelined:

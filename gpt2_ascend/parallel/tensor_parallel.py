@@ -139,7 +139,6 @@ def apply_tensor_parallel(model: nn.Module, tp_mesh, sequence_parallel: bool = F
     # The sequence-parallel norms need inputs on a sequence that splits evenly; classifiers pool by index,
     # which needs the full sequence after ln_f.
     if sequence_parallel and not hasattr(model, "lm_head"):
-        from torch.distributed.tensor import Replicate, Shard
         from torch.distributed.tensor.parallel import SequenceParallel
         top = {k: v for k, v in top.items() if k != "lm_head"}
         top["transformer.ln_f"] = SequenceParallel(use_local_output=False)

@@ -22,6 +22,8 @@ import time
 
 import torch
 
+from ..fileio import fsync_dir as _fsync_dir, fsync_file as _fsync_file, write_json as _write_json
+
 MANIFEST = "manifest.json"
 STEP_DIR = re.compile(r"step_(\d+)")
 FORMAT_VERSION = 1
@@ -200,29 +202,3 @@ def sha256_file(path: str, chunk: int = 1 << 22) -> str:
             if not block:
                 return h.hexdigest()
             h.update(block)
-
-
-def _write_json(obj, path: str):
-    with open(path, "w", encoding="utf-8") as f:
-        json.dump(obj, f, indent=2)
-        f.write("\n")
-        f.flush()
-        os.fsync(f.fileno())
-
-
-def _fsync_file(path: str):
-    with open(path, "rb") as f:
-        os.fsync(f.fileno())
-
-
-def _fsync_dir(path: str):
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)

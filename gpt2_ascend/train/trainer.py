@@ -222,17 +222,13 @@ class Trainer:
         return {f"eval_{k}": v for k, v in result.items()}
 
     # ---- checkpoints ----
-    def state_dict(self) -> dict:
-        """Everything a resumed run needs, as state dicts (model, optimizer, trainer)."""
-        trainer = dict(step=self.step, loader=self.loader.state_dict(), schedule=self.schedule.state_dict(),
-                       rng=capture_rng(self.device), consecutive_skips=self.consecutive_skips,
-                       scaler=self.scaler.state_dict() if self.scaler is not None else None)
-        return dict(model=model_state(self.raw_model), optimizer=self.optimizer.state_dict(), trainer=trainer)
+    def trainer_state(self) -> dict:
+        """The loop's own state: step, data position, schedule, RNG states, loss scaler."""
+        return dict(step=self.step, loader=self.loader.state_dict(), schedule=self.schedule.state_dict(),
+                    rng=capture_rng(self.device), consecutive_skips=self.consecutive_skips,
+                    scaler=self.scaler.state_dict() if self.scaler is not None else None)
 
-    def load_state_dict(self, states: dict):
-        load_model_state(self.raw_model, states["model"])
-        self.optimizer.load_state_dict(states["optimizer"])
-        trainer = states["trainer"]
+    def load_trainer_state(self, trainer: dict):
         self.step = int(trainer["step"])
         self.loader.load_state_dict(trainer["loader"])
         self.consecutive_skips = int(trainer.get("consecutive_skips", 0))
@@ -240,6 +236,16 @@ class Trainer:
             self.scaler.load_state_dict(trainer["scaler"])
         restore_rng(self.device, trainer["rng"])
         self.last_saved_step = self.step
+
+    def state_dict(self) -> dict:
+        """Everything a resumed run needs, as state dicts (model, optimizer, trainer)."""
+        return dict(model=model_state(self.raw_model), optimizer=self.optimizer.state_dict(),
+                    trainer=self.trainer_state())
+
+    def load_state_dict(self, states: dict):
+        load_model_state(self.raw_model, states["model"])
+        self.optimizer.load_state_dict(states["optimizer"])
+        self.load_trainer_state(states["trainer"])
 
     def save_checkpoint(self) -> str:
         root = ckpt.checkpoint_root(self.output_dir)
