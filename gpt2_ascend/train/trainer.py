@@ -349,8 +349,8 @@ def init_distributed(recipe):
 
 
 def wrap_model(model: torch.nn.Module, recipe, dist: DistContext) -> torch.nn.Module:
-    """The module the step runs: identity on one device (FSDP / tensor parallel wrapping goes here with
-    issue 5), then torch.compile when runner_config.compile asks for it."""
+    """The module the step runs on one device: torch.compile'd when runner_config.compile asks for it.
+    (Distributed runs are wrapped by gpt2_ascend.parallel.engine.parallelize instead.)"""
     if recipe.runner_config.compile:
         model = torch.compile(model)
     return model
@@ -707,7 +707,13 @@ def _base_model(model):
 
 
 def _trainable(model) -> int:
-    return sum(p.numel() for p in model.parameters() if p.requires_grad)
+    """Trainable parameters, without the internal vocab padding rows (as num_parameters counts)."""
+    n = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    base = _base_model(model)
+    wte = base.transformer.wte.weight
+    if wte.requires_grad:
+        n -= (base.config.padded_vocab_size - base.config.vocab_size) * base.config.n_embd
+    return n
 
 
 def export_final(model, recipe, output_dir: str, lora: bool) -> str:
