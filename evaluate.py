@@ -16,7 +16,7 @@ EXAMPLES = """examples:
   # HF's sliding-window perplexity, each token scored once with >= 512 tokens of context
   python evaluate.py --task perplexity --model gpt2 --eval_dataset_dir wiki.test.tokens --stride 512
   # a LoRA adapter on top of its base model
-  python evaluate.py --task perplexity --model out/base --adapter out/lora --eval_dataset_dir wiki.valid.tokens
+  python evaluate.py --task perplexity --model out/base --adapter out/lora/final/adapter --eval_dataset_dir wiki.valid.tokens
   # SST-2 accuracy of a finetuned classifier, JSON for scripts
   python evaluate.py --task text_classification --model out/sst2 --eval_dataset_dir ../shared/data/sst2/dev.tsv \\
       --output_json sst2.json
@@ -57,13 +57,13 @@ def main(argv=None) -> int:
     try:
         if args.task == "perplexity":
             result = run_perplexity(args.model, args.eval_dataset_dir, seq_length=args.seq_length, stride=args.stride,
-                                    batch_size=args.batch_size or 8, protocol=args.protocol, adapter=args.adapter,
+                                    batch_size=8 if args.batch_size is None else args.batch_size, protocol=args.protocol, adapter=args.adapter,
                                     device=args.device, precision=args.precision, tokenizer=args.tokenizer,
                                     mindformers_compat=args.mindformers_compat, cache_dir=args.cache_dir,
                                     progress=not args.no_progress)
         else:
             result = run_classification(args.model, args.eval_dataset_dir, max_length=args.max_length,
-                                        batch_size=args.batch_size or 32, adapter=args.adapter, device=args.device,
+                                        batch_size=32 if args.batch_size is None else args.batch_size, adapter=args.adapter, device=args.device,
                                         precision=args.precision, tokenizer=args.tokenizer, cache_dir=args.cache_dir,
                                         progress=not args.no_progress)
         if args.output_json:

@@ -116,6 +116,8 @@ def run(args) -> int:
     if not model_path:
         raise ValueError("no model: pass --model DIR (or set load_checkpoint in the recipe)")
     prompts = read_prompts(args)
+    if args.batch_size < 1:
+        raise ValueError(f"--batch_size must be a positive integer, got {args.batch_size}")
     if args.stream and args.batch_size > 1:
         raise ValueError("--stream prints one sequence at a time: use --batch_size 1")
     kw = settings_from(args, recipe)

@@ -63,7 +63,7 @@ def parse_args(argv=None):
                    help="start over in an OUTPUT_DIR that already holds a run (its checkpoints are deleted)")
     p.add_argument("overrides", nargs="*", metavar="section.key=value",
                    help="recipe overrides, e.g. runner_config.batch_size=8 lr_schedule.learning_rate=3e-4")
-    return p.parse_args(argv)
+    return p.parse_intermixed_args(argv)  # section.key=value overrides may come before or after flags
 
 
 def overrides_from_flags(args) -> list[str]:

@@ -151,7 +151,10 @@ def generate_text(model, tokenizer, prompts, batch_size: int = 8, max_decode_len
         if kw.get("max_new_tokens") is None and max_decode_length is not None:
             kw["max_new_tokens"] = new_token_budget(ids.size(1), max_decode_length, config.n_positions)
         out = generate(model, ids, attention_mask=mask, **kw)
-        new = out[:, ids.size(1):]
+        # the prompt part of `out` is what generate kept (truncate_prompt may have dropped its oldest tokens)
+        kept = min(ids.size(1), config.n_positions - kw.get("max_new_tokens", 20)) \
+            if kw.get("truncate_prompt") else ids.size(1)
+        new = out[:, kept:]
         texts += [tokenizer.decode(row, skip_special_tokens=True) for row in new.tolist()]
     return texts[0] if single else texts
 

@@ -289,3 +289,26 @@ def test_compiled_decode_step_traces_whole_and_is_reused_across_calls(models, mo
     assert torch.equal(other, base[:2]) and ours._compiled_decoder[1] is not kept
     del ours._compiled_decoder
     torch._dynamo.reset()
+
+
+def test_generate_text_with_a_truncated_prompt_returns_the_new_tokens():
+    from gpt2_ascend import GPT2Config, GPT2LMHeadModel
+    from gpt2_ascend.generation import generate_text
+
+    class Chars:  # a tokenizer of single characters: ids 0..25
+        def __call__(self, text):
+            return type("E", (), {"input_ids": [ord(c) - 97 for c in text]})()
+
+        def decode(self, ids, skip_special_tokens=True):
+            return "".join(chr(i + 97) if i < 26 else "?" for i in ids)
+
+    config = GPT2Config(n_layer=1, n_embd=32, n_head=2, n_positions=16, vocab_size=30, embd_pdrop=0.0,
+                        attn_pdrop=0.0, resid_pdrop=0.0, eos_token_id=29, pad_token_id=29, bos_token_id=29)
+    torch.manual_seed(0)
+    model = GPT2LMHeadModel(config).eval()
+    long_prompt, short_prompt = "abcdefghijklmnopqrst", "abc"  # 20 tokens > 16 positions
+    texts = generate_text(model, Chars(), [long_prompt, short_prompt], max_new_tokens=4, truncate_prompt=True,
+                          eos_token_id=None)
+    assert [len(t) for t in texts] == [4, 4]
+    alone = generate_text(model, Chars(), long_prompt[-12:], max_new_tokens=4, eos_token_id=None)
+    assert texts[0] == alone  # the kept prompt is the last 16 - 4 tokens

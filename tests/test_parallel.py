@@ -150,8 +150,11 @@ def test_merged_sharded_checkpoint_loads_in_transformers(workdir, single):
     from gpt2_ascend import GPT2LMHeadModel
     running = GPT2LMHeadModel.from_pretrained(single / "final").eval()  # the same run on one process
     ids = torch.randint(0, 511, (2, 16), generator=torch.Generator().manual_seed(0))
+    from gpt2_ascend.eval.runner import load_model  # what evaluate.py / generate.py --model STEP_DIR use
+    direct, _ = load_model(str(out / "checkpoint" / f"step_{STEPS:07d}"), device="cpu")
     with torch.no_grad():
         assert (theirs(ids).logits - running(ids).logits).abs().max().item() <= TOL
+        assert (direct(ids).logits - theirs(ids).logits).abs().max().item() <= 1e-6
 
 
 def descendants(pid: int) -> list[int]:

@@ -293,3 +293,30 @@ def test_existing_output_dir_needs_resume_or_overwrite(tmp_path, token_file):
     summary = run_training(recipe, overwrite=True, log=lambda *_: None)
     assert summary["steps"] == 2 and len(_losses(recipe.output_dir)) == 2
     shutil.rmtree(recipe.output_dir)
+
+
+def test_resume_auto_refuses_when_every_checkpoint_is_corrupt(tmp_path, token_file):
+    from gpt2_ascend.train.checkpoint import CheckpointError
+    recipe = _recipe(tmp_path, token_file)
+    run_training(recipe, log=lambda *_: None)
+    for step in ("step_0000003", "step_0000006"):
+        with open(os.path.join(recipe.output_dir, "checkpoint", step, "model.pt"), "r+b") as f:
+            f.truncate(100)
+    again = load_recipe(None, ["resume_training=auto"], base=recipe)
+    with pytest.raises(CheckpointError, match="none is complete and intact"):
+        run_training(again, log=lambda *_: None)
+    over = load_recipe(None, ["resume_training=auto"], base=recipe)  # explicit permission to start over
+    assert run_training(over, overwrite=True, log=lambda *_: None)["steps_this_run"] == 6
+
+
+def test_resume_with_another_base_model_is_refused(tmp_path, token_file):
+    for name, seed in (("a", 0), ("b", 1)):
+        torch.manual_seed(seed)
+        GPT2LMHeadModel(tiny_config(n_positions=16)).save_pretrained(str(tmp_path / name))
+    lora = ["run_mode=finetune", "model.model_config.pet_config.pet_type=lora",
+            "model.model_config.pet_config.lora_rank=4"]
+    recipe = _recipe(tmp_path, token_file, *lora, f"load_checkpoint={tmp_path / 'a'}")
+    run_training(recipe, log=lambda *_: None)
+    other = load_recipe(None, ["resume_training=auto", f"load_checkpoint={tmp_path / 'b'}"], base=recipe)
+    with pytest.raises(ValueError, match="started from .*/a, not .*/b"):
+        run_training(other, log=lambda *_: None)

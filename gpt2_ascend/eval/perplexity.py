@@ -110,7 +110,7 @@ def token_nll(model, input_ids: torch.Tensor, precision: str = "auto") -> torch.
 # ---------------------------------------------------------------------------------------------
 def _as_long_tensor(token_ids) -> torch.Tensor:
     if isinstance(token_ids, np.ndarray):
-        token_ids = torch.from_numpy(np.asarray(token_ids, dtype=np.int64))
+        token_ids = torch.from_numpy(np.array(token_ids, dtype=np.int64))  # a copy: memory-mapped files are read-only
     elif not isinstance(token_ids, torch.Tensor):
         token_ids = torch.as_tensor(token_ids)
     if token_ids.is_floating_point() or token_ids.is_complex():

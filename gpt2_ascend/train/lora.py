@@ -39,9 +39,26 @@ def load_adapter(model: torch.nn.Module, adapter_dir: str, merge: bool = True, t
     from peft import PeftModel
 
     if not is_adapter_dir(adapter_dir):
-        raise FileNotFoundError(f"no adapter_config.json in {adapter_dir}: pass a directory written by LoRA training")
-    peft_model = PeftModel.from_pretrained(model, adapter_dir, is_trainable=trainable)
+        raise FileNotFoundError(f"no adapter_config.json in {adapter_dir}: pass a directory written by LoRA training "
+                                f"(OUTPUT_DIR/final/adapter)")
+    try:
+        peft_model = PeftModel.from_pretrained(model, adapter_dir, is_trainable=trainable)
+    except Exception as e:  # peft / safetensors / json errors: one line that names the adapter
+        raise ValueError(f"cannot load the LoRA adapter in {adapter_dir}: {_adapter_problem(e)}") from None
     return peft_model.merge_and_unload() if merge else peft_model
+
+
+def _adapter_problem(error: Exception) -> str:
+    """The informative line of peft's error (a shape mismatch names the tensor on its second line)."""
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    if not lines:
+        return type(error).__name__
+    if "size mismatch" in str(error):
+        detail = next(line for line in lines if "size mismatch" in line)
+        return f"{detail} (was it trained on a base of another shape?)"
+    if isinstance(error, ValueError) and "Expecting" in lines[0]:
+        return f"adapter_config.json is not valid JSON ({lines[0]})"
+    return f"{type(error).__name__}: {lines[0]} (is the adapter complete and for this base model?)"
 
 
 def merge_adapter(peft_model) -> torch.nn.Module:

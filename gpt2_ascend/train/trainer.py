@@ -686,11 +686,21 @@ def _resume_path(recipe, root: str, overwrite: bool, output_dir: str, log) -> st
     if resume and resume != "auto":
         path = resolve_path(resume)
         ckpt.verify_checkpoint(path)  # an explicit path must be good: CheckpointError otherwise
+        _check_same_start(recipe, path)
         return path
     if resume == "auto":
         path = ckpt.find_resume_checkpoint(root, report=log)
         if path is None:
+            found = ckpt.list_checkpoints(root)
+            if found and not overwrite:  # resuming was asked for: do not silently start over on top of them
+                raise ckpt.CheckpointError(f"--resume auto found {len(found)} checkpoint(s) in {root} but none is "
+                                           f"complete and intact; delete them, or pass --overwrite_output_dir "
+                                           f"to start over")
             log(f"no complete checkpoint in {root}: starting from step 0")
+            if found:
+                shutil.rmtree(root, ignore_errors=True)
+        else:
+            _check_same_start(recipe, path)
         return path
     if ckpt.list_checkpoints(root) or os.path.isfile(os.path.join(output_dir, "metrics.jsonl")):
         if not overwrite:
@@ -698,6 +708,16 @@ def _resume_path(recipe, root: str, overwrite: bool, output_dir: str, log) -> st
                              f"--overwrite_output_dir to start over, or another --output_dir")
         shutil.rmtree(root, ignore_errors=True)
     return None
+
+
+def _check_same_start(recipe, path: str):
+    """A resumed run continues from the weights it started from: a LoRA checkpoint holds only adapters, so
+    another --load_checkpoint would silently pair them with a different base."""
+    started = ckpt.read_manifest(path).get("meta", {}).get("load_checkpoint") or ""
+    now = recipe.load_checkpoint or ""
+    if started and now and os.path.abspath(resolve_path(started)) != os.path.abspath(resolve_path(now)):
+        raise ValueError(f"the run in {os.path.dirname(os.path.dirname(path))} started from {started}, not {now}: "
+                         f"resume with --load_checkpoint {started}, or start a new run in another --output_dir")
 
 
 def _base_model(model):
