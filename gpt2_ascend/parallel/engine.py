@@ -234,8 +234,9 @@ class ParallelTrainer(Trainer):
             self.scaler = ShardedGradScaler(ctx.device.type, init_scale=s.loss_scale, growth_factor=s.scale_factor,
                                             backoff_factor=1.0 / s.scale_factor, growth_interval=s.scale_window)
 
-    def train_step(self, micro_batches: list[dict]) -> dict:
-        self.model.train()
+    def forward_backward(self, micro_batches: list[dict]) -> torch.Tensor:
+        """The step's gradients through the pipeline schedule or the wrapped model; returns the global
+        batch's mean loss (averaged over data-parallel ranks) on every rank."""
         n = len(micro_batches)
         total_loss = torch.zeros((), device=self.device)
         for i, batch in enumerate(micro_batches):
@@ -253,26 +254,15 @@ class ParallelTrainer(Trainer):
                     p.grad.div_(n)
         if self.pm.tied is not None:
             self.pm.tied()
-        if self.ctx.pc.data_parallel > 1:  # the logged loss is the global batch's
+        if self.ctx.pc.data_parallel > 1:
             dist.all_reduce(total_loss, op=dist.ReduceOp.SUM, group=self.ctx.dp_group)
             total_loss /= self.ctx.pc.data_parallel
-        out = dict(loss=total_loss)
-        if self.scaler is not None:
-            self.scaler.unscale_(self.optimizer)
-            out["loss_scale"] = self.scaler._get_scale_async().detach().clone()
+        return total_loss
+
+    def clip_gradients(self) -> torch.Tensor:
+        """One norm over shards (DTensor placements) and pipeline stages, the tied head's copy counted once."""
         duplicates = self.pm.tied.duplicates if self.pm.tied is not None else ()
-        out["grad_norm"] = clip_grad_norm(self.params, self.settings.max_grad_norm or 0.0, self.ctx.pp_group,
-                                          duplicates)
-        from ..train.optim import set_lr
-        set_lr(self.optimizer, self.schedule(self.step))
-        if self.scaler is not None:
-            self.scaler.step(self.optimizer)
-            self.scaler.update()
-        else:
-            self.optimizer.step()
-        self.optimizer.zero_grad(set_to_none=True)
-        self.step += 1
-        return out
+        return clip_grad_norm(self.params, self.settings.max_grad_norm or 0.0, self.ctx.pp_group, duplicates)
 
     def _pipeline_loss(self, batch: dict) -> torch.Tensor:
         if self.scaler is not None:

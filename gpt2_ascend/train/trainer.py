@@ -88,22 +88,11 @@ class Trainer:
         """Forward/backward over the micro-batches, then clip, step and advance the schedule. Returns
         device tensors (loss, grad_norm[, loss_scale]); nothing is read back to the host."""
         self.model.train()
-        n = len(micro_batches)
-        total_loss = torch.zeros((), device=self.device)
-        for batch in micro_batches:
-            batch = {k: v.to(self.device, non_blocking=True) for k, v in batch.items()}
-            with dev.autocast(self.device, self.amp_dtype):
-                loss = self.compute_loss(batch) / n
-            (self.scaler.scale(loss) if self.scaler is not None else loss).backward()
-            total_loss += loss.detach()
-        out = dict(loss=total_loss)
+        out = dict(loss=self.forward_backward(micro_batches))
         if self.scaler is not None:
             self.scaler.unscale_(self.optimizer)
             out["loss_scale"] = self.scaler._get_scale_async().detach().clone()
-        if self.settings.max_grad_norm:
-            out["grad_norm"] = torch.nn.utils.clip_grad_norm_(self.params, self.settings.max_grad_norm)
-        else:
-            out["grad_norm"] = torch.nn.utils.get_total_norm([p.grad for p in self.params if p.grad is not None])
+        out["grad_norm"] = self.clip_gradients()
         set_lr(self.optimizer, self.schedule(self.step))
         if self.scaler is not None:
             self.scaler.step(self.optimizer)  # skipped when the unscaled gradients hold inf/nan
@@ -113,6 +102,24 @@ class Trainer:
         self.optimizer.zero_grad(set_to_none=True)
         self.step += 1
         return out
+
+    def forward_backward(self, micro_batches: list[dict]) -> torch.Tensor:
+        """Accumulate the gradients of the step's micro-batches; returns their mean loss (a device tensor)."""
+        n = len(micro_batches)
+        total_loss = torch.zeros((), device=self.device)
+        for batch in micro_batches:
+            batch = {k: v.to(self.device, non_blocking=True) for k, v in batch.items()}
+            with dev.autocast(self.device, self.amp_dtype):
+                loss = self.compute_loss(batch) / n
+            (self.scaler.scale(loss) if self.scaler is not None else loss).backward()
+            total_loss += loss.detach()
+        return total_loss
+
+    def clip_gradients(self) -> torch.Tensor:
+        """The total gradient norm, after clipping to max_grad_norm (when set)."""
+        if self.settings.max_grad_norm:
+            return torch.nn.utils.clip_grad_norm_(self.params, self.settings.max_grad_norm)
+        return torch.nn.utils.get_total_norm([p.grad for p in self.params if p.grad is not None])
 
     def compute_loss(self, batch: dict) -> torch.Tensor:
         if self.settings.task == "txtcls":
