@@ -42,20 +42,10 @@ def _from_training_checkpoint(cls, path: str, dtype, device):
     """A trainer checkpoint directory (manifest.json + model.pt + config.json), else None."""
     from ..config import GPT2Config
     from ..hf import model_from_state
-    from ..parallel.checkpoint import is_sharded, load_full_model_state
+    from ..parallel.checkpoint import is_sharded, model_from_sharded
     from ..train import checkpoint as ckpt
     if os.path.isdir(path) and is_sharded(path):  # a torchrun run's checkpoint, gathered into one model here
-        config, state, architecture = load_full_model_state(path)
-        if cls.hf_architecture == "GPT2ForSequenceClassification" and architecture != cls.hf_architecture:
-            raise ValueError(f"{path} is a {architecture} checkpoint without a classification head: pass a model "
-                             f"finetuned for text_classification (GPT2ForSequenceClassification)")
-        from ..hf import pad_vocab
-        config = config.replace(pad_vocab_size_multiple=1)
-        state = {k: pad_vocab(v[: config.vocab_size], config) if k in ("transformer.wte.weight", "lm_head.weight")
-                 else v for k, v in state.items()}
-        if config.tie_word_embeddings:
-            state.pop("lm_head.weight", None)
-        return model_from_state(cls, config, state, source=path, dtype=dtype, device=device)
+        return model_from_sharded(cls, path, dtype=dtype, device=device)
     if not (os.path.isdir(path) and ckpt.is_training_checkpoint(path)):
         return None
     manifest = ckpt.verify_checkpoint(path)

@@ -120,6 +120,22 @@ def load_full_model_state(path: str) -> tuple[GPT2Config, dict, str]:
     return config, model_state, meta["architecture"]
 
 
+def model_from_sharded(cls, path: str, overrides: dict | None = None, dtype=None, device=None):
+    """One whole model of class `cls` from a sharded checkpoint, in one process (eval, generate, finetune):
+    the run's vocab padding is cut to vocab_size and redone for this model's config."""
+    from ..hf import model_from_state, pad_vocab
+    config, state, architecture = load_full_model_state(path)
+    if cls.hf_architecture == "GPT2ForSequenceClassification" and architecture != cls.hf_architecture:
+        raise ValueError(f"{path} is a {architecture} checkpoint without a classification head: pass a model "
+                         f"finetuned for text_classification (GPT2ForSequenceClassification)")
+    config = config.replace(**dict(dict(pad_vocab_size_multiple=1), **(overrides or {})))
+    state = {k: pad_vocab(v[: config.vocab_size], config) if k in ("transformer.wte.weight", "lm_head.weight")
+             else v for k, v in state.items()}
+    if config.tie_word_embeddings:
+        state.pop("lm_head.weight", None)
+    return model_from_state(cls, config, state, source=path, dtype=dtype, device=device)
+
+
 def merge_to_hf(src: str, dst: str, dtype=None, max_shard_size=None):
     """Consolidate a sharded checkpoint into an HF directory (config.json + model.safetensors)."""
     config, state, architecture = load_full_model_state(src)

@@ -127,9 +127,9 @@ def use_meta_init(recipe, overrides: dict) -> bool:
     source = resolve_path(recipe.load_checkpoint)
     config = load_config(source) if source and os.path.isfile(os.path.join(source, "config.json")) and \
         not sharded.is_sharded(source) else gpt2_config(recipe)
-    h, inner = config.n_embd, config.inner_dim
-    params = config.n_layer * (4 * h * h + 2 * h * inner) + (config.vocab_size + config.n_positions) * h
-    return params > META_INIT_PARAMS
+    from ..model import GPT2LMHeadModel
+    with torch.device("meta"):  # counting costs no memory
+        return GPT2LMHeadModel(config).num_parameters() > META_INIT_PARAMS
 
 
 def build_meta_model(recipe, overrides: dict, log):

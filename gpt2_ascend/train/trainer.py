@@ -383,17 +383,9 @@ def build_model(recipe, device: torch.device, log=print, config_overrides: dict 
             raise FileNotFoundError(f"load_checkpoint not found: {source}; pass an HF-format GPT-2 directory "
                                     f"or OUTPUT_DIR/checkpoint/step_N")
         overrides = dict(training_overrides(recipe), **(config_overrides or {}))
-        from ..parallel.checkpoint import is_sharded, load_full_model_state
-        if is_sharded(source):  # a distributed run's checkpoint: gathered into one state here
-            config, state, _ = load_full_model_state(source)
-            config = config.replace(**overrides)
-            from ..hf import pad_vocab
-            state = {k: pad_vocab(v[: config.vocab_size], config) if k in ("transformer.wte.weight",
-                                                                            "lm_head.weight") else v
-                     for k, v in state.items()}
-            if config.tie_word_embeddings:
-                state.pop("lm_head.weight", None)
-            model = model_from_state(cls, config, state, source=source, dtype=torch.float32)
+        from ..parallel.checkpoint import is_sharded, model_from_sharded
+        if is_sharded(source):  # a distributed run's checkpoint: gathered into one model here
+            model = model_from_sharded(cls, source, overrides, dtype=torch.float32)
         elif ckpt.is_training_checkpoint(source):
             manifest = ckpt.verify_checkpoint(source)
             if manifest.get("meta", {}).get("lora"):
