@@ -315,6 +315,15 @@ class GPT2PreTrainedModel(nn.Module):
     def is_gradient_checkpointing(self) -> bool:
         return self.base_model_body().recompute != "none"
 
+    def enable_input_require_grads(self):
+        """Nothing to do: HF needs the embedding output to require grad only for *reentrant* checkpointing
+        of a frozen model (peft calls this when wrapping); our recompute is non-reentrant, so gradients reach
+        the adapters anyway. peft's fallback hook would call requires_grad_() inside the forward, which
+        splits a compiled graph and adds a useless gradient through the first block."""
+
+    def disable_input_require_grads(self):
+        """The pair of enable_input_require_grads: nothing to undo."""
+
     def base_model_body(self) -> "GPT2Model":
         return self if isinstance(self, GPT2Model) else self.transformer
 
