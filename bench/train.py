@@ -40,11 +40,16 @@ def parse_args(argv=None):
     p.add_argument("--steps", type=int, default=20, help="timed optimizer steps")
     p.add_argument("--warmup", type=int, default=5, help="untimed steps first (compilation happens here)")
     p.add_argument("--compile", action="store_true", help="torch.compile ours (the baseline is always compiled)")
+    p.add_argument("--compile_scope", choices=("model", "blocks"), default="model",
+                   help="ours: one graph for the whole model, or each block in place (runner_config.compile_scope)")
     p.add_argument("--recompute", choices=("none", "selective", "full"), default=None,
                    help="ours (default: none, or full with --lora)")
     p.add_argument("--loss_chunk_size", type=int, default=8192, help="ours: 0 turns the chunked head off")
     p.add_argument("--device", default="cuda")
     p.add_argument("--no_hf", action="store_true", help="ours only")
+    p.add_argument("--baseline_compile_scope", choices=("model", "blocks"), default="model",
+                   help="the baseline: torch.compile(model), or each transformers block compiled in place "
+                        "(minutes less for the 13B shape)")
     p.add_argument("--baseline_eager", action="store_true",
                    help="do not compile the baseline (smoke tests only: the targets are against the compiled one)")
     p.add_argument("--find_max_batch", action="store_true", help="also report the largest batch ours fits")
@@ -60,7 +65,7 @@ def build_ours(args, device, seq):
     from gpt2_ascend.train.lora import apply_lora
     from gpt2_ascend.train.optim import build_optimizer, build_schedule
     from gpt2_ascend.train.recipe import load_recipe
-    from gpt2_ascend.train.trainer import Trainer, TrainSettings
+    from gpt2_ascend.train.trainer import Trainer, TrainSettings, compile_model
 
     config = GPT2Config.from_preset(args.preset, n_positions=max(seq, GPT2Config.from_preset(args.preset).n_positions),
                                     pad_vocab_size_multiple=64, embd_pdrop=0.0, attn_pdrop=0.0, resid_pdrop=0.0,
@@ -81,7 +86,7 @@ def build_ours(args, device, seq):
     recipe = load_recipe(None)  # the defaults: polynomial schedule, AdamW betas / eps / decay of the recipes
     schedule = build_schedule(recipe.lr_schedule, 10_000)
     optimizer = build_optimizer(model, schedule(0), device_type=device.type)
-    run_model = torch.compile(model) if args.compile else model
+    run_model = compile_model(model, args.compile_scope) if args.compile else model
     settings = TrainSettings(total_steps=10_000, precision="bf16" if device.type != "cpu" else "fp32",
                              max_grad_norm=1.0, progress=False)
     trainer = Trainer(run_model, optimizer, schedule, loader=None, device=device, settings=settings,
@@ -117,7 +122,18 @@ def build_hf(args, config, device):
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=1e-4, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.1,
                                   fused=device.type == "cuda")
-    return (model if args.baseline_eager else torch.compile(model)), optimizer, params
+    return compile_hf(model, args), optimizer, params
+
+
+def compile_hf(model, args):
+    if args.baseline_eager:
+        return model
+    if args.baseline_compile_scope == "model":
+        return torch.compile(model)
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    for block in base.transformer.h:
+        block.compile()
+    return model
 
 
 def hf_step_fn(model, optimizer, params, batch, device):
@@ -138,9 +154,11 @@ def hf_step_fn(model, optimizer, params, batch, device):
 # timing
 # ---------------------------------------------------------------------------------------------
 def measure(step, device, warmup: int, steps: int) -> dict:
+    start = time.perf_counter()
     for _ in range(warmup):
         step()
     sync(device)
+    warmup_s = time.perf_counter() - start  # compilation happens here
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     start = time.perf_counter()
@@ -149,7 +167,8 @@ def measure(step, device, warmup: int, steps: int) -> dict:
     sync(device)
     elapsed = time.perf_counter() - start
     peak = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else 0
-    return dict(step_ms=1000 * elapsed / steps, peak_mem_gib=round(peak / 2 ** 30, 2))
+    return dict(step_ms=round(1000 * elapsed / steps, 3), warmup_s=round(warmup_s, 1),
+                peak_mem_gib=round(peak / 2 ** 30, 2))
 
 
 def sync(device):
@@ -227,7 +246,8 @@ def main(argv=None) -> int:
     batch = random_batch(config, args.batch, seq, device)
     r = measure(ours_step_fn(trainer, batch), device, args.warmup, args.steps)
     results["ours"] = tokens / (r["step_ms"] / 1000)
-    report(dict(common, impl="gpt2_ascend", compile=args.compile, tokens_per_s=round(results["ours"]),
+    report(dict(common, impl="gpt2_ascend", compile=args.compile and args.compile_scope,
+                tokens_per_s=round(results["ours"]),
                 mfu=round(results["ours"] * fpt / peak, 4) if peak else None, **r), args)
     del trainer, model
     with contextlib.suppress(Exception):
@@ -238,7 +258,8 @@ def main(argv=None) -> int:
         hf_model, optimizer, params = build_hf(args, config, device)
         r = measure(hf_step_fn(hf_model, optimizer, params, batch, device), device, args.warmup, args.steps)
         results["hf"] = tokens / (r["step_ms"] / 1000)
-        report(dict(common, impl="transformers" + ("+peft" if args.lora else ""), compile=not args.baseline_eager,
+        report(dict(common, impl="transformers" + ("+peft" if args.lora else ""),
+                    compile=not args.baseline_eager and args.baseline_compile_scope,
                     transformers=transformers.__version__, tokens_per_s=round(results["hf"]),
                     mfu=round(results["hf"] * fpt / peak, 4) if peak else None, **r), args)
         del hf_model, optimizer, params

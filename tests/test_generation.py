@@ -129,6 +129,24 @@ def test_fixed_shape_and_compile_flag_give_the_same_tokens_on_cpu(models):
         assert torch.equal(base, compiled)
 
 
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_compiled_cuda_graph_decode_equals_eager_on_gpu(models):
+    """--compile on CUDA: the decode step compiled with mode='reduce-overhead' (a CUDA graph over the
+    fixed-shape cache) gives the eager tokens, for a left-padded batch, on a second call too (graph replay)."""
+    ours = models[0].cuda()
+    try:
+        ids, mask = left_pad(prompts(), PAD)
+        ids, mask = ids.cuda(), mask.cuda()
+        base = generate(ours, ids, attention_mask=mask, max_new_tokens=10, eos_token_id=None)
+        first = generate(ours, ids, attention_mask=mask, max_new_tokens=10, eos_token_id=None, compile=True)
+        second = generate(ours, ids, attention_mask=mask, max_new_tokens=10, eos_token_id=None, compile=True)
+        assert torch.equal(first, base) and torch.equal(second, base)
+    finally:
+        ours._compiled_decoder = None
+        ours.cpu()
+        torch._dynamo.reset()
+
 def test_sampling_is_reproducible_with_a_seed(models):
     ours, _ = models
     ids, mask = left_pad(prompts(), PAD)

@@ -87,3 +87,21 @@ def test_explicit_position_ids(pair):
     pos = torch.arange(5, 15)[None].expand(2, -1)
     with torch.no_grad():
         assert max_diff(ours(ids, position_ids=pos).logits, hf(ids, position_ids=pos).logits) <= TOL
+
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_logits_match_hf_on_gpu():
+    """The same parity on CUDA in fp32 (TF32 off, as by default): both sides pick the GPU's SDPA kernels."""
+    config = tiny_config()
+    hf = hf_model(config, attn="sdpa")
+    ours = ours_from_hf(hf, config).cuda()
+    hf.cuda()
+    ids = random_batch(config).cuda()
+    mask = torch.ones_like(ids)
+    mask[0, :5] = 0  # a left-padded row as well
+    assert not torch.backends.cuda.matmul.allow_tf32
+    with torch.no_grad():
+        ref = hf(ids, attention_mask=mask, position_ids=positions_from_mask(mask)).logits
+        out = ours(ids, attention_mask=mask).logits
+    assert max_diff(out[mask.bool()], ref[mask.bool()]) <= TOL

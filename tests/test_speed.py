@@ -97,3 +97,24 @@ def test_compiled_train_step_is_one_graph_that_is_not_recompiled(setup):
         assert len(first_block_adapters) == 4  # c_attn, attn.c_proj, c_fc, mlp.c_proj
         assert all(not torch.equal(now[n], before) for n, before in first_block_adapters.items())
     torch._dynamo.reset()
+
+
+def test_compile_scopes():
+    """runner_config.compile_scope: the whole model in one graph, or each block in place (names unchanged)."""
+    from gpt2_ascend import GPT2Config, GPT2LMHeadModel
+    from gpt2_ascend.train.lora import apply_lora
+    from gpt2_ascend.train.trainer import compile_model
+
+    model = GPT2LMHeadModel(GPT2Config.from_preset("tiny"))
+    names = [n for n, _ in model.named_parameters()]
+    assert isinstance(compile_model(model, "model"), torch._dynamo.eval_frame.OptimizedModule)
+    lora = apply_lora(model, rank=2, alpha=4, dropout=0.0)
+    assert compile_model(lora, "blocks") is lora
+    assert all(block._compiled_call_impl is not None for block in model.transformer.h)
+    assert [n.replace("base_model.model.", "") for n, _ in lora.named_parameters() if "lora_" not in n] == \
+        [n.replace("c_attn.", "c_attn.base_layer.") for n in names]
+    with pytest.raises(ValueError, match="unknown compile scope 'layers': use model or blocks"):
+        compile_model(model, "layers")
+    assert load_recipe(None, ["runner_config.compile_scope=blocks"]).runner_config.compile_scope == "blocks"
+    with pytest.raises(ValueError, match="compile_scope"):
+        load_recipe(None, ["runner_config.compile_scope=layers"])
