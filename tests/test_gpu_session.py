@@ -1,0 +1,35 @@
+"""bench/gpu_session.py: the one-call GPU session runs its steps in order inside a budget and prints the table
+(here its CPU smoke flow; the real run is on the GPU machine)."""
+import importlib.util
+import json
+import os
+import sys
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+spec = importlib.util.spec_from_file_location("gpu_session", os.path.join(REPO, "bench", "gpu_session.py"))
+session = importlib.util.module_from_spec(spec)
+sys.modules["gpu_session"] = session  # dataclasses look their module up
+spec.loader.exec_module(session)
+
+
+def test_list_and_unknown_step(capsys):
+    assert session.main(["--list"]) == 0
+    listed = capsys.readouterr().out
+    assert all(step.name in listed for step in session.STEPS)
+    assert session.main(["--only", "train-huge"]) == 2
+    assert "unknown step 'train-huge'" in capsys.readouterr().err
+
+
+def test_smoke_steps_run_and_skip_inside_the_budget(tmp_path, capsys):
+    out = tmp_path / "out"
+    assert session.main(["--smoke", "--only", "ceilings,train-small,gen-small", "--out", str(out)]) == 0
+    text = capsys.readouterr().out
+    assert "| train-small | 0 |" in text and "| gen-small | 0 |" in text
+    summary = json.loads((out / "summary.json").read_text())
+    assert [r["step"] for r in summary] == ["ceilings", "train-small", "gen-small"]
+    train = [line for line in summary[1]["lines"] if "tokens_per_s" in line]
+    assert [line["impl"] for line in train] == ["gpt2_ascend", "transformers"]
+    assert os.path.getsize(out / "train-small.log") > 0
+    # no budget left: every step is skipped, and says so
+    assert session.main(["--smoke", "--only", "train-small", "--out", str(out), "--budget_s", "1"]) == 0
+    assert "[train-small] skipped" in capsys.readouterr().out
