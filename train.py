@@ -5,6 +5,7 @@ All the work is in gpt2_ascend.train (recipe.load_recipe + trainer.run_training)
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 EPILOG = """examples:
@@ -86,6 +87,16 @@ def overrides_from_flags(args) -> list[str]:
     return out
 
 
+def report_error(e: Exception):
+    """One line on stderr. Under torchrun a recipe / layout / checkpoint problem (ValueError) is the same on
+    every rank, so rank 0 alone says it; other errors may be one rank's own and carry its number."""
+    rank = int(os.environ.get("RANK", "0"))
+    if rank != 0 and isinstance(e, ValueError):
+        return
+    prefix = f"[rank {rank}] " if rank != 0 else ""
+    print(f"{prefix}error: {str(e).splitlines()[0] if str(e) else type(e).__name__}", file=sys.stderr)
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
     from gpt2_ascend.train.checkpoint import CheckpointError
@@ -96,7 +107,7 @@ def main(argv=None) -> int:
         recipe = load_recipe(args.config, overrides_from_flags(args) + list(args.overrides))
         summary = run_training(recipe, overwrite=args.overwrite_output_dir)
     except (ValueError, FileNotFoundError, CheckpointError, TrainingStopped, RuntimeError, OSError) as e:
-        print(f"error: {str(e).splitlines()[0] if str(e) else type(e).__name__}", file=sys.stderr)
+        report_error(e)
         return 2
     if not summary:  # a distributed run's other ranks: rank 0 reports
         return 0

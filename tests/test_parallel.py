@@ -228,6 +228,10 @@ def test_bad_layouts_are_one_line(workdir, monkeypatch, capsys, env_world, layou
                        "--use_parallel", "True", *layout])
     err = capsys.readouterr().err
     assert code == 2 and message in err and err.count("\n") == 1, err
+    monkeypatch.setenv("RANK", "1")  # under torchrun the other ranks fail the same way, silently
+    code = train.main(["--config", str(workdir / "lm.yaml"), "--output_dir", str(workdir / "bad"),
+                       "--use_parallel", "True", *layout])
+    assert code == 2 and capsys.readouterr().err == ""
 
 
 @pytest.fixture(scope="module")

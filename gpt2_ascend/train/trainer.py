@@ -11,6 +11,7 @@ device tensors until `flush` turns every `log_interval` steps of them into metri
 from __future__ import annotations
 
 import contextlib
+import json
 import math
 import os
 import random
@@ -630,6 +631,11 @@ def run_training(recipe, overwrite: bool = False, log=print) -> dict:
         else:
             trainer.load_state_dict(ckpt.load_checkpoint(resume_path))
         log(f"resumed from {resume_path} (step {trainer.step})")
+        if trainer.step > run_steps:  # a model cannot be un-trained: say so before anything is written
+            raise ValueError(f"{resume_path} is at step {trainer.step}, past max_steps {run_steps}: pass a "
+                             f"larger --max_steps to continue it, or start a new run in another --output_dir")
+        if trainer.step == run_steps:
+            log(f"the run is already at step {run_steps} of {run_steps}: nothing left to train")
 
     layout = f" on {dist.global_world} processes ({_layout(dist.pc)})" if dist.parallel else ""
     log(f"training {base.num_parameters():,} parameters ({_trainable(model):,} trainable) on "
@@ -665,13 +671,22 @@ def run_training(recipe, overwrite: bool = False, log=print) -> dict:
     if not dist.parallel:
         final_dir = export_final(raw_model, recipe, output_dir, lora=bool(lora))
     summary = dict(steps=trainer.step, steps_this_run=trainer.step - start_step, seconds=round(elapsed, 2),
-                   final_loss=last.get("loss"), final=final_dir, loss_curve=curve,
+                   final_loss=last.get("loss", last_logged_loss(metrics.path)), final=final_dir, loss_curve=curve,
                    metrics=metrics.path, device=dev.device_name(device), precision=prec)
     if trainer.last_eval is not None:
         summary.update({f"eval_{k}": v for k, v in trainer.last_eval.items() if k != "step"})
     write_json(summary, os.path.join(output_dir, "summary.json"))
     sync()
     return summary
+
+
+def last_logged_loss(metrics_path: str) -> float | None:
+    """The newest loss in metrics.jsonl: the final loss of a resumed run that had nothing left to train."""
+    if not os.path.exists(metrics_path):
+        return None
+    with open(metrics_path, encoding="utf-8") as f:
+        losses = [json.loads(line).get("loss") for line in f if line.strip()]
+    return next((loss for loss in reversed(losses) if loss is not None), None)
 
 
 def configure_speed(base, recipe, dist, device: torch.device, log):
