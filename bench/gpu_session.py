@@ -56,9 +56,16 @@ STEPS = [
                                                                    "test_speed.py", "test_train_trainer.py")]],
          240, 60, ["-m", "pytest", "-q", "-p", "no:cacheprovider", "-k", "gpu", "-rs",
                    os.path.join(REPO, "tests", "test_model_parity.py")]),
+    # which defaults are fastest (ours only): the plain head, and per-block compile, for the small shape
+    Step("train-small-plain-head", bench("train.py", "--preset", "small", "--batch", "16", "--seq", "1024",
+                                         "--compile", "--loss_chunk_size", "0", "--no_hf", "--steps", "10",
+                                         "--warmup", "3"), 150, 70),
+    Step("train-small-blocks", bench("train.py", "--preset", "small", "--batch", "16", "--seq", "1024",
+                                     "--compile", "--compile_scope", "blocks", "--no_hf", "--steps", "10",
+                                     "--warmup", "3"), 150, 70),
     *[Step(f"train-{preset}", bench("train.py", "--preset", preset, "--batch", "8", "--compile",
-                                    "--compile_scope", "blocks", "--no_hf", "--steps", "5", "--warmup", "2"),
-           180, 90) for preset in ("medium", "large", "xl")],
+                                    "--compile_scope", "blocks", "--no_hf", "--steps", "5", "--warmup", "2",
+                                    "--find_max_batch"), 240, 90) for preset in ("medium", "large", "xl")],
 ]
 
 
@@ -187,7 +194,7 @@ def main(argv=None) -> int:
         return 2
     if args.list:
         for s in STEPS:
-            print(f"{s.name:16s} timeout {s.timeout_s:4d} s  (needs {s.min_s} s left)  {' '.join(s.argv[-12:])}")
+            print(f"{s.name:22s} timeout {s.timeout_s:4d} s  (needs {s.min_s} s left)  {' '.join(s.argv[-12:])}")
         return 0
     os.makedirs(args.out, exist_ok=True)
     start = time.perf_counter()
