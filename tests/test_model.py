@@ -277,3 +277,22 @@ def test_chunked_head_cross_entropy_equals_the_plain_loss_and_gradients():
         assert max_diff(p.grad, grads[n]) <= 1e-6, n
     with torch.no_grad():  # evaluation keeps the logits
         assert model(ids[:, :-1], targets=targets).logits.shape == (3, 16, 500)
+
+
+def test_chunked_head_with_a_frozen_head_skips_its_gradient():
+    """LoRA freezes the (tied) head: the chunked loss then computes no weight gradient, and every other
+    gradient is the plain path's."""
+    config = tiny_config(vocab_size=500, pad_vocab_size_multiple=64)
+    torch.manual_seed(0)
+    model = GPT2LMHeadModel(config).train()
+    model.lm_head.weight.requires_grad_(False)
+    ids = torch.randint(0, 500, (2, 13))
+    model(ids[:, :-1], targets=ids[:, 1:]).loss.backward()
+    grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+    model.zero_grad()
+    model.loss_chunk_size = 5
+    model(ids[:, :-1], targets=ids[:, 1:]).loss.backward()
+    assert model.lm_head.weight.grad is None
+    for n, p in model.named_parameters():
+        if p.requires_grad:
+            assert max_diff(p.grad, grads[n]) <= 1e-6, n
