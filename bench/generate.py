@@ -151,11 +151,14 @@ def run_case(name, config, ours, hf, args, device, card, stamp):
     def run_ours():
         return generate(ours, prompt, attention_mask=mask, max_new_tokens=new_tokens, eos_token_id=None,
                         compile=compile_)
+    skips_before = cudagraph_skips()
     timed(run_ours, device, 2)  # warm-up: compiles the decode step and records its CUDA graph
+    skipped_graphs = cudagraph_skips() - skips_before  # > 0: inductor ran the step without a CUDA graph
     reset_peak_memory(device)
     out, ours_s = timed(run_ours, device, args.repeats)
     rate = batch * (out.size(1) - args.prompt_len) / ours_s
-    line = dict(common, impl="gpt2_ascend", compile=compile_, seconds=round(ours_s, 4), tokens_per_s=round(rate, 1),
+    line = dict(common, impl="gpt2_ascend", compile=compile_, cuda_graph=compile_ and skipped_graphs == 0,
+                seconds=round(ours_s, 4), tokens_per_s=round(rate, 1),
                 generated=int(out.size(1) - args.prompt_len),
                 peak_memory_gb=round(max_memory_allocated(device) / 2**30, 2), target_tokens_per_s=target)
     if hf_rate:
@@ -167,6 +170,12 @@ def run_case(name, config, ours, hf, args, device, card, stamp):
                                                        or rate / hf_rate >= target_ratio))
     lines.append(line)
     return lines
+
+
+def cudagraph_skips() -> int:
+    """How many times inductor has declined to capture a CUDA graph in this process."""
+    from torch._dynamo.utils import counters
+    return counters["inductor"]["cudagraph_skips"]
 
 
 def main(argv=None) -> int:

@@ -4,22 +4,26 @@ A GPU machine is lent for minutes at a time, so one prepared run has to do it al
 (bf16 matmul rate, copy bandwidth), the training and generation benchmarks with targets, the 13B shape, the
 GPU tests, then the report-only shapes while time is left. Each step runs as its own process (a crash or an
 out-of-memory in one does not lose the others) with a timeout; a step that cannot finish inside what is left
-of --budget_s is skipped and says so. Logs and JSON lines go to --out (default: $OUT, else ./gpu_session);
-the last thing printed is a table to paste into docs/performance.md.
+of --budget_s is skipped and says so. Everything lands in three files under --out (default: $OUT, else
+./gpu_session), appended as each step ends: results.jsonl (every JSON line, tagged with its step),
+session.log (every step's output) and summary.jsonl (one line per step: rc, seconds). A failing step's last
+lines are printed; the last thing printed is a table to paste into docs/performance.md.
 
-    PYTHONPATH=. python bench/gpu_session.py                          # everything, within 420 s
-    PYTHONPATH=. python bench/gpu_session.py --only train-small,gen-small --budget_s 300
+    python3 bench/gpu_session.py                                      # everything that fits in 540 s
+    python3 bench/gpu_session.py --only gpu-tests,train-small-blocks --budget_s 200   # a second call
     python bench/gpu_session.py --list                                # the steps, their order and timeouts
     python bench/gpu_session.py --smoke                               # the same flow on CPU, tiny shapes
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import json
 import os
 import subprocess
 import sys
+import tempfile
 import time
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -46,15 +50,15 @@ STEPS = [
                               "--steps", "10", "--warmup", "3"), 240, 150, bench("train.py", *TRAIN_SMOKE)),
     Step("gen-small", bench("generate.py", "--cases", "small-b1,small-b32", "--repeats", "2"), 180, 90,
          bench("generate.py", "--device", "cpu", "--cases", "tiny-b2", "--new_tokens", "4", "--repeats", "1")),
+    Step("gen-13b", bench("generate.py", "--cases", "13b-b1", "--repeats", "2"), 180, 90),
     Step("train-13b-lora", bench("train.py", "--preset", "13b", "--lora", "--batch", "1", "--seq", "2048",
                                  "--compile", "--compile_scope", "blocks", "--baseline_compile_scope", "blocks",
                                  "--steps", "6", "--warmup", "2"), 240, 150,
          bench("train.py", *TRAIN_SMOKE, "--lora", "--compile", "--compile_scope", "blocks")),
-    Step("gen-13b", bench("generate.py", "--cases", "13b-b1", "--repeats", "2"), 180, 90),
     Step("gpu-tests", ["-m", "pytest", "-q", "-p", "no:cacheprovider", "-k", "gpu", "-rs",
                        *[os.path.join(REPO, "tests", f) for f in ("test_model_parity.py", "test_generation.py",
                                                                    "test_speed.py", "test_train_trainer.py")]],
-         240, 60, ["-m", "pytest", "-q", "-p", "no:cacheprovider", "-k", "gpu", "-rs",
+         240, 90, ["-m", "pytest", "-q", "-p", "no:cacheprovider", "-k", "gpu", "-rs",
                    os.path.join(REPO, "tests", "test_model_parity.py")]),
     # which defaults are fastest (ours only): the plain head, and per-block compile, for the small shape
     Step("train-small-plain-head", bench("train.py", "--preset", "small", "--batch", "16", "--seq", "1024",
@@ -72,7 +76,7 @@ STEPS = [
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description="All GPU checks and benchmarks in one timed call.", epilog=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--budget_s", type=float, default=420.0, help="wall-clock budget for all steps together")
+    p.add_argument("--budget_s", type=float, default=540.0, help="wall-clock budget for all steps together")
     p.add_argument("--only", help="comma-separated step names (see --list)")
     p.add_argument("--out", default=os.environ.get("OUT") or "gpu_session", help="logs and JSON lines go here")
     p.add_argument("--list", action="store_true", help="print the steps and exit")
@@ -92,18 +96,22 @@ def chosen_steps(args) -> list[Step]:
     return steps
 
 
-def run_step(step: Step, argv: list, out_dir: str, timeout_s: float) -> dict:
-    jsonl = os.path.join(out_dir, f"{step.name}.jsonl")
-    log = os.path.join(out_dir, f"{step.name}.log")
+def run_step(step: Step, argv: list, work_dir: str, timeout_s: float) -> dict:
+    """Run one step as its own process; its log and JSON lines stay in work_dir (the device machine returns at
+    most 8 files from $OUT, so main() appends them to session.log and results.jsonl there)."""
+    jsonl = os.path.join(work_dir, f"{step.name}.jsonl")
+    log = os.path.join(work_dir, f"{step.name}.log")
     writes_jsonl = any(a.endswith(("train.py", "generate.py")) for a in argv)
     cmd = [sys.executable, *argv, *(["--output_jsonl", jsonl] if writes_jsonl else [])]
-    env = dict(os.environ, PYTHONPATH=REPO + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    env = dict(os.environ, PYTHONPATH=REPO + os.pathsep + os.environ.get("PYTHONPATH", ""),
+               GPU_SESSION_JSONL=jsonl, PYTHONUNBUFFERED="1")
     start = time.perf_counter()
     with open(log, "w") as f:
         f.write(" ".join(cmd) + "\n")
         f.flush()
         try:
-            rc = subprocess.run(cmd, stdout=f, stderr=subprocess.STDOUT, timeout=timeout_s, env=env, cwd=REPO).returncode
+            rc = subprocess.run(cmd, stdout=f, stderr=subprocess.STDOUT, timeout=timeout_s, env=env,
+                                cwd=REPO).returncode
         except subprocess.TimeoutExpired:
             rc = "timeout"
     lines = []
@@ -113,10 +121,23 @@ def run_step(step: Step, argv: list, out_dir: str, timeout_s: float) -> dict:
     return dict(step=step.name, rc=rc, seconds=round(time.perf_counter() - start, 1), lines=lines, log=log)
 
 
-def last_log_line(path: str) -> str:
+def log_tail(path: str, n: int) -> list[str]:
     with open(path, errors="replace") as f:
-        lines = [line.strip() for line in f if line.strip()]
-    return lines[-1][:200] if lines else ""
+        lines = [line.rstrip() for line in f if line.strip()]
+    return [line[:300] for line in lines[-n:]]
+
+
+def keep(result: dict, out_dir: str):
+    """Append a finished step to the session's three files in out_dir."""
+    with open(os.path.join(out_dir, "results.jsonl"), "a") as f:
+        for line in result["lines"]:
+            f.write(json.dumps(dict(step=result["step"], **line)) + "\n")
+    if result["log"]:
+        with open(result["log"], errors="replace") as src, open(os.path.join(out_dir, "session.log"), "a") as dst:
+            dst.write(f"\n===== {result['step']}: rc {result['rc']} in {result['seconds']} s =====\n")
+            dst.write(src.read())
+    with open(os.path.join(out_dir, "summary.jsonl"), "a") as f:
+        f.write(json.dumps({k: v for k, v in result.items() if k != "log"}) + "\n")
 
 
 def table(results: list[dict]) -> str:
@@ -176,7 +197,7 @@ def ceilings():
         except ImportError:
             line[name] = None
     print(json.dumps(line))
-    out = os.environ.get("GPU_SESSION_JSONL")  # set by the session for this step
+    out = os.environ.get("GPU_SESSION_JSONL")  # set by run_step for this step
     if out:
         with open(out, "a") as f:
             f.write(json.dumps(line) + "\n")
@@ -197,23 +218,26 @@ def main(argv=None) -> int:
             print(f"{s.name:22s} timeout {s.timeout_s:4d} s  (needs {s.min_s} s left)  {' '.join(s.argv[-12:])}")
         return 0
     os.makedirs(args.out, exist_ok=True)
+    for name in ("results.jsonl", "session.log", "summary.jsonl"):
+        with contextlib.suppress(FileNotFoundError):
+            os.remove(os.path.join(args.out, name))
+    work_dir = tempfile.mkdtemp(prefix="gpu_session_")
     start = time.perf_counter()
     results = []
     for step in steps:
         left = args.budget_s - (time.perf_counter() - start)
         if left < step.min_s:
             print(f"[{step.name}] skipped: {left:.0f} s left, it needs {step.min_s} s", flush=True)
-            results.append(dict(step=step.name, rc="skipped", seconds=0, lines=[], log=""))
-            continue
-        os.environ["GPU_SESSION_JSONL"] = os.path.join(args.out, f"{step.name}.jsonl")
-        argv = step.smoke_argv if args.smoke else step.argv
-        result = run_step(step, argv, args.out, min(step.timeout_s, left))
+            result = dict(step=step.name, rc="skipped", seconds=0, lines=[], log="")
+        else:
+            argv = step.smoke_argv if args.smoke else step.argv
+            result = run_step(step, argv, work_dir, min(step.timeout_s, left))
+            print(f"[{step.name}] rc {result['rc']} in {result['seconds']} s, {len(result['lines'])} JSON lines",
+                  flush=True)
+            if result["rc"] != 0:  # stdout is the one channel that always comes back: show why
+                print("\n".join("    " + line for line in log_tail(result["log"], 25)), flush=True)
+        keep(result, args.out)
         results.append(result)
-        tail = "" if result["rc"] == 0 else f": {last_log_line(result['log'])}"
-        print(f"[{step.name}] rc {result['rc']} in {result['seconds']} s, {len(result['lines'])} JSON lines{tail}",
-              flush=True)
-    with open(os.path.join(args.out, "summary.json"), "w") as f:
-        json.dump(results, f, indent=1)
     print(table(results))
     return 0 if all(r["rc"] in (0, "skipped") for r in results) else 1
 

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import gc
 import datetime
 import json
 import sys
@@ -108,6 +109,9 @@ def build_hf(args, config, device):
     hf_cfg.n_positions = config.n_positions
     with torch.device(device):
         model = transformers.GPT2LMHeadModel._from_config(hf_cfg, attn_implementation="sdpa")
+    # without it every forward logs "loss_type=None ... unrecognized" through warning_once, and that call
+    # splits the compiled graph each step: a slower baseline than a careful user would have
+    model.loss_type = "ForCausalLM"
     if args.lora:
         from peft import LoraConfig, get_peft_model
         model.to(torch.bfloat16)
@@ -208,14 +212,15 @@ def largest_batch(args, device, seq, start: int) -> int:
     """Double the batch until ours runs out of memory (CUDA only)."""
     best, batch = start, start * 2
     while batch <= 4096:
-        trainer = None
+        trainer = model = None
         try:
-            trainer, _, config = build_ours(args, device, seq)
+            trainer, model, config = build_ours(args, device, seq)
             measure(ours_step_fn(trainer, random_batch(config, batch, seq, device)), device, 1, 1)
         except torch.OutOfMemoryError:
             break
         finally:
-            del trainer  # free this try's model and optimizer before the next, larger one
+            del trainer, model  # free this try's model and optimizer before the next, larger one
+            gc.collect()
             torch.cuda.empty_cache()
         best, batch = batch, batch * 2
     return best

@@ -270,7 +270,8 @@ class Decoder:
     @classmethod
     def reusable(cls, lm, batch_size: int, max_length: int) -> "Decoder":
         """A compiled decoder kept on the model and reused while the shape stays the same: the CUDA graph
-        reads its buffers at fixed addresses (dynamo guards on them), so new buffers would mean a recompile.
+        reads its buffers at fixed addresses (marked static), so new buffers would mean recording the graph
+        again.
         Only the latest shape is kept, to bound the memory the cache holds between calls."""
         device, dtype = next(lm.parameters()).device, next(lm.parameters()).dtype
         key = (batch_size, max_length, device, dtype)

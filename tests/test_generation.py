@@ -134,14 +134,17 @@ def test_fixed_shape_and_compile_flag_give_the_same_tokens_on_cpu(models):
 def test_compiled_cuda_graph_decode_equals_eager_on_gpu(models):
     """--compile on CUDA: the decode step compiled with mode='reduce-overhead' (a CUDA graph over the
     fixed-shape cache) gives the eager tokens, for a left-padded batch, on a second call too (graph replay)."""
+    from torch._dynamo.utils import counters
     ours = models[0].cuda()
     try:
         ids, mask = left_pad(prompts(), PAD)
         ids, mask = ids.cuda(), mask.cuda()
         base = generate(ours, ids, attention_mask=mask, max_new_tokens=10, eos_token_id=None)
+        counters.clear()
         first = generate(ours, ids, attention_mask=mask, max_new_tokens=10, eos_token_id=None, compile=True)
         second = generate(ours, ids, attention_mask=mask, max_new_tokens=10, eos_token_id=None, compile=True)
         assert torch.equal(first, base) and torch.equal(second, base)
+        assert counters["inductor"]["cudagraph_skips"] == 0  # the step really runs as a CUDA graph
     finally:
         ours._compiled_decoder = None
         ours.cpu()
