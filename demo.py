@@ -29,6 +29,14 @@ def main(argv=None):
     p.add_argument("--output_dir", default="out/demo")
     p.add_argument("--max_steps", type=int, default=None, help="training steps (default: the recipe's 200)")
     args = p.parse_args(argv)
+    try:
+        return run_demo(args)
+    except (ValueError, FileNotFoundError, OSError, RuntimeError) as e:  # missing data, bad paths: one line
+        print(f"error: {str(e).splitlines()[0] if str(e) else type(e).__name__}", file=sys.stderr)
+        return 2
+
+
+def run_demo(args) -> int:
     started = time.perf_counter()
 
     print("== 1. pretrain a tiny GPT-2 on WikiText-2 (configs/gpt2/pretrain_gpt2_tiny.yaml)")

@@ -141,3 +141,17 @@ def test_unknown_name_and_cli_errors(capsys):
     assert dl.main(["nope"]) == 2
     err = capsys.readouterr().err
     assert err.startswith("error: unknown data file 'nope'") and err.count("\n") == 1
+
+
+def test_demo_without_data_or_network_fails_in_one_line(payload, tmp_path, monkeypatch, capsys):
+    """A checkout away from the shared data, offline: the demo names the fix instead of a traceback."""
+    import demo  # the checkout's demo.py (the repository root is importable, as for train.py)
+    folder, _, _ = payload
+    monkeypatch.setenv("GPT2_DATA_DIR", str(tmp_path / "empty"))
+    with FileServer(folder) as srv:  # a mirror without the files: 404 for each
+        monkeypatch.setenv("GPT2_DATA_URL", srv.url)
+        assert demo.main(["--output_dir", str(tmp_path / "out"), "--max_steps", "1"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("error: download of http://127.0.0.1:"), err
+    assert "set GPT2_DATA_DIR to a folder that already holds the data" in err
+    assert str(tmp_path / "empty") in err  # where the file may be put

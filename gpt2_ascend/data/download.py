@@ -92,7 +92,7 @@ def _locked(f):
         fcntl.flock(f.fileno(), fcntl.LOCK_UN)
 
 
-def _open(url: str, start: int, timeout: float):
+def _open(url: str, start: int, timeout: float, dest: str):
     headers = {"User-Agent": "gpt2_ascend-data/1"}
     if start:
         headers["Range"] = f"bytes={start}-"
@@ -101,12 +101,15 @@ def _open(url: str, start: int, timeout: float):
     except urllib.error.HTTPError as e:
         if e.code == 416 and start:  # the .part is already complete or stale: start over
             return None
-        raise OSError(f"download of {url} failed: HTTP {e.code} {e.reason} (set GPT2_DATA_URL to a mirror, "
-                      f"or put the file in the data directory)") from None
+        raise OSError(f"download of {url} failed: HTTP {e.code} {e.reason} ({_remedy(dest)})") from None
     except (urllib.error.URLError, OSError) as e:
         reason = getattr(e, "reason", e)
-        raise OSError(f"download of {url} failed: {reason} (no network? set GPT2_DATA_URL to a mirror, "
-                      f"or put the file in the data directory)") from None
+        raise OSError(f"download of {url} failed: {reason} (no network? {_remedy(dest)})") from None
+
+
+def _remedy(dest: str) -> str:
+    return (f"set GPT2_DATA_DIR to a folder that already holds the data, GPT2_DATA_URL to a mirror, or put the "
+            f"file at {dest}")
 
 
 def _resumes_at(response, start: int) -> bool:
@@ -131,14 +134,14 @@ def download(url: str, dest: str, sha256: str, timeout: float = 60.0, progress: 
         for chunk in iter(lambda: f.read(CHUNK), b""):
             digest.update(chunk)
         start = f.tell()
-        response = _open(url, start, timeout)
+        response = _open(url, start, timeout, dest)
         if start and (response is None or not _resumes_at(response, start)):
             f.truncate(0)  # no resume: the server ignored the Range (200, whole file) or refused it (416)
             digest, start = hashlib.sha256(), 0
             if response is None or response.status != 200:
                 if response is not None:
                     response.close()
-                response = _open(url, 0, timeout)
+                response = _open(url, 0, timeout, dest)
         with response:
             total = response.headers.get("Content-Length")
             total = start + int(total) if total and total.isdigit() else None
