@@ -670,8 +670,9 @@ def run_training(recipe, overwrite: bool = False, log=print) -> dict:
     curve = plot_loss_curve(metrics.path, os.path.join(output_dir, "loss_curve.png"))
     if not dist.parallel:
         final_dir = export_final(raw_model, recipe, output_dir, lora=bool(lora))
+    final_loss = last["loss"] if "loss" in last else last_logged_loss(metrics.path)  # nothing left to train
     summary = dict(steps=trainer.step, steps_this_run=trainer.step - start_step, seconds=round(elapsed, 2),
-                   final_loss=last.get("loss", last_logged_loss(metrics.path)), final=final_dir, loss_curve=curve,
+                   final_loss=final_loss, final=final_dir, loss_curve=curve,
                    metrics=metrics.path, device=dev.device_name(device), precision=prec)
     if trainer.last_eval is not None:
         summary.update({f"eval_{k}": v for k, v in trainer.last_eval.items() if k != "step"})
