@@ -60,7 +60,11 @@ STEPS = [
                                                                    "test_speed.py", "test_train_trainer.py")]],
          240, 90, ["-m", "pytest", "-q", "-p", "no:cacheprovider", "-k", "gpu", "-rs",
                    os.path.join(REPO, "tests", "test_model_parity.py")]),
-    # which defaults are fastest (ours only): the plain head, and per-block compile, for the small shape
+    # which defaults are fastest (ours only): full recompute for the 13B; the plain head and per-block
+    # compile for the small shape
+    Step("train-13b-lora-full", bench("train.py", "--preset", "13b", "--lora", "--batch", "1", "--seq", "2048",
+                                      "--compile", "--compile_scope", "blocks", "--recompute", "full", "--no_hf",
+                                      "--steps", "10", "--warmup", "2"), 150, 90),
     Step("train-small-plain-head", bench("train.py", "--preset", "small", "--batch", "16", "--seq", "1024",
                                          "--compile", "--loss_chunk_size", "0", "--no_hf", "--steps", "10",
                                          "--warmup", "3"), 150, 70),

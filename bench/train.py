@@ -42,9 +42,11 @@ def parse_args(argv=None):
     p.add_argument("--warmup", type=int, default=5, help="untimed steps first (compilation happens here)")
     p.add_argument("--compile", action="store_true", help="torch.compile ours (the baseline is always compiled)")
     p.add_argument("--compile_scope", choices=("model", "blocks"), default="model",
-                   help="ours: one graph for the whole model, or each block in place (runner_config.compile_scope)")
+                   help="ours: one graph for the whole model, or the per-block step with its recompute, compiled once "
+                        "for all blocks (runner_config.compile_scope)")
     p.add_argument("--recompute", choices=("none", "selective", "full"), default=None,
-                   help="ours (default: none, or full with --lora)")
+                   help="ours (default: none, or selective with --lora: matmul and attention outputs kept, the "
+                        "element-wise ops recomputed; the baseline uses transformers' full checkpointing)")
     p.add_argument("--loss_chunk_size", type=int, default=8192, help="ours: 0 turns the chunked head off")
     p.add_argument("--device", default="cuda")
     p.add_argument("--no_hf", action="store_true", help="ours only")
@@ -73,7 +75,7 @@ def build_ours(args, device, seq):
                                     attn_implementation="auto")
     with torch.device(device):  # initialised where it trains: no fp32 host copy of a 13B model
         model = GPT2LMHeadModel(config)
-    recompute = args.recompute or ("full" if args.lora else "none")
+    recompute = args.recompute or ("selective" if args.lora else "none")
     model.set_recompute(recompute)
     model.loss_chunk_size = args.loss_chunk_size
     if args.lora:

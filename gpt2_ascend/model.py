@@ -368,12 +368,22 @@ class GPT2Model(GPT2PreTrainedModel):
         mask = build_attention_mask(attention_mask, T, past, input_ids.device, cache)
         if cache is not None and cache.fixed_shape and mask is None:
             raise ValueError("a fixed-shape KV cache needs an attention_mask over all cache slots")
+        # the compiled per-block step (compile_blocks) serves full-sequence passes; the KV-cache path stays eager
+        step = run_block if cache is not None else getattr(self, "_compiled_block_step", run_block)
         for i, block in enumerate(self.h):
-            x = run_block(block, x, mask, cache, i, self.recompute if self.training and cache is None else "none")
+            x = step(block, x, mask, cache, i, self.recompute if self.training and cache is None else "none")
         x = self.ln_f(x)
         if cache is not None and not cache.fixed_shape:
             cache.length = past + T
         return ModelOutput(last_hidden_state=x, past_key_values=cache if use_cache or past_key_values is not None else None)
+
+    def compile_blocks(self, **compile_kwargs):
+        """torch.compile the per-block step, activation recompute included, once for all blocks: identical
+        blocks share the compilation (a 40-layer model compiles about as fast as a 2-layer one), and the
+        recompute runs inside the compiled graph, where selective recompute's policy holds. (A checkpoint
+        wrapped around an already compiled block recomputed more than plain full recompute: measured on CPU,
+        a step took 790 ms that way against 573 ms eager.)"""
+        self._compiled_block_step = torch.compile(run_block, **compile_kwargs)
 
     @property
     def gradient_checkpointing(self) -> bool:

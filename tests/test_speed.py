@@ -110,7 +110,7 @@ def test_compile_scopes():
     assert isinstance(compile_model(model, "model"), torch._dynamo.eval_frame.OptimizedModule)
     lora = apply_lora(model, rank=2, alpha=4, dropout=0.0)
     assert compile_model(lora, "blocks") is lora
-    assert all(block._compiled_call_impl is not None for block in model.transformer.h)
+    assert model.transformer._compiled_block_step is not None
     assert [n.replace("base_model.model.", "") for n, _ in lora.named_parameters() if "lora_" not in n] == \
         [n.replace("c_attn.", "c_attn.base_layer.") for n in names]
     with pytest.raises(ValueError, match="unknown compile scope 'layers': use model or blocks"):
@@ -118,3 +118,44 @@ def test_compile_scopes():
     assert load_recipe(None, ["runner_config.compile_scope=blocks"]).runner_config.compile_scope == "blocks"
     with pytest.raises(ValueError, match="compile_scope"):
         load_recipe(None, ["runner_config.compile_scope=layers"])
+
+
+@pytest.mark.parametrize("recompute", ["none", "full", "selective"])
+def test_compiled_blocks_keep_recompute_and_dropout_exact(recompute):
+    """compile_blocks puts the recompute inside the compiled per-block step: the same losses and gradients
+    as eager (dropout on: its masks are saved, never drawn again in the backward), one graph for all blocks."""
+    from gpt2_ascend import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(0)
+    model = GPT2LMHeadModel(GPT2Config.from_preset("tiny", n_layer=3, vocab_size=500, n_positions=32))
+    model.set_recompute(recompute)
+    ids = torch.randint(0, 500, (2, 17))
+
+    def loss_and_grads():
+        torch.manual_seed(5)
+        model(ids[:, :-1], targets=ids[:, 1:]).loss.backward()
+        grads = {n: p.grad.clone() for n, p in model.named_parameters()}
+        model.zero_grad()
+        return grads
+
+    eager = loss_and_grads()
+    graphs = []
+
+    def counting_aot_eager(gm, example_inputs):  # AOT autograd's partitioner, as inductor, eager kernels
+        from torch._dynamo.backends.common import aot_autograd
+        graphs.append(gm)
+        return aot_autograd(fw_compiler=lambda g, _: g.forward, bw_compiler=lambda g, _: g.forward)(gm, example_inputs)
+
+    torch._dynamo.reset()
+    model.transformer.compile_blocks(backend=counting_aot_eager)
+    compiled = loss_and_grads()
+    assert all(torch.equal(compiled[n], eager[n]) for n in eager)
+    assert len(graphs) == 1  # three blocks, one compilation
+    if recompute != "none":
+        assert "tag_activation_checkpoint" in str(graphs[0].graph)  # the recompute is inside the graph
+    with torch.no_grad():  # evaluation (recompute off) through the same compiled step, and the KV-cache path
+        model.eval()
+        full = model(ids).logits
+        cached = model.generate(ids[:, :8], max_new_tokens=2, eos_token_id=None, pad_token_id=None)
+    assert full.shape == (2, 17, 500) and cached.shape == (2, 10)
+    torch._dynamo.reset()

@@ -92,9 +92,9 @@ SCHEMA = _section(
         max_steps=Key(-1, "int", doc="stop after N optimizer steps (-1: epochs x steps per epoch)"),
         compile=Key(False, "bool", doc="wrap the model with torch.compile"),
         compile_scope=Key("model", "choice", ("model", "blocks"),
-                          doc="model: one graph for the whole step (fastest for small models); blocks: each "
-                              "block compiled in place, one compilation shared by all (minutes less for deep "
-                              "models; distributed runs always compile per block)"),
+                          doc="model: one graph for the whole step (fastest for small models); blocks: the "
+                              "per-block step and its recompute compiled once for all blocks (minutes less for "
+                              "deep models; distributed runs always compile per block)"),
         loss_chunk_size=Key(0, "int", minimum=0,
                             doc="tokens per chunk of the fused LM head + cross-entropy (0: plain logits)"),
         progress_bar=Key(True, "bool"),

@@ -365,15 +365,14 @@ def wrap_model(model: torch.nn.Module, recipe, dist: DistContext) -> torch.nn.Mo
 
 
 def compile_model(model: torch.nn.Module, scope: str = "model") -> torch.nn.Module:
-    """torch.compile the whole model (one graph: fusions across blocks, the longest compile), or each
-    transformer block in place (identical blocks share one compilation, so a 40-layer model compiles about
-    as fast as a 2-layer one; parameter names do not change)."""
+    """torch.compile the whole model (one graph: fusions across blocks, the longest compile), or the
+    per-block step with its recompute (GPT2Model.compile_blocks: one compilation shared by identical blocks;
+    the model object and its parameter names do not change)."""
     if scope == "model":
         return torch.compile(model)
     if scope != "blocks":
         raise ValueError(f"unknown compile scope {scope!r}: use model or blocks")
-    for block in model.base_model_body().h:
-        block.compile()
+    model.base_model_body().compile_blocks()
     return model
 
 
