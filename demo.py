@@ -13,6 +13,7 @@ import time
 import torch
 
 from gpt2_ascend import GPT2LMHeadModel, load_tokenizer
+from gpt2_ascend.cli import print_error
 from gpt2_ascend.data.store import load_token_blocks
 from gpt2_ascend.eval import perplexity
 from gpt2_ascend.generation import generate_text
@@ -32,7 +33,7 @@ def main(argv=None):
     try:
         return run_demo(args)
     except (ValueError, FileNotFoundError, OSError, RuntimeError) as e:  # missing data, bad paths: one line
-        print(f"error: {str(e).splitlines()[0] if str(e) else type(e).__name__}", file=sys.stderr)
+        print_error(e)
         return 2
 
 

@@ -69,7 +69,8 @@ def main(argv=None) -> int:
         if args.output_json:
             write_json(result, args.output_json)
     except (ValueError, FileNotFoundError, OSError, RuntimeError, TypeError) as e:
-        print(f"error: {str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__}", file=sys.stderr)
+        from gpt2_ascend.cli import print_error
+        print_error(e)
         return 2
     print(summary(result))
     print(json.dumps(result))

@@ -98,7 +98,8 @@ def main(argv=None) -> int:
     try:
         return run(args)
     except (ValueError, FileNotFoundError, OSError, RuntimeError, TypeError) as e:
-        print(f"error: {str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__}", file=sys.stderr)
+        from gpt2_ascend.cli import print_error
+        print_error(e)
         return 2
 
 

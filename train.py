@@ -94,7 +94,8 @@ def report_error(e: Exception):
     if rank != 0 and isinstance(e, ValueError):
         return
     prefix = f"[rank {rank}] " if rank != 0 else ""
-    print(f"{prefix}error: {str(e).splitlines()[0] if str(e) else type(e).__name__}", file=sys.stderr)
+    from gpt2_ascend.cli import print_error
+    print_error(e, prefix)
 
 
 def main(argv=None) -> int:

@@ -36,7 +36,8 @@ def main(argv=None):
             from gpt2_ascend.tokenizer import load_tokenizer, save_tokenizer
             save_tokenizer(load_tokenizer(args.tokenizer), args.dst_dir, source_dir=args.tokenizer)
     except (ValueError, OSError, CheckpointError) as e:
-        print(f"error: {str(e).splitlines()[0] if str(e) else type(e).__name__}", file=sys.stderr)
+        from gpt2_ascend.cli import print_error
+        print_error(e)
         return 2
     print(f"wrote {args.dst_dir}: {architecture}, {config.n_layer} layers, hidden {config.n_embd}, "
           f"vocab {config.vocab_size}")

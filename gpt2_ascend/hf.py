@@ -15,6 +15,7 @@ from typing import Iterable, Iterator
 
 import torch
 
+from .cli import error_line
 from .config import GPT2Config
 from .fileio import fsync_file, write_json  # noqa: F401  (fsync_file: re-exported)
 
@@ -116,7 +117,7 @@ def download_from_hub(repo_id: str) -> str:
             "config.json", "*.safetensors", SAFE_INDEX, "tokenizer.json", "tokenizer_config.json",
             "vocab.json", "merges.txt", "special_tokens_map.json", "adapter_config.json"])
     except Exception as e:  # offline, unknown repo, HTTP error: one line, no traceback of the hub client
-        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        reason = error_line(e)
         raise OSError(f"could not fetch {repo_id!r} from the hub ({type(e).__name__}: {reason}); "
                       f"pass a local directory with config.json and model.safetensors instead") from None
 
