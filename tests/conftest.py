@@ -1,4 +1,6 @@
+import importlib.util
 import os
+import sys
 
 import pytest
 import torch
@@ -8,6 +10,18 @@ from gpt2_ascend.hf import hf_to_ours
 from gpt2_ascend.tokenizer import default_data_dir
 
 torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def load_script(path: str):
+    """One of the checkout's scripts ("bench/train.py", "convert/merge_lora.py", "evaluate.py") as a freshly
+    run module, named after its path (bench_train, convert_merge_lora) so it cannot shadow another import."""
+    name = os.path.splitext(path)[0].replace("/", "_")
+    spec = importlib.util.spec_from_file_location(name, os.path.join(REPO, path))
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module  # dataclasses look their module up while the file runs
+    spec.loader.exec_module(module)
+    return module
 
 
 @pytest.fixture(scope="session")
@@ -45,6 +59,19 @@ def ours_from_hf(hf, config: GPT2Config, kind="lm"):
     state = {k: v for k, v in state.items() if not (kind != "lm" and k == "lm_head.weight")}
     model.load_state_dict(state, strict=True)
     return model
+
+
+def counting_backend(graphs: list, aot: bool = False):
+    """A torch.compile backend that records each graph dynamo hands it (a graph break or a recompile adds one)
+    and runs it eagerly; aot=True goes through AOT autograd's partitioner first, as inductor does."""
+    def backend(gm, example_inputs):
+        graphs.append(gm)
+        if not aot:
+            return gm.forward
+        from torch._dynamo.backends.common import aot_autograd
+        eager = lambda g, _: g.forward  # noqa: E731
+        return aot_autograd(fw_compiler=eager, bw_compiler=eager)(gm, example_inputs)
+    return backend
 
 
 def max_diff(a, b):

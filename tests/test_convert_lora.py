@@ -1,23 +1,17 @@
 """LoRA export (convert/merge_lora.py): the merged HF directory gives the adapted model's logits."""
-import importlib.util
 import os
 
 import pytest
 import torch
 
-from conftest import max_diff, tiny_config
+from conftest import load_script, max_diff, tiny_config
 from gpt2_ascend import GPT2ForSequenceClassification, GPT2LMHeadModel
 from gpt2_ascend.convert import merge_lora
 from gpt2_ascend.train.lora import apply_lora
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
 
 def merge_cli(argv):
-    spec = importlib.util.spec_from_file_location("merge_lora", os.path.join(ROOT, "convert", "merge_lora.py"))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.main(argv)
+    return load_script("convert/merge_lora.py").main(argv)
 
 
 def trained_adapter(cls, config, base_dir, adapter_dir, targets=("c_attn", "c_fc")):

@@ -1,5 +1,4 @@
 """MindSpore .ckpt codec and HF <-> MindFormers GPT-2 conversion (issue 7)."""
-import importlib.util
 import os
 import sys
 
@@ -8,7 +7,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from conftest import hf_model, max_diff, tiny_config
+from conftest import hf_model, load_script, max_diff, tiny_config
 from gpt2_ascend import GPT2LMHeadModel
 from gpt2_ascend.convert import (CkptError, CkptReader, hf_to_mindspore, load_mindspore_model, mindspore_to_hf,
                                  read_ckpt, write_ckpt)
@@ -21,10 +20,7 @@ from make_mindspore_fixtures import fixture_arrays, micro_gpt2_arrays  # noqa: E
 
 
 def cli(name):
-    spec = importlib.util.spec_from_file_location(name, os.path.join(ROOT, "convert", f"{name}.py"))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.main
+    return load_script(f"convert/{name}.py").main
 
 
 def ids_for(vocab, B=2, T=10, seed=3):

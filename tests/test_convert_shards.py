@@ -1,5 +1,4 @@
 """Resharding HF checkpoints tensor by tensor (convert/merge_hf_shards.py) and the streaming safetensors I/O."""
-import importlib.util
 import json
 import os
 import subprocess
@@ -8,17 +7,14 @@ import sys
 import pytest
 import torch
 
-from conftest import hf_model, tiny_config
+from conftest import hf_model, load_script, tiny_config
 from gpt2_ascend.convert import WeightIndex, merge_hf_shards, write_hf_weights
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def merge_cli(argv):
-    spec = importlib.util.spec_from_file_location("merge_hf_shards", os.path.join(ROOT, "convert", "merge_hf_shards.py"))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.main(argv)
+    return load_script("convert/merge_hf_shards.py").main(argv)
 
 
 def save_bin_shards(state: dict, directory, n: int):

@@ -1,5 +1,4 @@
 """evaluate.py end to end on slices of the real WikiText-2 valid and SST-2 dev files, tiny models."""
-import importlib.util
 import json
 import os
 
@@ -7,25 +6,17 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import tiny_config
+from conftest import load_script, tiny_config
 from gpt2_ascend import GPT2ForSequenceClassification, GPT2LMHeadModel
 from gpt2_ascend.data.store import load_txtcls
 from gpt2_ascend.data.wikitext2 import prepare_wikitext2, wikitext2_token_stream
 from gpt2_ascend.eval import classification_accuracy, perplexity
 from helpers.fake_hub import FakeHub
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SEQ = 32
 
 
-def load_cli(name):
-    spec = importlib.util.spec_from_file_location(name, os.path.join(REPO, f"{name}.py"))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-evaluate = load_cli("evaluate")
+evaluate = load_script("evaluate.py")
 
 
 def real_vocab_config(**over):

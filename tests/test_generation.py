@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from conftest import hf_model, max_diff, ours_from_hf, tiny_config
+from conftest import counting_backend, hf_model, max_diff, ours_from_hf, tiny_config
 from gpt2_ascend.generation import Decoder, generate, generate_text, left_pad
 
 PAD = 511
@@ -129,7 +129,6 @@ def test_fixed_shape_and_compile_flag_give_the_same_tokens_on_cpu(models):
         assert torch.equal(base, compiled)
 
 
-
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 def test_compiled_cuda_graph_decode_equals_eager_on_gpu(models):
     """--compile on CUDA: the decode step compiled with mode='reduce-overhead' (a CUDA graph over the
@@ -149,6 +148,7 @@ def test_compiled_cuda_graph_decode_equals_eager_on_gpu(models):
         ours._compiled_decoder = None
         ours.cpu()
         torch._dynamo.reset()
+
 
 def test_sampling_is_reproducible_with_a_seed(models):
     ours, _ = models
@@ -288,13 +288,8 @@ def test_compiled_decode_step_traces_whole_and_is_reused_across_calls(models, mo
     import gpt2_ascend.generation as generation
     ours, _ = models
     graphs = []
-
-    def counting_backend(gm, example_inputs):
-        graphs.append(gm)
-        return gm.forward
-
     torch._dynamo.reset()
-    step = torch.compile(generation._forward_last, backend=counting_backend, dynamic=False)
+    step = torch.compile(generation._forward_last, backend=counting_backend(graphs), dynamic=False)
     monkeypatch.setattr(generation, "compile_supported", lambda device: True)
     monkeypatch.setattr(generation, "compiled_step", lambda: step)
     ids, mask = left_pad(prompts(), PAD)

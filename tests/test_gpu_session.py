@@ -1,15 +1,11 @@
 """bench/gpu_session.py: the one-call GPU session runs its steps in order inside a budget and prints the table
 (here its CPU smoke flow; the real run is on the GPU machine)."""
-import importlib.util
 import json
 import os
-import sys
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-spec = importlib.util.spec_from_file_location("gpu_session", os.path.join(REPO, "bench", "gpu_session.py"))
-session = importlib.util.module_from_spec(spec)
-sys.modules["gpu_session"] = session  # dataclasses look their module up
-spec.loader.exec_module(session)
+from conftest import load_script
+
+session = load_script("bench/gpu_session.py")
 
 
 def test_list_and_unknown_step(capsys):

@@ -89,7 +89,6 @@ def test_explicit_position_ids(pair):
         assert max_diff(ours(ids, position_ids=pos).logits, hf(ids, position_ids=pos).logits) <= TOL
 
 
-
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 def test_logits_match_hf_on_gpu():
     """The same parity on CUDA in fp32 (TF32 off, as by default): both sides pick the GPU's SDPA kernels."""

@@ -8,6 +8,7 @@ import pytest
 import torch
 import yaml
 
+from conftest import counting_backend
 from gpt2_ascend.train.recipe import load_recipe
 from gpt2_ascend.train.trainer import run_training
 
@@ -76,14 +77,9 @@ def test_compiled_train_step_is_one_graph_that_is_not_recompiled(setup):
     if setup == "lora_full_recompute":
         model = apply_lora(model, rank=4, alpha=8, dropout=0.0, target_modules=("c_attn", "c_proj", "c_fc"))
     graphs = []
-
-    def counting_backend(gm, example_inputs):
-        graphs.append(gm)
-        return gm.forward
-
     torch._dynamo.reset()
     schedule = build_schedule(load_recipe(None).lr_schedule, 100)
-    trainer = Trainer(torch.compile(model, backend=counting_backend), build_optimizer(model, schedule(0)),
+    trainer = Trainer(torch.compile(model, backend=counting_backend(graphs)), build_optimizer(model, schedule(0)),
                       schedule, loader=None, device=torch.device("cpu"),
                       settings=TrainSettings(total_steps=100, precision="fp32", max_grad_norm=1.0, progress=False),
                       raw_model=model, log=lambda *a, **k: None)
@@ -100,7 +96,8 @@ def test_compiled_train_step_is_one_graph_that_is_not_recompiled(setup):
 
 
 def test_compile_scopes():
-    """runner_config.compile_scope: the whole model in one graph, or each block in place (names unchanged)."""
+    """runner_config.compile_scope: the whole model in one graph, or the per-block step compiled once (the
+    model object and its parameter names unchanged)."""
     from gpt2_ascend import GPT2Config, GPT2LMHeadModel
     from gpt2_ascend.train.lora import apply_lora
     from gpt2_ascend.train.trainer import compile_model
@@ -140,14 +137,8 @@ def test_compiled_blocks_keep_recompute_and_dropout_exact(recompute):
 
     eager = loss_and_grads()
     graphs = []
-
-    def counting_aot_eager(gm, example_inputs):  # AOT autograd's partitioner, as inductor, eager kernels
-        from torch._dynamo.backends.common import aot_autograd
-        graphs.append(gm)
-        return aot_autograd(fw_compiler=lambda g, _: g.forward, bw_compiler=lambda g, _: g.forward)(gm, example_inputs)
-
     torch._dynamo.reset()
-    model.transformer.compile_blocks(backend=counting_aot_eager)
+    model.transformer.compile_blocks(backend=counting_backend(graphs, aot=True))
     compiled = loss_and_grads()
     assert all(torch.equal(compiled[n], eager[n]) for n in eager)
     assert len(graphs) == 1  # three blocks, one compilation

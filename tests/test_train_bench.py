@@ -1,16 +1,13 @@
 """bench/train.py: it parses, refuses to run without CUDA, and its whole flow runs as a CPU smoke test
 (numbers meaningless; the real measurements are on a GPU, in docs/performance.md)."""
-import importlib.util
 import json
-import os
 
 import pytest
 import torch
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-spec = importlib.util.spec_from_file_location("bench_train", os.path.join(REPO, "bench", "train.py"))
-bench = importlib.util.module_from_spec(spec)
-spec.loader.exec_module(bench)
+from conftest import load_script
+
+bench = load_script("bench/train.py")
 
 
 def test_help_and_clear_failure_without_cuda(capsys):

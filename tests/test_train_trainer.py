@@ -295,7 +295,6 @@ def test_existing_output_dir_needs_resume_or_overwrite(tmp_path, token_file):
     shutil.rmtree(recipe.output_dir)
 
 
-
 def test_resume_of_a_finished_run_and_past_max_steps(tmp_path, token_file):
     recipe = _recipe(tmp_path, token_file)
     first = run_training(recipe, log=lambda *_: None)
@@ -308,6 +307,7 @@ def test_resume_of_a_finished_run_and_past_max_steps(tmp_path, token_file):
     with pytest.raises(ValueError, match="is at step 6, past max_steps 4: pass a larger --max_steps"):
         run_training(fewer, log=lambda *_: None)
     assert _losses(recipe.output_dir) == before  # nothing was touched
+
 
 def test_resume_auto_refuses_when_every_checkpoint_is_corrupt(tmp_path, token_file):
     from gpt2_ascend.train.checkpoint import CheckpointError
