@@ -86,6 +86,7 @@ def parse_args(argv=None):
     p.add_argument("--list", action="store_true", help="print the steps and exit")
     p.add_argument("--smoke", action="store_true", help="run the steps that have one as a CPU smoke test")
     p.add_argument("--ceilings", action="store_true", help="only measure the card's matmul rate and copy bandwidth")
+    p.add_argument("--output_jsonl", help="with --ceilings: append its JSON line here too")
     return p.parse_args(argv)
 
 
@@ -105,10 +106,10 @@ def run_step(step: Step, argv: list, work_dir: str, timeout_s: float) -> dict:
     most 8 files from $OUT, so main() appends them to session.log and results.jsonl there)."""
     jsonl = os.path.join(work_dir, f"{step.name}.jsonl")
     log = os.path.join(work_dir, f"{step.name}.log")
-    writes_jsonl = any(a.endswith(("train.py", "generate.py")) for a in argv)
-    cmd = [sys.executable, *argv, *(["--output_jsonl", jsonl] if writes_jsonl else [])]
+    script = argv[0].endswith(".py")  # bench/*.py and --ceilings take --output_jsonl; pytest does not
+    cmd = [sys.executable, *argv, *(["--output_jsonl", jsonl] if script else [])]
     env = dict(os.environ, PYTHONPATH=REPO + os.pathsep + os.environ.get("PYTHONPATH", ""),
-               GPU_SESSION_JSONL=jsonl, PYTHONUNBUFFERED="1")
+               PYTHONUNBUFFERED="1")
     start = time.perf_counter()
     with open(log, "w") as f:
         f.write(" ".join(cmd) + "\n")
@@ -166,13 +167,12 @@ def table(results: list[dict]) -> str:
     return "\n".join(rows)
 
 
-def ceilings():
+def ceilings() -> dict:
     """The card's two measured ceilings (METHOD: measure them, do not trust the datasheet): a large bf16
     matmul's rate and a large device-to-device copy's bandwidth (bytes read + written)."""
     import torch
     if not torch.cuda.is_available():
-        print(json.dumps(dict(ceilings="skipped: no CUDA")))
-        return
+        return dict(ceilings="skipped: no CUDA")
     dev = torch.device("cuda")
     n = 8192
     a, b = torch.randn(n, n, device=dev, dtype=torch.bfloat16), torch.randn(n, n, device=dev, dtype=torch.bfloat16)
@@ -200,17 +200,17 @@ def ceilings():
             line[name] = __import__(name).__version__
         except ImportError:
             line[name] = None
-    print(json.dumps(line))
-    out = os.environ.get("GPU_SESSION_JSONL")  # set by run_step for this step
-    if out:
-        with open(out, "a") as f:
-            f.write(json.dumps(line) + "\n")
+    return line
 
 
 def main(argv=None) -> int:
     args = parse_args(argv)
     if args.ceilings:
-        ceilings()
+        line = json.dumps(ceilings())
+        print(line)
+        if args.output_jsonl:
+            with open(args.output_jsonl, "a") as f:
+                f.write(line + "\n")
         return 0
     try:
         steps = chosen_steps(args)
