@@ -4,12 +4,11 @@ import json
 import pytest
 import torch
 
-from conftest import tiny_config
+from conftest import load_script, tiny_config
 from gpt2_ascend import GPT2LMHeadModel, load_tokenizer
 from gpt2_ascend.generation import generate, generate_text
-from test_eval_cli import load_cli
 
-cli = load_cli("generate")
+cli = load_script("generate.py")
 
 
 @pytest.fixture(scope="module")
