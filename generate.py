@@ -1,8 +1,9 @@
 """Generate text with a GPT-2 checkpoint: greedy or sampled, batched, streamed to stdout as it is produced.
 
-A thin shell around gpt2_ascend.generation; defaults come from the predict recipe
-(configs/gpt2/predict_gpt2_small.yaml: max_decode_length 1024, greedy, top_k 5, top_p 1, repetition_penalty 1).
-See docs/generation.md.
+A thin shell around gpt2_ascend.generation. Settings, first found wins: a flag; the recipe named with --config;
+the model folder's generation_config.json (read as transformers reads it, so transformers' pipeline decodes
+the folder the same way); the predict recipe configs/gpt2/predict_gpt2_small.yaml (max_decode_length 1024,
+greedy, top_k 5, top_p 1, repetition_penalty 1). See docs/generation.md.
 """
 from __future__ import annotations
 
@@ -77,10 +78,18 @@ def read_prompts(args) -> list[str]:
     return prompts
 
 
-def settings_from(args, recipe) -> dict:
-    """generate() keywords: command-line flags over the recipe's defaults."""
+def settings_from(args, recipe, folder=None) -> dict:
+    """generate() keywords: command-line flags over the recipe named with --config, over the model folder's
+    generation_config.json (`folder`, a GenerationConfig), over the default predict recipe."""
     from gpt2_ascend.train.recipe import generation_config
     defaults = generation_config(recipe)
+    if folder is not None and args.config is None:
+        defaults.update(do_sample=folder.do_sample, temperature=folder.temperature, top_k=folder.top_k,
+                        top_p=folder.top_p, repetition_penalty=folder.repetition_penalty)
+        if folder.max_length is not None:
+            defaults["max_decode_length"] = folder.max_length
+        if folder.max_new_tokens is not None and args.max_new_tokens is None:
+            args.max_new_tokens = folder.max_new_tokens
     chosen = lambda flag, key: defaults[key] if flag is None else flag  # noqa: E731
     kw = dict(max_new_tokens=args.max_new_tokens, max_decode_length=defaults["max_decode_length"],
               min_new_tokens=args.min_new_tokens, do_sample=chosen(args.do_sample, "do_sample"),
@@ -108,6 +117,7 @@ def run(args) -> int:
     from gpt2_ascend.data.store import write_json
     from gpt2_ascend.eval.runner import load_model, tokenizer_for
     from gpt2_ascend.generation import check_sampling_args, generate_text
+    from gpt2_ascend.hf import folder_generation_config, resolve_model_path
     from gpt2_ascend.tokenizer import load_tokenizer
     from gpt2_ascend.train.recipe import load_recipe
 
@@ -121,7 +131,8 @@ def run(args) -> int:
         raise ValueError(f"--batch_size must be a positive integer, got {args.batch_size}")
     if args.stream and args.batch_size > 1:
         raise ValueError("--stream prints one sequence at a time: use --batch_size 1")
-    kw = settings_from(args, recipe)
+    path = resolve_model_path(model_path)  # a hub id: downloaded (or found in the hub cache) once, here
+    kw = settings_from(args, recipe, folder_generation_config(path))
     check_sampling_args(**{k: kw[k] for k in SAMPLING_ARGS})  # before spending time on loading a model
 
     from gpt2_ascend.device import resolve_device
@@ -129,8 +140,8 @@ def run(args) -> int:
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}.get(args.dtype)
     if args.dtype == "auto":
         dtype = torch.bfloat16 if device.type in ("cuda", "npu") else torch.float32
-    model, device = load_model(model_path, "lm", adapter=args.adapter, device=device, dtype=dtype)
-    tokenizer = load_tokenizer(tokenizer_for(model_path, args.tokenizer))
+    model, device = load_model(path, "lm", adapter=args.adapter, device=device, dtype=dtype)
+    tokenizer = load_tokenizer(tokenizer_for(path, args.tokenizer))
     if args.compile and device.type != "cuda":
         print(f"note: --compile needs CUDA; decoding on {device.type} with the uncompiled fixed-shape step",
               file=sys.stderr)

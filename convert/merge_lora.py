@@ -10,13 +10,16 @@ EXAMPLES = """examples:
   python convert/merge_lora.py --base gpt2-small/ --adapter runs/lora/adapter --output_dir gpt2-small-merged
   python convert/merge_lora.py --base gpt2-small/ --adapter runs/lora/adapter --output_dir merged --dtype fp16
 
-The base is an HF directory (or hub id) with config.json; the adapter a directory with adapter_config.json
-and adapter_model.safetensors. Tokenizer files of the base are copied next to the merged weights."""
+  python convert/merge_lora.py --adapter runs/lora/final/adapter --output_dir merged   # base named by the adapter
+
+The base is an HF directory (or hub id) with config.json; the adapter a PEFT directory with adapter_config.json
+and adapter_model.safetensors (ours, or one trained with peft on transformers' GPT-2: task type CAUSAL_LM,
+SEQ_CLS or none). Tokenizer files of the base are copied next to the merged weights."""
 
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, epilog=EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--base", required=True, help="base model: HF directory or hub id")
+    p.add_argument("--base", help="base model: HF directory or hub id (default: the adapter's base_model_name_or_path)")
     p.add_argument("--adapter", required=True, help="PEFT adapter directory")
     p.add_argument("--output_dir", required=True, help="output HF directory")
     p.add_argument("--dtype", choices=["fp32", "fp16", "bf16"], default=None, help="dtype of the written weights")

@@ -5,7 +5,7 @@ import dataclasses
 import json
 import os
 from dataclasses import dataclass, field, fields
-from typing import Optional
+from typing import ClassVar, Optional
 
 ACTIVATIONS = ("gelu_new", "fast_gelu", "gelu")
 ATTN_IMPLEMENTATIONS = ("eager", "sdpa", "npu", "auto")
@@ -47,6 +47,7 @@ HF_IGNORED_KEYS = {
 
 @dataclass
 class GPT2Config:
+    model_type: ClassVar[str] = "gpt2"  # what HF code (peft) reads to recognise the architecture
     vocab_size: int = 50257
     n_positions: int = 1024
     n_embd: int = 768
@@ -118,13 +119,20 @@ class GPT2Config:
     @classmethod
     def from_dict(cls, d: dict) -> "GPT2Config":
         known = {f.name for f in fields(cls)}
+        d = {k: v for k, v in d.items() if not (k == "model_type" and v == cls.model_type)}
         unknown = sorted(set(d) - known)
         if unknown:
             raise ValueError(f"unknown GPT2Config key {unknown[0]!r}: valid keys are {', '.join(sorted(known))}")
         return cls(**d)
 
     def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
+        return dict(dataclasses.asdict(self), model_type=self.model_type)
+
+    @classmethod
+    def from_pretrained(cls, path: str) -> "GPT2Config":
+        """The config of an HF GPT-2 directory (its config.json), as transformers' config classes offer it
+        (peft calls this on the base model's config class)."""
+        return cls.from_json_file(os.path.join(path, "config.json") if os.path.isdir(path) else path)
 
     def replace(self, **changes) -> "GPT2Config":
         return self.from_dict({**self.to_dict(), **changes})
@@ -205,3 +213,79 @@ class GPT2Config:
             except json.JSONDecodeError as e:
                 raise ValueError(f"{path} is not valid JSON ({e}); re-export the model") from None
         return cls.from_hf_dict(d)
+
+
+# ---------------------------------------------------------------------------------------------
+# generation_config.json
+# ---------------------------------------------------------------------------------------------
+SAMPLING_ONLY_KEYS = ("temperature", "top_k", "top_p")
+# Keys of a generation_config.json that say nothing about which tokens come out.
+GENERATION_BOOKKEEPING_KEYS = {
+    "transformers_version", "_from_model_config", "use_cache", "output_scores", "output_logits",
+    "output_attentions", "output_hidden_states", "return_dict_in_generate", "cache_implementation",
+}
+
+
+@dataclass
+class GenerationConfig:
+    """The generation defaults a model folder carries (generation_config.json), read and written as
+    transformers does: a key the file leaves out takes transformers' default (top_k 50, greedy, ...), so
+    transformers' pipeline and our generate() decode the same folder the same way. Arguments passed to
+    generate() win over these."""
+    bos_token_id: Optional[int] = None
+    eos_token_id: Optional[int] = None
+    pad_token_id: Optional[int] = None
+    do_sample: bool = False
+    temperature: float = 1.0
+    top_k: int = 50
+    top_p: float = 1.0
+    repetition_penalty: float = 1.0
+    max_length: Optional[int] = None  # prompt + new tokens (HF's name for MindFormers' max_decode_length)
+    max_new_tokens: Optional[int] = None  # wins over max_length, as in transformers
+    min_new_tokens: int = 0
+    unsupported: dict = field(default_factory=dict, repr=False)  # set in the file, not implemented here
+
+    @classmethod
+    def from_model_config(cls, config: GPT2Config, **settings) -> "GenerationConfig":
+        return cls(bos_token_id=config.bos_token_id, eos_token_id=config.eos_token_id,
+                   pad_token_id=config.pad_token_id, **settings)
+
+    @classmethod
+    def from_hf_dict(cls, hf: dict) -> "GenerationConfig":
+        known = {f.name for f in fields(cls)} - {"unsupported"}
+        hf = {k: v[0] if k.endswith("_token_id") and isinstance(v, list) and len(v) == 1 else v
+              for k, v in hf.items()}  # transformers may write one eos id as a list
+        settings = {k: v for k, v in hf.items() if k in known and not isinstance(v, list)}
+        others = {k: v for k, v in hf.items() if k not in settings and k not in GENERATION_BOOKKEEPING_KEYS}
+        return cls(**settings, unsupported=_non_default_generation_keys(others))
+
+    def to_hf_dict(self) -> dict:
+        """What transformers accepts without a warning: the sampling-only keys only when sampling."""
+        hf = {k: getattr(self, k) for k in ("bos_token_id", "eos_token_id", "pad_token_id") if getattr(self, k) is not None}
+        hf.update(do_sample=self.do_sample, repetition_penalty=self.repetition_penalty)
+        if self.do_sample:
+            hf.update({k: getattr(self, k) for k in SAMPLING_ONLY_KEYS})
+        for key in ("max_length", "max_new_tokens"):
+            if getattr(self, key) is not None:
+                hf[key] = getattr(self, key)
+        if self.min_new_tokens:
+            hf["min_new_tokens"] = self.min_new_tokens
+        return hf
+
+    @classmethod
+    def from_json_file(cls, path: str) -> "GenerationConfig":
+        with open(path, encoding="utf-8") as f:
+            try:
+                return cls.from_hf_dict(json.load(f))
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{path} is not valid JSON ({e}); delete it or re-export the model") from None
+
+
+def _non_default_generation_keys(settings: dict) -> dict:
+    """The settings that differ from transformers' defaults (num_beams 4, no_repeat_ngram_size 3, ...):
+    generate() refuses them rather than decode differently from transformers."""
+    if not settings:
+        return {}
+    from transformers import GenerationConfig as HFGenerationConfig
+    defaults = HFGenerationConfig().to_dict()
+    return {k: v for k, v in settings.items() if k not in defaults or defaults[k] != v}

@@ -5,6 +5,9 @@ is run once (prefill) and every later step feeds one token. With `compile=True` 
 fixed-shape mode (every step reads all slots under a mask, and writes at `cache.positions`), so the decode
 step has one static shape and torch.compile captures it as a CUDA graph.
 
+Arguments left out (None) come from the model's generation_config (its folder's generation_config.json,
+read as transformers reads it), so the same folder decodes the same way here and in transformers' pipeline.
+
 Logit processing follows transformers' generate, in its order: repetition penalty (over the real tokens of
 the sequence so far, prompt included, left padding excluded, as transformers 5 does), min_new_tokens
 (eos forbidden before), then for sampling temperature, top-k and top-p. Finished sequences are filled
@@ -19,6 +22,7 @@ from typing import Optional
 
 import torch
 
+from .config import GenerationConfig
 from .model import KVCache, eval_mode
 
 
@@ -80,16 +84,20 @@ def _is_number(x) -> bool:
 # ---------------------------------------------------------------------------------------------
 # the public API
 # ---------------------------------------------------------------------------------------------
-def generate(model, input_ids, attention_mask=None, max_new_tokens: int = 20, min_new_tokens: int = 0,
-             do_sample: bool = False, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
-             repetition_penalty: float = 1.0, eos_token_id=FROM_CONFIG, pad_token_id=FROM_CONFIG,
+def generate(model, input_ids, attention_mask=None, max_new_tokens: Optional[int] = None,
+             min_new_tokens: Optional[int] = None, do_sample: Optional[bool] = None,
+             temperature: Optional[float] = None, top_k: Optional[int] = None, top_p: Optional[float] = None,
+             repetition_penalty: Optional[float] = None, eos_token_id=FROM_CONFIG, pad_token_id=FROM_CONFIG,
              seed: Optional[int] = None, streamer=None, compile: bool = False, fixed_shape: bool = False,
              truncate_prompt: bool = False) -> torch.Tensor:
     """Continue each prompt; returns (B, prompt_len + n) token ids, prompt included (as transformers does).
 
     input_ids: (B, T) or (T,) token ids, left-padded when prompts differ in length, with
         attention_mask (B, T), 1 = real token. Each row's output equals what it gets alone.
-    eos_token_id / pad_token_id: default to the model config's; eos_token_id=None never stops early.
+    max_new_tokens ... repetition_penalty: None takes the model's generation_config (transformers' defaults
+        where its folder's generation_config.json says nothing: greedy; top_k 50, top_p 1, temperature 1
+        when sampling; max_new_tokens from max_length, else 20).
+    eos_token_id / pad_token_id: default to the generation config's; eos_token_id=None never stops early.
         After a row emits eos it is filled with pad_token_id; n stops at the step where all rows are done.
     seed: sampling becomes reproducible (a torch.Generator on the model's device).
     streamer: an object with put(token_ids) / end() (transformers' BaseStreamer, e.g. TextStreamer):
@@ -101,10 +109,16 @@ def generate(model, input_ids, attention_mask=None, max_new_tokens: int = 20, mi
     """
     lm = unwrap_model(model)
     config = lm.config
-    settings = SamplingSettings(max_new_tokens, min_new_tokens, do_sample, temperature, top_k, top_p,
-                                repetition_penalty)
+    defaults = generation_defaults(lm)
+    if max_new_tokens is None:
+        max_new_tokens = default_max_new_tokens(defaults, torch.as_tensor(input_ids).size(-1), config.n_positions)
+    chosen = lambda value, key: getattr(defaults, key) if value is None else value  # noqa: E731
+    settings = SamplingSettings(max_new_tokens, chosen(min_new_tokens, "min_new_tokens"),
+                                chosen(do_sample, "do_sample"), chosen(temperature, "temperature"),
+                                chosen(top_k, "top_k"), chosen(top_p, "top_p"),
+                                chosen(repetition_penalty, "repetition_penalty"))
     settings.validate()
-    eos, pad = _special_ids(config, eos_token_id, pad_token_id)
+    eos, pad = _special_ids(config, defaults, eos_token_id, pad_token_id)
     if seed is not None and not _is_int(seed):
         raise ValueError(f"seed must be an integer, got {seed!r}")
     device = next(lm.parameters()).device
@@ -123,6 +137,25 @@ def generate(model, input_ids, attention_mask=None, max_new_tokens: int = 20, mi
     with torch.no_grad(), eval_mode(lm):
         out = _decode_loop(decoder, input_ids, attention_mask, settings, eos, pad, seed, streamer)
     return out[0] if squeeze else out
+
+
+def generation_defaults(lm) -> GenerationConfig:
+    """The model's generation config: what generate() uses for arguments left out."""
+    defaults = getattr(lm, "generation_config", None) or GenerationConfig.from_model_config(lm.config)
+    if defaults.unsupported:
+        name, value = next(iter(defaults.unsupported.items()))
+        raise ValueError(f"the model's generation_config.json sets {name}={value!r}, which this generate() does not "
+                         f"implement (sampling or greedy only); remove it from the file to decode here")
+    return defaults
+
+
+def default_max_new_tokens(defaults: GenerationConfig, prompt_length: int, n_positions: int) -> int:
+    """transformers' rule: max_new_tokens, else max_length minus the prompt, else 20."""
+    if defaults.max_new_tokens is not None:
+        return defaults.max_new_tokens
+    if defaults.max_length is not None:
+        return new_token_budget(prompt_length, defaults.max_length, n_positions)
+    return 20
 
 
 def generate_text(model, tokenizer, prompts, batch_size: int = 8, max_decode_length: Optional[int] = None,
@@ -148,11 +181,13 @@ def generate_text(model, tokenizer, prompts, batch_size: int = 8, max_decode_len
         encoded = [tokenizer(p).input_ids or [start] for p in prompts[i:i + batch_size]]
         ids, mask = left_pad(encoded, pad_id=config.pad_token_id if config.pad_token_id is not None else start)
         kw = dict(kwargs)
-        if kw.get("max_new_tokens") is None and max_decode_length is not None:
-            kw["max_new_tokens"] = new_token_budget(ids.size(1), max_decode_length, config.n_positions)
+        if kw.get("max_new_tokens") is None:
+            kw["max_new_tokens"] = new_token_budget(ids.size(1), max_decode_length, config.n_positions) \
+                if max_decode_length is not None else \
+                default_max_new_tokens(generation_defaults(unwrap_model(model)), ids.size(1), config.n_positions)
         out = generate(model, ids, attention_mask=mask, **kw)
         # the prompt part of `out` is what generate kept (truncate_prompt may have dropped its oldest tokens)
-        kept = min(ids.size(1), config.n_positions - kw.get("max_new_tokens", 20)) \
+        kept = min(ids.size(1), config.n_positions - kw["max_new_tokens"]) \
             if kw.get("truncate_prompt") else ids.size(1)
         new = out[:, kept:]
         texts += [tokenizer.decode(row, skip_special_tokens=True) for row in new.tolist()]
@@ -231,9 +266,9 @@ def prepare_prompt(input_ids, attention_mask, config, max_new_tokens: int, trunc
     return ids.to(device), mask.to(device)
 
 
-def _special_ids(config, eos_token_id, pad_token_id):
-    eos = config.eos_token_id if eos_token_id is FROM_CONFIG else eos_token_id
-    pad = config.pad_token_id if pad_token_id is FROM_CONFIG else pad_token_id
+def _special_ids(config, defaults: GenerationConfig, eos_token_id, pad_token_id):
+    eos = defaults.eos_token_id if eos_token_id is FROM_CONFIG else eos_token_id
+    pad = defaults.pad_token_id if pad_token_id is FROM_CONFIG else pad_token_id
     if pad is None:
         pad = eos  # transformers does the same when a model has no pad token
     for name, value in (("eos_token_id", eos), ("pad_token_id", pad)):

@@ -16,12 +16,13 @@ from typing import Iterable, Iterator
 import torch
 
 from .cli import error_line
-from .config import GPT2Config
+from .config import GenerationConfig, GPT2Config
 from .fileio import fsync_file, write_json  # noqa: F401  (fsync_file: re-exported)
 
 CONV1D_SUFFIXES = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
 BUFFER_SUFFIXES = (".attn.bias", ".attn.masked_bias")  # causal masks that old HF versions saved
 SAFE_WEIGHTS = "model.safetensors"
+GENERATION_CONFIG = "generation_config.json"
 SAFE_INDEX = "model.safetensors.index.json"
 BIN_WEIGHTS = "pytorch_model.bin"
 BIN_INDEX = "pytorch_model.bin.index.json"
@@ -115,7 +116,7 @@ def download_from_hub(repo_id: str) -> str:
         return snapshot_download(repo_id, endpoint=os.environ.get("HF_ENDPOINT"),
                                  cache_dir=os.environ.get("HF_HUB_CACHE"), allow_patterns=[
             "config.json", "*.safetensors", SAFE_INDEX, "tokenizer.json", "tokenizer_config.json",
-            "vocab.json", "merges.txt", "special_tokens_map.json", "adapter_config.json"])
+            "vocab.json", "merges.txt", "special_tokens_map.json", GENERATION_CONFIG, "adapter_config.json"])
     except Exception as e:  # offline, unknown repo, HTTP error: one line, no traceback of the hub client
         reason = error_line(e)
         raise OSError(f"could not fetch {repo_id!r} from the hub ({type(e).__name__}: {reason}); "
@@ -214,7 +215,24 @@ def load_pretrained(cls, path_or_hub_id: str, dtype=None, device=None, **config_
     path = resolve_model_path(path_or_hub_id)
     config = load_config(path, **config_overrides)
     state = hf_to_ours(read_state_dict(path), config)
-    return model_from_state(cls, config, state, source=path, dtype=dtype, device=device)
+    model = model_from_state(cls, config, state, source=path, dtype=dtype, device=device)
+    # as transformers: where the weights came from (peft records it as an adapter's base_model_name_or_path)
+    model.name_or_path = os.path.abspath(path_or_hub_id) if os.path.exists(path_or_hub_id) else path_or_hub_id
+    if hasattr(model, "generation_config"):
+        model.generation_config = load_generation_config(path, config)
+    return model
+
+
+def load_generation_config(path: str, config: GPT2Config) -> GenerationConfig:
+    """The directory's generation_config.json, else defaults from the model config (as transformers)."""
+    return folder_generation_config(path) or GenerationConfig.from_model_config(config)
+
+
+def folder_generation_config(path: str) -> GenerationConfig | None:
+    """The generation_config.json of a model directory (or of a weight file's directory), or None."""
+    directory = path if os.path.isdir(path) else os.path.dirname(path)
+    file = os.path.join(directory, GENERATION_CONFIG)
+    return GenerationConfig.from_json_file(file) if os.path.isfile(file) else None
 
 
 def model_from_state(cls, config: GPT2Config, state: dict, source: str, dtype=None, device=None):
@@ -342,3 +360,6 @@ def save_pretrained(model, output_dir: str, dtype=None, max_shard_size=None, sta
     with atomic_directory(output_dir) as tmp:
         write_json(hf_config, os.path.join(tmp, "config.json"))
         write_safetensors(hf_state, tmp, max_shard_size)
+        generation = getattr(model, "generation_config", None)
+        if generation is not None:  # a language model: the defaults transformers' generate() and ours read
+            write_json(generation.to_hf_dict(), os.path.join(tmp, GENERATION_CONFIG))

@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 from . import ops
-from .config import GPT2Config
+from .config import GenerationConfig, GPT2Config
 
 
 # ---------------------------------------------------------------------------------------------
@@ -24,11 +24,15 @@ from .config import GPT2Config
 # ---------------------------------------------------------------------------------------------
 @dataclass
 class ModelOutput:
-    """Attribute access like HF's outputs; `out[0]` indexes the fields that are set."""
+    """Attribute access like HF's outputs; `out[0]` indexes the fields that are set, in HF's order
+    (loss, logits, past_key_values, hidden_states, attentions for a head model; last_hidden_state first for
+    GPT2Model), which is also the tuple `return_dict=False` returns."""
     loss: Optional[torch.Tensor] = None
     logits: Optional[torch.Tensor] = None
-    past_key_values: Optional["KVCache"] = None
     last_hidden_state: Optional[torch.Tensor] = None
+    past_key_values: Optional["KVCache"] = None
+    hidden_states: Optional[tuple] = None  # output_hidden_states: the input of each block, then ln_f's output
+    attentions: Optional[tuple] = None  # output_attentions: each layer's (B, H, T, keys) softmax weights
 
     def to_tuple(self):
         return tuple(getattr(self, f.name) for f in fields(self) if getattr(self, f.name) is not None)
@@ -130,6 +134,41 @@ def build_attention_mask(attention_mask: Optional[torch.Tensor], q_len: int, pas
     return mask
 
 
+# HF forward arguments this model does not implement. Passing one with a value would change HF's output,
+# so it raises instead of being ignored; None (or False) means "not asked for" and is accepted, as peft and
+# other HF code pass them that way.
+UNSUPPORTED_HF_ARGUMENTS = {
+    "head_mask": "head masking is not implemented (transformers 5 dropped it as well)",
+    "encoder_hidden_states": "GPT-2 here has no cross-attention",
+    "encoder_attention_mask": "GPT-2 here has no cross-attention",
+    "cache_position": "positions come from the KV cache (past_key_values) and attention_mask",
+    "use_cache": "this model has no KV cache; use GPT2LMHeadModel for decoding",
+    "past_key_values": "this model has no KV cache; use GPT2LMHeadModel for decoding",
+}
+
+
+def reject_unsupported(model_name: str, kwargs: dict):
+    """TypeError for an argument forward() does not know, or an HF one it cannot honour."""
+    for name, value in kwargs.items():
+        if name not in UNSUPPORTED_HF_ARGUMENTS:
+            raise TypeError(f"{model_name}.forward() got an unexpected keyword argument {name!r}")
+        if value is not None and value is not False:
+            raise TypeError(f"{model_name}.forward(): {name} is not supported ({UNSUPPORTED_HF_ARGUMENTS[name]}); "
+                            f"leave it None")
+
+
+def token_embeddings(wte: nn.Embedding, input_ids, inputs_embeds):
+    """(B, T, C): the embeddings of input_ids, or inputs_embeds as given (exactly one of the two, as in HF)."""
+    if (input_ids is None) == (inputs_embeds is None):
+        raise ValueError("pass exactly one of input_ids and inputs_embeds")
+    if inputs_embeds is not None:
+        if inputs_embeds.dim() != 3 or inputs_embeds.size(-1) != wte.embedding_dim:
+            raise ValueError(f"inputs_embeds must have shape (batch, length, {wte.embedding_dim}), "
+                             f"got {tuple(inputs_embeds.shape)}")
+        return inputs_embeds
+    return wte(input_ids)
+
+
 # ---------------------------------------------------------------------------------------------
 # the blocks
 # ---------------------------------------------------------------------------------------------
@@ -157,15 +196,21 @@ class CausalSelfAttention(nn.Module):
             q, k, v = (t.view(B, T, -1, self.head_dim) for t in qkv.chunk(3, dim=2))
         return q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
 
-    def forward(self, x, mask=None, cache: Optional[KVCache] = None, layer_idx: int = 0):
+    def forward(self, x, mask=None, cache: Optional[KVCache] = None, layer_idx: int = 0, attentions=None):
+        """attentions: a list to append this layer's attention weights to (output_attentions); the weights
+        exist only on the eager path, so that path runs then, whatever attn_implementation says."""
         B, T, _ = x.shape
         q, k, v = self.split_qkv(self.c_attn(x))
         if cache is not None:
             k, v = cache.update(layer_idx, k, v)
-        impl = ops.resolve_attn_implementation(self.attn_implementation, x.device.type)
-        y = ops.attention(q, k, v, mask=mask, is_causal=mask is None and T > 1,
-                          dropout_p=self.attn_dropout if self.training else 0.0,
-                          scale=1.0 / math.sqrt(self.head_dim), impl=impl)
+        kw = dict(mask=mask, is_causal=mask is None and T > 1, dropout_p=self.attn_dropout if self.training else 0.0,
+                  scale=1.0 / math.sqrt(self.head_dim))
+        if attentions is not None:
+            y, weights = ops.eager_attention(q, k, v, return_weights=True, **kw)
+            attentions.append(weights)
+        else:
+            y = ops.attention(q, k, v, impl=ops.resolve_attn_implementation(self.attn_implementation, x.device.type),
+                              **kw)
         y = y.transpose(1, 2).reshape(B, T, -1)
         return self.resid_dropout(self.c_proj(y))
 
@@ -190,8 +235,8 @@ class Block(nn.Module):
         self.ln_2 = nn.LayerNorm(config.n_embd, eps=config.layer_norm_epsilon)
         self.mlp = MLP(config)
 
-    def forward(self, x, mask=None, cache: Optional[KVCache] = None, layer_idx: int = 0):
-        x = x + self.attn(self.ln_1(x), mask, cache, layer_idx)
+    def forward(self, x, mask=None, cache: Optional[KVCache] = None, layer_idx: int = 0, attentions=None):
+        x = x + self.attn(self.ln_1(x), mask, cache, layer_idx, attentions)
         return x + self.mlp(self.ln_2(x))
 
 
@@ -352,9 +397,13 @@ class GPT2Model(GPT2PreTrainedModel):
             _rng_restore(rng)
             self.init_weights()
 
-    def forward(self, input_ids, attention_mask=None, position_ids=None, past_key_values=None,
-                use_cache=False, **_unused):
-        B, T = input_ids.shape
+    def forward(self, input_ids=None, attention_mask=None, position_ids=None, past_key_values=None,
+                use_cache=False, token_type_ids=None, inputs_embeds=None, output_hidden_states=None,
+                output_attentions=None, return_dict=None, **hf_only):
+        """HF GPT2Model's arguments with HF's meaning; those this model lacks raise TypeError (hf_only)."""
+        reject_unsupported(type(self).__name__, hf_only)
+        x = token_embeddings(self.wte, input_ids, inputs_embeds)
+        B, T, device = x.size(0), x.size(1), x.device
         cache = past_key_values
         if use_cache and cache is None:
             cache = KVCache(self.config.n_layer)
@@ -362,20 +411,36 @@ class GPT2Model(GPT2PreTrainedModel):
         self._check_lengths(B, T, past, attention_mask, cache)
 
         if position_ids is None:
-            position_ids = self._default_positions(attention_mask, T, past, input_ids.device, cache)
-        x = self.drop(self.wte(input_ids) + self.wpe(position_ids))
+            position_ids = self._default_positions(attention_mask, T, past, device, cache)
+        x = x + self.wpe(position_ids)
+        if token_type_ids is not None:
+            x = x + self.wte(token_type_ids)  # as HF: token types share the token embedding table
+        x = self.drop(x)
 
-        mask = build_attention_mask(attention_mask, T, past, input_ids.device, cache)
+        mask = build_attention_mask(attention_mask, T, past, device, cache)
         if cache is not None and cache.fixed_shape and mask is None:
             raise ValueError("a fixed-shape KV cache needs an attention_mask over all cache slots")
         # the compiled per-block step (compile_blocks) serves full-sequence passes; the KV-cache path stays eager
         step = run_block if cache is not None else getattr(self, "_compiled_block_step", run_block)
+        hidden_states = [] if output_hidden_states else None
+        attentions = [] if output_attentions else None
         for i, block in enumerate(self.h):
-            x = step(block, x, mask, cache, i, self.recompute if self.training and cache is None else "none")
+            if hidden_states is not None:
+                hidden_states.append(x)
+            if attentions is not None:  # the eager path that has the weights, block by block
+                x = block(x, mask, cache, i, attentions)
+            else:
+                x = step(block, x, mask, cache, i, self.recompute if self.training and cache is None else "none")
         x = self.ln_f(x)
+        if hidden_states is not None:
+            hidden_states.append(x)
         if cache is not None and not cache.fixed_shape:
             cache.length = past + T
-        return ModelOutput(last_hidden_state=x, past_key_values=cache if use_cache or past_key_values is not None else None)
+        out = ModelOutput(last_hidden_state=x,
+                          past_key_values=cache if use_cache or past_key_values is not None else None,
+                          hidden_states=tuple(hidden_states) if hidden_states is not None else None,
+                          attentions=tuple(attentions) if attentions is not None else None)
+        return out.to_tuple() if return_dict is False else out
 
     def compile_blocks(self, **compile_kwargs):
         """torch.compile the per-block step, activation recompute included, once for all blocks: identical
@@ -425,24 +490,38 @@ class GPT2LMHeadModel(GPT2PreTrainedModel):
         self.lm_head = nn.Linear(config.n_embd, config.padded_vocab_size, bias=False)
         if config.tie_word_embeddings:
             self.lm_head.weight = self.transformer.wte.weight
+        # generate()'s defaults; from_pretrained replaces them with the folder's generation_config.json
+        self.generation_config = GenerationConfig.from_model_config(config)
         _rng_restore(rng)
         self.init_weights()
 
     # Tokens per chunk of the fused head + cross-entropy in training (0: plain logits + cross-entropy).
     loss_chunk_size = 0
 
-    def forward(self, input_ids, attention_mask=None, position_ids=None, labels=None, past_key_values=None,
-                use_cache=False, targets=None, **_unused):
-        """labels: HF semantics (shifted inside: logits at t predict labels at t+1). targets: already the
-        next token of each position (nanoGPT semantics), the trainer's form; with loss_chunk_size set,
-        the loss is computed chunk by chunk without the (tokens x vocab) logits and no logits are returned."""
+    def forward(self, input_ids=None, attention_mask=None, position_ids=None, labels=None, past_key_values=None,
+                use_cache=False, targets=None, token_type_ids=None, inputs_embeds=None, output_hidden_states=None,
+                output_attentions=None, return_dict=None, logits_to_keep=0, **hf_only):
+        """HF GPT2LMHeadModel's arguments with HF's meaning (those this model lacks raise TypeError), plus
+        targets: already the next token of each position (nanoGPT semantics), the trainer's form; with
+        loss_chunk_size set, the loss is computed chunk by chunk without the (tokens x vocab) logits and no
+        logits are returned. labels: HF semantics (shifted inside: logits at t predict labels at t+1).
+        logits_to_keep: an int n > 0 keeps the last n positions, a 1-D tensor the positions it lists."""
+        reject_unsupported(type(self).__name__, hf_only)
         out = self.transformer(input_ids, attention_mask=attention_mask, position_ids=position_ids,
-                               past_key_values=past_key_values, use_cache=use_cache)
+                               past_key_values=past_key_values, use_cache=use_cache, token_type_ids=token_type_ids,
+                               inputs_embeds=inputs_embeds, output_hidden_states=output_hidden_states,
+                               output_attentions=output_attentions)
         hidden = out.last_hidden_state
+        extras = dict(past_key_values=out.past_key_values, hidden_states=out.hidden_states, attentions=out.attentions)
         if targets is not None and self.loss_chunk_size and torch.is_grad_enabled():
             loss = chunked_linear_cross_entropy(hidden, self.lm_head.weight, targets, self.config.vocab_size,
                                                 self.loss_chunk_size)
-            return ModelOutput(loss=loss, past_key_values=out.past_key_values)
+            result = ModelOutput(loss=loss, **extras)
+            return result.to_tuple() if return_dict is False else result
+        if isinstance(logits_to_keep, torch.Tensor):
+            hidden = hidden[:, logits_to_keep]
+        elif logits_to_keep:
+            hidden = hidden[:, -logits_to_keep:]
         logits = self.logits(hidden)
         loss = None
         if labels is not None:
@@ -450,7 +529,15 @@ class GPT2LMHeadModel(GPT2PreTrainedModel):
         elif targets is not None:
             loss = F.cross_entropy(logits.float().reshape(-1, logits.size(-1)), targets.reshape(-1).to(logits.device),
                                    ignore_index=-100)
-        return ModelOutput(loss=loss, logits=logits, past_key_values=out.past_key_values)
+        result = ModelOutput(loss=loss, logits=logits, **extras)
+        return result.to_tuple() if return_dict is False else result
+
+    def prepare_inputs_for_generation(self, input_ids, past_key_values=None, attention_mask=None, **kwargs):
+        """forward()'s arguments for one decoding step: the tokens the cache has not seen yet (HF's hook, which
+        peft's PeftModelForCausalLM wraps; our own generate() drives the cache itself)."""
+        seen = past_key_values.length if past_key_values is not None else 0
+        return dict(input_ids=input_ids[:, seen:], attention_mask=attention_mask, past_key_values=past_key_values,
+                    use_cache=True, **kwargs)
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """The vocabulary logits, without the internal padding rows."""
@@ -547,15 +634,28 @@ class GPT2ForSequenceClassification(GPT2PreTrainedModel):
         _rng_restore(rng)
         self.init_weights()
 
-    def forward(self, input_ids, attention_mask=None, position_ids=None, labels=None, **_unused):
-        out = self.transformer(input_ids, attention_mask=attention_mask, position_ids=position_ids)
-        last = last_token_index(input_ids, attention_mask, self.config.pad_token_id)
-        pooled = out.last_hidden_state[torch.arange(input_ids.size(0), device=input_ids.device), last]
-        logits = self.score(pooled)
+    def forward(self, input_ids=None, attention_mask=None, position_ids=None, labels=None, token_type_ids=None,
+                inputs_embeds=None, output_hidden_states=None, output_attentions=None, return_dict=None, **hf_only):
+        """HF GPT2ForSequenceClassification's arguments with HF's meaning (no KV cache here: those this model
+        lacks raise TypeError). Pools the last real token of each row (attention mask, else the last non-pad
+        id); with inputs_embeds and no mask, the last position, as HF does."""
+        reject_unsupported(type(self).__name__, hf_only)
+        out = self.transformer(input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                               token_type_ids=token_type_ids, inputs_embeds=inputs_embeds,
+                               output_hidden_states=output_hidden_states, output_attentions=output_attentions)
+        hidden = out.last_hidden_state
+        rows = torch.arange(hidden.size(0), device=hidden.device)
+        if input_ids is None and attention_mask is None:
+            last = torch.full_like(rows, hidden.size(1) - 1)
+        else:
+            last = last_token_index(input_ids if input_ids is not None else attention_mask, attention_mask,
+                                    self.config.pad_token_id)
+        logits = self.score(hidden[rows, last])
         loss = None
         if labels is not None:
             loss = F.cross_entropy(logits.float().view(-1, self.num_labels), labels.view(-1).to(logits.device))
-        return ModelOutput(loss=loss, logits=logits)
+        result = ModelOutput(loss=loss, logits=logits, hidden_states=out.hidden_states, attentions=out.attentions)
+        return result.to_tuple() if return_dict is False else result
 
 
 def last_token_index(input_ids, attention_mask, pad_token_id):

@@ -85,9 +85,10 @@ def attention(q, k, v, *, mask=None, is_causal=False, dropout_p=0.0, scale=None,
     raise ValueError(f"unknown attention implementation {impl!r}")
 
 
-def eager_attention(q, k, v, *, mask=None, is_causal=False, dropout_p=0.0, scale=None):
+def eager_attention(q, k, v, *, mask=None, is_causal=False, dropout_p=0.0, scale=None, return_weights=False):
     """Explicit softmax attention, as in HF's eager path (masked scores set to the dtype's minimum,
-    so a fully masked row gives a uniform distribution instead of NaN)."""
+    so a fully masked row gives a uniform distribution instead of NaN). return_weights: also return the
+    (B, H, Tq, Tk) attention weights, after dropout as HF returns them (output_attentions)."""
     scores = torch.matmul(q, k.transpose(-1, -2)) * scale
     if mask is None and is_causal:
         tq, tk = q.size(-2), k.size(-2)
@@ -97,7 +98,8 @@ def eager_attention(q, k, v, *, mask=None, is_causal=False, dropout_p=0.0, scale
     probs = torch.softmax(scores.float(), dim=-1).to(v.dtype)
     if dropout_p > 0.0:
         probs = F.dropout(probs, p=dropout_p)
-    return torch.matmul(probs, v)
+    out = torch.matmul(probs, v)
+    return (out, probs) if return_weights else out
 
 
 # ---------------------------------------------------------------------------------------------

@@ -37,7 +37,8 @@ def test_merged_lm_matches_adapted_model(tmp_path, data_dir):
         (tmp_path / "base" / name).write_bytes(open(os.path.join(data_dir, "gpt2", name), "rb").read())
     assert merge_cli(["--base", str(tmp_path / "base"), "--adapter", str(tmp_path / "adapter"),
                       "--output_dir", str(tmp_path / "merged")]) == 0
-    assert sorted(os.listdir(tmp_path / "merged")) == ["config.json", "merges.txt", "model.safetensors", "vocab.json"]
+    assert sorted(os.listdir(tmp_path / "merged")) == ["config.json", "generation_config.json", "merges.txt",
+                                                        "model.safetensors", "vocab.json"]
     ids = torch.randint(0, 500, (2, 12), generator=torch.Generator().manual_seed(2))
     merged = GPT2LMHeadModel.from_pretrained(tmp_path / "merged")
     theirs = transformers.GPT2LMHeadModel.from_pretrained(tmp_path / "merged").eval()

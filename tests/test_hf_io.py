@@ -22,7 +22,7 @@ def test_ours_to_transformers(tmp_path):
     torch.manual_seed(0)
     ours = GPT2LMHeadModel(config).eval()
     ours.save_pretrained(tmp_path)
-    assert sorted(os.listdir(tmp_path)) == ["config.json", "model.safetensors"]
+    assert sorted(os.listdir(tmp_path)) == ["config.json", "generation_config.json", "model.safetensors"]
     theirs = transformers.GPT2LMHeadModel.from_pretrained(tmp_path).eval()
     ids = ids_for(config)
     with torch.no_grad():
@@ -86,7 +86,7 @@ def test_our_sharded_save_loads_in_transformers(tmp_path):
         assert max_diff(ours(ids).logits, theirs(ids).logits) <= TOL
     # saving again unsharded replaces the shards instead of leaving stale ones
     ours.save_pretrained(tmp_path)
-    assert sorted(os.listdir(tmp_path)) == ["config.json", "model.safetensors"]
+    assert sorted(os.listdir(tmp_path)) == ["config.json", "generation_config.json", "model.safetensors"]
 
 
 def test_classification_round_trip_and_lm_base(tmp_path):

@@ -26,16 +26,28 @@ def load_model(path_or_hub_id: str, kind: str = "lm", adapter: str | None = None
     import torch
     device = device if isinstance(device, torch.device) else resolve_device(device)
     path = resolve_model_path(path_or_hub_id)
-    if kind == "cls" and adapter is None:
-        _require_classifier(path, load_config)
+    overrides = {}
+    if kind == "cls":
+        head_rows = _adapter_classifier_rows(adapter) if adapter else None
+        if head_rows is None:  # the classification head must come from the model itself
+            _require_classifier(path, load_config)
+        else:
+            overrides["num_labels"] = head_rows
     cls = GPT2ForSequenceClassification if kind == "cls" else GPT2LMHeadModel
     model = _from_training_checkpoint(cls, path, dtype, device)
     if model is None:
-        model = cls.from_pretrained(path, dtype=dtype, device=device)
+        model = cls.from_pretrained(path, dtype=dtype, device=device, **overrides)
     if adapter:
         from ..train.lora import load_adapter
         model = load_adapter(model, adapter, merge=True).to(device)
     return model.eval(), device
+
+
+def _adapter_classifier_rows(adapter: str) -> int | None:
+    """Labels of the `score` head a (SEQ_CLS) adapter trained and carries, or None."""
+    from ..train.lora import adapter_head_rows, read_adapter_config
+    read_adapter_config(adapter)  # one-line error when it is not an adapter directory
+    return adapter_head_rows(adapter, "score")
 
 
 def _from_training_checkpoint(cls, path: str, dtype, device):
@@ -104,11 +116,13 @@ def run_perplexity(model_path: str, dataset: str, seq_length: int = 1024, stride
                    cache_dir: str | None = None, progress: bool = True) -> dict:
     """Perplexity of a checkpoint on a dataset, with the run's settings in the result."""
     _require_exists(dataset)  # before loading a model that may take minutes
-    model, device = load_model(model_path, "lm", adapter=adapter, device=device)
+    from ..hf import resolve_model_path
+    path = resolve_model_path(model_path)  # a hub id: its snapshot folder (tokenizer files included)
+    model, device = load_model(path, "lm", adapter=adapter, device=device)
     if seq_length > model.config.n_positions:  # before preparing any data
         raise ValueError(f"seq_length {seq_length} is longer than the model's context "
                          f"n_positions={model.config.n_positions}; pass --seq_length {model.config.n_positions} or less")
-    tokens = load_eval_tokens(dataset, seq_length, stride, tokenizer_for(model_path, tokenizer),
+    tokens = load_eval_tokens(dataset, seq_length, stride, tokenizer_for(path, tokenizer),
                               mindformers_compat, cache_dir)
     start = time.perf_counter()
     result = perplexity(model, tokens, seq_length, batch_size=batch_size, stride=stride, protocol=protocol,
@@ -124,11 +138,13 @@ def run_classification(model_path: str, dataset: str, max_length: int = 128, bat
     """Accuracy (and per-class counts) of a sequence classifier on a .tsv or prepared .npz."""
     _require_exists(dataset)
     from ..data.store import load_txtcls
-    model, device = load_model(model_path, "cls", adapter=adapter, device=device)
+    from ..hf import resolve_model_path
+    path = resolve_model_path(model_path)
+    model, device = load_model(path, "cls", adapter=adapter, device=device)
     if max_length > model.config.n_positions:
         raise ValueError(f"max_length {max_length} is longer than the model's context "
                          f"n_positions={model.config.n_positions}; pass --max_length {model.config.n_positions} or less")
-    data = load_txtcls(dataset, max_length, tokenizer=tokenizer_for(model_path, tokenizer), cache_dir=cache_dir,
+    data = load_txtcls(dataset, max_length, tokenizer=tokenizer_for(path, tokenizer), cache_dir=cache_dir,
                        dataset_name=dataset_name)
     start = time.perf_counter()
     result = classification_accuracy(model, data, batch_size=batch_size, precision=precision, progress=progress)

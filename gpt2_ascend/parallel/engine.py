@@ -318,6 +318,8 @@ def export_final(trainer: ParallelTrainer, recipe, output_dir: str, ctx: Paralle
         else:
             path = os.path.join(ckpt.checkpoint_root(output_dir), ckpt.step_dir_name(trainer.step))
             sharded.merge_to_hf(path, final_dir)
+            if trainer.model_meta["architecture"] == "GPT2LMHeadModel":
+                write_generation_config(recipe, final_dir)
             tokenizer_dir = resolve_path(recipe.tokenizer) or default_tokenizer_dir()
             try:
                 save_tokenizer(load_tokenizer(tokenizer_dir), final_dir, source_dir=tokenizer_dir)
@@ -325,6 +327,16 @@ def export_final(trainer: ParallelTrainer, recipe, output_dir: str, ctx: Paralle
                 pass
     barrier()
     return final_dir
+
+
+def write_generation_config(recipe, final_dir: str):
+    """The recipe's generation defaults next to the merged weights, as a single-device export has them."""
+    from ..config import GPT2Config
+    from ..fileio import write_json
+    from ..hf import GENERATION_CONFIG
+    from ..train.recipe import generation_settings
+    config = GPT2Config.from_json_file(os.path.join(final_dir, "config.json"))
+    write_json(generation_settings(recipe, config).to_hf_dict(), os.path.join(final_dir, GENERATION_CONFIG))
 
 
 def evaluate_merged(trainer: ParallelTrainer, final_dir: str):

@@ -1,21 +1,35 @@
-"""LoRA through peft, on our HF-named modules.
+"""LoRA through peft, on our HF-named modules, with PEFT's own adapter files both ways.
 
 MindFormers' GPT-2 LoRA targets the separate Q and V projections; GPT-2 (ours and HF's) fuses q, k and v
 into one `c_attn`, so targeting `c_attn` adapts all three. Adapters are PEFT's own files
-(adapter_config.json + adapter_model.safetensors) and use the same tensor names as an HF GPT-2 adapter.
+(adapter_config.json + adapter_model.safetensors) with the tensor names of an HF GPT-2 adapter, so one
+adapter serves both models: an adapter trained on transformers' GPT-2 (task type CAUSAL_LM, SEQ_CLS or
+none) loads here, and ours load in peft on transformers' GPT-2 (`AutoPeftModelForCausalLM` included).
 """
 from __future__ import annotations
 
+import json
 import os
 
 import torch
 
 ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")
+# peft's task type per architecture: CAUSAL_LM wraps in PeftModelForCausalLM; SEQ_CLS in
+# PeftModelForSequenceClassification, which also trains and saves the new `score` head (modules_to_save).
+TASK_TYPES = {"GPT2LMHeadModel": "CAUSAL_LM", "GPT2ForSequenceClassification": "SEQ_CLS"}
+# Where transformers' own classes live: the auto_mapping written into adapter_config.json, so peft resolves
+# our adapters to transformers' GPT-2 (peft refuses to import a module outside its allowlist, such as ours).
+HF_MODELING_MODULE = "transformers.models.gpt2.modeling_gpt2"
+
+
+def task_type_of(model: torch.nn.Module) -> str:
+    return TASK_TYPES[model.hf_architecture]
 
 
 def apply_lora(model: torch.nn.Module, rank: int = 64, alpha: float = 128, dropout: float = 0.1,
                target_modules=("c_attn",)):
-    """Wrap `model` with LoRA adapters; only adapter parameters stay trainable."""
+    """Wrap `model` with LoRA adapters (peft's PeftModel for the model's task type); only adapter
+    parameters (and a classifier's `score` head) stay trainable."""
     from peft import LoraConfig, get_peft_model
 
     if rank <= 0:
@@ -25,7 +39,7 @@ def apply_lora(model: torch.nn.Module, rank: int = 64, alpha: float = 128, dropo
     if unknown:
         raise ValueError(f"lora target module {unknown[0]!r} is not in the model: use c_attn, c_proj, c_fc")
     config = LoraConfig(r=rank, lora_alpha=alpha, lora_dropout=dropout, target_modules=list(target_modules),
-                        bias="none", task_type=None)
+                        bias="none", task_type=task_type_of(model))
     return get_peft_model(model, config)
 
 
@@ -33,19 +47,81 @@ def is_adapter_dir(path: str) -> bool:
     return os.path.isfile(os.path.join(path, "adapter_config.json"))
 
 
+def read_adapter_config(adapter_dir: str) -> dict:
+    if not is_adapter_dir(adapter_dir):
+        raise FileNotFoundError(f"no adapter_config.json in {adapter_dir}: pass a PEFT adapter directory (LoRA "
+                                f"training writes OUTPUT_DIR/final/adapter)")
+    path = os.path.join(adapter_dir, "adapter_config.json")
+    with open(path, encoding="utf-8") as f:
+        try:
+            return json.load(f)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"cannot load the LoRA adapter in {adapter_dir}: adapter_config.json is not valid "
+                             f"JSON ({e})") from None
+
+
+def check_adapter_fits(model: torch.nn.Module, adapter_dir: str, adapter_config: dict):
+    """A SEQ_CLS adapter carries a classification head, a CAUSAL_LM one belongs on a language model."""
+    task = adapter_config.get("task_type")
+    if task is not None and task not in TASK_TYPES.values():
+        raise ValueError(f"the adapter in {adapter_dir} has task_type {task!r}: GPT-2 adapters here are CAUSAL_LM, "
+                         f"SEQ_CLS or none")
+    wanted = task_type_of(model)
+    if task is not None and task != wanted:
+        kind = "a text-classification model (GPT2ForSequenceClassification)" if task == "SEQ_CLS" \
+            else "a language model (GPT2LMHeadModel)"
+        raise ValueError(f"the adapter in {adapter_dir} is a {task} adapter: load it on {kind}, not on a "
+                         f"{model.hf_architecture}")
+
+
 def load_adapter(model: torch.nn.Module, adapter_dir: str, merge: bool = True, trainable: bool = False):
-    """Attach a saved PEFT adapter to `model`; with merge=True fold it into the base weights and return a
-    plain model (same logits, no adapter overhead)."""
+    """Attach a saved PEFT adapter (ours or one trained on transformers' GPT-2) to `model`; with merge=True
+    fold it into the base weights and return a plain model (same logits, no adapter overhead)."""
     from peft import PeftModel
 
-    if not is_adapter_dir(adapter_dir):
-        raise FileNotFoundError(f"no adapter_config.json in {adapter_dir}: pass a directory written by LoRA training "
-                                f"(OUTPUT_DIR/final/adapter)")
+    check_adapter_fits(model, adapter_dir, read_adapter_config(adapter_dir))
     try:
         peft_model = PeftModel.from_pretrained(model, adapter_dir, is_trainable=trainable)
     except Exception as e:  # peft / safetensors / json errors: one line that names the adapter
         raise ValueError(f"cannot load the LoRA adapter in {adapter_dir}: {_adapter_problem(e)}") from None
     return peft_model.merge_and_unload() if merge else peft_model
+
+
+def adapter_base(adapter_dir: str) -> str:
+    """The base model an adapter was trained on (its base_model_name_or_path): a directory or a hub id."""
+    base = read_adapter_config(adapter_dir).get("base_model_name_or_path")
+    if not base:
+        raise ValueError(f"the adapter in {adapter_dir} does not name its base model (base_model_name_or_path): "
+                         f"merge it with convert/merge_lora.py --base BASE and train from the merged model")
+    return base
+
+
+def adapter_head_rows(adapter_dir: str, head: str) -> int | None:
+    """Rows of a head the adapter trains and carries (modules_to_save, e.g. a classifier's `score`), or None."""
+    from safetensors import safe_open
+    file = os.path.join(adapter_dir, "adapter_model.safetensors")
+    if not os.path.isfile(file):
+        return None
+    with safe_open(file, framework="pt") as f:
+        name = next((k for k in f.keys() if k.endswith(f".{head}.weight")), None)
+        return f.get_slice(name).get_shape()[0] if name else None
+
+
+def save_adapter(peft_model, output_dir: str, base_name_or_path: str | None = None):
+    """PEFT's files for the adapter, with task_type, base_model_name_or_path (when known) and an auto_mapping
+    that names transformers' GPT-2 class, so peft on a plain transformers install loads it
+    (AutoPeftModelForCausalLM.from_pretrained(output_dir) included)."""
+    config = peft_model.peft_config["default"]
+    if base_name_or_path:
+        config.base_model_name_or_path = base_name_or_path
+    # save_embedding_layers: the vocabulary is never resized here (peft's "auto" would look the base up)
+    peft_model.save_pretrained(output_dir, save_embedding_layers=False)
+    inference_mode = config.inference_mode
+    config.inference_mode = True
+    base_class = peft_model.get_base_model().hf_architecture
+    config.save_pretrained(output_dir, auto_mapping_dict={"base_model_class": base_class,
+                                                          "parent_library": HF_MODELING_MODULE})
+    config.inference_mode = inference_mode
 
 
 def _adapter_problem(error: Exception) -> str:

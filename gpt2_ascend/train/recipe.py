@@ -19,7 +19,7 @@ from typing import Any
 
 import yaml
 
-from ..config import GPT2Config
+from ..config import GenerationConfig, GPT2Config
 
 # MindFormers' activation names -> ours. MindFormers' GPT-2 "gelu" is the tanh approximation (HF gelu_new).
 HIDDEN_ACT = {"gelu": "gelu_new", "gelu_new": "gelu_new", "fast_gelu": "fast_gelu", "gelu_exact": "gelu"}
@@ -407,6 +407,15 @@ def generation_config(recipe: Recipe) -> dict:
                 temperature=mc.temperature, do_sample=mc.do_sample,
                 repetition_penalty=mc.repetition_penalty, use_past=mc.use_past,
                 eos_token_id=mc.eos_token_id, pad_token_id=mc.pad_token_id)
+
+
+def generation_settings(recipe: Recipe, config: GPT2Config) -> GenerationConfig:
+    """The recipe's generation defaults as the generation_config.json written with its exports (prompt +
+    new tokens capped by the model's context)."""
+    g = generation_config(recipe)
+    return GenerationConfig.from_model_config(
+        config, do_sample=g["do_sample"], temperature=g["temperature"], top_k=g["top_k"], top_p=g["top_p"],
+        repetition_penalty=g["repetition_penalty"], max_length=min(g["max_decode_length"], config.n_positions))
 
 
 def precision(recipe: Recipe) -> str:

@@ -382,34 +382,19 @@ def task_of(recipe) -> str:
 
 def build_model(recipe, device: torch.device, log=print, config_overrides: dict | None = None) -> torch.nn.Module:
     """The model a recipe asks for, on `device`: from scratch, or from load_checkpoint (an HF-format
-    directory or one of our checkpoints), with LoRA adapters when model_config.pet_config says so."""
-    from ..config import GPT2Config
-    from ..hf import model_from_state
-    from ..model import GPT2ForSequenceClassification, GPT2LMHeadModel
-    from .lora import apply_lora
-    from .recipe import gpt2_config, lora_settings, training_overrides
+    directory, one of our checkpoints, or a PEFT adapter directory, whose training goes on from its base),
+    with LoRA adapters when model_config.pet_config says so."""
+    from .lora import adapter_base, apply_lora, load_adapter
+    from .recipe import gpt2_config, lora_settings
 
-    cls = GPT2ForSequenceClassification if task_of(recipe) == "txtcls" else GPT2LMHeadModel
+    cls = model_class(recipe)
     source = resolve_path(recipe.load_checkpoint)
+    adapter = source if continues_adapter(recipe) else None
+    if adapter:
+        source = adapter_base(adapter)
+        log(f"continuing the adapter in {adapter} on its base model {source}")
     if source:
-        if not os.path.exists(source):
-            raise FileNotFoundError(f"load_checkpoint not found: {source}; pass an HF-format GPT-2 directory "
-                                    f"or OUTPUT_DIR/checkpoint/step_N")
-        overrides = dict(training_overrides(recipe), **(config_overrides or {}))
-        from ..parallel.checkpoint import is_sharded, model_from_sharded
-        if is_sharded(source):  # a distributed run's checkpoint: gathered into one model here
-            model = model_from_sharded(cls, source, overrides, dtype=torch.float32)
-        elif ckpt.is_training_checkpoint(source):
-            manifest = ckpt.verify_checkpoint(source)
-            if manifest.get("meta", {}).get("lora"):
-                raise ValueError(f"{source} is a LoRA checkpoint (adapters only): load its run's final/ "
-                                 f"directory (the merged model) instead, or resume that run with --resume")
-            config = GPT2Config.from_json_file(os.path.join(source, "config.json")).replace(**overrides)
-            state = ckpt.load_checkpoint(source, ["model"], verify=False)["model"]
-            model = model_from_state(cls, config, state, source=source, dtype=torch.float32)
-        else:
-            model = cls.from_pretrained(source, dtype=torch.float32, **overrides)
-        _note_shape(recipe, model.config, source, log)
+        model = load_start_weights(cls, recipe, source, config_overrides, log)
     else:
         model = cls(gpt2_config(recipe).replace(**(config_overrides or {})))
     seq = recipe.model.model_config.seq_length
@@ -417,10 +402,56 @@ def build_model(recipe, device: torch.device, log=print, config_overrides: dict 
         raise ValueError(f"model_config.seq_length {seq} exceeds the model's n_positions "
                          f"{model.config.n_positions}: set model.model_config.seq_length={model.config.n_positions}")
     model.set_recompute(recipe.parallel.recompute)
-    lora = lora_settings(recipe)
-    if lora:
-        model = apply_lora(model, **lora)
+    if adapter:  # the adapter's own rank and targets: pet_config's would be a different adapter
+        model = load_adapter(model, adapter, merge=False, trainable=True)
+    elif lora_settings(recipe):
+        model = apply_lora(model, **lora_settings(recipe))
     return model.to(device)
+
+
+def model_class(recipe):
+    from ..model import GPT2ForSequenceClassification, GPT2LMHeadModel
+    return GPT2ForSequenceClassification if task_of(recipe) == "txtcls" else GPT2LMHeadModel
+
+
+def continues_adapter(recipe) -> bool:
+    """load_checkpoint is a PEFT adapter directory (ours or one trained on transformers' GPT-2)."""
+    from .lora import is_adapter_dir
+    source = resolve_path(recipe.load_checkpoint)
+    return bool(source) and os.path.isdir(source) and is_adapter_dir(source)
+
+
+def uses_lora(recipe) -> bool:
+    from .recipe import lora_settings
+    return bool(lora_settings(recipe)) or continues_adapter(recipe)
+
+
+def load_start_weights(cls, recipe, source: str, config_overrides: dict | None, log):
+    """The weights a run starts from: an HF-format directory or hub id, or one of our (sharded) checkpoints."""
+    from ..config import GPT2Config
+    from ..hf import model_from_state
+    from .recipe import training_overrides
+
+    if not os.path.exists(source) and (source.startswith((".", "/", "~")) or source.count("/") > 1):
+        raise FileNotFoundError(f"load_checkpoint not found: {source}; pass an HF-format GPT-2 directory "
+                                f"or OUTPUT_DIR/checkpoint/step_N")
+    overrides = dict(training_overrides(recipe), **(config_overrides or {}))
+    from ..parallel.checkpoint import is_sharded, model_from_sharded
+    if os.path.isdir(source) and is_sharded(source):  # a distributed run's checkpoint: gathered into one model
+        model = model_from_sharded(cls, source, overrides, dtype=torch.float32)
+    elif os.path.isdir(source) and ckpt.is_training_checkpoint(source):
+        manifest = ckpt.verify_checkpoint(source)
+        if manifest.get("meta", {}).get("lora"):
+            raise ValueError(f"{source} is a LoRA checkpoint (adapters only): load its run's final/adapter "
+                             f"directory (training continues from its base) or resume that run with --resume")
+        config = GPT2Config.from_json_file(os.path.join(source, "config.json")).replace(**overrides)
+        state = ckpt.load_checkpoint(source, ["model"], verify=False)["model"]
+        model = model_from_state(cls, config, state, source=source, dtype=torch.float32)
+        model.name_or_path = os.path.abspath(source)
+    else:  # an HF-format directory, or a hub id
+        model = cls.from_pretrained(source, dtype=torch.float32, **overrides)
+    _note_shape(recipe, model.config, source, log)
+    return model
 
 
 def _note_shape(recipe, config, source: str, log):
@@ -579,7 +610,7 @@ def run_training(recipe, overwrite: bool = False, log=print) -> dict:
         check_ranges(eval_data, base.config, "evaluation data")
     if dist.parallel:
         pm = engine.parallelize(model, dist, compile_blocks=recipe.runner_config.compile,
-                                per_head=not lora_settings(recipe), materialize=not meta)
+                                per_head=not uses_lora(recipe), materialize=not meta)
         if meta:
             engine.materialize_model(pm, base.config, dist, source)
         raw_model, train_model = pm.core, pm.module
@@ -600,7 +631,7 @@ def run_training(recipe, overwrite: bool = False, log=print) -> dict:
                                 device_type=device.type)
     wrapper = recipe.runner_wrapper
     callbacks = recipe.callbacks
-    lora = lora_settings(recipe)
+    lora = uses_lora(recipe)
     settings = TrainSettings(
         total_steps=run_steps, task=task_of(recipe), precision=prec,
         max_grad_norm=wrapper.max_grad_norm if wrapper.use_clip_grad else None,
@@ -764,17 +795,21 @@ def _trainable(model) -> int:
 
 
 def export_final(model, recipe, output_dir: str, lora: bool) -> str:
-    """OUTPUT_DIR/final/: HF-format config.json + model.safetensors + tokenizer files; for LoRA runs also
-    final/adapter/ (PEFT files), and the merged weights in final/ itself."""
+    """OUTPUT_DIR/final/: HF-format config.json + model.safetensors + generation_config.json (the recipe's
+    generation defaults) + tokenizer files; for LoRA runs also final/adapter/ (PEFT files naming the base
+    model), and the merged weights in final/ itself."""
     from ..tokenizer import default_tokenizer_dir, load_tokenizer, save_tokenizer
-    from .lora import merge_adapter
+    from .lora import merge_adapter, save_adapter
+    from .recipe import generation_settings
 
     final_dir = os.path.join(output_dir, "final")
     if lora:
         adapter_dir = os.path.join(output_dir, "final.adapter.tmp")
         shutil.rmtree(adapter_dir, ignore_errors=True)
-        model.save_pretrained(adapter_dir)
+        save_adapter(model, adapter_dir, adapter_base_name(recipe))
         model = merge_adapter(model)
+    if hasattr(model, "generation_config"):
+        model.generation_config = generation_settings(recipe, model.config)
     model.save_pretrained(final_dir)
     if lora:
         target = os.path.join(final_dir, "adapter")
@@ -784,3 +819,15 @@ def export_final(model, recipe, output_dir: str, lora: bool) -> str:
     with contextlib.suppress(FileNotFoundError):
         save_tokenizer(load_tokenizer(tokenizer_dir), final_dir, source_dir=tokenizer_dir)
     return final_dir
+
+
+def adapter_base_name(recipe) -> str | None:
+    """What an exported adapter names as its base: the run's load_checkpoint (the continued adapter's own
+    base when it was an adapter), as an absolute path, or a hub id as given; None for a run from scratch."""
+    from .lora import adapter_base
+    source = resolve_path(recipe.load_checkpoint)
+    if not source:
+        return None
+    if continues_adapter(recipe):
+        return adapter_base(source)
+    return os.path.abspath(source) if os.path.exists(source) else source
