@@ -109,18 +109,28 @@ def resolve_model_path(path_or_hub_id: str) -> str:
 
 
 def download_from_hub(repo_id: str) -> str:
-    """Fetch config, weights and tokenizer files of a hub model (HF_ENDPOINT selects the server)."""
+    """Fetch config, weights, generation and tokenizer files of a hub model into huggingface_hub's cache (the
+    files already there are not fetched again; a broken download resumes) and return the snapshot folder.
+    HF_ENDPOINT selects the server, HF_HUB_CACHE the cache, HF_HUB_OFFLINE=1 uses the cache alone."""
     try:
         from huggingface_hub import snapshot_download
-        # endpoint and cache read at call time, so HF_ENDPOINT / HF_HUB_CACHE set after import still count
+        # endpoint, cache and offline mode read at call time, so variables set after import still count
         return snapshot_download(repo_id, endpoint=os.environ.get("HF_ENDPOINT"),
-                                 cache_dir=os.environ.get("HF_HUB_CACHE"), allow_patterns=[
+                                 cache_dir=os.environ.get("HF_HUB_CACHE"), local_files_only=hub_offline(),
+                                 allow_patterns=[
             "config.json", "*.safetensors", SAFE_INDEX, "tokenizer.json", "tokenizer_config.json",
             "vocab.json", "merges.txt", "special_tokens_map.json", GENERATION_CONFIG, "adapter_config.json"])
     except Exception as e:  # offline, unknown repo, HTTP error: one line, no traceback of the hub client
         reason = error_line(e)
-        raise OSError(f"could not fetch {repo_id!r} from the hub ({type(e).__name__}: {reason}); "
+        where = "in the hub cache (HF_HUB_OFFLINE is set)" if hub_offline() else "from the hub"
+        raise OSError(f"could not fetch {repo_id!r} {where} ({type(e).__name__}: {reason}); "
                       f"pass a local directory with config.json and model.safetensors instead") from None
+
+
+def hub_offline() -> bool:
+    """HF_HUB_OFFLINE (or TRANSFORMERS_OFFLINE) as huggingface_hub spells true, read now rather than at import."""
+    value = os.environ.get("HF_HUB_OFFLINE") or os.environ.get("TRANSFORMERS_OFFLINE") or ""
+    return value.strip().upper() in ("1", "ON", "YES", "TRUE")
 
 
 def weight_files(path: str) -> list[str]:

@@ -1,5 +1,6 @@
 """A minimal HuggingFace-hub HTTP server on 127.0.0.1, enough for huggingface_hub.snapshot_download:
-the model-info API and the resolve endpoint, serving the files of local folders."""
+the model-info API and the resolve endpoint, serving the files of local folders, with byte ranges (a
+resumed download asks for the rest of a file) and, on request, a connection that breaks mid-file."""
 import hashlib
 import http.server
 import json
@@ -11,10 +12,13 @@ COMMIT = "0123456789abcdef0123456789abcdef01234567"
 
 
 class FakeHub:
-    def __init__(self, repos: dict):
-        """repos: {"user/name": "/local/folder"}"""
+    def __init__(self, repos: dict, interrupt: dict | None = None):
+        """repos: {"user/name": "/local/folder"}; interrupt: {"file name": n} sends the first GET of that file
+        only n bytes (with the full Content-Length) and then drops the connection."""
         self.repos = repos
+        self.interrupt = dict(interrupt or {})
         self.requests = []
+        self.ranges = []  # (file name, first byte asked for) of each GET with a Range header
         hub = self
 
         class Handler(http.server.BaseHTTPRequestHandler):
@@ -54,15 +58,35 @@ class FakeHub:
                         if not os.path.isfile(file):
                             return self.send_json(404, {"error": "Entry not found"}, {"X-Error-Code": "EntryNotFound"})
                         data = open(file, "rb").read()
-                        self.send_response(200)
-                        self.send_header("Content-Length", str(len(data)))
-                        self.send_header("ETag", '"' + hashlib.sha256(data).hexdigest() + '"')
+                        etag = hashlib.sha256(data).hexdigest()
+                        start = self.range_start()
+                        if not head and start:
+                            hub.ranges.append((name, start))
+                        self.send_response(206 if start else 200)
+                        self.send_header("Content-Length", str(len(data) - start))
+                        if start:
+                            self.send_header("Content-Range", f"bytes {start}-{len(data) - 1}/{len(data)}")
+                        self.send_header("ETag", '"' + etag + '"')
                         self.send_header("X-Repo-Commit", COMMIT)
                         self.end_headers()
-                        if not head:
-                            self.wfile.write(data)
+                        if head:
+                            return
+                        cut = hub.interrupt.pop(name, None)
+                        if cut is not None:  # a broken connection: part of the body, then nothing
+                            self.wfile.write(data[start:start + cut])
+                            self.wfile.flush()
+                            self.close_connection = True
+                            return
+                        self.wfile.write(data[start:])
                         return
                 self.send_json(404, {"error": "Repository not found"}, {"X-Error-Code": "RepoNotFound"})
+
+            def range_start(self) -> int:
+                """The first byte of a `Range: bytes=N-` request (0 without one)."""
+                header = self.headers.get("Range", "")
+                if header.startswith("bytes=") and header.endswith("-"):
+                    return int(header[len("bytes="):-1])
+                return 0
 
             def send_json(self, code, obj, headers=None):
                 data = json.dumps(obj).encode()
