@@ -1,81 +1,10 @@
-"""Evaluate a GPT-2 checkpoint: WikiText-2 perplexity or text-classification (SST-2) accuracy.
-
-A thin shell around gpt2_ascend.eval.runner; see docs/evaluation.md.
-"""
-from __future__ import annotations
-
-import argparse
-import json
+"""Evaluate a GPT-2 checkpoint: perplexity or text-classification accuracy: `python evaluate.py --help` from a checkout, `gpt2-evaluate` once installed.
+The command itself is gpt2_ascend/commands/evaluate.py."""
+import os
 import sys
 
-EXAMPLES = """examples:
-  # WikiText-2 perplexity, raw test file prepared on the fly (max_length = seq_length)
-  python evaluate.py --task perplexity --model out/gpt2-small --eval_dataset_dir ../shared/data/wikitext-2/wiki.test.tokens
-  # MindFormers' number (mean of per-batch losses), comparable with its README's PPL
-  python evaluate.py --task perplexity --model out/gpt2-small --eval_dataset_dir wiki.test.npy --protocol mindformers
-  # HF's sliding-window perplexity, each token scored once with >= 512 tokens of context
-  python evaluate.py --task perplexity --model gpt2 --eval_dataset_dir wiki.test.tokens --stride 512
-  # a LoRA adapter on top of its base model
-  python evaluate.py --task perplexity --model out/base --adapter out/lora/final/adapter --eval_dataset_dir wiki.valid.tokens
-  # SST-2 accuracy of a finetuned classifier, JSON for scripts
-  python evaluate.py --task text_classification --model out/sst2 --eval_dataset_dir ../shared/data/sst2/dev.tsv \\
-      --output_json sst2.json
-"""
-
-
-def parse_args(argv=None):
-    p = argparse.ArgumentParser(description="Evaluate a GPT-2 checkpoint: perplexity or text-classification accuracy.",
-                                epilog=EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--task", choices=("perplexity", "text_classification"), default="perplexity")
-    p.add_argument("--model", required=True, help="HF-format model directory (ours or transformers') or a hub id")
-    p.add_argument("--adapter", help="a PEFT LoRA adapter directory, merged into the model")
-    p.add_argument("--eval_dataset_dir", required=True,
-                   help="perplexity: prepared .npy, raw wiki.*.tokens, or .txt file/folder; "
-                        "text_classification: GLUE .tsv or prepared .npz")
-    p.add_argument("--seq_length", type=int, default=1024, help="perplexity block / window length (default 1024)")
-    p.add_argument("--stride", type=int, help="sliding-window perplexity with this stride (HF's recipe, per token)")
-    p.add_argument("--protocol", choices=("token", "mindformers"), default="token",
-                   help="token: exp(total NLL / tokens); mindformers: exp(mean of per-batch mean losses)")
-    p.add_argument("--mindformers_compat", action="store_true",
-                   help="prepare raw WikiText exactly like MindFormers' script (drops the last passage)")
-    p.add_argument("--max_length", type=int, default=128, help="text_classification row length (default 128)")
-    p.add_argument("--batch_size", type=int, help="default 8 for perplexity, 32 for text_classification")
-    p.add_argument("--device", default="auto", help="auto, cpu, cuda[:N] or npu[:N]")
-    p.add_argument("--precision", choices=("auto", "fp32", "bf16", "fp16"), default="auto",
-                   help="auto: bf16 autocast on GPU/NPU, fp32 on CPU")
-    p.add_argument("--tokenizer", help="tokenizer directory for raw data (default: the model's, else $GPT2_DATA_DIR/gpt2)")
-    p.add_argument("--cache_dir", help="keep raw data prepared here as .npy/.npz for the next run")
-    p.add_argument("--output_json", help="also write the result as JSON to this file")
-    p.add_argument("--no_progress", action="store_true", help="no progress bar")
-    return p.parse_args(argv)
-
-
-def main(argv=None) -> int:
-    args = parse_args(argv)
-    from gpt2_ascend.data.store import write_json
-    from gpt2_ascend.eval.runner import run_classification, run_perplexity, summary
-    try:
-        if args.task == "perplexity":
-            result = run_perplexity(args.model, args.eval_dataset_dir, seq_length=args.seq_length, stride=args.stride,
-                                    batch_size=8 if args.batch_size is None else args.batch_size, protocol=args.protocol, adapter=args.adapter,
-                                    device=args.device, precision=args.precision, tokenizer=args.tokenizer,
-                                    mindformers_compat=args.mindformers_compat, cache_dir=args.cache_dir,
-                                    progress=not args.no_progress)
-        else:
-            result = run_classification(args.model, args.eval_dataset_dir, max_length=args.max_length,
-                                        batch_size=32 if args.batch_size is None else args.batch_size, adapter=args.adapter, device=args.device,
-                                        precision=args.precision, tokenizer=args.tokenizer, cache_dir=args.cache_dir,
-                                        progress=not args.no_progress)
-        if args.output_json:
-            write_json(result, args.output_json)
-    except (ValueError, FileNotFoundError, OSError, RuntimeError, TypeError) as e:
-        from gpt2_ascend.cli import print_error
-        print_error(e)
-        return 2
-    print(summary(result))
-    print(json.dumps(result))
-    return 0
-
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # this checkout's gpt2_ascend, installed or not
+from gpt2_ascend.commands.evaluate import main  # noqa: E402
 
 if __name__ == "__main__":
     sys.exit(main())

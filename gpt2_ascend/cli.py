@@ -12,3 +12,18 @@ def error_line(e: BaseException) -> str:
 
 def print_error(e: BaseException, prefix: str = ""):
     print(f"{prefix}error: {error_line(e)}", file=sys.stderr)
+
+
+def run_subcommand(prog: str, subcommands: dict, argv: list) -> int:
+    """`prog NAME ARGS...`: run the main(ARGS) of the module subcommands[NAME] = (module, summary)."""
+    import importlib
+    if not argv or argv[0] in ("-h", "--help") or argv[0] not in subcommands:
+        width = max(map(len, subcommands))
+        lines = [f"usage: {prog} {{{','.join(subcommands)}}} ...  (each has --help)", ""]
+        lines += [f"  {name:<{width}}  {summary}" for name, (_, summary) in subcommands.items()]
+        if argv and argv[0] not in ("-h", "--help"):
+            print(f"error: unknown command {argv[0]!r}: use one of {', '.join(subcommands)}", file=sys.stderr)
+            return 2
+        print("\n".join(lines), file=sys.stdout if argv else sys.stderr)
+        return 0 if argv else 2
+    return importlib.import_module(subcommands[argv[0]][0]).main(argv[1:])

@@ -212,9 +212,29 @@ def load_recipe(path: str | None = None, overrides=(), base: dict | None = None)
     return recipe
 
 
+RECIPE_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "recipes")
+
+
+def recipe_names() -> list[str]:
+    """The packaged recipes (configs/gpt2/*.yaml, shipped in the wheel as gpt2_ascend/recipes/)."""
+    if not os.path.isdir(RECIPE_DIR):
+        return []
+    return sorted(name[:-len(".yaml")] for name in os.listdir(RECIPE_DIR) if name.endswith(".yaml"))
+
+
+def recipe_path(path_or_name: str) -> str:
+    """A YAML file as given, or a packaged recipe by name (pretrain_gpt2_small, with or without .yaml)."""
+    if os.path.isfile(path_or_name):
+        return path_or_name
+    name = path_or_name[:-len(".yaml")] if path_or_name.endswith(".yaml") else path_or_name
+    if os.sep not in name and name in recipe_names():
+        return os.path.join(RECIPE_DIR, name + ".yaml")
+    raise FileNotFoundError(f"recipe not found: {path_or_name}; pass a YAML file or the name of one of "
+                            f"{', '.join(recipe_names()) or 'configs/gpt2/*.yaml'}")
+
+
 def read_yaml(path: str) -> dict:
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"recipe not found: {path}; pass one of configs/gpt2/*.yaml")
+    path = recipe_path(path)
     with open(path, encoding="utf-8") as f:
         try:
             data = yaml.safe_load(f)

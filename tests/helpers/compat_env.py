@@ -49,17 +49,29 @@ def ensure_env(pins: dict, root: str = os.path.join(REPO, ".compat")) -> str:
     marker = os.path.join(env, "READY")
     if os.path.isfile(marker):
         return python
-    subprocess.run([sys.executable, "-m", "venv", "--clear", "--without-pip", env], check=True)
-    purelib = subprocess.run([python, "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
-                             check=True, capture_output=True, text=True).stdout.strip()
-    with open(os.path.join(purelib, "_base_environment.pth"), "w", encoding="utf-8") as f:
-        f.write(sysconfig.get_paths()["purelib"] + "\n")
-    result = subprocess.run([sys.executable, "-m", "pip", "--python", python, "install", "-q",
-                             "--disable-pip-version-check", *[f"{k}=={v}" for k, v in pins.items()]],
-                            capture_output=True, text=True)
+    overlay_venv(env)
+    result = pip_install(python, *[f"{k}=={v}" for k, v in pins.items()])
     if result.returncode != 0:
         raise RuntimeError(f"could not build the compatibility environment {env} (pip needs PyPI): "
                            f"{result.stderr.strip().splitlines()[-1] if result.stderr.strip() else result.returncode}")
     with open(marker, "w", encoding="utf-8") as f:
         f.write(" ".join(f"{k}=={v}" for k, v in sorted(pins.items())) + "\n")
     return python
+
+
+def overlay_venv(env: str) -> str:
+    """A new venv (no pip) that sees this environment's packages after its own: its python executable."""
+    subprocess.run([sys.executable, "-m", "venv", "--clear", "--without-pip", env], check=True)
+    python = os.path.join(env, "bin", "python")
+    purelib = subprocess.run([python, "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
+                             check=True, capture_output=True, text=True).stdout.strip()
+    # a plain path line: that folder's own .pth files (this checkout's editable install) are not run
+    with open(os.path.join(purelib, "_base_environment.pth"), "w", encoding="utf-8") as f:
+        f.write(sysconfig.get_paths()["purelib"] + "\n")
+    return python
+
+
+def pip_install(python: str, *args: str) -> subprocess.CompletedProcess:
+    """This environment's pip installing into another interpreter's environment."""
+    return subprocess.run([sys.executable, "-m", "pip", "--python", python, "install", "-q",
+                           "--disable-pip-version-check", *args], capture_output=True, text=True)

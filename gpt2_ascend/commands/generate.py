@@ -1,0 +1,173 @@
+"""Generate text with a GPT-2 checkpoint: greedy or sampled, batched, streamed to stdout as it is produced.
+
+A thin shell around gpt2_ascend.generation. Settings, first found wins: a flag; the recipe named with --config;
+the model folder's generation_config.json (read as transformers reads it, so transformers' pipeline decodes
+the folder the same way); the predict recipe configs/gpt2/predict_gpt2_small.yaml (max_decode_length 1024,
+greedy, top_k 5, top_p 1, repetition_penalty 1). See docs/generation.md.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+import warnings
+
+SAMPLING_ARGS = ("max_new_tokens", "min_new_tokens", "do_sample", "temperature", "top_k", "top_p", "repetition_penalty")
+DEFAULT_RECIPE = "predict_gpt2_small"  # a packaged recipe (configs/gpt2/predict_gpt2_small.yaml)
+
+EXAMPLES = """examples:
+  # greedy continuation, streamed as it is produced
+  python generate.py --model out/small/final --prompt "The meaning of life is" --max_new_tokens 64 --stream
+  # sampling: temperature, top-k, nucleus, repetition penalty, reproducible with a seed
+  python generate.py --model gpt2 --prompt "Once upon a time" --do_sample --temperature 0.8 --top_k 50 \\
+      --top_p 0.95 --repetition_penalty 1.2 --seed 1234
+  # many prompts (one per line), left-padded batches of 16, JSON results
+  python generate.py --model out/small/final --prompt_file prompts.txt --batch_size 16 --max_new_tokens 32 \\
+      --output_json out.json
+  # a LoRA adapter on its base model; CUDA-graph decode step on a GPU
+  python generate.py --model out/base --adapter out/lora/final/adapter --prompt "Hello" --compile --device cuda
+  # MindFormers-style: the predict recipe sets max_decode_length (prompt + new tokens) and the sampling knobs
+  python generate.py --config configs/gpt2/predict_gpt2_small.yaml --load_checkpoint out/small/final --prompt "..."
+"""
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description="Generate text with a GPT-2 checkpoint (KV-cache decoding).",
+                                epilog=EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", "--load_checkpoint", dest="model",
+                   help="HF-format model directory, training checkpoint or hub id (default: the recipe's load_checkpoint)")
+    p.add_argument("--adapter", help="a PEFT LoRA adapter directory, merged into the model")
+    p.add_argument("--config", default=None,
+                   help="predict recipe with the generation defaults (default: configs/gpt2/predict_gpt2_small.yaml)")
+    p.add_argument("--prompt", action="append", default=[], help="a prompt (repeat for several)")
+    p.add_argument("--prompt_file", help="a UTF-8 file with one prompt per line")
+    p.add_argument("--max_new_tokens", type=int,
+                   help="tokens to generate (default: the recipe's max_decode_length minus the prompt)")
+    p.add_argument("--min_new_tokens", type=int, default=0, help="eos is not allowed before this many new tokens")
+    p.add_argument("--do_sample", action=argparse.BooleanOptionalAction, default=None,
+                   help="sample instead of greedy decoding (recipe default: greedy)")
+    p.add_argument("--temperature", type=float)
+    p.add_argument("--top_k", type=int, help="sample among the k most likely tokens (0: all)")
+    p.add_argument("--top_p", type=float, help="nucleus sampling mass in (0, 1]")
+    p.add_argument("--repetition_penalty", type=float, help="> 1 discourages tokens already in the sequence")
+    p.add_argument("--seed", type=int, help="makes sampling reproducible (default: the recipe's seed)")
+    p.add_argument("--ignore_eos", action="store_true", help="do not stop at the end-of-text token")
+    p.add_argument("--stream", action="store_true", help="print tokens as they are produced (batch size 1)")
+    p.add_argument("--batch_size", type=int, default=1, help="prompts per batch (left-padded)")
+    p.add_argument("--compile", action="store_true", help="CUDA: compile the decode step into a CUDA graph")
+    p.add_argument("--truncate_prompt", action="store_true",
+                   help="drop the oldest prompt tokens when prompt + new tokens exceed the context")
+    p.add_argument("--device", default=None, help="auto, cpu, cuda[:N] or npu[:N] (default: the recipe's)")
+    p.add_argument("--dtype", choices=("auto", "fp32", "bf16", "fp16"), default="auto",
+                   help="weights dtype: auto = bf16 on GPU/NPU, fp32 on CPU")
+    p.add_argument("--tokenizer", help="tokenizer directory (default: the model's, else $GPT2_DATA_DIR/gpt2)")
+    p.add_argument("--output_json", help="also write prompts and generated texts as JSON to this file")
+    return p.parse_args(argv)
+
+
+def read_prompts(args) -> list[str]:
+    prompts = list(args.prompt)
+    if args.prompt_file:
+        if not os.path.isfile(args.prompt_file):
+            raise FileNotFoundError(f"prompt file not found: {args.prompt_file}")
+        with open(args.prompt_file, encoding="utf-8") as f:
+            prompts += [line.rstrip("\n") for line in f if line.strip()]
+    if not prompts:
+        raise ValueError("no prompt: pass --prompt TEXT or --prompt_file FILE")
+    return prompts
+
+
+def settings_from(args, recipe, folder=None) -> dict:
+    """generate() keywords: command-line flags over the recipe named with --config, over the model folder's
+    generation_config.json (`folder`, a GenerationConfig), over the default predict recipe."""
+    from gpt2_ascend.train.recipe import generation_config
+    defaults = generation_config(recipe)
+    if folder is not None and args.config is None:
+        defaults.update(do_sample=folder.do_sample, temperature=folder.temperature, top_k=folder.top_k,
+                        top_p=folder.top_p, repetition_penalty=folder.repetition_penalty)
+        if folder.max_length is not None:
+            defaults["max_decode_length"] = folder.max_length
+        if folder.max_new_tokens is not None and args.max_new_tokens is None:
+            args.max_new_tokens = folder.max_new_tokens
+    chosen = lambda flag, key: defaults[key] if flag is None else flag  # noqa: E731
+    kw = dict(max_new_tokens=args.max_new_tokens, max_decode_length=defaults["max_decode_length"],
+              min_new_tokens=args.min_new_tokens, do_sample=chosen(args.do_sample, "do_sample"),
+              temperature=chosen(args.temperature, "temperature"), top_k=chosen(args.top_k, "top_k"),
+              top_p=chosen(args.top_p, "top_p"), repetition_penalty=chosen(args.repetition_penalty, "repetition_penalty"),
+              seed=args.seed if args.seed is not None else recipe.seed, compile=args.compile,
+              truncate_prompt=args.truncate_prompt)
+    if args.ignore_eos:
+        kw["eos_token_id"] = None
+    return kw
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    try:
+        return run(args)
+    except (ValueError, FileNotFoundError, OSError, RuntimeError, TypeError) as e:
+        from gpt2_ascend.cli import print_error
+        print_error(e)
+        return 2
+
+
+def run(args) -> int:
+    import torch
+    from gpt2_ascend.data.store import write_json
+    from gpt2_ascend.eval.runner import load_model, tokenizer_for
+    from gpt2_ascend.generation import check_sampling_args, generate_text
+    from gpt2_ascend.hf import folder_generation_config, resolve_model_path
+    from gpt2_ascend.tokenizer import load_tokenizer
+    from gpt2_ascend.train.recipe import load_recipe, recipe_names
+
+    config_path = args.config or (DEFAULT_RECIPE if DEFAULT_RECIPE in recipe_names() else None)
+    recipe = load_recipe(config_path)
+    model_path = args.model or recipe.load_checkpoint
+    if not model_path:
+        raise ValueError("no model: pass --model DIR (or set load_checkpoint in the recipe)")
+    prompts = read_prompts(args)
+    if args.batch_size < 1:
+        raise ValueError(f"--batch_size must be a positive integer, got {args.batch_size}")
+    if args.stream and args.batch_size > 1:
+        raise ValueError("--stream prints one sequence at a time: use --batch_size 1")
+    path = resolve_model_path(model_path)  # a hub id: downloaded (or found in the hub cache) once, here
+    kw = settings_from(args, recipe, folder_generation_config(path))
+    check_sampling_args(**{k: kw[k] for k in SAMPLING_ARGS})  # before spending time on loading a model
+
+    from gpt2_ascend.device import resolve_device
+    device = resolve_device(args.device or recipe.device)
+    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}.get(args.dtype)
+    if args.dtype == "auto":
+        dtype = torch.bfloat16 if device.type in ("cuda", "npu") else torch.float32
+    model, device = load_model(path, "lm", adapter=args.adapter, device=device, dtype=dtype)
+    tokenizer = load_tokenizer(tokenizer_for(path, args.tokenizer))
+    if args.compile and device.type != "cuda":
+        print(f"note: --compile needs CUDA; decoding on {device.type} with the uncompiled fixed-shape step",
+              file=sys.stderr)
+        warnings.filterwarnings("ignore", message="compile=True needs")
+
+    results, start, new_tokens = [], time.perf_counter(), 0
+    for i in range(0, len(prompts), args.batch_size):
+        batch = prompts[i:i + args.batch_size]
+        streamer = None
+        if args.stream:
+            from transformers import TextStreamer
+            print(batch[0], end="", flush=True)
+            streamer = TextStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True)
+        texts = generate_text(model, tokenizer, batch, batch_size=len(batch), streamer=streamer, **kw)
+        for prompt, text in zip(batch, texts):
+            if not args.stream:
+                print(prompt + text, flush=True)
+            results.append(dict(prompt=prompt, text=text))
+            new_tokens += len(tokenizer(text).input_ids)
+    seconds = time.perf_counter() - start
+    print(f"{len(prompts)} prompt(s), ~{new_tokens} new tokens in {seconds:.2f}s on {device}", file=sys.stderr)
+    if args.output_json:
+        write_json(dict(model=model_path, adapter=args.adapter, settings={k: v for k, v in kw.items()},
+                        results=results, seconds=round(seconds, 3)), args.output_json)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

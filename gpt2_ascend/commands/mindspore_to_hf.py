@@ -1,0 +1,48 @@
+"""MindSpore/MindFormers GPT-2 .ckpt -> HF GPT-2 directory (config.json + model.safetensors)."""
+import argparse
+import sys
+
+
+EXAMPLES = """examples:
+  python convert/mindspore_to_hf.py --mindspore_path gpt2_small.ckpt --output_dir gpt2-hf
+  python convert/mindspore_to_hf.py --mindspore_path gpt2_13b.ckpt --output_dir gpt2-13b --max_shard_size 10GB
+  python convert/mindspore_to_hf.py --mindspore_path custom.ckpt --output_dir out --n_head 16 --activation gelu_new
+
+Layers, hidden size, vocab, positions and MLP width are read from the tensors. The number of heads is
+--n_head, or the preset with the same hidden size (small 768 -> 12, medium 1024 -> 16, large 1280 -> 20,
+xl 1600 -> 25, 13b 5120 -> 40, 52b 8192 -> 32); the activation is the preset's unless --activation says.
+Optimizer states (adam_m.*, adam_v.*) and bookkeeping entries (global_step, ...) are skipped and listed.
+Load the result with transformers.GPT2LMHeadModel.from_pretrained(DIR) or ours."""
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, epilog=EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--mindspore_path", required=True, help="input .ckpt file")
+    p.add_argument("--output_dir", required=True, help="output HF directory")
+    p.add_argument("--n_head", type=int, default=None, help="attention heads (default: the preset of the same width)")
+    p.add_argument("--activation", choices=["gelu_new", "fast_gelu", "gelu"], default=None,
+                   help="MLP activation (default: the preset's, gelu_new if none)")
+    p.add_argument("--dtype", choices=["fp32", "fp16", "bf16"], default=None, help="cast weights (default: keep)")
+    p.add_argument("--max_shard_size", default=None, help="split into shards of at most this size, e.g. 10GB")
+    p.add_argument("--no_crc_check", action="store_true", help="skip verifying the crc_num trailer")
+    args = p.parse_args(argv)
+
+    from tqdm import tqdm
+    from gpt2_ascend.convert import mindspore_to_hf
+    try:
+        s = mindspore_to_hf(args.mindspore_path, args.output_dir, n_head=args.n_head, activation=args.activation,
+                            dtype=args.dtype, max_shard_size=args.max_shard_size, verify_crc=not args.no_crc_check,
+                            progress=lambda xs: tqdm(xs, desc="converting", unit="tensor", disable=None))
+    except (ValueError, OSError, KeyError) as e:
+        print(f"error: {e.args[0] if isinstance(e, KeyError) and e.args else e}", file=sys.stderr)
+        return 2
+    c = s["config"]
+    print(f"wrote {s['output_dir']}: {s['architecture']}, {c.n_layer} layers, hidden {c.n_embd}, {c.n_head} heads "
+          f"({s['heads_from']}), vocab {c.vocab_size}, positions {c.n_positions}, {c.activation}, "
+          f"{str(s['dtype']).replace('torch.', '')}, {len(s['files'])} file(s)")
+    print(s["skipped_line"])
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,129 @@
+"""Train or finetune GPT-2 from a MindFormers-style recipe (flag names follow MindFormers' run_mindformer.py).
+
+All the work is in gpt2_ascend.train (recipe.load_recipe + trainer.run_training); this file only parses.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+EPILOG = """examples:
+  # tiny pretrain on WikiText-2 (CPU, a couple of minutes), then look at OUTPUT_DIR/final
+  python train.py --config configs/gpt2/pretrain_gpt2_tiny.yaml --output_dir out/tiny
+
+  # GPT-2 small from scratch on CUDA, data prepared on the fly from the raw WikiText-2 files
+  python train.py --config configs/gpt2/pretrain_gpt2_small.yaml --device cuda \\
+      --train_dataset_dir $GPT2_DATA_DIR/wikitext-2/wiki.train.tokens \\
+      --eval_dataset_dir $GPT2_DATA_DIR/wikitext-2/wiki.valid.tokens --output_dir out/small
+
+  # continue a killed run from its newest complete checkpoint
+  python train.py --config configs/gpt2/pretrain_gpt2_tiny.yaml --output_dir out/tiny --resume auto
+
+  # LoRA finetune of an HF-format model, overriding recipe keys on the command line
+  python train.py --config configs/gpt2/finetune_gpt2_small_lora.yaml --load_checkpoint out/small/final \\
+      --train_dataset_dir train.npy runner_config.batch_size=4 lr_schedule.learning_rate=5e-4
+
+  # SST-2 classification finetune (dev accuracy at the end)
+  python train.py --config configs/gpt2/finetune_gpt2_small_txtcls.yaml --load_checkpoint out/small/final \\
+      --train_dataset_dir $GPT2_DATA_DIR/sst2/train.tsv --eval_dataset_dir $GPT2_DATA_DIR/sst2/dev.tsv
+
+Outputs in OUTPUT_DIR: metrics.jsonl, tensorboard/, loss_curve.png, checkpoint/step_N/, final/ (HF format),
+recipe.yaml (the resolved recipe) and summary.json. See docs/training.md.
+"""
+
+
+def str2bool(text: str) -> bool:
+    value = text.strip().lower()
+    if value in ("true", "1", "yes"):
+        return True
+    if value in ("false", "0", "no"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected True or False, got {text!r}")
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description="Train or finetune GPT-2 from a recipe (configs/gpt2/*.yaml).",
+                                epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--config", required=True, help="recipe YAML (configs/gpt2/pretrain_gpt2_small.yaml) or a "
+                                                    "packaged recipe's name (pretrain_gpt2_small)")
+    p.add_argument("--run_mode", choices=("train", "finetune"),
+                   help="train: from scratch (or --load_checkpoint); finetune: from --load_checkpoint")
+    p.add_argument("--train_dataset_dir", help="prepared .npy/.npz or raw wiki.*.tokens / .txt / .tsv")
+    p.add_argument("--eval_dataset_dir", help="validation data, same forms; evaluated at the end (and every "
+                                              "eval_step_interval steps with do_eval)")
+    p.add_argument("--load_checkpoint", help="HF-format GPT-2 directory or OUTPUT_DIR/checkpoint/step_N")
+    p.add_argument("--output_dir", help="where metrics, checkpoints and final/ go")
+    p.add_argument("--max_steps", type=int, help="stop after N optimizer steps (the schedule spans them)")
+    p.add_argument("--resume", metavar="auto|PATH",
+                   help="auto: newest complete checkpoint in OUTPUT_DIR/checkpoint; or a step_N directory")
+    p.add_argument("--device", help="auto | cpu | cuda[:N] | npu[:N]")
+    p.add_argument("--use_parallel", type=str2bool, metavar="True|False",
+                   help="use the recipe's parallel section (needs torchrun for more than one device)")
+    p.add_argument("--seed", type=int, help="global seed (model init, dropout, data order)")
+    p.add_argument("--overwrite_output_dir", action="store_true",
+                   help="start over in an OUTPUT_DIR that already holds a run (its checkpoints are deleted)")
+    p.add_argument("overrides", nargs="*", metavar="section.key=value",
+                   help="recipe overrides, e.g. runner_config.batch_size=8 lr_schedule.learning_rate=3e-4")
+    return p.parse_intermixed_args(argv)  # section.key=value overrides may come before or after flags
+
+
+def overrides_from_flags(args) -> list[str]:
+    """The flags as recipe overrides (applied before the free-form ones, which win)."""
+    flag_keys = dict(run_mode="run_mode", train_dataset_dir="train_dataset.data_loader.dataset_dir",
+                     eval_dataset_dir="eval_dataset.data_loader.dataset_dir", load_checkpoint="load_checkpoint",
+                     output_dir="output_dir", max_steps="runner_config.max_steps", resume="resume_training",
+                     device="device", use_parallel="use_parallel", seed="seed")
+    out = []
+    for flag, key in flag_keys.items():
+        value = getattr(args, flag)
+        if value is not None:
+            if isinstance(value, bool):
+                text = "true" if value else "false"
+            elif isinstance(value, str):
+                text = "'" + value.replace("'", "''") + "'"  # a path stays a string in YAML
+            else:
+                text = str(value)
+            out.append(f"{key}={text}")
+    return out
+
+
+def report_error(e: Exception):
+    """One line on stderr. Under torchrun a recipe / layout / checkpoint problem (ValueError) is the same on
+    every rank, so rank 0 alone says it; other errors may be one rank's own and carry its number."""
+    rank = int(os.environ.get("RANK", "0"))
+    if rank != 0 and isinstance(e, ValueError):
+        return
+    prefix = f"[rank {rank}] " if rank != 0 else ""
+    from gpt2_ascend.cli import print_error
+    print_error(e, prefix)
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    from gpt2_ascend.train.checkpoint import CheckpointError
+    from gpt2_ascend.train.recipe import load_recipe
+    from gpt2_ascend.train.trainer import TrainingStopped, run_training
+
+    try:
+        recipe = load_recipe(args.config, overrides_from_flags(args) + list(args.overrides))
+        summary = run_training(recipe, overwrite=args.overwrite_output_dir)
+    except (ValueError, FileNotFoundError, CheckpointError, TrainingStopped, RuntimeError, OSError) as e:
+        report_error(e)
+        return 2
+    if not summary:  # a distributed run's other ranks: rank 0 reports
+        return 0
+    parts = [f"{summary['steps']} steps in {summary['seconds']:.1f}s"]
+    if summary.get("final_loss") is not None:
+        parts.append(f"final train loss {summary['final_loss']:.4f}")
+    for key, label in (("eval_loss", "validation loss"), ("eval_ppl", "validation perplexity"),
+                       ("eval_accuracy", "dev accuracy")):
+        if summary.get(key) is not None:
+            parts.append(f"{label} {summary[key]:.4f}")
+    print("done: " + ", ".join(parts))
+    print(f"model: {summary['final']}  metrics: {summary['metrics']}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
