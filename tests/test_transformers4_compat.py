@@ -24,11 +24,41 @@ def oldest_env():
     return pins, ensure_env(pins)
 
 
+def export_here(folder, data_dir):
+    """An export made with this environment's (newer) transformers and peft, with the numbers it gives here."""
+    import torch
+    from gpt2_ascend import GPT2LMHeadModel, load_tokenizer
+    from gpt2_ascend.generation import generate_text
+    from gpt2_ascend.tokenizer import save_tokenizer
+    from gpt2_ascend.train.lora import apply_lora, save_adapter
+    from conftest import tiny_config
+    from test_hf_interop import randomize_lora_b
+    torch.manual_seed(5)
+    model = GPT2LMHeadModel(tiny_config(vocab_size=50257, pad_token_id=50256, eos_token_id=50256,
+                                        bos_token_id=50256)).eval()
+    model.save_pretrained(folder)
+    tok_dir = os.path.join(data_dir, "gpt2")
+    tok = load_tokenizer(tok_dir)
+    save_tokenizer(tok, str(folder), source_dir=tok_dir)
+    adapted = apply_lora(GPT2LMHeadModel.from_pretrained(folder), rank=4, alpha=8, dropout=0.0)
+    randomize_lora_b(adapted)
+    save_adapter(adapted, str(folder / "adapter"), str(folder))
+    ids = torch.randint(0, 50000, (2, 9), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        text = "Hello world , it is 1912 in the city of Paris .\n<|endoftext|> next"  # hf_round_trip.TEXT
+        greedy = generate_text(model, tok, "The city of", do_sample=False, max_new_tokens=6)
+        torch.save(dict(ids=ids, logits=model(ids).logits, adapted_logits=adapted.eval()(input_ids=ids).logits,
+                        text_ids=torch.tensor(tok(text).input_ids), greedy_ids=torch.tensor(tok(greedy).input_ids)),
+                   folder / "expected.pt")
+
+
 def test_round_trip_with_the_oldest_transformers_4(oldest_env, tmp_path, data_dir):
     pins, python = oldest_env
+    export_here(tmp_path / "newer", data_dir)
     env = dict(os.environ, PYTHONPATH=REPO, GPT2_DATA_DIR=data_dir, OMP_NUM_THREADS="2")
-    proc = subprocess.run([python, os.path.join(REPO, "tests", "compat", "hf_round_trip.py"), str(tmp_path)],
-                          env=env, cwd=str(tmp_path), capture_output=True, text=True, timeout=600)
+    proc = subprocess.run([python, os.path.join(REPO, "tests", "compat", "hf_round_trip.py"), str(tmp_path),
+                           str(tmp_path / "newer")], env=env, cwd=str(tmp_path), capture_output=True, text=True,
+                          timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     r = json.loads(proc.stdout.strip().splitlines()[-1])
     # really the old versions, and really this checkout's code
@@ -43,6 +73,9 @@ def test_round_trip_with_the_oldest_transformers_4(oldest_env, tmp_path, data_di
     # transformers 4 / peft -> ours
     assert r["hf_to_ours_logits"] <= TOL and r["hf_adapter_in_ours_logits"] <= TOL
     assert r["hf_tokenizer_in_ours"] and r["hf_adapter_greedy_equal"]
+    # an export made with transformers 5 / peft 0.2x (this environment) loads there with the same numbers
+    assert r["newer_export_logits"] <= TOL and r["newer_adapter_logits"] <= TOL
+    assert r["newer_tokenizer_ids_equal"] and r["newer_pipeline_greedy_equal"]
     # forward arguments with transformers 4's meaning
     assert r["forward_counts"] == [3, 3, 2, 2]
     for key in ("forward_logits", "forward_hidden_states", "forward_attentions", "forward_tuple",

@@ -122,6 +122,26 @@ def save_adapter(peft_model, output_dir: str, base_name_or_path: str | None = No
     config.save_pretrained(output_dir, auto_mapping_dict={"base_model_class": base_class,
                                                           "parent_library": HF_MODELING_MODULE})
     config.inference_mode = inference_mode
+    write_portable_config(os.path.join(output_dir, "adapter_config.json"), type(config))
+
+
+# Always written, whatever their value: what an adapter is, and what it was trained on.
+ADAPTER_IDENTITY_KEYS = {"peft_type", "task_type", "r", "lora_alpha", "lora_dropout", "target_modules", "bias",
+                         "fan_in_fan_out", "modules_to_save", "inference_mode", "base_model_name_or_path",
+                         "auto_mapping"}
+
+
+def write_portable_config(path: str, config_class):
+    """Keep the keys of adapter_config.json that an older peft needs: those above and those whose value differs
+    from peft's default. An older peft fills the others with the same defaults, but refuses a key it does not
+    know (peft 0.13, the one of transformers 4.45's time, rejects the dozen keys peft 0.2x adds at their
+    defaults); a newer feature really used stays in, and an old peft then says so."""
+    from ..fileio import write_json
+    with open(path, encoding="utf-8") as f:
+        saved = json.load(f)
+    defaults = json.loads(json.dumps(config_class().to_dict(), default=sorted))
+    write_json({k: v for k, v in saved.items()
+                if k in ADAPTER_IDENTITY_KEYS or (k in defaults and v != defaults[k] and k != "peft_version")}, path)
 
 
 def _adapter_problem(error: Exception) -> str:

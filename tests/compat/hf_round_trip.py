@@ -3,7 +3,10 @@ setup.cfg allows, in the environment tests/helpers/compat_env.py builds): model 
 adapter, both directions, and the forward arguments. Prints one JSON object of measurements on its last line;
 tests/test_transformers4_compat.py asserts on it.
 
-    python tests/compat/hf_round_trip.py WORK_DIR
+    python tests/compat/hf_round_trip.py WORK_DIR [EXPORT_DIR]
+
+EXPORT_DIR: an export made by the newer environment (model, tokenizer, generation_config.json, adapter/ and
+expected.pt with the numbers it gave there), loaded here as a user of the older transformers would.
 """
 import json
 import os
@@ -132,6 +135,25 @@ def forward_arguments(ids) -> dict:
                                               hf(inputs_embeds=embeds, use_cache=False).logits)}
 
 
+def newer_export(export: str) -> dict:
+    """What the newer environment exported, loaded with this transformers / peft and compared with the numbers
+    it measured there."""
+    expected = torch.load(os.path.join(export, "expected.pt"), weights_only=True)
+    ids = expected["ids"]
+    out = {}
+    with torch.no_grad():
+        model = transformers.AutoModelForCausalLM.from_pretrained(export).eval()
+        out["newer_export_logits"] = diff(model(ids).logits, expected["logits"])
+        adapted = peft.AutoPeftModelForCausalLM.from_pretrained(os.path.join(export, "adapter")).eval()
+        out["newer_adapter_logits"] = diff(adapted(input_ids=ids).logits, expected["adapted_logits"])
+    tok = transformers.AutoTokenizer.from_pretrained(export)
+    out["newer_tokenizer_ids_equal"] = tok(TEXT).input_ids == expected["text_ids"].tolist()
+    pipe = transformers.pipeline("text-generation", model=export, device="cpu")
+    greedy = pipe(PROMPT, do_sample=False, max_new_tokens=6, return_full_text=False)[0]["generated_text"]
+    out["newer_pipeline_greedy_equal"] = tok(greedy).input_ids == expected["greedy_ids"].tolist()
+    return out
+
+
 if __name__ == "__main__":
     WORK = sys.argv[1]
     ids = torch.randint(0, 50000, (2, 9), generator=torch.Generator().manual_seed(3))
@@ -140,4 +162,6 @@ if __name__ == "__main__":
     result.update(ours_to_transformers(WORK, ids))
     result.update(transformers_to_ours(WORK, ids))
     result.update(forward_arguments(ids))
+    if len(sys.argv) > 2:
+        result.update(newer_export(sys.argv[2]))
     print(json.dumps(result))
