@@ -147,9 +147,21 @@ def test_hf_causal_lm_adapter_in_load_adapter_merge_lora_and_generate(tmp_path, 
                                                       "--output_dir", str(tmp_path / "merged")]) == 0
     with torch.no_grad():
         assert max_diff(GPT2LMHeadModel.from_pretrained(tmp_path / "merged")(ids).logits, want) <= TOL
-    # generate.py --adapter: the greedy continuation peft + transformers produce
+    # evaluate.py --adapter: the perplexity of peft + transformers on the same blocks
+    text = tmp_path / "text.txt"
+    text.write_text("The tower is 324 metres tall, about the same height as an 81-storey building. " * 4)
+    result = tmp_path / "ppl.json"
+    assert load_script("evaluate.py").main(["--task", "perplexity", "--model", str(tmp_path / "base"), "--adapter",
+                                            str(tmp_path / "adapter"), "--eval_dataset_dir", str(text),
+                                            "--seq_length", "16", "--device", "cpu", "--no_progress",
+                                            "--output_json", str(result)]) == 0
+    from gpt2_ascend.eval.runner import load_eval_tokens
+    from gpt2_ascend.tokenizer import default_tokenizer_dir
+    blocks = torch.as_tensor(load_eval_tokens(str(text), 16, tokenizer=default_tokenizer_dir()), dtype=torch.long)
     with torch.no_grad():
-        expected = theirs.generate(input_ids=ids[:1], max_new_tokens=6, do_sample=False, pad_token_id=50256)
+        losses = [theirs(input_ids=b[None], labels=b[None]).loss for b in blocks]  # each block's mean over 15
+    assert abs(json.loads(result.read_text())["loss"] - torch.stack(losses).mean().item()) <= 1e-5
+    # generate.py --adapter: the greedy continuation peft + transformers produce
     out = tmp_path / "out.json"
     code = load_script("generate.py").main(["--model", str(tmp_path / "base"), "--adapter", str(tmp_path / "adapter"),
                                             "--prompt", "Hello world", "--max_new_tokens", "6", "--ignore_eos",

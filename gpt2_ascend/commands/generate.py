@@ -83,15 +83,16 @@ def settings_from(args, recipe, folder=None) -> dict:
     generation_config.json (`folder`, a GenerationConfig), over the default predict recipe."""
     from gpt2_ascend.train.recipe import generation_config
     defaults = generation_config(recipe)
+    max_new_tokens = args.max_new_tokens
     if folder is not None and args.config is None:
         defaults.update(do_sample=folder.do_sample, temperature=folder.temperature, top_k=folder.top_k,
                         top_p=folder.top_p, repetition_penalty=folder.repetition_penalty)
         if folder.max_length is not None:
             defaults["max_decode_length"] = folder.max_length
-        if folder.max_new_tokens is not None and args.max_new_tokens is None:
-            args.max_new_tokens = folder.max_new_tokens
+        if max_new_tokens is None:
+            max_new_tokens = folder.max_new_tokens
     chosen = lambda flag, key: defaults[key] if flag is None else flag  # noqa: E731
-    kw = dict(max_new_tokens=args.max_new_tokens, max_decode_length=defaults["max_decode_length"],
+    kw = dict(max_new_tokens=max_new_tokens, max_decode_length=defaults["max_decode_length"],
               min_new_tokens=args.min_new_tokens, do_sample=chosen(args.do_sample, "do_sample"),
               temperature=chosen(args.temperature, "temperature"), top_k=chosen(args.top_k, "top_k"),
               top_p=chosen(args.top_p, "top_p"), repetition_penalty=chosen(args.repetition_penalty, "repetition_penalty"),
