@@ -61,6 +61,16 @@ def ours_from_hf(hf, config: GPT2Config, kind="lm"):
     return model
 
 
+def randomize_lora_b(model, seed=1):
+    """Non-zero LoRA B matrices (and trained-head copies), as after training: peft starts B at zero, which would
+    hide an adapter that got lost on the way."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name or "modules_to_save" in name:
+                p.copy_(torch.randn(p.shape, generator=g) * 0.2)
+
+
 def counting_backend(graphs: list, aot: bool = False):
     """A torch.compile backend that records each graph dynamo hands it (a graph break or a recompile adds one)
     and runs it eagerly; aot=True goes through AOT autograd's partitioner first, as inductor does."""

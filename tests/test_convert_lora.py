@@ -4,7 +4,7 @@ import os
 import pytest
 import torch
 
-from conftest import load_script, max_diff, tiny_config
+from conftest import load_script, max_diff, randomize_lora_b, tiny_config
 from gpt2_ascend import GPT2ForSequenceClassification, GPT2LMHeadModel
 from gpt2_ascend.convert import merge_lora
 from gpt2_ascend.train.lora import apply_lora
@@ -20,11 +20,7 @@ def trained_adapter(cls, config, base_dir, adapter_dir, targets=("c_attn", "c_fc
     base = cls(config).eval()
     base.save_pretrained(base_dir)
     adapted = apply_lora(cls.from_pretrained(base_dir), rank=4, alpha=8, dropout=0.0, target_modules=targets)
-    g = torch.Generator().manual_seed(1)
-    with torch.no_grad():
-        for name, p in adapted.named_parameters():
-            if "lora_B" in name:
-                p.copy_(torch.randn(p.shape, generator=g) * 0.2)
+    randomize_lora_b(adapted)
     adapted.save_pretrained(adapter_dir)
     return base, adapted.eval()
 

@@ -8,7 +8,7 @@ import warnings
 import pytest
 import torch
 
-from conftest import hf_model, load_script, max_diff, ours_from_hf, tiny_config
+from conftest import hf_model, load_script, max_diff, ours_from_hf, randomize_lora_b, tiny_config
 from gpt2_ascend import GPT2ForSequenceClassification, GPT2LMHeadModel
 from gpt2_ascend.config import GenerationConfig
 from gpt2_ascend.model import positions_from_mask
@@ -19,15 +19,6 @@ LORA = dict(r=4, lora_alpha=8, lora_dropout=0.0, target_modules=["c_attn", "c_fc
 
 def ids_for(vocab=500, B=2, T=9, seed=3):
     return torch.randint(0, vocab, (B, T), generator=torch.Generator().manual_seed(seed))
-
-
-def randomize_lora_b(model, seed=1):
-    """Non-zero B matrices, as after training (peft starts them at zero, which would hide a lost adapter)."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "lora_B" in name or "modules_to_save" in name:
-                p.copy_(torch.randn(p.shape, generator=g) * 0.2)
 
 
 # ---------------------------------------------------------------------------------------------

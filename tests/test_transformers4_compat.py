@@ -31,8 +31,7 @@ def export_here(folder, data_dir):
     from gpt2_ascend.generation import generate_text
     from gpt2_ascend.tokenizer import save_tokenizer
     from gpt2_ascend.train.lora import apply_lora, save_adapter
-    from conftest import tiny_config
-    from test_hf_interop import randomize_lora_b
+    from conftest import randomize_lora_b, tiny_config
     torch.manual_seed(5)
     model = GPT2LMHeadModel(tiny_config(vocab_size=50257, pad_token_id=50256, eos_token_id=50256,
                                         bos_token_id=50256)).eval()
