@@ -236,7 +236,8 @@ class Block(nn.Module):
         self.mlp = MLP(config)
 
     def forward(self, x, mask=None, cache: Optional[KVCache] = None, layer_idx: int = 0, attentions=None):
-        x = x + self.attn(self.ln_1(x), mask, cache, layer_idx, attentions)
+        # attentions by keyword: tensor parallel's PrepareModuleInput lays out attn's four positional inputs
+        x = x + self.attn(self.ln_1(x), mask, cache, layer_idx, attentions=attentions)
         return x + self.mlp(self.ln_2(x))
 
 
@@ -428,7 +429,7 @@ class GPT2Model(GPT2PreTrainedModel):
             if hidden_states is not None:
                 hidden_states.append(x)
             if attentions is not None:  # the eager path that has the weights, block by block
-                x = block(x, mask, cache, i, attentions)
+                x = block(x, mask, cache, i, attentions=attentions)
             else:
                 x = step(block, x, mask, cache, i, self.recompute if self.training and cache is None else "none")
         x = self.ln_f(x)
