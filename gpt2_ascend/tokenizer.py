@@ -6,6 +6,9 @@ import shutil
 
 EOS_TOKEN = "<|endoftext|>"
 TOKENIZER_FILES = ("vocab.json", "merges.txt", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
+# Byte-level BPE decodes back to the exact text. transformers 4.x defaults to "cleaning up" spaces before
+# punctuation on decode (WikiText's "world ." became "world."); 5.x does not: say it for every version.
+LOSSLESS_DECODE = dict(clean_up_tokenization_spaces=False)
 
 
 def default_data_dir() -> str:
@@ -33,7 +36,7 @@ def _from_vocab_and_merges(vocab: str, merges: str):
     bpe.decoder = decoders.ByteLevel()
     bpe.post_processor = processors.ByteLevel(trim_offsets=False)
     return PreTrainedTokenizerFast(tokenizer_object=bpe, bos_token=EOS_TOKEN, eos_token=EOS_TOKEN,
-                                   unk_token=EOS_TOKEN, pad_token=EOS_TOKEN)
+                                   unk_token=EOS_TOKEN, pad_token=EOS_TOKEN, **LOSSLESS_DECODE)
 
 
 def load_tokenizer(path_or_hub_id: str | None = None):
@@ -48,7 +51,7 @@ def load_tokenizer(path_or_hub_id: str | None = None):
         elif os.path.isfile(os.path.join(path, "tokenizer.json")):
             from transformers import PreTrainedTokenizerFast
             tok = PreTrainedTokenizerFast(tokenizer_file=os.path.join(path, "tokenizer.json"), bos_token=EOS_TOKEN,
-                                          eos_token=EOS_TOKEN, unk_token=EOS_TOKEN)
+                                          eos_token=EOS_TOKEN, unk_token=EOS_TOKEN, **LOSSLESS_DECODE)
         else:
             raise FileNotFoundError(f"no tokenizer in {path}: expected vocab.json + merges.txt or tokenizer.json")
     elif os.path.exists(path) or path.startswith((".", "/", "~")):

@@ -208,6 +208,15 @@ def test_hf_config_mapping_round_trip():
         GPT2Config.from_hf_dict({**hf_dict, "n_embed": 3})
 
 
+def test_hf_config_with_transformers_4_generation_defaults_loads():
+    """transformers 4.x's GPT2Config.to_dict() carries every legacy generation default; they mean nothing
+    for the model and are ignored like the other generation keys."""
+    hf_dict = GPT2Config.from_preset("small").to_hf_dict()
+    legacy = dict(num_beams=1, temperature=1.0, top_k=50, top_p=1.0, repetition_penalty=1.0, min_length=0,
+                  bad_words_ids=None, no_repeat_ngram_size=0, length_penalty=1.0, typical_p=1.0)
+    assert GPT2Config.from_hf_dict({**hf_dict, **legacy}) == GPT2Config.from_preset("small")
+
+
 def test_context_overflow_is_clear():
     config = tiny_config(n_positions=16)
     model = GPT2LMHeadModel(config).eval()
