@@ -18,6 +18,7 @@ import torch
 from .cli import error_line
 from .config import GPT2Config
 from .fileio import fsync_file, write_json  # noqa: F401  (fsync_file: re-exported)
+from .safe_pickle import torch_load
 
 CONV1D_SUFFIXES = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
 BUFFER_SUFFIXES = (".attn.bias", ".attn.masked_bias")  # causal masks that old HF versions saved
@@ -153,24 +154,16 @@ def iter_tensors(files: Iterable[str]) -> Iterator[tuple[str, torch.Tensor]]:
             except Exception as e:
                 raise ValueError(f"cannot read {file}: {e} (corrupt or truncated safetensors file)") from None
         else:
-            try:
-                state = load_torch_file(file)
-            except Exception as e:
-                raise ValueError(f"cannot read {file}: {str(e).splitlines()[0]} (corrupt, truncated or not a "
-                                 f"PyTorch weights file)") from None
+            state = load_torch_file(file)
             if not isinstance(state, dict):
                 raise ValueError(f"{file} holds a {type(state).__name__}, not a state dict of tensors")
             yield from state.items()
 
 
 def load_torch_file(file: str):
-    """torch.load with weights_only (never unpickle code); memory-mapped when the file format allows."""
-    try:
-        return torch.load(file, map_location="cpu", weights_only=True, mmap=True)
-    except RuntimeError as e:
-        if "mmap" not in str(e):
-            raise
-        return torch.load(file, map_location="cpu", weights_only=True)
+    """torch.load with weights_only (never unpickle code: UnsafeFileError), memory-mapped when the file format
+    allows; a file that cannot be read is one ValueError line naming it."""
+    return torch_load(file, mmap=True)
 
 
 def read_state_dict(path: str) -> dict:

@@ -359,6 +359,18 @@ class CkptReader:
                     walker.skip(field_type, end)
             self._add_record(tag, tensor, is_map, offset, previous)
             previous = tag
+        for entry in self.entries.values():
+            self._check_size(entry)
+
+    def _check_size(self, entry: CkptEntry):
+        """Dims that agree with the bytes stored, so a crafted file cannot make a reader allocate more than it holds."""
+        if entry.is_map or entry.dtype is None:
+            return
+        shape = entry.shape
+        if any(d < 0 for d in shape) or math.prod(shape) * entry.dtype.itemsize != entry.nbytes:
+            raise CkptError(f"{self.path} is corrupt: {entry.name!r} has {entry.nbytes} bytes of data but dims "
+                            f"{list(entry.dims)} of {entry.tensor_type} need "
+                            f"{max(0, math.prod(shape)) * entry.dtype.itemsize}")
 
     def _add_record(self, tag, tensor, is_map, offset, previous):
         if tag is None:
@@ -415,14 +427,9 @@ class CkptReader:
             return bytes(data.numpy()).decode("utf-32-le", errors="replace").rstrip("\x00")
         if entry.dtype is None:
             return bytes(data.numpy())
-        shape = entry.shape
-        expected = math.prod(shape) * entry.dtype.itemsize
-        if entry.nbytes != expected:
-            raise CkptError(f"{self.path} is corrupt: {name!r} has {entry.nbytes} bytes of data but dims {list(shape)} "
-                            f"of {entry.tensor_type} need {expected}")
-        if entry.dtype == torch.bool:
-            return data.view(torch.bool).reshape(shape)
-        return data.view(entry.dtype).reshape(shape)
+        if entry.dtype == torch.bool:  # sizes checked when the file was indexed
+            return data.view(torch.bool).reshape(entry.shape)
+        return data.view(entry.dtype).reshape(entry.shape)
 
     def items(self):
         """(name, value) in file order, one value in memory at a time."""

@@ -87,11 +87,7 @@ class WeightIndex:
     def _bin(self, file: str) -> dict:
         if self._bin_file != file:
             self.release()
-            try:
-                state = load_torch_file(file)
-            except Exception as e:
-                raise ValueError(f"cannot read {file}: {str(e).splitlines()[0]} (corrupt, truncated or not a "
-                                 f"PyTorch weights file)") from None
+            state = load_torch_file(file)
             if not isinstance(state, dict) or not all(isinstance(t, torch.Tensor) for t in state.values()):
                 raise ValueError(f"{file} does not hold a state dict of tensors")
             self._bin_file, self._bin_state = file, state

@@ -23,8 +23,10 @@ import time
 import torch
 
 from ..fileio import fsync_dir as _fsync_dir, fsync_file as _fsync_file, write_json as _write_json
+from ..safe_pickle import torch_load
 
 MANIFEST = "manifest.json"
+MODEL_FILES = ("model.pt", "config.json")  # what loading the weights alone reads (and so verifies)
 STEP_DIR = re.compile(r"step_(\d+)")
 FORMAT_VERSION = 1
 
@@ -142,10 +144,17 @@ def read_manifest(path: str) -> dict:
     return manifest
 
 
-def verify_checkpoint(path: str) -> dict:
-    """The manifest, after checking every file's size and sha256; CheckpointError naming the first bad file."""
+def verify_checkpoint(path: str, files=None) -> dict:
+    """The manifest, after checking the size and sha256 of every file it lists (or only of `files`, which it
+    must list); CheckpointError naming the first bad file."""
     manifest = read_manifest(path)
+    for filename in files or ():
+        if filename not in manifest["files"]:
+            raise CheckpointError(f"checkpoint {path} holds no {filename} (its manifest lists "
+                                  f"{', '.join(manifest['files'])})")
     for filename, info in manifest["files"].items():
+        if files is not None and filename not in files:
+            continue
         file = os.path.join(path, filename)
         if not os.path.isfile(file):
             raise CheckpointError(f"checkpoint {path} is incomplete: {filename} is missing")
@@ -171,20 +180,21 @@ def find_resume_checkpoint(root: str, report=print) -> str | None:
 
 
 def load_checkpoint(path: str, names=None, verify: bool = True) -> dict:
-    """{name: state_dict} of a checkpoint directory (all .pt files, or just `names`)."""
-    manifest = verify_checkpoint(path) if verify else read_manifest(path)
+    """{name: state_dict} of a checkpoint directory (all .pt files, or just `names`: only those are verified
+    and read). Files are read with torch.load(weights_only=True): one that pickles anything else raises
+    UnsafeFileError."""
+    manifest = read_manifest(path)
+    if names is None and manifest.get("meta", {}).get("sharded"):
+        raise CheckpointError(f"{path} is a sharded checkpoint of a torchrun run: resume it under torchrun with "
+                              f"--use_parallel True (any layout), or start from its weights with --load_checkpoint")
     available = [f[:-3] for f in manifest["files"] if f.endswith(".pt")]
     wanted = available if names is None else list(names)
-    states = {}
     for name in wanted:
         if name not in available:
             raise CheckpointError(f"checkpoint {path} holds no {name}.pt (it has {', '.join(available)})")
-        try:
-            states[name] = torch.load(os.path.join(path, f"{name}.pt"), map_location="cpu", weights_only=True)
-        except Exception as e:  # a file that verified but does not unpickle: written by something else
-            raise CheckpointError(f"checkpoint {path}: cannot read {name}.pt ({type(e).__name__}: "
-                                  f"{str(e).splitlines()[0] if str(e) else ''})") from None
-    return states
+    if verify:
+        verify_checkpoint(path, None if names is None else [f"{name}.pt" for name in wanted])
+    return {name: torch_load(os.path.join(path, f"{name}.pt")) for name in wanted}
 
 
 def is_training_checkpoint(path: str) -> bool:
