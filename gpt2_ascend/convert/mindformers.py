@@ -1,6 +1,7 @@
 """HF GPT-2 checkpoints <-> MindFormers GPT-2 `.ckpt` files, one tensor in memory at a time."""
 from __future__ import annotations
 
+import math
 import os
 
 import torch
@@ -127,7 +128,9 @@ def hf_to_mindspore(torch_path: str, mindspore_path: str, layers: int | None = N
         check_config_matches(source.config, sizes, n_layer, source.path)
 
     written = 0
-    with CkptWriter(mindspore_path, crc=crc, chunk_bytes=chunk_bytes) as writer:
+    size = sum(math.prod(shape) * (dtype or source.index.dtype(source.names[name])).itemsize
+               for name, shape in expected.items())
+    with CkptWriter(mindspore_path, crc=crc, chunk_bytes=chunk_bytes, size=size) as writer:
         for hf_name in progress(list(expected)) if progress else expected:
             tensor = source.load(hf_name)
             if dtype is not None and tensor.is_floating_point():
@@ -208,7 +211,8 @@ def mindspore_to_hf(mindspore_path: str, output_dir: str, n_head: int | None = N
         specs = {name: (target, shape) for name, shape in source.hf_shapes.items()}
         hf_config = source.config.to_hf_dict(source.architecture)
         hf_config["torch_dtype"] = str(target).replace("torch.", "")
-        with atomic_directory(output_dir) as tmp:
+        size = sum(math.prod(shape) * target.itemsize for shape in source.hf_shapes.values())
+        with atomic_directory(output_dir, size=size) as tmp:
             write_json(hf_config, os.path.join(tmp, "config.json"))
             files = write_hf_weights(tmp, specs, lambda n: source.load(n).to(target), max_shard_size, progress=progress)
         return {"output_dir": output_dir, "config": source.config, "architecture": source.architecture,

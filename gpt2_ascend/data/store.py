@@ -113,7 +113,7 @@ def save_blocks(array: np.ndarray, path: str, meta: dict) -> None:
         raise ValueError(f"token blocks are written as .npy: use an output file ending in .npy, not {path}")
     meta = dict(meta, format_version=FORMAT_VERSION, kind=BLOCKS_KIND, dtype=array.dtype.name,
                 num_blocks=int(array.shape[0]), max_length=int(array.shape[1]), sha256=array_sha256(array))
-    atomic_write(path, lambda f: np.save(f, array, allow_pickle=False))
+    atomic_write(path, lambda f: np.save(f, array, allow_pickle=False), size=array.nbytes)
     write_json(meta, sidecar_path(path))
 
 
@@ -149,7 +149,7 @@ def save_arrays(arrays: dict, path: str, meta: dict) -> None:
     arrays = {k: np.ascontiguousarray(v) for k, v in arrays.items()}
     meta = dict(meta, format_version=FORMAT_VERSION, kind=TXTCLS_KIND, num_rows=int(len(arrays["labels"])),
                 max_length=int(arrays["input_ids"].shape[1]), sha256={k: array_sha256(v) for k, v in arrays.items()})
-    atomic_write(path, lambda f: np.savez(f, **arrays))
+    atomic_write(path, lambda f: np.savez(f, **arrays), size=sum(a.nbytes for a in arrays.values()))
     write_json(meta, sidecar_path(path))
 
 

@@ -19,7 +19,7 @@ import torch
 import torch.distributed as dist
 
 from ..config import GPT2Config
-from ..fileio import fsync_file, write_json
+from ..fileio import fsync_file, reporting_disk_full, tensor_bytes, write_json
 from ..safe_pickle import torch_load
 from ..train import checkpoint as ckpt
 from ..train.checkpoint import MANIFEST
@@ -35,32 +35,45 @@ def _describe(path: str) -> dict:
 
 def save_sharded(path: str, model, optimizer, rank_state: dict, meta: dict, manifest_meta: dict | None = None):
     """Every rank calls this. Writes into a temporary sibling and renames it to `path` once all ranks
-    are done; the manifest (the training checkpoint format of train/checkpoint.py) is written last."""
+    are done; the manifest (the training checkpoint format of train/checkpoint.py) is written last. A failure
+    removes the temporary (rank 0); a full disk is one DiskFullError line on every rank."""
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.state_dict import get_state_dict
-    tmp = os.path.join(os.path.dirname(path), "." + os.path.basename(path) + ".tmp-sharded")
+    root = os.path.dirname(path)
+    tmp = os.path.join(root, "." + os.path.basename(path) + ".tmp-sharded")
     rank = dist.get_rank()
     if rank == 0:
         shutil.rmtree(tmp, ignore_errors=True)
         os.makedirs(tmp)
     dist.barrier()
     model_sd, optim_sd = get_state_dict(model, optimizer)
-    dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=tmp)
-    torch.save(rank_state, os.path.join(tmp, f"rank_{rank}.pt"))
-    fsync_file(os.path.join(tmp, f"rank_{rank}.pt"))
+    with reporting_disk_full(root, tensor_bytes([model_sd, optim_sd]), f"checkpoint {os.path.basename(path)}"):
+        try:
+            dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=tmp)
+            torch.save(rank_state, os.path.join(tmp, f"rank_{rank}.pt"))
+            fsync_file(os.path.join(tmp, f"rank_{rank}.pt"))
+            dist.barrier()
+            if rank == 0:
+                _finish_sharded(tmp, path, meta, manifest_meta)
+        except BaseException:
+            if rank == 0:
+                shutil.rmtree(tmp, ignore_errors=True)
+            raise
     dist.barrier()
-    if rank == 0:
-        write_json(meta, os.path.join(tmp, "config.json"))
-        files = {}
-        for name in sorted(os.listdir(tmp)):
-            fsync_file(os.path.join(tmp, name))
-            files[name] = _describe(os.path.join(tmp, name))
-        manifest = dict(format=ckpt.FORMAT_VERSION, step=meta.get("step"), time=time.time(), files=files,
-                        meta=dict(manifest_meta or {}, sharded=True))
-        write_json(manifest, os.path.join(tmp, MANIFEST))
-        fsync_file(os.path.join(tmp, MANIFEST))
-        ckpt._replace_dir(tmp, path)
-    dist.barrier()
+
+
+def _finish_sharded(tmp: str, path: str, meta: dict, manifest_meta: dict | None):
+    """Rank 0, after every rank wrote its shards: config.json, the manifest, and the rename into place."""
+    write_json(meta, os.path.join(tmp, "config.json"))
+    files = {}
+    for name in sorted(os.listdir(tmp)):
+        fsync_file(os.path.join(tmp, name))
+        files[name] = _describe(os.path.join(tmp, name))
+    manifest = dict(format=ckpt.FORMAT_VERSION, step=meta.get("step"), time=time.time(), files=files,
+                    meta=dict(manifest_meta or {}, sharded=True))
+    write_json(manifest, os.path.join(tmp, MANIFEST))
+    fsync_file(os.path.join(tmp, MANIFEST))
+    ckpt._replace_dir(tmp, path)
 
 
 def is_sharded(path: str) -> bool:

@@ -23,6 +23,7 @@ import time
 import torch
 
 from ..fileio import fsync_dir as _fsync_dir, fsync_file as _fsync_file, write_json as _write_json
+from ..fileio import reporting_disk_full, tensor_bytes, umask
 from ..safe_pickle import torch_load
 
 MANIFEST = "manifest.json"
@@ -53,34 +54,35 @@ def save_checkpoint(root: str, step: int, states: dict, json_files: dict | None 
     os.makedirs(root, exist_ok=True)
     final = os.path.join(root, step_dir_name(step))
     tmp = tempfile.mkdtemp(prefix=f".{step_dir_name(step)}.tmp-", dir=root)
-    os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp makes it private; a checkpoint is an ordinary directory
-    try:
-        files = {}
-        for name, state in states.items():
-            path = os.path.join(tmp, f"{name}.pt")
-            torch.save(state, path)
-            files[f"{name}.pt"] = _describe(path)
-        for filename, obj in (json_files or {}).items():
-            path = os.path.join(tmp, filename)
-            _write_json(obj, path)
-            files[filename] = _describe(path)
-        manifest = dict(format=FORMAT_VERSION, step=step, time=time.time(), files=files, meta=meta or {})
-        _write_json(manifest, os.path.join(tmp, MANIFEST))
-        _fsync_dir(tmp)
-        _replace_dir(tmp, final)
-        _fsync_dir(root)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+    os.chmod(tmp, 0o777 & ~umask())  # mkdtemp makes it private; a checkpoint is an ordinary directory
+    with reporting_disk_full(root, tensor_bytes(states), f"checkpoint {step_dir_name(step)}"):  # after the cleanup
+        try:
+            files = _write_files(tmp, states, json_files)
+            manifest = dict(format=FORMAT_VERSION, step=step, time=time.time(), files=files, meta=meta or {})
+            _write_json(manifest, os.path.join(tmp, MANIFEST))
+            _fsync_dir(tmp)
+            _replace_dir(tmp, final)
+            _fsync_dir(root)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
     if keep:
         prune(root, keep)
     return final
 
 
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
+def _write_files(tmp: str, states: dict, json_files: dict | None) -> dict:
+    """{name}.pt for each state and the JSON files into tmp; their manifest entries."""
+    files = {}
+    for name, state in states.items():
+        path = os.path.join(tmp, f"{name}.pt")
+        torch.save(state, path)
+        files[f"{name}.pt"] = _describe(path)
+    for filename, obj in (json_files or {}).items():
+        path = os.path.join(tmp, filename)
+        _write_json(obj, path)
+        files[filename] = _describe(path)
+    return files
 
 
 def _describe(path: str) -> dict:
@@ -89,11 +91,16 @@ def _describe(path: str) -> dict:
 
 
 def _replace_dir(tmp: str, final: str):
-    """Rename tmp to final; an existing final (the same step saved again) is swapped out first."""
+    """Rename tmp to final; an existing final (the same step saved again) is swapped out first, and put back
+    if the rename fails."""
     if os.path.exists(final):
         old = final + f".old-{os.getpid()}"
         os.replace(final, old)
-        os.replace(tmp, final)
+        try:
+            os.replace(tmp, final)
+        except BaseException:
+            os.replace(old, final)
+            raise
         shutil.rmtree(old, ignore_errors=True)
     else:
         os.replace(tmp, final)
