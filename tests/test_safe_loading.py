@@ -357,3 +357,28 @@ def test_refusal_names_the_global_for_every_pickle_protocol(tmp_path):
     with pytest.raises(ValueError, match=r"cannot read .*short.pt: .*\(corrupt, truncated"):
         torch_load(str(tmp_path / "short.pt"))
     assert not marker.exists()
+
+
+def test_merge_needs_only_the_model_files(tmp_path, capsys):
+    """A damaged optimizer.pt does not stop merging (or evaluating) the weights; a damaged model.pt does, in one line."""
+    from conftest import load_script
+    from gpt2_ascend import GPT2LMHeadModel
+    from gpt2_ascend.eval.runner import load_model
+    from gpt2_ascend.train import checkpoint as ckpt
+    model = GPT2LMHeadModel(tiny_config())
+    path = ckpt.save_checkpoint(str(tmp_path / "checkpoint"), 3, dict(model=model.state_dict(),
+                                optimizer={"state": {}}, trainer={"step": 3}),
+                                json_files={"config.json": hf_config_dict()})
+    with open(os.path.join(path, "optimizer.pt"), "r+b") as f:
+        f.truncate(10)
+    merge = load_script("convert/merge_checkpoint.py").main
+    assert merge(["--src_ckpt_dir", path, "--dst_dir", str(tmp_path / "merged")]) == 0, capsys.readouterr().err
+    merged = GPT2LMHeadModel.from_pretrained(str(tmp_path / "merged"))
+    assert all(torch.equal(a, b) for a, b in zip(merged.state_dict().values(), model.state_dict().values()))
+    loaded, _ = load_model(path, device="cpu")
+    assert torch.equal(loaded.transformer.wte.weight, model.transformer.wte.weight)
+    with open(os.path.join(path, "model.pt"), "r+b") as f:
+        f.truncate(10)
+    capsys.readouterr()
+    assert merge(["--src_ckpt_dir", path, "--dst_dir", str(tmp_path / "merged2")]) == 2
+    assert_one_line_error(2, capsys.readouterr().err, "model.pt has 10 bytes, the manifest says")
