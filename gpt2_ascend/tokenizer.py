@@ -25,9 +25,10 @@ def default_tokenizer_dir() -> str:
     return os.path.join(default_data_dir(), "gpt2")
 
 
-def _read_bpe_files(vocab_path: str, merges_path: str) -> tuple[dict, list]:
-    """vocab.json and merges.txt, checked: a damaged file is one ValueError naming it (the tokenizers library
-    raises a bare Exception, and reads a truncated merges.txt without complaint, tokenizing differently)."""
+def check_bpe_files(vocab_path: str, merges_path: str):
+    """vocab.json and merges.txt must be whole and a pair: a damaged file is one ValueError naming it (the
+    tokenizers library raises a bare Exception, and reads a truncated merges.txt without complaint, tokenizing
+    differently)."""
     try:
         with open(vocab_path, encoding="utf-8") as f:
             vocab = json.load(f)
@@ -48,7 +49,6 @@ def _read_bpe_files(vocab_path: str, merges_path: str) -> tuple[dict, list]:
         raise ValueError(f"{merges_path} is damaged: merge {bad + 1} is {' '.join(merges[bad])!r}, not two tokens; "
                          f"re-copy the tokenizer files")
     _check_every_token_is_made(vocab, merges, vocab_path, merges_path)
-    return vocab, [tuple(pair) for pair in merges]
 
 
 def _check_every_token_is_made(vocab: dict, merges: list, vocab_path: str, merges_path: str):
@@ -66,12 +66,11 @@ def _check_every_token_is_made(vocab: dict, merges: list, vocab_path: str, merge
                          f"files are not a pair; re-copy the tokenizer files")
 
 
-def _from_vocab_and_merges(vocab_path: str, merges_path: str):
+def _from_vocab_and_merges(vocab: str, merges: str):
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors
     from transformers import PreTrainedTokenizerFast
 
-    vocab, merges = _read_bpe_files(vocab_path, merges_path)
-    bpe = Tokenizer(models.BPE(vocab, merges))
+    bpe = Tokenizer(models.BPE.from_file(vocab, merges))
     bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     bpe.decoder = decoders.ByteLevel()
     bpe.post_processor = processors.ByteLevel(trim_offsets=False)
@@ -87,6 +86,7 @@ def load_tokenizer(path_or_hub_id: str | None = None):
     if os.path.isdir(path):
         vocab, merges = os.path.join(path, "vocab.json"), os.path.join(path, "merges.txt")
         if os.path.isfile(vocab) and os.path.isfile(merges):
+            check_bpe_files(vocab, merges)
             tok = _from_vocab_and_merges(vocab, merges)
         elif os.path.isfile(os.path.join(path, "tokenizer.json")):
             from transformers import PreTrainedTokenizerFast
