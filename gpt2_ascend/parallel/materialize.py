@@ -121,7 +121,11 @@ class CheckpointTensors:
 def materialize(core: nn.Module, config: GPT2Config, device: torch.device, source: CheckpointTensors | None,
                 tied_sync=None):
     """Allocate this rank's shards on `device` and fill them (fresh init, or from `source`)."""
+    body = core.transformer
+    tied = hasattr(core, "lm_head") and hasattr(body, "wte") and core.lm_head.weight is body.wte.weight
     core.to_empty(device=device)
+    if tied:  # to_empty gives each module a new Parameter where it cannot swap data in place (plain tensors)
+        core.lm_head.weight = body.wte.weight
     if source is None:
         init_sharded(core, config)
         zero_vocab_padding(core, config)
