@@ -34,7 +34,8 @@ def workdir(tmp_path_factory):
     root = tmp_path_factory.mktemp("parallel")
     rng = np.random.default_rng(0)
     np.save(root / "train.npy", rng.integers(0, 512, size=(96, 17), dtype=np.uint16))
-    np.save(root / "learnable.npy", np.tile(rng.integers(0, 499, size=(8, 17), dtype=np.uint16), (12, 1)))
+    eight_rows = np.random.default_rng(1).integers(0, 499, size=(8, 17), dtype=np.uint16)
+    np.save(root / "learnable.npy", np.tile(eight_rows, (12, 1)))  # seen over and over: learnt in a few steps
     ids = rng.integers(0, 511, size=(64, 12)).astype(np.int32)
     mask = np.ones_like(ids)
     for row, length in enumerate(rng.integers(4, 13, size=64)):
@@ -306,10 +307,10 @@ def test_meta_init_fresh_model_trains(workdir):
               "model.model_config.pad_token_id=499", "lr_schedule.learning_rate=1e-2", "lr_schedule.lr_end=1e-2",
               f"train_dataset.data_loader.dataset_dir={workdir / 'learnable.npy'}")
     got = records(out)
-    losses, norms = [r["loss"] for r in got], [r["grad_norm"] for r in got]
-    assert len(got) == STEPS and abs(losses[0] - np.log(500)) < 0.3, losses  # a fresh init predicts ~uniformly
-    assert min(norms) > 0.5, norms
-    assert losses[-1] < losses[0] - 0.5, losses  # eight rows seen over and over: learnt in a few steps
+    curve, norms = [r["loss"] for r in got], [r["grad_norm"] for r in got]
+    assert len(got) == STEPS and abs(curve[0] - np.log(500)) < 0.3, curve  # a fresh init predicts ~uniformly
+    assert min(norms) > 0.1, norms  # measured 0.66 and more; an all-zero init gives 0.0
+    assert curve[-1] < curve[0] - 0.5, curve  # measured: 6.20 -> 5.23
     config, state, _ = load_full_model_state(str(out / "checkpoint" / f"step_{STEPS:07d}"))
     assert config.padded_vocab_size == 512
     for name in ("transformer.wte.weight", "lm_head.weight"):  # no gradient reaches them: still the init's zeros
