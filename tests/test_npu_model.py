@@ -1,5 +1,5 @@
 """The model's NPU path (npu_fusion_attention, npu_fast_gelu, explicit gelu, NpuFusedAdamW) run on CPU
-tensors through the reference torch_npu, against the SDPA path: equal to 1e-5 in fp32."""
+tensors through the reference torch_npu, against the SDPA path: equal to 2e-6 in fp32 (measured: at most 8.3e-7)."""
 import math
 import os
 import re
@@ -14,7 +14,7 @@ from gpt2_ascend.npu_ops import npu_attention
 from conftest import max_diff, tiny_config
 from npu_reference import npu_reference  # noqa: F401  (fixture)
 
-TOL = 1e-5
+TOL = 2e-6
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 

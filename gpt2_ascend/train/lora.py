@@ -18,7 +18,7 @@ ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")
 
 def apply_lora(model: torch.nn.Module, rank: int = 64, alpha: float = 128, dropout: float = 0.1,
                target_modules=("c_attn",)):
-    """Wrap `model` with LoRA adapters; only adapter parameters stay trainable."""
+    """Wrap `model` with LoRA adapters; only the adapters (and a classifier's score head) stay trainable."""
     from peft import LoraConfig, get_peft_model
 
     if rank <= 0:
@@ -27,8 +27,11 @@ def apply_lora(model: torch.nn.Module, rank: int = 64, alpha: float = 128, dropo
     unknown = [t for t in target_modules if t not in names]
     if unknown:
         raise ValueError(f"lora target module {unknown[0]!r} is not in the model: use c_attn, c_proj, c_fc")
+    # a classifier's head is new (random on an LM base) and tiny: it trains whole, saved in the adapter
+    # (PEFT's modules_to_save, as its SEQ_CLS task type does); frozen, it would stay random
+    modules_to_save = ["score"] if hasattr(model, "score") else None
     config = LoraConfig(r=rank, lora_alpha=alpha, lora_dropout=dropout, target_modules=list(target_modules),
-                        bias="none", task_type=None)
+                        bias="none", task_type=None, modules_to_save=modules_to_save)
     return get_peft_model(model, config)
 
 
