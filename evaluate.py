@@ -1,4 +1,5 @@
-"""Evaluate a GPT-2 checkpoint: perplexity or text-classification accuracy: `python evaluate.py --help` from a checkout, `gpt2-evaluate` once installed.
+"""Evaluate a GPT-2 checkpoint: perplexity or text-classification accuracy: `python evaluate.py --help`
+from a checkout, `gpt2-evaluate` once installed.
 The command itself is gpt2_ascend/commands/evaluate.py."""
 import os
 import sys

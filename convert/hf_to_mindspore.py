@@ -1,5 +1,7 @@
-"""HF GPT-2 checkpoint -> MindSpore/MindFormers GPT-2 .ckpt: `python convert/hf_to_mindspore.py --help` from a checkout, `gpt2-convert hf-to-mindspore` once
-installed. The command itself is gpt2_ascend/commands/hf_to_mindspore.py."""
+"""HF GPT-2 checkpoint -> MindSpore/MindFormers GPT-2 .ckpt.
+
+`python convert/hf_to_mindspore.py --help` in a checkout, `gpt2-convert hf-to-mindspore --help` once installed;
+the command is gpt2_ascend/commands/hf_to_mindspore.py."""
 import os
 import sys
 

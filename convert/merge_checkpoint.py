@@ -1,5 +1,7 @@
-"""A training checkpoint (sharded or not) -> one HF GPT-2 directory: `python convert/merge_checkpoint.py --help` from a checkout, `gpt2-convert merge-checkpoint` once
-installed. The command itself is gpt2_ascend/commands/merge_checkpoint.py."""
+"""A training checkpoint (sharded or not) -> one HF GPT-2 directory.
+
+`python convert/merge_checkpoint.py --help` in a checkout, `gpt2-convert merge-checkpoint --help` once installed;
+the command is gpt2_ascend/commands/merge_checkpoint.py."""
 import os
 import sys
 

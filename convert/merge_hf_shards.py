@@ -1,5 +1,7 @@
-"""Reshard an HF GPT-2 checkpoint (merge shards, or split one file): `python convert/merge_hf_shards.py --help` from a checkout, `gpt2-convert merge-hf-shards` once
-installed. The command itself is gpt2_ascend/commands/merge_hf_shards.py."""
+"""Reshard an HF GPT-2 checkpoint (merge shards, or split one file).
+
+`python convert/merge_hf_shards.py --help` in a checkout, `gpt2-convert merge-hf-shards --help` once installed;
+the command is gpt2_ascend/commands/merge_hf_shards.py."""
 import os
 import sys
 

@@ -1,5 +1,7 @@
-"""Fold a PEFT LoRA adapter into its base model and write a plain HF GPT-2 directory: `python convert/merge_lora.py --help` from a checkout, `gpt2-convert merge-lora` once
-installed. The command itself is gpt2_ascend/commands/merge_lora.py."""
+"""Fold a PEFT LoRA adapter into its base model and write a plain HF GPT-2 directory.
+
+`python convert/merge_lora.py --help` in a checkout, `gpt2-convert merge-lora --help` once installed;
+the command is gpt2_ascend/commands/merge_lora.py."""
 import os
 import sys
 

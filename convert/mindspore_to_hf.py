@@ -1,5 +1,7 @@
-"""MindSpore/MindFormers GPT-2 .ckpt -> HF GPT-2 directory: `python convert/mindspore_to_hf.py --help` from a checkout, `gpt2-convert mindspore-to-hf` once
-installed. The command itself is gpt2_ascend/commands/mindspore_to_hf.py."""
+"""MindSpore/MindFormers GPT-2 .ckpt -> HF GPT-2 directory.
+
+`python convert/mindspore_to_hf.py --help` in a checkout, `gpt2-convert mindspore-to-hf --help` once installed;
+the command is gpt2_ascend/commands/mindspore_to_hf.py."""
 import os
 import sys
 

@@ -42,6 +42,12 @@ HF_IGNORED_KEYS = {
     "gradient_checkpointing", "finetuning_task", "torchscript", "tie_encoder_decoder", "pruned_heads",
     "cross_attention_hidden_size", "decoder_start_token_id", "sep_token_id", "tf_legacy_loss",
     "use_bfloat16", "_commit_hash", "output_scores", "return_dict_in_generate", "transformers.js_config",
+    # the generation defaults transformers 4.x kept on every config (its to_dict() writes them all)
+    "bad_words_ids", "begin_suppress_tokens", "diversity_penalty", "early_stopping",
+    "encoder_no_repeat_ngram_size", "exponential_decay_length_penalty", "forced_bos_token_id",
+    "forced_eos_token_id", "length_penalty", "min_length", "no_repeat_ngram_size", "num_beam_groups",
+    "num_beams", "num_return_sequences", "remove_invalid_values", "repetition_penalty", "suppress_tokens",
+    "temperature", "top_k", "top_p", "typical_p",
 }
 
 

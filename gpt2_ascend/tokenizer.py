@@ -5,11 +5,15 @@ The class matters for exports: transformers 5 saves a generic PreTrainedTokenize
 which both major versions load (4.x picks its GPT2TokenizerFast, 5.x its GPT2Tokenizer)."""
 from __future__ import annotations
 
+import json
 import os
 import shutil
 
 EOS_TOKEN = "<|endoftext|>"
 TOKENIZER_FILES = ("vocab.json", "merges.txt", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
+# Byte-level BPE decodes back to the exact text. transformers 4.x defaults to "cleaning up" spaces before
+# punctuation on decode (WikiText's "world ." became "world."); 5.x does not: say it for every version.
+LOSSLESS_DECODE = dict(clean_up_tokenization_spaces=False)
 
 
 def default_data_dir() -> str:
@@ -28,13 +32,59 @@ def default_tokenizer_dir() -> str:
     return os.path.join(default_data_dir(), "gpt2")
 
 
+def check_bpe_files(vocab_path: str, merges_path: str):
+    """vocab.json and merges.txt must be whole and a pair: a damaged file is one ValueError naming it (the
+    tokenizers library raises a bare Exception, and reads a truncated merges.txt without complaint, tokenizing
+    differently)."""
+    try:
+        with open(vocab_path, encoding="utf-8") as f:
+            vocab = json.load(f)
+        if not isinstance(vocab, dict) or not all(isinstance(i, int) for i in vocab.values()):
+            raise ValueError("not a JSON object of token -> id")
+    except (UnicodeDecodeError, ValueError) as e:
+        raise ValueError(f"{vocab_path} is damaged or not a BPE vocabulary ({str(e).splitlines()[0]}): "
+                         f"re-copy the tokenizer files") from None
+    try:
+        with open(merges_path, encoding="utf-8") as f:
+            lines = f.read().split("\n")
+    except UnicodeDecodeError as e:
+        raise ValueError(f"{merges_path} is damaged: not UTF-8 text ({e.reason} at byte {e.start}); re-copy the "
+                         f"tokenizer files") from None
+    merges = [line.split(" ") for line in lines if line and not line.startswith("#version")]
+    bad = next((i for i, pair in enumerate(merges) if len(pair) != 2), None)
+    if bad is not None:
+        raise ValueError(f"{merges_path} is damaged: merge {bad + 1} is {' '.join(merges[bad])!r}, not two tokens; "
+                         f"re-copy the tokenizer files")
+    _check_every_token_is_made(vocab, merges, vocab_path, merges_path)
+
+
+def _check_every_token_is_made(vocab: dict, merges: list, vocab_path: str, merges_path: str):
+    """In a byte-level BPE every multi-character token but the specials (<|endoftext|>) is some merge's result:
+    tokens no merge makes mean merges.txt lost its end, or the two files are not a pair."""
+    made = {a + b for a, b in merges}
+    orphans = [t for t in vocab if len(t) > 1 and t not in made and not (t.startswith("<") and t.endswith(">"))]
+    if orphans:
+        raise ValueError(f"{merges_path} has {len(merges)} merges, but {len(orphans)} tokens of {vocab_path} (e.g. "
+                         f"{orphans[0]!r}) are made by none of them: merges.txt is truncated or from another "
+                         f"tokenizer; re-copy the tokenizer files")
+    unknown = next((pair for pair in merges if pair[0] not in vocab or pair[1] not in vocab), None)
+    if unknown is not None:
+        raise ValueError(f"{merges_path} merges {' '.join(unknown)!r}, which are not both in {vocab_path}: the two "
+                         f"files are not a pair; re-copy the tokenizer files")
+
+
 def _gpt2_tokenizer(path: str):
-    """GPT2TokenizerFast from a directory with vocab.json + merges.txt or tokenizer.json. Byte-level BPE
-    decodes exactly what was encoded, so no clean-up of spaces (transformers 4.x would default to it)."""
+    """GPT2TokenizerFast from a directory with vocab.json + merges.txt or tokenizer.json (transformers reads
+    tokenizer.json when there is one). Byte-level BPE decodes exactly what was encoded (LOSSLESS_DECODE)."""
     from transformers import GPT2TokenizerFast
-    return GPT2TokenizerFast.from_pretrained(path, bos_token=EOS_TOKEN, eos_token=EOS_TOKEN, unk_token=EOS_TOKEN,
-                                             pad_token=EOS_TOKEN, model_max_length=1024,
-                                             clean_up_tokenization_spaces=False)
+    try:
+        return GPT2TokenizerFast.from_pretrained(path, bos_token=EOS_TOKEN, eos_token=EOS_TOKEN, unk_token=EOS_TOKEN,
+                                                 pad_token=EOS_TOKEN, model_max_length=1024, **LOSSLESS_DECODE)
+    except Exception as e:  # noqa: BLE001 - tokenizers raises a bare Exception
+        file = os.path.join(path, "tokenizer.json")
+        what = file if os.path.isfile(file) else os.path.join(path, "vocab.json + merges.txt")
+        raise ValueError(f"{what} is damaged or not a tokenizer ({str(e).strip().splitlines()[0]}): "
+                         f"re-copy the tokenizer files") from None
 
 
 def load_tokenizer(path_or_hub_id: str | None = None):
@@ -43,8 +93,10 @@ def load_tokenizer(path_or_hub_id: str | None = None):
     With no argument it reads the GPT-2 files of the data directory (GPT2_DATA_DIR)."""
     path = path_or_hub_id or default_tokenizer_dir()
     if os.path.isdir(path):
-        has_bpe = all(os.path.isfile(os.path.join(path, n)) for n in ("vocab.json", "merges.txt"))
-        if not (has_bpe or os.path.isfile(os.path.join(path, "tokenizer.json"))):
+        vocab, merges = os.path.join(path, "vocab.json"), os.path.join(path, "merges.txt")
+        if os.path.isfile(vocab) and os.path.isfile(merges):
+            check_bpe_files(vocab, merges)
+        elif not os.path.isfile(os.path.join(path, "tokenizer.json")):
             raise FileNotFoundError(f"no tokenizer in {path}: expected vocab.json + merges.txt or tokenizer.json")
         return _gpt2_tokenizer(path)
     if os.path.exists(path) or path.startswith((".", "/", "~")):

@@ -176,9 +176,11 @@ def _rows(loader, steps):
 def test_loader_is_deterministic_and_resumes_mid_epoch():
     data = np.arange(40, dtype=np.uint16)[:, None].repeat(3, axis=1)
     full = _rows(StepLoader(data, batch_size=3, micro_batches=2, seed=7), 10)  # 6 steps per epoch
-    assert sorted(sum(full[:12], [])) == sorted(sum(full[:12], []))
+    assert _rows(StepLoader(data, batch_size=3, micro_batches=2, seed=7), 10) == full  # same seed, same rows
+    assert _rows(StepLoader(data, batch_size=3, micro_batches=2, seed=8), 10) != full
     first_epoch = sum(full[:12], [])
-    assert len(set(first_epoch)) == 36  # no row twice in an epoch (4 rows left over)
+    assert set(first_epoch) <= set(range(40)) and len(set(first_epoch)) == 36  # no row twice (4 left over)
+    assert first_epoch != sorted(first_epoch)  # shuffled
     assert full[12:] != full[:8]  # epoch 1 is shuffled differently
     loader = StepLoader(data, batch_size=3, micro_batches=2, seed=7)
     _rows(loader, 4)

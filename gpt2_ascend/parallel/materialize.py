@@ -52,6 +52,22 @@ def init_sharded(core: nn.Module, config: GPT2Config):
                 module.bias.zero_()
 
 
+def zero_vocab_padding(core: nn.Module, config: GPT2Config):
+    """Zero the embedding's (and a separate head's) rows past vocab_size, as one process does
+    (GPT2PreTrainedModel.init_weights): they only pad the vocabulary to an aligned width and hold no token."""
+    if config.padded_vocab_size == config.vocab_size:
+        return
+    for name, param in core.named_parameters():
+        if not name.endswith(("wte.weight", "lm_head.weight")):
+            continue
+        target = param.to_local() if hasattr(param, "to_local") else param
+        rows = torch.arange(param.size(0), device=target.device)
+        # an expanded view: the mask costs one row of memory whatever the layout cuts out of it
+        keep = (rows < config.vocab_size).to(target.dtype)[:, None].expand(param.shape)
+        with torch.no_grad():
+            target.mul_(local_part(keep, param))
+
+
 class CheckpointTensors:
     """Our parameter name -> the full tensor in our layout, read lazily from an HF-format checkpoint
     (safetensors memory-mapped; .bin files through torch.load(mmap=True))."""
@@ -105,9 +121,14 @@ class CheckpointTensors:
 def materialize(core: nn.Module, config: GPT2Config, device: torch.device, source: CheckpointTensors | None,
                 tied_sync=None):
     """Allocate this rank's shards on `device` and fill them (fresh init, or from `source`)."""
+    body = core.transformer
+    tied = hasattr(core, "lm_head") and hasattr(body, "wte") and core.lm_head.weight is body.wte.weight
     core.to_empty(device=device)
+    if tied:  # to_empty gives each module a new Parameter where it cannot swap data in place (plain tensors)
+        core.lm_head.weight = body.wte.weight
     if source is None:
         init_sharded(core, config)
+        zero_vocab_padding(core, config)
     else:
         for name, param in core.named_parameters():
             if name in source:

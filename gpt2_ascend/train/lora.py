@@ -10,8 +10,11 @@ from __future__ import annotations
 
 import json
 import os
+import pickle
 
 import torch
+
+from ..safe_pickle import refused
 
 ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")
 # peft's task type per architecture: CAUSAL_LM wraps in PeftModelForCausalLM; SEQ_CLS in
@@ -38,8 +41,11 @@ def apply_lora(model: torch.nn.Module, rank: int = 64, alpha: float = 128, dropo
     unknown = [t for t in target_modules if t not in names]
     if unknown:
         raise ValueError(f"lora target module {unknown[0]!r} is not in the model: use c_attn, c_proj, c_fc")
+    # a classifier's head is new (random on an LM base) and tiny: it trains whole, saved in the adapter
+    # (PEFT's modules_to_save, as its SEQ_CLS task type does); frozen, it would stay random
+    modules_to_save = ["score"] if hasattr(model, "score") else None
     config = LoraConfig(r=rank, lora_alpha=alpha, lora_dropout=dropout, target_modules=list(target_modules),
-                        bias="none", task_type=task_type_of(model))
+                        bias="none", task_type=task_type_of(model), modules_to_save=modules_to_save)
     return get_peft_model(model, config)
 
 
@@ -82,6 +88,8 @@ def load_adapter(model: torch.nn.Module, adapter_dir: str, merge: bool = True, t
     check_adapter_fits(model, adapter_dir, read_adapter_config(adapter_dir))
     try:
         peft_model = PeftModel.from_pretrained(model, adapter_dir, is_trainable=trainable)
+    except pickle.UnpicklingError as e:  # peft reads adapter_model.bin with weights_only=True
+        raise refused(os.path.join(adapter_dir, "adapter_model.bin"), e) from None
     except Exception as e:  # peft / safetensors / json errors: one line that names the adapter
         raise ValueError(f"cannot load the LoRA adapter in {adapter_dir}: {_adapter_problem(e)}") from None
     return peft_model.merge_and_unload() if merge else peft_model

@@ -289,11 +289,8 @@ def load_model_state(model: torch.nn.Module, state: dict):
 
 
 def grad_scaler(device: torch.device, **settings):
-    """Dynamic loss scaling for fp16 (torch_npu brings its own scaler class for NPUs)."""
-    if device.type == "npu":
-        dev.torch_npu()
-        return torch.npu.amp.GradScaler(**settings)
-    return torch.amp.GradScaler(device.type, **settings)
+    """Dynamic loss scaling for fp16 (torch_npu brings its own scaler class for NPUs: device.grad_scaler)."""
+    return dev.grad_scaler(device.type, **settings)
 
 
 def capture_rng(device: torch.device) -> dict:
@@ -368,6 +365,7 @@ def compile_model(model: torch.nn.Module, scope: str = "model") -> torch.nn.Modu
     """torch.compile the whole model (one graph: fusions across blocks, the longest compile), or the
     per-block step with its recompute (GPT2Model.compile_blocks: one compilation shared by identical blocks;
     the model object and its parameter names do not change)."""
+    dev.require_compile_backend("npu" if any(dev.is_npu_tensor(p) for p in model.parameters()) else "other")
     if scope == "model":
         return torch.compile(model)
     if scope != "blocks":
@@ -440,7 +438,7 @@ def load_start_weights(cls, recipe, source: str, config_overrides: dict | None, 
     if os.path.isdir(source) and is_sharded(source):  # a distributed run's checkpoint: gathered into one model
         model = model_from_sharded(cls, source, overrides, dtype=torch.float32)
     elif os.path.isdir(source) and ckpt.is_training_checkpoint(source):
-        manifest = ckpt.verify_checkpoint(source)
+        manifest = ckpt.verify_checkpoint(source, ckpt.MODEL_FILES)
         if manifest.get("meta", {}).get("lora"):
             raise ValueError(f"{source} is a LoRA checkpoint (adapters only): load its run's final/adapter "
                              f"directory (training continues from its base) or resume that run with --resume")
@@ -576,6 +574,8 @@ def run_training(recipe, overwrite: bool = False, log=print) -> dict:
     else:
         device = dev.resolve_device(recipe.device)
         dev.set_device(device)
+    if recipe.runner_config.compile:
+        dev.require_compile_backend(device.type)  # before any data or model work
     sync = engine.barrier if dist.parallel else (lambda: None)
     output_dir = os.path.abspath(resolve_path(recipe.output_dir))
     root = ckpt.checkpoint_root(output_dir)
