@@ -132,7 +132,7 @@ class GPT2Config:
         return cls(**d)
 
     def to_dict(self) -> dict:
-        return dict(dataclasses.asdict(self), model_type=self.model_type)
+        return dataclasses.asdict(self)  # no model_type: peft would then look for HF-only keys (_name_or_path)
 
     @classmethod
     def from_pretrained(cls, path: str) -> "GPT2Config":

@@ -17,8 +17,7 @@ import sys
 import sysconfig
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-# peft has no floor in setup.cfg while this is written; this is the peft release of transformers 4.45's time
-# (used only when setup.cfg names no peft floor)
+# used only if setup.cfg names no peft floor: the peft release of transformers 4.45's time
 PEFT_FOR_OLDEST_TRANSFORMERS = "0.13.2"
 
 
