@@ -267,7 +267,8 @@ def assert_adapter_is_the_recipes(final_dir, base_state, merged_state, targets=(
         config = json.load(f)
     assert (config["r"], config["lora_alpha"], config["lora_dropout"]) == tuple(LORA.values())
     assert sorted(config["target_modules"]) == sorted(targets) and config["modules_to_save"] == modules_to_save
-    assert not config["use_rslora"] and not config["use_dora"]  # plain LoRA: the scale is alpha / r
+    # plain LoRA: the scale is alpha / r (keys at peft's defaults are left out, for older peft versions)
+    assert not config.get("use_rslora", False) and not config.get("use_dora", False)
     adapter = load_file(os.path.join(final_dir, "adapter", "adapter_model.safetensors"))
     scale = LORA["lora_alpha"] / LORA["lora_rank"]
     layers = sorted(k[len("base_model.model."):-len(".lora_A.weight")] for k in adapter if k.endswith(".lora_A.weight"))

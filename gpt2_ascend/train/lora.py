@@ -130,7 +130,11 @@ def save_adapter(peft_model, output_dir: str, base_name_or_path: str | None = No
     config.save_pretrained(output_dir, auto_mapping_dict={"base_model_class": base_class,
                                                           "parent_library": HF_MODELING_MODULE})
     config.inference_mode = inference_mode
-    write_portable_config(os.path.join(output_dir, "adapter_config.json"), type(config))
+    # peft's SEQ_CLS adds its generic head names ("classifier", "score") to ours: keep the modules there are
+    names = {name.rsplit(".", 1)[-1] for name, _ in peft_model.get_base_model().named_modules()}
+    trained_whole = [m for m in dict.fromkeys(config.modules_to_save or ()) if m in names] or None
+    write_portable_config(os.path.join(output_dir, "adapter_config.json"), type(config),
+                          modules_to_save=trained_whole)
 
 
 # Always written, whatever their value: what an adapter is, and what it was trained on.
@@ -139,7 +143,7 @@ ADAPTER_IDENTITY_KEYS = {"peft_type", "task_type", "r", "lora_alpha", "lora_drop
                          "auto_mapping"}
 
 
-def write_portable_config(path: str, config_class):
+def write_portable_config(path: str, config_class, modules_to_save=None):
     """Keep the keys of adapter_config.json that an older peft needs: those above and those whose value differs
     from peft's default. An older peft fills the others with the same defaults, but refuses a key it does not
     know (peft 0.13, the one of transformers 4.45's time, rejects the dozen keys peft 0.2x adds at their
@@ -148,6 +152,7 @@ def write_portable_config(path: str, config_class):
     with open(path, encoding="utf-8") as f:
         saved = json.load(f)
     defaults = json.loads(json.dumps(config_class().to_dict(), default=sorted))
+    saved["modules_to_save"] = modules_to_save
     write_json({k: v for k, v in saved.items()
                 if k in ADAPTER_IDENTITY_KEYS or (k in defaults and v != defaults[k] and k != "peft_version")}, path)
 
