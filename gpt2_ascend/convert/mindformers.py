@@ -185,10 +185,14 @@ def mindspore_to_hf(mindspore_path: str, output_dir: str, n_head: int | None = N
 
 
 def load_mindspore_model(mindspore_path: str, n_head: int | None = None, activation: str | None = None,
-                         dtype=None, device=None, verify_crc: bool = True):
-    """A MindFormers GPT-2 .ckpt as our GPT2LMHeadModel / GPT2ForSequenceClassification, in eval mode."""
+                         dtype=None, device=None, verify_crc: bool = True, cls=None, **config_overrides):
+    """A MindFormers GPT-2 .ckpt as our GPT2LMHeadModel / GPT2ForSequenceClassification (the class the
+    checkpoint holds, or `cls`: an LM checkpoint as a classifier gets a fresh head), in eval mode.
+    config_overrides replace GPT2Config fields the tensors do not fix (dropout, labels, init)."""
     from ..model import GPT2ForSequenceClassification, GPT2LMHeadModel
     with MindFormersSource(mindspore_path, n_head, activation, verify_crc) as source:
-        state = hf_to_ours({name: source.load(name) for name in source.hf_shapes}, source.config)
-        cls = GPT2ForSequenceClassification if source.classifier else GPT2LMHeadModel
-        return model_from_state(cls, source.config, state, source=mindspore_path, dtype=dtype, device=device)
+        config = source.config.replace(**config_overrides)
+        state = hf_to_ours({name: source.load(name) for name in source.hf_shapes}, config)
+        if cls is None:
+            cls = GPT2ForSequenceClassification if source.classifier else GPT2LMHeadModel
+        return model_from_state(cls, config, state, source=mindspore_path, dtype=dtype, device=device)
