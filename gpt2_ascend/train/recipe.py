@@ -33,6 +33,10 @@ OPTIMIZER_TYPES = ("AdamW", "FusedAdamWeightDecay", "FP32StateAdamWeightDecay", 
 INIT_STYLES = ("hf", "mindformers")
 DEFAULT_INIT_RANGE = {"hf": 0.02, "mindformers": 0.01}  # MindSpore's initializer('normal') draws N(0, 0.01)
 ARCHS = ("GPT2LMHeadModel", "GPT2ForSequenceClassification")
+# MindFormers' metric names this project computes (run_mode eval, train.py); its others (ADGENMetric, EmF1Metric,
+# ...) belong to tasks GPT-2 does not have here and are refused by name.
+METRICS = ("PerplexityMetric", "Accuracy")
+TXTCLS_DATASETS = ("sst_2", "cola", "imdb", "ag_news")  # MindFormers' txtcls_dataset_to_mindrecord.py names
 
 
 class Recipe(dict):
@@ -193,16 +197,25 @@ SCHEMA = _section(
     ),
     train_dataset=_section(
         data_loader=_section(dataset_dir=Key("", "str"), shuffle=Key(True, "bool")),
+        dataset_name=Key("sst_2", "choice", TXTCLS_DATASETS,
+                         doc="raw text-classification files: the layout of MindFormers' preprocessing script"),
         mindformers_compat=Key(False, "bool", doc="raw WikiText-2: drop the last passage as MindFormers does"),
         max_samples=Key(None, "int", minimum=1, nullable=True, doc="use only the first N rows (null = all)"),
     ),
     eval_dataset=_section(
         data_loader=_section(dataset_dir=Key("", "str"), shuffle=Key(False, "bool")),
+        dataset_name=Key("sst_2", "choice", TXTCLS_DATASETS),
         batch_size=Key(None, "int", minimum=1, nullable=True, doc="null = runner_config.batch_size"),
         mindformers_compat=Key(False, "bool"),
         max_samples=Key(None, "int", minimum=1, nullable=True, doc="evaluate the first N rows (null = all)"),
     ),
     callbacks=CALLBACKS,
+    metric=_section(
+        type=Key(None, "choice", METRICS, nullable=True,
+                 doc="run_mode eval: PerplexityMetric (MindFormers' mean of per-batch losses) or Accuracy; "
+                     "null: by model.arch"),
+        eval_type=Key("classification", "choice", ("classification",), doc="Accuracy's kind (MindFormers' key)"),
+    ),
 )
 
 

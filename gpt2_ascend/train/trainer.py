@@ -418,7 +418,7 @@ def build_model(recipe, device: torch.device, log=print, config_overrides: dict 
         if is_sharded(source):  # a distributed run's checkpoint: gathered into one model here
             model = model_from_sharded(cls, source, overrides, dtype=torch.float32)
         elif is_mindspore_checkpoint(source):  # MindFormers' own weights, converted on the fly
-            model = model_from_mindspore(cls, source, recipe, overrides)
+            model = model_from_mindspore(cls, source, recipe, overrides, log)
         elif ckpt.is_training_checkpoint(source):
             manifest = ckpt.verify_checkpoint(source)
             if manifest.get("meta", {}).get("lora"):
@@ -438,7 +438,7 @@ def build_model(recipe, device: torch.device, log=print, config_overrides: dict 
                          f"{model.config.n_positions}: set model.model_config.seq_length={model.config.n_positions}")
     model.set_recompute(recipe.parallel.recompute)
     lora = lora_settings(recipe)
-    if lora:
+    if lora and not hasattr(model, "peft_config"):  # (a MindFormers LoRA .ckpt comes with its adapters)
         model = apply_lora(model, **lora)
     return model.to(device)
 
@@ -447,14 +447,29 @@ def is_mindspore_checkpoint(path: str) -> bool:
     return os.path.isfile(path) and path.endswith(".ckpt")
 
 
-def model_from_mindspore(cls, path: str, recipe, overrides: dict):
+def model_from_mindspore(cls, path: str, recipe, overrides: dict, log=print):
     """A MindFormers GPT-2 .ckpt as `cls`: the tensors give the shape, the recipe the heads and activation
-    (which a .ckpt does not record)."""
-    from ..convert.mindformers import load_mindspore_model
-    from .recipe import HIDDEN_ACT
+    (which a .ckpt does not record). A LoRA checkpoint (lora_a / lora_b beside the base) becomes a LoRA model with
+    its adapters, scaled by the recipe's lora_alpha."""
+    from ..convert.lora import load_mindformers_lora
+    from ..convert.mindformers import MindFormersSource, load_mindspore_model
+    from .recipe import HIDDEN_ACT, lora_settings
     mc = recipe.model.model_config
-    return load_mindspore_model(path, n_head=mc.num_heads, activation=HIDDEN_ACT[mc.hidden_act], cls=cls,
-                                dtype=torch.float32, **overrides)
+    heads, act = mc.num_heads, HIDDEN_ACT[mc.hidden_act]
+    with MindFormersSource(path, heads, act) as source:
+        has_lora = bool(source.lora_names)
+    if not has_lora:
+        return load_mindspore_model(path, n_head=heads, activation=act, cls=cls, dtype=torch.float32,
+                                    verify_crc=False, **overrides)
+    lora = lora_settings(recipe)
+    if not lora:
+        raise ValueError(f"{path} holds unmerged LoRA adapters: use a LoRA recipe (model.model_config.pet_config, "
+                         f"whose lora_alpha scales them), or merge them first with convert/merge_lora.py")
+    model = load_mindformers_lora(path, lora["alpha"], heads, act, cls=cls, lora_dropout=lora["dropout"],
+                                  verify_crc=False, **overrides)
+    rank, targets = model.lora_layout
+    log(f"LoRA adapters from {path}: rank {rank} on {', '.join(targets)} (alpha {lora['alpha']:g} from the recipe)")
+    return model
 
 
 def _note_shape(recipe, config, source: str, log):
@@ -492,28 +507,35 @@ def fetch_if_missing(path: str) -> str:
 def load_datasets(recipe, cache_dir: str):
     """(train data, eval data or None) as numpy arrays: token blocks of seq_length + 1 (train) and
     seq_length (eval) for language modelling, dicts of input_ids / attention_mask / labels for txtcls."""
-    from ..data import store
-
-    task = task_of(recipe)
-    seq = recipe.model.model_config.seq_length
-    tokenizer = resolve_path(recipe.tokenizer) or None
     train_path = resolve_path(recipe.train_dataset.data_loader.dataset_dir)
-    eval_path = resolve_path(recipe.eval_dataset.data_loader.dataset_dir)
     if not train_path:
         raise ValueError("no training data: pass --train_dataset_dir PATH (a prepared .npy / .npz, or a raw "
                          "wiki.*.tokens / .txt / .tsv file) or set train_dataset.data_loader.dataset_dir")
-    train_path, eval_path = (fetch_if_missing(p) for p in (train_path, eval_path))
+    train = load_split(recipe, recipe.train_dataset, train_path, recipe.model.model_config.seq_length + 1, cache_dir)
+    return train, load_eval_dataset(recipe, cache_dir)
 
-    def load(path, width, compat):
-        if task == "txtcls":
-            return store.load_txtcls(path, max_length=seq, tokenizer=tokenizer, cache_dir=cache_dir)
-        return store.load_token_blocks(path, max_length=width, tokenizer=tokenizer, mindformers_compat=compat,
-                                       cache_dir=cache_dir)
 
-    train = load(train_path, seq + 1, recipe.train_dataset.mindformers_compat)
-    evaluation = load(eval_path, seq, recipe.eval_dataset.mindformers_compat) if eval_path else None
-    return (first_rows(train, recipe.train_dataset.max_samples),
-            first_rows(evaluation, recipe.eval_dataset.max_samples))
+def load_eval_dataset(recipe, cache_dir: str):
+    """The eval_dataset (blocks of seq_length, or classification rows), or None when the recipe names none."""
+    path = resolve_path(recipe.eval_dataset.data_loader.dataset_dir)
+    if not path:
+        return None
+    return load_split(recipe, recipe.eval_dataset, path, recipe.model.model_config.seq_length, cache_dir)
+
+
+def load_split(recipe, section, path: str, width: int, cache_dir: str):
+    """One dataset section's rows (its first max_samples): token blocks `width` wide, or classification rows."""
+    from ..data import store
+    path = fetch_if_missing(path)
+    tokenizer = resolve_path(recipe.tokenizer) or None
+    if task_of(recipe) == "txtcls":
+        data = store.load_txtcls(path, max_length=recipe.model.model_config.seq_length, tokenizer=tokenizer,
+                                 cache_dir=cache_dir, dataset_name=section.dataset_name,
+                                 mindformers_compat=section.mindformers_compat)
+    else:
+        data = store.load_token_blocks(path, max_length=width, tokenizer=tokenizer,
+                                       mindformers_compat=section.mindformers_compat, cache_dir=cache_dir)
+    return first_rows(data, section.max_samples)
 
 
 def check_ranges(data, model_config, what: str):
@@ -566,11 +588,12 @@ def run_training(recipe, overwrite: bool = False, log=print) -> dict:
     from .recipe import dump_recipe, lora_settings, precision
 
     if recipe.run_mode in ("predict", "eval"):
-        tool = "generate.py" if recipe.run_mode == "predict" else "evaluate.py"
-        raise ValueError(f"run_mode {recipe.run_mode} is not training: use {tool} --config ...")
+        function = "predict_recipe" if recipe.run_mode == "predict" else "evaluate_recipe"
+        raise ValueError(f"run_mode {recipe.run_mode} is not training: run train.py --run_mode {recipe.run_mode}, or "
+                         f"call gpt2_ascend.train.run_modes.{function}(recipe)")
     if recipe.run_mode == "finetune" and not recipe.load_checkpoint:
-        raise ValueError("run_mode finetune starts from trained weights: pass --load_checkpoint DIR (an HF-format "
-                         "GPT-2 directory) or use --run_mode train")
+        raise ValueError("run_mode finetune starts from trained weights: pass --load_checkpoint PATH (an HF-format "
+                         "GPT-2 directory or a MindFormers .ckpt) or use --run_mode train")
     dist = init_distributed(recipe)
     if dist.parallel:
         from ..parallel import engine
