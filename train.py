@@ -194,8 +194,12 @@ def report_eval(recipe) -> int:
 
 def report_predict(recipe, texts: list[str], batch_size: int | None) -> int:
     from gpt2_ascend.train.run_modes import predict_recipe
-    for item in predict_recipe(recipe, texts, batch_size):
+    out = predict_recipe(recipe, texts, batch_size)
+    for item in out["results"]:
         print(item["prompt"] + item["text"], flush=True)
+    rate = out["new_tokens"] / max(out["seconds"], 1e-9)
+    print(f"{len(texts)} prompt(s), {out['new_tokens']} new tokens in {out['seconds']:.2f} s ({rate:.1f} tokens/s)",
+          file=sys.stderr)
     return 0
 
 

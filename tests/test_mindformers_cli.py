@@ -142,3 +142,41 @@ def test_padding_to_128_gives_the_results_of_padding_to_1024(tmp_path):
     with torch.no_grad():  # and both are each sentence's own logits, unpadded
         alone = torch.cat([model(torch.tensor([tokenizer(s).input_ids])).logits for s in sentences])
     assert (alone - outs[1024][0]).abs().max() < 1e-5
+
+
+# ---------------------------------------------------------------------------------------------
+# recipes: one per MindFormers r1.3.0 configs/gpt2/ file, each naming its source
+# ---------------------------------------------------------------------------------------------
+MINDFORMERS_GPT2_CONFIGS = {  # MindFormers r1.3.0 configs/gpt2/ -> ours
+    "pretrain_gpt2_small_fp16.yaml": "pretrain_gpt2_small", "finetune_gpt2_small_fp16.yaml": "finetune_gpt2_small",
+    "finetune_gpt2_small_lora_fp16.yaml": "finetune_gpt2_small_lora",
+    "finetune_gpt2_small_txtcls_fp16.yaml": "finetune_gpt2_small_txtcls",
+    "predict_gpt2_small_fp16.yaml": "predict_gpt2_small", "pretrain_gpt2_13b_fp16.yaml": "pretrain_gpt2_13b",
+    "run_gpt2.yaml": "run_gpt2", "run_gpt2_13b.yaml": "run_gpt2_13b", "run_gpt2_13b_910b.yaml": "run_gpt2_13b_910b",
+    "run_gpt2_52b.yaml": "run_gpt2_52b", "run_gpt2_lora.yaml": "run_gpt2_lora", "run_gpt2_txtcls.yaml": "run_gpt2_txtcls",
+    "run_gpt2_xl.yaml": "run_gpt2_xl", "run_gpt2_xl_lora.yaml": "run_gpt2_xl_lora",
+}
+
+
+def test_every_mindformers_recipe_has_a_counterpart_naming_its_source():
+    import os
+    from gpt2_ascend.parallel.mesh import ParallelConfig
+    from gpt2_ascend.train.recipe import gpt2_config, load_recipe
+    from conftest import REPO
+    for source, ours in MINDFORMERS_GPT2_CONFIGS.items():
+        path = os.path.join(REPO, "configs", "gpt2", ours + ".yaml")
+        header = open(path).read().split("\nseed:")[0]
+        assert f"configs/gpt2/{source}" in header and "Differences from MindFormers" in header, ours
+        recipe = load_recipe(path)
+        assert recipe.model.model_config.init_style == "mindformers", ours
+        p = recipe.parallel
+        ParallelConfig(data_parallel=p.data_parallel, model_parallel=p.model_parallel, pipeline_stage=p.pipeline_stage,
+                       micro_batch_num=p.micro_batch_num).validate(n_head=recipe.model.model_config.num_heads,
+                                                                   n_layer=recipe.model.model_config.num_layers)
+        assert recipe.runner_config.global_batch_size % (recipe.runner_config.batch_size * p.data_parallel) == 0
+    b52 = load_recipe(os.path.join(REPO, "configs/gpt2/run_gpt2_52b.yaml"))
+    assert (b52.parallel.data_parallel, b52.parallel.pipeline_stage, b52.parallel.micro_batch_num) == (8, 16, 64)
+    assert (gpt2_config(b52).n_layer, gpt2_config(b52).n_embd, b52.runner_config.global_batch_size) == (64, 8192, 1024)
+    for name in ("finetune_gpt2_13b", "finetune_gpt2_13b_lora", "predict_gpt2_13b"):  # the README's 13B rows
+        cfg = gpt2_config(load_recipe(os.path.join(REPO, "configs", "gpt2", name + ".yaml")))
+        assert (cfg.n_layer, cfg.n_embd, cfg.n_positions, cfg.activation) == (40, 5120, 2048, "fast_gelu"), name

@@ -73,10 +73,11 @@ def evaluate_recipe(recipe, log=print, progress: bool = True) -> dict:
                 seconds=round(time.perf_counter() - start, 3))
 
 
-def predict_recipe(recipe, texts: list[str], batch_size: int | None = None, log=print) -> list[dict]:
+def predict_recipe(recipe, texts: list[str], batch_size: int | None = None, log=print) -> dict:
     """Continuations of `texts` (left-padded batches of batch_size, default runner_config.batch_size) with the
     recipe's generation settings (max_decode_length = prompt + new tokens, top_k, top_p, do_sample,
-    repetition_penalty, seed). Returns [dict(prompt, text)]."""
+    repetition_penalty, seed). Returns dict(results=[dict(prompt, text)], new_tokens, seconds): the new tokens
+    counted by re-tokenizing the generated text, the seconds of the generation (loading not included)."""
     from ..generation import generate_text
     from ..tokenizer import default_tokenizer_dir, load_tokenizer
     from ..eval.runner import tokenizer_for
@@ -93,5 +94,9 @@ def predict_recipe(recipe, texts: list[str], batch_size: int | None = None, log=
     kw = dict(max_decode_length=settings["max_decode_length"], do_sample=settings["do_sample"],
               top_k=settings["top_k"], top_p=settings["top_p"], temperature=settings["temperature"],
               repetition_penalty=settings["repetition_penalty"], seed=recipe.seed)
+    start = time.perf_counter()
     outputs = generate_text(model, tokenizer, texts, batch_size=batch_size or recipe.runner_config.batch_size, **kw)
-    return [dict(prompt=prompt, text=text) for prompt, text in zip(texts, outputs)]
+    dev.synchronize(device)
+    seconds = time.perf_counter() - start
+    return dict(results=[dict(prompt=prompt, text=text) for prompt, text in zip(texts, outputs)],
+                new_tokens=sum(len(tokenizer(text).input_ids) for text in outputs), seconds=round(seconds, 3))
