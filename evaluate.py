@@ -39,7 +39,8 @@ def parse_args(argv=None):
     p.add_argument("--mindformers_compat", action="store_true",
                    help="prepare raw WikiText exactly like MindFormers' script (drops the last passage)")
     p.add_argument("--max_length", type=int, default=128, help="text_classification row length (default 128)")
-    p.add_argument("--dataset_name", choices=("sst_2", "cola", "imdb", "ag_news"), default="sst_2",
+    from gpt2_ascend.data.txtcls import DATASETS
+    p.add_argument("--dataset_name", choices=DATASETS, default="sst_2",
                    help="text_classification: the raw file's layout (MindFormers' names; see docs/data.md)")
     p.add_argument("--batch_size", type=int, help="default 8 for perplexity, 32 for text_classification")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda[:N] or npu[:N]")

@@ -19,7 +19,9 @@ from typing import Any
 
 import yaml
 
-from ..config import GPT2Config
+from ..config import INIT_STYLES, GPT2Config
+from ..data.txtcls import DATASETS as TXTCLS_DATASETS  # MindFormers' txtcls_dataset_to_mindrecord.py names
+from .optim import UPDATE_RULES
 
 # MindFormers' activation names -> ours. MindFormers' GPT-2 "gelu" is the tanh approximation (HF gelu_new).
 HIDDEN_ACT = {"gelu": "gelu_new", "gelu_new": "gelu_new", "fast_gelu": "fast_gelu", "gelu_exact": "gelu"}
@@ -29,14 +31,12 @@ SCHEDULE_TYPES = {"polynomial": "polynomial", "PolynomialWithWarmUpLR": "polynom
                   "constant_with_warmup": "constant"}
 # AdamW is torch's (bias-corrected); MindFormers' names compute MindSpore's AdamWeightDecay rule (no bias
 # correction), see train/optim.py UPDATE_RULES. The fused kernel is picked per device by gpt2_ascend.ops.adamw.
-OPTIMIZER_TYPES = ("AdamW", "FusedAdamWeightDecay", "FP32StateAdamWeightDecay", "AdamWeightDecay")
-INIT_STYLES = ("hf", "mindformers")
+OPTIMIZER_TYPES = tuple(UPDATE_RULES)
 DEFAULT_INIT_RANGE = {"hf": 0.02, "mindformers": 0.01}  # MindSpore's initializer('normal') draws N(0, 0.01)
 ARCHS = ("GPT2LMHeadModel", "GPT2ForSequenceClassification")
 # MindFormers' metric names this project computes (run_mode eval, train.py); its others (ADGENMetric, EmF1Metric,
 # ...) belong to tasks GPT-2 does not have here and are refused by name.
 METRICS = ("PerplexityMetric", "Accuracy")
-TXTCLS_DATASETS = ("sst_2", "cola", "imdb", "ag_news")  # MindFormers' txtcls_dataset_to_mindrecord.py names
 
 
 class Recipe(dict):
