@@ -9,6 +9,13 @@ from typing import ClassVar, Optional
 
 ACTIVATIONS = ("gelu_new", "fast_gelu", "gelu")
 ATTN_IMPLEMENTATIONS = ("eager", "sdpa", "npu", "auto")
+# How a fresh model is initialised (GPT2PreTrainedModel.init_weights):
+#   hf:          HF GPT-2's: N(0, initializer_range) for embeddings and Linear weights, the residual projections
+#                (c_proj) N(0, initializer_range / sqrt(2 n_layer)); biases 0, LayerNorm 1 / 0.
+#   mindformers: MindFormers' GPT-2 (MindSpore's initializer('normal'), sigma 0.01: set initializer_range 0.01):
+#                N(0, initializer_range) for both embeddings and every Linear weight, no residual scaling;
+#                biases 0, LayerNorm 1 / 0.
+INIT_STYLES = ("hf", "mindformers")
 
 # MindFormers' shapes (see DESIGN.md). vocab 50257, eps 1e-5 and dropout 0.1 everywhere.
 PRESETS = {
@@ -66,6 +73,7 @@ class GPT2Config:
     attn_pdrop: float = 0.1
     resid_pdrop: float = 0.1
     initializer_range: float = 0.02
+    init_style: str = "hf"  # hf | mindformers (INIT_STYLES)
     tie_word_embeddings: bool = True
     num_labels: int = 2
     pad_token_id: int = 50256
@@ -84,6 +92,8 @@ class GPT2Config:
     def validate(self):
         if self.activation not in ACTIVATIONS:
             raise ValueError(f"unknown activation {self.activation!r}: use one of {', '.join(ACTIVATIONS)}")
+        if self.init_style not in INIT_STYLES:
+            raise ValueError(f"unknown init_style {self.init_style!r}: use one of {', '.join(INIT_STYLES)}")
         if self.attn_implementation not in ATTN_IMPLEMENTATIONS:
             raise ValueError(f"unknown attn_implementation {self.attn_implementation!r}: "
                              f"use one of {', '.join(ATTN_IMPLEMENTATIONS)}")
@@ -203,7 +213,8 @@ class GPT2Config:
             labels = self.id2label or {i: f"LABEL_{i}" for i in range(self.num_labels)}
             hf["id2label"] = {str(k): v for k, v in labels.items()}
             hf["label2id"] = {v: int(k) for k, v in labels.items()}
-        extras = {k: getattr(self, k) for k in ("attn_implementation", "gradient_checkpointing", "pad_vocab_size_multiple")
+        extras = {k: getattr(self, k) for k in ("attn_implementation", "gradient_checkpointing", "pad_vocab_size_multiple",
+                                                "init_style")
                   if getattr(self, k) != getattr(GPT2Config, k)}
         if extras:
             hf["gpt2_ascend"] = extras

@@ -29,9 +29,16 @@ def hf_std(name: str, config) -> float:
     return config.initializer_range / (math.sqrt(2 * config.n_layer) if residual else 1.0)
 
 
+def mindformers_std(name: str, config) -> float:
+    """MindFormers' GPT-2 init (MindSpore's normal): N(0, initializer_range) for every weight, both embeddings
+    and the heads included, no residual scaling (its recipes leave initializer_range at 0.01)."""
+    return config.initializer_range
+
+
 # scheme -> (recipe overrides that select it, the std of each weight by parameter name)
 SCHEMES = {
     "hf": ([], hf_std),
+    "mindformers": (["model.model_config.init_style=mindformers"], mindformers_std),
 }
 
 

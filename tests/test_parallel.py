@@ -150,6 +150,16 @@ def test_layout_matches_one_process(workdir, single, name, nproc, layout):
     assert recorded == asked_layout(layout)
 
 
+def test_global_batch_is_kept_by_accumulation_on_fewer_processes(workdir):
+    """runner_config.global_batch_size: one process accumulating 2 micro-batches trains exactly like 2 processes
+    (here sharded, FSDP2) with one each, with MindSpore's optimizer rule and MindFormers' init."""
+    common = ["runner_config.global_batch_size=8", "runner_config.batch_size=4", "optimizer.type=FusedAdamWeightDecay",
+              "model.model_config.init_style=mindformers"]
+    one = run(workdir, "global_batch_1", 1, *common)
+    two = run(workdir, "global_batch_2", 2, "parallel.data_parallel=2", "parallel.optimizer_shard=true", *common)
+    assert_same_run(two, one)
+
+
 @pytest.mark.parametrize("name, layout", [
     ("cls_pp", ["parallel.pipeline_stage=2", "parallel.micro_batch_num=2"]),
     ("cls_dp", ["parallel.data_parallel=2", "runner_config.batch_size=4"]),
@@ -246,7 +256,8 @@ def test_resume_after_kill_on_two_processes(workdir):
 
 
 def test_resume_on_a_different_layout(workdir):
-    six = ["--max_steps", "6", "callbacks.CheckpointMonitor.save_checkpoint_steps=3"]
+    # MindSpore's optimizer rule: its step count lives in the optimizer's param_groups, which DCP must carry over
+    six = ["--max_steps", "6", "callbacks.CheckpointMonitor.save_checkpoint_steps=3", "optimizer.type=FusedAdamWeightDecay"]
     tp = run(workdir, "relayout_tp", 2, *six, "parallel.model_parallel=2")
     moved = workdir / "relayout_dp"
     shutil.copytree(tp, moved)

@@ -263,7 +263,8 @@ class ParallelTrainer(Trainer):
     def clip_gradients(self) -> torch.Tensor:
         """One norm over shards (DTensor placements) and pipeline stages, the tied head's copy counted once."""
         duplicates = self.pm.tied.duplicates if self.pm.tied is not None else ()
-        return clip_grad_norm(self.params, self.settings.max_grad_norm or 0.0, self.ctx.pp_group, duplicates)
+        return clip_grad_norm(self.params, self.settings.max_grad_norm or 0.0, self.ctx.pp_group, duplicates,
+                              rule=self.settings.step_rule)
 
     def _pipeline_loss(self, batch: dict) -> torch.Tensor:
         if self.scaler is not None:

@@ -8,14 +8,13 @@ full tensor read once (memory-mapped) and cut to this rank's shard.
 """
 from __future__ import annotations
 
-import math
-
 import torch
 import torch.distributed as dist
 import torch.nn as nn
 
 from ..config import GPT2Config
 from ..hf import is_conv1d, normalize_hf_name, weight_files
+from ..model import init_std
 from .tensor_parallel import per_head_order
 
 
@@ -36,15 +35,13 @@ def fill_(param: torch.Tensor, full: torch.Tensor):
 
 
 def init_sharded(core: nn.Module, config: GPT2Config):
-    """GPT-2's init on (possibly sharded) parameters: N(0, 0.02), residual projections scaled by
-    1/sqrt(2 n_layer), zero biases, unit norms. Every rank draws with the same seed, so DTensor's random
-    ops give one consistent logical tensor whatever the layout (not the same draws as one process)."""
-    std = config.initializer_range
+    """GPT-2's init on (possibly sharded) parameters, the stds of model.init_std (config.init_style), zero
+    biases, unit norms. Every rank draws with the same seed, so DTensor's random ops give one consistent
+    logical tensor whatever the layout (not the same draws as one process)."""
     with torch.no_grad():
         for name, module in core.named_modules():
             if isinstance(module, (nn.Linear, nn.Embedding)):
-                scale = 1.0 / math.sqrt(2 * config.n_layer) if name.endswith("c_proj") else 1.0
-                module.weight.normal_(0.0, std * scale)
+                module.weight.normal_(0.0, init_std(config, name))
                 if getattr(module, "bias", None) is not None:
                     module.bias.zero_()
             elif isinstance(module, nn.LayerNorm):
