@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import shlex
 import sys
 
 EPILOG = """examples:
@@ -98,15 +99,47 @@ def report_error(e: Exception):
     print_error(e, prefix)
 
 
+def resume_command(argv=None) -> str:
+    """This command with --resume auto in place of --resume X / --overwrite_output_dir: how to continue."""
+    args, kept = list(sys.argv[1:] if argv is None else argv), []
+    while args:
+        arg = args.pop(0)
+        if arg == "--resume" and args:
+            args.pop(0)
+        elif not (arg.startswith(("--resume=", "resume_training=")) or arg == "--overwrite_output_dir"):
+            kept.append(arg)
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    launcher = ["torchrun", "--nproc_per_node", os.environ.get("LOCAL_WORLD_SIZE", str(world))] if world > 1 \
+        else ["python"]
+    return shlex.join([*launcher, "train.py", *kept, "--resume", "auto"])
+
+
+def report_interrupt(e: BaseException, argv) -> int:
+    """Ctrl-C / SIGTERM: one line on rank 0 (where the checkpoint is, how to continue); exit 128 + signal."""
+    import signal
+    signum = getattr(e, "signum", signal.SIGINT)
+    if int(os.environ.get("RANK", "0")) == 0:
+        name = signal.Signals(signum).name
+        if getattr(e, "checkpoint", None):
+            what = f"interrupted by {name} after step {e.step}, checkpoint saved: {e.checkpoint}"
+        else:
+            what = f"interrupted by {name}: stopped at once (complete checkpoints are intact)"
+        print(f"error: {what}; to continue: {resume_command(argv)}", file=sys.stderr, flush=True)
+    return 128 + signum
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
     from gpt2_ascend.train.checkpoint import CheckpointError
+    from gpt2_ascend.train.interrupt import TrainingInterrupted
     from gpt2_ascend.train.recipe import load_recipe
     from gpt2_ascend.train.trainer import TrainingStopped, run_training
 
     try:
         recipe = load_recipe(args.config, overrides_from_flags(args) + list(args.overrides))
         summary = run_training(recipe, overwrite=args.overwrite_output_dir)
+    except (TrainingInterrupted, KeyboardInterrupt) as e:
+        return report_interrupt(e, argv)
     except (ValueError, FileNotFoundError, CheckpointError, TrainingStopped, RuntimeError, OSError) as e:
         report_error(e)
         return 2

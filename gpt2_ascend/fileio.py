@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import tempfile
 
@@ -49,5 +50,18 @@ def atomic_write(path: str, write) -> None:
 
 
 def write_json(obj, path: str) -> None:
-    """Pretty JSON with a trailing newline, written atomically."""
-    atomic_write(path, lambda f: f.write((json.dumps(obj, indent=2) + "\n").encode("utf-8")))
+    """Pretty, strict JSON (non-finite numbers as null) with a trailing newline, written atomically."""
+    text = json.dumps(json_safe(obj), indent=2, allow_nan=False) + "\n"
+    atomic_write(path, lambda f: f.write(text.encode("utf-8")))
+
+
+def json_safe(obj):
+    """obj with every NaN / inf float replaced by None: JSON has no such numbers (Python's NaN / Infinity
+    tokens make a file other parsers reject)."""
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return None
+    if isinstance(obj, dict):
+        return {k: json_safe(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [json_safe(v) for v in obj]
+    return obj

@@ -23,6 +23,7 @@ from .store import save_arrays, sha256_file
 from .text import resolve_tokenizer
 
 DATASETS = ("sst_2", "cola")
+LABELS = {"sst_2": (0, 1), "cola": (0, 1)}  # GLUE's label sets: both tasks are binary
 
 
 def _row(dataset_name: str, line: str, where: str) -> tuple[str, str]:
@@ -49,11 +50,15 @@ def read_txtcls(path: str, dataset_name: str = "sst_2") -> tuple[list[str], np.n
                     continue
                 sentence, label = _row(dataset_name, line, f"{path} line {number}")
                 try:
-                    labels.append(int(label))
+                    value = int(label)
                 except ValueError:
                     if number == 1:  # the GLUE header row: sentence<TAB>label
                         continue
                     raise ValueError(f"{path} line {number}: label {label!r} is not an integer") from None
+                if value not in LABELS[dataset_name]:  # here, not at the first training step that meets it
+                    raise ValueError(f"{path} line {number}: label {value} is not a {dataset_name} label (expected "
+                                     f"{' or '.join(map(str, LABELS[dataset_name]))})")
+                labels.append(value)
                 sentences.append(sentence)
     except UnicodeDecodeError as e:
         raise ValueError(f"{path} is not UTF-8 text (byte 0x{e.object[e.start]:02x}): convert it to UTF-8") from None
