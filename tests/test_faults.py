@@ -30,6 +30,7 @@ from gpt2_ascend.train.interrupt import Interrupted, StopOnSignal
 from gpt2_ascend.train.metrics import read_metrics
 from gpt2_ascend.train.rundir import OutputDirLock
 from helpers.faults import assert_kept, assert_one_error, digest
+from test_parallel import _port as free_port, descendants, kill_tree
 
 train = load_script("train.py")
 evaluate = load_script("evaluate.py")
@@ -371,12 +372,19 @@ def test_a_locked_output_dir_names_the_holder(world, run, capsys):
 # real processes: signals, kill -9, the lock of a running run
 # ---------------------------------------------------------------------------------------------
 class Process:
-    """train.py as a user runs it; stderr is collected by a thread so that a test can wait for a line."""
+    """train.py as a user runs it (or under torchrun); stderr is collected by a thread so that a test can
+    wait for a line. Whatever is still running when the test ends is killed, workers included."""
+    running: list = []
 
-    def __init__(self, *args):
+    def __init__(self, *args, torchrun: int = 0):
         env = dict(os.environ, PYTHONPATH=REPO, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
-        self.proc = subprocess.Popen([sys.executable, os.path.join(REPO, "train.py"), *map(str, args)], cwd=REPO,
+        launcher = [sys.executable]
+        if torchrun:
+            launcher += ["-m", "torch.distributed.run", "--nproc_per_node", str(torchrun), "--master_port",
+                         str(free_port())]
+        self.proc = subprocess.Popen([*launcher, os.path.join(REPO, "train.py"), *map(str, args)], cwd=REPO,
                                      env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        Process.running.append(self.proc)
         self.err_lines: list[str] = []
         self.reader = threading.Thread(target=lambda: self.err_lines.extend(self.proc.stderr), daemon=True)
         self.reader.start()
@@ -389,10 +397,24 @@ class Process:
             time.sleep(0.01)
 
     def finish(self, timeout: float = 120) -> tuple[int, str]:
+        """The exit code and stderr; a process that does not end in time (a hang) fails the test."""
+        try:
+            code = self.proc.wait(timeout)
+        finally:
+            if self.proc.poll() is None:
+                kill_tree(self.proc.pid)
         self.proc.stdout.read()
-        code = self.proc.wait(timeout)
         self.reader.join(timeout)
         return code, "".join(self.err_lines)
+
+
+@pytest.fixture(autouse=True)
+def no_leftover_processes():
+    yield
+    while Process.running:
+        proc = Process.running.pop()
+        if proc.poll() is None:
+            kill_tree(proc.pid)
 
 
 def _stepped(output_dir, step: int):
@@ -401,23 +423,55 @@ def _stepped(output_dir, step: int):
 
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
 def test_a_signal_saves_the_step_and_says_how_to_resume(sig, world, tmp_path, capsys):
-    out = tmp_path / "out"
-    p = Process("--config", world["recipe"], "--output_dir", out, "--max_steps", "100000")
+    out, rarely = tmp_path / "out", "callbacks=[{type: CheckpointMonitor, save_checkpoint_steps: 1000}]"
+    p = Process("--config", world["recipe"], "--output_dir", out, "--max_steps", "100000", rarely)
     p.wait_for(_stepped(out, 1), "first step")
     p.proc.send_signal(sig)
     code, err = p.finish()
     assert code == 128 + sig
     last = assert_one_error(err, f"interrupted by {sig.name} after step", "checkpoint saved:",
                             f"to continue: python train.py --config {world['recipe']} --output_dir {out} "
-                            f"--max_steps 100000 --resume auto")
+                            f"--max_steps 100000 '{rarely}' --resume auto")
     step = int(last.split("after step ")[1].split(",")[0])
-    assert checkpoint_steps(out)[-1] == step and f"step_{step:07d}" in last
+    assert checkpoint_steps(out) == [step] and f"step_{step:07d}" in last  # saved for the signal
     ckpt.verify_checkpoint(str(out / "checkpoint" / ckpt.step_dir_name(step)))
     assert not (out / ".lock").exists()
     if sig == signal.SIGINT:  # and the resumed run goes on exactly as if never stopped
         code, _, err = train_in(capsys, world, out, "--max_steps", step + 2, "--resume", "auto")
         assert code == 0, err
         assert losses(out) == world["losses"][:step + 2]
+
+
+def _worker(launcher_pid: int, rank: int) -> int:
+    for pid in descendants(launcher_pid):
+        try:
+            with open(f"/proc/{pid}/environ", "rb") as f:
+                if f"RANK={rank}".encode() in f.read().split(b"\0"):
+                    return pid
+        except OSError:
+            pass
+    raise AssertionError(f"no rank {rank} worker under {launcher_pid}")
+
+
+def test_sigterm_to_one_rank_under_torchrun_stops_every_rank_at_one_step(world, tmp_path):
+    """A signal reaches the workers at different moments (here: only rank 1 gets it); the ranks agree on the
+    step, save the sharded checkpoint together and exit, rank 0 alone saying so. (torchrun itself then
+    reports the workers' exit with a traceback of its own: not ours to shape.)"""
+    out, rarely = tmp_path / "out", "callbacks=[{type: CheckpointMonitor, save_checkpoint_steps: 1000}]"
+    p = Process("--use_parallel", "True", "--config", world["recipe"], "--output_dir", out, "--max_steps", "100000",
+                "parallel.data_parallel=2", "runner_config.batch_size=1", rarely, torchrun=2)
+    p.wait_for(_stepped(out, 1), "first step", timeout=240)
+    os.kill(_worker(p.proc.pid, 1), signal.SIGTERM)
+    code, err = p.finish()
+    assert code != 0
+    ours = [line for line in err.splitlines() if line.startswith("error: ")]
+    assert len(ours) == 1 and "interrupted by SIGTERM after step" in ours[0], err[-3000:]
+    assert "to continue: torchrun --nproc_per_node 2 train.py --use_parallel True" in ours[0]
+    step = int(ours[0].split("after step ")[1].split(",")[0])
+    assert checkpoint_steps(out) == [step]
+    manifest = ckpt.verify_checkpoint(str(out / "checkpoint" / ckpt.step_dir_name(step)))
+    assert {"rank_0.pt", "rank_1.pt"} <= set(manifest["files"]) and manifest["step"] == step
+    assert not (out / ".lock").exists()
 
 
 def test_a_second_sigint_stops_at_once_and_corrupts_nothing(world, tmp_path):
