@@ -101,6 +101,7 @@ def report_error(e: Exception):
 
 def resume_command(argv=None) -> str:
     """This command with --resume auto in place of --resume X / --overwrite_output_dir: how to continue."""
+    script = sys.argv[0] if argv is None else "train.py"  # as the user typed it
     args, kept = list(sys.argv[1:] if argv is None else argv), []
     while args:
         arg = args.pop(0)
@@ -111,7 +112,7 @@ def resume_command(argv=None) -> str:
     world = int(os.environ.get("WORLD_SIZE", "1"))
     launcher = ["torchrun", "--nproc_per_node", os.environ.get("LOCAL_WORLD_SIZE", str(world))] if world > 1 \
         else ["python"]
-    return shlex.join([*launcher, "train.py", *kept, "--resume", "auto"])
+    return shlex.join([*launcher, script, *kept, "--resume", "auto"])
 
 
 def report_interrupt(e: BaseException, argv) -> int:

@@ -37,6 +37,7 @@ evaluate = load_script("evaluate.py")
 generate = load_script("generate.py")
 to_hf = load_script("convert/mindspore_to_hf.py")
 FIXTURES = os.path.join(REPO, "tests", "fixtures")
+TRAIN = os.path.join(REPO, "train.py")
 REFERENCE_STEPS = 100
 
 MICRO = dict(
@@ -382,7 +383,7 @@ class Process:
         if torchrun:
             launcher += ["-m", "torch.distributed.run", "--nproc_per_node", str(torchrun), "--master_port",
                          str(free_port())]
-        self.proc = subprocess.Popen([*launcher, os.path.join(REPO, "train.py"), *map(str, args)], cwd=REPO,
+        self.proc = subprocess.Popen([*launcher, TRAIN, *map(str, args)], cwd=REPO,
                                      env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
         Process.running.append(self.proc)
         self.err_lines: list[str] = []
@@ -430,7 +431,7 @@ def test_a_signal_saves_the_step_and_says_how_to_resume(sig, world, tmp_path, ca
     code, err = p.finish()
     assert code == 128 + sig
     last = assert_one_error(err, f"interrupted by {sig.name} after step", "checkpoint saved:",
-                            f"to continue: python train.py --config {world['recipe']} --output_dir {out} "
+                            f"to continue: python {TRAIN} --config {world['recipe']} --output_dir {out} "
                             f"--max_steps 100000 '{rarely}' --resume auto")
     step = int(last.split("after step ")[1].split(",")[0])
     assert checkpoint_steps(out) == [step] and f"step_{step:07d}" in last  # saved for the signal
@@ -466,7 +467,7 @@ def test_sigterm_to_one_rank_under_torchrun_stops_every_rank_at_one_step(world, 
     assert code != 0
     ours = [line for line in err.splitlines() if line.startswith("error: ")]
     assert len(ours) == 1 and "interrupted by SIGTERM after step" in ours[0], err[-3000:]
-    assert "to continue: torchrun --nproc_per_node 2 train.py --use_parallel True" in ours[0]
+    assert f"to continue: torchrun --nproc_per_node 2 {TRAIN} --use_parallel True" in ours[0]
     step = int(ours[0].split("after step ")[1].split(",")[0])
     assert checkpoint_steps(out) == [step]
     manifest = ckpt.verify_checkpoint(str(out / "checkpoint" / ckpt.step_dir_name(step)))
