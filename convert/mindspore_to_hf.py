@@ -9,10 +9,13 @@ EXAMPLES = """examples:
   python convert/mindspore_to_hf.py --mindspore_path gpt2_small.ckpt --output_dir gpt2-hf
   python convert/mindspore_to_hf.py --mindspore_path gpt2_13b.ckpt --output_dir gpt2-13b --max_shard_size 10GB
   python convert/mindspore_to_hf.py --mindspore_path custom.ckpt --output_dir out --n_head 16 --activation gelu_new
+  python convert/mindspore_to_hf.py --mindspore_path gpt2_13b.ckpt --output_dir out --config run_gpt2_13b.yaml
 
-Layers, hidden size, vocab, positions and MLP width are read from the tensors. The number of heads is
---n_head, or the preset with the same hidden size (small 768 -> 12, medium 1024 -> 16, large 1280 -> 20,
-xl 1600 -> 25, 13b 5120 -> 40, 52b 8192 -> 32); the activation is the preset's unless --activation says.
+Layers, hidden size, vocab, positions and MLP width are read from the tensors. A .ckpt does not store the
+number of heads: it is --n_head, or model.model_config.num_heads of the MindFormers recipe given with
+--config (whose other sizes must match the tensors), or the preset with the same hidden size (small 768 ->
+12, medium 1024 -> 16, large 1280 -> 20, xl 1600 -> 25, 13b 5120 -> 40, 52b 8192 -> 32). The activation is
+--activation, else the recipe's hidden_act, else the preset's. The first output line is the shape used.
 Optimizer states (adam_m.*, adam_v.*) and bookkeeping entries (global_step, ...) are skipped and listed.
 Load the result with transformers.GPT2LMHeadModel.from_pretrained(DIR) or ours."""
 
@@ -21,7 +24,10 @@ def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, epilog=EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--mindspore_path", required=True, help="input .ckpt file")
     p.add_argument("--output_dir", required=True, help="output HF directory")
-    p.add_argument("--n_head", type=int, default=None, help="attention heads (default: the preset of the same width)")
+    p.add_argument("--n_head", type=int, default=None,
+                   help="attention heads (default: --config's num_heads, else the preset of the same width)")
+    p.add_argument("--config", default=None, metavar="RECIPE.yaml",
+                   help="the MindFormers recipe the model was trained with (model.model_config: num_heads, ...)")
     p.add_argument("--activation", choices=["gelu_new", "fast_gelu", "gelu"], default=None,
                    help="MLP activation (default: the preset's, gelu_new if none)")
     p.add_argument("--dtype", choices=["fp32", "fp16", "bf16"], default=None, help="cast weights (default: keep)")
@@ -34,14 +40,13 @@ def main(argv=None):
     try:
         s = mindspore_to_hf(args.mindspore_path, args.output_dir, n_head=args.n_head, activation=args.activation,
                             dtype=args.dtype, max_shard_size=args.max_shard_size, verify_crc=not args.no_crc_check,
-                            progress=lambda xs: tqdm(xs, desc="converting", unit="tensor", disable=None))
+                            progress=lambda xs: tqdm(xs, desc="converting", unit="tensor", disable=None),
+                            recipe=args.config, log=lambda line: print(line, flush=True))
     except (ValueError, OSError, KeyError) as e:
         print(f"error: {e.args[0] if isinstance(e, KeyError) and e.args else e}", file=sys.stderr)
         return 2
-    c = s["config"]
-    print(f"wrote {s['output_dir']}: {s['architecture']}, {c.n_layer} layers, hidden {c.n_embd}, {c.n_head} heads "
-          f"({s['heads_from']}), vocab {c.vocab_size}, positions {c.n_positions}, {c.activation}, "
-          f"{str(s['dtype']).replace('torch.', '')}, {len(s['files'])} file(s)")
+    print(f"wrote {s['output_dir']}: {s['architecture']}, {str(s['dtype']).replace('torch.', '')}, "
+          f"{len(s['files'])} file(s)")
     print(s["skipped_line"])
     return 0
 

@@ -17,7 +17,8 @@ import torch
 
 from .cli import error_line
 from .config import GPT2Config
-from .fileio import fsync_file, write_json  # noqa: F401  (fsync_file: re-exported)
+from .fileio import disk_full_error, fsync_file, is_disk_full, umask, write_json  # noqa: F401  (fsync_file: re-exported)
+from .safe_pickle import torch_load
 
 CONV1D_SUFFIXES = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
 BUFFER_SUFFIXES = (".attn.bias", ".attn.masked_bias")  # causal masks that old HF versions saved
@@ -153,24 +154,16 @@ def iter_tensors(files: Iterable[str]) -> Iterator[tuple[str, torch.Tensor]]:
             except Exception as e:
                 raise ValueError(f"cannot read {file}: {e} (corrupt or truncated safetensors file)") from None
         else:
-            try:
-                state = load_torch_file(file)
-            except Exception as e:
-                raise ValueError(f"cannot read {file}: {str(e).splitlines()[0]} (corrupt, truncated or not a "
-                                 f"PyTorch weights file)") from None
+            state = load_torch_file(file)
             if not isinstance(state, dict):
                 raise ValueError(f"{file} holds a {type(state).__name__}, not a state dict of tensors")
             yield from state.items()
 
 
 def load_torch_file(file: str):
-    """torch.load with weights_only (never unpickle code); memory-mapped when the file format allows."""
-    try:
-        return torch.load(file, map_location="cpu", weights_only=True, mmap=True)
-    except RuntimeError as e:
-        if "mmap" not in str(e):
-            raise
-        return torch.load(file, map_location="cpu", weights_only=True)
+    """torch.load with weights_only (never unpickle code: UnsafeFileError), memory-mapped when the file format
+    allows; a file that cannot be read is one ValueError line naming it."""
+    return torch_load(file, mmap=True)
 
 
 def read_state_dict(path: str) -> dict:
@@ -246,28 +239,43 @@ def model_from_state(cls, config: GPT2Config, state: dict, source: str, dtype=No
     return model.eval()
 
 
-def atomic_directory(output_dir: str):
-    """A temporary sibling directory to fill, then `commit()` swaps it into place."""
-    return _AtomicDir(output_dir)
+def atomic_directory(output_dir: str, size: int | None = None):
+    """A temporary sibling directory to fill, swapped into place when the `with` block ends without error and
+    removed on any failure (the commit's included); a full disk is DiskFullError naming `size` bytes."""
+    return _AtomicDir(output_dir, size)
 
 
 class _AtomicDir:
-    def __init__(self, output_dir: str):
+    def __init__(self, output_dir: str, size: int | None = None):
         self.final = os.path.abspath(output_dir)
+        if os.path.exists(self.final) and not os.path.isdir(self.final):
+            raise ValueError(f"{output_dir} is a file, not a directory: pass another output directory")
         parent = os.path.dirname(self.final)
         os.makedirs(parent, exist_ok=True)
+        self.size = size
         self.tmp = tempfile.mkdtemp(prefix="." + os.path.basename(self.final) + ".tmp-", dir=parent)
-        self.umask = os.umask(0)
-        os.umask(self.umask)
+        self.umask = umask()
         os.chmod(self.tmp, 0o777 & ~self.umask)  # mkdtemp makes it private; the export is an ordinary folder
 
     def __enter__(self):
         return self.tmp
 
     def __exit__(self, exc_type, exc, tb):
+        try:
+            if exc_type is None:
+                self._commit()
+        except BaseException as e:
+            shutil.rmtree(self.tmp, ignore_errors=True)
+            if is_disk_full(e):
+                raise disk_full_error(os.path.dirname(self.final), self.size, self.final) from None
+            raise
         if exc_type is not None:
             shutil.rmtree(self.tmp, ignore_errors=True)
-            return False
+            if is_disk_full(exc):
+                raise disk_full_error(os.path.dirname(self.final), self.size, self.final) from None
+        return False
+
+    def _commit(self):
         for name in os.listdir(self.tmp):
             path = os.path.join(self.tmp, name)
             if os.path.isfile(path):  # some writers use private temp files; give them the usual mode
@@ -283,7 +291,6 @@ class _AtomicDir:
             shutil.rmtree(self.tmp, ignore_errors=True)
         else:
             os.replace(self.tmp, self.final)
-        return False
 
 
 def parse_size(size) -> int:
@@ -339,6 +346,6 @@ def save_pretrained(model, output_dir: str, dtype=None, max_shard_size=None, sta
     hf_state = {k: (v.to(dtype) if dtype else v).detach().cpu() for k, v in ours_to_hf(state, config).items()}
     hf_config = config.to_hf_dict(model.hf_architecture)
     hf_config["torch_dtype"] = str(next(iter(hf_state.values())).dtype).replace("torch.", "")
-    with atomic_directory(output_dir) as tmp:
+    with atomic_directory(output_dir, size=sum(t.numel() * t.element_size() for t in hf_state.values())) as tmp:
         write_json(hf_config, os.path.join(tmp, "config.json"))
         write_safetensors(hf_state, tmp, max_shard_size)

@@ -1,6 +1,7 @@
 """GPT-2's byte-level BPE tokenizer, as a transformers fast tokenizer (eos = pad = bos = 50256)."""
 from __future__ import annotations
 
+import json
 import os
 import shutil
 
@@ -24,6 +25,47 @@ def default_tokenizer_dir() -> str:
     return os.path.join(default_data_dir(), "gpt2")
 
 
+def check_bpe_files(vocab_path: str, merges_path: str):
+    """vocab.json and merges.txt must be whole and a pair: a damaged file is one ValueError naming it (the
+    tokenizers library raises a bare Exception, and reads a truncated merges.txt without complaint, tokenizing
+    differently)."""
+    try:
+        with open(vocab_path, encoding="utf-8") as f:
+            vocab = json.load(f)
+        if not isinstance(vocab, dict) or not all(isinstance(i, int) for i in vocab.values()):
+            raise ValueError("not a JSON object of token -> id")
+    except (UnicodeDecodeError, ValueError) as e:
+        raise ValueError(f"{vocab_path} is damaged or not a BPE vocabulary ({str(e).splitlines()[0]}): "
+                         f"re-copy the tokenizer files") from None
+    try:
+        with open(merges_path, encoding="utf-8") as f:
+            lines = f.read().split("\n")
+    except UnicodeDecodeError as e:
+        raise ValueError(f"{merges_path} is damaged: not UTF-8 text ({e.reason} at byte {e.start}); re-copy the "
+                         f"tokenizer files") from None
+    merges = [line.split(" ") for line in lines if line and not line.startswith("#version")]
+    bad = next((i for i, pair in enumerate(merges) if len(pair) != 2), None)
+    if bad is not None:
+        raise ValueError(f"{merges_path} is damaged: merge {bad + 1} is {' '.join(merges[bad])!r}, not two tokens; "
+                         f"re-copy the tokenizer files")
+    _check_every_token_is_made(vocab, merges, vocab_path, merges_path)
+
+
+def _check_every_token_is_made(vocab: dict, merges: list, vocab_path: str, merges_path: str):
+    """In a byte-level BPE every multi-character token but the specials (<|endoftext|>) is some merge's result:
+    tokens no merge makes mean merges.txt lost its end, or the two files are not a pair."""
+    made = {a + b for a, b in merges}
+    orphans = [t for t in vocab if len(t) > 1 and t not in made and not (t.startswith("<") and t.endswith(">"))]
+    if orphans:
+        raise ValueError(f"{merges_path} has {len(merges)} merges, but {len(orphans)} tokens of {vocab_path} (e.g. "
+                         f"{orphans[0]!r}) are made by none of them: merges.txt is truncated or from another "
+                         f"tokenizer; re-copy the tokenizer files")
+    unknown = next((pair for pair in merges if pair[0] not in vocab or pair[1] not in vocab), None)
+    if unknown is not None:
+        raise ValueError(f"{merges_path} merges {' '.join(unknown)!r}, which are not both in {vocab_path}: the two "
+                         f"files are not a pair; re-copy the tokenizer files")
+
+
 def _from_vocab_and_merges(vocab: str, merges: str):
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors
     from transformers import PreTrainedTokenizerFast
@@ -44,11 +86,17 @@ def load_tokenizer(path_or_hub_id: str | None = None):
     if os.path.isdir(path):
         vocab, merges = os.path.join(path, "vocab.json"), os.path.join(path, "merges.txt")
         if os.path.isfile(vocab) and os.path.isfile(merges):
+            check_bpe_files(vocab, merges)
             tok = _from_vocab_and_merges(vocab, merges)
         elif os.path.isfile(os.path.join(path, "tokenizer.json")):
             from transformers import PreTrainedTokenizerFast
-            tok = PreTrainedTokenizerFast(tokenizer_file=os.path.join(path, "tokenizer.json"), bos_token=EOS_TOKEN,
-                                          eos_token=EOS_TOKEN, unk_token=EOS_TOKEN)
+            file = os.path.join(path, "tokenizer.json")
+            try:
+                tok = PreTrainedTokenizerFast(tokenizer_file=file, bos_token=EOS_TOKEN, eos_token=EOS_TOKEN,
+                                              unk_token=EOS_TOKEN)
+            except Exception as e:  # noqa: BLE001 - tokenizers raises a bare Exception
+                raise ValueError(f"{file} is damaged or not a tokenizer ({str(e).strip().splitlines()[0]}): "
+                                 f"re-copy the tokenizer files") from None
         else:
             raise FileNotFoundError(f"no tokenizer in {path}: expected vocab.json + merges.txt or tokenizer.json")
     elif os.path.exists(path) or path.startswith((".", "/", "~")):

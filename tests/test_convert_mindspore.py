@@ -267,7 +267,9 @@ def test_mindspore_written_gpt2_with_optimizer_states(tmp_path, capsys):
     assert "error: cannot tell the number of attention heads of a 8-wide model" in capsys.readouterr().err
     assert main(["--mindspore_path", path, "--output_dir", str(tmp_path / "hf"), "--n_head", "2"]) == 0
     out = capsys.readouterr().out.splitlines()
-    assert out[1] == ("skipped 6: 4 optimizer states (adam_m.*, adam_v.*); 2 bookkeeping entries "
+    assert out[0] == ("shape: 2 layers, hidden 8, 2 heads (from --n_head), vocab 16, positions 8, MLP 32, "
+                      "activation gelu_new")  # first, so a wrong head count shows before anything is written
+    assert out[2] == ("skipped 6: 4 optimizer states (adam_m.*, adam_v.*); 2 bookkeeping entries "
                       "(global_step, scale_sense)")
     model = transformers.GPT2LMHeadModel.from_pretrained(tmp_path / "hf").eval()
     weights, _ = micro_gpt2_arrays()
@@ -280,6 +282,55 @@ def test_mindspore_written_gpt2_with_optimizer_states(tmp_path, capsys):
     ms = {k: torch.from_numpy(v) for k, v in weights.items()}
     with torch.no_grad():
         assert max_diff(model(ids).logits, mindformers_reference_logits(ms, ids, n_head=2)) <= 1e-5
+
+
+def test_head_count_from_a_mindformers_recipe(tmp_path, capsys):
+    """A .ckpt does not store the head count: --config RECIPE.yaml supplies it (and must agree with the tensors)."""
+    import json
+    import yaml
+    path = os.path.join(FIXTURES, "mindspore_gpt2_micro.ckpt")
+    main = cli("mindspore_to_hf")
+
+    def recipe(name, **model_config):
+        file = tmp_path / name
+        file.write_text(yaml.safe_dump({"model": {"model_config": dict(dict(num_layers=2, hidden_size=8, vocab_size=16),
+                                                                          **model_config)}}))
+        return str(file)
+
+    good = recipe("run_gpt2_micro.yaml", num_heads=2, hidden_act="fast_gelu")
+    assert main(["--mindspore_path", path, "--output_dir", str(tmp_path / "hf"), "--config", good]) == 0
+    first = capsys.readouterr().out.splitlines()[0]
+    assert first.startswith(f"shape: 2 layers, hidden 8, 2 heads (from {good}),") and "fast_gelu" in first
+    config = json.loads((tmp_path / "hf" / "config.json").read_text())
+    assert config["n_head"] == 2 and config["activation_function"] == "quick_gelu"
+    for args, message in [
+        (["--config", recipe("four.yaml", num_heads=4), "--n_head", "2"], "--n_head 2 but"),
+        (["--config", recipe("deep.yaml", num_heads=2, num_layers=3)], "model.model_config.num_layers=3 but the checkpoint has 2"),
+        (["--config", recipe("nohead.yaml")], "has no model.model_config.num_heads"),
+        (["--config", str(tmp_path / "missing.yaml")], "missing.yaml: file not found"),
+        (["--n_head", "3"], "3 heads (--n_head) do not divide the hidden size 8"),
+    ]:
+        assert main(["--mindspore_path", path, "--output_dir", str(tmp_path / "bad"), *args]) == 2, args
+        err = capsys.readouterr().err
+        assert err.startswith("error: ") and message in err and err.count("\n") == 1, err
+        assert not (tmp_path / "bad").exists()
+
+
+def test_hf_config_that_disagrees_with_the_weights_is_refused(tmp_path, capsys):
+    import json
+    hf = hf_model(tiny_config())
+    hf.save_pretrained(tmp_path / "hf")
+    config = json.loads((tmp_path / "hf" / "config.json").read_text())
+    to_ms = cli("hf_to_mindspore")
+    for key, value, message in [("n_layer", 4, "says n_layer=4 but the weights have 2"),
+                                ("n_positions", 256, "says n_positions=256 but the weights have"),
+                                ("vocab_size", 600, "says vocab_size=600 but the word embedding has 512 rows")]:
+        (tmp_path / "hf" / "config.json").write_text(json.dumps(dict(config, **{key: value})))
+        capsys.readouterr()
+        assert to_ms(["--torch_path", str(tmp_path / "hf"), "--mindspore_path", str(tmp_path / "m.ckpt")]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith("error: ") and message in err and err.count("\n") == 1, err
+        assert not (tmp_path / "m.ckpt").exists() and os.listdir(tmp_path) == ["hf"]  # no temporary left
 
 
 def test_conversion_errors(tmp_path, capsys):

@@ -106,10 +106,15 @@ def test_complete_stale_part_file_is_started_over(payload, tmp_path):
 
 
 def test_http_error_is_one_line(payload, tmp_path):
-    folder, _, sha = payload
+    folder, data, sha = payload
     with FileServer(folder) as srv:
         with pytest.raises(OSError, match=r"download of http://127.0.0.1:\d+/missing.bin failed: HTTP 404"):
             dl.download(f"{srv.url}/missing.bin", str(tmp_path / "m.bin"), sha, progress=False)
+        assert sorted(os.listdir(tmp_path)) == ["served"]  # no empty m.bin.part left behind
+        (tmp_path / "m.bin.part").write_bytes(data[:1000])  # a partial download is kept, to resume later
+        with pytest.raises(OSError, match="HTTP 404"):
+            dl.download(f"{srv.url}/missing.bin", str(tmp_path / "m.bin"), sha, progress=False)
+        assert (tmp_path / "m.bin.part").read_bytes() == data[:1000]
 
 
 def test_ensure_data_dir_fetches_missing_files_from_mirror(data_dir, tmp_path, monkeypatch):

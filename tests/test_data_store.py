@@ -1,11 +1,12 @@
 """The .npy + sidecar store, load_token_blocks on raw and prepared input, and plain-text corpora."""
+import hashlib
 import json
 import os
 
 import numpy as np
 import pytest
 
-from gpt2_ascend.data.store import load_blocks, load_token_blocks, save_blocks, token_dtype
+from gpt2_ascend.data.store import DamagedDataError, load_blocks, load_token_blocks, save_blocks, token_dtype
 from gpt2_ascend.data.text import prepare_text_corpus, resolve_tokenizer
 from gpt2_ascend.data.wikitext2 import write_wikitext2
 
@@ -37,7 +38,8 @@ def test_save_load_round_trip_with_sidecar(tmp_path):
     assert loaded.dtype == np.uint16
     meta = json.loads(open(path + ".json").read())
     assert meta == {"source": "x", "options": {"mindformers_compat": False}, "format_version": 1,
-                    "kind": "token_blocks", "dtype": "uint16", "num_blocks": 6, "max_length": 5}
+                    "kind": "token_blocks", "dtype": "uint16", "num_blocks": 6, "max_length": 5,
+                    "sha256": hashlib.sha256(blocks.tobytes()).hexdigest()}
     assert sorted(os.listdir(tmp_path / "sub")) == ["b.npy", "b.npy.json"]  # no temporary files left
 
 
@@ -61,6 +63,69 @@ def test_sidecar_mismatch_is_rejected(tmp_path):
     np.save(path, np.ones((3, 8), np.uint16))  # array replaced behind the sidecar's back
     with pytest.raises(ValueError, match="does not match its sidecar"):
         load_blocks(path)
+
+
+def flip_last_byte(path):
+    """Same size, different bytes: what a bad disk or a stray write does."""
+    with open(path, "r+b") as f:
+        f.seek(-1, os.SEEK_END)
+        last = f.read(1)
+        f.seek(-1, os.SEEK_END)
+        f.write(bytes([last[0] ^ 0xFF]))
+
+
+def test_flipped_bytes_in_prepared_tokens_are_one_line(tmp_path):
+    source = tmp_path / "wiki.train.tokens"
+    source.write_text("text")
+    path = str(tmp_path / "b.npy")
+    save_blocks(np.arange(40, dtype=np.uint16).reshape(5, 8), path, {"source": str(source)})
+    flip_last_byte(path)
+    with pytest.raises(DamagedDataError, match=rf"^{path} is damaged: the sha256 of its tokens differs from the "
+                                               rf"one in {path}.json .*prepare it again from {source}$"):
+        load_blocks(path)
+    source.unlink()
+    with pytest.raises(DamagedDataError, match=f"its source {source} is gone"):
+        load_token_blocks(path, 8)
+    assert load_blocks(path, verify=False)[4, 7] == 39 ^ 0xFF00  # uint16 little-endian: the high byte flipped
+
+
+def test_damaged_token_cache_is_rebuilt_with_one_warning(tmp_path, tok_dir, capsys):
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text("The quick brown fox jumps over the lazy dog. " * 20, encoding="utf-8")
+    cache = tmp_path / "cache"
+    good = np.array(load_token_blocks(str(corpus), 8, tok_dir, cache_dir=str(cache)))
+    cached = str(cache / sorted(os.listdir(cache))[0])
+    flip_last_byte(cached)
+    capsys.readouterr()
+    again = load_token_blocks(str(corpus), 8, tok_dir, cache_dir=str(cache))
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith(f"warning: the cached data {cached} is damaged") and \
+        err.rstrip().endswith(f"rebuilding it from {corpus}")
+    np.testing.assert_array_equal(again, good)
+    np.testing.assert_array_equal(load_blocks(cached), good)  # rebuilt in place: verifies again
+    meta = json.loads(open(cached + ".json").read())
+    del meta["sha256"]  # an entry written before checksums: rebuilt, silently
+    open(cached + ".json", "w").write(json.dumps(meta))
+    np.testing.assert_array_equal(load_token_blocks(str(corpus), 8, tok_dir, cache_dir=str(cache)), good)
+    assert capsys.readouterr().err == "" and "sha256" in json.loads(open(cached + ".json").read())
+
+
+def test_changed_classification_arrays(tmp_path):
+    from gpt2_ascend.data.store import load_arrays, save_arrays
+    path = str(tmp_path / "c.npz")
+    arrays = dict(input_ids=np.ones((3, 4), np.int32), attention_mask=np.ones((3, 4), np.int32),
+                  labels=np.array([0, 1, 1]))
+    save_arrays(arrays, path, {})
+    with open(path, "wb") as f:  # a valid .npz of the same shapes, other labels, behind the sidecar's back
+        np.savez(f, **dict(arrays, labels=np.array([1, 1, 1])))
+    with pytest.raises(DamagedDataError, match=r"c.npz is damaged: the sha256 of labels differs"):
+        load_arrays(path)
+    save_arrays(arrays, path, {})
+    data = bytearray(open(path, "rb").read())
+    data[data.index(arrays["labels"].tobytes())] = 7  # flipped bytes: the zip's CRC-32 catches them
+    open(path, "wb").write(bytes(data))
+    with pytest.raises(DamagedDataError, match=r"c.npz is damaged \(Bad CRC-32 for file 'labels.npy'"):
+        load_arrays(path)
 
 
 def test_save_rejects_bad_arrays_and_names(tmp_path):

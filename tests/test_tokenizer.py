@@ -24,3 +24,37 @@ def test_missing_dir(tmp_path):
         load_tokenizer(str(tmp_path))
     with pytest.raises(FileNotFoundError, match="not found"):
         load_tokenizer(str(tmp_path / "nope"))
+
+
+def damaged_copy(data_dir, tmp_path, name, change):
+    d = tmp_path / name
+    d.mkdir()
+    for file in ("vocab.json", "merges.txt"):
+        data = open(f"{data_dir}/gpt2/{file}", "rb").read()
+        (d / file).write_bytes(change(data) if name.startswith(file.split(".")[0]) else data)
+    return d
+
+
+@pytest.mark.parametrize("name, change, message", [
+    ("vocab_truncated", lambda b: b[: len(b) // 2], r"vocab.json is damaged or not a BPE vocabulary \(Unterminated"),
+    ("vocab_garbled", lambda b: b"\xff\xfe" + b[2:], r"vocab.json is damaged or not a BPE vocabulary \('utf-8'"),
+    ("vocab_list", lambda b: b"[1, 2]", r"vocab.json is damaged or not a BPE vocabulary \(not a JSON object"),
+    # cut at a line end: the tokenizers library reads it and tokenizes differently, without a word
+    ("merges_truncated", lambda b: b[: b.index(b"\n", len(b) // 2) + 1],
+     r"merges.txt has 2\d{4} merges, but 2\d{4} tokens of .*vocab.json \(e.g. .*\) are made by none of them"),
+    ("merges_cut_mid_line", lambda b: b[: b.index(b"\n", len(b) // 2) + 3], r"merges.txt is damaged: merge 2\d{4} is"),
+    ("merges_garbled", lambda b: b[:100] + b"\xff" + b[101:], r"merges.txt is damaged: not UTF-8 text"),
+])
+def test_damaged_bpe_files_are_one_line_naming_the_file(data_dir, tmp_path, name, change, message):
+    d = damaged_copy(data_dir, tmp_path, name, change)
+    with pytest.raises(ValueError, match=message) as e:
+        load_tokenizer(str(d))
+    assert str(d) in str(e.value) and "\n" not in str(e.value)
+
+
+def test_damaged_tokenizer_json_is_one_line(data_dir, tmp_path):
+    load_tokenizer(f"{data_dir}/gpt2").save_pretrained(tmp_path)
+    data = (tmp_path / "tokenizer.json").read_bytes()
+    (tmp_path / "tokenizer.json").write_bytes(data[: len(data) // 2])
+    with pytest.raises(ValueError, match=rf"{tmp_path}/tokenizer.json is damaged or not a tokenizer"):
+        load_tokenizer(str(tmp_path))

@@ -152,11 +152,47 @@ def preset_for_width(n_embd: int) -> str | None:
     return names[0] if len(names) == 1 else None
 
 
-def infer_config(shapes: dict[str, tuple], n_head: int | None = None, activation: str | None = None):
+def read_recipe_shape(path: str) -> dict:
+    """What a MindFormers recipe (run_gpt2_xxx.yaml) says about the model's shape, from model.model_config:
+    {n_head, n_layer, n_embd, vocab_size, activation} for the keys it sets."""
+    import yaml
+    from ..train.recipe import HIDDEN_ACT
+    try:
+        with open(path, encoding="utf-8") as f:
+            recipe = yaml.safe_load(f)
+    except FileNotFoundError:
+        raise FileNotFoundError(f"--config {path}: file not found") from None
+    except (OSError, UnicodeDecodeError, yaml.YAMLError) as e:
+        raise ValueError(f"--config {path} is not a readable YAML recipe ({str(e).splitlines()[0]})") from None
+    model_config = ((recipe or {}).get("model") or {}).get("model_config") if isinstance(recipe, dict) else None
+    if not isinstance(model_config, dict) or "num_heads" not in model_config:
+        raise ValueError(f"--config {path} has no model.model_config.num_heads: pass a MindFormers GPT-2 recipe "
+                         f"(e.g. run_gpt2_13b.yaml) or --n_head")
+    shape = {}
+    for key, ours in (("num_heads", "n_head"), ("num_layers", "n_layer"), ("hidden_size", "n_embd"),
+                      ("vocab_size", "vocab_size")):
+        if key in model_config:
+            value = model_config[key]
+            if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+                raise ValueError(f"--config {path}: model.model_config.{key} must be a positive integer, "
+                                 f"got {value!r}")
+            shape[ours] = value
+    act = model_config.get("hidden_act")
+    if act is not None:
+        if act not in HIDDEN_ACT:
+            raise ValueError(f"--config {path}: model.model_config.hidden_act {act!r} is not one of "
+                             f"{', '.join(HIDDEN_ACT)}")
+        shape["activation"] = HIDDEN_ACT[act]
+    return shape
+
+
+def infer_config(shapes: dict[str, tuple], n_head: int | None = None, activation: str | None = None,
+                 recipe: dict | None = None, recipe_path: str = "--config"):
     """GPT2Config from MindFormers tensor shapes -> (config, classifier?, how the heads were chosen).
 
     Layers, hidden, vocab, positions and the MLP width come from the tensors; the number of heads is not in
-    them, so it is `n_head` or the preset of the same width (else an error asking for --n_head).
+    them, so it is `n_head`, or the recipe's num_heads (`recipe`: read_recipe_shape, whose other sizes must
+    match the tensors), or the preset of the same width (else an error asking for --n_head or --config).
     """
     for required in (WTE, WPE, "backbone.layernorm.gamma"):
         if required not in shapes:
@@ -170,16 +206,31 @@ def infer_config(shapes: dict[str, tuple], n_head: int | None = None, activation
     if mapping is None:
         raise ValueError("missing tensor 'backbone.blocks.0.output.mapping.weight'")
     n_inner = mapping[1] if mapping[1] != 4 * n_embd else None
+    recipe = recipe or {}
+    found = dict(n_layer=n_layer, n_embd=n_embd, vocab_size=vocab_size)
+    recipe_keys = dict(n_layer="num_layers", n_embd="hidden_size", vocab_size="vocab_size")
+    for key, value in found.items():
+        if key in recipe and recipe[key] != value:
+            raise ValueError(f"{recipe_path} says model.model_config.{recipe_keys[key]}={recipe[key]} but the "
+                             f"checkpoint has {value}: is it the recipe this checkpoint was trained with?")
+    if n_head is not None and "n_head" in recipe and recipe["n_head"] != n_head:
+        raise ValueError(f"--n_head {n_head} but {recipe_path} says model.model_config.num_heads="
+                         f"{recipe['n_head']}: pass one of them")
     preset = preset_for_width(n_embd)
-    if n_head is None:
-        if preset is None:
-            raise ValueError(f"cannot tell the number of attention heads of a {n_embd}-wide model (no preset has "
-                             f"that width): pass --n_head")
+    if n_head is not None:
+        source = "--n_head"
+    elif "n_head" in recipe:
+        n_head, source = recipe["n_head"], recipe_path
+    elif preset is not None:
         n_head, source = PRESETS[preset]["n_head"], f"preset {preset!r}"
     else:
-        source = "--n_head"
+        raise ValueError(f"cannot tell the number of attention heads of a {n_embd}-wide model (a .ckpt does not "
+                         f"store it and no preset has that width): pass --n_head or --config RECIPE.yaml")
     if activation is None:
-        activation = PRESETS[preset]["activation"] if preset else "gelu_new"
+        activation = recipe.get("activation") or (PRESETS[preset]["activation"] if preset else "gelu_new")
+    if n_embd % n_head:
+        raise ValueError(f"{n_head} heads ({source}) do not divide the hidden size {n_embd}: pass the model's "
+                         f"--n_head")
     classifier = "score.weight" in shapes
     special = min(50256, vocab_size - 1)  # GPT-2's <|endoftext|> is the last id of its vocabulary
     config = GPT2Config(vocab_size=vocab_size, n_positions=n_positions, n_embd=n_embd, n_layer=n_layer,
@@ -187,6 +238,13 @@ def infer_config(shapes: dict[str, tuple], n_head: int | None = None, activation
                         num_labels=shapes["score.weight"][0] if classifier else 2,
                         eos_token_id=special, bos_token_id=special, pad_token_id=special)
     return config, classifier, source
+
+
+def shape_line(config: GPT2Config, heads_from: str) -> str:
+    """The shape a conversion uses, in one line (printed first, so a wrong head count is seen at once)."""
+    return (f"shape: {config.n_layer} layers, hidden {config.n_embd}, {config.n_head} heads (from {heads_from}), "
+            f"vocab {config.vocab_size}, positions {config.n_positions}, MLP {config.inner_dim}, "
+            f"activation {config.activation}")
 
 
 def check_shapes(found: dict[str, tuple], expected: dict[str, tuple], source: str):

@@ -1,6 +1,7 @@
 """HF GPT-2 checkpoints <-> MindFormers GPT-2 `.ckpt` files, one tensor in memory at a time."""
 from __future__ import annotations
 
+import math
 import os
 
 import torch
@@ -9,8 +10,8 @@ from ..config import GPT2Config
 from ..hf import (atomic_directory, hf_to_ours, is_conv1d, load_config, model_from_state, normalize_hf_name,
                   parse_dtype, resolve_model_path, weight_files, write_json)
 from .mapping import (HF_LAYER, check_shapes, classify_ms_name, hf_shapes, hf_to_mindformers, infer_config,
-                      layer_count, mindformers_to_hf, ms_sources, skipped_summary)
-from .mindspore_ckpt import CHUNK_BYTES, CkptReader, CkptWriter
+                      layer_count, mindformers_to_hf, ms_sources, read_recipe_shape, shape_line, skipped_summary)
+from .mindspore_ckpt import CHUNK_BYTES, CkptError, CkptReader, CkptWriter
 from .shards import WeightIndex, write_hf_weights
 
 
@@ -88,6 +89,21 @@ class HFSource:
         return tensor
 
 
+def check_config_matches(config: GPT2Config, weights: GPT2Config, n_layer: int, path: str):
+    """The config.json beside HF weights must describe them: a MindSpore .ckpt keeps only the tensors, so a
+    disagreement would otherwise be settled silently in the weights' favour."""
+    directory = path if os.path.isdir(path) else os.path.dirname(path)
+    found = dict(n_layer=n_layer, n_embd=weights.n_embd, n_positions=weights.n_positions, n_inner=weights.inner_dim)
+    said = dict(n_layer=config.n_layer, n_embd=config.n_embd, n_positions=config.n_positions, n_inner=config.inner_dim)
+    for key, value in found.items():
+        if said[key] != value:
+            raise ValueError(f"{os.path.join(directory, 'config.json')} says {key}={said[key]} but the weights have "
+                             f"{value}: fix config.json (or remove it) so it describes these weights")
+    if config.vocab_size > weights.vocab_size:
+        raise ValueError(f"{os.path.join(directory, 'config.json')} says vocab_size={config.vocab_size} but the "
+                         f"word embedding has {weights.vocab_size} rows: fix config.json so it describes these weights")
+
+
 def hf_to_mindspore(torch_path: str, mindspore_path: str, layers: int | None = None, dtype=None, crc: bool = True,
                     chunk_bytes: int = CHUNK_BYTES, progress=None) -> dict:
     """Write an HF GPT-2 checkpoint (directory, .safetensors/.bin file, sharded, or ours) as a MindFormers
@@ -108,9 +124,13 @@ def hf_to_mindspore(torch_path: str, mindspore_path: str, layers: int | None = N
                        num_labels=source.shape("score.weight")[0] if classifier else 2)
     expected = hf_shapes(sizes, classifier)
     check_shapes({k: source.shape(k) for k in source.names}, expected, source.path)
+    if source.config is not None:
+        check_config_matches(source.config, sizes, n_layer, source.path)
 
     written = 0
-    with CkptWriter(mindspore_path, crc=crc, chunk_bytes=chunk_bytes) as writer:
+    size = sum(math.prod(shape) * (dtype or source.index.dtype(source.names[name])).itemsize
+               for name, shape in expected.items())
+    with CkptWriter(mindspore_path, crc=crc, chunk_bytes=chunk_bytes, size=size) as writer:
         for hf_name in progress(list(expected)) if progress else expected:
             tensor = source.load(hf_name)
             if dtype is not None and tensor.is_floating_point():
@@ -128,17 +148,28 @@ def hf_to_mindspore(torch_path: str, mindspore_path: str, layers: int | None = N
 class MindFormersSource:
     """A MindFormers GPT-2 .ckpt seen as HF-named, HF-layout tensors, plus the config its shapes imply."""
 
-    def __init__(self, path: str, n_head: int | None = None, activation: str | None = None, verify_crc: bool = True):
+    def __init__(self, path: str, n_head: int | None = None, activation: str | None = None, verify_crc: bool = True,
+                 recipe: str | None = None):
+        recipe_shape = read_recipe_shape(recipe) if recipe else None
         self.reader = CkptReader(path, verify_crc=verify_crc)
         self.skipped = {"optimizer": [], "bookkeeping": [], "buffer": []}
         shapes = {}
         for name, entry in self.reader.entries.items():
-            kind = "bookkeeping" if entry.is_map or entry.dtype is None else classify_ms_name(name)
+            kind = "bookkeeping" if entry.is_map else classify_ms_name(name)
+            if kind == "model" and (entry.dtype is None or not entry.dtype.is_floating_point):
+                self.reader.close()
+                raise CkptError(f"{path}: {name!r} has type {entry.tensor_type}, but GPT-2 weights are floating "
+                                f"point (a damaged checkpoint, or not a MindFormers GPT-2 one)")
             if kind == "model":
                 shapes[name] = entry.shape
             else:
                 self.skipped[kind].append(name)
-        self.config, self.classifier, self.heads_from = infer_config(shapes, n_head, activation)
+        try:
+            self.config, self.classifier, self.heads_from = infer_config(shapes, n_head, activation, recipe_shape,
+                                                                         recipe or "--config")
+        except ValueError:
+            self.reader.close()
+            raise
         self.hf_shapes = hf_shapes(self.config, self.classifier)
         check_shapes(shapes, {n: s for hf in self.hf_shapes for n, s in self._ms_shapes(hf)}, path)
         self.dtype = self.reader.entries[ms_sources("transformer.wte.weight")[0]].dtype
@@ -166,17 +197,22 @@ class MindFormersSource:
 
 
 def mindspore_to_hf(mindspore_path: str, output_dir: str, n_head: int | None = None, activation: str | None = None,
-                    dtype=None, max_shard_size=None, verify_crc: bool = True, progress=None) -> dict:
+                    dtype=None, max_shard_size=None, verify_crc: bool = True, progress=None, recipe: str | None = None,
+                    log=None) -> dict:
     """Write a MindFormers GPT-2 .ckpt as an HF directory (config.json + model.safetensors). Shapes come from
-    the tensors; heads from n_head or the preset of the same width; optimizer states and bookkeeping
+    the tensors; heads from n_head, the MindFormers recipe `recipe` (model.model_config.num_heads), or the
+    preset of the same width; log(shape_line) before anything is written. Optimizer states and bookkeeping
     entries are skipped (listed in the summary)."""
     dtype = parse_dtype(dtype)
-    with MindFormersSource(mindspore_path, n_head, activation, verify_crc) as source:
+    with MindFormersSource(mindspore_path, n_head, activation, verify_crc, recipe) as source:
+        if log is not None:
+            log(shape_line(source.config, source.heads_from))
         target = dtype or source.dtype
         specs = {name: (target, shape) for name, shape in source.hf_shapes.items()}
         hf_config = source.config.to_hf_dict(source.architecture)
         hf_config["torch_dtype"] = str(target).replace("torch.", "")
-        with atomic_directory(output_dir) as tmp:
+        size = sum(math.prod(shape) * target.itemsize for shape in source.hf_shapes.values())
+        with atomic_directory(output_dir, size=size) as tmp:
             write_json(hf_config, os.path.join(tmp, "config.json"))
             files = write_hf_weights(tmp, specs, lambda n: source.load(n).to(target), max_shard_size, progress=progress)
         return {"output_dir": output_dir, "config": source.config, "architecture": source.architecture,
@@ -185,10 +221,10 @@ def mindspore_to_hf(mindspore_path: str, output_dir: str, n_head: int | None = N
 
 
 def load_mindspore_model(mindspore_path: str, n_head: int | None = None, activation: str | None = None,
-                         dtype=None, device=None, verify_crc: bool = True):
+                         dtype=None, device=None, verify_crc: bool = True, recipe: str | None = None):
     """A MindFormers GPT-2 .ckpt as our GPT2LMHeadModel / GPT2ForSequenceClassification, in eval mode."""
     from ..model import GPT2ForSequenceClassification, GPT2LMHeadModel
-    with MindFormersSource(mindspore_path, n_head, activation, verify_crc) as source:
+    with MindFormersSource(mindspore_path, n_head, activation, verify_crc, recipe) as source:
         state = hf_to_ours({name: source.load(name) for name in source.hf_shapes}, source.config)
         cls = GPT2ForSequenceClassification if source.classifier else GPT2LMHeadModel
         return model_from_state(cls, source.config, state, source=mindspore_path, dtype=dtype, device=device)

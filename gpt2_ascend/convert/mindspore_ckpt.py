@@ -31,6 +31,9 @@ from dataclasses import dataclass, field
 
 import torch
 
+from ..fileio import DiskFullError, disk_full_error, is_disk_full, umask
+from ..fileio import tensor_bytes as state_bytes
+
 # MindSpore's largest record: serialization.py writes `1024 * SLICE_SIZE` bytes per record (SLICE_SIZE
 # = 512 * 1024), under protobuf's 2 GiB message limit.
 CHUNK_BYTES = 512 * 1024 * 1024
@@ -104,10 +107,13 @@ class CkptWriter:
     ...     w.write("backbone.layernorm.gamma", torch.ones(768))
     """
 
-    def __init__(self, path: str, crc: bool = True, chunk_bytes: int = CHUNK_BYTES):
+    def __init__(self, path: str, crc: bool = True, chunk_bytes: int = CHUNK_BYTES, size: int | None = None):
         if chunk_bytes <= 0:
             raise ValueError(f"chunk_bytes must be positive, got {chunk_bytes}")
+        if os.path.isdir(path):
+            raise ValueError(f"{path} is a directory: pass a .ckpt file name")
         self.path = os.path.abspath(path)
+        self.size = size  # the tensor bytes the file will hold, for a full disk's message
         self.crc = crc
         self.chunk_bytes = chunk_bytes
         self.crc_value = 0
@@ -148,22 +154,32 @@ class CkptWriter:
         self.file.write(record)
 
     def close(self):
-        """Write the crc trailer, fsync, and move the file into place."""
+        """Write the crc trailer, fsync, and move the file into place (with the umask's mode, like every
+        output). On failure the temporary is removed."""
         if self.file.closed:
             return
-        if self.crc:
-            self.file.write(CRC_MAGIC + self.crc_value.to_bytes(10, "big"))
-        self.file.flush()
-        os.fsync(self.file.fileno())
-        self.file.close()
-        os.chmod(self.tmp_path, 0o644)
-        os.replace(self.tmp_path, self.path)
-
-    def abort(self):
-        if not self.file.closed:
+        try:
+            if self.crc:
+                self.file.write(CRC_MAGIC + self.crc_value.to_bytes(10, "big"))
+            self.file.flush()
+            os.fsync(self.file.fileno())
             self.file.close()
+            os.chmod(self.tmp_path, 0o666 & ~umask())
+            os.replace(self.tmp_path, self.path)
+        except BaseException as e:
+            self.abort(e)
+            raise
+
+    def abort(self, error: BaseException | None = None):
+        """Remove the temporary; a full disk becomes DiskFullError (one line, with the bytes needed)."""
+        try:
+            self.file.close()
+        except OSError:  # flushing the rest into a full disk
+            pass
         if os.path.exists(self.tmp_path):
             os.remove(self.tmp_path)
+        if error is not None and not isinstance(error, DiskFullError) and is_disk_full(error):
+            raise disk_full_error(os.path.dirname(self.path), self.size, self.path) from None
 
     def __enter__(self):
         return self
@@ -172,14 +188,15 @@ class CkptWriter:
         if exc_type is None:
             self.close()
         else:
-            self.abort()
+            self.abort(exc)
         return False
 
 
 def write_ckpt(path: str, tensors, crc: bool = True, chunk_bytes: int = CHUNK_BYTES):
     """Write a dict (or iterable of (name, tensor-or-str) pairs) as a MindSpore .ckpt."""
     items = tensors.items() if hasattr(tensors, "items") else tensors
-    with CkptWriter(path, crc=crc, chunk_bytes=chunk_bytes) as writer:
+    size = state_bytes(dict(tensors)) if hasattr(tensors, "items") else None
+    with CkptWriter(path, crc=crc, chunk_bytes=chunk_bytes, size=size) as writer:
         for name, value in items:
             writer.write(name, value)
 
@@ -359,6 +376,18 @@ class CkptReader:
                     walker.skip(field_type, end)
             self._add_record(tag, tensor, is_map, offset, previous)
             previous = tag
+        for entry in self.entries.values():
+            self._check_size(entry)
+
+    def _check_size(self, entry: CkptEntry):
+        """Dims that agree with the bytes stored, so a crafted file cannot make a reader allocate more than it holds."""
+        if entry.is_map or entry.dtype is None:
+            return
+        shape = entry.shape
+        if any(d < 0 for d in shape) or math.prod(shape) * entry.dtype.itemsize != entry.nbytes:
+            raise CkptError(f"{self.path} is corrupt: {entry.name!r} has {entry.nbytes} bytes of data but dims "
+                            f"{list(entry.dims)} of {entry.tensor_type} need "
+                            f"{max(0, math.prod(shape)) * entry.dtype.itemsize}")
 
     def _add_record(self, tag, tensor, is_map, offset, previous):
         if tag is None:
@@ -415,14 +444,9 @@ class CkptReader:
             return bytes(data.numpy()).decode("utf-32-le", errors="replace").rstrip("\x00")
         if entry.dtype is None:
             return bytes(data.numpy())
-        shape = entry.shape
-        expected = math.prod(shape) * entry.dtype.itemsize
-        if entry.nbytes != expected:
-            raise CkptError(f"{self.path} is corrupt: {name!r} has {entry.nbytes} bytes of data but dims {list(shape)} "
-                            f"of {entry.tensor_type} need {expected}")
-        if entry.dtype == torch.bool:
-            return data.view(torch.bool).reshape(shape)
-        return data.view(entry.dtype).reshape(shape)
+        if entry.dtype == torch.bool:  # sizes checked when the file was indexed
+            return data.view(torch.bool).reshape(entry.shape)
+        return data.view(entry.dtype).reshape(entry.shape)
 
     def items(self):
         """(name, value) in file order, one value in memory at a time."""

@@ -87,11 +87,7 @@ class WeightIndex:
     def _bin(self, file: str) -> dict:
         if self._bin_file != file:
             self.release()
-            try:
-                state = load_torch_file(file)
-            except Exception as e:
-                raise ValueError(f"cannot read {file}: {str(e).splitlines()[0]} (corrupt, truncated or not a "
-                                 f"PyTorch weights file)") from None
+            state = load_torch_file(file)
             if not isinstance(state, dict) or not all(isinstance(t, torch.Tensor) for t in state.values()):
                 raise ValueError(f"{file} does not hold a state dict of tensors")
             self._bin_file, self._bin_state = file, state
@@ -215,7 +211,8 @@ def merge_hf_shards(input_dir: str, output_dir: str, max_shard_size=None, dtype=
         return dtype if dtype is not None and index.dtype(name).is_floating_point else index.dtype(name)
 
     specs = {name: (target(name), index.shape(name)) for name in names}
-    with atomic_directory(output_dir) as tmp:
+    total = sum(math.prod(s) * d.itemsize for d, s in specs.values())
+    with atomic_directory(output_dir, size=total) as tmp:
         files = write_hf_weights(tmp, specs, lambda n: index.load(n).to(specs[n][0]), max_shard_size,
                                  progress=progress)
         index.release()
@@ -226,7 +223,6 @@ def merge_hf_shards(input_dir: str, output_dir: str, max_shard_size=None, dtype=
         if dtype is not None and config:
             config["torch_dtype"] = str(dtype).replace("torch.", "")
             write_json(config, os.path.join(tmp, "config.json"))
-    total = sum(math.prod(s) * d.itemsize for d, s in specs.values())
     return {"tensors": len(specs), "bytes": total, "files": files, "dropped_tied_head": len(names) < len(index.where)}
 
 

@@ -30,7 +30,7 @@ import sys
 import urllib.error
 import urllib.request
 
-from ..fileio import fsync_dir
+from ..fileio import fsync_dir, reporting_disk_full
 from .store import sha256_file
 
 HF_GPT2 = "https://huggingface.co/openai-community/gpt2/resolve/main"
@@ -122,12 +122,26 @@ def _resumes_at(response, start: int) -> bool:
 
 def download(url: str, dest: str, sha256: str, timeout: float = 60.0, progress: bool = True) -> str:
     """Fetch url to dest unless dest already has this sha256: stream to dest.part (resumed when present and
-    the server honours Range), verify the sha256, rename into place. A mismatch deletes the download."""
-    from tqdm.auto import tqdm
+    the server honours Range), verify the sha256, rename into place. A mismatch deletes the download, and so
+    does any failure before a byte arrived (a partial download is kept, to resume)."""
     if os.path.isfile(dest) and sha256_file(dest) == sha256:
         return dest
     os.makedirs(os.path.dirname(os.path.abspath(dest)), exist_ok=True)
     part = dest + ".part"
+    try:
+        _fetch(url, dest, part, sha256, timeout, progress)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            if os.path.getsize(part) == 0:  # nothing to resume from: leave no trace (a partial one is kept)
+                os.remove(part)
+        raise
+    fsync_dir(os.path.dirname(os.path.abspath(dest)))
+    return dest
+
+
+def _fetch(url: str, dest: str, part: str, sha256: str, timeout: float, progress: bool):
+    """download()'s body: stream into part under its lock, verify, rename to dest."""
+    from tqdm.auto import tqdm
     with open(part, "ab+") as f, _locked(f):
         digest = hashlib.sha256()
         f.seek(0)
@@ -146,7 +160,8 @@ def download(url: str, dest: str, sha256: str, timeout: float = 60.0, progress: 
             total = response.headers.get("Content-Length")
             total = start + int(total) if total and total.isdigit() else None
             with tqdm(total=total, initial=start, unit="B", unit_scale=True, leave=False,
-                      desc=os.path.basename(dest), disable=not progress) as bar:
+                      desc=os.path.basename(dest), disable=not progress) as bar, \
+                    reporting_disk_full(os.path.dirname(os.path.abspath(dest)), total, os.path.basename(dest)):
                 for chunk in iter(lambda: response.read(CHUNK), b""):
                     f.write(chunk)
                     digest.update(chunk)
@@ -159,8 +174,6 @@ def download(url: str, dest: str, sha256: str, timeout: float = 60.0, progress: 
             raise ValueError(f"checksum mismatch for {url}: expected sha256 {sha256}, got {got}; the download "
                              f"was deleted (wrong mirror in GPT2_DATA_URL, or a changed file upstream)")
         os.replace(part, dest)
-    fsync_dir(os.path.dirname(os.path.abspath(dest)))
-    return dest
 
 
 def _names(name: str) -> tuple[str, ...]:

@@ -13,6 +13,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import sys
 import zipfile
 
 import numpy as np
@@ -39,6 +40,34 @@ def sha256_paths(paths: list[str]) -> str:
     for path in paths:
         digest.update(os.path.basename(path).encode() + b"\0" + sha256_file(path).encode() + b"\n")
     return digest.hexdigest()
+
+
+def array_sha256(array: np.ndarray, chunk: int = 1 << 24) -> str:
+    """sha256 of an array's raw C-order bytes, 16 MiB at a time (a memory map is read, never copied whole):
+    ~0.4 s for WikiText-103's 240 MB of tokens on one core (docs/data.md)."""
+    data = memoryview(np.ascontiguousarray(array)).cast("B")
+    digest = hashlib.sha256()
+    for start in range(0, len(data), chunk):
+        digest.update(data[start:start + chunk])
+    return digest.hexdigest()
+
+
+class DamagedDataError(ValueError):
+    """A prepared data file whose bytes no longer match the checksum its sidecar recorded (message: one line)."""
+
+
+def _check_sha256(path: str, name: str, array: np.ndarray, recorded: str | None, meta: dict):
+    if recorded is None or array_sha256(array) == recorded:
+        return
+    source = meta.get("source")
+    if source and os.path.exists(source):
+        fix = f"prepare it again from {source}"
+    elif source:
+        fix = f"its source {source} is gone: prepare it again from a copy of the source"
+    else:
+        fix = "prepare it again"
+    raise DamagedDataError(f"{path} is damaged: the sha256 of {name} differs from the one in {sidecar_path(path)} "
+                           f"(bytes changed on disk); {fix}")
 
 
 def token_dtype(vocab_size: int) -> np.dtype:
@@ -83,13 +112,14 @@ def save_blocks(array: np.ndarray, path: str, meta: dict) -> None:
     if not path.endswith(".npy"):
         raise ValueError(f"token blocks are written as .npy: use an output file ending in .npy, not {path}")
     meta = dict(meta, format_version=FORMAT_VERSION, kind=BLOCKS_KIND, dtype=array.dtype.name,
-                num_blocks=int(array.shape[0]), max_length=int(array.shape[1]))
-    atomic_write(path, lambda f: np.save(f, array, allow_pickle=False))
+                num_blocks=int(array.shape[0]), max_length=int(array.shape[1]), sha256=array_sha256(array))
+    atomic_write(path, lambda f: np.save(f, array, allow_pickle=False), size=array.nbytes)
     write_json(meta, sidecar_path(path))
 
 
-def load_blocks(path: str) -> np.ndarray:
-    """A read-only memory map of prepared token blocks, checked against its sidecar."""
+def load_blocks(path: str, verify: bool = True) -> np.ndarray:
+    """A read-only memory map of prepared token blocks, checked against its sidecar (shape, dtype and, with
+    verify, the tokens' sha256: DamagedDataError when they changed on disk)."""
     if not os.path.isfile(path):
         raise FileNotFoundError(f"token file not found: {path} (prepare it with python -m gpt2_ascend.data.wikitext2)")
     try:
@@ -105,6 +135,8 @@ def load_blocks(path: str) -> np.ndarray:
         if expected != (array.shape[0], array.shape[1], array.dtype.name):
             raise ValueError(f"{path} does not match its sidecar: array {array.shape} {array.dtype.name}, sidecar "
                              f"({expected[0]}, {expected[1]}) {expected[2]}; prepare the data again")
+        if verify:
+            _check_sha256(path, "its tokens", array, meta.get("sha256"), meta)
     return array
 
 
@@ -116,8 +148,8 @@ def save_arrays(arrays: dict, path: str, meta: dict) -> None:
         raise ValueError(f"classification data is written as .npz: use an output file ending in .npz, not {path}")
     arrays = {k: np.ascontiguousarray(v) for k, v in arrays.items()}
     meta = dict(meta, format_version=FORMAT_VERSION, kind=TXTCLS_KIND, num_rows=int(len(arrays["labels"])),
-                max_length=int(arrays["input_ids"].shape[1]))
-    atomic_write(path, lambda f: np.savez(f, **arrays))
+                max_length=int(arrays["input_ids"].shape[1]), sha256={k: array_sha256(v) for k, v in arrays.items()})
+    atomic_write(path, lambda f: np.savez(f, **arrays), size=sum(a.nbytes for a in arrays.values()))
     write_json(meta, sidecar_path(path))
 
 
@@ -129,7 +161,11 @@ def load_arrays(path: str) -> dict:
     try:
         with np.load(path, allow_pickle=False) as npz:
             arrays = {k: npz[k] for k in npz.files}
-    except (ValueError, OSError, EOFError, zipfile.BadZipFile) as e:
+    except zipfile.BadZipFile as e:
+        if "CRC" in str(e):  # the zip's own checksum: same size, different bytes
+            raise DamagedDataError(f"{path} is damaged ({e}: bytes changed on disk); prepare it again") from None
+        raise ValueError(f"corrupt or truncated classification file {path} ({e}): prepare it again") from None
+    except (ValueError, OSError, EOFError) as e:
         raise ValueError(f"corrupt or truncated classification file {path} ({e}): prepare it again") from None
     missing = [k for k in TXTCLS_KEYS if k not in arrays]
     if missing:
@@ -138,6 +174,10 @@ def load_arrays(path: str) -> dict:
     if ids.ndim != 2 or mask.shape != ids.shape or labels.shape != (ids.shape[0],):
         raise ValueError(f"{path} has inconsistent shapes: input_ids {ids.shape}, attention_mask {mask.shape}, "
                          f"labels {labels.shape}; prepare it again")
+    meta = read_sidecar(path) or {}
+    recorded = meta.get("sha256") if isinstance(meta.get("sha256"), dict) else {}
+    for key in TXTCLS_KEYS:
+        _check_sha256(path, key, arrays[key], recorded.get(key), meta)
     return arrays
 
 
@@ -149,16 +189,21 @@ def _cache_file(cache_dir: str, source: str, key: dict, suffix: str) -> str:
     return os.path.join(cache_dir, f"{stem}.L{key['max_length']}.{digest}{suffix}")
 
 
-def _cached(path: str, key: dict, loader):
-    """The cached file at path when it exists and its sidecar records the same preparation key."""
+def _cached(path: str, key: dict, loader, source: str):
+    """The cached file at path when it exists, its sidecar records the same preparation key and a checksum,
+    and its data still match that checksum (a damaged entry is prepared again, with one warning line)."""
     if not os.path.isfile(path):
         return None
     try:
         meta = read_sidecar(path) or {}
-        if meta.get("cache_key") != key:
+        if meta.get("cache_key") != key or "sha256" not in meta:  # an entry of older code: no checksum to trust
             return None
         return loader(path)
-    except ValueError:  # a damaged cache entry is prepared again, not an error
+    except DamagedDataError:
+        print(f"warning: the cached data {path} is damaged (its sha256 does not match its sidecar): rebuilding it "
+              f"from {source}", file=sys.stderr)
+        return None
+    except ValueError:  # a truncated or mismatched cache entry is prepared again, not an error
         return None
 
 
@@ -204,7 +249,7 @@ def load_token_blocks(path: str, max_length: int, tokenizer=None, mindformers_co
                format_version=FORMAT_VERSION)
     cache = _cache_file(cache_dir, path, key, ".npy") if cache_dir else None
     if cache:
-        hit = _cached(cache, key, load_blocks)
+        hit = _cached(cache, key, load_blocks, path)
         if hit is not None:
             return hit
     if kind == "wikitext":
@@ -213,7 +258,7 @@ def load_token_blocks(path: str, max_length: int, tokenizer=None, mindformers_co
         blocks, meta = text.text_blocks_and_meta(path, max_length, tok, tok_info)
     if cache:
         save_blocks(blocks, cache, dict(meta, cache_key=key))
-        return load_blocks(cache)
+        return load_blocks(cache, verify=False)  # hashed a moment ago, while being written
     return blocks
 
 
@@ -237,7 +282,7 @@ def load_txtcls(path: str, max_length: int, tokenizer=None, cache_dir: str | Non
                source_sha256=sha256_file(path), tokenizer=tok_info["id"], format_version=FORMAT_VERSION)
     cache = _cache_file(cache_dir, path, key, ".npz") if cache_dir else None
     if cache:
-        hit = _cached(cache, key, load_arrays)
+        hit = _cached(cache, key, load_arrays, path)
         if hit is not None:
             return hit
     arrays, meta = txtcls.txtcls_arrays_and_meta(path, max_length, tok, tok_info, dataset_name)

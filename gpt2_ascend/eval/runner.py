@@ -49,7 +49,7 @@ def _from_training_checkpoint(cls, path: str, dtype, device):
         return model_from_sharded(cls, path, dtype=dtype, device=device)
     if not (os.path.isdir(path) and ckpt.is_training_checkpoint(path)):
         return None
-    manifest = ckpt.verify_checkpoint(path)
+    manifest = ckpt.verify_checkpoint(path, ckpt.MODEL_FILES)  # the optimizer state is not needed
     if manifest.get("meta", {}).get("lora"):
         raise ValueError(f"{path} is a LoRA training checkpoint (adapters only): evaluate its run's final/ "
                          f"directory, or pass the base model with --adapter final/adapter")

@@ -23,8 +23,11 @@ import time
 import torch
 
 from ..fileio import fsync_dir as _fsync_dir, fsync_file as _fsync_file, write_json as _write_json
+from ..fileio import reporting_disk_full, tensor_bytes, umask
+from ..safe_pickle import torch_load
 
 MANIFEST = "manifest.json"
+MODEL_FILES = ("model.pt", "config.json")  # what loading the weights alone reads (and so verifies)
 STEP_DIR = re.compile(r"step_(\d+)")
 FORMAT_VERSION = 1
 
@@ -51,34 +54,35 @@ def save_checkpoint(root: str, step: int, states: dict, json_files: dict | None 
     os.makedirs(root, exist_ok=True)
     final = os.path.join(root, step_dir_name(step))
     tmp = tempfile.mkdtemp(prefix=f".{step_dir_name(step)}.tmp-", dir=root)
-    os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp makes it private; a checkpoint is an ordinary directory
-    try:
-        files = {}
-        for name, state in states.items():
-            path = os.path.join(tmp, f"{name}.pt")
-            torch.save(state, path)
-            files[f"{name}.pt"] = _describe(path)
-        for filename, obj in (json_files or {}).items():
-            path = os.path.join(tmp, filename)
-            _write_json(obj, path)
-            files[filename] = _describe(path)
-        manifest = dict(format=FORMAT_VERSION, step=step, time=time.time(), files=files, meta=meta or {})
-        _write_json(manifest, os.path.join(tmp, MANIFEST))
-        _fsync_dir(tmp)
-        _replace_dir(tmp, final)
-        _fsync_dir(root)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+    os.chmod(tmp, 0o777 & ~umask())  # mkdtemp makes it private; a checkpoint is an ordinary directory
+    with reporting_disk_full(root, tensor_bytes(states), f"checkpoint {step_dir_name(step)}"):  # after the cleanup
+        try:
+            files = _write_files(tmp, states, json_files)
+            manifest = dict(format=FORMAT_VERSION, step=step, time=time.time(), files=files, meta=meta or {})
+            _write_json(manifest, os.path.join(tmp, MANIFEST))
+            _fsync_dir(tmp)
+            _replace_dir(tmp, final)
+            _fsync_dir(root)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
     if keep:
         prune(root, keep)
     return final
 
 
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
+def _write_files(tmp: str, states: dict, json_files: dict | None) -> dict:
+    """{name}.pt for each state and the JSON files into tmp; their manifest entries."""
+    files = {}
+    for name, state in states.items():
+        path = os.path.join(tmp, f"{name}.pt")
+        torch.save(state, path)
+        files[f"{name}.pt"] = _describe(path)
+    for filename, obj in (json_files or {}).items():
+        path = os.path.join(tmp, filename)
+        _write_json(obj, path)
+        files[filename] = _describe(path)
+    return files
 
 
 def _describe(path: str) -> dict:
@@ -87,11 +91,16 @@ def _describe(path: str) -> dict:
 
 
 def _replace_dir(tmp: str, final: str):
-    """Rename tmp to final; an existing final (the same step saved again) is swapped out first."""
+    """Rename tmp to final; an existing final (the same step saved again) is swapped out first, and put back
+    if the rename fails."""
     if os.path.exists(final):
         old = final + f".old-{os.getpid()}"
         os.replace(final, old)
-        os.replace(tmp, final)
+        try:
+            os.replace(tmp, final)
+        except BaseException:
+            os.replace(old, final)
+            raise
         shutil.rmtree(old, ignore_errors=True)
     else:
         os.replace(tmp, final)
@@ -142,10 +151,17 @@ def read_manifest(path: str) -> dict:
     return manifest
 
 
-def verify_checkpoint(path: str) -> dict:
-    """The manifest, after checking every file's size and sha256; CheckpointError naming the first bad file."""
+def verify_checkpoint(path: str, files=None) -> dict:
+    """The manifest, after checking the size and sha256 of every file it lists (or only of `files`, which it
+    must list); CheckpointError naming the first bad file."""
     manifest = read_manifest(path)
+    for filename in files or ():
+        if filename not in manifest["files"]:
+            raise CheckpointError(f"checkpoint {path} holds no {filename} (its manifest lists "
+                                  f"{', '.join(manifest['files'])})")
     for filename, info in manifest["files"].items():
+        if files is not None and filename not in files:
+            continue
         file = os.path.join(path, filename)
         if not os.path.isfile(file):
             raise CheckpointError(f"checkpoint {path} is incomplete: {filename} is missing")
@@ -171,20 +187,21 @@ def find_resume_checkpoint(root: str, report=print) -> str | None:
 
 
 def load_checkpoint(path: str, names=None, verify: bool = True) -> dict:
-    """{name: state_dict} of a checkpoint directory (all .pt files, or just `names`)."""
-    manifest = verify_checkpoint(path) if verify else read_manifest(path)
+    """{name: state_dict} of a checkpoint directory (all .pt files, or just `names`: only those are verified
+    and read). Files are read with torch.load(weights_only=True): one that pickles anything else raises
+    UnsafeFileError."""
+    manifest = read_manifest(path)
+    if names is None and manifest.get("meta", {}).get("sharded"):
+        raise CheckpointError(f"{path} is a sharded checkpoint of a torchrun run: resume it under torchrun with "
+                              f"--use_parallel True (any layout), or start from its weights with --load_checkpoint")
     available = [f[:-3] for f in manifest["files"] if f.endswith(".pt")]
     wanted = available if names is None else list(names)
-    states = {}
     for name in wanted:
         if name not in available:
             raise CheckpointError(f"checkpoint {path} holds no {name}.pt (it has {', '.join(available)})")
-        try:
-            states[name] = torch.load(os.path.join(path, f"{name}.pt"), map_location="cpu", weights_only=True)
-        except Exception as e:  # a file that verified but does not unpickle: written by something else
-            raise CheckpointError(f"checkpoint {path}: cannot read {name}.pt ({type(e).__name__}: "
-                                  f"{str(e).splitlines()[0] if str(e) else ''})") from None
-    return states
+    if verify:
+        verify_checkpoint(path, None if names is None else [f"{name}.pt" for name in wanted])
+    return {name: torch_load(os.path.join(path, f"{name}.pt")) for name in wanted}
 
 
 def is_training_checkpoint(path: str) -> bool:

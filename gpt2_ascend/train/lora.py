@@ -7,8 +7,11 @@ into one `c_attn`, so targeting `c_attn` adapts all three. Adapters are PEFT's o
 from __future__ import annotations
 
 import os
+import pickle
 
 import torch
+
+from ..safe_pickle import refused
 
 ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")
 
@@ -43,6 +46,8 @@ def load_adapter(model: torch.nn.Module, adapter_dir: str, merge: bool = True, t
                                 f"(OUTPUT_DIR/final/adapter)")
     try:
         peft_model = PeftModel.from_pretrained(model, adapter_dir, is_trainable=trainable)
+    except pickle.UnpicklingError as e:  # peft reads adapter_model.bin with weights_only=True
+        raise refused(os.path.join(adapter_dir, "adapter_model.bin"), e) from None
     except Exception as e:  # peft / safetensors / json errors: one line that names the adapter
         raise ValueError(f"cannot load the LoRA adapter in {adapter_dir}: {_adapter_problem(e)}") from None
     return peft_model.merge_and_unload() if merge else peft_model

@@ -18,6 +18,8 @@ import os
 
 import torch
 
+from ..fileio import atomic_write
+
 PEAK_FLOPS = (("H100", 989e12), ("H200", 989e12), ("910B", 313e12))
 
 
@@ -55,13 +57,8 @@ def read_metrics(path: str) -> list[dict]:
 def truncate_metrics(path: str, last_step: int):
     """Keep the records of steps <= last_step (resume: the steps after the checkpoint are run again)."""
     kept = [r for r in read_metrics(path) if r.get("step", 0) <= last_step]
-    tmp = f"{path}.tmp-{os.getpid()}"
-    with open(tmp, "w", encoding="utf-8") as f:
-        for record in kept:
-            f.write(_dumps(record) + "\n")
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    text = "".join(_dumps(record) + "\n" for record in kept).encode("utf-8")
+    atomic_write(path, lambda f: f.write(text), size=len(text))
 
 
 def _dumps(record: dict) -> str:
@@ -173,10 +170,10 @@ def plot_loss_curve(metrics_path: str, output_path: str) -> str | None:
     ax.grid(alpha=0.3)
     ax.legend()
     fig.tight_layout()
-    tmp = f"{output_path}.tmp-{os.getpid()}.png"
-    fig.savefig(tmp)
-    plt.close(fig)
-    os.replace(tmp, output_path)
+    try:
+        atomic_write(output_path, lambda f: fig.savefig(f, format="png"))
+    finally:
+        plt.close(fig)
     return output_path
 
 

@@ -20,6 +20,7 @@ from typing import Any
 import yaml
 
 from ..config import GPT2Config
+from ..fileio import atomic_write
 
 # MindFormers' activation names -> ours. MindFormers' GPT-2 "gelu" is the tanh approximation (HF gelu_new).
 HIDDEN_ACT = {"gelu": "gelu_new", "gelu_new": "gelu_new", "fast_gelu": "fast_gelu", "gelu_exact": "gelu"}
@@ -430,10 +431,6 @@ def lora_settings(recipe: Recipe) -> dict | None:
 
 def dump_recipe(recipe: Recipe, path: str):
     """Write the resolved recipe (every key, defaults filled in) as YAML, atomically."""
-    tmp = f"{path}.tmp-{os.getpid()}"
-    with open(tmp, "w", encoding="utf-8") as f:
-        yaml.safe_dump(recipe.to_dict(), f, sort_keys=False)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    text = yaml.safe_dump(recipe.to_dict(), sort_keys=False).encode("utf-8")
+    atomic_write(path, lambda f: f.write(text), size=len(text))
 

@@ -411,7 +411,7 @@ def build_model(recipe, device: torch.device, log=print, config_overrides: dict 
         if is_sharded(source):  # a distributed run's checkpoint: gathered into one model here
             model = model_from_sharded(cls, source, overrides, dtype=torch.float32)
         elif ckpt.is_training_checkpoint(source):
-            manifest = ckpt.verify_checkpoint(source)
+            manifest = ckpt.verify_checkpoint(source, ckpt.MODEL_FILES)
             if manifest.get("meta", {}).get("lora"):
                 raise ValueError(f"{source} is a LoRA checkpoint (adapters only): load its run's final/ "
                                  f"directory (the merged model) instead, or resume that run with --resume")

@@ -1,0 +1,384 @@
+"""Malicious and damaged files through every loader entry point (issue 12): nothing a user hands us is unpickled
+with arbitrary globals.
+
+Each pickle-bearing fixture carries a `__reduce__` that would run `touch MARKER`. Every case runs a real CLI as a
+subprocess and asserts: exit code 2, stderr's last line is one `error:` line naming the file, no traceback, and
+no MARKER. The CLI runs go two at a time (most of their time is importing torch).
+"""
+import hashlib
+import json
+import os
+import pickle
+import subprocess
+import sys
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+import pytest
+import torch
+import yaml
+
+from conftest import tiny_config
+from gpt2_ascend.convert.mindspore_ckpt import CkptWriter, read_ckpt
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+MICRO_CKPT = os.path.join(REPO, "tests", "fixtures", "mindspore_gpt2_micro.ckpt")
+
+
+class Payload:
+    """Unpickling this runs `touch marker` (os.system): what a hostile checkpoint would carry."""
+
+    def __init__(self, marker):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return os.system, (f"touch {self.marker}",)
+
+
+# ---------------------------------------------------------------------------------------------
+# fixture builders
+# ---------------------------------------------------------------------------------------------
+def rehash(directory):
+    """Rewrite manifest.json to match the files: whoever writes a directory can write its manifest."""
+    path = os.path.join(directory, "manifest.json")
+    manifest = json.load(open(path)) if os.path.isfile(path) else dict(format=1, step=1, meta={})
+    files = {}
+    for name in sorted(os.listdir(directory)):
+        if name != "manifest.json":
+            data = open(os.path.join(directory, name), "rb").read()
+            files[name] = dict(bytes=len(data), sha256=hashlib.sha256(data).hexdigest())
+    manifest["files"] = files
+    with open(path, "w") as f:
+        json.dump(manifest, f)
+
+
+def hf_config_dict():
+    return tiny_config().to_hf_dict("GPT2LMHeadModel")
+
+
+def hf_bin_dir(root, marker):
+    """An HF model directory whose pytorch_model.bin pickles os.system."""
+    d = root / "hf_bin"
+    d.mkdir()
+    (d / "config.json").write_text(json.dumps(hf_config_dict()))
+    torch.save({"transformer.wte.weight": Payload(marker)}, d / "pytorch_model.bin")
+    return d
+
+
+def training_checkpoint(root, marker, evil_file):
+    """A single-process training checkpoint (model.pt, optimizer.pt, trainer.pt) with one file replaced."""
+    from gpt2_ascend import GPT2LMHeadModel
+    from gpt2_ascend.train import checkpoint as ckpt
+    model = GPT2LMHeadModel(tiny_config())
+    path = ckpt.save_checkpoint(str(root / f"run_{evil_file}" / "checkpoint"), 1,
+                                dict(model=model.state_dict(), optimizer={"state": {}}, trainer={"step": 1}),
+                                json_files={"config.json": hf_config_dict()})
+    torch.save({"state": Payload(marker)}, os.path.join(path, evil_file))
+    rehash(path)
+    return path
+
+
+def sharded_checkpoint(root, marker, evil_file, name):
+    """A sharded (DCP) checkpoint directory: `.metadata` (a pickle DCP reads) or a rank_N.pt that pickles
+    os.system; the other files legitimate in form."""
+    d = root / name / "checkpoint" / "step_0000001"
+    d.mkdir(parents=True)
+    meta = dict(model_config=hf_config_dict(), architecture="GPT2LMHeadModel", qkv_layout="per_head", step=1)
+    (d / "config.json").write_text(json.dumps(meta))
+    for rank in (0, 1):
+        torch.save({"step": 1}, d / f"rank_{rank}.pt")
+    (d / "__0_0.distcp").write_bytes(b"\0" * 64)
+    if evil_file == ".metadata":
+        (d / ".metadata").write_bytes(pickle.dumps(Payload(marker)))  # protocol 5: STACK_GLOBAL
+    else:
+        (d / ".metadata").write_bytes(pickle.dumps("not reached"))
+        (d / evil_file).write_bytes(pickle.dumps({"step": Payload(marker)}, protocol=4))
+    (d / "manifest.json").write_text(json.dumps(dict(format=1, step=1, meta=dict(sharded=True))))
+    rehash(d)
+    return d
+
+
+def crafted_ckpt(root, name, record):
+    """The micro MindFormers GPT-2 with one record replaced by `record` = (dims, type, bytes), crc intact."""
+    tensors = read_ckpt(MICRO_CKPT)
+    path = root / f"{name}.ckpt"
+    with CkptWriter(str(path)) as writer:
+        for key, value in tensors.items():
+            if key == "backbone.embedding.word_embedding.embedding_table":
+                writer._write_record(key, *record)
+            else:
+                writer.write(key, value)
+    return path
+
+
+def truncated_ckpt(root):
+    data = open(MICRO_CKPT, "rb").read()
+    path = root / "truncated.ckpt"
+    path.write_bytes(data[: len(data) // 2])
+    return path
+
+
+def adapter_dir(root, marker):
+    """A LoRA adapter directory whose adapter_model.bin pickles os.system (peft reads it)."""
+    d = root / "adapter"
+    d.mkdir()
+    (d / "adapter_config.json").write_text(json.dumps(dict(
+        peft_type="LORA", r=2, lora_alpha=4, target_modules=["c_attn"], lora_dropout=0.0, bias="none",
+        task_type=None, base_model_name_or_path=None)))
+    torch.save({"base_model.model.transformer.h.0.attn.c_attn.lora_A.weight": Payload(marker)},
+               d / "adapter_model.bin")
+    return d
+
+
+def tiny_model_dir(root):
+    from gpt2_ascend import GPT2LMHeadModel
+    d = root / "tiny_model"
+    GPT2LMHeadModel(tiny_config()).save_pretrained(str(d))
+    return d
+
+
+def recipe_and_data(root):
+    tokens = np.random.default_rng(0).integers(0, 511, size=(64, 17), dtype=np.uint16)
+    np.save(root / "train.npy", tokens)
+    np.save(root / "eval.npy", tokens[:8, :16])
+    with open(os.path.join(REPO, "configs/gpt2/pretrain_gpt2_tiny.yaml")) as f:
+        recipe = yaml.safe_load(f)
+    recipe.update(do_eval=False, data_cache_dir=str(root / "cache"))
+    recipe["model"]["model_config"].update(seq_length=16, vocab_size=512, hidden_size=64, num_layers=2,
+                                           num_heads=4, eos_token_id=511, pad_token_id=511, max_decode_length=16)
+    recipe["runner_config"].update(batch_size=4, max_steps=2, progress_bar=False)
+    recipe["train_dataset"]["data_loader"]["dataset_dir"] = str(root / "train.npy")
+    recipe["eval_dataset"]["data_loader"]["dataset_dir"] = ""
+    with open(root / "recipe.yaml", "w") as f:
+        yaml.safe_dump(recipe, f)
+    return root / "recipe.yaml"
+
+
+# ---------------------------------------------------------------------------------------------
+# through the CLIs as subprocesses: (name, command line, the file the error must name)
+# ---------------------------------------------------------------------------------------------
+def build_cases(root, marker):
+    py = sys.executable
+    recipe = str(recipe_and_data(root))
+    hf = str(hf_bin_dir(root, marker))
+    model_pt = training_checkpoint(root, marker, "model.pt")
+    optimizer_pt = training_checkpoint(root, marker, "optimizer.pt")
+    metadata = str(sharded_checkpoint(root, marker, ".metadata", "dcp_meta"))
+    rank_file = str(sharded_checkpoint(root, marker, "rank_1.pt", "dcp_rank"))
+    meta_resume = str(sharded_checkpoint(root, marker, ".metadata", "dcp_meta_resume"))
+    huge = str(crafted_ckpt(root, "huge", ([1 << 40, 1 << 20], "Float32", torch.zeros(16, 8).numpy().tobytes())))
+    out = str(root / "out")
+    train = [py, "train.py", "--config", recipe]
+    generate = [py, "generate.py", "--prompt", "hi", "--max_new_tokens", "2", "--device", "cpu", "--model"]
+    evaluate = [py, "evaluate.py", "--eval_dataset_dir", str(root / "eval.npy"), "--seq_length", "16",
+                "--device", "cpu", "--model"]
+    merge = [py, "convert/merge_checkpoint.py", "--dst_dir", str(root / "merged"), "--src_ckpt_dir"]
+    join = os.path.join
+    cases = [
+        ("hf_bin/generate", generate + [hf], join(hf, "pytorch_model.bin")),
+        ("hf_bin/train_load_checkpoint", train + ["--output_dir", out + "1", "--load_checkpoint", hf],
+         join(hf, "pytorch_model.bin")),
+        ("hf_bin/hf_to_mindspore", [py, "convert/hf_to_mindspore.py", "--torch_path", hf, "--mindspore_path",
+                                    str(root / "x.ckpt")], join(hf, "pytorch_model.bin")),
+        ("model_pt/evaluate", evaluate + [model_pt], join(model_pt, "model.pt")),
+        ("model_pt/merge_checkpoint", merge + [model_pt], join(model_pt, "model.pt")),
+        ("optimizer_pt/train_resume", train + ["--output_dir", os.path.dirname(os.path.dirname(optimizer_pt)),
+                                               "--resume", optimizer_pt], join(optimizer_pt, "optimizer.pt")),
+        ("dcp_metadata/generate", generate + [metadata], join(metadata, ".metadata")),
+        ("dcp_metadata/evaluate", evaluate + [metadata], join(metadata, ".metadata")),
+        ("dcp_metadata/train_load_checkpoint", train + ["--output_dir", out + "2", "--load_checkpoint", metadata],
+         join(metadata, ".metadata")),
+        ("dcp_metadata/merge_checkpoint", merge + [metadata], join(metadata, ".metadata")),
+        ("ckpt_huge_dims/mindspore_to_hf", [py, "convert/mindspore_to_hf.py", "--mindspore_path", huge, "--n_head",
+                                            "2", "--output_dir", str(root / "hf_out")], huge),
+    ]
+    # under torchrun (2 ranks, started here as torchrun starts them): rank 1's own file, and DCP's metadata
+    for name, path, named in [("dcp_rank_file/torchrun_resume", rank_file, join(rank_file, "rank_1.pt")),
+                              ("dcp_metadata/torchrun_resume", meta_resume, join(meta_resume, ".metadata"))]:
+        argv = train + ["--output_dir", os.path.dirname(os.path.dirname(path)), "--resume", path, "--use_parallel",
+                        "True", "parallel.data_parallel=2"]
+        cases.append((name, ("ranks", argv), named))
+    return cases
+
+
+def _port():
+    import socket
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def run_case(argv):
+    env = dict(os.environ, PYTHONPATH=REPO, OMP_NUM_THREADS="1")
+    if argv[0] != "ranks":
+        proc = subprocess.run(argv, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+        return proc.returncode, proc.stderr
+    env.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_port()), WORLD_SIZE="2", LOCAL_WORLD_SIZE="2")
+    procs = [subprocess.Popen(argv[1], cwd=REPO, env=dict(env, RANK=str(r), LOCAL_RANK=str(r)), text=True,
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE) for r in (0, 1)]
+    (_, err0), (_, err1) = (p.communicate(timeout=300) for p in procs)
+    if procs[1].returncode != 2 or "Traceback" in err1 or "error:" in err1:  # rank 0 speaks for both
+        return procs[1].returncode, "rank 1: " + err1
+    return procs[0].returncode, err0
+
+
+@pytest.fixture(scope="module")
+def outcomes(tmp_path_factory):
+    root = tmp_path_factory.mktemp("hostile")
+    marker = root / "MARKER"
+    cases = build_cases(root, marker)
+    with ThreadPoolExecutor(max_workers=2) as pool:
+        results = list(pool.map(lambda case: run_case(case[1]), cases))
+    return {name: (code, err, named) for (name, _, named), (code, err) in zip(cases, results)}, marker
+
+
+CASE_NAMES = ["hf_bin/generate", "hf_bin/train_load_checkpoint", "hf_bin/hf_to_mindspore", "model_pt/evaluate",
+              "model_pt/merge_checkpoint", "optimizer_pt/train_resume", "dcp_metadata/generate",
+              "dcp_metadata/evaluate", "dcp_metadata/train_load_checkpoint", "dcp_metadata/merge_checkpoint",
+              "ckpt_huge_dims/mindspore_to_hf", "dcp_rank_file/torchrun_resume", "dcp_metadata/torchrun_resume"]
+
+
+def assert_one_line_error(code, err, named):
+    lines = err.strip().splitlines()
+    assert code == 2, err[-3000:]
+    assert "Traceback" not in err, err[-3000:]
+    assert lines and lines[-1].startswith("error: ") and named in lines[-1], err[-3000:]
+    return lines[-1]
+
+
+@pytest.mark.parametrize("case", CASE_NAMES)
+def test_hostile_file_is_refused_in_one_line(outcomes, case):
+    results, marker = outcomes
+    code, err, named = results[case]
+    last = assert_one_line_error(code, err, named)
+    if not case.startswith("ckpt_"):
+        assert "refusing to load" in last and "posix.system" in last, last
+    assert not marker.exists(), f"{case}: the pickle ran"
+
+
+def test_every_case_is_checked(outcomes):
+    assert sorted(outcomes[0]) == sorted(CASE_NAMES)
+
+
+# ---------------------------------------------------------------------------------------------
+# the same CLIs in process, for the variants of one entry point
+# ---------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("name, record", [
+    ("negative", ([-1, 8], "Float32", torch.zeros(16, 8).numpy().tobytes())),
+    ("int", ([16, 8], "Int32", torch.zeros(16, 8).numpy().tobytes())),
+    ("float99", ([16, 8], "Float99", torch.zeros(16, 8).numpy().tobytes())),
+    ("short", ([16, 8], "Float32", torch.zeros(16, 7).numpy().tobytes())),
+    ("truncated", None),
+])
+def test_crafted_mindspore_ckpt_is_one_line(tmp_path, capsys, name, record):
+    from conftest import load_script
+    path = truncated_ckpt(tmp_path) if record is None else crafted_ckpt(tmp_path, name, record)
+    code = load_script("convert/mindspore_to_hf.py").main(["--mindspore_path", str(path), "--n_head", "2",
+                                                            "--output_dir", str(tmp_path / "out")])
+    last = assert_one_line_error(code, capsys.readouterr().err, str(path))
+    assert {"int": "type Int32", "float99": "type Float99", "negative": "dims [-1, 8]",
+            "short": "448 bytes of data but dims [16, 8] of Float32 need 512", "truncated": "truncated"}[name] in last
+    assert sorted(os.listdir(tmp_path)) == [path.name]  # no output, no temporary
+
+
+def test_pickled_numpy_data_and_adapter_are_refused(tmp_path, capsys):
+    from conftest import load_script
+    marker = tmp_path / "MARKER"
+    recipe = recipe_and_data(tmp_path)
+    np.save(tmp_path / "evil.npy", np.array([Payload(marker)], dtype=object), allow_pickle=True)
+    code = load_script("train.py").main(["--config", str(recipe), "--output_dir", str(tmp_path / "out"),
+                                         "--train_dataset_dir", str(tmp_path / "evil.npy")])
+    assert_one_line_error(code, capsys.readouterr().err, str(tmp_path / "evil.npy"))
+    adapter = adapter_dir(tmp_path, marker)
+    code = load_script("generate.py").main(["--model", str(tiny_model_dir(tmp_path)), "--adapter", str(adapter),
+                                            "--prompt", "hi", "--max_new_tokens", "2", "--device", "cpu"])
+    last = assert_one_line_error(code, capsys.readouterr().err, str(adapter / "adapter_model.bin"))
+    assert "refusing to load" in last and "posix.system" in last
+    assert not marker.exists()
+
+
+# ---------------------------------------------------------------------------------------------
+# in process: DCP's non-tensor values, and what a legitimate DCP checkpoint still loads
+# ---------------------------------------------------------------------------------------------
+def test_dcp_values_are_read_weights_only(tmp_path):
+    """A DCP checkpoint whose non-tensor value (an optimizer hyperparameter's slot) pickles os.system: DCP's own
+    planner would run it (torch.load(weights_only=False)); ours refuses, naming the checkpoint and the value."""
+    import warnings
+    import torch.distributed.checkpoint as dcp
+    from gpt2_ascend.parallel.safe_dcp import dcp_load
+    from gpt2_ascend.safe_pickle import UnsafeFileError
+    marker = tmp_path / "MARKER"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        dcp.save({"w": torch.ones(3), "lr": Payload(marker)}, checkpoint_id=str(tmp_path / "ck"), no_dist=True)
+        state = {"w": torch.zeros(3), "lr": 0.0}
+        with pytest.raises(UnsafeFileError, match=r"refusing to load .*ck \(the value of lr\).*posix.system"):
+            dcp_load(state, str(tmp_path / "ck"), no_dist=True)
+        assert not marker.exists()
+        good = {"w": torch.ones(3), "lr": 0.25, "betas": (0.9, 0.95), "names": ["a", "b"]}
+        dcp.save(good, checkpoint_id=str(tmp_path / "ok"), no_dist=True)
+        back = {"w": torch.zeros(3), "lr": 0.0, "betas": (0.0, 0.0), "names": []}
+        dcp_load(back, str(tmp_path / "ok"), no_dist=True)
+    assert torch.equal(back["w"], torch.ones(3)) and back["lr"] == 0.25 and back["betas"] == (0.9, 0.95)
+    assert back["names"] == ["a", "b"]
+
+
+def test_dcp_metadata_pointing_outside_the_directory_is_refused(tmp_path):
+    import warnings
+    import torch.distributed.checkpoint as dcp
+    from gpt2_ascend.parallel.safe_dcp import read_dcp_metadata
+    from gpt2_ascend.train.checkpoint import CheckpointError
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        dcp.save({"w": torch.ones(3)}, checkpoint_id=str(tmp_path), no_dist=True)
+    metadata = read_dcp_metadata(str(tmp_path))  # what a real .metadata holds reads back
+    assert list(metadata.state_dict_metadata) == ["w"]
+    for info in metadata.storage_data.values():
+        info.relative_path = "../../etc/passwd"
+    (tmp_path / ".metadata").write_bytes(pickle.dumps(metadata))
+    with pytest.raises(CheckpointError, match="points at '../../etc/passwd'"):
+        read_dcp_metadata(str(tmp_path))
+    (tmp_path / ".metadata").write_bytes(b"\x80\x04garbage")
+    with pytest.raises(CheckpointError, match="corrupt .metadata"):
+        read_dcp_metadata(str(tmp_path))
+
+
+def test_refusal_names_the_global_for_every_pickle_protocol(tmp_path):
+    from gpt2_ascend.safe_pickle import UnsafeFileError, torch_load
+    marker = tmp_path / "MARKER"
+    for protocol in (0, 2, 4, 5):
+        path = tmp_path / f"p{protocol}.pt"
+        path.write_bytes(pickle.dumps({"w": Payload(marker)}, protocol=protocol))
+        with pytest.raises(UnsafeFileError, match=rf"refusing to load {path}: .* type posix.system"):
+            torch_load(str(path))
+    torch.save({"w": torch.ones(2), "step": 3, "names": ["x"]}, tmp_path / "ok.pt")
+    assert torch_load(str(tmp_path / "ok.pt"))["step"] == 3
+    (tmp_path / "short.pt").write_bytes((tmp_path / "ok.pt").read_bytes()[:100])
+    with pytest.raises(ValueError, match=r"cannot read .*short.pt: .*\(corrupt, truncated"):
+        torch_load(str(tmp_path / "short.pt"))
+    assert not marker.exists()
+
+
+def test_merge_needs_only_the_model_files(tmp_path, capsys):
+    """A damaged optimizer.pt does not stop merging (or evaluating) the weights; a damaged model.pt does, in one line."""
+    from conftest import load_script
+    from gpt2_ascend import GPT2LMHeadModel
+    from gpt2_ascend.eval.runner import load_model
+    from gpt2_ascend.train import checkpoint as ckpt
+    model = GPT2LMHeadModel(tiny_config())
+    path = ckpt.save_checkpoint(str(tmp_path / "checkpoint"), 3, dict(model=model.state_dict(),
+                                optimizer={"state": {}}, trainer={"step": 3}),
+                                json_files={"config.json": hf_config_dict()})
+    with open(os.path.join(path, "optimizer.pt"), "r+b") as f:
+        f.truncate(10)
+    merge = load_script("convert/merge_checkpoint.py").main
+    assert merge(["--src_ckpt_dir", path, "--dst_dir", str(tmp_path / "merged")]) == 0, capsys.readouterr().err
+    merged = GPT2LMHeadModel.from_pretrained(str(tmp_path / "merged"))
+    assert all(torch.equal(a, b) for a, b in zip(merged.state_dict().values(), model.state_dict().values()))
+    loaded, _ = load_model(path, device="cpu")
+    assert torch.equal(loaded.transformer.wte.weight, model.transformer.wte.weight)
+    with open(os.path.join(path, "model.pt"), "r+b") as f:
+        f.truncate(10)
+    capsys.readouterr()
+    assert merge(["--src_ckpt_dir", path, "--dst_dir", str(tmp_path / "merged2")]) == 2
+    assert_one_line_error(2, capsys.readouterr().err, "model.pt has 10 bytes, the manifest says")
