@@ -39,6 +39,9 @@ def parse_args(argv=None):
     p.add_argument("--mindformers_compat", action="store_true",
                    help="prepare raw WikiText exactly like MindFormers' script (drops the last passage)")
     p.add_argument("--max_length", type=int, default=128, help="text_classification row length (default 128)")
+    from gpt2_ascend.data.txtcls import DATASETS
+    p.add_argument("--dataset_name", choices=DATASETS, default="sst_2",
+                   help="text_classification: the raw file's layout (MindFormers' names; see docs/data.md)")
     p.add_argument("--batch_size", type=int, help="default 8 for perplexity, 32 for text_classification")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda[:N] or npu[:N]")
     p.add_argument("--precision", choices=("auto", "fp32", "bf16", "fp16"), default="auto",
@@ -66,7 +69,7 @@ def main(argv=None) -> int:
             result = run_classification(args.model, args.eval_dataset_dir, max_length=args.max_length,
                                         batch_size=32 if args.batch_size is None else args.batch_size, adapter=args.adapter, device=args.device,
                                         precision=args.precision, tokenizer=args.tokenizer, cache_dir=args.cache_dir,
-                                        progress=not args.no_progress)
+                                        dataset_name=args.dataset_name, progress=not args.no_progress)
     except (ValueError, FileNotFoundError, OSError, RuntimeError, TypeError) as e:
         print_error(e)
         return 2

@@ -1,10 +1,13 @@
-"""Train or finetune GPT-2 from a MindFormers-style recipe (flag names follow MindFormers' run_mindformer.py).
+"""Train, finetune, evaluate or predict with GPT-2 from a MindFormers-style recipe (flags follow MindFormers'
+run_mindformer.py: --run_mode train | finetune | eval | predict).
 
-All the work is in gpt2_ascend.train (recipe.load_recipe + trainer.run_training); this file only parses.
+All the work is in gpt2_ascend.train (recipe.load_recipe, trainer.run_training, run_modes.evaluate_recipe /
+predict_recipe); this file only parses.
 """
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import shlex
 import sys
@@ -29,8 +32,16 @@ EPILOG = """examples:
   python train.py --config configs/gpt2/finetune_gpt2_small_txtcls.yaml --load_checkpoint out/small/final \\
       --train_dataset_dir $GPT2_DATA_DIR/sst2/train.tsv --eval_dataset_dir $GPT2_DATA_DIR/sst2/dev.tsv
 
+  # MindFormers' evaluation and prediction commands, with MindFormers' own weights (.ckpt) loaded directly
+  python train.py --config configs/gpt2/pretrain_gpt2_small.yaml --run_mode eval --epochs 1 \\
+      --load_checkpoint gpt2.ckpt --eval_dataset_dir $GPT2_DATA_DIR/wikitext-2/wiki.valid.tokens
+  python train.py --config configs/gpt2/predict_gpt2_small.yaml --run_mode predict --load_checkpoint gpt2.ckpt \\
+      --predict_data "I love Beijing, because"
+
 Outputs in OUTPUT_DIR: metrics.jsonl, tensorboard/, loss_curve.png, checkpoint/step_N/, final/ (HF format),
-recipe.yaml (the resolved recipe) and summary.json. See docs/training.md.
+recipe.yaml (the resolved recipe) and summary.json. run_mode eval prints the recipe's metric (and one JSON
+line); predict prints each prompt with its continuation. Recipe keys can also be set MindFormers' way,
+`--runner_config.batch_size 8`. See docs/training.md and docs/evaluation.md.
 """
 
 
@@ -44,15 +55,24 @@ def str2bool(text: str) -> bool:
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description="Train or finetune GPT-2 from a recipe (configs/gpt2/*.yaml).",
+    p = argparse.ArgumentParser(description="Train, finetune, evaluate or predict with GPT-2 from a recipe "
+                                            "(configs/gpt2/*.yaml).",
                                 epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--config", required=True, help="recipe YAML, e.g. configs/gpt2/pretrain_gpt2_small.yaml")
-    p.add_argument("--run_mode", choices=("train", "finetune"),
-                   help="train: from scratch (or --load_checkpoint); finetune: from --load_checkpoint")
+    p.add_argument("--run_mode", choices=("train", "finetune", "eval", "predict"),
+                   help="train: from scratch (or --load_checkpoint); finetune: from --load_checkpoint; eval: the "
+                        "recipe's metric on --eval_dataset_dir; predict: continue --predict_data")
     p.add_argument("--train_dataset_dir", help="prepared .npy/.npz or raw wiki.*.tokens / .txt / .tsv")
     p.add_argument("--eval_dataset_dir", help="validation data, same forms; evaluated at the end (and every "
                                               "eval_step_interval steps with do_eval)")
-    p.add_argument("--load_checkpoint", help="HF-format GPT-2 directory or OUTPUT_DIR/checkpoint/step_N")
+    p.add_argument("--load_checkpoint", help="HF-format GPT-2 directory, OUTPUT_DIR/checkpoint/step_N, or a "
+                                             "MindFormers .ckpt file (its shape, the recipe's heads)")
+    p.add_argument("--predict_data", nargs="+", metavar="TEXT",
+                   help="run_mode predict: the prompt(s); a literal \\n in a single one is a newline")
+    p.add_argument("--predict_batch_size", type=int, help="run_mode predict: prompts per batch (default batch_size)")
+    p.add_argument("--epochs", type=int, help="runner_config.epochs")
+    p.add_argument("--batch_size", type=int, help="runner_config.batch_size")
+    p.add_argument("--gradient_accumulation_steps", type=int, help="runner_config.gradient_accumulation_steps")
     p.add_argument("--output_dir", help="where metrics, checkpoints and final/ go")
     p.add_argument("--max_steps", type=int, help="stop after N optimizer steps (the schedule spans them)")
     p.add_argument("--resume", metavar="auto|PATH",
@@ -65,7 +85,27 @@ def parse_args(argv=None):
                    help="start over in an OUTPUT_DIR that already holds a run (its checkpoints are deleted)")
     p.add_argument("overrides", nargs="*", metavar="section.key=value",
                    help="recipe overrides, e.g. runner_config.batch_size=8 lr_schedule.learning_rate=3e-4")
-    return p.parse_intermixed_args(argv)  # section.key=value overrides may come before or after flags
+    argv, dotted = mindformers_style_overrides(list(sys.argv[1:] if argv is None else argv), p)
+    args = p.parse_intermixed_args(argv)  # section.key=value overrides may come before or after flags
+    args.overrides = dotted + list(args.overrides)
+    return args
+
+
+def mindformers_style_overrides(argv: list[str], parser) -> tuple[list[str], list[str]]:
+    """(the other arguments, run_mindformer.py's `--section.key value` pairs as section.key=value overrides)."""
+    rest, out = [], []
+    while argv:
+        arg = argv.pop(0)
+        name, has_value, value = arg[2:].partition("=")
+        if not (arg.startswith("--") and "." in name):
+            rest.append(arg)
+            continue
+        if not has_value:
+            if not argv:
+                parser.error(f"{arg} needs a value")
+            value = argv.pop(0)
+        out.append(f"{name}={value}")
+    return rest, out
 
 
 def overrides_from_flags(args) -> list[str]:
@@ -73,7 +113,9 @@ def overrides_from_flags(args) -> list[str]:
     flag_keys = dict(run_mode="run_mode", train_dataset_dir="train_dataset.data_loader.dataset_dir",
                      eval_dataset_dir="eval_dataset.data_loader.dataset_dir", load_checkpoint="load_checkpoint",
                      output_dir="output_dir", max_steps="runner_config.max_steps", resume="resume_training",
-                     device="device", use_parallel="use_parallel", seed="seed")
+                     device="device", use_parallel="use_parallel", seed="seed", epochs="runner_config.epochs",
+                     batch_size="runner_config.batch_size",
+                     gradient_accumulation_steps="runner_config.gradient_accumulation_steps")
     out = []
     for flag, key in flag_keys.items():
         value = getattr(args, flag)
@@ -138,6 +180,10 @@ def main(argv=None) -> int:
 
     try:
         recipe = load_recipe(args.config, overrides_from_flags(args) + list(args.overrides))
+        if recipe.run_mode == "eval":
+            return report_eval(recipe)
+        if recipe.run_mode == "predict":
+            return report_predict(recipe, predict_texts(args.predict_data), args.predict_batch_size)
         summary = run_training(recipe, overwrite=args.overwrite_output_dir)
     except (TrainingInterrupted, KeyboardInterrupt) as e:
         return report_interrupt(e, argv)
@@ -155,6 +201,44 @@ def main(argv=None) -> int:
             parts.append(f"{label} {summary[key]:.4f}")
     print("done: " + ", ".join(parts))
     print(f"model: {summary['final']}  metrics: {summary['metrics']}")
+    return 0
+
+
+def predict_texts(predict_data: list[str] | None) -> list[str]:
+    """MindFormers' reading of --predict_data: several texts are a list; one has its literal \\n made newlines."""
+    if not predict_data:
+        return []
+    if len(predict_data) == 1:
+        return [predict_data[0].replace("\\n", "\n")]
+    return list(predict_data)
+
+
+def report_eval(recipe) -> int:
+    from gpt2_ascend.train.run_modes import evaluate_recipe
+    result = evaluate_recipe(recipe)
+    if result["metric"] == "PerplexityMetric":
+        print(f"PerplexityMetric: loss {result['loss']:.4f}, PPL {result['PPL']:.4f} ({result['tokens']} tokens in "
+              f"{result['blocks']} blocks of {result['seq_length']}, batch {result['batch_size']})")
+    else:
+        print(f"Accuracy: {result['Accuracy']:.4f} ({result['correct']}/{result['total']}, batch "
+              f"{result['batch_size']})")
+    from gpt2_ascend.eval.runner import nonfinite_problem
+    from gpt2_ascend.fileio import json_safe
+    problem = nonfinite_problem({key.lower(): value for key, value in result.items()})
+    print(json.dumps(json_safe(dict(result, error=problem) if problem else result), allow_nan=False))
+    if problem:  # printed, flagged, and not a success
+        raise ValueError(problem)
+    return 0
+
+
+def report_predict(recipe, texts: list[str], batch_size: int | None) -> int:
+    from gpt2_ascend.train.run_modes import predict_recipe
+    out = predict_recipe(recipe, texts, batch_size)
+    for item in out["results"]:
+        print(item["prompt"] + item["text"], flush=True)
+    rate = out["new_tokens"] / max(out["seconds"], 1e-9)
+    print(f"{len(texts)} prompt(s), {out['new_tokens']} new tokens in {out['seconds']:.2f} s ({rate:.1f} tokens/s)",
+          file=sys.stderr)
     return 0
 
 

@@ -57,7 +57,8 @@ STEPS = [
          bench("train.py", *TRAIN_SMOKE, "--lora", "--compile", "--compile_scope", "blocks")),
     Step("gpu-tests", ["-m", "pytest", "-q", "-p", "no:cacheprovider", "-k", "gpu", "-rs",
                        *[os.path.join(REPO, "tests", f) for f in ("test_model_parity.py", "test_generation.py",
-                                                                   "test_speed.py", "test_train_trainer.py")]],
+                                                                   "test_speed.py", "test_train_trainer.py",
+                                                                   "test_mindformers_reference.py")]],
          240, 90, ["-m", "pytest", "-q", "-p", "no:cacheprovider", "-k", "gpu", "-rs",
                    os.path.join(REPO, "tests", "test_model_parity.py")]),
     # which defaults are fastest (ours only): full recompute for the 13B; the plain head and per-block
@@ -71,6 +72,10 @@ STEPS = [
     Step("train-small-blocks", bench("train.py", "--preset", "small", "--batch", "16", "--seq", "1024",
                                      "--compile", "--compile_scope", "blocks", "--no_hf", "--steps", "10",
                                      "--warmup", "3"), 150, 70),
+    # MindSpore's optimizer rule in torch's fused kernel vs torch's AdamW (docs/training.md, MindFormers' numerics)
+    Step("optimizer-small", bench("optimizer.py", "--device", "cuda", "--preset", "small", "--steps", "20",
+                                  "--warmup", "3"), 90, 30,
+         bench("optimizer.py", "--device", "cpu", "--preset", "tiny", "--steps", "1", "--warmup", "0")),
     *[Step(f"train-{preset}", bench("train.py", "--preset", preset, "--batch", "8", "--compile",
                                     "--compile_scope", "blocks", "--no_hf", "--steps", "5", "--warmup", "2",
                                     "--find_max_batch"), 240, 90) for preset in ("medium", "large", "xl")],

@@ -9,6 +9,13 @@ from typing import Optional
 
 ACTIVATIONS = ("gelu_new", "fast_gelu", "gelu")
 ATTN_IMPLEMENTATIONS = ("eager", "sdpa", "npu", "auto")
+# How a fresh model is initialised (GPT2PreTrainedModel.init_weights):
+#   hf:          HF GPT-2's: N(0, initializer_range) for embeddings and Linear weights, the residual projections
+#                (c_proj) N(0, initializer_range / sqrt(2 n_layer)); biases 0, LayerNorm 1 / 0.
+#   mindformers: MindFormers' GPT-2 (MindSpore's initializer('normal'), sigma 0.01: set initializer_range 0.01):
+#                N(0, initializer_range) for both embeddings and every Linear weight, no residual scaling;
+#                biases 0, LayerNorm 1 / 0.
+INIT_STYLES = ("hf", "mindformers")
 
 # MindFormers' shapes (see DESIGN.md). vocab 50257, eps 1e-5 and dropout 0.1 everywhere.
 PRESETS = {
@@ -42,6 +49,12 @@ HF_IGNORED_KEYS = {
     "gradient_checkpointing", "finetuning_task", "torchscript", "tie_encoder_decoder", "pruned_heads",
     "cross_attention_hidden_size", "decoder_start_token_id", "sep_token_id", "tf_legacy_loss",
     "use_bfloat16", "_commit_hash", "output_scores", "return_dict_in_generate", "transformers.js_config",
+    # the generation defaults transformers 4.x kept on every config (its to_dict() writes them all)
+    "bad_words_ids", "begin_suppress_tokens", "diversity_penalty", "early_stopping",
+    "encoder_no_repeat_ngram_size", "exponential_decay_length_penalty", "forced_bos_token_id",
+    "forced_eos_token_id", "length_penalty", "min_length", "no_repeat_ngram_size", "num_beam_groups",
+    "num_beams", "num_return_sequences", "remove_invalid_values", "repetition_penalty", "suppress_tokens",
+    "temperature", "top_k", "top_p", "typical_p",
 }
 
 
@@ -59,6 +72,7 @@ class GPT2Config:
     attn_pdrop: float = 0.1
     resid_pdrop: float = 0.1
     initializer_range: float = 0.02
+    init_style: str = "hf"  # hf | mindformers (INIT_STYLES)
     tie_word_embeddings: bool = True
     num_labels: int = 2
     pad_token_id: int = 50256
@@ -77,6 +91,8 @@ class GPT2Config:
     def validate(self):
         if self.activation not in ACTIVATIONS:
             raise ValueError(f"unknown activation {self.activation!r}: use one of {', '.join(ACTIVATIONS)}")
+        if self.init_style not in INIT_STYLES:
+            raise ValueError(f"unknown init_style {self.init_style!r}: use one of {', '.join(INIT_STYLES)}")
         if self.attn_implementation not in ATTN_IMPLEMENTATIONS:
             raise ValueError(f"unknown attn_implementation {self.attn_implementation!r}: "
                              f"use one of {', '.join(ATTN_IMPLEMENTATIONS)}")
@@ -189,7 +205,8 @@ class GPT2Config:
             labels = self.id2label or {i: f"LABEL_{i}" for i in range(self.num_labels)}
             hf["id2label"] = {str(k): v for k, v in labels.items()}
             hf["label2id"] = {v: int(k) for k, v in labels.items()}
-        extras = {k: getattr(self, k) for k in ("attn_implementation", "gradient_checkpointing", "pad_vocab_size_multiple")
+        extras = {k: getattr(self, k) for k in ("attn_implementation", "gradient_checkpointing", "pad_vocab_size_multiple",
+                                                "init_style")
                   if getattr(self, k) != getattr(GPT2Config, k)}
         if extras:
             hf["gpt2_ascend"] = extras

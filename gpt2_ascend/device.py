@@ -51,6 +51,53 @@ def npu_reference_installed() -> bool:
     return mod is not None and bool(getattr(mod, "IS_REFERENCE", False))
 
 
+def npu_op_has_backward(op: str) -> bool:
+    """Whether the installed torch_npu registers a backward for `torch.ops.npu.<op>`. op-plugin turns each
+    entry of its derivatives.yaml into a kernel at the AutogradPrivateUse1 dispatch key; an op without one
+    reaches torch_npu's autograd fallback (torch_npu/csrc/aten/VariableFallbackKernel.cpp), which warns
+    once at backward and passes no gradient. Asked of the dispatcher, so it holds for any release or build."""
+    torch_npu()  # loads the npu:: operators
+    try:
+        return any(torch._C._dispatch_has_kernel_for_dispatch_key(f"npu::{op}", key)
+                   for key in ("AutogradPrivateUse1", "Autograd", "CompositeImplicitAutograd"))
+    except RuntimeError:  # this release has no such operator at all
+        return False
+
+
+def require_compile_backend(device_type: str):
+    """torch.compile (inductor) on NPU needs the code generator torch_npu registers when its `_inductor`
+    package is imported (torch_npu >= 2.6.0, experimental, Triton kernels through triton-ascend). Without
+    it, fail here in one line instead of deep inside the first compiled step."""
+    if device_type != "npu":
+        return
+    mod = torch_npu()
+    try:
+        importlib.import_module("torch_npu._inductor")
+    except ImportError as e:
+        raise RuntimeError(f"runner_config.compile needs torch_npu's inductor backend on NPU (torch_npu._inductor: "
+                           f"torch_npu >= 2.6.0 with triton-ascend), which torch_npu "
+                           f"{getattr(mod, '__version__', '?')} cannot load ({e}): set runner_config.compile: "
+                           f"false") from None
+    # a fact about the installation: compiled code takes it as a constant instead of breaking the graph on it
+    torch.compiler.assume_constant_result(npu_op_has_backward)
+
+
+def grad_scaler(device_type: str, sharded: bool = False, **settings):
+    """Dynamic fp16 loss scaling; `sharded`: the distributed one, whose inf/nan check is all-reduced so every
+    rank skips the same steps. On NPU torch_npu's own classes (torch_npu/npu/amp): its sharded scaler
+    also replaces torch's `ShardedGradScaler` name on import, and its constructor takes no device argument
+    before 26.1.0 and `device` first from 26.1.0 on, so it is called with keywords only."""
+    if device_type == "npu":
+        amp = torch_npu().npu.amp
+        if not sharded:
+            return amp.GradScaler(**settings)
+        return amp.sharded_grad_scaler._ShardedGradScaler(**settings)
+    if sharded:
+        from torch.distributed.fsdp.sharded_grad_scaler import ShardedGradScaler
+        return ShardedGradScaler(device=device_type, **settings)
+    return torch.amp.GradScaler(device_type, **settings)
+
+
 def is_npu_tensor(x: torch.Tensor) -> bool:
     """Whether `x` lives on an NPU, i.e. whether the NPU kernels apply (tests patch this to run the
     NPU code path on CPU tensors with the reference torch_npu)."""

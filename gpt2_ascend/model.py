@@ -235,6 +235,13 @@ def run_block(block: nn.Module, x, mask, cache, layer_idx: int, recompute: str =
 # ---------------------------------------------------------------------------------------------
 # models
 # ---------------------------------------------------------------------------------------------
+def init_std(config: GPT2Config, module_name: str) -> float:
+    """The standard deviation a fresh Linear / Embedding weight is drawn with (config.init_style)."""
+    if config.init_style == "hf" and module_name.endswith("c_proj"):  # HF GPT-2's residual projection scaling
+        return config.initializer_range / math.sqrt(2 * config.n_layer)
+    return config.initializer_range
+
+
 def _rng_snapshot():
     """The default generator's state for the device modules are being built on. Restored before
     init_weights, so the draws nn.Linear / nn.Embedding make in their constructors (whose shapes depend on
@@ -264,18 +271,19 @@ class GPT2PreTrainedModel(nn.Module):
     hf_architecture = "GPT2LMHeadModel"
 
     def init_weights(self):
-        """GPT-2 init: N(0, 0.02) everywhere, residual projections N(0, 0.02 / sqrt(2 n_layer))."""
-        std = self.config.initializer_range
+        """config.init_style "hf": N(0, initializer_range) everywhere, residual projections (c_proj) scaled by
+        1 / sqrt(2 n_layer), as HF GPT-2; "mindformers": N(0, initializer_range) everywhere, no scaling, as
+        MindFormers' GPT-2. Biases 0, LayerNorm weight 1 and bias 0 in both."""
         for name, module in self.named_modules():
             if isinstance(module, (nn.Linear, nn.Embedding)):
-                scale = 1.0 / math.sqrt(2 * self.config.n_layer) if name.endswith("c_proj") else 1.0
+                std = init_std(self.config, name)
                 rows = module.weight.size(0)
                 if name.endswith(("wte", "lm_head")):
                     # rows past vocab_size only pad: zero, and not drawn, so a seed gives the same real
                     # weights whatever the padding (one device, or a vocab-parallel run)
                     rows = min(rows, self.config.vocab_size)
                     nn.init.zeros_(module.weight[rows:])
-                nn.init.normal_(module.weight[:rows], mean=0.0, std=std * scale)
+                nn.init.normal_(module.weight[:rows], mean=0.0, std=std)
                 if getattr(module, "bias", None) is not None:
                     nn.init.zeros_(module.bias)
             elif isinstance(module, nn.LayerNorm):

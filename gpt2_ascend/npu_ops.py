@@ -1,4 +1,4 @@
-"""Attention on Ascend NPU through torch_npu's fused flash-attention kernel.
+"""What runs on Ascend NPU through torch_npu: the fused flash-attention kernel, fast_gelu, AdamW.
 
 `torch_npu.npu_fusion_attention` (Atlas A2 training series) is called the way Ascend documents it:
 
@@ -94,6 +94,32 @@ def npu_attention(q, k, v, mask=None, is_causal=False, dropout_p=0.0, scale=None
 
 
 # ---------------------------------------------------------------------------------------------
+# fast_gelu
+# ---------------------------------------------------------------------------------------------
+FAST_GELU_DTYPES = (torch.float16, torch.float32)  # torch_npu.fast_gelu's documented dtypes (no bfloat16)
+
+
+def fast_gelu_kernel(x: torch.Tensor):
+    """The torch_npu op that computes fast_gelu (x * sigmoid(1.702 x), one fused FastGelu kernel) for `x`,
+    or None where only the formula written out in torch ops gives a correct result.
+
+    `npu_fast_gelu` (float16/float32/bfloat16 on A2) has a backward only from op-plugin 7.3.0 (torch_npu
+    2.6.0.post5, 2.7.1.post2, 2.8.0.post2, 2.9.0); on earlier releases autograd's fallback passes no
+    gradient through it, so a training step would leave c_fc and ln_2 without their MLP gradient. It serves
+    whenever no gradient is needed, and in training where its backward is registered. Otherwise
+    `torch_npu.fast_gelu`, the same kernel with a backward in every release, documented for float16 and
+    float32 only; bfloat16 (bf16 autocast) then takes the formula, whose autograd runs through torch's
+    sigmoid and mul.
+    """
+    torch_npu = dev.torch_npu()
+    if not (torch.is_grad_enabled() and x.requires_grad) or dev.npu_op_has_backward("npu_fast_gelu"):
+        return torch_npu.npu_fast_gelu
+    if x.dtype in FAST_GELU_DTYPES and dev.npu_op_has_backward("fast_gelu"):
+        return torch_npu.fast_gelu
+    return None
+
+
+# ---------------------------------------------------------------------------------------------
 # optimizer
 # ---------------------------------------------------------------------------------------------
 _fused_adamw_classes: dict = {}
@@ -108,17 +134,22 @@ def fused_adamw_supported(param_groups) -> bool:
 
 
 def adamw(param_groups, lr: float, betas, eps: float):
-    """torch_npu's NpuFusedAdamW with the given groups, or torch's AdamW where its rules exclude it.
+    """torch_npu's NpuFusedAdamW with the given groups, or torch's fused AdamW where its rules exclude it.
 
-    Its documented rule: parameters must not be reallocated while it is in use (build it after the
-    model is moved and wrapped; no .cpu()/.to() afterwards). Its fused gradient buffer also means
+    NpuFusedAdamW's documented rule: parameters must not be reallocated while it is in use (build it after
+    the model is moved and wrapped; no .cpu()/.to() afterwards). Its fused gradient buffer also means
     gradients must never be set to None: zero_grad(set_to_none=True) raises in torch_npu, so the
     optimizer returned here zeroes in place whatever set_to_none says, and generic training loops
     work unchanged (model.zero_grad(), which sets None, must still not be used on NPU).
+
+    bfloat16 parameters and FSDP2's DTensor shards, which it refuses, get `torch.optim.AdamW(fused=True)`:
+    op-plugin registers aten::_fused_adamw_ for the NPU in every release this project supports
+    (op_plugin_functions.yaml: `op_api: all_version` from op-plugin 6.0.0, i.e. torch_npu 2.4.0.post2), and
+    DTensor dispatches it shard by shard (torch/distributed/tensor/_ops/_pointwise_ops.py).
     """
     param_groups = [dict(g, params=list(g["params"])) if isinstance(g, dict) else g for g in param_groups]
     if not fused_adamw_supported(param_groups):
-        return torch.optim.AdamW(param_groups, lr=lr, betas=betas, eps=eps, foreach=True)
+        return torch.optim.AdamW(param_groups, lr=lr, betas=betas, eps=eps, fused=True)
     return _fused_adamw_class(dev.torch_npu())(param_groups, lr=lr, betas=betas, eps=eps)
 
 

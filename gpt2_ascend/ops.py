@@ -48,7 +48,10 @@ def activation(name: str, x: torch.Tensor) -> torch.Tensor:
 
 def fast_gelu(x: torch.Tensor) -> torch.Tensor:
     if dev.is_npu_tensor(x):
-        return dev.torch_npu().npu_fast_gelu(x)  # x * sigmoid(1.702 x) on Atlas A2, one fused kernel
+        from .npu_ops import fast_gelu_kernel
+        kernel = fast_gelu_kernel(x)  # torch_npu's fused FastGelu, where it gives the gradient training needs
+        if kernel is not None:
+            return kernel(x)
     return fast_gelu_reference(x)
 
 
@@ -105,8 +108,8 @@ def eager_attention(q, k, v, *, mask=None, is_causal=False, dropout_p=0.0, scale
 # ---------------------------------------------------------------------------------------------
 def adamw(param_groups, lr: float, betas=(0.9, 0.95), eps: float = 1e-8, device_type: str = "cpu"):
     """The fastest AdamW the device has, with the same groups and hyper-parameters everywhere:
-    torch_npu's NpuFusedAdamW on NPU (torch's where its rules exclude it: npu_ops.adamw), the fused
-    CUDA kernel on GPU, the foreach one on CPU."""
+    torch_npu's NpuFusedAdamW on NPU (torch's fused AdamW where its rules exclude it: npu_ops.adamw), the
+    fused CUDA kernel on GPU, the foreach one on CPU."""
     if device_type == "npu":
         from .npu_ops import adamw as npu_adamw
         return npu_adamw(param_groups, lr=lr, betas=betas, eps=eps)

@@ -7,6 +7,9 @@ import shutil
 
 EOS_TOKEN = "<|endoftext|>"
 TOKENIZER_FILES = ("vocab.json", "merges.txt", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
+# Byte-level BPE decodes back to the exact text. transformers 4.x defaults to "cleaning up" spaces before
+# punctuation on decode (WikiText's "world ." became "world."); 5.x does not: say it for every version.
+LOSSLESS_DECODE = dict(clean_up_tokenization_spaces=False)
 
 
 def default_data_dir() -> str:
@@ -75,7 +78,7 @@ def _from_vocab_and_merges(vocab: str, merges: str):
     bpe.decoder = decoders.ByteLevel()
     bpe.post_processor = processors.ByteLevel(trim_offsets=False)
     return PreTrainedTokenizerFast(tokenizer_object=bpe, bos_token=EOS_TOKEN, eos_token=EOS_TOKEN,
-                                   unk_token=EOS_TOKEN, pad_token=EOS_TOKEN)
+                                   unk_token=EOS_TOKEN, pad_token=EOS_TOKEN, **LOSSLESS_DECODE)
 
 
 def load_tokenizer(path_or_hub_id: str | None = None):
@@ -93,7 +96,7 @@ def load_tokenizer(path_or_hub_id: str | None = None):
             file = os.path.join(path, "tokenizer.json")
             try:
                 tok = PreTrainedTokenizerFast(tokenizer_file=file, bos_token=EOS_TOKEN, eos_token=EOS_TOKEN,
-                                              unk_token=EOS_TOKEN)
+                                              unk_token=EOS_TOKEN, **LOSSLESS_DECODE)
             except Exception as e:  # noqa: BLE001 - tokenizers raises a bare Exception
                 raise ValueError(f"{file} is damaged or not a tokenizer ({str(e).strip().splitlines()[0]}): "
                                  f"re-copy the tokenizer files") from None

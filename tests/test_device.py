@@ -83,6 +83,42 @@ def test_cpu_rng_state_round_trip():
     assert dev.max_memory_allocated(cpu) == 0 and dev.device_name(cpu) == "cpu"
 
 
+@pytest.mark.parametrize("version", ["2.7.1", "2.10.0.post2", "2.10.0.post4"])
+def test_npu_loss_scalers_are_torch_npus_called_with_keywords(npu_reference, version):
+    """Up to 26.0.x torch_npu's sharded scaler takes no device argument (torch's ShardedGradScaler("npu", ...)
+    call, which its import redirects to that class, fails there); from 26.1.0 it takes one."""
+    npu_reference.set_version(version)
+    settings = dict(init_scale=1024.0, growth_factor=4.0, backoff_factor=0.25, growth_interval=7)
+    sharded = dev.grad_scaler("npu", sharded=True, **settings)
+    assert isinstance(sharded, npu_reference.npu.amp.sharded_grad_scaler._ShardedGradScaler)
+    single = dev.grad_scaler("npu", **settings)
+    assert type(single) is npu_reference.npu.amp.GradScaler
+    for scaler in (sharded, single):
+        assert (scaler._init_scale, scaler._growth_factor, scaler._backoff_factor, scaler._growth_interval) == \
+            (1024.0, 4.0, 0.25, 7)
+        assert scaler.scale(torch.ones(())).item() == 1024.0
+
+
+def test_loss_scalers_elsewhere_are_torchs(no_torch_npu):
+    from torch.distributed.fsdp.sharded_grad_scaler import ShardedGradScaler
+    sharded = dev.grad_scaler("cpu", sharded=True, init_scale=8.0)
+    assert type(sharded) is ShardedGradScaler and sharded._device == "cpu" and sharded._init_scale == 8.0
+    single = dev.grad_scaler("cpu", init_scale=8.0)
+    assert type(single) is torch.amp.GradScaler and single._device == "cpu"
+
+
+def test_compile_on_npu_needs_torch_npus_inductor_backend(npu_reference):
+    npu_reference.set_version("2.5.1.post1")  # no torch_npu/_inductor before 2.6.0
+    with pytest.raises(RuntimeError) as err:
+        dev.require_compile_backend("npu")
+    message = str(err.value)
+    assert "\n" not in message and "torch_npu 2.5.1.post1" in message and "runner_config.compile: false" in message
+    dev.require_compile_backend("cpu")  # other devices compile with what torch has
+    npu_reference.set_version("2.7.1")
+    dev.require_compile_backend("npu")
+    assert "torch_npu._inductor" in sys.modules  # imported: that registers the backend
+
+
 # On a real NPU host, importing torch_npu renames PyTorch's PrivateUse1 backend to "npu" and registers
 # torch.npu: only then does torch.device("npu") exist. That cannot be undone inside a process, so the
 # checks that need an "npu" device run in a subprocess with the reference torch_npu doing the same.
@@ -126,3 +162,27 @@ def test_npu_device_layer_with_an_npu_present():
     assert res["events"] == ["set_device", "synchronize", "reset_peak_memory_stats"]
     assert res["memory"] == 0 and res["name"].startswith("Ascend910B")
     assert res["auto_attn"] == "npu"
+
+
+TRAIN_WITH_COMPILE_ON_NPU = textwrap.dedent("""
+    import sys, torch_npu
+    torch_npu.emulate_device()
+    torch_npu.npu.available = True
+    torch_npu.set_version("2.5.1.post1")
+    sys.path.insert(0, ".")
+    import train
+    sys.exit(train.main(["--config", "configs/gpt2/pretrain_gpt2_tiny.yaml", "--device", "npu",
+                         "--output_dir", sys.argv[1], "runner_config.compile=true"]))
+""")
+
+
+def test_train_cli_refuses_compile_on_an_npu_without_a_backend(tmp_path):
+    """The one line comes before any data or model work (nothing is written)."""
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([REFERENCE_ROOT, REPO, os.environ.get("PYTHONPATH", "")]))
+    proc = subprocess.run([sys.executable, "-c", TRAIN_WITH_COMPILE_ON_NPU, str(tmp_path / "out")], cwd=REPO,
+                          env=env, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2, proc.stderr
+    assert proc.stderr.strip().splitlines() == [proc.stderr.strip()]
+    assert proc.stderr.startswith("error: runner_config.compile needs torch_npu's inductor backend on NPU")
+    assert "torch_npu 2.5.1.post1" in proc.stderr and proc.stderr.strip().endswith("set runner_config.compile: false")
+    assert not (tmp_path / "out").exists()

@@ -6,7 +6,7 @@ import math
 import pytest
 import torch
 
-from npu_reference import npu_reference  # noqa: F401  (fixture)
+from npu_reference import installed, npu_reference  # noqa: F401  (fixture)
 
 B, N, D = 2, 2, 16
 TOL = 1e-5
@@ -215,8 +215,88 @@ def test_fast_gelu_is_the_documented_a2_formula(npu_reference):
     x = torch.linspace(-6, 6, 241, dtype=torch.float64).float()
     documented = x / (1 + torch.exp(-1.702 * x))
     assert (npu_reference.npu_fast_gelu(x) - documented).abs().max().item() <= 1e-6
+    assert (npu_reference.fast_gelu(x) - documented).abs().max().item() <= 1e-6
     with pytest.raises(TypeError, match="float64"):
         npu_reference.npu_fast_gelu(x.double())
+    npu_reference.npu_fast_gelu(x.bfloat16())  # float16, float32 and bfloat16 on A2
+    with pytest.raises(TypeError, match="bfloat16 not supported: documented float16, float32"):
+        npu_reference.fast_gelu(x.bfloat16())
+
+
+# The releases around op-plugin 7.3.0, which gave npu_fast_gelu its derivative (tag -> version.txt ->
+# op-plugin submodule -> derivatives.yaml): True = a backward is registered.
+NPU_FAST_GELU_BACKWARD = {"2.6.0.post3": False, "2.6.0.post4": False, "2.6.0.post5": True, "2.7.1": False,
+                          "2.7.1.post1": False, "2.7.1.post2": True, "2.8.0": False, "2.8.0.post1": False,
+                          "2.8.0.post2": True, "2.9.0": True, "2.10.0.post2": True}
+
+
+def fast_gelu_derivative(x):
+    s = torch.sigmoid(1.702 * x)
+    return s + 1.702 * x * s * (1 - s)
+
+
+@pytest.mark.parametrize("version", sorted(NPU_FAST_GELU_BACKWARD))
+def test_npu_fast_gelu_backward_exists_from_op_plugin_7_3_0(npu_reference, version, recwarn):
+    """Before 7.3.0 autograd's fallback warns and passes nothing back; fast_gelu always has its backward."""
+    from gpt2_ascend import device as dev
+    npu_reference.set_version(version)
+    x = torch.linspace(-4, 4, 9, requires_grad=True)
+    npu_reference.npu_fast_gelu(x).sum().backward()
+    if NPU_FAST_GELU_BACKWARD[version]:
+        assert (x.grad - fast_gelu_derivative(x.detach())).abs().max().item() <= 1e-6
+    else:
+        assert x.grad is None
+        assert any("npu::npu_fast_gelu: an autograd kernel was not registered" in str(w.message) for w in recwarn)
+    x.grad = None
+    npu_reference.fast_gelu(x).sum().backward()
+    assert (x.grad - fast_gelu_derivative(x.detach())).abs().max().item() <= 1e-6
+    # what the library asks the dispatcher, as it would the real torch_npu
+    assert dev.npu_op_has_backward("npu_fast_gelu") is NPU_FAST_GELU_BACKWARD[version]
+    assert dev.npu_op_has_backward("fast_gelu") is True
+    assert dev.npu_op_has_backward("npu_no_such_op") is False
+
+
+def test_removing_the_reference_undoes_what_its_import_did_to_torch():
+    from torch.distributed.fsdp import sharded_grad_scaler
+    torch_class = sharded_grad_scaler.ShardedGradScaler
+    with installed() as module:
+        assert sharded_grad_scaler.ShardedGradScaler is not torch_class
+        assert module.fast_gelu(torch.ones(1)).item() > 0
+    assert sharded_grad_scaler.ShardedGradScaler is torch_class
+    with pytest.raises(AttributeError):
+        torch.ops.npu.fast_gelu  # the npu:: operators are gone with it
+
+
+def test_version_switch_refuses_what_is_not_a_release(npu_reference):
+    with pytest.raises(ValueError, match="not a torch_npu release version"):
+        npu_reference.set_version("2.7")
+
+
+@pytest.mark.parametrize("version, present", [("2.5.1.post1", False), ("2.6.0", True), ("2.7.1", True)])
+def test_inductor_package_ships_from_2_6_0(npu_reference, version, present):
+    import importlib
+    npu_reference.set_version(version)
+    if present:
+        importlib.import_module("torch_npu._inductor")
+    else:
+        with pytest.raises(ImportError, match="torch_npu._inductor"):
+            importlib.import_module("torch_npu._inductor")
+
+
+@pytest.mark.parametrize("version, takes_device", [("2.7.1.post6", False), ("2.10.0.post2", False),
+                                                   ("2.7.1.post8", True), ("2.10.0.post4", True)])
+def test_sharded_grad_scaler_signature_changed_in_26_1_0(npu_reference, version, takes_device):
+    """torch_npu also puts its class under torch's name, which then stops taking torch's arguments."""
+    from torch.distributed.fsdp import sharded_grad_scaler
+    npu_reference.set_version(version)
+    cls = npu_reference.npu.amp.sharded_grad_scaler._ShardedGradScaler
+    assert sharded_grad_scaler.ShardedGradScaler is cls
+    assert cls(init_scale=8.0)._init_scale == 8.0
+    if takes_device:
+        assert cls("npu", init_scale=8.0)._init_scale == 8.0
+    else:
+        with pytest.raises(TypeError, match="multiple values for argument 'init_scale'"):
+            cls("npu", init_scale=8.0)  # torch's ShardedGradScaler("npu", ...) call
 
 
 # ---------------------------------------------------------------------------------------------

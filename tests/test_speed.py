@@ -8,7 +8,7 @@ import pytest
 import torch
 import yaml
 
-from conftest import counting_backend
+from conftest import counting_backend, max_diff
 from gpt2_ascend.train.recipe import load_recipe
 from gpt2_ascend.train.trainer import run_training
 
@@ -135,7 +135,20 @@ def test_compiled_blocks_keep_recompute_and_dropout_exact(recompute):
         model.zero_grad()
         return grads
 
+    mask = torch.ones_like(ids)
+    mask[1, :5] = 0  # a left-padded row: the compiled step must honour the mask
+
+    def evaluate_and_generate():  # evaluation (recompute off) through the per-block step, and the KV-cache path
+        model.eval()
+        with torch.no_grad():
+            logits = model(ids, attention_mask=mask).logits
+            tokens = model.generate(ids[:, :8], attention_mask=mask[:, :8], max_new_tokens=4, eos_token_id=None,
+                                    pad_token_id=None)
+        model.train()
+        return logits, tokens
+
     eager = loss_and_grads()
+    eager_logits, eager_tokens = evaluate_and_generate()
     graphs = []
     torch._dynamo.reset()
     model.transformer.compile_blocks(backend=counting_backend(graphs, aot=True))
@@ -144,9 +157,9 @@ def test_compiled_blocks_keep_recompute_and_dropout_exact(recompute):
     assert len(graphs) == 1  # three blocks, one compilation
     if recompute != "none":
         assert "tag_activation_checkpoint" in str(graphs[0].graph)  # the recompute is inside the graph
-    with torch.no_grad():  # evaluation (recompute off) through the same compiled step, and the KV-cache path
-        model.eval()
-        full = model(ids).logits
-        cached = model.generate(ids[:, :8], max_new_tokens=2, eos_token_id=None, pad_token_id=None)
-    assert full.shape == (2, 17, 500) and cached.shape == (2, 10)
+    logits, tokens = evaluate_and_generate()
+    assert len(graphs) == 2  # evaluation ran through the compiled step: one more graph (no grad), for all blocks
+    assert logits.shape == (2, 17, 500) and tokens.shape == (2, 12)
+    assert max_diff(logits, eager_logits) <= 1e-6
+    assert torch.equal(tokens, eager_tokens)
     torch._dynamo.reset()

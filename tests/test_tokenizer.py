@@ -1,3 +1,5 @@
+import json
+
 import pytest
 
 from gpt2_ascend import load_tokenizer
@@ -13,6 +15,18 @@ def test_real_vocab(data_dir, tmp_path):
     tok.save_pretrained(tmp_path)
     again = load_tokenizer(str(tmp_path))  # tokenizer.json only
     assert again("Hello world").input_ids == [15496, 995] and again.pad_token_id == 50256
+
+
+def test_decode_gives_back_the_exact_text_on_every_transformers_version(data_dir, tmp_path):
+    """transformers 4.x would "clean up" the spaces WikiText puts before punctuation unless told not to."""
+    text = " The film was released in 1998 . It 's a test , isn't it ? Yes ! ( see @-@ below )"
+    tok = load_tokenizer(f"{data_dir}/gpt2")
+    assert tok.decode(tok(text).input_ids) == text
+    tok.save_pretrained(tmp_path)
+    with open(tmp_path / "tokenizer_config.json") as f:  # what transformers 4.x reads back from a saved model
+        assert json.load(f)["clean_up_tokenization_spaces"] is False
+    again = load_tokenizer(str(tmp_path))  # the tokenizer.json path
+    assert again.decode(again(text).input_ids) == text
 
 
 def test_default_reads_data_dir(data_dir):

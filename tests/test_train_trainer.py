@@ -1,5 +1,6 @@
 """The trainer through its Python API: the step (accumulation, fp16 loss scaling, divergence), whole runs on
 real WikiText-2 and SST-2 slices, LoRA, and resuming past a corrupt checkpoint."""
+import copy
 import json
 import os
 import shutil
@@ -8,13 +9,13 @@ import numpy as np
 import pytest
 import torch
 
-from gpt2_ascend import GPT2LMHeadModel
+from gpt2_ascend import GPT2ForSequenceClassification, GPT2LMHeadModel
 from gpt2_ascend.data.loader import StepLoader
 from gpt2_ascend.train.optim import LRSchedule, build_optimizer
 from gpt2_ascend.train.recipe import load_recipe
 from gpt2_ascend.train.trainer import Trainer, TrainingStopped, TrainSettings, run_training
 
-from conftest import tiny_config
+from conftest import max_diff, tiny_config
 
 CPU = torch.device("cpu")
 
@@ -66,6 +67,41 @@ def test_step_matches_a_hand_written_adamw_step():
     torch.optim.AdamW(groups, lr=1e-2, betas=(0.9, 0.95), eps=1e-8).step()
     for (name, a), b in zip(model.named_parameters(), reference.parameters()):
         assert torch.allclose(a, b, atol=1e-6), name
+
+
+def test_clipping_scales_the_update_by_exactly_max_norm_over_norm():
+    """With max_grad_norm below the gradient's norm the optimizer applies the gradient times max_norm / norm;
+    grad_norm is logged before clipping; a threshold above the norm leaves the gradient alone."""
+    data = _blocks(rows=4)
+    torch.manual_seed(0)
+    model = GPT2LMHeadModel(tiny_config())
+
+    def one_sgd_step(max_grad_norm):
+        m = copy.deepcopy(model)
+        before = torch.cat([p.detach().flatten().clone() for p in m.parameters()])
+        optimizer = torch.optim.SGD(m.parameters(), lr=1.0)
+        seen = []  # the gradients the optimizer steps with
+        optimizer.register_step_pre_hook(lambda *_: seen.append(torch.cat([p.grad.flatten() for p in m.parameters()])))
+        loader = StepLoader(data, batch_size=4, shuffle=False)
+        trainer = Trainer(m, optimizer, LRSchedule("constant", 1.0, 0.0, 0, 1), loader, CPU,
+                          TrainSettings(total_steps=1, max_grad_norm=max_grad_norm, progress=False))
+        out = trainer.train_step(next(loader))
+        update = before - torch.cat([p.detach().flatten() for p in m.parameters()])
+        return out["grad_norm"].item(), seen[0], update
+
+    norm, natural, _ = one_sgd_step(None)
+    assert norm == pytest.approx(natural.norm().item(), rel=1e-5) and norm > 1.0
+    logged, clipped, update = one_sgd_step(norm / 4)
+    assert logged == norm  # the norm before clipping
+
+    def factor(v):  # v as a multiple of the natural gradient
+        return (v @ natural / (natural @ natural)).item()
+    assert factor(clipped) == pytest.approx(0.25, rel=1e-5)  # max_norm / norm
+    assert torch.allclose(clipped, natural * 0.25, rtol=1e-5, atol=1e-12)  # every element, not just on average
+    assert factor(update) == pytest.approx(0.25, rel=1e-5)  # SGD at lr 1 applies the clipped gradient
+    assert (update - natural * 0.25).norm() / (natural * 0.25).norm() < 1e-5
+    _, untouched, _ = one_sgd_step(norm * 2)
+    assert torch.equal(untouched, natural)
 
 
 def test_fp16_overflow_skips_the_step_and_lowers_the_scale():
@@ -213,17 +249,54 @@ def test_resume_auto_skips_a_truncated_checkpoint_and_matches_the_full_run(tmp_p
         run_training(explicit, log=lambda *_: None)
 
 
+LORA = dict(lora_rank=4, lora_alpha=12.0, lora_dropout=0.1)  # alpha / r = 3: neither 1 nor 2 nor rank / alpha
+
+
+def _lora_recipe(tmp_path, data, base_dir, *overrides):
+    pet = [f"model.model_config.pet_config.{k}={v}" for k, v in LORA.items()]
+    return _recipe(tmp_path, data, "run_mode=finetune", f"load_checkpoint={base_dir}",
+                   "model.model_config.pet_config.pet_type=lora", *pet, "lr_schedule.learning_rate=1e-2",
+                   "lr_schedule.lr_end=1e-3", *overrides)
+
+
+def assert_adapter_is_the_recipes(final_dir, base_state, merged_state, targets=("c_attn",), modules_to_save=None):
+    """final/adapter/ holds the recipe's LoRA (rank, alpha, dropout, targets), and the merged final/ weights are
+    the base's plus (alpha / r) B @ A, B and A read from the adapter file: W_merged - W_base == (alpha / r) B A."""
+    from safetensors.torch import load_file
+    with open(os.path.join(final_dir, "adapter", "adapter_config.json")) as f:
+        config = json.load(f)
+    assert (config["r"], config["lora_alpha"], config["lora_dropout"]) == tuple(LORA.values())
+    assert sorted(config["target_modules"]) == sorted(targets) and config["modules_to_save"] == modules_to_save
+    assert not config["use_rslora"] and not config["use_dora"]  # plain LoRA: the scale is alpha / r
+    adapter = load_file(os.path.join(final_dir, "adapter", "adapter_model.safetensors"))
+    scale = LORA["lora_alpha"] / LORA["lora_rank"]
+    layers = sorted(k[len("base_model.model."):-len(".lora_A.weight")] for k in adapter if k.endswith(".lora_A.weight"))
+    assert layers and all(layer.rsplit(".", 1)[-1] in targets for layer in layers)
+    for layer in layers:
+        a, b = adapter[f"base_model.model.{layer}.lora_A.weight"], adapter[f"base_model.model.{layer}.lora_B.weight"]
+        assert a.shape[0] == b.shape[1] == LORA["lora_rank"]
+        delta, product = merged_state[f"{layer}.weight"] - base_state[f"{layer}.weight"], b @ a
+        assert product.abs().max() > 1e-3, layer  # the adapter trained (B starts at zero)
+        fitted = (delta.flatten() @ product.flatten() / product.pow(2).sum()).item()
+        assert fitted == pytest.approx(scale, rel=1e-4), layer  # the scale the merge applied
+        assert max_diff(delta, scale * product) <= 1e-6, layer
+    adapted = {f"{layer}.weight" for layer in layers} | {f"{m}.weight" for m in modules_to_save or ()}
+    for key, value in merged_state.items():  # everything else is the base's, untouched
+        if key not in adapted:
+            assert torch.equal(value, base_state[key]), key
+    for module in modules_to_save or ():  # trained whole: the adapter file carries it
+        assert torch.equal(merged_state[f"{module}.weight"], adapter[f"base_model.model.{module}.weight"])
+
+
 def test_lora_trains_only_adapters_and_merges_exactly(tmp_path, token_file):
     torch.manual_seed(0)
     base = GPT2LMHeadModel(tiny_config(n_positions=16))
     base.save_pretrained(str(tmp_path / "base"))
-    recipe = _recipe(tmp_path, token_file, "run_mode=finetune", f"load_checkpoint={tmp_path / 'base'}",
-                     "model.model_config.pet_config.pet_type=lora", "model.model_config.pet_config.lora_rank=4",
-                     "model.model_config.pet_config.lora_alpha=8", "model.model_config.pet_config.lora_dropout=0.1",
-                     "lr_schedule.learning_rate=1e-2", "lr_schedule.lr_end=1e-3")
+    recipe = _lora_recipe(tmp_path, token_file, tmp_path / "base")
     run_training(recipe, log=lambda *_: None)
     final = os.path.join(recipe.output_dir, "final")
     assert {"adapter_config.json", "adapter_model.safetensors"} <= set(os.listdir(os.path.join(final, "adapter")))
+    assert_adapter_is_the_recipes(final, base.state_dict(), GPT2LMHeadModel.from_pretrained(final).state_dict())
     state = torch.load(os.path.join(recipe.output_dir, "checkpoint", "step_0000006", "model.pt"), weights_only=True)
     assert state and all("lora_" in k for k in state)  # a LoRA checkpoint holds the adapters only
 
@@ -232,24 +305,38 @@ def test_lora_trains_only_adapters_and_merges_exactly(tmp_path, token_file):
                            merge=False).eval()
     merged = GPT2LMHeadModel.from_pretrained(final).eval()
     original = base.state_dict()
-    for key, value in merged.state_dict().items():  # base weights untouched except where the adapter merges in
-        if "c_attn.weight" not in key:
-            assert torch.equal(value, original[key]), key
-    lora_b = [p for n, p in adapted.named_parameters() if "lora_B" in n]
-    assert lora_b and all(p.abs().max() > 0 for p in lora_b)  # the adapters did train (B starts at zero)
-    for name, module in adapted.named_modules():
+    for name, module in adapted.named_modules():  # the adapter wraps the base's weights, not a copy of the merge
         if name.endswith("c_attn.base_layer"):
             assert torch.equal(module.weight, original[name.split("base_model.model.")[1].replace(".base_layer", "")
                                                        + ".weight"])
     ids = torch.as_tensor(_blocks(rows=2, width=16, seed=3), dtype=torch.long)
     with torch.no_grad():
-        assert (adapted(input_ids=ids).logits - merged(ids).logits).abs().max() < 1e-5
+        assert max_diff(adapted(input_ids=ids).logits, merged(ids).logits) <= 1e-6
 
     # a LoRA run resumes from its adapter-only checkpoint (the base comes from load_checkpoint again)
     reference = _losses(recipe.output_dir)
     shutil.rmtree(os.path.join(recipe.output_dir, "checkpoint", "step_0000006"))
     run_training(load_recipe(None, ["resume_training=auto"], base=recipe), log=lambda *_: None)
     assert _losses(recipe.output_dir) == reference
+
+
+def test_lora_classifier_trains_its_head_and_saves_it_in_the_adapter(tmp_path):
+    """An LM base finetuned as a classifier with LoRA: the score head is new (random), so it trains whole
+    (PEFT's modules_to_save), lands in the adapter file and in the merged model; the rest is base + (alpha/r) B A."""
+    rng = np.random.default_rng(2)
+    ids = rng.integers(0, 511, size=(32, 12)).astype(np.int32)
+    np.savez(tmp_path / "cls.npz", input_ids=ids, attention_mask=np.ones_like(ids), labels=ids[:, -1] % 2)
+    torch.manual_seed(0)
+    base = GPT2LMHeadModel(tiny_config(n_positions=16))
+    base.save_pretrained(str(tmp_path / "base"))
+    recipe = _lora_recipe(tmp_path, tmp_path / "cls.npz", tmp_path / "base", "model.model_config.seq_length=12",
+                          "model.arch.type=GPT2ForSequenceClassification")
+    run_training(recipe, log=lambda *_: None)
+    state = torch.load(os.path.join(recipe.output_dir, "checkpoint", "step_0000006", "model.pt"), weights_only=True)
+    assert any(".score." in k for k in state)  # trainable, so checkpointed with the adapters
+    final = os.path.join(recipe.output_dir, "final")
+    merged = GPT2ForSequenceClassification.from_pretrained(final).state_dict()
+    assert_adapter_is_the_recipes(final, base.state_dict(), merged, modules_to_save=["score"])
 
 
 def test_txtcls_on_an_sst2_slice_learns_above_chance(tmp_path, data_dir):

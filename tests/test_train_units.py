@@ -35,7 +35,9 @@ def test_every_shipped_recipe_loads():
 
 def test_recipes_carry_mindformers_values():
     small = load_recipe(os.path.join(REPO, "configs/gpt2/pretrain_gpt2_small.yaml"))
-    assert (small.runner_config.batch_size, small.runner_config.epochs) == (4, 3)
+    assert (small.runner_config.batch_size, small.runner_config.epochs, small.runner_config.global_batch_size) == \
+        (4, 3, 32)  # MindFormers: 4 per device on data_parallel 8
+    assert (small.optimizer.type, small.model.model_config.init_style) == ("FusedAdamWeightDecay", "mindformers")
     assert small.lr_schedule == dict(type="polynomial", learning_rate=1e-4, lr_end=1e-5, warmup_steps=0,
                                      warmup_lr_init=0.0, power=1.0, total_steps=-1)
     assert (small.optimizer.beta1, small.optimizer.beta2, small.optimizer.eps, small.optimizer.weight_decay) == \
@@ -47,16 +49,19 @@ def test_recipes_carry_mindformers_values():
     p = big.parallel
     assert (p.data_parallel, p.model_parallel, p.pipeline_stage, p.optimizer_shard, p.recompute) == (4, 8, 1, True, "full")
     assert (big.lr_schedule.learning_rate, big.lr_schedule.lr_end, big.lr_schedule.warmup_steps) == (5e-5, 1e-6, 2000)
+    assert big.runner_config.global_batch_size == 8
     cfg = gpt2_config(big)
     assert (cfg.n_layer, cfg.n_embd, cfg.n_head, cfg.n_positions, cfg.activation) == (40, 5120, 40, 2048, "fast_gelu")
 
     ft = load_recipe(os.path.join(REPO, "configs/gpt2/finetune_gpt2_small.yaml"), ["load_checkpoint=x"])
     assert (ft.lr_schedule.type, ft.lr_schedule.learning_rate, ft.lr_schedule.lr_end) == ("cosine", 6e-5, 6e-6)
+    assert (ft.optimizer.type, ft.runner_config.global_batch_size) == ("FP32StateAdamWeightDecay", 16)
     lora = load_recipe(os.path.join(REPO, "configs/gpt2/finetune_gpt2_small_lora.yaml"), ["load_checkpoint=x"])
     pet = lora.model.model_config.pet_config
     assert (pet.pet_type, pet.lora_rank, pet.lora_alpha, pet.lora_dropout, pet.target_modules) == \
-        ("lora", 64, 128.0, 0.1, ["c_attn"])
+        ("lora", 64, 128.0, 0.1, [".*dense1.*", ".*dense3.*"])  # MindFormers' Q and V
     assert (lora.runner_config.batch_size, lora.lr_schedule.learning_rate, lora.lr_schedule.lr_end) == (8, 1e-3, 1e-4)
+    assert lora.runner_config.global_batch_size == 64
     cls = load_recipe(os.path.join(REPO, "configs/gpt2/finetune_gpt2_small_txtcls.yaml"), ["load_checkpoint=x"])
     assert (cls.model.arch.type, cls.model.model_config.num_labels, cls.runner_config.batch_size,
             cls.runner_config.epochs) == ("GPT2ForSequenceClassification", 2, 16, 1)
@@ -176,9 +181,11 @@ def _rows(loader, steps):
 def test_loader_is_deterministic_and_resumes_mid_epoch():
     data = np.arange(40, dtype=np.uint16)[:, None].repeat(3, axis=1)
     full = _rows(StepLoader(data, batch_size=3, micro_batches=2, seed=7), 10)  # 6 steps per epoch
-    assert sorted(sum(full[:12], [])) == sorted(sum(full[:12], []))
+    assert _rows(StepLoader(data, batch_size=3, micro_batches=2, seed=7), 10) == full  # same seed, same rows
+    assert _rows(StepLoader(data, batch_size=3, micro_batches=2, seed=8), 10) != full
     first_epoch = sum(full[:12], [])
-    assert len(set(first_epoch)) == 36  # no row twice in an epoch (4 rows left over)
+    assert set(first_epoch) <= set(range(40)) and len(set(first_epoch)) == 36  # no row twice (4 left over)
+    assert first_epoch != sorted(first_epoch)  # shuffled
     assert full[12:] != full[:8]  # epoch 1 is shuffled differently
     loader = StepLoader(data, batch_size=3, micro_batches=2, seed=7)
     _rows(loader, 4)

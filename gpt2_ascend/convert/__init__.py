@@ -5,12 +5,15 @@
     load_mindspore_model(mindspore_path)             MindFormers .ckpt -> our model, in memory
     merge_hf_shards(input_dir, output_dir)           reshard an HF checkpoint, one tensor in memory at a time
     merge_lora(base, adapter, output_dir)            fold a PEFT LoRA adapter into its base, write an HF dir
+    merge_mindformers_lora(ckpt, output_dir, alpha)  the same for MindFormers' unmerged LoRA .ckpt
+    load_mindformers_lora(ckpt, alpha)               MindFormers' LoRA .ckpt -> our LoRA (peft) model
     read_ckpt / write_ckpt / CkptReader / CkptWriter the .ckpt codec (no MindSpore needed)
 """
-from .lora import merge_lora
+from .lora import load_mindformers_lora, merge_lora, merge_mindformers_lora
 from .mindformers import hf_to_mindspore, load_mindspore_model, mindspore_to_hf
 from .mindspore_ckpt import CkptError, CkptReader, CkptWriter, read_ckpt, write_ckpt
 from .shards import WeightIndex, merge_hf_shards, write_hf_weights
 
 __all__ = ["hf_to_mindspore", "mindspore_to_hf", "load_mindspore_model", "merge_hf_shards", "merge_lora",
+           "merge_mindformers_lora", "load_mindformers_lora",
            "read_ckpt", "write_ckpt", "CkptReader", "CkptWriter", "CkptError", "WeightIndex", "write_hf_weights"]

@@ -51,6 +51,10 @@ LAYER_NAMES = {  # under transformer.h.{i}. -> under backbone.blocks.{i}.
 }
 QKV = ("attention.dense1", "attention.dense2", "attention.dense3")  # q, k, v
 MS_MASK_BUFFERS = ("attention.beta", "attention.masked_beta")
+# MindFormers' unmerged LoRA tensors (mindpet's LoRADense: lora_a [rank, in], lora_b [out, rank]; older mindpet
+# names them tk_delta_lora_*), on one of its Linear cells
+MS_LORA = re.compile(r"backbone\.blocks\.(\d+)\.(attention\.dense[123]|attention\.projection|output\.mapping|"
+                     r"output\.projection)\.(?:mindpet_delta_|tk_delta_)?lora_([abAB])")
 HF_LAYER = re.compile(r"transformer\.h\.(\d+)\.(.+)")
 MS_LAYER = re.compile(r"backbone\.blocks\.(\d+)\.(.+)")
 MS_MODEL_PREFIXES = ("backbone.", "score.", "head.")
@@ -122,7 +126,10 @@ def hf_shapes(config: GPT2Config, classifier: bool) -> dict[str, tuple]:
 # what a MindSpore checkpoint holds
 # ---------------------------------------------------------------------------------------------
 def classify_ms_name(name: str) -> str:
-    """'model' (a GPT-2 weight), 'buffer' (causal-mask placeholders), 'optimizer' or 'bookkeeping'."""
+    """'model' (a GPT-2 weight), 'lora' (an unmerged adapter), 'buffer' (causal-mask placeholders), 'optimizer'
+    or 'bookkeeping'."""
+    if MS_LORA.fullmatch(name):
+        return "lora"
     if MS_LAYER.fullmatch(name) and MS_LAYER.fullmatch(name).group(2) in MS_MASK_BUFFERS:
         return "buffer"
     if name.startswith(MS_MODEL_PREFIXES):

@@ -9,8 +9,9 @@ import torch
 from ..config import GPT2Config
 from ..hf import (atomic_directory, hf_to_ours, is_conv1d, load_config, model_from_state, normalize_hf_name,
                   parse_dtype, resolve_model_path, weight_files, write_json)
-from .mapping import (HF_LAYER, check_shapes, classify_ms_name, hf_shapes, hf_to_mindformers, infer_config,
-                      layer_count, mindformers_to_hf, ms_sources, read_recipe_shape, shape_line, skipped_summary)
+from .mapping import (HF_LAYER, MS_LORA, check_shapes, classify_ms_name, hf_shapes, hf_to_mindformers,
+                      infer_config, layer_count, mindformers_to_hf, ms_sources, read_recipe_shape, shape_line,
+                      skipped_summary)
 from .mindspore_ckpt import CHUNK_BYTES, CkptError, CkptReader, CkptWriter
 from .shards import WeightIndex, write_hf_weights
 
@@ -153,6 +154,7 @@ class MindFormersSource:
         recipe_shape = read_recipe_shape(recipe) if recipe else None
         self.reader = CkptReader(path, verify_crc=verify_crc)
         self.skipped = {"optimizer": [], "bookkeeping": [], "buffer": []}
+        self.lora_names = []  # unmerged LoRA tensors: see lora_adapters()
         shapes = {}
         for name, entry in self.reader.entries.items():
             kind = "bookkeeping" if entry.is_map else classify_ms_name(name)
@@ -162,6 +164,8 @@ class MindFormersSource:
                                 f"point (a damaged checkpoint, or not a MindFormers GPT-2 one)")
             if kind == "model":
                 shapes[name] = entry.shape
+            elif kind == "lora":
+                self.lora_names.append(name)
             else:
                 self.skipped[kind].append(name)
         try:
@@ -185,6 +189,25 @@ class MindFormersSource:
     def load(self, hf_name: str) -> torch.Tensor:
         return mindformers_to_hf(hf_name, [self.reader.load(n) for n in ms_sources(hf_name)])
 
+    def refuse_lora(self):
+        """A plain conversion would drop the adapters: say how to keep them."""
+        if self.lora_names:
+            raise ValueError(f"{self.reader.path}: unexpected tensor '{self.lora_names[0]}' (LoRA weights: merge them "
+                             f"first with convert/merge_lora.py --base {self.reader.path} --lora_alpha A)")
+
+    def lora_adapters(self) -> dict[tuple[int, str], tuple[torch.Tensor, torch.Tensor]]:
+        """{(layer, MindFormers cell e.g. 'attention.dense1'): (lora_a [rank, in], lora_b [out, rank])}."""
+        pairs = {}
+        for name in self.lora_names:
+            layer, cell, which = MS_LORA.fullmatch(name).groups()
+            pairs.setdefault((int(layer), cell), {})[which.lower()] = self.reader.load(name)
+        incomplete = [key for key, pair in pairs.items() if set(pair) != {"a", "b"}]
+        if incomplete:
+            layer, cell = incomplete[0]
+            raise ValueError(f"{self.reader.path}: backbone.blocks.{layer}.{cell} has a LoRA lora_a or lora_b but not "
+                             f"both: the checkpoint is incomplete")
+        return {key: (pair["a"], pair["b"]) for key, pair in sorted(pairs.items())}
+
     def close(self):
         self.reader.close()
 
@@ -205,6 +228,7 @@ def mindspore_to_hf(mindspore_path: str, output_dir: str, n_head: int | None = N
     entries are skipped (listed in the summary)."""
     dtype = parse_dtype(dtype)
     with MindFormersSource(mindspore_path, n_head, activation, verify_crc, recipe) as source:
+        source.refuse_lora()
         if log is not None:
             log(shape_line(source.config, source.heads_from))
         target = dtype or source.dtype
@@ -221,10 +245,19 @@ def mindspore_to_hf(mindspore_path: str, output_dir: str, n_head: int | None = N
 
 
 def load_mindspore_model(mindspore_path: str, n_head: int | None = None, activation: str | None = None,
-                         dtype=None, device=None, verify_crc: bool = True, recipe: str | None = None):
-    """A MindFormers GPT-2 .ckpt as our GPT2LMHeadModel / GPT2ForSequenceClassification, in eval mode."""
+                         dtype=None, device=None, verify_crc: bool = True, recipe: str | None = None, cls=None,
+                         lora_base: bool = False, **config_overrides):
+    """A MindFormers GPT-2 .ckpt as our GPT2LMHeadModel / GPT2ForSequenceClassification (the class the
+    checkpoint holds, or `cls`: an LM checkpoint as a classifier gets a fresh head), in eval mode. Heads come
+    from n_head or the MindFormers recipe `recipe` when the tensors cannot tell. config_overrides replace
+    GPT2Config fields the tensors do not fix (dropout, labels, init). LoRA tensors are refused unless lora_base
+    (then only the base is loaded: convert.lora.load_mindformers_lora adds them)."""
     from ..model import GPT2ForSequenceClassification, GPT2LMHeadModel
     with MindFormersSource(mindspore_path, n_head, activation, verify_crc, recipe) as source:
-        state = hf_to_ours({name: source.load(name) for name in source.hf_shapes}, source.config)
-        cls = GPT2ForSequenceClassification if source.classifier else GPT2LMHeadModel
-        return model_from_state(cls, source.config, state, source=mindspore_path, dtype=dtype, device=device)
+        if not lora_base:
+            source.refuse_lora()
+        config = source.config.replace(**config_overrides)
+        state = hf_to_ours({name: source.load(name) for name in source.hf_shapes}, config)
+        if cls is None:
+            cls = GPT2ForSequenceClassification if source.classifier else GPT2LMHeadModel
+        return model_from_state(cls, config, state, source=mindspore_path, dtype=dtype, device=device)

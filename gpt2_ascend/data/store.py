@@ -263,9 +263,9 @@ def load_token_blocks(path: str, max_length: int, tokenizer=None, mindformers_co
 
 
 def load_txtcls(path: str, max_length: int, tokenizer=None, cache_dir: str | None = None,
-                dataset_name: str = "sst_2") -> dict:
-    """input_ids / attention_mask / labels from a prepared .npz, or from a raw GLUE .tsv prepared now
-    (and cached as .npz in cache_dir when given)."""
+                dataset_name: str = "sst_2", mindformers_compat: bool = False) -> dict:
+    """input_ids / attention_mask / labels from a prepared .npz, or from a raw text-classification file (GLUE
+    .tsv, IMDB / AG News .csv: data/txtcls.py) prepared now (and cached as .npz in cache_dir when given)."""
     from . import text, txtcls
     if not os.path.exists(path):
         raise FileNotFoundError(f"dataset not found: {path}")
@@ -275,17 +275,19 @@ def load_txtcls(path: str, max_length: int, tokenizer=None, cache_dir: str | Non
             raise ValueError(f"{path} holds rows of {arrays['input_ids'].shape[1]} tokens but max_length is "
                              f"{max_length}: prepare it again with --max_length {max_length}")
         return arrays
-    if not path.endswith(".tsv"):
-        raise ValueError(f"don't know how to read {path}: give a prepared .npz or a GLUE-style .tsv file")
+    if not path.endswith((".tsv", ".csv")):
+        raise ValueError(f"don't know how to read {path}: give a prepared .npz, a GLUE .tsv (SST-2, CoLA) or an "
+                         f"IMDB / AG News .csv file")
     tok, tok_info = text.resolve_tokenizer(tokenizer)
-    key = dict(kind=TXTCLS_KIND, dataset_name=dataset_name, max_length=max_length,
+    key = dict(kind=TXTCLS_KIND, dataset_name=dataset_name, mindformers_compat=bool(mindformers_compat),
+               max_length=max_length,
                source_sha256=sha256_file(path), tokenizer=tok_info["id"], format_version=FORMAT_VERSION)
     cache = _cache_file(cache_dir, path, key, ".npz") if cache_dir else None
     if cache:
         hit = _cached(cache, key, load_arrays, path)
         if hit is not None:
             return hit
-    arrays, meta = txtcls.txtcls_arrays_and_meta(path, max_length, tok, tok_info, dataset_name)
+    arrays, meta = txtcls.txtcls_arrays_and_meta(path, max_length, tok, tok_info, dataset_name, mindformers_compat)
     if cache:
         save_arrays(arrays, cache, dict(meta, cache_key=key))
     return arrays

@@ -4,6 +4,8 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
+from ..train.optim import clip_coefficient
+
 
 def _local_sq_norm(grad) -> torch.Tensor:
     """This rank's share of ||grad||^2, summed over the mesh dims the gradient is sharded on."""
@@ -19,11 +21,12 @@ def _local_sq_norm(grad) -> torch.Tensor:
     return sq
 
 
-def clip_grad_norm(parameters, max_norm: float, pp_group=None, duplicates=()) -> torch.Tensor:
+def clip_grad_norm(parameters, max_norm: float, pp_group=None, duplicates=(), rule: str = "torch") -> torch.Tensor:
     """Total L2 norm of all gradients (each element counted once), clipped to max_norm. Replicated
     copies (Replicate placements, identical plain tensors on TP peers) are counted once; pipeline stages
     each hold different parameters, so their squares are summed over pp_group; `duplicates` (the tied
-    head's copy on the last pipeline stage) are clipped but not counted. No host sync."""
+    head's copy on the last pipeline stage) are clipped but not counted; `rule` picks the clipping formula
+    (train.optim.clip_coefficient). No host sync."""
     parameters = list(parameters)
     skip = {id(p) for p in duplicates}
     counted = [p.grad for p in parameters if p.grad is not None and id(p) not in skip]
@@ -36,7 +39,7 @@ def clip_grad_norm(parameters, max_norm: float, pp_group=None, duplicates=()) ->
         dist.all_reduce(total_sq, group=pp_group)
     total = total_sq.sqrt()
     if max_norm and max_norm > 0:
-        coef = torch.clamp(max_norm / (total + 1e-6), max=1.0)
+        coef = clip_coefficient(total, max_norm, rule)
         for g in grads:
             (g.to_local() if hasattr(g, "to_local") else g).mul_(coef.to(g.device))
     return total

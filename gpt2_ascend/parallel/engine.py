@@ -197,6 +197,7 @@ def parallelize(model: nn.Module, ctx: ParallelContext, compile_blocks: bool = F
     if pc.model_parallel > 1:
         apply_tensor_parallel(core, ctx.mesh["tp"], pc.sequence_parallel)
     if compile_blocks:
+        dev.require_compile_backend(ctx.device.type)
         for block in _blocks(core):
             block.compile()  # in place: parameter names stay the same
     module = core
@@ -229,10 +230,10 @@ class ParallelTrainer(Trainer):
         super().__init__(pm.module, raw_model=pm.core, **kwargs)
         self.pm, self.ctx, self.model_meta = pm, ctx, model_meta
         if self.scaler is not None:
-            from torch.distributed.fsdp.sharded_grad_scaler import ShardedGradScaler
             s = self.settings  # every rank must agree on an overflow: the scaler all-reduces found_inf
-            self.scaler = ShardedGradScaler(ctx.device.type, init_scale=s.loss_scale, growth_factor=s.scale_factor,
-                                            backoff_factor=1.0 / s.scale_factor, growth_interval=s.scale_window)
+            self.scaler = dev.grad_scaler(ctx.device.type, sharded=True, init_scale=s.loss_scale,
+                                          growth_factor=s.scale_factor, backoff_factor=1.0 / s.scale_factor,
+                                          growth_interval=s.scale_window)
 
     def forward_backward(self, micro_batches: list[dict]) -> torch.Tensor:
         """The step's gradients through the pipeline schedule or the wrapped model; returns the global
@@ -262,7 +263,8 @@ class ParallelTrainer(Trainer):
     def clip_gradients(self) -> torch.Tensor:
         """One norm over shards (DTensor placements) and pipeline stages, the tied head's copy counted once."""
         duplicates = self.pm.tied.duplicates if self.pm.tied is not None else ()
-        return clip_grad_norm(self.params, self.settings.max_grad_norm or 0.0, self.ctx.pp_group, duplicates)
+        return clip_grad_norm(self.params, self.settings.max_grad_norm or 0.0, self.ctx.pp_group, duplicates,
+                              rule=self.settings.step_rule)
 
     def _pipeline_loss(self, batch: dict) -> torch.Tensor:
         if self.scaler is not None:

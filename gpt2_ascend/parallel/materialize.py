@@ -8,14 +8,13 @@ full tensor read once (memory-mapped) and cut to this rank's shard.
 """
 from __future__ import annotations
 
-import math
-
 import torch
 import torch.distributed as dist
 import torch.nn as nn
 
 from ..config import GPT2Config
 from ..hf import is_conv1d, normalize_hf_name, weight_files
+from ..model import init_std
 from .tensor_parallel import per_head_order
 
 
@@ -36,20 +35,34 @@ def fill_(param: torch.Tensor, full: torch.Tensor):
 
 
 def init_sharded(core: nn.Module, config: GPT2Config):
-    """GPT-2's init on (possibly sharded) parameters: N(0, 0.02), residual projections scaled by
-    1/sqrt(2 n_layer), zero biases, unit norms. Every rank draws with the same seed, so DTensor's random
-    ops give one consistent logical tensor whatever the layout (not the same draws as one process)."""
-    std = config.initializer_range
+    """GPT-2's init on (possibly sharded) parameters, the stds of model.init_std (config.init_style), zero
+    biases, unit norms. Every rank draws with the same seed, so DTensor's random ops give one consistent
+    logical tensor whatever the layout (not the same draws as one process)."""
     with torch.no_grad():
         for name, module in core.named_modules():
             if isinstance(module, (nn.Linear, nn.Embedding)):
-                scale = 1.0 / math.sqrt(2 * config.n_layer) if name.endswith("c_proj") else 1.0
-                module.weight.normal_(0.0, std * scale)
+                module.weight.normal_(0.0, init_std(config, name))
                 if getattr(module, "bias", None) is not None:
                     module.bias.zero_()
             elif isinstance(module, nn.LayerNorm):
                 module.weight.fill_(1.0)
                 module.bias.zero_()
+
+
+def zero_vocab_padding(core: nn.Module, config: GPT2Config):
+    """Zero the embedding's (and a separate head's) rows past vocab_size, as one process does
+    (GPT2PreTrainedModel.init_weights): they only pad the vocabulary to an aligned width and hold no token."""
+    if config.padded_vocab_size == config.vocab_size:
+        return
+    for name, param in core.named_parameters():
+        if not name.endswith(("wte.weight", "lm_head.weight")):
+            continue
+        target = param.to_local() if hasattr(param, "to_local") else param
+        rows = torch.arange(param.size(0), device=target.device)
+        # an expanded view: the mask costs one row of memory whatever the layout cuts out of it
+        keep = (rows < config.vocab_size).to(target.dtype)[:, None].expand(param.shape)
+        with torch.no_grad():
+            target.mul_(local_part(keep, param))
 
 
 class CheckpointTensors:
@@ -105,9 +118,14 @@ class CheckpointTensors:
 def materialize(core: nn.Module, config: GPT2Config, device: torch.device, source: CheckpointTensors | None,
                 tied_sync=None):
     """Allocate this rank's shards on `device` and fill them (fresh init, or from `source`)."""
+    body = core.transformer
+    tied = hasattr(core, "lm_head") and hasattr(body, "wte") and core.lm_head.weight is body.wte.weight
     core.to_empty(device=device)
+    if tied:  # to_empty gives each module a new Parameter where it cannot swap data in place (plain tensors)
+        core.lm_head.weight = body.wte.weight
     if source is None:
         init_sharded(core, config)
+        zero_vocab_padding(core, config)
     else:
         for name, param in core.named_parameters():
             if name in source:

@@ -1,17 +1,25 @@
-"""AdamW with MindFormers' parameter groups, and the learning-rate schedules of the GPT-2 recipes.
+"""AdamW with MindFormers' parameter groups, MindSpore's update rule, gradient clipping, and the
+learning-rate schedules of the GPT-2 recipes.
 
-Schedules are plain functions of the optimizer step t = 0, 1, 2, ... (the number of updates done
-before this one), as MindFormers' LearningRateSchedule cells are of global_step:
+Two update rules, picked by the recipe's optimizer.type (UPDATE_RULES):
+  torch      (AdamW): torch.optim.AdamW, with Adam's bias corrections.
+  mindspore  (FusedAdamWeightDecay, FP32StateAdamWeightDecay, AdamWeightDecay): MindSpore's AdamWeightDecay,
+             m = b1 m + (1-b1) g;  v = b2 v + (1-b2) g^2;  p <- p - lr (m / (sqrt(v) + eps) + wd p),
+             no bias correction (measured on MindSpore 2.10: ../shared/mindformers_reference/adamwd.json).
+Both run in the device's fastest AdamW kernel (gpt2_ascend.ops.adamw): see use_mindspore_rule.
 
-    warmup (t < warmup_steps):  lr = warmup_lr_init + (learning_rate - warmup_lr_init) * t / warmup_steps
-    then, with progress p = min(1, (t - warmup_steps) / max(1, total_steps - warmup_steps)):
-      polynomial: lr = lr_end + (learning_rate - lr_end) * (1 - p) ** power
-      cosine:     lr = lr_end + (learning_rate - lr_end) * 0.5 * (1 + cos(pi * p))
-      constant:   lr = learning_rate
+Schedules are plain functions of t = 0, 1, 2, ..., the number of updates applied before this one
+(MindFormers' optimizer global_step: a step skipped for an fp16 overflow does not advance it), computed as
+MindFormers r1.3.0's cells do (mindformers/core/lr/lr_schedule.py), with w = warmup_steps, T = total_steps:
 
-With power 1 the polynomial schedule is linear warmup then linear decay to lr_end, reached at t =
-total_steps and held after. (MindFormers' older cells clamp warmup_steps to at least 1, so their step 0
-trains at lr 0 even without warmup; here no warmup means step 0 uses the full learning rate.)
+    polynomial (PolynomialWithWarmUpLR): t < w: warmup;  t > T: lr_end;
+                                         else lr_end + (learning_rate - lr_end) * (1 - (t - w) / max(1, T - w)) ** power
+    cosine (CosineWithWarmUpLR):         t >= T: lr_end;  t < w: warmup;
+                                         else lr_end + (learning_rate - lr_end) * 0.5 * (1 + cos(pi (t - w) / max(1, T - w)))
+    constant (ConstantWarmUpLR):         t < w: warmup;  else learning_rate
+    warmup:                              warmup_lr_init + (learning_rate - warmup_lr_init) * t / w
+
+With warmup, t = 0 trains at warmup_lr_init (0 by default): the first update moves only Adam's moments.
 """
 from __future__ import annotations
 
@@ -51,13 +59,102 @@ def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
     return [g for g in groups if g["params"]]
 
 
+# The recipe's optimizer.type -> the update rule it computes. MindSpore's AdamWeightDecay family (MindFormers'
+# FusedAdamWeightDecay and FP32StateAdamWeightDecay give identical numbers) does not bias-correct.
+UPDATE_RULES = {"AdamW": "torch", "FusedAdamWeightDecay": "mindspore", "FP32StateAdamWeightDecay": "mindspore",
+                "AdamWeightDecay": "mindspore"}
+
+
 def build_optimizer(model: torch.nn.Module, lr: float, betas=(0.9, 0.95), eps: float = 1e-8,
-                    weight_decay: float = 0.1, device_type: str = "cpu") -> torch.optim.Optimizer:
-    """AdamW over MindFormers' groups, the fused kernel where the device has one (gpt2_ascend.ops)."""
+                    weight_decay: float = 0.1, device_type: str = "cpu",
+                    update_rule: str = "torch") -> torch.optim.Optimizer:
+    """AdamW over MindFormers' groups in the device's fastest kernel (gpt2_ascend.ops), computing torch's
+    update or MindSpore's (update_rule, see UPDATE_RULES)."""
+    if update_rule not in ("torch", "mindspore"):
+        raise ValueError(f"unknown update rule {update_rule!r}: use torch or mindspore")
     groups = param_groups(model, weight_decay)
     for group in groups:
         group.pop("names")
-    return ops.adamw(groups, lr=lr, betas=betas, eps=eps, device_type=device_type)
+    optimizer = ops.adamw(groups, lr=lr, betas=betas, eps=eps, device_type=device_type)
+    if update_rule == "mindspore":
+        use_mindspore_rule(optimizer)
+    for group in optimizer.param_groups:
+        group.setdefault("update_rule", "torch")
+    optimizer.register_load_state_dict_post_hook(_check_update_rule(update_rule))
+    return optimizer
+
+
+def torch_settings_for_mindspore_step(lr: float, eps: float, weight_decay: float, betas, t: int):
+    """(lr, eps, weight_decay) that make torch's AdamW step t (1-based) compute MindSpore's update.
+
+    torch's AdamW step t is  p <- p (1 - lr wd) - (lr / c1) m / (sqrt(v) / s + eps),  c1 = 1 - b1^t, s = sqrt(1 - b2^t)
+    (torch_npu's NpuFusedAdamW computes the same); with lr' = lr c1 / s, eps' = eps / s, wd' = wd s / c1 that is
+    p <- p - lr wd p - lr m / (sqrt(v) + eps): MindSpore's AdamWeightDecay, equal up to float rounding."""
+    c1 = 1.0 - betas[0] ** t
+    s = math.sqrt(1.0 - betas[1] ** t)
+    return lr * c1 / s, eps / s, weight_decay * s / c1
+
+
+def use_mindspore_rule(optimizer: torch.optim.Optimizer):
+    """Make a torch-AdamW optimizer (torch.optim.AdamW in any implementation, torch_npu's NpuFusedAdamW) compute
+    MindSpore's AdamWeightDecay update, in the same fused / foreach kernels: so it is exactly as fast.
+
+    Outside a step the groups hold MindSpore's lr, eps and weight_decay (what the schedule sets); a step-pre hook
+    swaps in torch_settings_for_mindspore_step(...) for the step, a step-post hook puts them back and counts the
+    step in group["mindspore_step"] (saved with the optimizer's state dict, so a resumed run continues the count).
+    torch counts steps per parameter and skips a parameter without a gradient: every parameter of a group must get
+    one each step (true for the trainer, which keeps only trainable parameters in the optimizer)."""
+    recipe_values = []
+
+    def to_torch(opt, args, kwargs):
+        recipe_values.clear()
+        for group in opt.param_groups:
+            recipe_values.append((group["lr"], group["eps"], group["weight_decay"]))
+            group["lr"], group["eps"], group["weight_decay"] = torch_settings_for_mindspore_step(
+                group["lr"], group["eps"], group["weight_decay"], group["betas"], group["mindspore_step"] + 1)
+
+    def back_to_mindspore(opt, args, kwargs):
+        for group, (lr, eps, weight_decay) in zip(opt.param_groups, recipe_values):
+            group["lr"], group["eps"], group["weight_decay"] = lr, eps, weight_decay
+            group["mindspore_step"] += 1
+
+    for group in optimizer.param_groups:
+        group.update(update_rule="mindspore", mindspore_step=0)
+    optimizer.register_step_pre_hook(to_torch)
+    optimizer.register_step_post_hook(back_to_mindspore)
+    return optimizer
+
+
+def _check_update_rule(expected: str):
+    """A load_state_dict post-hook: optimizer state belongs to the update rule it was trained with (checkpoints
+    without the key were written when every recipe trained with torch's rule)."""
+    def check(optimizer):
+        found = optimizer.param_groups[0].get("update_rule", "torch")
+        if found != expected:
+            type_name = "AdamW" if found == "torch" else "FusedAdamWeightDecay"
+            raise ValueError(f"the checkpoint's optimizer state was trained with {found}'s update rule but this "
+                             f"recipe's optimizer.type uses {expected}'s: resume with optimizer.type={type_name} "
+                             f"(the rule the run started with), or start a new run")
+    return check
+
+
+def clip_coefficient(total_norm: torch.Tensor, max_norm: float, rule: str = "torch") -> torch.Tensor:
+    """What gradients are multiplied by to clip their global norm to max_norm. torch (clip_grad_norm_):
+    min(1, max_norm / (norm + 1e-6)). MindFormers' ClipGradNorm (mindformers/core/clip_grad.py):
+    max_norm / (max(norm, max_norm) + 1e-6), which also scales gradients under the limit, by 1 - ~1e-6/max_norm."""
+    if rule == "mindspore":
+        return max_norm / (torch.clamp(total_norm, min=max_norm) + 1e-6)
+    return torch.clamp(max_norm / (total_norm + 1e-6), max=1.0)
+
+
+def clip_by_global_norm(params, max_norm: float | None, rule: str = "torch") -> torch.Tensor:
+    """The global L2 norm of the parameters' gradients, which are then clipped to max_norm (when set) by
+    clip_coefficient's rule. No host sync."""
+    grads = [p.grad for p in params if p.grad is not None]
+    total = torch.nn.utils.get_total_norm(grads)
+    if max_norm and grads:
+        torch._foreach_mul_(grads, clip_coefficient(total, max_norm, rule).to(grads[0].device))
+    return total
 
 
 def set_lr(optimizer: torch.optim.Optimizer, lr: float):
@@ -88,15 +185,21 @@ class LRSchedule:
             raise ValueError(f"lr schedule warmup_steps must be >= 0, got {self.warmup_steps}")
 
     def __call__(self, step: int) -> float:
-        if step < self.warmup_steps:
-            return self.warmup_lr_init + (self.learning_rate - self.warmup_lr_init) * step / self.warmup_steps
+        """lr for the update that follows `step` applied ones (MindFormers' formulas, see the module doc)."""
+        w, total = self.warmup_steps, self.total_steps
+        if self.type == "cosine" and step >= total:
+            return self.lr_end
+        if step < w:
+            return self.warmup_lr_init + (self.learning_rate - self.warmup_lr_init) * step / w
         if self.type == "constant":
             return self.learning_rate
-        progress = min(1.0, (step - self.warmup_steps) / max(1, self.total_steps - self.warmup_steps))
+        if self.type == "polynomial" and step > total:
+            return self.lr_end
+        progress = (step - w) / max(1, total - w)
         if self.type == "polynomial":
             factor = (1.0 - progress) ** self.power
         else:
-            factor = 0.5 * (1.0 + math.cos(math.pi * progress))
+            factor = max(0.0, 0.5 * (1.0 + math.cos(math.pi * progress)))
         return self.lr_end + (self.learning_rate - self.lr_end) * factor
 
     def state_dict(self) -> dict:

@@ -19,19 +19,25 @@ from typing import Any
 
 import yaml
 
-from ..config import GPT2Config
+from ..config import INIT_STYLES, GPT2Config
+from ..data.txtcls import DATASETS as TXTCLS_DATASETS  # MindFormers' txtcls_dataset_to_mindrecord.py names
 from ..fileio import atomic_write
+from .optim import UPDATE_RULES
 
 # MindFormers' activation names -> ours. MindFormers' GPT-2 "gelu" is the tanh approximation (HF gelu_new).
 HIDDEN_ACT = {"gelu": "gelu_new", "gelu_new": "gelu_new", "fast_gelu": "fast_gelu", "gelu_exact": "gelu"}
 COMPUTE_DTYPES = {"float32": "fp32", "float16": "fp16", "bfloat16": "bf16"}
 SCHEDULE_TYPES = {"polynomial": "polynomial", "PolynomialWithWarmUpLR": "polynomial", "cosine": "cosine",
-                  "CosineWithWarmUpLR": "cosine", "constant": "constant", "ConstantWarmUpLR": "constant"}
-# MindFormers' AdamW flavours all mean AdamW with decoupled weight decay here; the fused kernel is picked
-# per device by gpt2_ascend.ops.adamw.
-OPTIMIZER_TYPES = {"AdamW": "AdamW", "FusedAdamWeightDecay": "AdamW", "AdamWeightDecay": "AdamW",
-                   "FP32StateAdamWeightDecay": "AdamW"}
+                  "CosineWithWarmUpLR": "cosine", "constant": "constant", "ConstantWarmUpLR": "constant",
+                  "constant_with_warmup": "constant"}
+# AdamW is torch's (bias-corrected); MindFormers' names compute MindSpore's AdamWeightDecay rule (no bias
+# correction), see train/optim.py UPDATE_RULES. The fused kernel is picked per device by gpt2_ascend.ops.adamw.
+OPTIMIZER_TYPES = tuple(UPDATE_RULES)
+DEFAULT_INIT_RANGE = {"hf": 0.02, "mindformers": 0.01}  # MindSpore's initializer('normal') draws N(0, 0.01)
 ARCHS = ("GPT2LMHeadModel", "GPT2ForSequenceClassification")
+# MindFormers' metric names this project computes (run_mode eval, train.py); its others (ADGENMetric, EmF1Metric,
+# ...) belong to tasks GPT-2 does not have here and are refused by name.
+METRICS = ("PerplexityMetric", "Accuracy")
 
 
 class Recipe(dict):
@@ -90,6 +96,10 @@ SCHEMA = _section(
         epochs=Key(1, "int", minimum=1),
         batch_size=Key(4, "int", minimum=1, doc="per device and micro-batch"),
         gradient_accumulation_steps=Key(1, "int", minimum=1),
+        global_batch_size=Key(None, "int", minimum=1, nullable=True,
+                              doc="rows per optimizer step over all devices; the trainer accumulates gradients "
+                                  "to keep it on fewer devices (null: batch_size x accumulation x data-parallel "
+                                  "ranks)"),
         max_steps=Key(-1, "int", doc="stop after N optimizer steps (-1: epochs x steps per epoch)"),
         compile=Key(False, "bool", doc="wrap the model with torch.compile"),
         compile_scope=Key("model", "choice", ("model", "blocks"),
@@ -101,11 +111,14 @@ SCHEMA = _section(
         progress_bar=Key(True, "bool"),
     ),
     runner_wrapper=_section(
+        type=Key("MFTrainOneStepCell", "choice", ("MFTrainOneStepCell",),
+                 doc="MindFormers' one-step cell: loss scaling, overflow skip, global-norm clipping"),
         use_clip_grad=Key(True, "bool"),
         max_grad_norm=Key(1.0, "float", minimum=0.0),
         max_consecutive_skips=Key(100, "int", minimum=1,
                                   doc="fp16: stop when this many steps in a row overflow"),
         scale_sense=_section(
+            type=Key("DynamicLossScaleUpdateCell", "choice", ("DynamicLossScaleUpdateCell",)),
             loss_scale_value=Key(2.0 ** 32, "float", minimum=1.0),
             scale_factor=Key(2.0, "float", minimum=1.0),
             scale_window=Key(1000, "int", minimum=1),
@@ -137,7 +150,11 @@ SCHEMA = _section(
             hidden_dropout_rate=Key(0.1, "float", minimum=0.0),
             attention_dropout_rate=Key(0.1, "float", minimum=0.0),
             layer_norm_epsilon=Key(1e-5, "float", minimum=0.0),
-            initializer_range=Key(0.02, "float", minimum=0.0),
+            init_style=Key("hf", "choice", INIT_STYLES,
+                           doc="a fresh model's init: hf (GPT-2's, residual projections scaled) or mindformers "
+                               "(N(0, initializer_range) for every weight)"),
+            initializer_range=Key(None, "float", minimum=0.0, nullable=True,
+                                  doc="init std; null: 0.02 (hf) or 0.01 (mindformers)"),
             num_labels=Key(2, "int", minimum=1),
             eos_token_id=Key(50256, "int", minimum=0),
             pad_token_id=Key(50256, "int", minimum=0),
@@ -171,7 +188,9 @@ SCHEMA = _section(
         total_steps=Key(-1, "int", doc="-1: steps per epoch x epochs (or max_steps)"),
     ),
     optimizer=_section(
-        type=Key("AdamW", "choice", OPTIMIZER_TYPES),
+        type=Key("AdamW", "choice", OPTIMIZER_TYPES,
+                 doc="AdamW: torch's rule; FusedAdamWeightDecay / FP32StateAdamWeightDecay / AdamWeightDecay: "
+                     "MindSpore's (no bias correction)"),
         beta1=Key(0.9, "float", minimum=0.0),
         beta2=Key(0.95, "float", minimum=0.0),
         eps=Key(1e-8, "float", minimum=0.0),
@@ -179,16 +198,25 @@ SCHEMA = _section(
     ),
     train_dataset=_section(
         data_loader=_section(dataset_dir=Key("", "str"), shuffle=Key(True, "bool")),
+        dataset_name=Key("sst_2", "choice", TXTCLS_DATASETS,
+                         doc="raw text-classification files: the layout of MindFormers' preprocessing script"),
         mindformers_compat=Key(False, "bool", doc="raw WikiText-2: drop the last passage as MindFormers does"),
         max_samples=Key(None, "int", minimum=1, nullable=True, doc="use only the first N rows (null = all)"),
     ),
     eval_dataset=_section(
         data_loader=_section(dataset_dir=Key("", "str"), shuffle=Key(False, "bool")),
+        dataset_name=Key("sst_2", "choice", TXTCLS_DATASETS),
         batch_size=Key(None, "int", minimum=1, nullable=True, doc="null = runner_config.batch_size"),
         mindformers_compat=Key(False, "bool"),
         max_samples=Key(None, "int", minimum=1, nullable=True, doc="evaluate the first N rows (null = all)"),
     ),
     callbacks=CALLBACKS,
+    metric=_section(
+        type=Key(None, "choice", METRICS, nullable=True,
+                 doc="run_mode eval: PerplexityMetric (MindFormers' mean of per-batch losses) or Accuracy; "
+                     "null: by model.arch"),
+        eval_type=Key("classification", "choice", ("classification",), doc="Accuracy's kind (MindFormers' key)"),
+    ),
 )
 
 
@@ -392,7 +420,7 @@ def gpt2_config(recipe: Recipe) -> GPT2Config:
         n_inner=mc.expand_ratio * mc.hidden_size, activation=HIDDEN_ACT[mc.hidden_act],
         layer_norm_epsilon=mc.layer_norm_epsilon, embd_pdrop=mc.hidden_dropout_rate,
         attn_pdrop=mc.attention_dropout_rate, resid_pdrop=mc.hidden_dropout_rate,
-        initializer_range=mc.initializer_range, num_labels=mc.num_labels, pad_token_id=mc.pad_token_id,
+        **init_settings(recipe), num_labels=mc.num_labels, pad_token_id=mc.pad_token_id,
         eos_token_id=mc.eos_token_id, bos_token_id=mc.eos_token_id,
         attn_implementation=mc.attn_implementation, pad_vocab_size_multiple=mc.pad_vocab_size_multiple,
     )
@@ -400,11 +428,18 @@ def gpt2_config(recipe: Recipe) -> GPT2Config:
 
 def training_overrides(recipe: Recipe) -> dict:
     """GPT2Config fields a recipe sets on a model loaded from a checkpoint (the shape comes from the
-    checkpoint; dropout, labels and the attention kernel from the recipe)."""
+    checkpoint; dropout, labels, the attention kernel and the init of a fresh classifier head from the recipe)."""
     mc = recipe.model.model_config
     return dict(embd_pdrop=mc.hidden_dropout_rate, attn_pdrop=mc.attention_dropout_rate,
                 resid_pdrop=mc.hidden_dropout_rate, num_labels=mc.num_labels,
-                attn_implementation=mc.attn_implementation)
+                attn_implementation=mc.attn_implementation, **init_settings(recipe))
+
+
+def init_settings(recipe: Recipe) -> dict:
+    """init_style and initializer_range (null -> the style's default) for a fresh model or a fresh head."""
+    mc = recipe.model.model_config
+    std = mc.initializer_range if mc.initializer_range is not None else DEFAULT_INIT_RANGE[mc.init_style]
+    return dict(init_style=mc.init_style, initializer_range=std)
 
 
 def generation_config(recipe: Recipe) -> dict:

@@ -28,7 +28,8 @@ from ..data.loader import StepLoader
 from . import checkpoint as ckpt, rundir
 from .interrupt import StopOnSignal, TrainingInterrupted
 from .metrics import MetricsLogger, flops_per_token, peak_flops, plot_loss_curve
-from .optim import LRSchedule, build_optimizer, build_schedule, resolve_total_steps, set_lr
+from .optim import (UPDATE_RULES, LRSchedule, build_optimizer, build_schedule, clip_by_global_norm,
+                    resolve_total_steps, set_lr)
 
 
 class TrainingStopped(RuntimeError):
@@ -41,6 +42,9 @@ class TrainSettings:
     task: str = "lm"  # lm: next-token loss on (B, T+1) blocks | txtcls: the classifier's loss
     precision: str = "fp32"  # fp32 | bf16 | fp16 (fp16 adds dynamic loss scaling)
     max_grad_norm: float | None = 1.0  # None: no clipping (the norm is still logged)
+    # torch | mindspore: the clipping formula (optim.clip_coefficient) and, for fp16, whether the loss scale stays
+    # >= 1 as MindSpore's DynamicLossScaleUpdateCell keeps it. Recipes naming MindFormers' optimizers use mindspore.
+    step_rule: str = "torch"
     log_interval: int = 10
     save_steps: int | None = None
     keep_checkpoints: int = 3
@@ -78,7 +82,9 @@ class Trainer:
                                       backoff_factor=1.0 / settings.scale_factor,
                                       growth_interval=settings.scale_window)
         self.params = [p for p in self.raw_model.parameters() if p.requires_grad]
-        self.step = 0
+        self.step = 0  # steps run (batches consumed), what max_steps and checkpoints count
+        self.updates = 0  # updates applied (an fp16 overflow skips one), what the lr schedule counts
+        optimizer.register_step_post_hook(self._count_update)
         self.consecutive_skips = 0
         self.pending: list[dict] = []
         self.last_eval: dict | None = None
@@ -98,10 +104,12 @@ class Trainer:
             self.scaler.unscale_(self.optimizer)
             out["loss_scale"] = self.scaler._get_scale_async().detach().clone()
         out["grad_norm"] = self.clip_gradients()
-        set_lr(self.optimizer, self.schedule(self.step))
+        set_lr(self.optimizer, self.schedule(self.updates))
         if self.scaler is not None:
             self.scaler.step(self.optimizer)  # skipped when the unscaled gradients hold inf/nan
             self.scaler.update()
+            if self.settings.step_rule == "mindspore":
+                keep_loss_scale_at_least_one(self.scaler)
         else:
             self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
@@ -121,10 +129,11 @@ class Trainer:
         return total_loss
 
     def clip_gradients(self) -> torch.Tensor:
-        """The total gradient norm, after clipping to max_grad_norm (when set)."""
-        if self.settings.max_grad_norm:
-            return torch.nn.utils.clip_grad_norm_(self.params, self.settings.max_grad_norm)
-        return torch.nn.utils.get_total_norm([p.grad for p in self.params if p.grad is not None])
+        """The total gradient norm, after clipping to max_grad_norm (when set) by the step rule's formula."""
+        return clip_by_global_norm(self.params, self.settings.max_grad_norm, self.settings.step_rule)
+
+    def _count_update(self, optimizer, args, kwargs):
+        self.updates += 1
 
     def compute_loss(self, batch: dict) -> torch.Tensor:
         if self.settings.task == "txtcls":
@@ -148,7 +157,7 @@ class Trainer:
         try:
             while self.step < s.total_steps:
                 micro_batches = next(self.loader)
-                lr = self.schedule(self.step)
+                lr = self.schedule(self.updates)
                 out = self.train_step(micro_batches)
                 self.pending.append(dict(step=self.step, lr=lr, tokens=self.tokens_per_step(micro_batches),
                                          epoch=self.step / self.loader.steps_per_epoch, out=out))
@@ -243,12 +252,14 @@ class Trainer:
     # ---- checkpoints ----
     def trainer_state(self) -> dict:
         """The loop's own state: step, data position, schedule, RNG states, loss scaler."""
-        return dict(step=self.step, loader=self.loader.state_dict(), schedule=self.schedule.state_dict(),
+        return dict(step=self.step, updates=self.updates, loader=self.loader.state_dict(),
+                    schedule=self.schedule.state_dict(),
                     rng=capture_rng(self.device), consecutive_skips=self.consecutive_skips,
                     scaler=self.scaler.state_dict() if self.scaler is not None else None)
 
     def load_trainer_state(self, trainer: dict):
         self.step = int(trainer["step"])
+        self.updates = int(trainer.get("updates", self.step))  # older checkpoints: no step was skipped
         self.loader.load_state_dict(trainer["loader"])
         self.consecutive_skips = int(trainer.get("consecutive_skips", 0))
         if self.scaler is not None and trainer.get("scaler"):
@@ -299,12 +310,16 @@ def load_model_state(model: torch.nn.Module, state: dict):
                                    f"resume with the recipe the run was started with") from None
 
 
+def keep_loss_scale_at_least_one(scaler):
+    """MindSpore's DynamicLossScaleUpdateCell never lowers the loss scale below 1; torch's GradScaler would."""
+    scale = getattr(scaler, "_scale", None)
+    if scale is not None:
+        scale.clamp_(min=1.0)
+
+
 def grad_scaler(device: torch.device, **settings):
-    """Dynamic loss scaling for fp16 (torch_npu brings its own scaler class for NPUs)."""
-    if device.type == "npu":
-        dev.torch_npu()
-        return torch.npu.amp.GradScaler(**settings)
-    return torch.amp.GradScaler(device.type, **settings)
+    """Dynamic loss scaling for fp16 (torch_npu brings its own scaler class for NPUs: device.grad_scaler)."""
+    return dev.grad_scaler(device.type, **settings)
 
 
 def capture_rng(device: torch.device) -> dict:
@@ -379,6 +394,7 @@ def compile_model(model: torch.nn.Module, scope: str = "model") -> torch.nn.Modu
     """torch.compile the whole model (one graph: fusions across blocks, the longest compile), or the
     per-block step with its recompute (GPT2Model.compile_blocks: one compilation shared by identical blocks;
     the model object and its parameter names do not change)."""
+    dev.require_compile_backend("npu" if any(dev.is_npu_tensor(p) for p in model.parameters()) else "other")
     if scope == "model":
         return torch.compile(model)
     if scope != "blocks":
@@ -404,12 +420,14 @@ def build_model(recipe, device: torch.device, log=print, config_overrides: dict 
     source = resolve_path(recipe.load_checkpoint)
     if source:
         if not os.path.exists(source):
-            raise FileNotFoundError(f"load_checkpoint not found: {source}; pass an HF-format GPT-2 directory "
-                                    f"or OUTPUT_DIR/checkpoint/step_N")
+            raise FileNotFoundError(f"load_checkpoint not found: {source}; pass an HF-format GPT-2 directory, "
+                                    f"OUTPUT_DIR/checkpoint/step_N or a MindFormers .ckpt file")
         overrides = dict(training_overrides(recipe), **(config_overrides or {}))
         from ..parallel.checkpoint import is_sharded, model_from_sharded
         if is_sharded(source):  # a distributed run's checkpoint: gathered into one model here
             model = model_from_sharded(cls, source, overrides, dtype=torch.float32)
+        elif is_mindspore_checkpoint(source):  # MindFormers' own weights, converted on the fly
+            model = model_from_mindspore(cls, source, recipe, overrides, log)
         elif ckpt.is_training_checkpoint(source):
             manifest = ckpt.verify_checkpoint(source, ckpt.MODEL_FILES)
             if manifest.get("meta", {}).get("lora"):
@@ -429,9 +447,38 @@ def build_model(recipe, device: torch.device, log=print, config_overrides: dict 
                          f"{model.config.n_positions}: set model.model_config.seq_length={model.config.n_positions}")
     model.set_recompute(recipe.parallel.recompute)
     lora = lora_settings(recipe)
-    if lora:
+    if lora and not hasattr(model, "peft_config"):  # (a MindFormers LoRA .ckpt comes with its adapters)
         model = apply_lora(model, **lora)
     return model.to(device)
+
+
+def is_mindspore_checkpoint(path: str) -> bool:
+    return os.path.isfile(path) and path.endswith(".ckpt")
+
+
+def model_from_mindspore(cls, path: str, recipe, overrides: dict, log=print):
+    """A MindFormers GPT-2 .ckpt as `cls`: the tensors give the shape, the recipe the heads and activation
+    (which a .ckpt does not record). A LoRA checkpoint (lora_a / lora_b beside the base) becomes a LoRA model with
+    its adapters, scaled by the recipe's lora_alpha."""
+    from ..convert.lora import load_mindformers_lora
+    from ..convert.mindformers import MindFormersSource, load_mindspore_model
+    from .recipe import HIDDEN_ACT, lora_settings
+    mc = recipe.model.model_config
+    heads, act = mc.num_heads, HIDDEN_ACT[mc.hidden_act]
+    with MindFormersSource(path, heads, act) as source:
+        has_lora = bool(source.lora_names)
+    if not has_lora:
+        return load_mindspore_model(path, n_head=heads, activation=act, cls=cls, dtype=torch.float32,
+                                    verify_crc=False, **overrides)
+    lora = lora_settings(recipe)
+    if not lora:
+        raise ValueError(f"{path} holds unmerged LoRA adapters: use a LoRA recipe (model.model_config.pet_config, "
+                         f"whose lora_alpha scales them), or merge them first with convert/merge_lora.py")
+    model = load_mindformers_lora(path, lora["alpha"], heads, act, cls=cls, lora_dropout=lora["dropout"],
+                                  verify_crc=False, **overrides)
+    rank, targets = model.lora_layout
+    log(f"LoRA adapters from {path}: rank {rank} on {', '.join(targets)} (alpha {lora['alpha']:g} from the recipe)")
+    return model
 
 
 def _note_shape(recipe, config, source: str, log):
@@ -469,28 +516,35 @@ def fetch_if_missing(path: str) -> str:
 def load_datasets(recipe, cache_dir: str):
     """(train data, eval data or None) as numpy arrays: token blocks of seq_length + 1 (train) and
     seq_length (eval) for language modelling, dicts of input_ids / attention_mask / labels for txtcls."""
-    from ..data import store
-
-    task = task_of(recipe)
-    seq = recipe.model.model_config.seq_length
-    tokenizer = resolve_path(recipe.tokenizer) or None
     train_path = resolve_path(recipe.train_dataset.data_loader.dataset_dir)
-    eval_path = resolve_path(recipe.eval_dataset.data_loader.dataset_dir)
     if not train_path:
         raise ValueError("no training data: pass --train_dataset_dir PATH (a prepared .npy / .npz, or a raw "
                          "wiki.*.tokens / .txt / .tsv file) or set train_dataset.data_loader.dataset_dir")
-    train_path, eval_path = (fetch_if_missing(p) for p in (train_path, eval_path))
+    train = load_split(recipe, recipe.train_dataset, train_path, recipe.model.model_config.seq_length + 1, cache_dir)
+    return train, load_eval_dataset(recipe, cache_dir)
 
-    def load(path, width, compat):
-        if task == "txtcls":
-            return store.load_txtcls(path, max_length=seq, tokenizer=tokenizer, cache_dir=cache_dir)
-        return store.load_token_blocks(path, max_length=width, tokenizer=tokenizer, mindformers_compat=compat,
-                                       cache_dir=cache_dir)
 
-    train = load(train_path, seq + 1, recipe.train_dataset.mindformers_compat)
-    evaluation = load(eval_path, seq, recipe.eval_dataset.mindformers_compat) if eval_path else None
-    return (first_rows(train, recipe.train_dataset.max_samples),
-            first_rows(evaluation, recipe.eval_dataset.max_samples))
+def load_eval_dataset(recipe, cache_dir: str):
+    """The eval_dataset (blocks of seq_length, or classification rows), or None when the recipe names none."""
+    path = resolve_path(recipe.eval_dataset.data_loader.dataset_dir)
+    if not path:
+        return None
+    return load_split(recipe, recipe.eval_dataset, path, recipe.model.model_config.seq_length, cache_dir)
+
+
+def load_split(recipe, section, path: str, width: int, cache_dir: str):
+    """One dataset section's rows (its first max_samples): token blocks `width` wide, or classification rows."""
+    from ..data import store
+    path = fetch_if_missing(path)
+    tokenizer = resolve_path(recipe.tokenizer) or None
+    if task_of(recipe) == "txtcls":
+        data = store.load_txtcls(path, max_length=recipe.model.model_config.seq_length, tokenizer=tokenizer,
+                                 cache_dir=cache_dir, dataset_name=section.dataset_name,
+                                 mindformers_compat=section.mindformers_compat)
+    else:
+        data = store.load_token_blocks(path, max_length=width, tokenizer=tokenizer,
+                                       mindformers_compat=section.mindformers_compat, cache_dir=cache_dir)
+    return first_rows(data, section.max_samples)
 
 
 def check_ranges(data, model_config, what: str):
@@ -552,11 +606,12 @@ def _run_training(recipe, overwrite: bool, log, run_scope: contextlib.ExitStack)
     from .recipe import lora_settings, precision
 
     if recipe.run_mode in ("predict", "eval"):
-        tool = "generate.py" if recipe.run_mode == "predict" else "evaluate.py"
-        raise ValueError(f"run_mode {recipe.run_mode} is not training: use {tool} --config ...")
+        function = "predict_recipe" if recipe.run_mode == "predict" else "evaluate_recipe"
+        raise ValueError(f"run_mode {recipe.run_mode} is not training: run train.py --run_mode {recipe.run_mode}, or "
+                         f"call gpt2_ascend.train.run_modes.{function}(recipe)")
     if recipe.run_mode == "finetune" and not recipe.load_checkpoint:
-        raise ValueError("run_mode finetune starts from trained weights: pass --load_checkpoint DIR (an HF-format "
-                         "GPT-2 directory) or use --run_mode train")
+        raise ValueError("run_mode finetune starts from trained weights: pass --load_checkpoint PATH (an HF-format "
+                         "GPT-2 directory or a MindFormers .ckpt) or use --run_mode train")
     dist = init_distributed(recipe)
     stop = run_scope.enter_context(StopOnSignal(notify=None if dist.is_main else (lambda text: None)))
     if dist.parallel:
@@ -566,6 +621,8 @@ def _run_training(recipe, overwrite: bool, log, run_scope: contextlib.ExitStack)
     else:
         device = dev.resolve_device(recipe.device)
         dev.set_device(device)
+    if recipe.runner_config.compile:
+        dev.require_compile_backend(device.type)  # before any data or model work
     sync = engine.barrier if dist.parallel else (lambda: None)
     output_dir = os.path.abspath(resolve_path(recipe.output_dir))
     root = ckpt.checkpoint_root(output_dir)
@@ -604,22 +661,24 @@ def _run_training(recipe, overwrite: bool, log, run_scope: contextlib.ExitStack)
         train_model = wrap_model(model, recipe, dist)
     prec = precision(recipe)
     rc = recipe.runner_config
-    loader = StepLoader(train_data, batch_size=rc.batch_size, micro_batches=rc.gradient_accumulation_steps,
+    accumulation = accumulation_steps(rc, dist.world_size, log)
+    loader = StepLoader(train_data, batch_size=rc.batch_size, micro_batches=accumulation,
                         shuffle=recipe.train_dataset.data_loader.shuffle, seed=recipe.seed, rank=dist.rank,
                         world_size=dist.world_size, pin_memory=device.type == "cuda")
     run_steps = rc.max_steps if rc.max_steps > 0 else loader.steps_per_epoch * rc.epochs
     schedule = build_schedule(recipe.lr_schedule, resolve_total_steps(
         recipe.lr_schedule.total_steps, loader.steps_per_epoch, rc.epochs, rc.max_steps))
     opt = recipe.optimizer
+    rule = UPDATE_RULES[opt.type]
     optimizer = build_optimizer(raw_model, schedule(0),
                                 betas=(opt.beta1, opt.beta2), eps=opt.eps, weight_decay=opt.weight_decay,
-                                device_type=device.type)
+                                device_type=device.type, update_rule=rule)
     wrapper = recipe.runner_wrapper
     callbacks = recipe.callbacks
     lora = lora_settings(recipe)
     settings = TrainSettings(
         total_steps=run_steps, task=task_of(recipe), precision=prec,
-        max_grad_norm=wrapper.max_grad_norm if wrapper.use_clip_grad else None,
+        max_grad_norm=wrapper.max_grad_norm if wrapper.use_clip_grad else None, step_rule=rule,
         log_interval=callbacks.MFLossMonitor.per_print_times,
         save_steps=callbacks.CheckpointMonitor.save_checkpoint_steps,
         keep_checkpoints=callbacks.CheckpointMonitor.keep_checkpoint_max,
@@ -658,7 +717,7 @@ def _run_training(recipe, overwrite: bool, log, run_scope: contextlib.ExitStack)
     layout = f" on {dist.global_world} processes ({_layout(dist.pc)})" if dist.parallel else ""
     log(f"training {base.num_parameters():,} parameters ({_trainable(model):,} trainable) on "
         f"{dev.device_name(device)} ({prec}){layout}: {run_steps} steps of {rc.batch_size} x "
-        f"{rc.gradient_accumulation_steps} x {dist.world_size} rows, {loader.steps_per_epoch} steps per epoch")
+        f"{accumulation} x {dist.world_size} rows, {loader.steps_per_epoch} steps per epoch")
     seq = recipe.model.model_config.seq_length
     fpt = flops_per_token(base.num_parameters(), base.config.n_layer, base.config.n_embd, seq)
     metrics = None
@@ -702,6 +761,27 @@ def _run_training(recipe, overwrite: bool, log, run_scope: contextlib.ExitStack)
     write_json(summary, os.path.join(output_dir, "summary.json"))
     sync()
     return summary
+
+
+def accumulation_steps(runner_config, data_parallel: int, log=print) -> int:
+    """Micro-batches per optimizer step. With runner_config.global_batch_size set, as many as keep that global
+    batch on this many data-parallel ranks (MindFormers' recipes state batch_size per device and ran on 8), so the
+    loss curve does not depend on the device count; else runner_config.gradient_accumulation_steps."""
+    rc = runner_config
+    if rc.global_batch_size is None:
+        return rc.gradient_accumulation_steps
+    per_pass = rc.batch_size * data_parallel
+    steps, rest = divmod(rc.global_batch_size, per_pass)
+    if rest or steps < 1:
+        raise ValueError(f"runner_config.global_batch_size {rc.global_batch_size} is not a multiple of batch_size "
+                         f"{rc.batch_size} x {data_parallel} data-parallel rank(s) = {per_pass}: change one of them")
+    if rc.gradient_accumulation_steps not in (1, steps):
+        raise ValueError(f"runner_config.gradient_accumulation_steps {rc.gradient_accumulation_steps} contradicts "
+                         f"global_batch_size {rc.global_batch_size} (= batch_size {rc.batch_size} x {data_parallel} "
+                         f"rank(s) x {steps}): set one of them")
+    log(f"global batch {rc.global_batch_size} = batch_size {rc.batch_size} x {data_parallel} data-parallel rank(s) "
+        f"x {steps} gradient accumulation step(s)")
+    return steps
 
 
 def last_logged_loss(metrics_path: str) -> float | None:

@@ -7,20 +7,29 @@ match the layout, a mask of the wrong shape or dtype, a causal sparse mode witho
 only that the numbers agree. Whatever the documentation leaves undefined, the reference poisons
 (NaN) instead of guessing, so nothing may rely on it.
 
-Sources (Ascend Extension for PyTorch API reference):
+Where releases differ it behaves as the release named by `__version__` (set_version(); the facts are
+in versions.py): npu_fast_gelu's backward, the _inductor package, _ShardedGradScaler's signature.
+The default is 2.7.1, the torch_npu for CANN 8.3.RC1 and the oldest release this project supports.
+
+Sources (Ascend Extension for PyTorch API reference, and Ascend's op-plugin / pytorch repositories):
   npu_fusion_attention  https://hiascend.com/document/detail/zh/Pytorch/600/apiref/apilist/ptaoplist_000850.html
-  npu_fast_gelu         https://hiascend.com/document/detail/zh/Pytorch/600/apiref/apilist/ptaoplist_000866.html
+  npu_fast_gelu         https://hiascend.com/document/detail/zh/Pytorch/600/apiref/apilist/ptaoplist_000866.html;
+                        op-plugin docs/context/torch_npu-npu_fast_gelu.md (7.2.0)
+  fast_gelu             op-plugin docs/context/（beta）torch_npu-fast_gelu.md (7.2.0): float16 and float32
+  derivatives           op-plugin op_plugin/config/derivatives.yaml, per release (versions.py)
   optim.NpuFusedAdamW   https://hiascend.com/doc_center/source/zh/Pytorch/600/apiref/apilist/ptaoplist_000983.html
   npu.set_compile_mode  https://www.hiascend.com/document/detail/zh/Pytorch/700/apiref/apilist/ptaoplist_000610.html
 """
 from __future__ import annotations
 
 import torch
+import torch.distributed.fsdp.sharded_grad_scaler as _torch_sharded_grad_scaler
 
-from . import npu, optim  # noqa: F401  (torch_npu.npu and torch_npu.optim, as in the real package)
+from . import npu, optim, versions  # noqa: F401  (torch_npu.npu and torch_npu.optim, as in the real package)
 
 IS_REFERENCE = True
-__version__ = "0.0+reference"
+DEFAULT_VERSION = "2.7.1"
+__version__ = DEFAULT_VERSION
 
 calls: list = []  # one dict per kernel call, for tests to inspect the arguments our code passed
 
@@ -40,9 +49,30 @@ def emulate_device():
 
 
 def reset():
-    """Forget recorded calls and device state (called when the fixture installs the module)."""
+    """Forget recorded calls and device state, back to the default release (called when the fixture
+    installs the module)."""
     calls.clear()
     npu.reset()
+    set_version(DEFAULT_VERSION)
+
+
+def set_version(version: str):
+    """Behave as torch_npu `version` (e.g. '2.7.1.post2') where releases differ."""
+    global __version__
+    versions.parse(version)  # refuses what is not a release number
+    __version__ = version
+    _register_ops()
+    # what every release's torch_npu/__init__.py does on import
+    _torch_sharded_grad_scaler.ShardedGradScaler = npu.amp.sharded_grad_scaler._ShardedGradScaler
+
+
+def uninstall():
+    """Undo what importing the module did to torch (the fixture calls this when it removes the module)."""
+    global _library
+    if _library is not None:
+        _library._destroy()
+        _library = None
+    _torch_sharded_grad_scaler.ShardedGradScaler = _TORCH_SHARDED_GRAD_SCALER
 
 
 # ---------------------------------------------------------------------------------------------
@@ -217,14 +247,80 @@ def _masked_positions(atten_mask, sparse_mode, pre_tockens, next_tockens, B, N, 
 
 
 # ---------------------------------------------------------------------------------------------
-# activations
+# activations: real dispatcher ops in the `npu` namespace, registered as op-plugin registers them, so
+# autograd behaves as on the device. op-plugin turns each derivatives.yaml entry into a kernel at the
+# AutogradPrivateUse1 key (torch_npu's codegen: TORCH_LIBRARY_IMPL(npu, AutogradPrivateUse1, m)); an op
+# without one reaches torch_npu's autograd fallback (VariableFallbackKernel.cpp), which warns once at
+# backward and passes no gradient. The reference registers the same kernel at AutogradCPU too, because
+# its tensors are CPU tensors; torch's own CPU fallback warns and passes nothing, as torch_npu's does.
 # ---------------------------------------------------------------------------------------------
-def npu_fast_gelu(input):
-    """fast_gelu on Atlas A2: x / (1 + exp(-1.702 x)), i.e. x * sigmoid(1.702 x) (written with
-    sigmoid so large negative inputs do not overflow exp)."""
+_library = None
+_TORCH_SHARDED_GRAD_SCALER = _torch_sharded_grad_scaler.ShardedGradScaler
+
+
+def _fast_gelu_formula(x):
+    """x / (1 + exp(-1.702 x)) (the A2 formula), written with sigmoid so large negative x do not overflow."""
+    return x * torch.sigmoid(1.702 * x)
+
+
+def _fast_gelu_kernel(x):
+    with torch.no_grad():  # a device kernel records nothing for autograd
+        return _fast_gelu_formula(x)
+
+
+class _FastGeluWithBackward(torch.autograd.Function):
+    """The autograd kernel derivatives.yaml generates: backward is npu_fast_gelu_backward(grad, self)."""
+
+    @staticmethod
+    def forward(ctx, x):
+        ctx.save_for_backward(x)
+        return _fast_gelu_formula(x)
+
+    @staticmethod
+    def backward(ctx, grad):
+        (x,) = ctx.saved_tensors
+        s = torch.sigmoid(1.702 * x)
+        return grad * (s + 1.702 * x * s * (1 - s))
+
+
+def _register_ops():
+    global _library
+    if _library is not None:
+        _library._destroy()
+    lib = torch.library.Library("npu", "DEF")
+    with_backward = ["fast_gelu"]  # since op-plugin 5.0
+    if versions.npu_fast_gelu_has_backward(__version__):
+        with_backward.append("npu_fast_gelu")
+    for name in ("npu_fast_gelu", "fast_gelu"):
+        lib.define(f"{name}(Tensor self) -> Tensor")
+        lib.impl(name, _fast_gelu_kernel, "CPU")
+        if name in with_backward:
+            for key in ("AutogradPrivateUse1", "AutogradCPU"):
+                lib.impl(name, _FastGeluWithBackward.apply, key)
+    _library = lib
+
+
+def _check_activation_input(op, input, dtypes):
     if not isinstance(input, torch.Tensor):
-        raise TypeError("npu_fast_gelu takes a Tensor")
-    if input.dtype not in DTYPES:
-        raise TypeError(f"npu_fast_gelu dtype {input.dtype} not supported: use float16, bfloat16 or float32")
-    calls.append(dict(op="npu_fast_gelu", shape=tuple(input.shape)))
-    return input * torch.sigmoid(1.702 * input)
+        raise TypeError(f"{op} takes a Tensor")
+    if input.dtype not in dtypes:
+        names = ", ".join(str(d).replace("torch.", "") for d in dtypes)
+        raise TypeError(f"{op} dtype {input.dtype} not supported: documented {names}")
+    calls.append(dict(op=op, shape=tuple(input.shape), dtype=input.dtype, requires_grad=input.requires_grad))
+
+
+def npu_fast_gelu(input):
+    """fast_gelu on Atlas A2: x / (1 + exp(-1.702 x)); float16, float32, bfloat16 on A2. A backward only
+    from op-plugin 7.3.0 (versions.py); before that a training step gets no gradient through it."""
+    _check_activation_input("npu_fast_gelu", input, DTYPES)
+    return torch.ops.npu.npu_fast_gelu(input)
+
+
+def fast_gelu(self):
+    """(beta) The same FastGelu kernel with a registered backward in every release; documented for
+    float16 and float32 only."""
+    _check_activation_input("fast_gelu", self, (torch.float16, torch.float32))
+    return torch.ops.npu.fast_gelu(self)
+
+
+set_version(DEFAULT_VERSION)  # registers the ops and patches torch as the real import does

@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import torch
 
+from . import amp  # noqa: F401  (torch_npu.npu.amp: GradScaler, sharded_grad_scaler)
+
 available = False
 compile_modes: list = []  # every set_compile_mode(jit_compile=...) value, in call order
 events: list = []  # set_device / synchronize / reset_peak_memory_stats calls, for tests

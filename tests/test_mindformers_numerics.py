@@ -1,0 +1,236 @@
+"""MindFormers' numerics pieces one by one: its lr schedules, clipping, loss-scale floor, the schedule not moving
+on skipped steps, MindSpore's optimizer resumed bit-exactly, its init, and the global batch by accumulation.
+(The whole of it against a real MindFormers run: test_mindformers_reference.py.)"""
+import json
+import math
+import os
+
+import numpy as np
+import pytest
+import torch
+
+from gpt2_ascend import GPT2Config, GPT2LMHeadModel
+from gpt2_ascend.data.loader import StepLoader
+from gpt2_ascend.train.optim import LRSchedule, build_optimizer, clip_by_global_norm, clip_coefficient
+from gpt2_ascend.train.recipe import load_recipe
+from gpt2_ascend.train.trainer import Trainer, TrainSettings, accumulation_steps, run_training
+
+from conftest import tiny_config
+
+CPU = torch.device("cpu")
+
+
+# ---------------------------------------------------------------------------------------------
+# schedules: MindFormers r1.3.0's docstring examples and its branch order
+# ---------------------------------------------------------------------------------------------
+def test_schedules_give_mindformers_documented_values():
+    # mindformers/core/lr/lr_schedule.py examples (learning_rate 0.005, warmup 10, total 20)
+    cosine = LRSchedule("cosine", learning_rate=0.005, lr_end=0.0, warmup_steps=10, total_steps=20)
+    assert cosine(1) == pytest.approx(0.0005) and cosine(15) == pytest.approx(0.0025, abs=1e-9)
+    constant = LRSchedule("constant", learning_rate=0.005, lr_end=0.0, warmup_steps=10, total_steps=20)
+    assert constant(1) == pytest.approx(0.0005) and constant(15) == 0.005
+    # the reference run's polynomial values (../shared/mindformers_reference/losses.json "lr")
+    poly = LRSchedule("polynomial", learning_rate=1e-3, lr_end=1e-5, warmup_steps=2, total_steps=5)
+    assert [poly(t) for t in range(5)] == pytest.approx([0.0, 5e-4, 1e-3, 6.7e-4, 3.4e-4])
+
+
+def test_schedule_branch_order_follows_mindformers():
+    # cosine checks t >= total_steps before warmup: a warmup longer than the run ends at lr_end
+    assert LRSchedule("cosine", 1e-3, 1e-5, warmup_steps=10, total_steps=5)(6) == 1e-5
+    # polynomial checks warmup first, and holds lr_end only after total_steps
+    poly = LRSchedule("polynomial", 1e-3, 1e-5, warmup_steps=10, total_steps=5)
+    assert poly(6) == pytest.approx(6e-4) and poly(11) == 1e-5
+    assert LRSchedule("polynomial", 1e-3, 1e-5, 0, 4)(4) == pytest.approx(1e-5)
+    assert load_recipe(None, ["lr_schedule.type=constant_with_warmup"]).lr_schedule.type == "constant"
+
+
+# ---------------------------------------------------------------------------------------------
+# MFTrainOneStepCell: clipping and the loss scale
+# ---------------------------------------------------------------------------------------------
+def test_mindformers_clip_formula():
+    under, over = torch.tensor(0.5), torch.tensor(4.0)
+    # ClipGradNorm: max / (max(norm, max) + 1e-6): gradients under the limit shrink by max / (max + 1e-6) too
+    assert clip_coefficient(under, 1.0, "mindspore").item() == pytest.approx(1.0 / (1.0 + 1e-6), rel=1e-7)
+    assert clip_coefficient(under, 1.0, "torch").item() == 1.0
+    assert clip_coefficient(over, 1.0, "mindspore").item() == pytest.approx(1.0 / (4.0 + 1e-6), rel=1e-7)
+    params = [torch.nn.Parameter(torch.ones(4)) for _ in range(2)]
+    for p in params:
+        p.grad = torch.full((4,), 2.0)
+    norm = clip_by_global_norm(params, 1.0, "mindspore")
+    assert norm.item() == pytest.approx(math.sqrt(32))
+    assert params[0].grad[0].item() == pytest.approx(2.0 / (math.sqrt(32) + 1e-6), rel=1e-6)
+
+
+def _trainer(model, data, schedule, rule="mindspore", **settings):
+    loader = StepLoader(data, batch_size=4, shuffle=False)
+    optimizer = build_optimizer(model, schedule(0), update_rule=rule)
+    settings = TrainSettings(**{"total_steps": 4, "progress": False, "step_rule": rule, **settings})
+    return Trainer(model, optimizer, schedule, loader, CPU, settings)
+
+
+def _blocks(rows=8, width=17, seed=0):
+    return np.random.default_rng(seed).integers(0, 512, (rows, width)).astype(np.int32)
+
+
+def test_an_overflowed_step_does_not_advance_the_schedule_and_the_scale_stays_at_least_one():
+    torch.manual_seed(0)
+    model = GPT2LMHeadModel(tiny_config())
+    schedule = LRSchedule("polynomial", 1e-3, 1e-5, warmup_steps=2, total_steps=10)
+    trainer = _trainer(model, _blocks(), schedule, precision="fp16", loss_scale=2.0 ** 40, scale_factor=2.0 ** 20)
+    used = []
+    # a post-hook after the rule's own sees the schedule's lr again (during the step the group holds torch's)
+    trainer.optimizer.register_step_post_hook(lambda opt, *_: used.append(opt.param_groups[0]["lr"]))
+    for _ in range(4):
+        trainer.train_step(next(trainer.loader))
+    # 2^40 overflows fp16, so does 2^20; 1 does not: two skipped steps, then updates at lr(0) and lr(1)
+    assert trainer.step == 4 and trainer.updates == 2
+    assert used == pytest.approx([schedule(0), schedule(1)])
+    assert trainer.scaler.get_scale() == 1.0
+    state = trainer.trainer_state()
+    assert (state["step"], state["updates"]) == (4, 2)
+
+
+def test_loss_scale_floor_is_mindspore_only():
+    torch.manual_seed(0)
+    for rule, floor in (("mindspore", 1.0), ("torch", 2.0 ** -20)):
+        model = GPT2LMHeadModel(tiny_config())
+        trainer = _trainer(model, _blocks(), LRSchedule("constant", 1e-3, 0.0, 0, 4), rule=rule, precision="fp16",
+                           loss_scale=1.0, scale_factor=2.0 ** 20)
+        with torch.no_grad():
+            model.transformer.wte.weight[0, 0] = float("inf")  # every step overflows
+        trainer.train_step(next(trainer.loader))
+        assert trainer.scaler.get_scale() == floor, rule
+
+
+# ---------------------------------------------------------------------------------------------
+# the optimizer: MindSpore's rule inside torch's AdamW, resumable bit-exactly
+# ---------------------------------------------------------------------------------------------
+def _recipe(tmp_path, data, *overrides):
+    base = dict(output_dir=str(tmp_path / "out"), device="cpu",
+                runner_config=dict(batch_size=4, max_steps=6, progress_bar=False),
+                model=dict(model_config=dict(seq_length=16, vocab_size=512, hidden_size=32, num_layers=2,
+                                             num_heads=2, eos_token_id=511, pad_token_id=511,
+                                             hidden_dropout_rate=0.0, attention_dropout_rate=0.0,
+                                             init_style="mindformers")),
+                optimizer=dict(type="FusedAdamWeightDecay"),
+                lr_schedule=dict(learning_rate=1e-3, lr_end=1e-4, warmup_steps=2),
+                train_dataset=dict(data_loader=dict(dataset_dir=str(data))),
+                callbacks=dict(MFLossMonitor=dict(per_print_times=1),
+                               CheckpointMonitor=dict(save_checkpoint_steps=3, keep_checkpoint_max=2)))
+    return load_recipe(None, list(overrides), base=base)
+
+
+@pytest.fixture
+def token_file(tmp_path):
+    path = tmp_path / "train.npy"
+    np.save(path, _blocks(rows=64, seed=1).astype(np.uint16))
+    return path
+
+
+def _losses(output_dir):
+    with open(os.path.join(output_dir, "metrics.jsonl")) as f:
+        return [(r["step"], r["loss"], r["lr"]) for r in map(json.loads, f)]
+
+
+def test_mindspore_rule_resumes_bit_exactly_and_refuses_another_rule(tmp_path, token_file):
+    from gpt2_ascend.hf import read_state_dict
+    recipe = _recipe(tmp_path, token_file)
+    run_training(recipe, log=lambda *_: None)
+    full, weights = _losses(recipe.output_dir), read_state_dict(os.path.join(recipe.output_dir, "final"))
+    from gpt2_ascend.train.checkpoint import load_checkpoint
+    saved = load_checkpoint(os.path.join(recipe.output_dir, "checkpoint", "step_0000003"), ["optimizer"])["optimizer"]
+    assert [(g["update_rule"], g["mindspore_step"]) for g in saved["param_groups"]] == [("mindspore", 3)] * 2
+    assert saved["param_groups"][0]["lr"] == pytest.approx(full[2][2])  # the schedule's lr, not torch's stand-in
+    import shutil
+    shutil.rmtree(os.path.join(recipe.output_dir, "checkpoint", "step_0000006"))
+    run_training(load_recipe(None, ["resume_training=auto"], base=recipe), log=lambda *_: None)
+    assert _losses(recipe.output_dir) == full  # steps 4-6 again, bit-identical
+    again = read_state_dict(os.path.join(recipe.output_dir, "final"))
+    assert all(torch.equal(again[k], weights[k]) for k in weights)
+    other = load_recipe(None, ["resume_training=auto", "optimizer.type=AdamW"], base=recipe)
+    with pytest.raises(ValueError, match="trained with mindspore's update rule .* optimizer.type=FusedAdamWeightDecay"):
+        run_training(other, log=lambda *_: None)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_mindspore_rule_on_gpu_matches_cpu(monkeypatch):
+    """CUDA's fused AdamW kernel under MindSpore's rule trains like the CPU's foreach one (which matches
+    MindFormers itself: test_mindformers_reference.py), with clipping active, fp32 matmuls."""
+    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", False)
+    data = _blocks(rows=24, seed=3)
+    torch.manual_seed(0)
+    start = GPT2LMHeadModel(tiny_config(init_style="mindformers", initializer_range=0.01)).state_dict()
+    runs = {}
+    for device in ("cpu", "cuda"):
+        model = GPT2LMHeadModel(tiny_config()).to(device)
+        model.load_state_dict(start)
+        schedule = LRSchedule("polynomial", 1e-2, 1e-4, warmup_steps=2, total_steps=6)
+        optimizer = build_optimizer(model, schedule(0), device_type=device, update_rule="mindspore")
+        settings = TrainSettings(total_steps=6, progress=False, step_rule="mindspore", max_grad_norm=0.5)
+        trainer = Trainer(model, optimizer, schedule, StepLoader(data, batch_size=4, shuffle=False),
+                          torch.device(device), settings)
+        losses = [trainer.train_step(next(trainer.loader))["loss"].item() for _ in range(6)]
+        runs[device] = losses, {k: v.cpu() for k, v in model.state_dict().items()}
+    assert max(abs(a - b) for a, b in zip(runs["cpu"][0], runs["cuda"][0])) < 1e-5
+    assert max((runs["cpu"][1][k] - runs["cuda"][1][k]).abs().max().item() for k in start) < 1e-5
+
+
+# ---------------------------------------------------------------------------------------------
+# init
+# ---------------------------------------------------------------------------------------------
+def test_mindformers_init_style():
+    torch.manual_seed(0)
+    config = GPT2Config(n_layer=4, n_embd=256, n_head=4, n_positions=256, vocab_size=2048, init_style="mindformers",
+                        initializer_range=0.01)
+    model = GPT2LMHeadModel(config)
+    for name, p in model.named_parameters():
+        if name.endswith("bias"):
+            assert p.abs().max() == 0, name
+        elif "ln_" in name:
+            assert torch.all(p == 1), name
+        else:  # both embeddings, every Linear weight, the residual projections unscaled
+            assert p.std().item() == pytest.approx(0.01, rel=0.05), name
+    hf = GPT2LMHeadModel(config.replace(init_style="hf", initializer_range=0.02))
+    assert hf.transformer.h[0].attn.c_proj.weight.std().item() == pytest.approx(0.02 / math.sqrt(8), rel=0.05)
+    assert GPT2Config.from_hf_dict(config.to_hf_dict()).init_style == "mindformers"
+    recipe = load_recipe(None, ["model.model_config.init_style=mindformers"])
+    from gpt2_ascend.train.recipe import gpt2_config
+    assert (gpt2_config(recipe).init_style, gpt2_config(recipe).initializer_range) == ("mindformers", 0.01)
+    assert gpt2_config(load_recipe(None)).initializer_range == 0.02
+
+
+# ---------------------------------------------------------------------------------------------
+# global batch
+# ---------------------------------------------------------------------------------------------
+def test_global_batch_sets_the_accumulation(tmp_path, token_file):
+    from gpt2_ascend.train.recipe import Recipe
+    rc = Recipe(batch_size=4, gradient_accumulation_steps=1, global_batch_size=32)
+    lines = []
+    assert accumulation_steps(rc, 1, lines.append) == 8 and accumulation_steps(rc, 8, lines.append) == 1
+    assert lines[0] == "global batch 32 = batch_size 4 x 1 data-parallel rank(s) x 8 gradient accumulation step(s)"
+    with pytest.raises(ValueError, match="not a multiple of batch_size 4 x 3 data-parallel rank"):
+        accumulation_steps(rc, 3)
+    with pytest.raises(ValueError, match="gradient_accumulation_steps 2 contradicts global_batch_size 32"):
+        accumulation_steps(Recipe(rc, gradient_accumulation_steps=2), 1)
+    # a run with batch 2 x 4 accumulated equals the same run with batch 8
+    messages = []
+    accumulated = _recipe(tmp_path, token_file, "runner_config.batch_size=2", "runner_config.global_batch_size=8",
+                          "runner_config.max_steps=3", "output_dir=" + str(tmp_path / "acc"))
+    run_training(accumulated, log=messages.append)
+    assert any("global batch 8 = batch_size 2 x 1 data-parallel rank(s) x 4" in m for m in messages)
+    whole = _recipe(tmp_path, token_file, "runner_config.batch_size=8", "runner_config.max_steps=3",
+                    "output_dir=" + str(tmp_path / "whole"))
+    run_training(whole, log=lambda *_: None)
+    got, want = _losses(accumulated.output_dir), _losses(whole.output_dir)
+    assert max(abs(a[1] - b[1]) for a, b in zip(got, want)) < 1e-5
+
+
+def test_optimizer_bench_runs(capsys):
+    from conftest import load_script
+    bench = load_script("bench/optimizer.py")
+    assert bench.main(["--device", "cpu", "--preset", "tiny", "--steps", "1", "--warmup", "0",
+                       "--variants", "torch_foreach,mindspore_foreach,mindspore_handwritten"]) == 0
+    lines = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert [line["variant"] for line in lines] == ["torch_foreach", "mindspore_foreach", "mindspore_handwritten",
+                                                   "mindspore_rule_hooks_alone"]
+    assert lines[1]["vs_torch_same_kernel"] > 0 and lines[3]["us_per_step"] > 0
