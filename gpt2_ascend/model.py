@@ -362,6 +362,7 @@ class GPT2Model(GPT2PreTrainedModel):
 
     def forward(self, input_ids, attention_mask=None, position_ids=None, past_key_values=None,
                 use_cache=False, **_unused):
+        self._check_input_ids(input_ids)
         B, T = input_ids.shape
         cache = past_key_values
         if use_cache and cache is None:
@@ -400,6 +401,20 @@ class GPT2Model(GPT2PreTrainedModel):
     @gradient_checkpointing.setter
     def gradient_checkpointing(self, enabled: bool):
         self.recompute = "full" if enabled else "none"
+
+    def _check_input_ids(self, input_ids):
+        """One clear ValueError for ids the embedding cannot look up (instead of an IndexError or a reshape
+        error deep inside). Reading the ids' range is free only for CPU tensors in eager mode: elsewhere it
+        would make each step wait for the device or break the compiled graph, so there the ids are checked
+        where they enter (the trainer's check_ranges, generation's prepare_prompt, evaluation's loaders)."""
+        if input_ids.dim() != 2 or input_ids.numel() == 0:
+            raise ValueError(f"input_ids must be a non-empty (batch, sequence) tensor of token ids, got shape "
+                             f"{tuple(input_ids.shape)}")
+        if input_ids.device.type == "cpu" and not torch.compiler.is_compiling():
+            low, high = torch.aminmax(input_ids)
+            if low < 0 or high >= self.config.vocab_size:
+                raise ValueError(f"token ids must be in [0, {self.config.vocab_size}) (the vocabulary), found "
+                                 f"{int(low)}..{int(high)}")
 
     def _check_lengths(self, B, T, past, attention_mask, cache):
         if cache is not None and cache.max_length is not None and not cache.fixed_shape and past + T > cache.max_length:
