@@ -14,6 +14,17 @@ def print_error(e: BaseException, prefix: str = ""):
     print(f"{prefix}error: {error_line(e)}", file=sys.stderr)
 
 
+def write_output_json(obj, path: str, flag: str = "--output_json"):
+    """A CLI's JSON result, strict and written atomically. A path that cannot be written is a one-line
+    ValueError naming the flag; the CLIs print their result first, so it is not lost."""
+    from .fileio import write_json
+    try:
+        write_json(obj, path)
+    except OSError as e:
+        reason = (e.strerror or str(e)).lower()
+        raise ValueError(f"cannot write {flag} {path}: {reason} (the result printed above stands)") from None
+
+
 def run_subcommand(prog: str, subcommands: dict, argv: list) -> int:
     """`prog NAME ARGS...`: run the main(ARGS) of the module subcommands[NAME] = (module, summary)."""
     import importlib

@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import json
+import math
 import os
 import re
 import shutil
@@ -149,6 +150,18 @@ def atomic_write(path: str, write, size: int | None = None) -> None:
 
 
 def write_json(obj, path: str) -> None:
-    """Pretty JSON with a trailing newline, written atomically."""
-    data = (json.dumps(obj, indent=2) + "\n").encode("utf-8")
+    """Pretty, strict JSON (non-finite numbers as null) with a trailing newline, written atomically."""
+    data = (json.dumps(json_safe(obj), indent=2, allow_nan=False) + "\n").encode("utf-8")
     atomic_write(path, lambda f: f.write(data), size=len(data))
+
+
+def json_safe(obj):
+    """obj with every NaN / inf float replaced by None: JSON has no such numbers (Python's NaN / Infinity
+    tokens make a file other parsers reject)."""
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return None
+    if isinstance(obj, dict):
+        return {k: json_safe(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [json_safe(v) for v in obj]
+    return obj

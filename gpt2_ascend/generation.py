@@ -388,8 +388,12 @@ def _decode_loop(decoder: Decoder, input_ids, attention_mask, s: SamplingSetting
         streamer.put(input_ids.cpu())
 
     logits = decoder.prefill(input_ids, attention_mask)
+    nonfinite = torch.zeros((), dtype=torch.bool, device=device)  # read where the loop syncs anyway
     n = s.max_new_tokens
     for i in range(s.max_new_tokens):
+        nonfinite |= ~torch.isfinite(logits).all()
+        if i == 0 or (i + 1) % check_every == 0:  # before the first token is streamed, then every check
+            _require_finite(nonfinite, i)
         next_tokens = choose_next(logits, s, step=i, eos=eos, seen=seen, generator=generator)
         if eos is not None:
             next_tokens = torch.where(unfinished, next_tokens, pad)
@@ -406,9 +410,18 @@ def _decode_loop(decoder: Decoder, input_ids, attention_mask, s: SamplingSetting
             break
         if not last:
             logits = decoder.step(next_tokens, T + i)
+    _require_finite(nonfinite, n - 1)
     if streamer is not None:
         streamer.end()
     return tokens[:, :T + n]
+
+
+def _require_finite(nonfinite: torch.Tensor, step: int):
+    """Greedy decoding of NaN logits silently picks token 0 forever: refuse instead."""
+    if bool(nonfinite):
+        raise ValueError(f"the model's logits became NaN/inf by new token {step + 1}: its weights hold NaN/inf "
+                         f"values or overflow in this dtype; check the checkpoint (evaluate.py reports it too), or "
+                         f"try --dtype fp32")
 
 
 def choose_next(logits: torch.Tensor, s: SamplingSettings, step: int, eos=None, seen=None, generator=None):

@@ -411,6 +411,9 @@ class GPT2Model(GPT2PreTrainedModel):
                 output_attentions=None, return_dict=None, **hf_only):
         """HF GPT2Model's arguments with HF's meaning; those this model lacks raise TypeError (hf_only)."""
         reject_unsupported(type(self).__name__, hf_only)
+        for ids in (input_ids, token_type_ids):  # both are looked up in wte
+            if ids is not None:
+                self._check_input_ids(ids)
         x = token_embeddings(self.wte, input_ids, inputs_embeds)
         B, T, device = x.size(0), x.size(1), x.device
         cache = past_key_values
@@ -466,6 +469,20 @@ class GPT2Model(GPT2PreTrainedModel):
     @gradient_checkpointing.setter
     def gradient_checkpointing(self, enabled: bool):
         self.recompute = "full" if enabled else "none"
+
+    def _check_input_ids(self, input_ids):
+        """One clear ValueError for ids the embedding cannot look up (instead of an IndexError or a reshape
+        error deep inside). Reading the ids' range is free only for CPU tensors in eager mode: elsewhere it
+        would make each step wait for the device or break the compiled graph, so there the ids are checked
+        where they enter (the trainer's check_ranges, generation's prepare_prompt, evaluation's loaders)."""
+        if input_ids.dim() != 2 or input_ids.numel() == 0:
+            raise ValueError(f"input_ids must be a non-empty (batch, sequence) tensor of token ids, got shape "
+                             f"{tuple(input_ids.shape)}")
+        if input_ids.device.type == "cpu" and not torch.compiler.is_compiling():
+            low, high = torch.aminmax(input_ids)
+            if low < 0 or high >= self.config.vocab_size:
+                raise ValueError(f"token ids must be in [0, {self.config.vocab_size}) (the vocabulary), found "
+                                 f"{int(low)}..{int(high)}")
 
     def _check_lengths(self, B, T, past, attention_mask, cache):
         if cache is not None and cache.max_length is not None and not cache.fixed_shape and past + T > cache.max_length:

@@ -55,8 +55,9 @@ def parse_args(argv=None):
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    from gpt2_ascend.data.store import write_json
-    from gpt2_ascend.eval.runner import run_classification, run_perplexity, summary
+    from gpt2_ascend.cli import print_error, write_output_json
+    from gpt2_ascend.eval.runner import nonfinite_problem, run_classification, run_perplexity, summary
+    from gpt2_ascend.fileio import json_safe
     try:
         if args.task == "perplexity":
             result = run_perplexity(args.model, args.eval_dataset_dir, seq_length=args.seq_length, stride=args.stride,
@@ -69,14 +70,24 @@ def main(argv=None) -> int:
                                         batch_size=32 if args.batch_size is None else args.batch_size, adapter=args.adapter, device=args.device,
                                         precision=args.precision, tokenizer=args.tokenizer, cache_dir=args.cache_dir,
                                         dataset_name=args.dataset_name, progress=not args.no_progress)
-        if args.output_json:
-            write_json(result, args.output_json)
     except (ValueError, FileNotFoundError, OSError, RuntimeError, TypeError) as e:
-        from gpt2_ascend.cli import print_error
         print_error(e)
         return 2
+    # the result is printed before anything can fail, then written; a non-finite one is printed, flagged
+    # (JSON: null + "error"), and the exit code says it cannot be trusted
+    problem = nonfinite_problem(result)
+    if problem:
+        result = dict(result, error=problem)
     print(summary(result))
-    print(json.dumps(result))
+    print(json.dumps(json_safe(result), allow_nan=False))
+    try:
+        if args.output_json:
+            write_output_json(result, args.output_json)
+        if problem:
+            raise ValueError(problem)
+    except ValueError as e:
+        print_error(e)
+        return 2
     return 0
 
 

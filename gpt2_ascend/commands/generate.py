@@ -41,7 +41,7 @@ def parse_args(argv=None):
     p.add_argument("--config", default=None,
                    help="predict recipe with the generation defaults (default: configs/gpt2/predict_gpt2_small.yaml)")
     p.add_argument("--prompt", action="append", default=[], help="a prompt (repeat for several)")
-    p.add_argument("--prompt_file", help="a UTF-8 file with one prompt per line")
+    p.add_argument("--prompt_file", help="a UTF-8 file with one prompt per line (blank lines are skipped, with a note)")
     p.add_argument("--max_new_tokens", type=int,
                    help="tokens to generate (default: the recipe's max_decode_length minus the prompt)")
     p.add_argument("--min_new_tokens", type=int, default=0, help="eos is not allowed before this many new tokens")
@@ -69,13 +69,28 @@ def parse_args(argv=None):
 def read_prompts(args) -> list[str]:
     prompts = list(args.prompt)
     if args.prompt_file:
-        if not os.path.isfile(args.prompt_file):
-            raise FileNotFoundError(f"prompt file not found: {args.prompt_file}")
-        with open(args.prompt_file, encoding="utf-8") as f:
-            prompts += [line.rstrip("\n") for line in f if line.strip()]
+        prompts += read_prompt_file(args.prompt_file)
     if not prompts:
         raise ValueError("no prompt: pass --prompt TEXT or --prompt_file FILE")
     return prompts
+
+
+def read_prompt_file(path: str) -> list[str]:
+    """One prompt per line. A blank line is no prompt (there is nothing to continue): it is skipped, and a
+    note on stderr says which lines were, so outputs can still be matched to the file's lines."""
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"prompt file not found: {path} (--prompt_file)")
+    try:
+        with open(path, encoding="utf-8") as f:
+            lines = [line.rstrip("\r\n") for line in f]
+    except UnicodeDecodeError as e:
+        raise ValueError(f"--prompt_file {path} is not UTF-8 text (byte 0x{e.object[e.start]:02x} at offset "
+                         f"{e.start}): save it as UTF-8") from None
+    blank = [number for number, line in enumerate(lines, 1) if not line.strip()]
+    if blank:
+        shown = ", ".join(map(str, blank[:10])) + (", ..." if len(blank) > 10 else "")
+        print(f"note: --prompt_file {path}: skipped {len(blank)} blank line(s) (line {shown})", file=sys.stderr)
+    return [line for line in lines if line.strip()]
 
 
 def settings_from(args, recipe, folder=None) -> dict:
@@ -115,7 +130,7 @@ def main(argv=None) -> int:
 
 def run(args) -> int:
     import torch
-    from gpt2_ascend.data.store import write_json
+    from gpt2_ascend.cli import write_output_json
     from gpt2_ascend.eval.runner import load_model, tokenizer_for
     from gpt2_ascend.generation import check_sampling_args, generate_text
     from gpt2_ascend.hf import folder_generation_config, resolve_model_path
@@ -165,8 +180,8 @@ def run(args) -> int:
     seconds = time.perf_counter() - start
     print(f"{len(prompts)} prompt(s), ~{new_tokens} new tokens in {seconds:.2f}s on {device}", file=sys.stderr)
     if args.output_json:
-        write_json(dict(model=model_path, adapter=args.adapter, settings={k: v for k, v in kw.items()},
-                        results=results, seconds=round(seconds, 3)), args.output_json)
+        write_output_json(dict(model=model_path, adapter=args.adapter, settings={k: v for k, v in kw.items()},
+                               results=results, seconds=round(seconds, 3)), args.output_json)
     return 0
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shlex
 import sys
 
 EPILOG = """examples:
@@ -142,9 +143,40 @@ def report_error(e: Exception):
     print_error(e, prefix)
 
 
+def resume_command(argv=None) -> str:
+    """This command with --resume auto in place of --resume X / --overwrite_output_dir: how to continue."""
+    script = sys.argv[0] if argv is None else "train.py"  # as the user typed it
+    args, kept = list(sys.argv[1:] if argv is None else argv), []
+    while args:
+        arg = args.pop(0)
+        if arg == "--resume" and args:
+            args.pop(0)
+        elif not (arg.startswith(("--resume=", "resume_training=")) or arg == "--overwrite_output_dir"):
+            kept.append(arg)
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    launcher = ["torchrun", "--nproc_per_node", os.environ.get("LOCAL_WORLD_SIZE", str(world))] if world > 1 \
+        else ["python"]
+    return shlex.join([*launcher, script, *kept, "--resume", "auto"])
+
+
+def report_interrupt(e: BaseException, argv) -> int:
+    """Ctrl-C / SIGTERM: one line on rank 0 (where the checkpoint is, how to continue); exit 128 + signal."""
+    import signal
+    signum = getattr(e, "signum", signal.SIGINT)
+    if int(os.environ.get("RANK", "0")) == 0:
+        name = signal.Signals(signum).name
+        if getattr(e, "checkpoint", None):
+            what = f"interrupted by {name} after step {e.step}, checkpoint saved: {e.checkpoint}"
+        else:
+            what = f"interrupted by {name}: stopped at once (complete checkpoints are intact)"
+        print(f"error: {what}; to continue: {resume_command(argv)}", file=sys.stderr, flush=True)
+    return 128 + signum
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
     from gpt2_ascend.train.checkpoint import CheckpointError
+    from gpt2_ascend.train.interrupt import TrainingInterrupted
     from gpt2_ascend.train.recipe import load_recipe
     from gpt2_ascend.train.trainer import TrainingStopped, run_training
 
@@ -155,6 +187,8 @@ def main(argv=None) -> int:
         if recipe.run_mode == "predict":
             return report_predict(recipe, predict_texts(args.predict_data), args.predict_batch_size)
         summary = run_training(recipe, overwrite=args.overwrite_output_dir)
+    except (TrainingInterrupted, KeyboardInterrupt) as e:
+        return report_interrupt(e, argv)
     except (ValueError, FileNotFoundError, CheckpointError, TrainingStopped, RuntimeError, OSError) as e:
         report_error(e)
         return 2
@@ -190,7 +224,12 @@ def report_eval(recipe) -> int:
     else:
         print(f"Accuracy: {result['Accuracy']:.4f} ({result['correct']}/{result['total']}, batch "
               f"{result['batch_size']})")
-    print(json.dumps(result))
+    from gpt2_ascend.eval.runner import nonfinite_problem
+    from gpt2_ascend.fileio import json_safe
+    problem = nonfinite_problem({key.lower(): value for key, value in result.items()})
+    print(json.dumps(json_safe(dict(result, error=problem) if problem else result), allow_nan=False))
+    if problem:  # printed, flagged, and not a success
+        raise ValueError(problem)
     return 0
 
 

@@ -36,6 +36,8 @@ from .text import resolve_tokenizer
 DATASETS = ("sst_2", "cola", "imdb", "ag_news")
 LAYOUTS = {"sst_2": "sentence<TAB>label", "cola": "source<TAB>label<TAB>mark<TAB>sentence",
            "imdb": "review,positive|negative", "ag_news": '"label","title","description"'}
+NUM_LABELS = {"sst_2": 2, "cola": 2, "imdb": 2, "ag_news": 4}  # each dataset's label set: 0 .. n-1 after parsing
+FILE_LABELS = {"sst_2": "0 or 1", "cola": "0 or 1", "imdb": "positive or negative", "ag_news": "1 to 4"}
 
 
 def parse_line(dataset_name: str, line: str) -> tuple[str, int]:
@@ -83,6 +85,10 @@ def read_txtcls(path: str, dataset_name: str = "sst_2", skip_first_line: bool = 
                     if number == 1:  # a header row
                         continue
                     raise ValueError(f"{path} line {number}: {e}") from None
+                if not 0 <= label < NUM_LABELS[dataset_name]:  # here, not at the first training step that meets it
+                    shown = label + 1 if dataset_name == "ag_news" else label  # as the file writes it
+                    raise ValueError(f"{path} line {number}: label {shown} is not a {dataset_name} label (expected "
+                                     f"{FILE_LABELS[dataset_name]})")
                 sentences.append(sentence)
                 labels.append(label)
     except UnicodeDecodeError as e:

@@ -3,6 +3,7 @@ usable from a notebook as well. `load_model` is shared with `generate.py`."""
 from __future__ import annotations
 
 import json
+import math
 import os
 import time
 
@@ -155,6 +156,17 @@ def run_classification(model_path: str, dataset: str, max_length: int = 128, bat
 def _require_exists(dataset: str):
     if not os.path.exists(dataset):
         raise FileNotFoundError(f"dataset not found: {dataset}")
+
+
+def nonfinite_problem(result: dict) -> str | None:
+    """Why an evaluation result cannot be trusted (a NaN / inf loss, perplexity or accuracy), else None. A model
+    with NaN or inf weights, or activations that overflow in the precision used, gives such a result."""
+    for key in ("loss", "ppl", "accuracy"):
+        value = result.get(key)
+        if isinstance(value, float) and not math.isfinite(value):
+            return (f"the evaluation's {key} is {value}: the model's weights hold NaN/inf values or its activations "
+                    f"overflow at this precision; check the checkpoint, or try --precision fp32")
+    return None
 
 
 def summary(result: dict) -> str:

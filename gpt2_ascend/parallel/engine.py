@@ -284,6 +284,21 @@ class ParallelTrainer(Trainer):
             return self.model.no_sync()
         return contextlib.nullcontext()
 
+    def stop_signal(self) -> int:
+        """A signal reaches the ranks at different moments: they all stop after the first step at which any of
+        them had one (a CPU all-reduce per step, so the device is not waited for)."""
+        local = super().stop_signal()
+        if self.stop is None:  # no handlers on any rank (the Python API without run_training)
+            return local
+        flag = torch.tensor([local], dtype=torch.int64)
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=self._cpu_group())
+        return int(flag.item())
+
+    def _cpu_group(self):
+        if not hasattr(self, "_gloo_group"):  # created on every rank at the same (first) step
+            self._gloo_group = None if dist.get_backend() == "gloo" else dist.new_group(backend="gloo")
+        return self._gloo_group
+
     # ---- checkpoints: the weights and optimizer in DCP shards, the loop's state one file per rank ----
 
     def save_checkpoint(self) -> str:

@@ -235,7 +235,11 @@ def load_recipe(path: str | None = None, overrides=(), base: dict | None = None)
         raw = copy.deepcopy(dict(base))
     raw = _normalise_callbacks(raw, source)
     for item in overrides or ():
+        before = raw.get("callbacks")
         apply_override(raw, item)
+        # the list form as an override (callbacks=[{type: MFLossMonitor, per_print_times: 5}]) changes only
+        # the keys it gives, like callbacks.MFLossMonitor.per_print_times=5 would
+        raw = _normalise_callbacks(raw, source, base=before if isinstance(before, dict) else None)
     recipe = _validate(raw, SCHEMA, "", source)
     check_consistency(recipe, source)
     return recipe
@@ -298,17 +302,19 @@ def apply_override(raw: dict, item: str):
     node[parts[-1]] = value
 
 
-def _normalise_callbacks(raw: dict, source: str) -> dict:
-    """MindFormers writes callbacks as a list of {type: ..., ...}; we key them by type."""
+def _normalise_callbacks(raw: dict, source: str, base: dict | None = None) -> dict:
+    """MindFormers writes callbacks as a list of {type: ..., ...}; we key them by type (each entry's keys
+    update `base`'s, when given)."""
     callbacks = raw.get("callbacks")
     if isinstance(callbacks, list):
-        mapping = {}
+        mapping = copy.deepcopy(base or {})
         for entry in callbacks:
             if not isinstance(entry, dict) or "type" not in entry:
                 raise ValueError(f"bad callbacks entry {entry!r} in {source}: each needs a type "
                                  f"({', '.join(CALLBACKS)})")
             entry = dict(entry)
-            mapping[entry.pop("type")] = entry
+            kind = entry.pop("type")
+            mapping[kind] = {**(mapping.get(kind) or {}), **entry}
         raw = {**raw, "callbacks": mapping}
     return raw
 

@@ -16,6 +16,7 @@ import math
 import os
 import random
 import shutil
+import sys
 import time
 from dataclasses import dataclass, field
 
@@ -24,7 +25,8 @@ import torch
 
 from .. import device as dev
 from ..data.loader import StepLoader
-from . import checkpoint as ckpt
+from . import checkpoint as ckpt, rundir
+from .interrupt import StopOnSignal, TrainingInterrupted
 from .metrics import MetricsLogger, flops_per_token, peak_flops, plot_loss_curve
 from .optim import (UPDATE_RULES, LRSchedule, build_optimizer, build_schedule, clip_by_global_norm,
                     resolve_total_steps, set_lr)
@@ -88,6 +90,8 @@ class Trainer:
         self.last_eval: dict | None = None
         self.last_saved_step: int | None = None
         self.metrics: MetricsLogger | None = None
+        self.stop: StopOnSignal | None = None  # run_training's signal handlers: polled after each step
+        self.stopped_by = 0  # the signal the loop stopped for (0: it ran to total_steps)
         self._interval_start = time.perf_counter()
 
     # ---- one optimizer step ----
@@ -160,11 +164,12 @@ class Trainer:
                 if metrics is not None:
                     metrics.advance()
                 at_end = self.step == s.total_steps
+                self.stopped_by = 0 if at_end else self.stop_signal()
                 do_eval = self.evaluate_fn is not None and (
                     at_end or (s.eval_interval and self.step % s.eval_interval == 0))
                 do_save = self.output_dir is not None and (
-                    at_end or (s.save_steps and self.step % s.save_steps == 0))
-                if do_eval or do_save or at_end or self.step % s.log_interval == 0:
+                    at_end or self.stopped_by or (s.save_steps and self.step % s.save_steps == 0))
+                if do_eval or do_save or at_end or self.stopped_by or self.step % s.log_interval == 0:
                     records = self.flush()
                     problem = self.divergence(records)
                     if problem:
@@ -177,6 +182,8 @@ class Trainer:
                     if do_save:
                         self.save_checkpoint()
                     self._interval_start = time.perf_counter()  # eval / save time is not training time
+                if self.stopped_by:
+                    break
         finally:
             if self.pending:  # an exception mid-interval: keep what was measured
                 try:
@@ -184,6 +191,10 @@ class Trainer:
                 except Exception:
                     pass
         return last or {}
+
+    def stop_signal(self) -> int:
+        """The signal (SIGINT / SIGTERM) that asked the run to stop after this step, else 0."""
+        return self.stop.signum if self.stop is not None else 0
 
     def flush(self) -> list[dict]:
         """Read the pending steps' device values back (one sync) and turn them into records."""
@@ -613,9 +624,18 @@ def make_evaluator(recipe, eval_data, precision: str):
 def run_training(recipe, overwrite: bool = False, log=print) -> dict:
     """Everything train.py does: build from the recipe, resume, train, evaluate, export final/.
     Returns a summary dict (also written to OUTPUT_DIR/summary.json). Under torchrun with use_parallel
-    every rank runs this; gpt2_ascend.parallel supplies the model split, the step and the checkpoints."""
+    every rank runs this; gpt2_ascend.parallel supplies the model split, the step and the checkpoints.
+
+    The output directory is locked for the whole run (a second run into it fails at once, naming this one's
+    pid), and nothing in it changes until the recipe, data, model, layout and resume point have all been
+    checked. SIGINT / SIGTERM in the loop stop after the step with a checkpoint (TrainingInterrupted)."""
+    with contextlib.ExitStack() as run_scope:  # the lock and the signal handlers, released however it ends
+        return _run_training(recipe, overwrite, log, run_scope)
+
+
+def _run_training(recipe, overwrite: bool, log, run_scope: contextlib.ExitStack) -> dict:
     from ..data.store import write_json  # atomic
-    from .recipe import dump_recipe, lora_settings, precision
+    from .recipe import lora_settings, precision
 
     if recipe.run_mode in ("predict", "eval"):
         function = "predict_recipe" if recipe.run_mode == "predict" else "evaluate_recipe"
@@ -625,6 +645,7 @@ def run_training(recipe, overwrite: bool = False, log=print) -> dict:
         raise ValueError("run_mode finetune starts from trained weights: pass --load_checkpoint PATH (an HF-format "
                          "GPT-2 directory or a MindFormers .ckpt) or use --run_mode train")
     dist = init_distributed(recipe)
+    stop = run_scope.enter_context(StopOnSignal(notify=None if dist.is_main else (lambda text: None)))
     if dist.parallel:
         from ..parallel import engine
         device = dist.device
@@ -637,14 +658,9 @@ def run_training(recipe, overwrite: bool = False, log=print) -> dict:
     sync = engine.barrier if dist.parallel else (lambda: None)
     output_dir = os.path.abspath(resolve_path(recipe.output_dir))
     root = ckpt.checkpoint_root(output_dir)
-    def prepare_output():  # one rank decides and cleans up; the others follow its answer
-        path = _resume_path(recipe, root, overwrite, output_dir, log)
-        if not path:  # a fresh run: no events of an earlier one in the TensorBoard folder
-            shutil.rmtree(os.path.join(output_dir, "tensorboard"), ignore_errors=True)
-        os.makedirs(output_dir, exist_ok=True)
-        ckpt.remove_stale_temporaries(root)
-        dump_recipe(recipe, os.path.join(output_dir, "recipe.yaml"))
-        return path
+    def prepare_output():  # rank 0 locks the directory and decides (changing nothing); the others follow
+        run_scope.enter_context(rundir.OutputDirLock(output_dir))
+        return _resume_path(recipe, root, overwrite, output_dir, log)
     resume_path = engine.on_main(prepare_output) if dist.parallel else prepare_output()
 
     seed_everything(recipe.seed, device)
@@ -726,6 +742,9 @@ def run_training(recipe, overwrite: bool = False, log=print) -> dict:
                              f"larger --max_steps to continue it, or start a new run in another --output_dir")
         if trainer.step == run_steps:
             log(f"the run is already at step {run_steps} of {run_steps}: nothing left to train")
+    def begin_run():  # everything is checked: only now does OUTPUT_DIR change (on rank 0)
+        _begin_run(recipe, output_dir, fresh=not resume_path)
+    engine.on_main(begin_run) if dist.parallel else begin_run()
 
     layout = f" on {dist.global_world} processes ({_layout(dist.pc)})" if dist.parallel else ""
     log(f"training {base.num_parameters():,} parameters ({_trainable(model):,} trainable) on "
@@ -740,14 +759,19 @@ def run_training(recipe, overwrite: bool = False, log=print) -> dict:
                                 peak=peak_flops(dev.device_name(device), prec))
     start = time.perf_counter()
     start_step = trainer.step
+    trainer.stop, stop.graceful = stop, True  # a signal now stops the loop after its step
     try:
         last = trainer.train(metrics)
     finally:
+        stop.graceful = False
         if metrics is not None:
             metrics.close()
     elapsed = time.perf_counter() - start
     if trainer.last_saved_step != trainer.step:
         trainer.save_checkpoint()
+    signum = trainer.stopped_by or (0 if dist.parallel else stop.signum)  # ranks stop only where they agreed
+    if signum:
+        raise TrainingInterrupted(signum, trainer.step, os.path.join(root, ckpt.step_dir_name(trainer.step)))
     if dist.parallel:
         final_dir = engine.export_final(trainer, recipe, output_dir, dist)
         if trainer.evaluate_fn is not None and trainer.pm.pipelined and dist.is_main:
@@ -820,7 +844,23 @@ def _layout(pc) -> str:
             f"{pc.pipeline_stage}" + (", optimizer_shard" if pc.optimizer_shard else ""))
 
 
+def _begin_run(recipe, output_dir: str, fresh: bool):
+    """The run's first writes, once everything has been checked: a fresh run removes all an earlier run wrote
+    (its checkpoints, metrics, events, final/: they would mix with this run's), then the resolved recipe."""
+    from .recipe import dump_recipe
+    if fresh:
+        rundir.clear_run_outputs(output_dir)
+    ckpt.remove_stale_temporaries(ckpt.checkpoint_root(output_dir))
+    dump_recipe(recipe, os.path.join(output_dir, "recipe.yaml"))
+
+
+def _warn(text: str):
+    print(text, file=sys.stderr, flush=True)
+
+
 def _resume_path(recipe, root: str, overwrite: bool, output_dir: str, log) -> str | None:
+    """The checkpoint to resume from (None: a fresh run), or a one-line error. Changes nothing on disk:
+    clearing an earlier run waits until the whole run has been validated (_begin_run)."""
     resume = recipe.resume_training
     if resume and resume != "auto":
         path = resolve_path(resume)
@@ -828,7 +868,7 @@ def _resume_path(recipe, root: str, overwrite: bool, output_dir: str, log) -> st
         _check_same_start(recipe, path)
         return path
     if resume == "auto":
-        path = ckpt.find_resume_checkpoint(root, report=log)
+        path = ckpt.find_resume_checkpoint(root, report=_warn)
         if path is None:
             found = ckpt.list_checkpoints(root)
             if found and not overwrite:  # resuming was asked for: do not silently start over on top of them
@@ -836,16 +876,12 @@ def _resume_path(recipe, root: str, overwrite: bool, output_dir: str, log) -> st
                                            f"complete and intact; delete them, or pass --overwrite_output_dir "
                                            f"to start over")
             log(f"no complete checkpoint in {root}: starting from step 0")
-            if found:
-                shutil.rmtree(root, ignore_errors=True)
         else:
             _check_same_start(recipe, path)
         return path
-    if ckpt.list_checkpoints(root) or os.path.isfile(os.path.join(output_dir, "metrics.jsonl")):
-        if not overwrite:
-            raise ValueError(f"{output_dir} already holds a training run: pass --resume auto to continue it, "
-                             f"--overwrite_output_dir to start over, or another --output_dir")
-        shutil.rmtree(root, ignore_errors=True)
+    if rundir.holds_a_run(output_dir) and not overwrite:
+        raise ValueError(f"{output_dir} already holds a training run: pass --resume auto to continue it, "
+                         f"--overwrite_output_dir to start over, or another --output_dir")
     return None
 
 

@@ -1,0 +1,146 @@
+"""The output directory of a training run: one run at a time (a lock), and what starting over removes.
+
+    with OutputDirLock(output_dir):      # a second run into output_dir fails here, naming this one's pid
+        ...validate the recipe, data, model and layout...
+        clear_run_outputs(output_dir)    # only then: a fresh run deletes every file an earlier run wrote
+        ...train...
+
+The lock is `fcntl.flock` on OUTPUT_DIR/.lock: the kernel drops it when the process exits, however it exits
+(kill -9 included), so a lock is never stale. The file holds the holder's pid, for the error message.
+"""
+from __future__ import annotations
+
+import errno
+import fcntl
+import os
+import shutil
+
+LOCK_FILE = ".lock"
+# What a training run writes into OUTPUT_DIR (the data cache is not the run's: it is kept).
+RUN_OUTPUTS = ("checkpoint", "tensorboard", "final", "final.adapter.tmp", "metrics.jsonl", "summary.json",
+               "loss_curve.png", "recipe.yaml")
+
+
+class OutputDirBusy(ValueError):
+    """Another process holds the output directory's lock (message: one line)."""
+
+
+def make_output_dir(output_dir: str) -> bool:
+    """Create output_dir (and its parents) if missing; True when it was created. One-line errors that name
+    --output_dir when it is a file, sits under a file, or cannot be created."""
+    if os.path.isdir(output_dir):
+        return False
+    if os.path.exists(output_dir):
+        raise ValueError(f"--output_dir {output_dir} is a file, not a directory: pass a directory (it is created "
+                         f"if missing)")
+    try:
+        os.makedirs(output_dir)
+    except FileExistsError:  # created by someone else meanwhile (or a file appeared): look again
+        return make_output_dir(output_dir)
+    except NotADirectoryError:
+        raise ValueError(f"--output_dir {output_dir} cannot be created: a part of that path is a file, not a "
+                         f"directory") from None
+    except OSError as e:
+        raise ValueError(f"--output_dir {output_dir} cannot be created: {e.strerror.lower()}: pass a directory "
+                         f"you can write to") from None
+    return True
+
+
+class OutputDirLock:
+    """An exclusive lock on a run's output directory, held from __enter__ to __exit__ (or process death).
+
+    The directory is created if missing; if it was, and it is empty again when the lock is released (the run
+    failed before writing anything), it is removed, so a rejected run leaves no trace."""
+
+    def __init__(self, output_dir: str):
+        self.output_dir = os.path.abspath(output_dir)
+        self.path = os.path.join(self.output_dir, LOCK_FILE)
+        self.fd: int | None = None
+        self.created = False
+
+    def __enter__(self) -> "OutputDirLock":
+        self.created = make_output_dir(self.output_dir)
+        try:
+            self.fd = self._acquire()
+        except BaseException:
+            self._remove_if_created()
+            raise
+        return self
+
+    def __exit__(self, *exc):
+        self.release()
+
+    def _acquire(self) -> int:
+        while True:
+            try:
+                fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o666)
+            except OSError as e:
+                raise ValueError(f"--output_dir {self.output_dir} is not writable ({e.strerror.lower()}): pass a "
+                                 f"directory you can write to") from None
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError as e:
+                holder = _read_pid(fd)
+                os.close(fd)
+                if e.errno not in (errno.EAGAIN, errno.EACCES):
+                    raise ValueError(f"cannot lock --output_dir {self.output_dir}: {e.strerror.lower()}") from None
+                who = f"pid {holder}" if holder else "another process"
+                raise OutputDirBusy(f"--output_dir {self.output_dir} is in use by another training run ({who}): "
+                                    f"wait for it to finish or stop it, or pass another --output_dir") from None
+            if _same_file(fd, self.path):  # not unlinked by a releasing holder between our open and flock
+                os.ftruncate(fd, 0)
+                os.write(fd, f"{os.getpid()}\n".encode())
+                return fd
+            os.close(fd)
+
+    def release(self):
+        if self.fd is None:
+            return
+        try:  # unlink while still holding it: a waiter that opened this inode sees it is gone and retries
+            os.remove(self.path)
+        except OSError:
+            pass
+        os.close(self.fd)
+        self.fd = None
+        self._remove_if_created()
+
+    def _remove_if_created(self):
+        if self.created:
+            try:
+                os.rmdir(self.output_dir)  # only if empty
+            except OSError:
+                pass
+
+
+def _read_pid(fd: int) -> int | None:
+    try:
+        text = os.pread(fd, 32, 0).decode("ascii", "replace").strip()
+        return int(text) if text.isdigit() else None
+    except OSError:
+        return None
+
+
+def _same_file(fd: int, path: str) -> bool:
+    try:
+        a, b = os.fstat(fd), os.stat(path)
+    except OSError:
+        return False
+    return (a.st_dev, a.st_ino) == (b.st_dev, b.st_ino)
+
+
+def holds_a_run(output_dir: str) -> bool:
+    """Does output_dir hold what an earlier run wrote (so starting over there needs --overwrite_output_dir)?"""
+    from .checkpoint import checkpoint_root, list_checkpoints
+    return bool(list_checkpoints(checkpoint_root(output_dir))) or any(
+        os.path.exists(os.path.join(output_dir, name)) for name in ("metrics.jsonl", "summary.json", "final"))
+
+
+def clear_run_outputs(output_dir: str):
+    """Delete every file an earlier run wrote into output_dir (RUN_OUTPUTS), so a fresh run's outputs never
+    mix with an old run's. Anything else in the directory (the data cache, a user's own files) is kept."""
+    for name in RUN_OUTPUTS:
+        path = os.path.join(output_dir, name)
+        if os.path.isdir(path) and not os.path.islink(path):
+            shutil.rmtree(path)
+        elif os.path.lexists(path):
+            os.remove(path)
