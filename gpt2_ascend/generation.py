@@ -23,7 +23,7 @@ from typing import Optional
 import torch
 
 from .config import GenerationConfig
-from .model import KVCache, eval_mode
+from .kv_cache import KVCache, eval_mode
 
 
 class _FromConfig:

@@ -219,8 +219,8 @@ def test_merged_sharded_checkpoint_loads_in_transformers(workdir, single):
     from gpt2_ascend import GPT2LMHeadModel
     running = GPT2LMHeadModel.from_pretrained(single / "final").eval()  # the same run on one process
     ids = torch.randint(0, 511, (2, 16), generator=torch.Generator().manual_seed(0))
-    from gpt2_ascend.eval.runner import load_model  # what evaluate.py / generate.py --model STEP_DIR use
-    direct, _ = load_model(str(out / "checkpoint" / f"step_{STEPS:07d}"), device="cpu")
+    from gpt2_ascend.loading import load_model  # what evaluate.py / generate.py --model STEP_DIR use
+    direct = load_model(str(out / "checkpoint" / f"step_{STEPS:07d}"), device="cpu")
     with torch.no_grad():
         assert (theirs(ids).logits - running(ids).logits).abs().max().item() <= TOL
         assert (direct(ids).logits - theirs(ids).logits).abs().max().item() <= 1e-6
@@ -327,7 +327,7 @@ def test_meta_init_fresh_model_trains(workdir):
     draws on FSDP-over-TP shards) starts like a fresh GPT-2 and learns. An all-zero init would start at
     log(vocab) exactly, with a zero gradient, and never move. The weights' statistics are checked without
     torchrun in tests/test_init.py (pipeline stages too); the padding rows here (500 tokens padded to 512)."""
-    from gpt2_ascend.parallel.checkpoint import load_full_model_state
+    from gpt2_ascend.safe_dcp import load_full_model_state
     out = run(workdir, "meta_fresh", 4, "parallel.data_parallel=2", "parallel.model_parallel=2",
               "parallel.optimizer_shard=true", "runner_config.batch_size=4", "parallel.meta_init=true",
               "model.model_config.vocab_size=500", "model.model_config.eos_token_id=499",

@@ -21,7 +21,7 @@ import re
 
 import torch
 
-from ..safe_pickle import refused
+from .safe_pickle import refused
 
 OUR_TARGETS = ("c_attn", "c_proj", "c_fc", "c_attn.q", "c_attn.k", "c_attn.v")
 QKV = ("q", "k", "v")
@@ -213,7 +213,7 @@ def write_portable_config(path: str, config_class, modules_to_save=None):
     from peft's default. An older peft fills the others with the same defaults, but refuses a key it does not
     know (peft 0.13, the one of transformers 4.45's time, rejects the dozen keys peft 0.2x adds at their
     defaults); a newer feature really used stays in, and an old peft then says so."""
-    from ..fileio import write_json
+    from .fileio import write_json
     with open(path, encoding="utf-8") as f:
         saved = json.load(f)
     defaults = json.loads(json.dumps(config_class().to_dict(), default=sorted))
