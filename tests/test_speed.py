@@ -65,9 +65,10 @@ def test_compiled_train_step_is_one_graph_that_is_not_recompiled(setup):
     """A graph break or a recompile every step is what makes a compiled step slow on a GPU; dynamo's
     tracing is the same on CPU, so count graphs with an eager backend over a few real trainer steps."""
     from gpt2_ascend import GPT2Config, GPT2LMHeadModel
+    from gpt2_ascend.data.loader import causal_lm_inputs
     from gpt2_ascend.lora import apply_lora
-    from gpt2_ascend.train.optim import build_optimizer, build_schedule
     from gpt2_ascend.train import Trainer, TrainSettings
+    from gpt2_ascend.train.optim import build_optimizer, build_schedule
 
     config = GPT2Config.from_preset("tiny", vocab_size=500, n_positions=32,
                                     pad_vocab_size_multiple=64 if setup != "plain" else 1)

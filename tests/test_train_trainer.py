@@ -377,7 +377,8 @@ def test_bf16_run_and_finetune_from_one_of_our_checkpoints(tmp_path, token_file)
 def test_existing_output_dir_needs_resume_or_overwrite(tmp_path, token_file):
     recipe = _recipe(tmp_path, token_file, "runner_config.max_steps=2")
     run_training(recipe, log=lambda *_: None)
-    with pytest.raises(ValueError, match="already holds a training run: pass --resume auto"):
+    with pytest.raises(ValueError, match="already holds a training run: pass resume_training=auto to continue it, "
+                                         "overwrite=True to start over"):
         run_training(recipe, log=lambda *_: None)
     summary = run_training(recipe, overwrite=True, log=lambda *_: None)
     assert summary["steps"] == 2 and len(_losses(recipe.output_dir)) == 2
@@ -393,7 +394,7 @@ def test_resume_of_a_finished_run_and_past_max_steps(tmp_path, token_file):
     assert again["final_loss"] == first["final_loss"] == before[-1][1]  # not null: the checkpoint's last loss
     assert _losses(recipe.output_dir) == before
     fewer = load_recipe(None, ["resume_training=auto", "runner_config.max_steps=4"], base=recipe)
-    with pytest.raises(ValueError, match="is at step 6, past max_steps 4: pass a larger --max_steps"):
+    with pytest.raises(ValueError, match="is at step 6, past max_steps 4: pass a larger runner_config.max_steps"):
         run_training(fewer, log=lambda *_: None)
     assert _losses(recipe.output_dir) == before  # nothing was touched
 

@@ -136,7 +136,7 @@ def flag_names():
     """How the run's errors name what to change: this command's flags."""
     from gpt2_ascend.train.job import ArgumentNames
     return ArgumentNames(overwrite="--overwrite_output_dir", resume_auto="--resume auto", output_dir="--output_dir",
-                         max_steps="--max_steps", load_checkpoint="--load_checkpoint", train_data="--train_dataset_dir",
+                         max_steps="--max_steps", load_checkpoint="--load_checkpoint", train_data="--train_dataset_dir PATH",
                          use_parallel="--use_parallel True", no_parallel="--use_parallel False",
                          run_mode_train="--run_mode train")
 

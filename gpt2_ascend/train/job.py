@@ -40,6 +40,11 @@ class ArgumentNames:
 
 
 PYTHON_NAMES = ArgumentNames()
+# a recipe run from Python: its keys (overwrite is run_training's argument)
+RECIPE_NAMES = ArgumentNames(resume_auto="resume_training=auto", max_steps="runner_config.max_steps",
+                             load_checkpoint="load_checkpoint", train_data="train_dataset.data_loader.dataset_dir",
+                             use_parallel="use_parallel=true", no_parallel="use_parallel=false",
+                             run_mode_train="run_mode=train")
 
 
 @dataclass(frozen=True)
@@ -165,8 +170,9 @@ def resolve_path(path: str) -> str:
 # ---------------------------------------------------------------------------------------------
 # from a recipe
 # ---------------------------------------------------------------------------------------------
-def job_from_recipe(recipe, names: ArgumentNames = PYTHON_NAMES) -> TrainJob:
-    """The TrainJob a MindFormers-style recipe (recipe.load_recipe) describes."""
+def job_from_recipe(recipe, names: ArgumentNames = RECIPE_NAMES) -> TrainJob:
+    """The TrainJob a MindFormers-style recipe (recipe.load_recipe) describes; its errors name the recipe's keys
+    (train.py passes its flags as `names`)."""
     from .recipe import generation_config, gpt2_config, lora_settings, precision, training_overrides
     mc, rc, wrapper, callbacks = (recipe.model.model_config, recipe.runner_config, recipe.runner_wrapper,
                                   recipe.callbacks)

@@ -195,8 +195,8 @@ def load_data(job: TrainJob, dims: ParallelDims):
     language model, input_ids / attention_mask / labels for a classifier. Rank 0 prepares (and caches) raw files
     first, the other ranks then read its cache."""
     if job.train_data is None:
-        raise ValueError(f"no training data: pass {job.names.train_data} PATH (a prepared .npy / .npz, or a raw "
-                         f"wiki.*.tokens / .txt / .tsv file) or set train_dataset.data_loader.dataset_dir")
+        raise ValueError(f"no training data: pass {job.names.train_data} (a prepared .npy / .npz, or a raw "
+                         f"wiki.*.tokens / .txt / .tsv file)")
     if dims.distributed and not dims.is_main:
         dims.barrier()
     seq = seq_length(job)
