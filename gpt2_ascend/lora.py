@@ -62,6 +62,12 @@ TASK_TYPES = {"GPT2LMHeadModel": "CAUSAL_LM", "GPT2ForSequenceClassification": "
 HF_MODELING_MODULE = "transformers.models.gpt2.modeling_gpt2"
 
 
+def unwrap_model(model: torch.nn.Module) -> torch.nn.Module:
+    """Our GPT-2 under a PEFT wrapper (its LoRA layers stay in the module tree), or the model itself."""
+    get_base = getattr(model, "get_base_model", None)
+    return get_base() if callable(get_base) else model
+
+
 def task_type_of(model: torch.nn.Module) -> str:
     return TASK_TYPES[model.hf_architecture]
 
@@ -83,7 +89,7 @@ def apply_lora(model: torch.nn.Module, rank: int = 64, alpha: float = 128, dropo
         raise ValueError(f"lora target module {unknown[0]!r} is not in the model: use c_attn, c_proj, c_fc")
     # a classifier's head is new (random on an LM base) and tiny: it trains whole, saved in the adapter
     # (PEFT's modules_to_save, as its SEQ_CLS task type does); frozen, it would stay random
-    modules_to_save = ["score"] if hasattr(model, "score") else None
+    modules_to_save = ["score"] if task_type_of(model) == "SEQ_CLS" else None
     patterns = dict(rank_pattern={"c_attn": rank * len(parts)}, alpha_pattern={"c_attn": alpha * len(parts)}) \
         if parts else {}
     config = LoraConfig(r=rank, lora_alpha=alpha, lora_dropout=dropout, target_modules=modules,

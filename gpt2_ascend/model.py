@@ -606,9 +606,3 @@ def model_class(architecture: str | None):
     if architecture not in MODEL_CLASSES:
         raise ValueError(f"unknown architecture {architecture!r}: use one of {', '.join(ARCHITECTURES)}")
     return MODEL_CLASSES[architecture]
-
-
-def unwrap_model(model: nn.Module) -> nn.Module:
-    """Our GPT-2 under a PEFT wrapper (its LoRA layers stay in the module tree), or the model itself."""
-    get_base = getattr(model, "get_base_model", None)
-    return get_base() if callable(get_base) else model

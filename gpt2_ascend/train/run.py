@@ -28,7 +28,8 @@ from .. import device as dev
 from ..config import GenerationConfig
 from ..data.loader import StepLoader, as_columns, causal_lm_inputs
 from ..fileio import write_json
-from ..model import CLASSIFIER, LANGUAGE_MODEL, model_class, unwrap_model
+from ..lora import unwrap_model
+from ..model import CLASSIFIER, LANGUAGE_MODEL, model_class
 from ..parallel.mesh import vocab_multiple
 from ..parallel.parallelize import ParallelDims, ParallelModel, init_parallel, parallelize
 from . import rundir
@@ -273,11 +274,11 @@ def build_model(job: TrainJob, dims: ParallelDims, train_data, eval_data, log):
     """(ParallelModel, the model as built: a PEFT wrapper for LoRA runs). Distributed runs build on the CPU and
     parallelize moves this rank's part to its device; above META_INIT_PARAMS (or with meta_init) they build on the
     meta device and each rank allocates and fills only its shards."""
-    from ..parallel.materialize import filler
     overrides = dict(pad_vocab_size_multiple=vocab_multiple(dims.pc, model_shape(job).pad_vocab_size_multiple)) \
         if dims.distributed else {}
     fill = None
     if dims.distributed and isinstance(job.model, ModelSpec) and use_meta_init(job, overrides):
+        from ..parallel.materialize import filler
         model, source = build_meta_model(job.model, overrides, log)
         fill = filler(model.config, dims.device, source)
     elif isinstance(job.model, ModelSpec):
