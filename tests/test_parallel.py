@@ -311,6 +311,7 @@ def finetune_single(workdir, single):
 
 
 @pytest.mark.parametrize("name, nproc, layout", [
+    ("meta_dp", 2, ["parallel.data_parallel=2", "runner_config.batch_size=4"]),  # filled before DDP wraps it
     ("meta_tp", 2, ["parallel.model_parallel=2"]),
     ("meta_fsdp", 2, ["parallel.data_parallel=2", "parallel.optimizer_shard=true", "runner_config.batch_size=4"]),
     ("meta_tp_pp", 4, ["parallel.model_parallel=2", "parallel.pipeline_stage=2", "parallel.micro_batch_num=2"]),
