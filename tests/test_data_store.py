@@ -6,7 +6,8 @@ import os
 import numpy as np
 import pytest
 
-from gpt2_ascend.data.store import DamagedDataError, load_blocks, load_token_blocks, save_blocks, token_dtype
+from gpt2_ascend.data.sources import load_token_blocks
+from gpt2_ascend.data.store import DamagedDataError, load_blocks, save_blocks, token_dtype
 from gpt2_ascend.data.text import prepare_text_corpus, resolve_tokenizer
 from gpt2_ascend.data.wikitext2 import write_wikitext2
 

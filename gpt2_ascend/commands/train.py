@@ -1,8 +1,8 @@
 """Train, finetune, evaluate or predict with GPT-2 from a MindFormers-style recipe (flags follow MindFormers'
 run_mindformer.py: --run_mode train | finetune | eval | predict).
 
-All the work is in gpt2_ascend.train (recipe.load_recipe, trainer.run_training, run_modes.evaluate_recipe /
-predict_recipe); this file only parses.
+All the work is in gpt2_ascend.train (recipe.load_recipe, job.job_from_recipe, run.run_training,
+run_modes.evaluate_recipe / predict_recipe); this file only parses.
 """
 from __future__ import annotations
 
@@ -132,6 +132,15 @@ def overrides_from_flags(args) -> list[str]:
     return out
 
 
+def flag_names():
+    """How the run's errors name what to change: this command's flags."""
+    from gpt2_ascend.train.job import ArgumentNames
+    return ArgumentNames(overwrite="--overwrite_output_dir", resume_auto="--resume auto", output_dir="--output_dir",
+                         max_steps="--max_steps", load_checkpoint="--load_checkpoint", train_data="--train_dataset_dir PATH",
+                         use_parallel="--use_parallel True", no_parallel="--use_parallel False",
+                         run_mode_train="--run_mode train")
+
+
 def report_error(e: Exception):
     """One line on stderr. Under torchrun a recipe / layout / checkpoint problem (ValueError) is the same on
     every rank, so rank 0 alone says it; other errors may be one rank's own and carry its number."""
@@ -175,10 +184,11 @@ def report_interrupt(e: BaseException, argv) -> int:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    from gpt2_ascend.train.checkpoint import CheckpointError
+    from gpt2_ascend.checkpoints import CheckpointError
+    from gpt2_ascend.train import TrainingStopped, run_training
     from gpt2_ascend.train.interrupt import TrainingInterrupted
+    from gpt2_ascend.train.job import job_from_recipe
     from gpt2_ascend.train.recipe import load_recipe
-    from gpt2_ascend.train.trainer import TrainingStopped, run_training
 
     try:
         recipe = load_recipe(args.config, overrides_from_flags(args) + list(args.overrides))
@@ -186,7 +196,7 @@ def main(argv=None) -> int:
             return report_eval(recipe)
         if recipe.run_mode == "predict":
             return report_predict(recipe, predict_texts(args.predict_data), args.predict_batch_size)
-        summary = run_training(recipe, overwrite=args.overwrite_output_dir)
+        summary = run_training(job_from_recipe(recipe, names=flag_names()), overwrite=args.overwrite_output_dir)
     except (TrainingInterrupted, KeyboardInterrupt) as e:
         return report_interrupt(e, argv)
     except (ValueError, FileNotFoundError, CheckpointError, TrainingStopped, RuntimeError, OSError) as e:

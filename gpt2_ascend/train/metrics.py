@@ -16,8 +16,6 @@ import json
 import math
 import os
 
-import torch
-
 from ..fileio import atomic_write
 
 PEAK_FLOPS = (("H100", 989e12), ("H200", 989e12), ("910B", 313e12))
@@ -70,17 +68,21 @@ def _dumps(record: dict) -> str:
 class MetricsLogger:
     """Writes finished step records to metrics.jsonl and TensorBoard and drives the progress bar."""
 
-    def __init__(self, output_dir: str, start_step: int, total_steps: int, resumed: bool,
+    def __init__(self, output_dir: str | None, start_step: int, total_steps: int, resumed: bool,
                  progress: bool = True, flops_per_token: float | None = None, peak: float | None = None):
-        self.path = os.path.join(output_dir, "metrics.jsonl")
+        """output_dir None: no files; the records are kept in `records` (the Python API's in-memory runs)."""
         self.flops_per_token = flops_per_token
         self.peak = peak
-        if resumed:
-            truncate_metrics(self.path, start_step)
-        elif os.path.exists(self.path):
-            os.remove(self.path)
-        self.file = open(self.path, "a", encoding="utf-8")
-        self.tb = _summary_writer(os.path.join(output_dir, "tensorboard"), start_step + 1 if resumed else None)
+        self.records: list[dict] = []
+        self.path = self.file = self.tb = None
+        if output_dir is not None:
+            self.path = os.path.join(output_dir, "metrics.jsonl")
+            if resumed:
+                truncate_metrics(self.path, start_step)
+            elif os.path.exists(self.path):
+                os.remove(self.path)
+            self.file = open(self.path, "a", encoding="utf-8")
+            self.tb = _summary_writer(os.path.join(output_dir, "tensorboard"), start_step + 1 if resumed else None)
         self.bar = None
         if progress:
             from tqdm.auto import tqdm
@@ -92,16 +94,20 @@ class MetricsLogger:
         return tokens_per_s * self.flops_per_token / self.peak
 
     def write(self, records: list[dict]):
+        if self.file is None:
+            self.records += records
         for record in records:
-            self.file.write(_dumps(record) + "\n")
+            if self.file is not None:
+                self.file.write(_dumps(record) + "\n")
             if self.tb is not None:
                 for key, value in record.items():
                     if key != "step" and isinstance(value, (int, float)) and not isinstance(value, bool):
                         if math.isfinite(value):
                             self.tb.add_scalar(f"train/{key}" if not key.startswith("eval_") else
                                                f"eval/{key[5:]}", value, record["step"])
-        self.file.flush()
-        os.fsync(self.file.fileno())
+        if self.file is not None:
+            self.file.flush()
+            os.fsync(self.file.fileno())
         if records and self.bar is not None:
             last = records[-1]
             postfix = dict(loss=_fmt(last.get("loss")), lr=f"{last['lr']:.2e}",
@@ -131,7 +137,7 @@ class MetricsLogger:
             self.tb.flush()
             self.tb.close()
             self.tb = None
-        if not self.file.closed:
+        if self.file is not None and not self.file.closed:
             self.file.close()
 
 
@@ -175,11 +181,3 @@ def plot_loss_curve(metrics_path: str, output_path: str) -> str | None:
     finally:
         plt.close(fig)
     return output_path
-
-
-def device_tensor_to_float(value) -> float | None:
-    if value is None:
-        return None
-    if isinstance(value, torch.Tensor):
-        return float(value.item())
-    return float(value)
