@@ -18,7 +18,8 @@ def run_raising(monkeypatch, capsys, exc) -> tuple[int, str]:
 @pytest.mark.parametrize("exc, code, line", [
     (TrainingInterrupted(signal.SIGINT, 11, "out/checkpoint/step_0000011"), 130,
      "error: interrupted by SIGINT after step 11, checkpoint saved: out/checkpoint/step_0000011\n"),
-    (TrainingInterrupted(signal.SIGTERM, 3, "c"), 143, "error: interrupted by SIGTERM after step 3, checkpoint saved: c\n"),
+    (TrainingInterrupted(signal.SIGTERM, 3, "c"), 143,
+     "error: interrupted by SIGTERM after step 3, checkpoint saved: c\n"),
     (Interrupted(signal.SIGTERM), 143, "error: interrupted by SIGTERM\n"),  # a second signal: stopped at once
     (KeyboardInterrupt(), 130, "error: interrupted by SIGINT\n"),  # Ctrl-C after training (perplexity, sampling)
     (FileNotFoundError("no such file: wiki.train.tokens"), 2, "error: no such file: wiki.train.tokens\n"),
