@@ -228,10 +228,14 @@ def _single_npy(folder: str) -> str | None:
 
 
 def load_token_blocks(path: str, max_length: int, tokenizer=None, mindformers_compat: bool = False,
-                      cache_dir: str | None = None) -> np.ndarray:
+                      cache_dir: str | None = None, **datasets_options) -> np.ndarray:
     """(blocks, max_length) tokens from a prepared .npy, or from a raw wiki.*.tokens / .txt file / folder of .txt
-    prepared now (and cached as .npy in cache_dir when given, reused while source and tokenizer are unchanged)."""
-    from . import text, wikitext2
+    prepared now (and cached as .npy in cache_dir when given, reused while source and tokenizer are unchanged), or
+    from a `datasets` source (data/hf_datasets.py; datasets_options: text_column, text_format, split, num_proc)."""
+    from . import hf_datasets, text, wikitext2
+    if hf_datasets.is_datasets_source(path):  # issue 16 hook: save_to_disk folders, parquet/json/csv/arrow, hub ids
+        return hf_datasets.token_blocks(path, max_length, tokenizer, mindformers_compat=mindformers_compat,
+                                        cache_dir=cache_dir, **datasets_options)
     if not os.path.exists(path):
         raise FileNotFoundError(f"dataset not found: {path}")
     if os.path.isdir(path):
@@ -263,10 +267,15 @@ def load_token_blocks(path: str, max_length: int, tokenizer=None, mindformers_co
 
 
 def load_txtcls(path: str, max_length: int, tokenizer=None, cache_dir: str | None = None,
-                dataset_name: str = "sst_2", mindformers_compat: bool = False) -> dict:
+                dataset_name: str = "sst_2", mindformers_compat: bool = False, **datasets_options) -> dict:
     """input_ids / attention_mask / labels from a prepared .npz, or from a raw text-classification file (GLUE
-    .tsv, IMDB / AG News .csv: data/txtcls.py) prepared now (and cached as .npz in cache_dir when given)."""
-    from . import text, txtcls
+    .tsv, IMDB / AG News .csv: data/txtcls.py) prepared now (and cached as .npz in cache_dir when given), or from a
+    `datasets` source (data/hf_datasets.py; datasets_options: text_column, label_column, split)."""
+    from . import hf_datasets, text, txtcls
+    raw_csv = dataset_name in ("imdb", "ag_news")  # issue 16 hook: their .csv files are MindFormers' layouts
+    if hf_datasets.is_datasets_source(path, raw_csv):
+        return hf_datasets.txtcls_arrays(path, max_length, tokenizer, cache_dir=cache_dir, raw_csv=raw_csv,
+                                         **datasets_options)
     if not os.path.exists(path):
         raise FileNotFoundError(f"dataset not found: {path}")
     if path.endswith(".npz"):
