@@ -1,5 +1,6 @@
 """What a training run reports: a tqdm bar, OUTPUT_DIR/metrics.jsonl (one JSON object per optimizer
-step), TensorBoard events in OUTPUT_DIR/tensorboard/, and OUTPUT_DIR/loss_curve.png at the end.
+step), the same scalars to the report_to trackers (TensorBoard events in OUTPUT_DIR/tensorboard/ by default; wandb,
+mlflow: train/trackers.py), and OUTPUT_DIR/loss_curve.png at the end.
 
 MFU = achieved FLOP/s / the device's peak, with FLOPs per token = 6 N + 12 L H T (PaLM appendix B /
 nanoGPT: N parameters, L layers, H hidden size, T sequence length; the second term is attention).
@@ -19,6 +20,7 @@ import os
 import torch
 
 from ..fileio import atomic_write
+from .trackers import close_trackers, open_trackers, scalars
 
 PEAK_FLOPS = (("H100", 989e12), ("H200", 989e12), ("910B", 313e12))
 
@@ -71,7 +73,8 @@ class MetricsLogger:
     """Writes finished step records to metrics.jsonl and TensorBoard and drives the progress bar."""
 
     def __init__(self, output_dir: str, start_step: int, total_steps: int, resumed: bool,
-                 progress: bool = True, flops_per_token: float | None = None, peak: float | None = None):
+                 progress: bool = True, flops_per_token: float | None = None, peak: float | None = None,
+                 trackers: list | None = None):
         self.path = os.path.join(output_dir, "metrics.jsonl")
         self.flops_per_token = flops_per_token
         self.peak = peak
@@ -80,7 +83,9 @@ class MetricsLogger:
         elif os.path.exists(self.path):
             os.remove(self.path)
         self.file = open(self.path, "a", encoding="utf-8")
-        self.tb = _summary_writer(os.path.join(output_dir, "tensorboard"), start_step + 1 if resumed else None)
+        # issue 16 hook: the report_to trackers (train/trackers.py); TensorBoard alone when none are given
+        self.trackers = trackers if trackers is not None else \
+            open_trackers(["tensorboard"], output_dir, {}, resumed, start_step)
         self.bar = None
         if progress:
             from tqdm.auto import tqdm
@@ -94,12 +99,9 @@ class MetricsLogger:
     def write(self, records: list[dict]):
         for record in records:
             self.file.write(_dumps(record) + "\n")
-            if self.tb is not None:
-                for key, value in record.items():
-                    if key != "step" and isinstance(value, (int, float)) and not isinstance(value, bool):
-                        if math.isfinite(value):
-                            self.tb.add_scalar(f"train/{key}" if not key.startswith("eval_") else
-                                               f"eval/{key[5:]}", value, record["step"])
+            values = scalars(record)
+            for tracker in self.trackers:
+                tracker.log(values, record["step"])
         self.file.flush()
         os.fsync(self.file.fileno())
         if records and self.bar is not None:
@@ -127,24 +129,14 @@ class MetricsLogger:
         if self.bar is not None:
             self.bar.close()
             self.bar = None
-        if self.tb is not None:
-            self.tb.flush()
-            self.tb.close()
-            self.tb = None
+        trackers, self.trackers = self.trackers, []
+        close_trackers(trackers)
         if not self.file.closed:
             self.file.close()
 
 
 def _fmt(value):
     return "nan" if value is None else f"{value:.4f}"
-
-
-def _summary_writer(log_dir: str, purge_step: int | None):
-    try:
-        from torch.utils.tensorboard import SummaryWriter
-    except ImportError:  # tensorboard is an install requirement; keep training if it is broken
-        return None
-    return SummaryWriter(log_dir=log_dir, purge_step=purge_step)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -20,9 +20,11 @@ from typing import Any
 import yaml
 
 from ..config import INIT_STYLES, GenerationConfig, GPT2Config
+from ..data.hf_datasets import TEXT_FORMATS  # issue 16: datasets sources
 from ..data.txtcls import DATASETS as TXTCLS_DATASETS  # MindFormers' txtcls_dataset_to_mindrecord.py names
 from ..fileio import atomic_write
 from .optim import UPDATE_RULES
+from .trackers import TRACKERS  # issue 16
 
 # MindFormers' activation names -> ours. MindFormers' GPT-2 "gelu" is the tanh approximation (HF gelu_new).
 HIDDEN_ACT = {"gelu": "gelu_new", "gelu_new": "gelu_new", "fast_gelu": "fast_gelu", "gelu_exact": "gelu"}
@@ -68,6 +70,19 @@ def _section(**keys):
     return dict(keys)
 
 
+def _datasets_keys(split: str) -> dict:
+    """A dataset section's keys for a datasets source's columns, protocol and split (data/hf_datasets.py)."""
+    return dict(
+        text_column=Key(None, "str", nullable=True, doc="datasets sources: the text column; null: text (language "
+                                                        "modelling) or sentence (classification)"),
+        label_column=Key("label", "str", doc="datasets sources: the label column (classification)"),
+        text_format=Key("auto", "choice", TEXT_FORMATS,
+                        doc="datasets sources: wikitext (rows are WikiText lines: MindFormers' cleaning), text (a row "
+                            "is a document) or auto (wikitext when the first row is a ' = Heading = ')"),
+        split=Key(split, "str", doc="datasets sources: the split of a hub id or a DatasetDict folder"),
+    )
+
+
 CALLBACKS = {
     "MFLossMonitor": _section(
         per_print_times=Key(10, "int", minimum=1, doc="pull losses from the device and write metrics every N steps"),
@@ -92,6 +107,11 @@ SCHEMA = _section(
     eval_step_interval=Key(100, "int", minimum=1),
     tokenizer=Key("", "str", doc="tokenizer directory; empty = $GPT2_DATA_DIR/gpt2"),
     data_cache_dir=Key("", "str", doc="where raw datasets prepared on the fly are cached; empty = OUTPUT_DIR/data_cache"),
+    # issue 16: the HF workflow (datasets sources, experiment trackers)
+    preprocessing_num_workers=Key(None, "int", minimum=1, nullable=True,
+                                  doc="processes that tokenize a datasets source (Dataset.map num_proc); null: one"),
+    report_to=Key(["tensorboard"], "list", doc="experiment trackers: tensorboard, wandb, mlflow, or none "
+                                               "(metrics.jsonl is always written)"),
     runner_config=_section(
         epochs=Key(1, "int", minimum=1),
         batch_size=Key(4, "int", minimum=1, doc="per device and micro-batch"),
@@ -202,6 +222,7 @@ SCHEMA = _section(
                          doc="raw text-classification files: the layout of MindFormers' preprocessing script"),
         mindformers_compat=Key(False, "bool", doc="raw WikiText-2: drop the last passage as MindFormers does"),
         max_samples=Key(None, "int", minimum=1, nullable=True, doc="use only the first N rows (null = all)"),
+        **_datasets_keys("train"),  # issue 16
     ),
     eval_dataset=_section(
         data_loader=_section(dataset_dir=Key("", "str"), shuffle=Key(False, "bool")),
@@ -209,6 +230,7 @@ SCHEMA = _section(
         batch_size=Key(None, "int", minimum=1, nullable=True, doc="null = runner_config.batch_size"),
         mindformers_compat=Key(False, "bool"),
         max_samples=Key(None, "int", minimum=1, nullable=True, doc="evaluate the first N rows (null = all)"),
+        **_datasets_keys("validation"),  # issue 16
     ),
     callbacks=CALLBACKS,
     metric=_section(
@@ -426,6 +448,15 @@ def check_consistency(recipe: Recipe, source: str):
     steps = recipe.runner_config.max_steps
     if steps != -1 and steps < 1:
         raise ValueError(f"bad value {steps!r} for 'runner_config.max_steps' in {source}: expected -1 or >= 1")
+    check_report_to(recipe.report_to, source)
+
+
+def check_report_to(names: list, source: str):
+    """report_to names known trackers, or is [none] (issue 16)."""
+    unknown = [n for n in names if n not in TRACKERS + ("none",)]
+    if unknown or ("none" in names and len(names) > 1):
+        raise ValueError(f"bad value {names!r} for 'report_to' in {source}: expected some of {', '.join(TRACKERS)}, "
+                         f"or none alone")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -483,6 +514,14 @@ def generation_settings(recipe: Recipe, config: GPT2Config) -> GenerationConfig:
 def precision(recipe: Recipe) -> str:
     """fp32 | fp16 | bf16, from model_config.compute_dtype."""
     return COMPUTE_DTYPES[recipe.model.model_config.compute_dtype]
+
+
+def datasets_options(recipe: Recipe, section: Recipe, task: str) -> dict:
+    """A dataset section's options for a datasets source (data/hf_datasets.py); raw files ignore them."""
+    options = dict(text_column=section.text_column, split=section.split)
+    if task == "txtcls":
+        return dict(options, label_column=section.label_column)
+    return dict(options, text_format=section.text_format, num_proc=recipe.preprocessing_num_workers)
 
 
 def lora_settings(recipe: Recipe) -> dict | None:

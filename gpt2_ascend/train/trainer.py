@@ -567,15 +567,19 @@ def load_eval_dataset(recipe, cache_dir: str):
 def load_split(recipe, section, path: str, width: int, cache_dir: str):
     """One dataset section's rows (its first max_samples): token blocks `width` wide, or classification rows."""
     from ..data import store
-    path = fetch_if_missing(path)
+    from ..data.hf_datasets import is_datasets_source
+    from .recipe import datasets_options
+    path = path if is_datasets_source(path) else fetch_if_missing(path)  # issue 16 hook: hub ids are no files
     tokenizer = resolve_path(recipe.tokenizer) or None
     if task_of(recipe) == "txtcls":
         data = store.load_txtcls(path, max_length=recipe.model.model_config.seq_length, tokenizer=tokenizer,
                                  cache_dir=cache_dir, dataset_name=section.dataset_name,
-                                 mindformers_compat=section.mindformers_compat)
+                                 mindformers_compat=section.mindformers_compat,
+                                 **datasets_options(recipe, section, "txtcls"))  # issue 16 hook
     else:
         data = store.load_token_blocks(path, max_length=width, tokenizer=tokenizer,
-                                       mindformers_compat=section.mindformers_compat, cache_dir=cache_dir)
+                                       mindformers_compat=section.mindformers_compat, cache_dir=cache_dir,
+                                       **datasets_options(recipe, section, "lm"))  # issue 16 hook
     return first_rows(data, section.max_samples)
 
 
@@ -635,8 +639,12 @@ def run_training(recipe, overwrite: bool = False, log=print) -> dict:
 
 def _run_training(recipe, overwrite: bool, log, run_scope: contextlib.ExitStack) -> dict:
     from ..data.store import write_json  # atomic
+    from .launcher import apply_launcher
     from .recipe import lora_settings, precision
+    from .trackers import require_trackers
 
+    recipe = apply_launcher(recipe, log=log)  # issue 16 hook: accelerate's precision / --cpu, data parallel N
+    require_trackers(recipe.report_to)  # issue 16 hook: report_to's packages, before anything changes
     if recipe.run_mode in ("predict", "eval"):
         function = "predict_recipe" if recipe.run_mode == "predict" else "evaluate_recipe"
         raise ValueError(f"run_mode {recipe.run_mode} is not training: run train.py --run_mode {recipe.run_mode}, or "
@@ -754,9 +762,12 @@ def _run_training(recipe, overwrite: bool, log, run_scope: contextlib.ExitStack)
     fpt = flops_per_token(base.num_parameters(), base.config.n_layer, base.config.n_embd, seq)
     metrics = None
     if dist.is_main:
+        from .trackers import open_trackers
+        trackers = open_trackers(recipe.report_to, output_dir, recipe.to_dict(), resumed=bool(resume_path),
+                                 start_step=trainer.step, log=log)  # issue 16 hook: report_to
         metrics = MetricsLogger(output_dir, trainer.step, run_steps, resumed=bool(resume_path),
                                 progress=settings.progress, flops_per_token=fpt,
-                                peak=peak_flops(dev.device_name(device), prec))
+                                peak=peak_flops(dev.device_name(device), prec), trackers=trackers)
     start = time.perf_counter()
     start_step = trainer.step
     trainer.stop, stop.graceful = stop, True  # a signal now stops the loop after its step
