@@ -19,8 +19,8 @@ Language modelling reads one text column (`text`) in one of two protocols (text_
     text       each row is one document, stripped, empty rows skipped: as each file of a folder of .txt files
     auto       wikitext when the first non-blank row is a WikiText heading (" = Title = "), else text
 The passages are tokenized by Dataset.map (batched, num_proc processes, cached by the dataset's fingerprint and the
-tokenizer), joined by the "\\n" token and cut into blocks of max_length: the tokens of the "\\n"-joined text, exactly
-(tokenizer_units says why), as the raw files' whole text is tokenized.
+tokenizer), joined by the "\\n" token and cut into blocks of max_length: exactly the tokens of the "\\n"-joined text
+(tokenize_passages says why), which is what the raw files give.
 
 Text classification reads a text and a label column (`sentence` and `label`, GLUE SST-2's names) and encodes them
 with data/txtcls.py's encode_rows: the arrays the GLUE .tsv file gives.
@@ -39,7 +39,7 @@ import numpy as np
 
 from .store import (FORMAT_VERSION, _cache_file, _cached, load_arrays, load_blocks, save_arrays, save_blocks,
                     sha256_paths, token_dtype)
-from .text import _is_space, encode_many, pack_blocks, resolve_tokenizer
+from .text import encode_many, pack_blocks, resolve_tokenizer
 
 # data files -> the datasets builder that reads them
 FILE_BUILDERS = {".parquet": "parquet", ".jsonl": "json", ".json": "json", ".csv": "csv", ".arrow": "arrow"}
@@ -252,57 +252,41 @@ def passages_of(texts: list, text_format: str, mindformers_compat: bool = False)
     return [p for p in (t.strip() for t in texts if t) if p]
 
 
-def tokenizer_units(passages: list[str]) -> list[str]:
-    """The passages, joined by "\\n" where the "\\n" between two of them may not be a token boundary, so that the
-    tokens of each unit, joined by the "\\n" token, are exactly the tokens of the whole "\\n"-joined text.
-
-    GPT-2's pre-tokenizer never joins a "\\n" that sits between two non-space characters with either neighbour
-    (text.split_for_tokenizer cuts long texts at the same places), and BPE never merges across pre-tokens. Stripped
-    passages begin and end with a non-space character, except an empty one or one whose edge is a character the
-    pre-tokenizer may take for a space (text._ODD_SPACES): those are kept with their neighbour."""
-    units: list[str] = []
-    for passage in passages:
-        if units and not (_plain_edge(units[-1][-1:]) and _plain_edge(passage[:1])):
-            units[-1] += "\n" + passage
-        else:
-            units.append(passage)
-    return units
-
-
-def _plain_edge(char: str) -> bool:
-    return bool(char) and not _is_space(char)
-
-
 def _encode_rows_batch(batch: dict, tokenizer) -> dict:
     return {"ids": encode_many(batch["text"], tokenizer)}
 
 
-def tokenize_units(units: list[str], tokenizer, num_proc: int | None = None, cache_file: str | None = None,
-                   fingerprint: str | None = None) -> tuple[np.ndarray, np.ndarray]:
-    """(all tokens, tokens per unit) of the units, tokenized by Dataset.map in batches on num_proc processes; with
-    cache_file the map's Arrow output is kept there (and reused) under `fingerprint`."""
+def tokenize_passages(passages: list[str], tokenizer, num_proc: int | None = None, cache_file: str | None = None,
+                      fingerprint: str | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """(all tokens, tokens per passage), tokenized by Dataset.map in batches on num_proc processes; with cache_file
+    the map's Arrow output is kept there (and reused) under `fingerprint`.
+
+    Joined by the "\n" token, the passages' tokens are exactly the tokens of the "\n"-joined text: GPT-2's
+    pre-tokenizer makes a lone "\n" between two non-space characters a pre-token of its own, and BPE never merges
+    across pre-tokens (checked for every Unicode character at either edge of a stripped passage; text.py's
+    split_for_tokenizer cuts long texts at such places for the same reason)."""
     import datasets
     import pyarrow.compute as pc
     if num_proc is not None and (int(num_proc) != num_proc or num_proc < 1):
         raise ValueError(f"preprocessing_num_workers must be a positive integer, got {num_proc}")
-    table = datasets.Dataset.from_dict({"text": units})
+    table = datasets.Dataset.from_dict({"text": passages})
     with _quiet_datasets():
         mapped = table.map(functools.partial(_encode_rows_batch, tokenizer=tokenizer), batched=True,
-                           num_proc=num_proc if num_proc and num_proc > 1 and len(units) > 1 else None,
+                           num_proc=num_proc if num_proc and num_proc > 1 and len(passages) > 1 else None,
                            remove_columns=["text"], cache_file_name=cache_file, new_fingerprint=fingerprint,
                            desc="tokenizing")
     ids = mapped.data.column("ids").combine_chunks()
     return ids.flatten().to_numpy(), pc.list_value_length(ids).to_numpy().astype(np.int64)
 
 
-def join_units(values: np.ndarray, lengths: np.ndarray, separator: list[int], dtype) -> np.ndarray:
-    """The units' tokens (values, cut by lengths) with the separator's tokens between consecutive units."""
+def join_pieces(values: np.ndarray, lengths: np.ndarray, separator: list[int], dtype) -> np.ndarray:
+    """The pieces' tokens (values, cut by lengths) with the separator's tokens between consecutive pieces."""
     n, s = len(lengths), len(separator)
     out = np.empty(len(values) + max(n - 1, 0) * s, dtype=dtype)
-    unit = np.repeat(np.arange(n), lengths)
-    out[np.arange(len(values)) + unit * s] = values
+    piece = np.repeat(np.arange(n), lengths)
+    out[np.arange(len(values)) + piece * s] = values
     if n > 1 and s:
-        starts = np.cumsum(lengths)[:-1] + np.arange(n - 1) * s  # just after unit i
+        starts = np.cumsum(lengths)[:-1] + np.arange(n - 1) * s  # just after piece i
         out[(starts[:, None] + np.arange(s)).ravel()] = np.tile(np.asarray(separator, dtype=dtype), n - 1)
     return out
 
@@ -318,8 +302,8 @@ def _tokens_and_meta(source: Source, rows, text_column: str, text_format: str, t
     if compat and any("\t" in p for p in passages):
         raise ValueError(f"{source.label} contains tab characters, which MindFormers' script mangles: prepare it "
                          f"without mindformers_compat")
-    values, lengths = tokenize_units(tokenizer_units(passages), tokenizer, num_proc, map_cache, fingerprint)
-    tokens = join_units(values, lengths, encode_many(["\n"], tokenizer)[0], token_dtype(len(tokenizer)))
+    values, lengths = tokenize_passages(passages, tokenizer, num_proc, map_cache, fingerprint)
+    tokens = join_pieces(values, lengths, encode_many(["\n"], tokenizer)[0], token_dtype(len(tokenizer)))
     meta = dict(source=source.where if source.kind in ("disk", "files") else source.label, source_kind="datasets",
                 datasets=dict(kind=source.kind, config=source.config, split=source.split, rows=len(rows),
                               fingerprint=rows._fingerprint, text_column=text_column),
