@@ -259,7 +259,7 @@ def test_bad_datasets_inputs_are_one_line_errors(tmp_path, tok_dir):
         (lambda: load_token_blocks(str(tmp_path / "one"), 4, tok_dir, text_column="blank"),
          "holds no text in column 'blank'"),
         (lambda: load_txtcls(str(tmp_path / "one"), 8, tok_dir, text_column="content"),
-         "column 'label' of " + str(tmp_path / "one") + " holds Value('string'), not integer labels"),
+         "column 'label' of " + str(tmp_path / "one") + " holds string, not integer labels"),
         (lambda: load_token_blocks(str(tmp_path / "mixed" / "a.parquet") + ":train", 4, tok_dir),
          "a split (:train) belongs to a hub id or a save_to_disk DatasetDict folder"),
     ]

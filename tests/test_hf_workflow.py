@@ -100,6 +100,17 @@ def test_accelerate_mixed_precision_from_its_config_file_reaches_the_trainer(wor
     assert max(abs(a - b) for a, b in zip(losses(bf16), losses(fp32))) > 1e-6  # bf16 arithmetic, not fp32's
 
 
+def test_the_npu_accelerate_config_is_what_accelerate_launch_reads_for_8_devices():
+    from accelerate.commands.launch import _validate_launch_command, launch_command_parser
+    args = launch_command_parser().parse_args(["--config_file", os.path.join(REPO, "scripts/accelerate_npu.yaml"),
+                                               "train.py", "--config", "pretrain_gpt2_small"])
+    args, defaults, _ = _validate_launch_command(args)
+    assert defaults.distributed_type.value == "MULTI_NPU" and args.multi_gpu  # torchrun underneath
+    assert (args.num_processes, args.num_machines, args.mixed_precision) == (8, 1, "fp16")
+    small = load_recipe(os.path.join(REPO, "configs/gpt2/pretrain_gpt2_small.yaml"))
+    assert launcher_overrides(small, {"ACCELERATE_MIXED_PRECISION": args.mixed_precision}) == []  # its float16
+
+
 # ------------------------------------------------------------------------------------------------ the launcher's environment
 
 def _recipe(*overrides, config="configs/gpt2/pretrain_gpt2_tiny.yaml"):

@@ -182,7 +182,7 @@ def _load_dataset(source: Source, *args, **kwargs):
         detail = "; ".join(line.strip() for line in str(e).splitlines() if line.strip()) or type(e).__name__
         if source.kind != "hub":
             raise ValueError(f"could not read {source.label} with datasets ({detail})") from None
-        if datasets.config.HF_HUB_OFFLINE:
+        if datasets.config.HF_DATASETS_OFFLINE:  # (HF_HUB_OFFLINE in datasets >= 2.20; this name is in all)
             hint = (f"HF_DATASETS_OFFLINE=1 reads only the datasets cache ({datasets.config.HF_DATASETS_CACHE}): "
                     f"load it once with a network, or give a local file")
         else:
@@ -209,10 +209,15 @@ def _column(rows, name: str, label: str, flag: str):
     return rows.features[name]
 
 
+def _kind(feature) -> str:
+    """A column's type in a few words: its dtype (string, int64, ...) or its feature class (List, Image, ...)."""
+    return str(getattr(feature, "dtype", None) or type(feature).__name__)
+
+
 def _text_values(rows, name: str, label: str) -> list:
     feature = _column(rows, name, label, "--text_column")
     if getattr(feature, "dtype", None) not in ("string", "large_string"):
-        raise ValueError(f"column {name!r} of {label} holds {feature}, not text: pass --text_column NAME")
+        raise ValueError(f"column {name!r} of {label} holds {_kind(feature)}, not text: pass --text_column NAME")
     return list(rows[name])
 
 
@@ -359,8 +364,8 @@ def _label_values(rows, name: str, label: str) -> np.ndarray:
     import datasets
     feature = _column(rows, name, label, "--label_column")
     if not (isinstance(feature, datasets.ClassLabel) or str(getattr(feature, "dtype", "")).startswith(("int", "uint"))):
-        raise ValueError(f"column {name!r} of {label} holds {feature}, not integer labels 0..num_labels-1: pass "
-                         f"--label_column NAME, or cast it (Dataset.class_encode_column)")
+        raise ValueError(f"column {name!r} of {label} holds {_kind(feature)}, not integer labels 0..num_labels-1: "
+                         f"pass --label_column NAME, or cast it (Dataset.class_encode_column)")
     labels = np.asarray(rows[name], dtype=np.int64)
     if len(labels) and labels.min() < 0:
         raise ValueError(f"{int((labels < 0).sum())} rows of {label} have label {labels.min()} in column {name!r}: "
