@@ -22,6 +22,12 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 WIDTH = 129  # tokens per block: any width packs the same stream
 
 
+@pytest.fixture(autouse=True)
+def datasets_cache(tmp_path, monkeypatch):
+    """datasets' own cache (where data files without a cache_dir are converted) in the test's folder, not ~/.cache."""
+    monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", str(tmp_path / "hf_datasets_cache"))
+
+
 @pytest.fixture(scope="module")
 def tok_dir(data_dir):
     return os.path.join(data_dir, "gpt2")

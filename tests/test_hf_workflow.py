@@ -276,6 +276,37 @@ def test_report_to_none_and_bad_trackers(workdir, capsys, monkeypatch):
     assert not (workdir / "nowandb").exists()
 
 
+def test_a_failing_tracker_is_dropped_with_one_warning_and_the_others_go_on(tmp_path, capsys):
+    from gpt2_ascend.train.metrics import MetricsLogger
+
+    class Recording:
+        name, logged, closed = "recording", [], False
+
+        def log(self, values, step):
+            self.logged.append((step, values))
+
+        def close(self):
+            self.closed = True
+
+    class Failing(Recording):
+        name = "failing"
+
+        def log(self, values, step):
+            raise ConnectionError("server gone\nsecond line")
+
+        def close(self):
+            raise RuntimeError("cannot finish")
+
+    recording = Recording()
+    logger = MetricsLogger(str(tmp_path), 0, 3, resumed=False, progress=False, trackers=[Failing(), recording])
+    logger.write([dict(step=1, loss=2.5, lr=0.1, eval_ppl=7.0, skipped=False), dict(step=2, loss=float("nan"))])
+    logger.close()
+    err = capsys.readouterr().err
+    assert err == "warning: failing stopped logging at step 1 (server gone); metrics.jsonl has every step\n"
+    assert recording.logged == [(1, {"train/loss": 2.5, "train/lr": 0.1, "eval/ppl": 7.0}), (2, {})]
+    assert recording.closed and len(records(tmp_path)) == 2
+
+
 # ------------------------------------------------------------------------------------------------ train.py's flags
 
 def test_datasets_flags_set_both_dataset_sections():

@@ -20,7 +20,7 @@ import os
 import torch
 
 from ..fileio import atomic_write
-from .trackers import close_trackers, open_trackers, scalars
+from .trackers import close_trackers, log_to, open_trackers, scalars
 
 PEAK_FLOPS = (("H100", 989e12), ("H200", 989e12), ("910B", 313e12))
 
@@ -99,9 +99,7 @@ class MetricsLogger:
     def write(self, records: list[dict]):
         for record in records:
             self.file.write(_dumps(record) + "\n")
-            values = scalars(record)
-            for tracker in self.trackers:
-                tracker.log(values, record["step"])
+            log_to(self.trackers, scalars(record), record["step"])
         self.file.flush()
         os.fsync(self.file.fileno())
         if records and self.bar is not None:

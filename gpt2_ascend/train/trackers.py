@@ -16,9 +16,11 @@ values, wandb the first; TensorBoard's purge_step drops the old ones.)
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
+import sys
 import time
 
 from ..fileio import write_json
@@ -168,9 +170,27 @@ def open_trackers(names, output_dir: str, config: dict, resumed: bool, start_ste
     return trackers
 
 
+def log_to(trackers: list, values: dict, step: int):
+    """Each tracker's log. One that fails (its server, network or disk) is dropped with one warning line: the
+    training, metrics.jsonl and the checkpoints go on."""
+    for tracker in list(trackers):
+        try:
+            tracker.log(values, step)
+        except Exception as e:  # noqa: BLE001 - whatever a tracker raises, it must not stop the run
+            trackers.remove(tracker)
+            print(f"warning: {tracker.name} stopped logging at step {step} ({_first_line(e)}); metrics.jsonl has "
+                  f"every step", file=sys.stderr, flush=True)
+            with contextlib.suppress(Exception):  # its run ends as far as it still can
+                tracker.close()
+
+
 def close_trackers(trackers: list):
+    """Finish every tracker's run, each one even when another fails (a warning line for that one)."""
     for tracker in trackers:
-        tracker.close()
+        try:
+            tracker.close()
+        except Exception as e:  # noqa: BLE001 - the others still close
+            print(f"warning: {tracker.name} did not close cleanly ({_first_line(e)})", file=sys.stderr, flush=True)
 
 
 def _first_line(error: Exception) -> str:
