@@ -14,12 +14,12 @@ import torch
 
 from gpt2_ascend import GPT2LMHeadModel, load_tokenizer
 from gpt2_ascend.cli import print_error
-from gpt2_ascend.data.store import load_token_blocks
+from gpt2_ascend.data.download import default_data_dir
+from gpt2_ascend.data.sources import load_token_blocks
 from gpt2_ascend.eval import perplexity
 from gpt2_ascend.generation import generate_text
-from gpt2_ascend.tokenizer import default_data_dir
 from gpt2_ascend.train.recipe import load_recipe
-from gpt2_ascend.train.trainer import run_training
+from gpt2_ascend.train import run_training
 
 RECIPE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "configs", "gpt2", "pretrain_gpt2_tiny.yaml")
 PROMPTS = ["The history of the", "In 1998 , the band", "The game was released"]

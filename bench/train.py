@@ -1,6 +1,6 @@
 """Training throughput: our trainer's own step vs transformers (+ peft), one after the other, one card.
 
-Ours runs `gpt2_ascend.train.trainer.Trainer.train_step` (the step train.py runs: AdamW from ops.adamw, the
+Ours runs `gpt2_ascend.train.Trainer.train_step` (the step train.py runs: AdamW from ops.adamw, the
 schedule, clipping at 1.0, autocast, loss scaling when fp16) with the speed settings a recipe can turn on:
 torch.compile, the vocab padded to 50304 inside, the chunked head + cross-entropy, TF32, fused AdamW,
 pinned non-blocking batches. The baseline is transformers' GPT2LMHeadModel (SDPA attention) compiled with
@@ -65,10 +65,11 @@ def parse_args(argv=None):
 # ---------------------------------------------------------------------------------------------
 def build_ours(args, device, seq):
     from gpt2_ascend import GPT2Config, GPT2LMHeadModel
-    from gpt2_ascend.train.lora import apply_lora
+    from gpt2_ascend.lora import apply_lora
+    from gpt2_ascend.parallel.parallelize import compile_model
+    from gpt2_ascend.train import Trainer, TrainSettings
     from gpt2_ascend.train.optim import build_optimizer, build_schedule
     from gpt2_ascend.train.recipe import load_recipe
-    from gpt2_ascend.train.trainer import Trainer, TrainSettings, compile_model
 
     config = GPT2Config.from_preset(args.preset, n_positions=max(seq, GPT2Config.from_preset(args.preset).n_positions),
                                     pad_vocab_size_multiple=64, embd_pdrop=0.0, attn_pdrop=0.0, resid_pdrop=0.0,
@@ -77,7 +78,7 @@ def build_ours(args, device, seq):
         model = GPT2LMHeadModel(config)
     recompute = args.recompute or ("selective" if args.lora else "none")
     model.set_recompute(recompute)
-    model.loss_chunk_size = args.loss_chunk_size
+    model.config.loss_chunk_size = args.loss_chunk_size
     if args.lora:
         model.to(torch.bfloat16)  # a frozen base in bf16, as LoRA finetunes run
         model = apply_lora(model, rank=8, alpha=16, dropout=0.0, target_modules=("c_attn", "c_proj", "c_fc"))
@@ -98,7 +99,8 @@ def build_ours(args, device, seq):
 
 
 def ours_step_fn(trainer, batch):
-    micro = [{"input_ids": batch}]
+    from gpt2_ascend.data.loader import causal_lm_inputs
+    micro = [causal_lm_inputs(batch)]  # the model's keyword arguments: input_ids and next-token targets
     return lambda: trainer.train_step(micro)
 
 

@@ -1,7 +1,8 @@
 """gpt2_ascend: the GPT-2 family in PyTorch for CPU, CUDA and Ascend NPU, numerically identical to HF."""
 from .config import GPT2Config
-from .model import GPT2ForSequenceClassification, GPT2LMHeadModel, GPT2Model, KVCache
-from .tokenizer import load_tokenizer
+from .kv_cache import KVCache
+from .model import GPT2ForSequenceClassification, GPT2LMHeadModel, GPT2Model
+from .data.tokenizer import load_tokenizer
 
 __version__ = "0.1.0"
 __all__ = ["GPT2Config", "GPT2Model", "GPT2LMHeadModel", "GPT2ForSequenceClassification", "KVCache",

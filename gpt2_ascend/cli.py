@@ -1,12 +1,14 @@
-"""What the command-line scripts (train.py, evaluate.py, generate.py, demo.py, convert/*.py) share."""
+"""What the command-line programs share (gpt2_ascend/commands/, the data modules' `python -m` mains, demo.py): a
+leaf that imports nothing of the library but fileio; library functions never print, they raise."""
 from __future__ import annotations
 
 import sys
 
 
 def error_line(e: BaseException) -> str:
-    """The first line of an exception's message (its type's name when it has none): errors are one line."""
-    text = str(e).strip()
+    """The first line of an exception's message (its type's name when it has none): errors are one line. (A
+    KeyError's message is its argument, not that argument's repr.)"""
+    text = str(e.args[0] if isinstance(e, KeyError) and e.args else e).strip()
     return text.splitlines()[0] if text else type(e).__name__
 
 

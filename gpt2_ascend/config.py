@@ -17,7 +17,7 @@ ATTN_IMPLEMENTATIONS = ("eager", "sdpa", "npu", "auto")
 #                biases 0, LayerNorm 1 / 0.
 INIT_STYLES = ("hf", "mindformers")
 
-# MindFormers' shapes (see DESIGN.md). vocab 50257, eps 1e-5 and dropout 0.1 everywhere.
+# MindFormers' shapes (its configs/gpt2/run_gpt2*.yaml). vocab 50257, eps 1e-5 and dropout 0.1 everywhere.
 PRESETS = {
     "tiny": dict(n_layer=2, n_embd=64, n_head=4, n_positions=128, activation="gelu_new"),
     "small": dict(n_layer=12, n_embd=768, n_head=12, n_positions=1024, activation="gelu_new"),
@@ -35,6 +35,9 @@ HF_ACTIVATION_TO_OURS = {
     "gelu_python_tanh": "gelu_new", "quick_gelu": "fast_gelu", "gelu": "gelu", "gelu_python": "gelu",
 }
 OURS_TO_HF_ACTIVATION = {"gelu_new": "gelu_new", "fast_gelu": "quick_gelu", "gelu": "gelu"}
+# MindFormers' hidden_act names -> ours (its recipes and .ckpt conversions). MindFormers' GPT-2 "gelu" is the tanh
+# approximation (HF gelu_new).
+MINDFORMERS_ACTIVATIONS = {"gelu": "gelu_new", "gelu_new": "gelu_new", "fast_gelu": "fast_gelu", "gelu_exact": "gelu"}
 
 # HF config.json keys that carry no meaning for the GPT-2 math (bookkeeping, generation defaults,
 # GPT2DoubleHeads summary settings). Read and ignored; anything else unknown is an error.
@@ -84,6 +87,9 @@ class GPT2Config:
     # Embedding rows are padded internally to a multiple of this (64 -> 50304, for fast matmuls and
     # vocab-parallel splits). Logits, losses and saved checkpoints always have exactly vocab_size.
     pad_vocab_size_multiple: int = 1
+    # Tokens per chunk of the fused LM head + cross-entropy when training with next-token targets (0: plain logits
+    # + cross-entropy). A training setting: never written to config.json.
+    loss_chunk_size: int = 0
     id2label: Optional[dict] = field(default=None, repr=False)
 
     def __post_init__(self):
@@ -103,6 +109,8 @@ class GPT2Config:
                 raise ValueError(f"{name} must be a positive integer, got {value!r}")
         if self.n_embd % self.n_head:
             raise ValueError(f"n_embd ({self.n_embd}) must be divisible by n_head ({self.n_head})")
+        if not isinstance(self.loss_chunk_size, int) or isinstance(self.loss_chunk_size, bool) or self.loss_chunk_size < 0:
+            raise ValueError(f"loss_chunk_size must be an integer >= 0 (0: off), got {self.loss_chunk_size!r}")
         if self.n_inner is not None and (not isinstance(self.n_inner, int) or self.n_inner <= 0):
             raise ValueError(f"n_inner must be a positive integer or null, got {self.n_inner!r}")
         for name in ("embd_pdrop", "attn_pdrop", "resid_pdrop"):

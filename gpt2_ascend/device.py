@@ -108,8 +108,11 @@ def _npu_namespace():
     return torch_npu().npu
 
 
-def resolve_device(name: str | None = "auto") -> torch.device:
-    """'auto' picks npu > cuda > cpu; explicit names are checked and fail with one line."""
+def resolve_device(name: str | torch.device | None = "auto") -> torch.device:
+    """'auto' picks npu > cuda > cpu; explicit names are checked and fail with one line (a torch.device is taken
+    as it is)."""
+    if isinstance(name, torch.device):
+        return name
     name = (name or "auto").lower()
     if name == "auto":
         if npu_available():

@@ -1,9 +1,17 @@
-"""Durable file writes: every file the library writes lands under its final name complete or not at all, its
-temporary is removed on every failure, and a full disk is one line naming the directory and the bytes needed."""
+"""The one safe-write toolkit: every file and directory the library writes lands under its final name complete or
+not at all, its temporary is removed on every failure, and a full disk is one line naming the directory and the
+bytes needed.
+
+    atomic_write(path, write)          a file: write(f) into a temporary sibling, fsync, rename over path
+    AtomicFile(path)                   the same, for writers that stream (MindSpore .ckpt records)
+    atomic_directory(output_dir)       a directory: fill a temporary sibling, then swap it (or its files) in
+    replace_dir(tmp, final)            swap a finished temporary directory in, the old one put back on failure
+    sha256_file(path)                  a file's checksum (manifests, data sidecars, downloads)"""
 from __future__ import annotations
 
 import contextlib
 import errno
+import hashlib
 import json
 import math
 import os
@@ -126,27 +134,145 @@ def fsync_dir(folder: str):
         os.close(fd)
 
 
-def atomic_write(path: str, write, size: int | None = None) -> None:
-    """Call write(binary_file) on a temporary sibling of path, fsync it, then rename it over path. On any
-    failure the temporary is removed and path is untouched; a full disk is DiskFullError (size: the bytes the
-    file needs, for its message)."""
-    path = os.path.abspath(path)
-    folder = os.path.dirname(path)
-    os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix="." + os.path.basename(path) + ".", suffix=".tmp", dir=folder)
-    with reporting_disk_full(folder, size, os.path.basename(path)):  # reported after the cleanup: true free space
+class AtomicFile:
+    """A temporary sibling of `path` open for writing (`.file`); commit() fsyncs it and renames it over path,
+    abort() removes it. On any failure path is untouched; a full disk is DiskFullError naming `what` (default: the
+    file's name) and `size`, the bytes the file needs. As a context manager it commits when the block succeeds and aborts otherwise."""
+
+    def __init__(self, path: str, size: int | None = None, what: str | None = None):
+        self.path = os.path.abspath(path)
+        self.folder = os.path.dirname(self.path)
+        self.size, self.what = size, what or os.path.basename(self.path)
+        os.makedirs(self.folder, exist_ok=True)
+        fd, self.tmp = tempfile.mkstemp(prefix="." + os.path.basename(self.path) + ".tmp-", dir=self.folder)
+        self.file = os.fdopen(fd, "wb")
+
+    def commit(self):
+        if self.file.closed:
+            return
         try:
-            with os.fdopen(fd, "wb") as f:
-                write(f)
-                f.flush()
-                os.fsync(f.fileno())
-            os.chmod(tmp, 0o666 & ~umask())  # mkstemp makes it private; the result is an ordinary file
-            os.replace(tmp, path)
-        except BaseException:
-            if os.path.exists(tmp):
-                os.remove(tmp)
+            self.file.flush()
+            os.fsync(self.file.fileno())
+            self.file.close()
+            os.chmod(self.tmp, 0o666 & ~umask())  # mkstemp makes it private; the result is an ordinary file
+            os.replace(self.tmp, self.path)
+        except BaseException as e:
+            self.abort(e)
             raise
-    fsync_dir(folder)
+        fsync_dir(self.folder)
+
+    def abort(self, error: BaseException | None = None):
+        """Remove the temporary; a full disk (error) becomes DiskFullError, reported after the cleanup so the free
+        space it names is true."""
+        try:
+            self.file.close()
+        except OSError:  # flushing the rest into a full disk
+            pass
+        if os.path.exists(self.tmp):
+            os.remove(self.tmp)
+        if error is not None and not isinstance(error, DiskFullError) and is_disk_full(error):
+            _release_frames(error)
+            raise disk_full_error(self.folder, self.size, self.what) from None
+
+    def __enter__(self) -> "AtomicFile":
+        return self
+
+    def __exit__(self, exc_type, exc, tb):
+        if exc_type is None:
+            self.commit()
+        else:
+            self.abort(exc)
+        return False
+
+
+def atomic_write(path: str, write, size: int | None = None) -> None:
+    """Call write(binary_file) on a temporary sibling of path, fsync it, then rename it over path (AtomicFile)."""
+    with AtomicFile(path, size) as f:
+        write(f.file)
+
+
+def atomic_directory(output_dir: str, size: int | None = None, what: str | None = None, whole: bool = False,
+                     stale=None):
+    """A temporary sibling directory to fill (the `with` value), put in place when the block ends without error and
+    removed on any failure (the commit's included); a full disk is DiskFullError naming `size` bytes and `what`
+    (default: output_dir). An existing output_dir is replaced whole (whole=True: replace_dir), or file by file,
+    keeping files the new content does not have unless stale(name) says they are outdated."""
+    return _AtomicDir(output_dir, size, what, whole, stale)
+
+
+class _AtomicDir:
+    def __init__(self, output_dir: str, size: int | None, what: str | None, whole: bool, stale):
+        self.final = os.path.abspath(output_dir)
+        if os.path.exists(self.final) and not os.path.isdir(self.final):
+            raise ValueError(f"{output_dir} is a file, not a directory: pass another output directory")
+        self.parent = os.path.dirname(self.final)
+        os.makedirs(self.parent, exist_ok=True)
+        self.size, self.what, self.whole, self.stale = size, what or self.final, whole, stale
+        self.tmp = tempfile.mkdtemp(prefix="." + os.path.basename(self.final) + ".tmp-", dir=self.parent)
+        self.umask = umask()
+        os.chmod(self.tmp, 0o777 & ~self.umask)  # mkdtemp makes it private; the result is an ordinary folder
+
+    def __enter__(self):
+        return self.tmp
+
+    def __exit__(self, exc_type, exc, tb):
+        try:
+            if exc_type is None:
+                self._commit()
+        except BaseException as e:
+            shutil.rmtree(self.tmp, ignore_errors=True)
+            if is_disk_full(e):
+                raise disk_full_error(self.parent, self.size, self.what) from None
+            raise
+        if exc_type is not None:
+            shutil.rmtree(self.tmp, ignore_errors=True)
+            if is_disk_full(exc):
+                _release_frames(exc)
+                raise disk_full_error(self.parent, self.size, self.what) from None
+        return False
+
+    def _commit(self):
+        for name in os.listdir(self.tmp):
+            path = os.path.join(self.tmp, name)
+            if os.path.isfile(path):  # some writers use private temp files; give them the usual mode
+                os.chmod(path, 0o666 & ~self.umask)
+            fsync_file(path)
+        fsync_dir(self.tmp)
+        if self.whole or not os.path.isdir(self.final):
+            replace_dir(self.tmp, self.final)
+        else:  # keep files we do not own (a tokenizer, an adapter); replace ours, dropping stale ones
+            new = set(os.listdir(self.tmp))
+            for name in os.listdir(self.final):
+                if self.stale is not None and self.stale(name) and name not in new:
+                    os.remove(os.path.join(self.final, name))
+            for name in new:
+                os.replace(os.path.join(self.tmp, name), os.path.join(self.final, name))
+            shutil.rmtree(self.tmp, ignore_errors=True)
+        fsync_dir(self.parent)
+
+
+def replace_dir(tmp: str, final: str):
+    """Rename tmp to final; an existing final is swapped out first (as final.old-PID), and put back if the rename
+    fails."""
+    if os.path.exists(final):
+        old = final + f".old-{os.getpid()}"
+        os.replace(final, old)
+        try:
+            os.replace(tmp, final)
+        except BaseException:
+            os.replace(old, final)
+            raise
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.replace(tmp, final)
+
+
+def sha256_file(path: str, chunk: int = 1 << 22) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(chunk), b""):
+            digest.update(block)
+    return digest.hexdigest()
 
 
 def write_json(obj, path: str) -> None:

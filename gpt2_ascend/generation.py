@@ -23,7 +23,8 @@ from typing import Optional
 import torch
 
 from .config import GenerationConfig
-from .model import KVCache, eval_mode
+from .kv_cache import KVCache, eval_mode
+from .lora import unwrap_model
 
 
 class _FromConfig:
@@ -107,7 +108,7 @@ def generate(model, input_ids, attention_mask=None, max_new_tokens: Optional[int
     truncate_prompt: drop the oldest prompt tokens when prompt + max_new_tokens exceeds n_positions
         (otherwise that is an error).
     """
-    lm = unwrap_model(model)
+    lm = language_model(model)
     config = lm.config
     defaults = generation_defaults(lm)
     if max_new_tokens is None:
@@ -174,7 +175,7 @@ def generate_text(model, tokenizer, prompts, batch_size: int = 8, max_decode_len
         raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
     if kwargs.get("streamer") is not None and batch_size > 1 and len(prompts) > 1:
         raise ValueError("a streamer follows one sequence: use batch_size=1 to stream several prompts")
-    config = unwrap_model(model).config
+    config = language_model(model).config
     start = config.bos_token_id if config.bos_token_id is not None else config.eos_token_id
     texts = []
     for i in range(0, len(prompts), batch_size):
@@ -184,7 +185,7 @@ def generate_text(model, tokenizer, prompts, batch_size: int = 8, max_decode_len
         if kw.get("max_new_tokens") is None:
             kw["max_new_tokens"] = new_token_budget(ids.size(1), max_decode_length, config.n_positions) \
                 if max_decode_length is not None else \
-                default_max_new_tokens(generation_defaults(unwrap_model(model)), ids.size(1), config.n_positions)
+                default_max_new_tokens(generation_defaults(language_model(model)), ids.size(1), config.n_positions)
         out = generate(model, ids, attention_mask=mask, **kw)
         # the prompt part of `out` is what generate kept (truncate_prompt may have dropped its oldest tokens)
         kept = min(ids.size(1), config.n_positions - kw["max_new_tokens"]) \
@@ -216,13 +217,12 @@ def left_pad(sequences, pad_id: int):
     return ids, mask
 
 
-def unwrap_model(model):
-    """Our GPT2LMHeadModel inside a peft wrapper (its LoRA layers stay active in the module tree)."""
-    if hasattr(model, "get_base_model"):
-        model = model.get_base_model()
-    if not (hasattr(model, "transformer") and hasattr(model, "logits") and hasattr(model, "config")):
-        raise TypeError(f"generate needs a gpt2_ascend GPT2LMHeadModel, got {type(model).__name__}")
-    return model
+def language_model(model):
+    """Our GPT2LMHeadModel, inside a peft wrapper or not (its LoRA layers stay active in the module tree)."""
+    lm = unwrap_model(model)
+    if not (hasattr(lm, "transformer") and hasattr(lm, "logits") and hasattr(lm, "config")):
+        raise TypeError(f"generate needs a gpt2_ascend GPT2LMHeadModel, got {type(lm).__name__}")
+    return lm
 
 
 # ---------------------------------------------------------------------------------------------

@@ -7,17 +7,16 @@ are the whole difference, handled here and nowhere else.
 from __future__ import annotations
 
 import json
+import math
 import os
 import re
-import shutil
-import tempfile
+import struct
 from typing import Iterable, Iterator
 
 import torch
 
-from .cli import error_line
 from .config import GenerationConfig, GPT2Config
-from .fileio import disk_full_error, fsync_file, is_disk_full, umask, write_json  # noqa: F401  (fsync_file: re-exported)
+from .fileio import atomic_directory, write_json
 from .safe_pickle import torch_load
 
 CONV1D_SUFFIXES = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
@@ -28,6 +27,15 @@ SAFE_INDEX = "model.safetensors.index.json"
 BIN_WEIGHTS = "pytorch_model.bin"
 BIN_INDEX = "pytorch_model.bin.index.json"
 WEIGHT_FILE = re.compile(r"(model|pytorch_model)(-\d+-of-\d+)?\.(safetensors|bin)(\.index\.json)?")
+
+SAFETENSORS_DTYPES = {
+    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+    "U16": torch.uint16, "U32": torch.uint32, "U64": torch.uint64, "BOOL": torch.bool,
+    "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2,
+}
+SAFETENSORS_NAMES = {v: k for k, v in SAFETENSORS_DTYPES.items()}
+
 
 DTYPES = {
     "fp32": torch.float32, "float32": torch.float32, "fp16": torch.float16, "float16": torch.float16,
@@ -97,6 +105,34 @@ def pad_vocab(weight: torch.Tensor, config: GPT2Config) -> torch.Tensor:
     return padded
 
 
+# c_attn's row order: HF's [q of all heads | k | v], or the per-head [q0 k0 v0 | q1 k1 v1 | ...] of distributed runs
+# (parallel/tensor_parallel.py), which a row-wise tensor-parallel split cuts into whole heads
+QKV_KEYS = ("attn.c_attn.weight", "attn.c_attn.bias")
+
+
+def per_head_order(n_embd: int, n_head: int) -> torch.Tensor:
+    """Row index map: new row i takes old row order[i] (HF [q|k|v] -> per-head [q_h k_h v_h])."""
+    head_dim = n_embd // n_head
+    rows = torch.arange(3 * n_embd).view(3, n_head, head_dim)  # (qkv, head, dim)
+    return rows.transpose(0, 1).reshape(-1)
+
+
+def hf_order(n_embd: int, n_head: int) -> torch.Tensor:
+    """Inverse of per_head_order."""
+    return torch.argsort(per_head_order(n_embd, n_head))
+
+
+def convert_qkv_state(state: dict, n_embd: int, n_head: int, to: str) -> dict:
+    """Convert the c_attn tensors of a full (unsharded) state dict between 'hf' and 'per_head' layouts."""
+    order = per_head_order(n_embd, n_head) if to == "per_head" else hf_order(n_embd, n_head)
+    out = {}
+    for key, tensor in state.items():
+        if key.endswith(QKV_KEYS) and torch.is_tensor(tensor) and tensor.size(0) == 3 * n_embd:
+            tensor = tensor.index_select(0, order.to(tensor.device))
+        out[key] = tensor
+    return out
+
+
 # ---------------------------------------------------------------------------------------------
 # reading files
 # ---------------------------------------------------------------------------------------------
@@ -122,7 +158,7 @@ def download_from_hub(repo_id: str) -> str:
             "config.json", "*.safetensors", SAFE_INDEX, "tokenizer.json", "tokenizer_config.json",
             "vocab.json", "merges.txt", "special_tokens_map.json", GENERATION_CONFIG, "adapter_config.json"])
     except Exception as e:  # offline, unknown repo, HTTP error: one line, no traceback of the hub client
-        reason = error_line(e)
+        reason = str(e).strip().splitlines()[0] if str(e).strip() else "no message"
         where = "in the hub cache (HF_HUB_OFFLINE is set)" if hub_offline() else "from the hub"
         raise OSError(f"could not fetch {repo_id!r} {where} ({type(e).__name__}: {reason}); "
                       f"pass a local directory with config.json and model.safetensors instead") from None
@@ -171,6 +207,33 @@ def iter_tensors(files: Iterable[str]) -> Iterator[tuple[str, torch.Tensor]]:
             yield from state.items()
 
 
+def read_safetensors_header(path: str) -> tuple[dict, int]:
+    """(header dict, byte offset where the data starts), validated against the file size."""
+    size = os.path.getsize(path)
+    with open(path, "rb") as f:
+        head = f.read(8)
+        if len(head) < 8:
+            raise ValueError(f"cannot read {path}: truncated safetensors file ({size} bytes)")
+        (n,) = struct.unpack("<Q", head)
+        if 8 + n > size:
+            raise ValueError(f"cannot read {path}: truncated or corrupt safetensors file (header of {n} bytes)")
+        try:
+            header = json.loads(f.read(n))
+        except ValueError:
+            raise ValueError(f"cannot read {path}: corrupt safetensors header") from None
+    start = 8 + n
+    for name, info in header.items():
+        if name == "__metadata__":
+            continue
+        dtype = SAFETENSORS_DTYPES.get(info.get("dtype"))
+        begin, end = info.get("data_offsets", (0, -1))
+        if dtype is None or end - begin != math.prod(info["shape"]) * dtype.itemsize:
+            raise ValueError(f"cannot read {path}: corrupt entry for {name!r}")
+        if start + end > size:
+            raise ValueError(f"cannot read {path}: truncated safetensors file ({name!r} ends past the file end)")
+    return header, start
+
+
 def load_torch_file(file: str):
     """torch.load with weights_only (never unpickle code: UnsafeFileError), memory-mapped when the file format
     allows; a file that cannot be read is one ValueError line naming it."""
@@ -213,14 +276,16 @@ def check_state(model: torch.nn.Module, state: dict, source: str, allow_missing=
                              f"{tuple(expected[key])}")
 
 
-def load_pretrained(cls, path_or_hub_id: str, dtype=None, device=None, **config_overrides):
-    """Build `cls` from an HF-format directory, weight file or hub id (see DESIGN.md)."""
+def load_pretrained(cls, path_or_hub_id: str, dtype=None, device=None, name: str | None = None, **config_overrides):
+    """Build `cls` from an HF-format directory, weight file or hub id (HF's layout, HF's file names). name: what the
+    model records as its origin, when path_or_hub_id is already a hub id's downloaded folder."""
     path = resolve_model_path(path_or_hub_id)
     config = load_config(path, **config_overrides)
     state = hf_to_ours(read_state_dict(path), config)
     model = model_from_state(cls, config, state, source=path, dtype=dtype, device=device)
     # as transformers: where the weights came from (peft records it as an adapter's base_model_name_or_path)
-    model.name_or_path = os.path.abspath(path_or_hub_id) if os.path.exists(path_or_hub_id) else path_or_hub_id
+    name = name or path_or_hub_id
+    model.name_or_path = os.path.abspath(name) if os.path.exists(name) else name
     if hasattr(model, "generation_config"):
         model.generation_config = load_generation_config(path, config)
     return model
@@ -243,7 +308,7 @@ def model_from_state(cls, config: GPT2Config, state: dict, source: str, dtype=No
     dtype = parse_dtype(dtype)
     with torch.device("meta"):
         model = cls(config)
-    is_classifier = hasattr(model, "score")
+    is_classifier = model.hf_architecture == "GPT2ForSequenceClassification"
     fresh_head = is_classifier and "score.weight" not in state
     ignore = ["lm_head.weight"] if is_classifier or config.tie_word_embeddings else []
     if not is_classifier:
@@ -253,72 +318,24 @@ def model_from_state(cls, config: GPT2Config, state: dict, source: str, dtype=No
         head = torch.empty(config.num_labels, config.n_embd)
         torch.nn.init.normal_(head, std=config.initializer_range)
         state["score.weight"] = head
-    if config.tie_word_embeddings and hasattr(model, "lm_head"):
+    if config.tie_word_embeddings and not is_classifier:
         state["lm_head.weight"] = state["transformer.wte.weight"]
     target_dtype = dtype or next(iter(state.values())).dtype
     if not target_dtype.is_floating_point:
         target_dtype = torch.float32
     state = {k: v.to(dtype=target_dtype) for k, v in state.items()}
     model.load_state_dict(state, strict=True, assign=True)
-    if config.tie_word_embeddings and hasattr(model, "lm_head"):
+    if config.tie_word_embeddings and not is_classifier:
         model.lm_head.weight = model.transformer.wte.weight
     if device is not None:
         model.to(device)
     return model.eval()
 
 
-def atomic_directory(output_dir: str, size: int | None = None):
-    """A temporary sibling directory to fill, swapped into place when the `with` block ends without error and
-    removed on any failure (the commit's included); a full disk is DiskFullError naming `size` bytes."""
-    return _AtomicDir(output_dir, size)
-
-
-class _AtomicDir:
-    def __init__(self, output_dir: str, size: int | None = None):
-        self.final = os.path.abspath(output_dir)
-        if os.path.exists(self.final) and not os.path.isdir(self.final):
-            raise ValueError(f"{output_dir} is a file, not a directory: pass another output directory")
-        parent = os.path.dirname(self.final)
-        os.makedirs(parent, exist_ok=True)
-        self.size = size
-        self.tmp = tempfile.mkdtemp(prefix="." + os.path.basename(self.final) + ".tmp-", dir=parent)
-        self.umask = umask()
-        os.chmod(self.tmp, 0o777 & ~self.umask)  # mkdtemp makes it private; the export is an ordinary folder
-
-    def __enter__(self):
-        return self.tmp
-
-    def __exit__(self, exc_type, exc, tb):
-        try:
-            if exc_type is None:
-                self._commit()
-        except BaseException as e:
-            shutil.rmtree(self.tmp, ignore_errors=True)
-            if is_disk_full(e):
-                raise disk_full_error(os.path.dirname(self.final), self.size, self.final) from None
-            raise
-        if exc_type is not None:
-            shutil.rmtree(self.tmp, ignore_errors=True)
-            if is_disk_full(exc):
-                raise disk_full_error(os.path.dirname(self.final), self.size, self.final) from None
-        return False
-
-    def _commit(self):
-        for name in os.listdir(self.tmp):
-            path = os.path.join(self.tmp, name)
-            if os.path.isfile(path):  # some writers use private temp files; give them the usual mode
-                os.chmod(path, 0o666 & ~self.umask)
-            fsync_file(path)
-        if os.path.isdir(self.final):
-            # keep files we do not own (tokenizer, adapters); replace ours, dropping stale weight shards
-            for name in os.listdir(self.final):
-                if WEIGHT_FILE.fullmatch(name) and name not in os.listdir(self.tmp):
-                    os.remove(os.path.join(self.final, name))
-            for name in os.listdir(self.tmp):
-                os.replace(os.path.join(self.tmp, name), os.path.join(self.final, name))
-            shutil.rmtree(self.tmp, ignore_errors=True)
-        else:
-            os.replace(self.tmp, self.final)
+def atomic_model_dir(output_dir: str, size: int | None = None):
+    """fileio.atomic_directory for an HF model directory: into an existing one file by file, keeping what is not
+    ours (a tokenizer, an adapter) but dropping weight shards the new weights do not have."""
+    return atomic_directory(output_dir, size, stale=WEIGHT_FILE.fullmatch)
 
 
 def parse_size(size) -> int:
@@ -349,21 +366,80 @@ def shard_plan(sizes: dict, max_shard_size: int | None) -> list[list[str]]:
     return shards
 
 
-def write_safetensors(hf_state: dict, output_dir: str, max_shard_size=None):
-    """model.safetensors, or shards model-0000i-of-0000n.safetensors plus the index HF reads."""
-    from safetensors.torch import save_file
-    sizes = {k: v.numel() * v.element_size() for k, v in hf_state.items()}
-    shards = shard_plan(sizes, parse_size(max_shard_size) if max_shard_size else None)
-    if len(shards) == 1:
-        save_file(hf_state, os.path.join(output_dir, SAFE_WEIGHTS), metadata={"format": "pt"})
-        return
-    weight_map = {}
-    for i, names in enumerate(shards, 1):
-        file = f"model-{i:05d}-of-{len(shards):05d}.safetensors"
-        save_file({k: hf_state[k] for k in names}, os.path.join(output_dir, file), metadata={"format": "pt"})
-        weight_map.update({k: file for k in names})
-    write_json({"metadata": {"total_size": sum(sizes.values())}, "weight_map": weight_map},
-               os.path.join(output_dir, SAFE_INDEX))
+# ---------------------------------------------------------------------------------------------
+# the one safetensors writer
+# ---------------------------------------------------------------------------------------------
+# safetensors (https://github.com/huggingface/safetensors): 8-byte little-endian header size, a JSON header
+# {name: {dtype, shape, data_offsets: [begin, end]}, "__metadata__": {...}}, then the data. Knowing every name, dtype
+# and shape up front, the writer lays out the file, then fills each tensor in place as it arrives, so converting a
+# model never holds more than one of its tensors.
+class SafetensorsWriter:
+    """A safetensors file laid out from (name -> (dtype, shape)); tensors are written in any order."""
+
+    def __init__(self, path: str, specs: dict, metadata: dict | None = None):
+        self.path, self.specs = path, specs
+        header, offset = {}, 0
+        for name, (dtype, shape) in specs.items():
+            nbytes = math.prod(shape) * dtype.itemsize
+            header[name] = {"dtype": SAFETENSORS_NAMES[dtype], "shape": list(shape), "data_offsets": [offset, offset + nbytes]}
+            offset += nbytes
+        header["__metadata__"] = metadata or {"format": "pt"}
+        blob = json.dumps(header, separators=(",", ":")).encode()
+        blob += b" " * (-len(blob) % 8)  # data 8-byte aligned, as safetensors itself writes it
+        self.data_start = 8 + len(blob)
+        self.offsets = {name: info["data_offsets"][0] for name, info in header.items() if name != "__metadata__"}
+        self.pending = set(specs)
+        self.file = open(path, "wb")
+        self.file.write(struct.pack("<Q", len(blob)) + blob)
+        self.file.truncate(self.data_start + offset)
+
+    def write(self, name: str, tensor: torch.Tensor):
+        dtype, shape = self.specs[name]
+        if tensor.dtype != dtype or tuple(tensor.shape) != tuple(shape):
+            raise ValueError(f"{name!r}: got {tensor.dtype} {tuple(tensor.shape)}, planned {dtype} {tuple(shape)}")
+        self.file.seek(self.data_start + self.offsets[name])
+        self.file.write(memoryview(tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy()))
+        self.pending.discard(name)
+
+    def close(self):
+        if self.pending:
+            raise RuntimeError(f"{self.path}: {len(self.pending)} tensors never written, e.g. {sorted(self.pending)[0]!r}")
+        self.file.flush()
+        os.fsync(self.file.fileno())
+        self.file.close()
+
+
+def shard_file_names(n: int) -> list[str]:
+    return [SAFE_WEIGHTS] if n == 1 else [f"model-{i:05d}-of-{n:05d}.safetensors" for i in range(1, n + 1)]
+
+
+def write_hf_weights(output_dir: str, specs: dict, fetch, max_shard_size=None, order=None, progress=None):
+    """Write model.safetensors (or shards + index) into output_dir, pulling tensors one at a time.
+
+    specs: name -> (dtype, shape) in file order; fetch(name) -> tensor; order: the order to fetch in (the
+    cheapest for the source, default specs order); progress: a tqdm-like wrapper for the loop.
+    """
+    sizes = {name: math.prod(shape) * dtype.itemsize for name, (dtype, shape) in specs.items()}
+    plan = shard_plan(sizes, parse_size(max_shard_size) if max_shard_size else None)
+    files = shard_file_names(len(plan))
+    writers, file_of = {}, {}
+    try:
+        for file, names in zip(files, plan):
+            writers[file] = SafetensorsWriter(os.path.join(output_dir, file), {n: specs[n] for n in names})
+            file_of.update({n: file for n in names})
+        names = list(order or specs)
+        for name in progress(names) if progress else names:
+            writers[file_of[name]].write(name, fetch(name))
+        for writer in writers.values():
+            writer.close()
+    finally:
+        for writer in writers.values():
+            if not writer.file.closed:
+                writer.file.close()
+    if len(files) > 1:
+        write_json({"metadata": {"total_size": sum(sizes.values())}, "weight_map": file_of},
+                   os.path.join(output_dir, SAFE_INDEX))
+    return files
 
 
 def save_pretrained(model, output_dir: str, dtype=None, max_shard_size=None, state: dict | None = None):
@@ -374,9 +450,10 @@ def save_pretrained(model, output_dir: str, dtype=None, max_shard_size=None, sta
     hf_state = {k: (v.to(dtype) if dtype else v).detach().cpu() for k, v in ours_to_hf(state, config).items()}
     hf_config = config.to_hf_dict(model.hf_architecture)
     hf_config["torch_dtype"] = str(next(iter(hf_state.values())).dtype).replace("torch.", "")
-    with atomic_directory(output_dir, size=sum(t.numel() * t.element_size() for t in hf_state.values())) as tmp:
+    specs = {name: (t.dtype, tuple(t.shape)) for name, t in hf_state.items()}
+    with atomic_model_dir(output_dir, size=sum(t.numel() * t.element_size() for t in hf_state.values())) as tmp:
         write_json(hf_config, os.path.join(tmp, "config.json"))
-        write_safetensors(hf_state, tmp, max_shard_size)
+        write_hf_weights(tmp, specs, hf_state.__getitem__, max_shard_size)
         generation = getattr(model, "generation_config", None)
         if generation is not None:  # a language model: the defaults transformers' generate() and ours read
             write_json(generation.to_hf_dict(), os.path.join(tmp, GENERATION_CONFIG))

@@ -5,22 +5,22 @@ nn.Linear layers: HF's Conv1D weights are the transpose, handled once in hf.py.
 """
 from __future__ import annotations
 
-import contextlib
 import math
 from dataclasses import dataclass, fields
 from typing import Optional
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 from . import ops
 from .config import GenerationConfig, GPT2Config
+from .kv_cache import KVCache
+from .losses import causal_lm_loss, chunked_linear_cross_entropy, classification_loss, next_token_loss
 
 
 # ---------------------------------------------------------------------------------------------
-# outputs and the key/value cache
+# outputs and masks
 # ---------------------------------------------------------------------------------------------
 @dataclass
 class ModelOutput:
@@ -39,71 +39,6 @@ class ModelOutput:
 
     def __getitem__(self, key):
         return getattr(self, key) if isinstance(key, str) else self.to_tuple()[key]
-
-
-class KVCache:
-    """Keys and values of every layer, (B, H, S, D) each.
-
-    Dynamic by default (grows by concatenation, like HF's DynamicCache). `KVCache.static(...)`
-    preallocates `max_length` slots so decoding writes in place; with `fixed_shape=True` every step
-    reads the whole buffer under a mask (no shape changes, so a compiled decode step can be captured
-    as a CUDA graph). `length` counts the positions filled so far.
-    """
-
-    def __init__(self, n_layer: int):
-        self.keys: list = [None] * n_layer
-        self.values: list = [None] * n_layer
-        self.length = 0
-        self.max_length: Optional[int] = None
-        self.fixed_shape = False
-        self.positions: Optional[torch.Tensor] = None  # fixed_shape: where this step writes
-
-    @classmethod
-    def static(cls, config: GPT2Config, batch_size: int, max_length: int, device=None, dtype=None,
-               fixed_shape: bool = False) -> "KVCache":
-        cache = cls(config.n_layer)
-        shape = (batch_size, config.n_head, max_length, config.head_dim)
-        cache.keys = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(config.n_layer)]
-        cache.values = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(config.n_layer)]
-        cache.max_length = max_length
-        cache.fixed_shape = fixed_shape
-        return cache
-
-    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor):
-        """Store this step's keys/values and return everything the step may attend to."""
-        if self.max_length is None:
-            if self.keys[layer] is not None:
-                k = torch.cat([self.keys[layer], k], dim=2)
-                v = torch.cat([self.values[layer], v], dim=2)
-            self.keys[layer], self.values[layer] = k, v
-            return k, v
-        if self.fixed_shape:
-            self.keys[layer].index_copy_(2, self.positions, k.to(self.keys[layer].dtype))
-            self.values[layer].index_copy_(2, self.positions, v.to(self.values[layer].dtype))
-            return self.keys[layer], self.values[layer]
-        end = self.length + k.size(2)
-        self.keys[layer][:, :, self.length:end] = k
-        self.values[layer][:, :, self.length:end] = v
-        return self.keys[layer][:, :, :end], self.values[layer][:, :, :end]
-
-    def reorder(self, index: torch.Tensor):
-        """Keep only the batch rows in `index` (beam search / dropping finished rows)."""
-        self.keys = [k.index_select(0, index) if k is not None else None for k in self.keys]
-        self.values = [v.index_select(0, index) if v is not None else None for v in self.values]
-
-    def __len__(self):
-        return self.length
-
-
-@contextlib.contextmanager
-def eval_mode(model: nn.Module):
-    """Run without dropout and give the model back in the mode it came in."""
-    was_training = model.training
-    model.eval()
-    try:
-        yield
-    finally:
-        model.train(was_training)
 
 
 def positions_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
@@ -315,6 +250,9 @@ class GPT2PreTrainedModel(nn.Module):
 
     config: GPT2Config
     hf_architecture = "GPT2LMHeadModel"
+    # (stage, stages) when this is one stage of a pipeline (parallel/pipeline.py prunes what other stages hold):
+    # its forward then takes and returns plain tensors, as torch.distributed.pipelining passes them between ranks
+    pipeline_stage: Optional[tuple] = None
 
     def init_weights(self):
         """config.init_style "hf": N(0, initializer_range) everywhere, residual projections (c_proj) scaled by
@@ -409,12 +347,18 @@ class GPT2Model(GPT2PreTrainedModel):
     def forward(self, input_ids=None, attention_mask=None, position_ids=None, past_key_values=None,
                 use_cache=False, token_type_ids=None, inputs_embeds=None, output_hidden_states=None,
                 output_attentions=None, return_dict=None, **hf_only):
-        """HF GPT2Model's arguments with HF's meaning; those this model lacks raise TypeError (hf_only)."""
+        """HF GPT2Model's arguments with HF's meaning; those this model lacks raise TypeError (hf_only). In a
+        pipeline stage after the first (no wte: parallel/pipeline.py), input_ids is the previous stage's hidden
+        states."""
         reject_unsupported(type(self).__name__, hf_only)
-        for ids in (input_ids, token_type_ids):  # both are looked up in wte
-            if ids is not None:
-                self._check_input_ids(ids)
-        x = token_embeddings(self.wte, input_ids, inputs_embeds)
+        embeds = self.wte is not None
+        if embeds:
+            for ids in (input_ids, token_type_ids):  # both are looked up in wte
+                if ids is not None:
+                    self._check_input_ids(ids)
+            x = token_embeddings(self.wte, input_ids, inputs_embeds)
+        else:
+            x = input_ids
         B, T, device = x.size(0), x.size(1), x.device
         cache = past_key_values
         if use_cache and cache is None:
@@ -422,12 +366,13 @@ class GPT2Model(GPT2PreTrainedModel):
         past = cache.length if cache is not None else 0
         self._check_lengths(B, T, past, attention_mask, cache)
 
-        if position_ids is None:
-            position_ids = self._default_positions(attention_mask, T, past, device, cache)
-        x = x + self.wpe(position_ids)
-        if token_type_ids is not None:
-            x = x + self.wte(token_type_ids)  # as HF: token types share the token embedding table
-        x = self.drop(x)
+        if embeds:
+            if position_ids is None:
+                position_ids = self._default_positions(attention_mask, T, past, device, cache)
+            x = x + self.wpe(position_ids)
+            if token_type_ids is not None:
+                x = x + self.wte(token_type_ids)  # as HF: token types share the token embedding table
+            x = self.drop(x)
 
         mask = build_attention_mask(attention_mask, T, past, device, cache)
         if cache is not None and cache.fixed_shape and mask is None:
@@ -436,14 +381,15 @@ class GPT2Model(GPT2PreTrainedModel):
         step = run_block if cache is not None else getattr(self, "_compiled_block_step", run_block)
         hidden_states = [] if output_hidden_states else None
         attentions = [] if output_attentions else None
-        for i, block in enumerate(self.h):
+        for i, block in self.blocks():
             if hidden_states is not None:
                 hidden_states.append(x)
             if attentions is not None:  # the eager path that has the weights, block by block
                 x = block(x, mask, cache, i, attentions=attentions)
             else:
                 x = step(block, x, mask, cache, i, self.recompute if self.training and cache is None else "none")
-        x = self.ln_f(x)
+        if self.ln_f is not None:  # (a pipeline stage before the last has none)
+            x = self.ln_f(x)
         if hidden_states is not None:
             hidden_states.append(x)
         if cache is not None and not cache.fixed_shape:
@@ -453,6 +399,13 @@ class GPT2Model(GPT2PreTrainedModel):
                           hidden_states=tuple(hidden_states) if hidden_states is not None else None,
                           attentions=tuple(attentions) if attentions is not None else None)
         return out.to_tuple() if return_dict is False else out
+
+    def blocks(self) -> list[tuple[int, nn.Module]]:
+        """(layer index, block) of every block this model holds: all of them, or a pipeline stage's slice (h is then
+        a ModuleDict keyed by the layer index, so parameter names stay those of the whole model)."""
+        if isinstance(self.h, nn.ModuleDict):
+            return [(int(key), block) for key, block in self.h.items()]
+        return list(enumerate(self.h))
 
     def compile_blocks(self, **compile_kwargs):
         """torch.compile the per-block step, activation recompute included, once for all blocks: identical
@@ -521,15 +474,12 @@ class GPT2LMHeadModel(GPT2PreTrainedModel):
         _rng_restore(rng)
         self.init_weights()
 
-    # Tokens per chunk of the fused head + cross-entropy in training (0: plain logits + cross-entropy).
-    loss_chunk_size = 0
-
     def forward(self, input_ids=None, attention_mask=None, position_ids=None, labels=None, past_key_values=None,
                 use_cache=False, targets=None, token_type_ids=None, inputs_embeds=None, output_hidden_states=None,
                 output_attentions=None, return_dict=None, logits_to_keep=0, **hf_only):
         """HF GPT2LMHeadModel's arguments with HF's meaning (those this model lacks raise TypeError), plus
         targets: already the next token of each position (nanoGPT semantics), the trainer's form; with
-        loss_chunk_size set, the loss is computed chunk by chunk without the (tokens x vocab) logits and no
+        config.loss_chunk_size set, the loss is computed chunk by chunk without the (tokens x vocab) logits and no
         logits are returned. labels: HF semantics (shifted inside: logits at t predict labels at t+1).
         logits_to_keep: an int n > 0 keeps the last n positions, a 1-D tensor the positions it lists."""
         reject_unsupported(type(self).__name__, hf_only)
@@ -538,10 +488,14 @@ class GPT2LMHeadModel(GPT2PreTrainedModel):
                                inputs_embeds=inputs_embeds, output_hidden_states=output_hidden_states,
                                output_attentions=output_attentions)
         hidden = out.last_hidden_state
+        if self.pipeline_stage is not None:  # tensors in, tensors out: torch.distributed.pipelining sends them on
+            if self.lm_head is None:
+                return hidden if attention_mask is None else (hidden, attention_mask)
+            return self.logits(hidden)
         extras = dict(past_key_values=out.past_key_values, hidden_states=out.hidden_states, attentions=out.attentions)
-        if targets is not None and self.loss_chunk_size and torch.is_grad_enabled():
+        if targets is not None and self.config.loss_chunk_size and torch.is_grad_enabled():
             loss = chunked_linear_cross_entropy(hidden, self.lm_head.weight, targets, self.config.vocab_size,
-                                                self.loss_chunk_size)
+                                                self.config.loss_chunk_size)
             result = ModelOutput(loss=loss, **extras)
             return result.to_tuple() if return_dict is False else result
         if isinstance(logits_to_keep, torch.Tensor):
@@ -553,8 +507,7 @@ class GPT2LMHeadModel(GPT2PreTrainedModel):
         if labels is not None:
             loss = causal_lm_loss(logits, labels)
         elif targets is not None:
-            loss = F.cross_entropy(logits.float().reshape(-1, logits.size(-1)), targets.reshape(-1).to(logits.device),
-                                   ignore_index=-100)
+            loss = next_token_loss(logits, targets)
         result = ModelOutput(loss=loss, logits=logits, **extras)
         return result.to_tuple() if return_dict is False else result
 
@@ -583,70 +536,6 @@ class GPT2LMHeadModel(GPT2PreTrainedModel):
         return generate(self, input_ids, attention_mask=attention_mask, **kwargs)
 
 
-class _ChunkedLinearCrossEntropy(torch.autograd.Function):
-    """mean CE(hidden @ weight[:vocab].T, targets), chunk by chunk over the tokens.
-
-    The forward pass also computes the gradients (softmax - one_hot is the logits' gradient), so no chunk's
-    logits outlive the chunk: the (tokens x vocab) fp32 logits of the plain path never exist. The matmuls
-    run in the input dtype (bf16 under autocast), the softmax in fp32. They use every row of the weight,
-    the internal vocab padding included (50304 = 64 x 786, not 50257): aligned widths keep the GPU's fast
-    GEMM kernels; the padding columns get -inf logits, so they take no probability and no gradient."""
-
-    @staticmethod
-    def forward(ctx, hidden, weight, targets, vocab_size, chunk_size, weight_grad):
-        n = hidden.size(0)
-        w = weight.to(hidden.dtype)
-        valid = targets != -100
-        count = valid.sum().clamp(min=1)
-        loss = torch.zeros((), device=hidden.device, dtype=torch.float32)
-        grad_hidden = torch.empty_like(hidden)
-        # a frozen head (LoRA) needs no weight gradient: skip its matmul and its fp32 buffer
-        grad_weight = torch.zeros(weight.shape, device=weight.device, dtype=torch.float32) if weight_grad else None
-        for start in range(0, n, chunk_size):
-            h = hidden[start:start + chunk_size]
-            t = targets[start:start + chunk_size]
-            keep = valid[start:start + chunk_size]
-            logits = (h @ w.t()).float()
-            if weight.size(0) > vocab_size:
-                logits[:, vocab_size:] = -math.inf  # padding rows are never a prediction
-            logp = torch.log_softmax(logits, dim=-1)
-            safe_t = t.clamp(min=0)
-            loss -= logp.gather(1, safe_t[:, None]).squeeze(1).masked_fill(~keep, 0.0).sum()
-            grad = logp.exp_()  # softmax
-            grad[torch.arange(grad.size(0), device=grad.device), safe_t] -= 1.0
-            grad.mul_(keep[:, None].float())
-            grad = grad.to(h.dtype)
-            grad_hidden[start:start + chunk_size] = grad @ w
-            if weight_grad:
-                grad_weight += (grad.t() @ h).float()
-        ctx.save_for_backward(grad_hidden, grad_weight, count)
-        ctx.weight_dtype = weight.dtype
-        return loss / count
-
-    @staticmethod
-    def backward(ctx, grad_loss):
-        grad_hidden, grad_weight, count = ctx.saved_tensors
-        scale = grad_loss / count
-        grad_w = (grad_weight * scale).to(ctx.weight_dtype) if grad_weight is not None else None
-        return grad_hidden * scale.to(grad_hidden.dtype), grad_w, None, None, None, None
-
-
-def chunked_linear_cross_entropy(hidden, weight, targets, vocab_size: int, chunk_size: int):
-    """Mean next-token loss from the final hidden states, without materialising all logits."""
-    h = hidden.reshape(-1, hidden.size(-1))
-    if torch.is_autocast_enabled(h.device.type):
-        h = h.to(torch.get_autocast_dtype(h.device.type))
-    return _ChunkedLinearCrossEntropy.apply(h, weight, targets.reshape(-1).to(h.device), vocab_size, chunk_size,
-                                            weight.requires_grad)
-
-
-def causal_lm_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """Mean next-token cross-entropy: logits at t predict labels at t+1; -100 is ignored."""
-    shift_logits = logits[:, :-1].reshape(-1, logits.size(-1)).float()
-    shift_labels = labels[:, 1:].reshape(-1).to(logits.device)
-    return F.cross_entropy(shift_logits, shift_labels, ignore_index=-100)
-
-
 class GPT2ForSequenceClassification(GPT2PreTrainedModel):
     hf_architecture = "GPT2ForSequenceClassification"
 
@@ -670,16 +559,21 @@ class GPT2ForSequenceClassification(GPT2PreTrainedModel):
                                token_type_ids=token_type_ids, inputs_embeds=inputs_embeds,
                                output_hidden_states=output_hidden_states, output_attentions=output_attentions)
         hidden = out.last_hidden_state
+        stage = self.pipeline_stage is not None
+        if stage and self.score is None:  # a pipeline stage before the last: tensors on to the next
+            return hidden if attention_mask is None else (hidden, attention_mask)
         rows = torch.arange(hidden.size(0), device=hidden.device)
-        if input_ids is None and attention_mask is None:
+        if attention_mask is None and (input_ids is None or stage):  # (a stage's input_ids are hidden states)
             last = torch.full_like(rows, hidden.size(1) - 1)
         else:
             last = last_token_index(input_ids if input_ids is not None else attention_mask, attention_mask,
                                     self.config.pad_token_id)
         logits = self.score(hidden[rows, last])
+        if stage:
+            return logits
         loss = None
         if labels is not None:
-            loss = F.cross_entropy(logits.float().view(-1, self.num_labels), labels.view(-1).to(logits.device))
+            loss = classification_loss(logits, labels)
         result = ModelOutput(loss=loss, logits=logits, hidden_states=out.hidden_states, attentions=out.attentions)
         return result.to_tuple() if return_dict is False else result
 
@@ -695,3 +589,20 @@ def last_token_index(input_ids, attention_mask, pad_token_id):
     else:
         return torch.full((input_ids.size(0),), T - 1, device=input_ids.device, dtype=torch.long)
     return (torch.arange(T, device=input_ids.device, dtype=torch.int32) * real).argmax(-1)
+
+
+# ---------------------------------------------------------------------------------------------
+# the heads by HF architecture name: the one place a model class is chosen
+# ---------------------------------------------------------------------------------------------
+MODEL_CLASSES = {cls.hf_architecture: cls for cls in (GPT2LMHeadModel, GPT2ForSequenceClassification)}
+ARCHITECTURES = tuple(MODEL_CLASSES)
+LANGUAGE_MODEL, CLASSIFIER = ARCHITECTURES
+
+
+def model_class(architecture: str | None):
+    """GPT2LMHeadModel or GPT2ForSequenceClassification for an HF architecture string (None: the language model)."""
+    if architecture is None:
+        return GPT2LMHeadModel
+    if architecture not in MODEL_CLASSES:
+        raise ValueError(f"unknown architecture {architecture!r}: use one of {', '.join(ARCHITECTURES)}")
+    return MODEL_CLASSES[architecture]

@@ -7,7 +7,7 @@ import torch
 
 from gpt2_ascend import GPT2Config, GPT2ForSequenceClassification, GPT2LMHeadModel
 from gpt2_ascend.hf import hf_to_ours
-from gpt2_ascend.tokenizer import default_data_dir
+from gpt2_ascend.data.download import default_data_dir
 
 torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

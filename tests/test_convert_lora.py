@@ -7,7 +7,7 @@ import torch
 from conftest import load_script, max_diff, randomize_lora_b, tiny_config
 from gpt2_ascend import GPT2ForSequenceClassification, GPT2LMHeadModel
 from gpt2_ascend.convert import merge_lora
-from gpt2_ascend.train.lora import apply_lora
+from gpt2_ascend.lora import apply_lora
 
 
 def merge_cli(argv):

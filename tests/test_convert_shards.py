@@ -8,7 +8,8 @@ import pytest
 import torch
 
 from conftest import hf_model, load_script, tiny_config
-from gpt2_ascend.convert import WeightIndex, merge_hf_shards, write_hf_weights
+from gpt2_ascend.convert import WeightIndex, merge_hf_shards
+from gpt2_ascend.hf import write_hf_weights
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

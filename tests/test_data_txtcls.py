@@ -8,9 +8,10 @@ import numpy as np
 import pytest
 
 from gpt2_ascend.data import txtcls
-from gpt2_ascend.data.store import load_arrays, load_txtcls
+from gpt2_ascend.data.sources import load_txtcls
+from gpt2_ascend.data.store import load_arrays
 from gpt2_ascend.data.txtcls import prepare_txtcls, read_sst2
-from gpt2_ascend.tokenizer import load_tokenizer
+from gpt2_ascend.data.tokenizer import load_tokenizer
 
 
 @pytest.fixture(scope="module")

@@ -12,7 +12,7 @@ from gpt2_ascend.data import wikitext2
 from gpt2_ascend.data.text import split_for_tokenizer, tokenize_text
 from gpt2_ascend.data.wikitext2 import (pack_blocks, prepare_wikitext2, read_passages, wikitext2_token_stream,
                                         wikitext_clean)
-from gpt2_ascend.tokenizer import load_tokenizer
+from gpt2_ascend.data.tokenizer import load_tokenizer
 
 
 @pytest.fixture(scope="module")

@@ -8,7 +8,7 @@ import torch
 
 from conftest import load_script, tiny_config
 from gpt2_ascend import GPT2ForSequenceClassification, GPT2LMHeadModel
-from gpt2_ascend.data.store import load_txtcls
+from gpt2_ascend.data.sources import load_txtcls
 from gpt2_ascend.data.wikitext2 import prepare_wikitext2, wikitext2_token_stream
 from gpt2_ascend.eval import classification_accuracy, perplexity
 from helpers.fake_hub import FakeHub
@@ -83,7 +83,7 @@ def test_perplexity_cli_reproduces_the_api_on_real_wikitext(lm_dirs, data_dir, t
 
 
 def test_perplexity_cli_with_a_lora_adapter(lm_dirs, data_dir, tmp_path, capsys):
-    from gpt2_ascend.train.lora import apply_lora
+    from gpt2_ascend.lora import apply_lora
     root, ours = lm_dirs
     base = GPT2LMHeadModel.from_pretrained(str(root / "ours"))
     peft_model = apply_lora(base, rank=2, alpha=4, dropout=0.0)
@@ -102,7 +102,7 @@ def test_perplexity_cli_with_a_lora_adapter(lm_dirs, data_dir, tmp_path, capsys)
 
 
 def test_perplexity_cli_reads_a_training_checkpoint(lm_dirs, data_dir, tmp_path, capsys):
-    from gpt2_ascend.train.checkpoint import save_checkpoint
+    from gpt2_ascend.checkpoints import save_checkpoint
     root, ours = lm_dirs
     step_dir = save_checkpoint(str(tmp_path / "checkpoint"), 7, {"model": ours.state_dict()},
                                json_files={"config.json": ours.config.to_hf_dict()})

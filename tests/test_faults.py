@@ -25,7 +25,7 @@ import yaml
 
 from conftest import REPO, load_script, tiny_config
 from gpt2_ascend import GPT2LMHeadModel
-from gpt2_ascend.train import checkpoint as ckpt
+from gpt2_ascend import checkpoints as ckpt
 from gpt2_ascend.train.interrupt import Interrupted, StopOnSignal
 from gpt2_ascend.train.metrics import read_metrics
 from gpt2_ascend.train.rundir import OutputDirLock

@@ -21,7 +21,7 @@ from gpt2_ascend import GPT2LMHeadModel
 from gpt2_ascend.convert.mindspore_ckpt import CkptWriter, write_ckpt
 from gpt2_ascend.data.store import save_blocks
 from gpt2_ascend.fileio import DiskFullError, atomic_write
-from gpt2_ascend.train import checkpoint as ckpt
+from gpt2_ascend import checkpoints as ckpt
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # what a full disk raised on a real tmpfs (torch 2.13, numpy 2.4, safetensors 0.8)
@@ -101,11 +101,11 @@ def test_export_convert_and_data_writes_on_a_full_disk(tmp_path, monkeypatch):
     model = GPT2LMHeadModel(tiny_config())
     model.save_pretrained(str(tmp_path / "final"))
     before = (tmp_path / "final" / "model.safetensors").read_bytes()
-    import safetensors.torch
+    from gpt2_ascend.hf import SafetensorsWriter
 
     def full(*args, **kwargs):
         raise ENOSPC
-    monkeypatch.setattr(safetensors.torch, "save_file", full)
+    monkeypatch.setattr(SafetensorsWriter, "write", full)
     with pytest.raises(DiskFullError, match=rf"disk of {tmp_path} while writing {tmp_path / 'final'}: it needs "
                                             rf"about [\d.]+ [KM]B \(\d+ bytes\)"):
         model.save_pretrained(str(tmp_path / "final"))  # tied head: its copy is not written

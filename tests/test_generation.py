@@ -248,7 +248,7 @@ def test_text_streamer_and_generate_text(text_model, data_dir, capsys):
 
 
 def test_peft_wrapped_model_generates_like_the_merged_one(models):
-    from gpt2_ascend.train.lora import apply_lora
+    from gpt2_ascend.lora import apply_lora
     ours, _ = models
     wrapped = apply_lora(ours_from_hf(hf_model(tiny_config(), seed=11), tiny_config()), rank=4, alpha=8, dropout=0.0)
     torch.manual_seed(2)

@@ -1,4 +1,4 @@
-"""`datasets` as a data source (data/hf_datasets.py): the raw files' exact blocks and arrays from save_to_disk folders,
+"""`datasets` as a data source (data/hf_datasets.py, read through data/sources.py): the raw files' exact blocks and arrays from save_to_disk folders,
 parquet / JSON lines / JSON / CSV / Arrow files, Dataset objects and hub ids (a locally built datasets cache read
 with HF_DATASETS_OFFLINE=1, no network), the cache, and one-line errors."""
 import json
@@ -14,7 +14,8 @@ import pyarrow as pa  # noqa: E402
 import pyarrow.parquet as pq  # noqa: E402
 
 from gpt2_ascend.data import hf_datasets  # noqa: E402
-from gpt2_ascend.data.store import load_blocks, load_token_blocks, load_txtcls, read_sidecar  # noqa: E402
+from gpt2_ascend.data.sources import load_token_blocks, load_txtcls  # noqa: E402
+from gpt2_ascend.data.store import load_blocks, read_sidecar  # noqa: E402
 from gpt2_ascend.data.txtcls import prepare_txtcls  # noqa: E402
 from gpt2_ascend.data.wikitext2 import wikitext2_token_stream  # noqa: E402
 
@@ -132,9 +133,9 @@ def test_text_protocol_reads_rows_as_the_files_of_a_text_folder(tmp_path, tok_di
     for name in sources:
         got = load_token_blocks(str(tmp_path / name), 4, tok_dir, cache_dir=str(tmp_path / "cache"))
         assert np.array_equal(got, want), name
-    assert np.array_equal(hf_datasets.token_blocks(dataset, 4, tok_dir), want)  # the Python API's own object
+    assert np.array_equal(load_token_blocks(dataset, 4, tok_dir), want)  # the Python API's own object
     # the same rows read as WikiText lines would be another text: the protocol is a real choice
-    assert not np.array_equal(hf_datasets.token_blocks(dataset, 4, tok_dir, text_format="wikitext")[:3], want[:3])
+    assert not np.array_equal(load_token_blocks(dataset, 4, tok_dir, text_format="wikitext")[:3], want[:3])
 
 
 def test_join_pieces_puts_the_separator_between_pieces():
@@ -181,7 +182,7 @@ def test_sst2_dev_as_a_datasets_folder_gives_the_tsv_arrays(tmp_path, data_dir, 
 HUB_SCRIPT = r"""
 import json, sys
 import numpy as np
-from gpt2_ascend.data.store import load_token_blocks, load_txtcls
+from gpt2_ascend.data.sources import load_token_blocks, load_txtcls
 tok = sys.argv[1]
 blocks = load_token_blocks("wikitext:wikitext-2-v1:validation", 129, tok)
 cls = load_txtcls("glue:sst2", 64, tok, split="validation")

@@ -122,7 +122,7 @@ def hf_adapter(tmp_path, config, task_type, kind="lm"):
 
 @pytest.mark.parametrize("task_type", ["CAUSAL_LM", None])
 def test_hf_causal_lm_adapter_in_load_adapter_merge_lora_and_generate(tmp_path, task_type, capsys):
-    from gpt2_ascend.train.lora import load_adapter
+    from gpt2_ascend.lora import load_adapter
     config = tiny_config(vocab_size=50257, pad_token_id=50256, eos_token_id=50256, bos_token_id=50256)
     theirs = hf_adapter(tmp_path, config, task_type)
     ids = ids_for()
@@ -147,7 +147,7 @@ def test_hf_causal_lm_adapter_in_load_adapter_merge_lora_and_generate(tmp_path, 
                                             "--seq_length", "16", "--device", "cpu", "--no_progress",
                                             "--output_json", str(result)]) == 0
     from gpt2_ascend.eval.runner import load_eval_tokens
-    from gpt2_ascend.tokenizer import default_tokenizer_dir
+    from gpt2_ascend.data.tokenizer import default_tokenizer_dir
     blocks = torch.as_tensor(load_eval_tokens(str(text), 16, tokenizer=default_tokenizer_dir()), dtype=torch.long)
     with torch.no_grad():
         losses = [theirs(input_ids=b[None], labels=b[None]).loss for b in blocks]  # each block's mean over 15
@@ -158,7 +158,7 @@ def test_hf_causal_lm_adapter_in_load_adapter_merge_lora_and_generate(tmp_path, 
                                             "--prompt", "Hello world", "--max_new_tokens", "6", "--ignore_eos",
                                             "--output_json", str(out), "--device", "cpu"])
     assert code == 0, capsys.readouterr().err
-    from gpt2_ascend.tokenizer import load_tokenizer
+    from gpt2_ascend.data.tokenizer import load_tokenizer
     tok = load_tokenizer()
     prompt = torch.tensor([tok("Hello world").input_ids])
     with torch.no_grad():
@@ -170,13 +170,14 @@ def test_hf_causal_lm_adapter_in_load_adapter_merge_lora_and_generate(tmp_path, 
 def test_hf_seq_cls_adapter_in_evaluate_and_merge_lora(tmp_path):
     """A SEQ_CLS adapter carries its trained `score` head (peft's modules_to_save): on an LM base it makes a
     classifier with that head, in evaluate's loader and in merge_lora, as AutoPeftModelForSequenceClassification."""
-    from gpt2_ascend.eval.runner import load_model
+    from gpt2_ascend.loading import load_model
     config = tiny_config(num_labels=3)
     theirs = hf_adapter(tmp_path, config, "SEQ_CLS", kind="cls")
     ids = ids_for()
     with torch.no_grad():
         want = theirs(input_ids=ids).logits
-        model, _ = load_model(str(tmp_path / "base"), "cls", adapter=str(tmp_path / "adapter"), device="cpu")
+        model = load_model(str(tmp_path / "base"), "GPT2ForSequenceClassification", adapter=str(tmp_path / "adapter"),
+                           device="cpu")
         assert max_diff(model(ids).logits, want) <= TOL
     summary = load_script("convert/merge_lora.py").main(["--adapter", str(tmp_path / "adapter"),
                                                          "--output_dir", str(tmp_path / "merged")])
@@ -185,7 +186,7 @@ def test_hf_seq_cls_adapter_in_evaluate_and_merge_lora(tmp_path):
     with torch.no_grad():
         assert max_diff(merged(ids).logits, want) <= TOL
     with pytest.raises(ValueError, match="SEQ_CLS adapter: load it on a text-classification model"):
-        load_model(str(tmp_path / "base"), "lm", adapter=str(tmp_path / "adapter"), device="cpu")
+        load_model(str(tmp_path / "base"), "GPT2LMHeadModel", adapter=str(tmp_path / "adapter"), device="cpu")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -194,7 +195,7 @@ def test_hf_seq_cls_adapter_in_evaluate_and_merge_lora(tmp_path):
 @pytest.mark.parametrize("kind", ["lm", "cls"])
 def test_our_adapters_load_in_peft_on_plain_transformers(tmp_path, kind):
     from peft import AutoPeftModelForCausalLM, AutoPeftModelForSequenceClassification, PeftModel
-    from gpt2_ascend.train.lora import apply_lora, save_adapter
+    from gpt2_ascend.lora import apply_lora, save_adapter
     cls = GPT2LMHeadModel if kind == "lm" else GPT2ForSequenceClassification
     config = tiny_config(num_labels=3)
     torch.manual_seed(0)
@@ -228,9 +229,9 @@ def test_our_adapters_load_in_peft_on_plain_transformers(tmp_path, kind):
 # ---------------------------------------------------------------------------------------------
 def test_training_continues_an_hf_adapter(tmp_path):
     import numpy as np
-    from gpt2_ascend.train.lora import load_adapter
+    from gpt2_ascend.lora import load_adapter
     from gpt2_ascend.train.recipe import load_recipe
-    from gpt2_ascend.train.trainer import run_training
+    from gpt2_ascend.train import run_training
     config = tiny_config(n_positions=16)
     theirs = hf_adapter(tmp_path, config, "CAUSAL_LM")
     data = tmp_path / "train.npy"
@@ -271,7 +272,7 @@ def test_training_continues_an_hf_adapter(tmp_path):
 def test_generation_config_is_shared_with_transformers_pipeline(tmp_path, data_dir):
     import transformers
     from gpt2_ascend.generation import generate, generate_text
-    from gpt2_ascend.tokenizer import load_tokenizer, save_tokenizer
+    from gpt2_ascend.data.tokenizer import load_tokenizer, save_tokenizer
     config = tiny_config(vocab_size=50257, pad_token_id=50256, eos_token_id=50256, bos_token_id=50256)
     torch.manual_seed(0)
     model = GPT2LMHeadModel(config).eval()

@@ -17,7 +17,9 @@ sys.path.insert(0, REPO)
 import train  # noqa: E402  (the CLI module, in-process)
 from gpt2_ascend.commands import train as train_command  # noqa: E402
 
-from gpt2_ascend.train.launcher import apply_launcher, launcher_overrides  # noqa: E402
+from gpt2_ascend.train import TrainJob, TrainSettings  # noqa: E402
+from gpt2_ascend.train.job import job_from_recipe  # noqa: E402
+from gpt2_ascend.train.launcher import apply_launcher, launcher_changes  # noqa: E402
 from gpt2_ascend.train.recipe import load_recipe  # noqa: E402
 from gpt2_ascend.train.trackers import flat_params  # noqa: E402
 
@@ -76,8 +78,8 @@ def test_accelerate_launch_two_processes_data_parallel_matches_one_process(workd
     one = run_in_process(workdir, "one")
     two, stdout = accelerate_launch(workdir, "two", "--multi_gpu", "--num_processes", "2", "--main_process_port", "0",
                                     "--mixed_precision", "no")
-    assert stdout.count("2 processes and no parallel layout in the recipe (use_parallel is false): data parallel "
-                        "over 2") == 1  # rank 0 alone says it
+    assert stdout.count("2 processes and no parallel layout (use_parallel is false): data parallel over 2 "
+                        "(data_parallel=2)") == 1  # rank 0 alone says it
     assert "on 2 processes (data_parallel 2 x model_parallel 1 x pipeline_stage 1)" in stdout
     assert [r["step"] for r in records(two)] == list(range(1, STEPS + 1))
     assert max(abs(a - b) for a, b in zip(losses(two), losses(one))) < 1e-5
@@ -107,52 +109,67 @@ def test_the_npu_accelerate_config_is_what_accelerate_launch_reads_for_8_devices
     args, defaults, _ = _validate_launch_command(args)
     assert defaults.distributed_type.value == "MULTI_NPU" and args.multi_gpu  # torchrun underneath
     assert (args.num_processes, args.num_machines, args.mixed_precision) == (8, 1, "fp16")
-    small = load_recipe(os.path.join(REPO, "configs/gpt2/pretrain_gpt2_small.yaml"))
-    assert launcher_overrides(small, {"ACCELERATE_MIXED_PRECISION": args.mixed_precision}) == []  # its float16
+    small = job_from_recipe(load_recipe(os.path.join(REPO, "configs/gpt2/pretrain_gpt2_small.yaml")))
+    assert launcher_changes(small, {"ACCELERATE_MIXED_PRECISION": args.mixed_precision}) == {}  # its float16
 
 
 # ------------------------------------------------------------------------------------------------ the launcher's environment
 
-def _recipe(*overrides, config="configs/gpt2/pretrain_gpt2_tiny.yaml"):
-    return load_recipe(os.path.join(REPO, config), list(overrides))
+def _job(*overrides, config="configs/gpt2/pretrain_gpt2_tiny.yaml"):
+    return job_from_recipe(load_recipe(os.path.join(REPO, config), list(overrides)))
 
 
 def test_launcher_precision_rules():
     said = []
-    fp32, fp16 = _recipe(), _recipe("model.model_config.compute_dtype=float16")
-    assert launcher_overrides(fp32, {}) == []
-    assert launcher_overrides(fp16, {"ACCELERATE_MIXED_PRECISION": "no"}) == []  # accelerate's default: the recipe's
-    assert launcher_overrides(fp16, {"ACCELERATE_MIXED_PRECISION": "fp16"}) == []
-    assert launcher_overrides(fp32, {"ACCELERATE_MIXED_PRECISION": "bf16"}, said.append) == [
-        "model.model_config.compute_dtype=bfloat16"]
+    fp32, fp16 = _job(), _job("model.model_config.compute_dtype=float16")
+    assert launcher_changes(fp32, {}) == {}
+    assert launcher_changes(fp16, {"ACCELERATE_MIXED_PRECISION": "no"}) == {}  # accelerate's default: the job's
+    assert launcher_changes(fp16, {"ACCELERATE_MIXED_PRECISION": "fp16"}) == {}
+    assert launcher_changes(fp32, {"ACCELERATE_MIXED_PRECISION": "bf16"}, said.append) == dict(precision="bf16")
     assert said == ["compute dtype bfloat16: accelerate launch --mixed_precision bf16"]
-    with pytest.raises(ValueError, match=r"^accelerate launch asks for bf16 mixed precision but the recipe's "
-                                         r"model.model_config.compute_dtype is float16: pass --mixed_precision fp16 "
-                                         r"to accelerate launch, or set model.model_config.compute_dtype=bfloat16$"):
-        launcher_overrides(fp16, {"ACCELERATE_MIXED_PRECISION": "bf16"})
+    got = apply_launcher(fp32, {"ACCELERATE_MIXED_PRECISION": "bf16"})
+    assert got.settings.precision == "bf16" and got.recipe["model"]["model_config"]["compute_dtype"] == "bfloat16"
+    assert fp32.settings.precision == "fp32" and fp32.recipe["model"]["model_config"]["compute_dtype"] == "float32"
+    with pytest.raises(ValueError, match=r"^accelerate launch asks for bf16 mixed precision but the run is set to "
+                                         r"fp16 \(model.model_config.compute_dtype=float16\): pass --mixed_precision "
+                                         r"fp16 to accelerate launch, or set model.model_config.compute_dtype="
+                                         r"bfloat16$"):
+        launcher_changes(fp16, {"ACCELERATE_MIXED_PRECISION": "bf16"})
+    python_job = TrainJob(settings=TrainSettings(precision="fp16"))  # errors name the Python arguments
+    with pytest.raises(ValueError, match=r"set to fp16 \(TrainSettings\(precision='fp16'\)\): pass "
+                                         r"--mixed_precision fp16 to accelerate launch, or set "
+                                         r"TrainSettings\(precision='bf16'\)$"):
+        launcher_changes(python_job, {"ACCELERATE_MIXED_PRECISION": "bf16"})
     with pytest.raises(ValueError, match="--mixed_precision fp8 is not supported here"):
-        launcher_overrides(fp32, {"ACCELERATE_MIXED_PRECISION": "fp8"})
-    assert launcher_overrides(fp32, {"ACCELERATE_USE_CPU": "True"}) == ["device=cpu"]
-    assert launcher_overrides(fp32, {"ACCELERATE_USE_CPU": "False"}) == []
-    with pytest.raises(ValueError, match="accelerate launch --cpu runs on the CPU but the recipe's device is cuda"):
-        launcher_overrides(_recipe("device=cuda"), {"ACCELERATE_USE_CPU": "True"})
+        launcher_changes(fp32, {"ACCELERATE_MIXED_PRECISION": "fp8"})
+    assert launcher_changes(fp32, {"ACCELERATE_USE_CPU": "True"}) == dict(device="cpu")
+    assert apply_launcher(fp32, {"ACCELERATE_USE_CPU": "True"}).recipe["device"] == "cpu"
+    assert launcher_changes(fp32, {"ACCELERATE_USE_CPU": "False"}) == {}
+    with pytest.raises(ValueError, match="^accelerate launch --cpu runs on the CPU but the run's device is cuda: "
+                                         "drop --cpu, or set device=cpu$"):
+        launcher_changes(_job("device=cuda"), {"ACCELERATE_USE_CPU": "True"})
 
 
 def test_launcher_layout_rules():
     said = []
-    small = _recipe(config="configs/gpt2/pretrain_gpt2_small.yaml")  # use_parallel false, a dp 8 section
+    small = _job(config="configs/gpt2/pretrain_gpt2_small.yaml")  # use_parallel false, a dp 8 section
     got = apply_launcher(small, {"WORLD_SIZE": "4", "RANK": "0"}, said.append)
     p = got.parallel
     assert got.use_parallel and (p.data_parallel, p.model_parallel, p.pipeline_stage) == (4, 1, 1)
     assert not p.optimizer_shard and p.recompute == small.parallel.recompute
-    assert said == ["4 processes and no parallel layout in the recipe (use_parallel is false): data parallel over 4 "
-                    "(parallel.data_parallel=4)"]
-    ones = _recipe("use_parallel=true", "parallel.optimizer_shard=true")
+    assert said == ["4 processes and no parallel layout (use_parallel is false): data parallel over 4 "
+                    "(data_parallel=4)"]
+    recorded = got.recipe  # recipe.yaml says what ran
+    assert recorded["use_parallel"] is True and recorded["parallel"]["data_parallel"] == 4
+    assert not recorded["parallel"]["optimizer_shard"] and small.recipe["parallel"]["data_parallel"] == 8
+    ones = _job("use_parallel=true", "parallel.optimizer_shard=true")
     got = apply_launcher(ones, {"WORLD_SIZE": "2", "RANK": "1"}, said.append)
     assert got.parallel.data_parallel == 2 and got.parallel.optimizer_shard and len(said) == 1  # rank 1 is quiet
-    explicit = _recipe("use_parallel=true", "parallel.data_parallel=2", "parallel.model_parallel=2")
+    explicit = _job("use_parallel=true", "parallel.data_parallel=2", "parallel.model_parallel=2")
     assert apply_launcher(explicit, {"WORLD_SIZE": "4"}) is explicit  # checked against the world by the mesh
-    assert apply_launcher(_recipe(), {"WORLD_SIZE": "1"}, said.append).use_parallel is False
+    assert apply_launcher(_job(), {"WORLD_SIZE": "1"}, said.append).use_parallel is False
+    python_job = apply_launcher(TrainJob(), {"WORLD_SIZE": "2", "RANK": "0"}, said.append)  # no recipe to record
+    assert python_job.use_parallel and python_job.parallel.data_parallel == 2 and python_job.recipe is None
 
 
 def test_a_precision_contradiction_is_one_line_exit_2(workdir, capsys, monkeypatch):
@@ -161,7 +178,8 @@ def test_a_precision_contradiction_is_one_line_exit_2(workdir, capsys, monkeypat
                        "model.model_config.compute_dtype=bfloat16"])
     err = capsys.readouterr().err
     assert code == 2 and err.count("\n") == 1
-    assert err.startswith("error: accelerate launch asks for fp16 mixed precision but the recipe's")
+    assert err.startswith("error: accelerate launch asks for fp16 mixed precision but the run is set to bf16 "
+                          "(model.model_config.compute_dtype=bfloat16): pass --mixed_precision bf16")
     assert not (workdir / "contradiction").exists()
 
 

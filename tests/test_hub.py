@@ -9,7 +9,7 @@ import torch
 
 from conftest import load_script, tiny_config
 from gpt2_ascend import GPT2LMHeadModel, load_tokenizer
-from gpt2_ascend.tokenizer import save_tokenizer
+from gpt2_ascend.data.tokenizer import save_tokenizer
 from helpers.fake_hub import COMMIT, FakeHub
 
 TEXT = "The tower is 324 metres tall, about the same height as an 81-storey building. " * 3

@@ -1,5 +1,5 @@
-"""A fresh model's initial weights, on every path a run builds one: one process (trainer.build_model), the
-meta-device init of distributed runs (parallel.engine.build_meta_model + parallel.materialize), and a pipeline
+"""A fresh model's initial weights, on every path a run builds one: one process (train.run.model_from_spec), the
+meta-device init of distributed runs (train.run.build_meta_model + parallel.materialize), and a pipeline
 stage built that way. The oracle is the scheme's definition, checked tensor by tensor: each weight's sample std
 within a few percent of what the scheme says, biases zero, LayerNorms ones / zeros, the vocabulary's padding
 rows zero; then the first optimizer steps have a gradient and lower the loss.
@@ -11,12 +11,14 @@ import pytest
 import torch
 import torch.nn as nn
 
-from gpt2_ascend.parallel.engine import build_meta_model
+from gpt2_ascend.data.loader import causal_lm_inputs
 from gpt2_ascend.parallel.materialize import materialize
-from gpt2_ascend.parallel.pipeline import PipelineStageModule
+from gpt2_ascend.parallel.pipeline import pipeline_stage
+from gpt2_ascend.train import Trainer, TrainSettings
+from gpt2_ascend.train.job import job_from_recipe
 from gpt2_ascend.train.optim import LRSchedule, build_optimizer
 from gpt2_ascend.train.recipe import load_recipe
-from gpt2_ascend.train.trainer import Trainer, TrainSettings, build_model
+from gpt2_ascend.train.run import build_meta_model, model_from_spec
 
 INIT_RANGE = 0.03  # not the default 0.02, so a hard-coded std shows
 VOCAB, PADDED = 500, 512  # pad_vocab_size_multiple=64: twelve padding rows
@@ -55,10 +57,10 @@ def fresh_modules(path: str, recipe) -> list[nn.Module]:
     """What a run on `path` trains: the whole model, or each pipeline stage (parameters under full names)."""
     torch.manual_seed(0)
     if path == "single":
-        return [build_model(recipe, torch.device("cpu"), log=lambda *_: None)]
-    model, source = build_meta_model(recipe, {}, log=lambda *_: None)
+        return [model_from_spec(job_from_recipe(recipe).model, torch.device("cpu"), log=lambda *_: None)]
+    model, source = build_meta_model(job_from_recipe(recipe).model, {}, log=lambda *_: None)
     assert source is None and model.device.type == "meta"
-    parts = [model] if path == "meta" else [PipelineStageModule(model, s, 2) for s in range(2)]
+    parts = [model] if path == "meta" else [pipeline_stage(model, s, 2) for s in range(2)]
     for part in parts:
         materialize(part, model.config, torch.device("cpu"), None)
     return parts
@@ -117,13 +119,13 @@ def first_steps(model: nn.Module, task: str, steps: int = 5):
     """Losses and gradient norms of `steps` AdamW steps on one fixed batch (a fresh model can fit it)."""
     g = torch.Generator().manual_seed(0)
     if task == "lm":
-        batch = {"input_ids": torch.randint(0, VOCAB, (4, 33), generator=g)}
+        batch = causal_lm_inputs(torch.randint(0, VOCAB, (4, 33), generator=g))
     else:
         batch = {"input_ids": torch.randint(0, VOCAB, (8, 32), generator=g),
                  "attention_mask": torch.ones(8, 32, dtype=torch.long), "labels": torch.arange(8) % 16}
     trainer = Trainer(model, build_optimizer(model, 3e-3), LRSchedule("constant", 3e-3, 0.0, 0, steps), loader=None,
                       device=torch.device("cpu"),
-                      settings=TrainSettings(total_steps=steps, task=task, max_grad_norm=1.0, progress=False))
+                      settings=TrainSettings(total_steps=steps, max_grad_norm=1.0, progress=False))
     outs = [trainer.train_step([batch]) for _ in range(steps)]
     return [o["loss"].item() for o in outs], [o["grad_norm"].item() for o in outs]
 

@@ -60,7 +60,7 @@ def test_predict_with_mindformers_ckpt(gpt2_vocab_model, capsys):
                        str(root / "gpt2.ckpt"), "--predict_data", "I love Beijing, because", "Hello"]) == 0
     lines = capsys.readouterr().out.splitlines()
     from gpt2_ascend.generation import generate_text
-    from gpt2_ascend.tokenizer import load_tokenizer
+    from gpt2_ascend.data.tokenizer import load_tokenizer
     want = generate_text(model, load_tokenizer(), ["I love Beijing, because", "Hello"], batch_size=2,
                          max_decode_length=12, do_sample=False)
     assert lines == ["I love Beijing, because" + want[0], "Hello" + want[1]]
@@ -123,7 +123,7 @@ def test_padding_to_128_gives_the_results_of_padding_to_1024(tmp_path):
     """MindFormers pads text-classification rows to 1024 tokens; our recipe to 128. With right padding, causal
     attention and last-real-token pooling, padding is never read: logits, loss and gradients are the same."""
     from gpt2_ascend.data.txtcls import encode_rows
-    from gpt2_ascend.tokenizer import load_tokenizer
+    from gpt2_ascend.data.tokenizer import load_tokenizer
     tokenizer = load_tokenizer()
     sentences = ["it 's a charming and often affecting journey . ", "unflinchingly bleak and desperate "]
     torch.manual_seed(0)

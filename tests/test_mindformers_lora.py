@@ -7,7 +7,7 @@ import yaml
 
 from gpt2_ascend import GPT2LMHeadModel
 from gpt2_ascend.convert import hf_to_mindspore, read_ckpt, write_ckpt
-from gpt2_ascend.train.lora import apply_lora, mindformers_targets, qkv_block_mask
+from gpt2_ascend.lora import apply_lora, mindformers_targets, qkv_block_mask
 
 from conftest import load_script, tiny_config
 

@@ -10,10 +10,12 @@ import pytest
 import torch
 
 from gpt2_ascend import GPT2Config, GPT2LMHeadModel
-from gpt2_ascend.data.loader import StepLoader
-from gpt2_ascend.train.optim import LRSchedule, build_optimizer, clip_by_global_norm, clip_coefficient
+from gpt2_ascend.data.loader import StepLoader, causal_lm_inputs
+from gpt2_ascend.parallel.clip import clip_by_global_norm, clip_coefficient
+from gpt2_ascend.train.optim import LRSchedule, build_optimizer
 from gpt2_ascend.train.recipe import load_recipe
-from gpt2_ascend.train.trainer import Trainer, TrainSettings, accumulation_steps, run_training
+from gpt2_ascend.train import Trainer, TrainSettings, run_training
+from gpt2_ascend.train.run import accumulation_steps
 
 from conftest import tiny_config
 
@@ -62,7 +64,7 @@ def test_mindformers_clip_formula():
 
 
 def _trainer(model, data, schedule, rule="mindspore", **settings):
-    loader = StepLoader(data, batch_size=4, shuffle=False)
+    loader = StepLoader(causal_lm_inputs(data), batch_size=4, shuffle=False)
     optimizer = build_optimizer(model, schedule(0), update_rule=rule)
     settings = TrainSettings(**{"total_steps": 4, "progress": False, "step_rule": rule, **settings})
     return Trainer(model, optimizer, schedule, loader, CPU, settings)
@@ -137,7 +139,7 @@ def test_mindspore_rule_resumes_bit_exactly_and_refuses_another_rule(tmp_path, t
     recipe = _recipe(tmp_path, token_file)
     run_training(recipe, log=lambda *_: None)
     full, weights = _losses(recipe.output_dir), read_state_dict(os.path.join(recipe.output_dir, "final"))
-    from gpt2_ascend.train.checkpoint import load_checkpoint
+    from gpt2_ascend.checkpoints import load_checkpoint
     saved = load_checkpoint(os.path.join(recipe.output_dir, "checkpoint", "step_0000003"), ["optimizer"])["optimizer"]
     assert [(g["update_rule"], g["mindspore_step"]) for g in saved["param_groups"]] == [("mindspore", 3)] * 2
     assert saved["param_groups"][0]["lr"] == pytest.approx(full[2][2])  # the schedule's lr, not torch's stand-in
@@ -167,7 +169,7 @@ def test_mindspore_rule_on_gpu_matches_cpu(monkeypatch):
         schedule = LRSchedule("polynomial", 1e-2, 1e-4, warmup_steps=2, total_steps=6)
         optimizer = build_optimizer(model, schedule(0), device_type=device, update_rule="mindspore")
         settings = TrainSettings(total_steps=6, progress=False, step_rule="mindspore", max_grad_norm=0.5)
-        trainer = Trainer(model, optimizer, schedule, StepLoader(data, batch_size=4, shuffle=False),
+        trainer = Trainer(model, optimizer, schedule, StepLoader(causal_lm_inputs(data), batch_size=4, shuffle=False),
                           torch.device(device), settings)
         losses = [trainer.train_step(next(trainer.loader))["loss"].item() for _ in range(6)]
         runs[device] = losses, {k: v.cpu() for k, v in model.state_dict().items()}

@@ -61,7 +61,7 @@ def train(tmp_path, schedule, act="gelu", optimizer="FusedAdamWeightDecay", devi
     from gpt2_ascend.convert.mapping import hf_to_mindformers
     from gpt2_ascend.hf import read_state_dict
     from gpt2_ascend.train.recipe import load_recipe
-    from gpt2_ascend.train.trainer import run_training
+    from gpt2_ascend.train import run_training
 
     path = tmp_path / f"{schedule}_{act}.yaml"
     path.write_text(yaml.safe_dump(mindformers_recipe(tmp_path, schedule, act, optimizer, device)))
@@ -86,13 +86,13 @@ ON_GPU = pytest.param("gpu", marks=pytest.mark.skipif(not torch.cuda.is_availabl
 
 def fp32_matmuls_on_cuda(monkeypatch):
     """run_training turns TF32 on for CUDA (configure_speed); the reference comparison needs true fp32."""
-    from gpt2_ascend.train import trainer
-    speed = trainer.configure_speed
+    from gpt2_ascend.train import run
+    speed = run.configure_speed
 
     def without_tf32(*args, **kwargs):
         speed(*args, **kwargs)
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
-    monkeypatch.setattr(trainer, "configure_speed", without_tf32)
+    monkeypatch.setattr(run, "configure_speed", without_tf32)
 
 
 @pytest.mark.parametrize("device", ["cpu", ON_GPU])
@@ -136,7 +136,7 @@ def test_torch_adamw_is_not_mindformers(tmp_path, reference):
     path = tmp_path / "adamw.yaml"
     path.write_text(yaml.safe_dump(mindformers_recipe(tmp_path, "constant", optimizer="AdamW")))
     from gpt2_ascend.train.recipe import load_recipe
-    from gpt2_ascend.train.trainer import run_training
+    from gpt2_ascend.train import run_training
     summary = run_training(load_recipe(str(path)), log=lambda *a, **k: None)
     with open(summary["metrics"]) as f:
         losses = [json.loads(line)["loss"] for line in f]

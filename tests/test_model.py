@@ -288,7 +288,7 @@ def test_chunked_head_cross_entropy_equals_the_plain_loss_and_gradients():
     plain.loss.backward()
     grads = {n: p.grad.clone() for n, p in model.named_parameters()}
     model.zero_grad()
-    model.loss_chunk_size = 7  # does not divide the 48 tokens: a short last chunk
+    model.config.loss_chunk_size = 7  # does not divide the 48 tokens: a short last chunk
     fused = model(ids[:, :-1], targets=targets)
     assert fused.logits is None
     fused.loss.backward()
@@ -310,7 +310,7 @@ def test_chunked_head_with_a_frozen_head_skips_its_gradient():
     model(ids[:, :-1], targets=ids[:, 1:]).loss.backward()
     grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
     model.zero_grad()
-    model.loss_chunk_size = 5
+    model.config.loss_chunk_size = 5
     model(ids[:, :-1], targets=ids[:, 1:]).loss.backward()
     assert model.lm_head.weight.grad is None
     for n, p in model.named_parameters():

@@ -17,6 +17,8 @@ import pytest
 import torch
 import yaml
 
+from helpers.goldens import assert_golden, run_record
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TOL = 1e-5
 STEPS = 5
@@ -132,7 +134,7 @@ def asked_layout(overrides) -> dict:
     return layout
 
 
-@pytest.mark.parametrize("name, nproc, layout", [
+LAYOUTS = [
     ("dp", 2, ["parallel.data_parallel=2", "runner_config.batch_size=4"]),
     ("fsdp", 2, ["parallel.data_parallel=2", "parallel.optimizer_shard=true", "runner_config.batch_size=4"]),
     ("tp", 2, ["parallel.model_parallel=2", "parallel.recompute=full"]),
@@ -141,13 +143,27 @@ def asked_layout(overrides) -> dict:
     ("pp_1f1b", 2, ["parallel.pipeline_stage=2", "parallel.micro_batch_num=4", "parallel.recompute=selective"]),
     ("dp_tp", 4, ["parallel.data_parallel=2", "parallel.model_parallel=2", "runner_config.batch_size=4"]),
     ("tp_pp", 4, ["parallel.model_parallel=2", "parallel.pipeline_stage=2", "parallel.micro_batch_num=2"]),
-])
+]
+
+
+@pytest.mark.parametrize("name, nproc, layout", LAYOUTS)
 def test_layout_matches_one_process(workdir, single, name, nproc, layout):
     out = run(workdir, name, nproc, *layout)
     assert_same_run(out, single)
     with open(out / "checkpoint" / f"step_{STEPS:07d}" / "config.json") as f:
         recorded = json.load(f)["layout"]  # what a resume on another layout reads
     assert recorded == asked_layout(layout)
+
+
+@pytest.mark.parametrize("name", ["single", "tp", "pp_1f1b", "fsdp"])
+def test_runs_reproduce_their_goldens(workdir, single, name):
+    """Bit for bit (tests/helpers/goldens.py): the layouts above agree with one process to 1e-5; each also
+    reproduces its own recorded numbers exactly. The runs are the ones the test above made."""
+    out = workdir / name
+    if not (out / "final").is_dir():
+        nproc, layout = next((n, layout) for key, n, layout in LAYOUTS if key == name)
+        out = run(workdir, name, nproc, *layout)
+    assert_golden(f"torchrun_{name}", run_record(out))
 
 
 def test_global_batch_is_kept_by_accumulation_on_fewer_processes(workdir):
@@ -203,8 +219,8 @@ def test_merged_sharded_checkpoint_loads_in_transformers(workdir, single):
     from gpt2_ascend import GPT2LMHeadModel
     running = GPT2LMHeadModel.from_pretrained(single / "final").eval()  # the same run on one process
     ids = torch.randint(0, 511, (2, 16), generator=torch.Generator().manual_seed(0))
-    from gpt2_ascend.eval.runner import load_model  # what evaluate.py / generate.py --model STEP_DIR use
-    direct, _ = load_model(str(out / "checkpoint" / f"step_{STEPS:07d}"), device="cpu")
+    from gpt2_ascend.loading import load_model  # what evaluate.py / generate.py --model STEP_DIR use
+    direct = load_model(str(out / "checkpoint" / f"step_{STEPS:07d}"), device="cpu")
     with torch.no_grad():
         assert (theirs(ids).logits - running(ids).logits).abs().max().item() <= TOL
         assert (direct(ids).logits - theirs(ids).logits).abs().max().item() <= 1e-6
@@ -295,6 +311,7 @@ def finetune_single(workdir, single):
 
 
 @pytest.mark.parametrize("name, nproc, layout", [
+    ("meta_dp", 2, ["parallel.data_parallel=2", "runner_config.batch_size=4"]),  # filled before DDP wraps it
     ("meta_tp", 2, ["parallel.model_parallel=2"]),
     ("meta_fsdp", 2, ["parallel.data_parallel=2", "parallel.optimizer_shard=true", "runner_config.batch_size=4"]),
     ("meta_tp_pp", 4, ["parallel.model_parallel=2", "parallel.pipeline_stage=2", "parallel.micro_batch_num=2"]),
@@ -311,7 +328,7 @@ def test_meta_init_fresh_model_trains(workdir):
     draws on FSDP-over-TP shards) starts like a fresh GPT-2 and learns. An all-zero init would start at
     log(vocab) exactly, with a zero gradient, and never move. The weights' statistics are checked without
     torchrun in tests/test_init.py (pipeline stages too); the padding rows here (500 tokens padded to 512)."""
-    from gpt2_ascend.parallel.checkpoint import load_full_model_state
+    from gpt2_ascend.safe_dcp import load_full_model_state
     out = run(workdir, "meta_fresh", 4, "parallel.data_parallel=2", "parallel.model_parallel=2",
               "parallel.optimizer_shard=true", "runner_config.batch_size=4", "parallel.meta_init=true",
               "model.model_config.vocab_size=500", "model.model_config.eos_token_id=499",

@@ -68,7 +68,7 @@ def hf_bin_dir(root, marker):
 def training_checkpoint(root, marker, evil_file):
     """A single-process training checkpoint (model.pt, optimizer.pt, trainer.pt) with one file replaced."""
     from gpt2_ascend import GPT2LMHeadModel
-    from gpt2_ascend.train import checkpoint as ckpt
+    from gpt2_ascend import checkpoints as ckpt
     model = GPT2LMHeadModel(tiny_config())
     path = ckpt.save_checkpoint(str(root / f"run_{evil_file}" / "checkpoint"), 1,
                                 dict(model=model.state_dict(), optimizer={"state": {}}, trainer={"step": 1}),
@@ -305,7 +305,7 @@ def test_dcp_values_are_read_weights_only(tmp_path):
     planner would run it (torch.load(weights_only=False)); ours refuses, naming the checkpoint and the value."""
     import warnings
     import torch.distributed.checkpoint as dcp
-    from gpt2_ascend.parallel.safe_dcp import dcp_load
+    from gpt2_ascend.safe_dcp import dcp_load
     from gpt2_ascend.safe_pickle import UnsafeFileError
     marker = tmp_path / "MARKER"
     with warnings.catch_warnings():
@@ -326,8 +326,8 @@ def test_dcp_values_are_read_weights_only(tmp_path):
 def test_dcp_metadata_pointing_outside_the_directory_is_refused(tmp_path):
     import warnings
     import torch.distributed.checkpoint as dcp
-    from gpt2_ascend.parallel.safe_dcp import read_dcp_metadata
-    from gpt2_ascend.train.checkpoint import CheckpointError
+    from gpt2_ascend.safe_dcp import read_dcp_metadata
+    from gpt2_ascend.checkpoints import CheckpointError
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         dcp.save({"w": torch.ones(3)}, checkpoint_id=str(tmp_path), no_dist=True)
@@ -363,8 +363,8 @@ def test_merge_needs_only_the_model_files(tmp_path, capsys):
     """A damaged optimizer.pt does not stop merging (or evaluating) the weights; a damaged model.pt does, in one line."""
     from conftest import load_script
     from gpt2_ascend import GPT2LMHeadModel
-    from gpt2_ascend.eval.runner import load_model
-    from gpt2_ascend.train import checkpoint as ckpt
+    from gpt2_ascend.loading import load_model
+    from gpt2_ascend import checkpoints as ckpt
     model = GPT2LMHeadModel(tiny_config())
     path = ckpt.save_checkpoint(str(tmp_path / "checkpoint"), 3, dict(model=model.state_dict(),
                                 optimizer={"state": {}}, trainer={"step": 3}),
@@ -375,7 +375,7 @@ def test_merge_needs_only_the_model_files(tmp_path, capsys):
     assert merge(["--src_ckpt_dir", path, "--dst_dir", str(tmp_path / "merged")]) == 0, capsys.readouterr().err
     merged = GPT2LMHeadModel.from_pretrained(str(tmp_path / "merged"))
     assert all(torch.equal(a, b) for a, b in zip(merged.state_dict().values(), model.state_dict().values()))
-    loaded, _ = load_model(path, device="cpu")
+    loaded = load_model(path, device="cpu")
     assert torch.equal(loaded.transformer.wte.weight, model.transformer.wte.weight)
     with open(os.path.join(path, "model.pt"), "r+b") as f:
         f.truncate(10)

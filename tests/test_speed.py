@@ -10,7 +10,7 @@ import yaml
 
 from conftest import counting_backend, max_diff
 from gpt2_ascend.train.recipe import load_recipe
-from gpt2_ascend.train.trainer import run_training
+from gpt2_ascend.train import run_training
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -65,15 +65,16 @@ def test_compiled_train_step_is_one_graph_that_is_not_recompiled(setup):
     """A graph break or a recompile every step is what makes a compiled step slow on a GPU; dynamo's
     tracing is the same on CPU, so count graphs with an eager backend over a few real trainer steps."""
     from gpt2_ascend import GPT2Config, GPT2LMHeadModel
-    from gpt2_ascend.train.lora import apply_lora
+    from gpt2_ascend.data.loader import causal_lm_inputs
+    from gpt2_ascend.lora import apply_lora
+    from gpt2_ascend.train import Trainer, TrainSettings
     from gpt2_ascend.train.optim import build_optimizer, build_schedule
-    from gpt2_ascend.train.trainer import Trainer, TrainSettings
 
     config = GPT2Config.from_preset("tiny", vocab_size=500, n_positions=32,
                                     pad_vocab_size_multiple=64 if setup != "plain" else 1)
     torch.manual_seed(0)  # the "it trains" check below must not depend on the draw
     model = GPT2LMHeadModel(config)
-    model.loss_chunk_size = 24 if setup == "padded_vocab_chunked_loss" else 0
+    model.config.loss_chunk_size = 24 if setup == "padded_vocab_chunked_loss" else 0
     model.set_recompute({"selective": "selective", "lora_full_recompute": "full"}.get(setup, "none"))
     if setup == "lora_full_recompute":
         model = apply_lora(model, rank=4, alpha=8, dropout=0.0, target_modules=("c_attn", "c_proj", "c_fc"))
@@ -87,7 +88,7 @@ def test_compiled_train_step_is_one_graph_that_is_not_recompiled(setup):
                       raw_model=model, log=lambda *a, **k: None)
     first_block_adapters = {n: p.detach().clone() for n, p in model.named_parameters() if ".h.0." in n and "lora_B" in n}
     batch = torch.randint(0, 500, (2, 17))
-    losses = [trainer.train_step([{"input_ids": batch}])["loss"] for _ in range(4)]
+    losses = [trainer.train_step([causal_lm_inputs(batch)])["loss"] for _ in range(4)]
     assert len(graphs) == 1, f"{len(graphs)} graphs: a graph break or a recompile per step"
     assert losses[-1] < losses[0]  # and it trains
     if setup == "lora_full_recompute":  # gradients reach the first block's adapters without an input hook
@@ -101,8 +102,8 @@ def test_compile_scopes():
     """runner_config.compile_scope: the whole model in one graph, or the per-block step compiled once (the
     model object and its parameter names unchanged)."""
     from gpt2_ascend import GPT2Config, GPT2LMHeadModel
-    from gpt2_ascend.train.lora import apply_lora
-    from gpt2_ascend.train.trainer import compile_model
+    from gpt2_ascend.lora import apply_lora
+    from gpt2_ascend.parallel.parallelize import compile_model
 
     model = GPT2LMHeadModel(GPT2Config.from_preset("tiny"))
     names = [n for n, _ in model.named_parameters()]

@@ -10,10 +10,10 @@ import pytest
 import torch
 
 from gpt2_ascend import GPT2ForSequenceClassification, GPT2LMHeadModel
-from gpt2_ascend.data.loader import StepLoader
+from gpt2_ascend.data.loader import StepLoader, causal_lm_inputs
 from gpt2_ascend.train.optim import LRSchedule, build_optimizer
 from gpt2_ascend.train.recipe import load_recipe
-from gpt2_ascend.train.trainer import Trainer, TrainingStopped, TrainSettings, run_training
+from gpt2_ascend.train import Trainer, TrainingStopped, TrainSettings, run_training
 
 from conftest import max_diff, tiny_config
 
@@ -21,7 +21,7 @@ CPU = torch.device("cpu")
 
 
 def _trainer(model, data, batch_size, micro_batches=1, optimizer=None, **settings):
-    loader = StepLoader(data, batch_size=batch_size, micro_batches=micro_batches, shuffle=False)
+    loader = StepLoader(causal_lm_inputs(data), batch_size=batch_size, micro_batches=micro_batches, shuffle=False)
     optimizer = optimizer or build_optimizer(model, 1e-2, weight_decay=0.1)
     settings = TrainSettings(**{"total_steps": 4, "progress": False, **settings})
     return Trainer(model, optimizer, LRSchedule("constant", 1e-2, 0.0, 0, 4), loader, CPU, settings)
@@ -82,7 +82,7 @@ def test_clipping_scales_the_update_by_exactly_max_norm_over_norm():
         optimizer = torch.optim.SGD(m.parameters(), lr=1.0)
         seen = []  # the gradients the optimizer steps with
         optimizer.register_step_pre_hook(lambda *_: seen.append(torch.cat([p.grad.flatten() for p in m.parameters()])))
-        loader = StepLoader(data, batch_size=4, shuffle=False)
+        loader = StepLoader(causal_lm_inputs(data), batch_size=4, shuffle=False)
         trainer = Trainer(m, optimizer, LRSchedule("constant", 1.0, 0.0, 0, 1), loader, CPU,
                           TrainSettings(total_steps=1, max_grad_norm=max_grad_norm, progress=False))
         out = trainer.train_step(next(loader))
@@ -154,7 +154,8 @@ def test_train_step_never_waits_for_the_gpu(precision):
     device = torch.device("cuda")
     torch.manual_seed(0)
     model = GPT2LMHeadModel(tiny_config()).to(device)
-    loader = StepLoader(_blocks(rows=16), batch_size=4, micro_batches=2, shuffle=False, pin_memory=True)
+    loader = StepLoader(causal_lm_inputs(_blocks(rows=16)), batch_size=4, micro_batches=2, shuffle=False,
+                        pin_memory=True)
     optimizer = build_optimizer(model, 1e-3, device_type="cuda")
     trainer = Trainer(model, optimizer, LRSchedule("polynomial", 1e-3, 1e-4, 1, 4), loader, device,
                       TrainSettings(total_steps=4, precision=precision, progress=False))
@@ -244,7 +245,7 @@ def test_resume_auto_skips_a_truncated_checkpoint_and_matches_the_full_run(tmp_p
     explicit = load_recipe(None, [f"resume_training={os.path.dirname(newest)}"], base=recipe)
     with open(newest, "r+b") as f:
         f.truncate(100)
-    from gpt2_ascend.train.checkpoint import CheckpointError
+    from gpt2_ascend.checkpoints import CheckpointError
     with pytest.raises(CheckpointError, match="truncated"):
         run_training(explicit, log=lambda *_: None)
 
@@ -301,7 +302,7 @@ def test_lora_trains_only_adapters_and_merges_exactly(tmp_path, token_file):
     state = torch.load(os.path.join(recipe.output_dir, "checkpoint", "step_0000006", "model.pt"), weights_only=True)
     assert state and all("lora_" in k for k in state)  # a LoRA checkpoint holds the adapters only
 
-    from gpt2_ascend.train.lora import load_adapter
+    from gpt2_ascend.lora import load_adapter
     adapted = load_adapter(GPT2LMHeadModel.from_pretrained(str(tmp_path / "base")), os.path.join(final, "adapter"),
                            merge=False).eval()
     merged = GPT2LMHeadModel.from_pretrained(final).eval()
@@ -376,7 +377,8 @@ def test_bf16_run_and_finetune_from_one_of_our_checkpoints(tmp_path, token_file)
 def test_existing_output_dir_needs_resume_or_overwrite(tmp_path, token_file):
     recipe = _recipe(tmp_path, token_file, "runner_config.max_steps=2")
     run_training(recipe, log=lambda *_: None)
-    with pytest.raises(ValueError, match="already holds a training run: pass --resume auto"):
+    with pytest.raises(ValueError, match="already holds a training run: pass resume_training=auto to continue it, "
+                                         "overwrite=True to start over"):
         run_training(recipe, log=lambda *_: None)
     summary = run_training(recipe, overwrite=True, log=lambda *_: None)
     assert summary["steps"] == 2 and len(_losses(recipe.output_dir)) == 2
@@ -392,13 +394,13 @@ def test_resume_of_a_finished_run_and_past_max_steps(tmp_path, token_file):
     assert again["final_loss"] == first["final_loss"] == before[-1][1]  # not null: the checkpoint's last loss
     assert _losses(recipe.output_dir) == before
     fewer = load_recipe(None, ["resume_training=auto", "runner_config.max_steps=4"], base=recipe)
-    with pytest.raises(ValueError, match="is at step 6, past max_steps 4: pass a larger --max_steps"):
+    with pytest.raises(ValueError, match="is at step 6, past max_steps 4: pass a larger runner_config.max_steps"):
         run_training(fewer, log=lambda *_: None)
     assert _losses(recipe.output_dir) == before  # nothing was touched
 
 
 def test_resume_auto_refuses_when_every_checkpoint_is_corrupt(tmp_path, token_file):
-    from gpt2_ascend.train.checkpoint import CheckpointError
+    from gpt2_ascend.checkpoints import CheckpointError
     recipe = _recipe(tmp_path, token_file)
     run_training(recipe, log=lambda *_: None)
     for step in ("step_0000003", "step_0000006"):

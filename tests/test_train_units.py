@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from gpt2_ascend.data.loader import StepLoader
-from gpt2_ascend.train import checkpoint as ckpt
+from gpt2_ascend import checkpoints as ckpt
 from gpt2_ascend.train.metrics import flops_per_token, peak_flops, read_metrics, truncate_metrics
 from gpt2_ascend.train.optim import LRSchedule, build_optimizer, param_groups, resolve_total_steps
 from gpt2_ascend.train.recipe import generation_config, gpt2_config, load_recipe
@@ -165,7 +165,7 @@ def test_param_groups_skip_decay_on_biases_and_1d_params():
 
 def test_lora_groups_hold_only_adapters():
     from gpt2_ascend import GPT2LMHeadModel
-    from gpt2_ascend.train.lora import apply_lora
+    from gpt2_ascend.lora import apply_lora
     model = apply_lora(GPT2LMHeadModel(tiny_config()), rank=4, alpha=8, dropout=0.0)
     names = [n for g in param_groups(model, 0.1) for n in g["names"]]
     assert names and all("lora_" in n for n in names)

@@ -30,8 +30,8 @@ def export_here(folder, data_dir):
     import torch
     from gpt2_ascend import GPT2LMHeadModel, load_tokenizer
     from gpt2_ascend.generation import generate_text
-    from gpt2_ascend.tokenizer import save_tokenizer
-    from gpt2_ascend.train.lora import apply_lora, save_adapter
+    from gpt2_ascend.data.tokenizer import save_tokenizer
+    from gpt2_ascend.lora import apply_lora, save_adapter
     from conftest import randomize_lora_b, tiny_config
     torch.manual_seed(5)
     model = GPT2LMHeadModel(tiny_config(vocab_size=50257, pad_token_id=50256, eos_token_id=50256,

@@ -131,10 +131,11 @@ def main(argv=None) -> int:
 def run(args) -> int:
     import torch
     from gpt2_ascend.cli import write_output_json
-    from gpt2_ascend.eval.runner import load_model, tokenizer_for
+    from gpt2_ascend.data.tokenizer import load_tokenizer, tokenizer_for
     from gpt2_ascend.generation import check_sampling_args, generate_text
     from gpt2_ascend.hf import folder_generation_config, resolve_model_path
-    from gpt2_ascend.tokenizer import load_tokenizer
+    from gpt2_ascend.loading import load_model
+    from gpt2_ascend.model import LANGUAGE_MODEL
     from gpt2_ascend.train.recipe import load_recipe, recipe_names
 
     config_path = args.config or (DEFAULT_RECIPE if DEFAULT_RECIPE in recipe_names() else None)
@@ -156,7 +157,7 @@ def run(args) -> int:
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}.get(args.dtype)
     if args.dtype == "auto":
         dtype = torch.bfloat16 if device.type in ("cuda", "npu") else torch.float32
-    model, device = load_model(path, "lm", adapter=args.adapter, device=device, dtype=dtype)
+    model = load_model(path, LANGUAGE_MODEL, dtype=dtype, device=device, adapter=args.adapter)
     tokenizer = load_tokenizer(tokenizer_for(path, args.tokenizer))
     if args.compile and device.type != "cuda":
         print(f"note: --compile needs CUDA; decoding on {device.type} with the uncompiled fixed-shape step",

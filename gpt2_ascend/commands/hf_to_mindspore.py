@@ -26,11 +26,12 @@ def main(argv=None):
 
     from tqdm import tqdm
     from gpt2_ascend.convert import hf_to_mindspore
+    from gpt2_ascend.cli import print_error
     try:
         s = hf_to_mindspore(args.torch_path, args.mindspore_path, layers=args.layers, dtype=args.dtype,
                             crc=not args.no_crc, progress=lambda xs: tqdm(xs, desc="converting", unit="tensor", disable=None))
     except (ValueError, OSError, KeyError) as e:
-        print(f"error: {e.args[0] if isinstance(e, KeyError) and e.args else e}", file=sys.stderr)
+        print_error(e)
         return 2
     kind = "GPT2ForSequenceClassification" if s["classifier"] else "GPT2LMHeadModel"
     skipped = f"; skipped {len(s['skipped'])} ({', '.join(s['skipped'][:3])}{', ...' if len(s['skipped']) > 3 else ''})" if s["skipped"] else ""

@@ -25,16 +25,16 @@ def main(argv=None):
     p.add_argument("--max_shard_size", default=None, help="split model.safetensors, e.g. 5GB")
     args = p.parse_args(argv)
 
-    from gpt2_ascend.parallel.checkpoint import merge_checkpoint
-    from gpt2_ascend.train.checkpoint import CheckpointError
+    from gpt2_ascend.checkpoints import CheckpointError
+    from gpt2_ascend.cli import print_error
+    from gpt2_ascend.convert import merge_checkpoint
+    from gpt2_ascend.data.tokenizer import copy_tokenizer
     try:
         config, architecture = merge_checkpoint(args.src_ckpt_dir, args.dst_dir, dtype=args.dtype,
                                                 max_shard_size=args.max_shard_size)
         if args.tokenizer:
-            from gpt2_ascend.tokenizer import load_tokenizer, save_tokenizer
-            save_tokenizer(load_tokenizer(args.tokenizer), args.dst_dir, source_dir=args.tokenizer)
+            copy_tokenizer(args.tokenizer, args.dst_dir)
     except (ValueError, OSError, CheckpointError) as e:
-        from gpt2_ascend.cli import print_error
         print_error(e)
         return 2
     print(f"wrote {args.dst_dir}: {architecture}, {config.n_layer} layers, hidden {config.n_embd}, "

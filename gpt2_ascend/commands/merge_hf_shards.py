@@ -24,11 +24,12 @@ def main(argv=None):
 
     from tqdm import tqdm
     from gpt2_ascend.convert import merge_hf_shards
+    from gpt2_ascend.cli import print_error
     try:
         s = merge_hf_shards(args.input_dir, args.output_dir, max_shard_size=args.max_shard_size, dtype=args.dtype,
                             progress=lambda xs: tqdm(xs, desc="resharding", unit="tensor", disable=None))
     except (ValueError, OSError, KeyError) as e:
-        print(f"error: {e.args[0] if isinstance(e, KeyError) and e.args else e}", file=sys.stderr)
+        print_error(e)
         return 2
     tied = " (tied lm_head.weight dropped)" if s["dropped_tied_head"] else ""
     print(f"wrote {args.output_dir}: {s['tensors']} tensors, {s['bytes'] / 1e6:.1f} MB in {len(s['files'])} file(s){tied}")

@@ -32,6 +32,7 @@ def main(argv=None):
     args = p.parse_args(argv)
 
     from gpt2_ascend.convert import merge_lora, merge_mindformers_lora
+    from gpt2_ascend.cli import print_error
     try:
         if args.base and args.base.endswith(".ckpt"):
             if args.adapter or args.lora_alpha is None:
@@ -44,7 +45,7 @@ def main(argv=None):
         else:
             s = merge_lora(args.base, args.adapter, args.output_dir, dtype=args.dtype)
     except (ValueError, OSError, KeyError) as e:
-        print(f"error: {e.args[0] if isinstance(e, KeyError) and e.args else e}", file=sys.stderr)
+        print_error(e)
         return 2
     tok = f", tokenizer files: {', '.join(s['tokenizer_files'])}" if s["tokenizer_files"] else ""
     print(f"wrote {s['output_dir']}: merged {s['architecture']}, {s['parameters']:,} parameters{tok}")

@@ -35,13 +35,14 @@ def main(argv=None):
 
     from tqdm import tqdm
     from gpt2_ascend.convert import mindspore_to_hf
+    from gpt2_ascend.cli import print_error
     try:
         s = mindspore_to_hf(args.mindspore_path, args.output_dir, n_head=args.n_head, activation=args.activation,
                             dtype=args.dtype, max_shard_size=args.max_shard_size, verify_crc=not args.no_crc_check,
                             progress=lambda xs: tqdm(xs, desc="converting", unit="tensor", disable=None),
                             recipe=args.config, log=lambda line: print(line, flush=True))
     except (ValueError, OSError, KeyError) as e:
-        print(f"error: {e.args[0] if isinstance(e, KeyError) and e.args else e}", file=sys.stderr)
+        print_error(e)
         return 2
     print(f"wrote {s['output_dir']}: {s['architecture']}, {str(s['dtype']).replace('torch.', '')}, "
           f"{len(s['files'])} file(s)")

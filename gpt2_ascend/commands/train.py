@@ -1,8 +1,8 @@
 """Train, finetune, evaluate or predict with GPT-2 from a MindFormers-style recipe (flags follow MindFormers'
 run_mindformer.py: --run_mode train | finetune | eval | predict).
 
-All the work is in gpt2_ascend.train (recipe.load_recipe, trainer.run_training, run_modes.evaluate_recipe /
-predict_recipe); this file only parses.
+All the work is in gpt2_ascend.train (recipe.load_recipe, job.job_from_recipe, run.run_training,
+run_modes.evaluate_recipe / predict_recipe); this file only parses.
 """
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ import os
 import shlex
 import sys
 
-from .hf_flags import EXAMPLES as HF_EXAMPLES, add_hf_flags, hf_flag_overrides  # issue 16
+from .hf_flags import EXAMPLES as HF_EXAMPLES, add_hf_flags, hf_flag_overrides
 
 EPILOG = """examples:
   # tiny pretrain on WikiText-2 (CPU, a couple of minutes), then look at OUTPUT_DIR/final
@@ -88,7 +88,7 @@ def parse_args(argv=None):
     p.add_argument("--seed", type=int, help="global seed (model init, dropout, data order)")
     p.add_argument("--overwrite_output_dir", action="store_true",
                    help="start over in an OUTPUT_DIR that already holds a run (its checkpoints are deleted)")
-    add_hf_flags(p)  # issue 16 hook: datasets columns and format, tokenizing processes, trackers
+    add_hf_flags(p)  # datasets columns and format, tokenizing processes, trackers
     p.add_argument("overrides", nargs="*", metavar="section.key=value",
                    help="recipe overrides, e.g. runner_config.batch_size=8 lr_schedule.learning_rate=3e-4")
     argv, dotted = mindformers_style_overrides(list(sys.argv[1:] if argv is None else argv), p)
@@ -133,7 +133,17 @@ def overrides_from_flags(args) -> list[str]:
             else:
                 text = str(value)
             out.append(f"{key}={text}")
-    return out + hf_flag_overrides(args)  # issue 16 hook
+    return out + hf_flag_overrides(args)
+
+
+def flag_names():
+    """How the run's errors name what to change: this command's flags."""
+    from gpt2_ascend.train.job import ArgumentNames
+    return ArgumentNames(overwrite="--overwrite_output_dir", resume_auto="--resume auto", output_dir="--output_dir",
+                         max_steps="--max_steps", load_checkpoint="--load_checkpoint", train_data="--train_dataset_dir PATH",
+                         use_parallel="--use_parallel True", no_parallel="--use_parallel False",
+                         run_mode_train="--run_mode train", precision="model.model_config.compute_dtype={dtype}",
+                         device_cpu="--device cpu")
 
 
 def report_error(e: Exception):
@@ -179,10 +189,11 @@ def report_interrupt(e: BaseException, argv) -> int:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    from gpt2_ascend.train.checkpoint import CheckpointError
+    from gpt2_ascend.checkpoints import CheckpointError
+    from gpt2_ascend.train import TrainingStopped, run_training
     from gpt2_ascend.train.interrupt import TrainingInterrupted
+    from gpt2_ascend.train.job import job_from_recipe
     from gpt2_ascend.train.recipe import load_recipe
-    from gpt2_ascend.train.trainer import TrainingStopped, run_training
 
     try:
         recipe = load_recipe(args.config, overrides_from_flags(args) + list(args.overrides))
@@ -190,7 +201,7 @@ def main(argv=None) -> int:
             return report_eval(recipe)
         if recipe.run_mode == "predict":
             return report_predict(recipe, predict_texts(args.predict_data), args.predict_batch_size)
-        summary = run_training(recipe, overwrite=args.overwrite_output_dir)
+        summary = run_training(job_from_recipe(recipe, names=flag_names()), overwrite=args.overwrite_output_dir)
     except (TrainingInterrupted, KeyboardInterrupt) as e:
         return report_interrupt(e, argv)
     except (ValueError, FileNotFoundError, CheckpointError, TrainingStopped, RuntimeError, OSError) as e:

@@ -3,63 +3,33 @@ directory (ours, or peft's), or MindFormers' unmerged LoRA .ckpt (mindpet's lora
 base weights), which also loads as one of our LoRA models."""
 from __future__ import annotations
 
-import json
 import os
 import shutil
 
 import torch
 
-from ..hf import atomic_directory, resolve_model_path, save_pretrained
+from ..data.tokenizer import TOKENIZER_FILES
+from ..hf import atomic_model_dir, resolve_model_path, save_pretrained
+from ..loading import load_model
+from ..lora import QKV, TASK_TYPES, adapter_base, apply_lora, read_adapter_config
 
 # MindFormers' LoRA cell -> (our module under transformer.h.{i}, its part of the fused c_attn)
 MINDFORMERS_LORA_CELLS = {"attention.dense1": ("attn.c_attn", "q"), "attention.dense2": ("attn.c_attn", "k"),
                           "attention.dense3": ("attn.c_attn", "v"), "attention.projection": ("attn.c_proj", None),
                           "output.mapping": ("mlp.c_fc", None), "output.projection": ("mlp.c_proj", None)}
 
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "merges.txt", "special_tokens_map.json",
-                   "added_tokens.json")
-
-
-def model_class_for(path: str):
-    """GPT2ForSequenceClassification if config.json names it, else GPT2LMHeadModel."""
-    from ..model import GPT2ForSequenceClassification, GPT2LMHeadModel
-    config_path = os.path.join(path, "config.json")
-    architectures = []
-    if os.path.isfile(config_path):
-        with open(config_path, encoding="utf-8") as f:
-            try:
-                architectures = json.load(f).get("architectures") or []
-            except ValueError as e:
-                raise ValueError(f"{config_path} is not valid JSON ({e})") from None
-    return GPT2ForSequenceClassification if "GPT2ForSequenceClassification" in architectures else GPT2LMHeadModel
-
-
-def base_for_adapter(base_path: str, adapter: str):
-    """The base model an adapter goes on, built as its task type says: a SEQ_CLS adapter brings its trained
-    `score` head, so a language-model base becomes a classifier with that many labels (as peft's
-    AutoPeftModelForSequenceClassification does); CAUSAL_LM a language model; none follows the base."""
-    from ..model import GPT2ForSequenceClassification, GPT2LMHeadModel
-    from ..train.lora import adapter_head_rows, read_adapter_config
-    task = read_adapter_config(adapter).get("task_type")
-    if task == "SEQ_CLS":
-        labels = adapter_head_rows(adapter, "score")
-        overrides = {"num_labels": labels} if labels else {}
-        return GPT2ForSequenceClassification.from_pretrained(base_path, **overrides)
-    cls = GPT2LMHeadModel if task == "CAUSAL_LM" else model_class_for(base_path)
-    return cls.from_pretrained(base_path)
-
-
 def merge_lora(base: str | None, adapter: str, output_dir: str, dtype=None) -> dict:
     """base (HF dir or hub id; None: the adapter's base_model_name_or_path) + adapter (a PEFT adapter dir, ours
     or trained on transformers' GPT-2) -> output_dir with the merged weights, plus the base's tokenizer files.
     The merged model's logits equal the adapted model's."""
-    from ..train.lora import adapter_base, load_adapter
     if not os.path.isdir(adapter):
         raise FileNotFoundError(f"adapter directory not found: {adapter}")
     path = resolve_model_path(base or adapter_base(adapter))
-    merged = load_adapter(base_for_adapter(path, adapter), adapter, merge=True)
+    # the head the adapter's task type names (a SEQ_CLS adapter brings its trained score head); none: the base's
+    architecture = {task: arch for arch, task in TASK_TYPES.items()}.get(read_adapter_config(adapter).get("task_type"))
+    merged = load_model(path, architecture, adapter=adapter, new_head=True)
     copied = []
-    with atomic_directory(output_dir) as tmp:
+    with atomic_model_dir(output_dir) as tmp:
         save_pretrained(merged, tmp, dtype=dtype)
         for name in TOKENIZER_FILES:
             if os.path.isfile(os.path.join(path, name)):
@@ -97,7 +67,6 @@ def mindformers_lora_layout(adapters: dict) -> tuple[int, tuple[str, ...]]:
 def copy_mindformers_adapters(peft_model, adapters: dict, rank: int):
     """Put MindFormers' (lora_a, lora_b) pairs into our LoRA model (built by apply_lora with their layout): q / k / v
     adapters side by side in the fused c_attn adapter, B block-diagonal."""
-    from ..train.lora import QKV
     grouped = {}
     for (layer, cell), pair in adapters.items():
         module, part = MINDFORMERS_LORA_CELLS[cell]
@@ -124,7 +93,6 @@ def load_mindformers_lora(path: str, lora_alpha: float, n_head: int | None = Non
     """A MindFormers LoRA .ckpt (base weights + lora_a / lora_b) as our peft LoRA model (fp32), with
     `lora_layout` = (rank, target_modules) set on it. lora_alpha is not in the checkpoint: pass the recipe's
     (pet_config.lora_alpha; MindFormers' GPT-2 LoRA recipes use 128)."""
-    from ..train.lora import apply_lora
     from .mindformers import MindFormersSource, load_mindspore_model
     with MindFormersSource(path, n_head, activation, verify_crc) as source:
         adapters = source.lora_adapters()
@@ -145,7 +113,7 @@ def merge_mindformers_lora(path: str, output_dir: str, lora_alpha: float, n_head
     model = load_mindformers_lora(path, lora_alpha, n_head, activation)
     rank, targets = model.lora_layout
     merged = model.merge_and_unload()
-    with atomic_directory(output_dir) as tmp:
+    with atomic_model_dir(output_dir) as tmp:
         save_pretrained(merged, tmp, dtype=dtype)
     return {"output_dir": output_dir, "architecture": merged.hf_architecture, "tokenizer_files": [],
             "parameters": merged.num_parameters(), "lora_rank": rank, "lora_targets": targets}

@@ -26,7 +26,7 @@ import re
 
 import torch
 
-from ..config import PRESETS, GPT2Config
+from ..config import MINDFORMERS_ACTIVATIONS, PRESETS, GPT2Config
 
 WTE = "backbone.embedding.word_embedding.embedding_table"
 WPE = "backbone.embedding.position_embedding.embedding_table"
@@ -163,7 +163,6 @@ def read_recipe_shape(path: str) -> dict:
     """What a MindFormers recipe (run_gpt2_xxx.yaml) says about the model's shape, from model.model_config:
     {n_head, n_layer, n_embd, vocab_size, activation} for the keys it sets."""
     import yaml
-    from ..train.recipe import HIDDEN_ACT
     try:
         with open(path, encoding="utf-8") as f:
             recipe = yaml.safe_load(f)
@@ -186,10 +185,10 @@ def read_recipe_shape(path: str) -> dict:
             shape[ours] = value
     act = model_config.get("hidden_act")
     if act is not None:
-        if act not in HIDDEN_ACT:
+        if act not in MINDFORMERS_ACTIVATIONS:
             raise ValueError(f"--config {path}: model.model_config.hidden_act {act!r} is not one of "
-                             f"{', '.join(HIDDEN_ACT)}")
-        shape["activation"] = HIDDEN_ACT[act]
+                             f"{', '.join(MINDFORMERS_ACTIVATIONS)}")
+        shape["activation"] = MINDFORMERS_ACTIVATIONS[act]
     return shape
 
 

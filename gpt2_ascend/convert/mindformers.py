@@ -7,13 +7,14 @@ import os
 import torch
 
 from ..config import GPT2Config
-from ..hf import (atomic_directory, hf_to_ours, is_conv1d, load_config, model_from_state, normalize_hf_name,
-                  parse_dtype, resolve_model_path, weight_files, write_json)
+from ..hf import (atomic_model_dir, hf_to_ours, is_conv1d, load_config, model_from_state, normalize_hf_name,
+                  parse_dtype, resolve_model_path, weight_files, write_hf_weights, write_json)
+from ..model import CLASSIFIER, LANGUAGE_MODEL, model_class
 from .mapping import (HF_LAYER, MS_LORA, check_shapes, classify_ms_name, hf_shapes, hf_to_mindformers,
                       infer_config, layer_count, mindformers_to_hf, ms_sources, read_recipe_shape, shape_line,
                       skipped_summary)
 from .mindspore_ckpt import CHUNK_BYTES, CkptError, CkptReader, CkptWriter
-from .shards import WeightIndex, write_hf_weights
+from .shards import WeightIndex
 
 
 # ---------------------------------------------------------------------------------------------
@@ -184,7 +185,7 @@ class MindFormersSource:
 
     @property
     def architecture(self) -> str:
-        return "GPT2ForSequenceClassification" if self.classifier else "GPT2LMHeadModel"
+        return CLASSIFIER if self.classifier else LANGUAGE_MODEL
 
     def load(self, hf_name: str) -> torch.Tensor:
         return mindformers_to_hf(hf_name, [self.reader.load(n) for n in ms_sources(hf_name)])
@@ -236,7 +237,7 @@ def mindspore_to_hf(mindspore_path: str, output_dir: str, n_head: int | None = N
         hf_config = source.config.to_hf_dict(source.architecture)
         hf_config["torch_dtype"] = str(target).replace("torch.", "")
         size = sum(math.prod(shape) * target.itemsize for shape in source.hf_shapes.values())
-        with atomic_directory(output_dir, size=size) as tmp:
+        with atomic_model_dir(output_dir, size=size) as tmp:
             write_json(hf_config, os.path.join(tmp, "config.json"))
             files = write_hf_weights(tmp, specs, lambda n: source.load(n).to(target), max_shard_size, progress=progress)
         return {"output_dir": output_dir, "config": source.config, "architecture": source.architecture,
@@ -252,12 +253,11 @@ def load_mindspore_model(mindspore_path: str, n_head: int | None = None, activat
     from n_head or the MindFormers recipe `recipe` when the tensors cannot tell. config_overrides replace
     GPT2Config fields the tensors do not fix (dropout, labels, init). LoRA tensors are refused unless lora_base
     (then only the base is loaded: convert.lora.load_mindformers_lora adds them)."""
-    from ..model import GPT2ForSequenceClassification, GPT2LMHeadModel
     with MindFormersSource(mindspore_path, n_head, activation, verify_crc, recipe) as source:
         if not lora_base:
             source.refuse_lora()
         config = source.config.replace(**config_overrides)
         state = hf_to_ours({name: source.load(name) for name in source.hf_shapes}, config)
         if cls is None:
-            cls = GPT2ForSequenceClassification if source.classifier else GPT2LMHeadModel
+            cls = model_class(source.architecture)
         return model_from_state(cls, config, state, source=mindspore_path, dtype=dtype, device=device)

@@ -25,13 +25,12 @@ from __future__ import annotations
 import functools
 import math
 import os
-import tempfile
 import zlib
 from dataclasses import dataclass, field
 
 import torch
 
-from ..fileio import DiskFullError, disk_full_error, is_disk_full, umask
+from ..fileio import AtomicFile
 from ..fileio import tensor_bytes as state_bytes
 
 # MindSpore's largest record: serialization.py writes `1024 * SLICE_SIZE` bytes per record (SLICE_SIZE
@@ -118,10 +117,8 @@ class CkptWriter:
         self.chunk_bytes = chunk_bytes
         self.crc_value = 0
         self.names: set[str] = set()
-        directory = os.path.dirname(self.path)
-        os.makedirs(directory, exist_ok=True)
-        fd, self.tmp_path = tempfile.mkstemp(prefix="." + os.path.basename(self.path) + ".tmp-", dir=directory)
-        self.file = os.fdopen(fd, "wb")
+        self.out = AtomicFile(self.path, size, what=self.path)
+        self.file = self.out.file
 
     def write(self, name: str, value):
         """A tensor (any dtype in TORCH_DTYPES) or a string, as MindSpore's save_checkpoint writes it."""
@@ -154,32 +151,21 @@ class CkptWriter:
         self.file.write(record)
 
     def close(self):
-        """Write the crc trailer, fsync, and move the file into place (with the umask's mode, like every
-        output). On failure the temporary is removed."""
+        """Write the crc trailer and move the file into place (fileio.AtomicFile: fsync'd, the umask's mode like
+        every output). On failure the temporary is removed."""
         if self.file.closed:
             return
         try:
             if self.crc:
                 self.file.write(CRC_MAGIC + self.crc_value.to_bytes(10, "big"))
-            self.file.flush()
-            os.fsync(self.file.fileno())
-            self.file.close()
-            os.chmod(self.tmp_path, 0o666 & ~umask())
-            os.replace(self.tmp_path, self.path)
         except BaseException as e:
             self.abort(e)
             raise
+        self.out.commit()
 
     def abort(self, error: BaseException | None = None):
         """Remove the temporary; a full disk becomes DiskFullError (one line, with the bytes needed)."""
-        try:
-            self.file.close()
-        except OSError:  # flushing the rest into a full disk
-            pass
-        if os.path.exists(self.tmp_path):
-            os.remove(self.tmp_path)
-        if error is not None and not isinstance(error, DiskFullError) and is_disk_full(error):
-            raise disk_full_error(os.path.dirname(self.path), self.size, self.path) from None
+        self.out.abort(error)
 
     def __enter__(self):
         return self

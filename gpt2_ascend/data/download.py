@@ -30,8 +30,8 @@ import sys
 import urllib.error
 import urllib.request
 
-from ..fileio import fsync_dir, reporting_disk_full
-from .store import sha256_file
+from ..cli import print_error
+from ..fileio import fsync_dir, reporting_disk_full, sha256_file
 
 HF_GPT2 = "https://huggingface.co/openai-community/gpt2/resolve/main"
 WIKITEXT2 = "https://raw.githubusercontent.com/pytorch/examples/main/word_language_model/data/wikitext-2"
@@ -67,9 +67,16 @@ GROUPS = {"gpt2": ("gpt2/vocab.json", "gpt2/merges.txt"),
 CHUNK = 1 << 16
 
 
-def data_dir() -> str:
-    from ..tokenizer import default_data_dir
-    return default_data_dir()
+def default_data_dir() -> str:
+    """GPT2_DATA_DIR, else the ../shared/data folder beside the checkout, else ~/.cache/gpt2_ascend/data."""
+    env = os.environ.get("GPT2_DATA_DIR")
+    if env:
+        return env
+    repo_root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    shared = os.path.join(os.path.dirname(repo_root), "shared", "data")
+    if os.path.isdir(shared):
+        return shared
+    return os.path.join(os.path.expanduser("~"), ".cache", "gpt2_ascend", "data")
 
 
 def url_for(name: str) -> str:
@@ -193,7 +200,7 @@ def _names(name: str) -> tuple[str, ...]:
 def ensure_data_dir(names=None, root: str | None = None, verify: bool = False, progress: bool = True) -> str:
     """The data directory, after downloading those of its files (default: all) that are missing.
     verify=True also checks the checksums of files already there (and downloads them again on mismatch)."""
-    root = root or data_dir()
+    root = root or default_data_dir()
     wanted = [n for name in (names or list(GROUPS)) for n in _names(name)]
     for name in wanted:
         path = os.path.join(root, name)
@@ -235,7 +242,7 @@ def main(argv=None) -> int:
     try:
         root = ensure_data_dir(args.names or None, args.data_dir, verify=args.verify)
     except (OSError, ValueError) as e:
-        print(f"error: {e}", file=sys.stderr)
+        print_error(e)
         return 2
     print(f"data directory ready: {root}")
     return 0

@@ -1,5 +1,5 @@
 """HuggingFace `datasets` as a data source: the same token blocks and classification arrays the raw files give, in
-the same on-disk cache (data/store.py), from
+the same on-disk cache (data/store.py, through data/sources.py), from
 
     PATH                     a `save_to_disk` folder (a Dataset, or a DatasetDict: the split below), a .parquet,
                              .jsonl / .json, .csv or .arrow file, or a folder of such files (one format, by name)
@@ -11,6 +11,9 @@ the same on-disk cache (data/store.py), from
     a datasets.Dataset or DatasetDict object (the Python API)
 
 The split defaults to `train` (the trainer asks for `validation` for its evaluation data).
+
+data/sources.py (the entry point) reads these sources through the functions here and caches what they give as it
+caches the raw files' blocks; a Dataset that is already tokenized (an input_ids column) is used as it is.
 
 Language modelling reads one text column (`text`) in one of two protocols (text_format):
     wikitext   the rows are the lines of a WikiText file, as the hub's `wikitext` configs and a parquet of a .tokens
@@ -33,13 +36,12 @@ import hashlib
 import json
 import os
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 
-from .store import (FORMAT_VERSION, _cache_file, _cached, load_arrays, load_blocks, save_arrays, save_blocks,
-                    sha256_paths, token_dtype)
-from .text import encode_many, pack_blocks, resolve_tokenizer
+from .store import token_dtype
+from .text import encode_many, pack_blocks, resolve_tokenizer, sha256_paths
 
 # data files -> the datasets builder that reads them
 FILE_BUILDERS = {".parquet": "parquet", ".jsonl": "json", ".json": "json", ".csv": "csv", ".arrow": "arrow"}
@@ -144,6 +146,13 @@ def parse_source(spec, raw_csv: bool = False) -> Source:
 
 # ---------------------------------------------------------------------------------------------------- loading rows
 
+def open_rows(spec, split: str | None = None, cache_dir: str | None = None, raw_csv: bool = False):
+    """(the Source spec names, with its split: its own, else `split`; the datasets.Dataset of that split)."""
+    source = parse_source(spec, raw_csv)
+    source = replace(source, split=source.split or split)
+    return source, load_rows(source, cache_dir=cache_dir)
+
+
 def load_rows(source: Source, split: str | None = None, cache_dir: str | None = None):
     """The datasets.Dataset a Source names (its split: the source's own, else `split`, else train). Data files are
     converted to Arrow under cache_dir/datasets (datasets' default cache when None); hub ids use datasets' cache."""
@@ -221,8 +230,9 @@ def _text_values(rows, name: str, label: str) -> list:
     return list(rows[name])
 
 
-def _source_key(source: Source, rows) -> dict:
-    """What identifies the rows in a cache key: datasets' fingerprint, and the bytes of local files."""
+def source_key(source: Source, rows) -> dict:
+    """What identifies the rows in a cache key (data/sources.py): datasets' fingerprint, and the bytes of local
+    files."""
     key = dict(fingerprint=rows._fingerprint, source=source.label if source.kind == "hub" else None)
     if source.kind in ("disk", "files"):
         files = source.files or sorted(os.path.join(d, n) for d, _, names in os.walk(source.where) for n in names)
@@ -230,9 +240,17 @@ def _source_key(source: Source, rows) -> dict:
     return key
 
 
-def _stem(source: Source) -> str:
-    """The cache files' name: the folder, file or hub id's last part (or `dataset`)."""
-    return "dataset" if source.kind == "object" else os.path.basename(os.path.normpath(source.label))
+def cache_stem(source: Source) -> str:
+    """The cache files' name: the folder, file or hub id (or `dataset` for an object)."""
+    return "dataset" if source.kind == "object" else source.label
+
+
+def _meta(source: Source, rows, tok_info: dict, **datasets_meta) -> dict:
+    """A sidecar's record of where the rows came from (data/store.py)."""
+    return dict(source=source.where if source.kind in ("disk", "files") else source.label, source_kind="datasets",
+                datasets=dict(kind=source.kind, config=source.config, split=source.split, rows=len(rows),
+                              fingerprint=rows._fingerprint, **datasets_meta),
+                tokenizer=tok_info["path"], tokenizer_sha256=tok_info["files_sha256"], tokenizer_id=tok_info["id"])
 
 
 # -------------------------------------------------------------------------------------------------- language modelling
@@ -296,8 +314,12 @@ def join_pieces(values: np.ndarray, lengths: np.ndarray, separator: list[int], d
     return out
 
 
-def _tokens_and_meta(source: Source, rows, text_column: str, text_format: str, tokenizer, tok_info: dict,
-                     num_proc, mindformers_compat: bool, map_cache: str | None, fingerprint: str | None):
+def tokens_and_meta(source: Source, rows, tokenizer, tok_info: dict, *, text_column: str | None = None,
+                    text_format: str = "auto", mindformers_compat: bool = False, num_proc: int | None = None,
+                    map_cache: str | None = None) -> tuple[np.ndarray, dict]:
+    """(all tokens of the rows' text column, 1-D; their sidecar record). map_cache: a file where Dataset.map keeps
+    its tokenized rows (reused for every block length of the same rows, column, protocol and tokenizer)."""
+    text_column = text_column or DEFAULT_COLUMNS["lm"]
     texts = _text_values(rows, text_column, source.label)
     fmt = resolve_text_format(texts, text_format)
     compat = bool(mindformers_compat) and fmt == "wikitext"
@@ -307,55 +329,30 @@ def _tokens_and_meta(source: Source, rows, text_column: str, text_format: str, t
     if compat and any("\t" in p for p in passages):
         raise ValueError(f"{source.label} contains tab characters, which MindFormers' script mangles: prepare it "
                          f"without mindformers_compat")
+    fingerprint = None
+    if map_cache:
+        fingerprint = hashlib.sha256(json.dumps([rows._fingerprint, text_column, fmt, compat, tok_info["id"]])
+                                     .encode()).hexdigest()[:16]
     values, lengths = tokenize_passages(passages, tokenizer, num_proc, map_cache, fingerprint)
     tokens = join_pieces(values, lengths, encode_many(["\n"], tokenizer)[0], token_dtype(len(tokenizer)))
-    meta = dict(source=source.where if source.kind in ("disk", "files") else source.label, source_kind="datasets",
-                datasets=dict(kind=source.kind, config=source.config, split=source.split, rows=len(rows),
-                              fingerprint=rows._fingerprint, text_column=text_column),
-                tokenizer=tok_info["path"], tokenizer_sha256=tok_info["files_sha256"], tokenizer_id=tok_info["id"],
+    meta = dict(_meta(source, rows, tok_info, text_column=text_column),
                 options=dict(text_format=fmt, mindformers_compat=compat), num_tokens=int(len(tokens)))
     return tokens, meta
 
 
-def token_blocks(source, max_length: int, tokenizer=None, *, mindformers_compat: bool = False,
-                 cache_dir: str | None = None, text_column: str | None = None, text_format: str = "auto",
-                 split: str | None = None, num_proc: int | None = None) -> np.ndarray:
-    """(blocks, max_length) tokens of a datasets source (module docstring), cached as .npy + sidecar in cache_dir
-    (reused while the dataset's fingerprint and files, the tokenizer and the options are unchanged)."""
-    src = parse_source(source)
-    tok, tok_info = resolve_tokenizer(tokenizer)
-    rows = load_rows(src, split, cache_dir)
-    column = text_column or DEFAULT_COLUMNS["lm"]
-    key = dict(kind="datasets", **_source_key(src, rows), split=src.split or split, text_column=column,
-               text_format=text_format, mindformers_compat=bool(mindformers_compat), max_length=max_length,
-               tokenizer=tok_info["id"], format_version=FORMAT_VERSION)
-    cache = _cache_file(cache_dir, _stem(src), key, ".npy") if cache_dir else None
-    if cache:
-        hit = _cached(cache, key, load_blocks, src.label)
-        if hit is not None:
-            return hit
-    # the map's own cache serves every block length of the same rows, column, protocol and tokenizer
-    digest = hashlib.sha256(json.dumps(dict(key, max_length=None), sort_keys=True).encode()).hexdigest()[:16]
-    map_cache = os.path.join(cache_dir, f"{_stem(src)}.tokens.{digest}.arrow") if cache else None
-    tokens, meta = _tokens_and_meta(src, rows, column, text_format, tok, tok_info, num_proc, mindformers_compat,
-                                    map_cache, digest)
-    blocks = pack_blocks(tokens, max_length, source=src.label)
-    meta["num_tokens_used"] = int(blocks.size)
-    if cache:
-        save_blocks(blocks, cache, dict(meta, cache_key=key))
-        return load_blocks(cache, verify=False)  # hashed a moment ago, while being written
-    return blocks
+def blocks_and_meta(source: Source, rows, max_length: int, tokenizer, tok_info: dict, **options):
+    """(blocks, max_length) tokens of the rows and their sidecar record (options: tokens_and_meta's)."""
+    tokens, meta = tokens_and_meta(source, rows, tokenizer, tok_info, **options)
+    blocks = pack_blocks(tokens, max_length, source=source.label)
+    return blocks, dict(meta, num_tokens_used=int(blocks.size))
 
 
-def token_stream(source, tokenizer=None, *, mindformers_compat: bool = False, cache_dir: str | None = None,
-                 text_column: str | None = None, text_format: str = "auto", split: str | None = None,
-                 num_proc: int | None = None) -> np.ndarray:
-    """All tokens of a datasets source, 1-D (the strided perplexity protocol reads them whole)."""
-    src = parse_source(source)
+def token_stream(spec, tokenizer=None, *, split: str | None = None, cache_dir: str | None = None,
+                 **options) -> np.ndarray:
+    """All tokens of a datasets source, 1-D (the strided perplexity protocol reads them whole; not cached)."""
+    source, rows = open_rows(spec, split, cache_dir)
     tok, tok_info = resolve_tokenizer(tokenizer)
-    rows = load_rows(src, split, cache_dir)
-    return _tokens_and_meta(src, rows, text_column or DEFAULT_COLUMNS["lm"], text_format, tok, tok_info, num_proc,
-                            mindformers_compat, None, None)[0]
+    return tokens_and_meta(source, rows, tok, tok_info, **options)[0]
 
 
 # -------------------------------------------------------------------------------------------------- classification
@@ -373,41 +370,40 @@ def _label_values(rows, name: str, label: str) -> np.ndarray:
     return labels
 
 
-def txtcls_arrays(source, max_length: int, tokenizer=None, *, cache_dir: str | None = None,
-                  text_column: str | None = None, label_column: str | None = None, split: str | None = None,
-                  raw_csv: bool = False) -> dict:
-    """input_ids / attention_mask / labels of a datasets source's text and label columns (GLUE SST-2's `sentence`
-    and `label` by default): right-padded with the eos id and cut to max_length by txtcls.encode_rows, as the .tsv
-    path does; cached as .npz + sidecar in cache_dir."""
+def txtcls_arrays_and_meta(source: Source, rows, max_length: int, tokenizer, tok_info: dict, *,
+                           text_column: str | None = None, label_column: str | None = None) -> tuple[dict, dict]:
+    """input_ids / attention_mask / labels of the rows' text and label columns (GLUE SST-2's `sentence` and `label`
+    by default), right-padded with the eos id and cut to max_length by txtcls.encode_rows as the .tsv path does; and
+    their sidecar record."""
     from .txtcls import encode_rows, pad_token_id
-    src = parse_source(source, raw_csv)
-    tok, tok_info = resolve_tokenizer(tokenizer)
-    rows = load_rows(src, split, cache_dir)
     text_column, label_column = text_column or DEFAULT_COLUMNS["txtcls"], label_column or DEFAULT_COLUMNS["label"]
-    key = dict(kind="txtcls_datasets", **_source_key(src, rows), split=src.split or split, text_column=text_column,
-               label_column=label_column, max_length=max_length, tokenizer=tok_info["id"],
-               format_version=FORMAT_VERSION)
-    cache = _cache_file(cache_dir, _stem(src), key, ".npz") if cache_dir else None
-    if cache:
-        hit = _cached(cache, key, load_arrays, src.label)
-        if hit is not None:
-            return hit
-    sentences = _text_values(rows, text_column, src.label)
-    labels = _label_values(rows, label_column, src.label)
+    sentences = _text_values(rows, text_column, source.label)
+    labels = _label_values(rows, label_column, source.label)
     empty = next((i for i, s in enumerate(sentences) if not s), None)
     if empty is not None:
-        raise ValueError(f"row {empty} of {src.label} has an empty {text_column!r}: remove it (Dataset.filter)")
+        raise ValueError(f"row {empty} of {source.label} has an empty {text_column!r}: remove it (Dataset.filter)")
     if not sentences:
-        raise ValueError(f"{src.label} has no rows")
-    input_ids, mask, truncated = encode_rows(sentences, max_length, tok)
-    arrays = dict(input_ids=input_ids, attention_mask=mask, labels=labels)
-    if cache:
-        meta = dict(source=src.where if src.kind in ("disk", "files") else src.label, source_kind="datasets",
-                    datasets=dict(kind=src.kind, config=src.config, split=src.split or split, rows=len(rows),
-                                  fingerprint=rows._fingerprint, text_column=text_column, label_column=label_column),
-                    tokenizer=tok_info["path"], tokenizer_sha256=tok_info["files_sha256"],
-                    tokenizer_id=tok_info["id"], options={"padding": "right", "pad_token_id": int(pad_token_id(tok))},
-                    num_truncated=int(truncated), max_tokens=int(mask.sum(1).max()),
-                    label_counts={str(k): int(v) for k, v in zip(*np.unique(labels, return_counts=True))})
-        save_arrays(arrays, cache, dict(meta, cache_key=key))
-    return arrays
+        raise ValueError(f"{source.label} has no rows")
+    input_ids, mask, truncated = encode_rows(sentences, max_length, tokenizer)
+    meta = dict(_meta(source, rows, tok_info, text_column=text_column, label_column=label_column),
+                options={"padding": "right", "pad_token_id": int(pad_token_id(tokenizer))},
+                num_truncated=int(truncated), max_tokens=int(mask.sum(1).max()),
+                label_counts={str(k): int(v) for k, v in zip(*np.unique(labels, return_counts=True))})
+    return dict(input_ids=input_ids, attention_mask=mask, labels=labels), meta
+
+
+# -------------------------------------------------------------------------------------------------- in memory
+
+def token_columns(data) -> dict | None:
+    """An already tokenized datasets.Dataset (one with an input_ids column) as the model's input columns, numpy
+    arrays as any in-memory data (input_ids, and attention_mask / labels where it has them); None for any other
+    data (a Dataset of text is tokenized by data/sources.py)."""
+    if not is_datasets_object(data) or "input_ids" not in getattr(data, "column_names", ()):
+        return None  # (a DatasetDict's column_names is a dict of splits: it names a split first)
+    names = [n for n in ("input_ids", "attention_mask", "labels") if n in data.column_names]
+    table = data.with_format("numpy")
+    try:
+        return {name: np.asarray(table[name]) for name in names}
+    except ValueError as e:
+        raise ValueError(f"the Dataset's {', '.join(names)} rows must all be the same length: pack them into "
+                         f"blocks first ({e})") from None

@@ -6,7 +6,8 @@ a data-parallel group takes every world_size-th row of the (truncated) permutati
 rows and all ranks run the same number of steps.
 
 One item of `StepLoader` is one optimizer step: a list of `micro_batches` micro-batches (gradient
-accumulation), each a dict of int64 tensors of `batch_size` rows.
+accumulation), each a dict of int64 tensors of `batch_size` rows: the model's keyword arguments (token blocks become
+input_ids and targets with causal_lm_inputs; classification rows are input_ids, attention_mask, labels).
 """
 from __future__ import annotations
 
@@ -15,12 +16,15 @@ import torch
 
 
 def as_columns(data) -> dict:
-    """A dataset as named columns: a 2-D token-block array becomes {"input_ids": blocks}; a dict
-    (input_ids, attention_mask, labels ...) is checked for a common number of rows."""
+    """A dataset as named columns, one row per example: a dict of arrays (input_ids, attention_mask, labels ...) as
+    it is, a 2-D token-block array (numpy or torch) as {"input_ids": blocks}, a dataset of dicts (a
+    torch.utils.data.Dataset, a list) stacked key by key; checked for a common number of rows."""
     if isinstance(data, dict):
         columns = dict(data)
-    else:
+    elif hasattr(data, "ndim") or not hasattr(data, "__getitem__"):
         columns = {"input_ids": data}
+    else:
+        columns = _stack_rows(data)
     if not columns:
         raise ValueError("the dataset has no columns")
     rows = {name: len(col) for name, col in columns.items()}
@@ -29,6 +33,24 @@ def as_columns(data) -> dict:
     if next(iter(rows.values())) == 0:
         raise ValueError("the dataset is empty: prepare it from a larger text or check the path")
     return columns
+
+
+def _stack_rows(dataset) -> dict:
+    """{key: (rows, ...) array} of a dataset whose items are dicts of equal-shaped values."""
+    items = [dataset[i] for i in range(len(dataset))]
+    if not items or not all(isinstance(item, dict) for item in items):
+        raise ValueError("a dataset of examples must yield dicts (input_ids, and attention_mask / labels for a "
+                         "classifier), or pass a 2-D array of token blocks")
+    return {key: np.stack([np.asarray(item[key]) for item in items]) for key in items[0]}
+
+
+def causal_lm_inputs(blocks) -> dict:
+    """Token blocks (rows of T+1 tokens) as a language model's keyword arguments: input_ids, the first T tokens, and
+    targets, the T tokens that follow each (views: no copy of a memory-mapped file)."""
+    if blocks.ndim != 2 or blocks.shape[1] < 2:
+        raise ValueError(f"language-model data must be blocks of at least 2 tokens (rows, T+1), got shape "
+                         f"{tuple(blocks.shape)}")
+    return {"input_ids": blocks[:, :-1], "targets": blocks[:, 1:]}
 
 
 class StepLoader:

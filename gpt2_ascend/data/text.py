@@ -12,7 +12,8 @@ import os
 
 import numpy as np
 
-from .store import save_blocks, sha256_file, sha256_paths, token_dtype
+from ..fileio import sha256_file
+from .store import save_blocks, token_dtype
 
 # Characters the tokenizer's pre-tokenizer may treat as whitespace although Python's str.isspace() does not.
 _ODD_SPACES = "\u180e\u200b\u2060\ufeff"
@@ -24,7 +25,7 @@ CHUNK_CHARS = 1 << 18
 def resolve_tokenizer(tokenizer=None):
     """(tokenizer object, info) from None (the GPT-2 tokenizer of the data dir, downloaded when missing),
     a tokenizer directory, or a tokenizer object. info records file checksums for data sidecars."""
-    from ..tokenizer import load_tokenizer, tokenizer_files
+    from .tokenizer import load_tokenizer, tokenizer_files
     if tokenizer is None:
         from .download import dataset_path
         tokenizer = dataset_path("gpt2")
@@ -139,6 +140,14 @@ def corpus_files(path: str) -> list[str]:
     if not os.path.isfile(path):
         raise FileNotFoundError(f"input file not found: {path}")
     return [path]
+
+
+def sha256_paths(paths: list[str]) -> str:
+    """One checksum for a list of files (a text folder): names and contents, in order."""
+    digest = hashlib.sha256()
+    for path in paths:
+        digest.update(os.path.basename(path).encode() + b"\0" + sha256_file(path).encode() + b"\n")
+    return digest.hexdigest()
 
 
 def source_sha256(path: str) -> str:

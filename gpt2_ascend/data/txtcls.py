@@ -30,7 +30,9 @@ import sys
 
 import numpy as np
 
-from .store import save_arrays, sha256_file
+from ..cli import print_error
+from ..fileio import sha256_file
+from .store import save_arrays
 from .text import resolve_tokenizer
 
 DATASETS = ("sst_2", "cola", "imdb", "ag_news")
@@ -189,7 +191,7 @@ def main(argv=None) -> int:
         arrays, meta = write_txtcls(args.input_file, args.output_file, args.max_length, args.tokenizer_type,
                                     args.dataset_name, args.mindformers_compat)
     except (OSError, ValueError) as e:
-        print(f"error: {e}", file=sys.stderr)
+        print_error(e)
         return 2
     print(f"wrote {args.output_file}: {len(arrays['labels'])} rows x {args.max_length} tokens, "
           f"labels {meta['label_counts']}, {meta['num_truncated']} rows cut to max_length")

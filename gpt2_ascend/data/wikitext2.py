@@ -24,7 +24,9 @@ import sys
 
 import numpy as np
 
-from .store import save_blocks, sha256_file
+from ..cli import print_error
+from ..fileio import sha256_file
+from .store import save_blocks
 from .text import pack_blocks, resolve_tokenizer, tokenize_text
 
 __all__ = ["wikitext_clean", "group_passages", "clean_passages", "read_passages", "wikitext2_token_stream",
@@ -192,7 +194,7 @@ def main(argv=None) -> int:
             blocks = write_wikitext2(args.input_file, args.output_file, args.max_length, args.tokenizer_type,
                                      args.mindformers_compat)
     except (OSError, ValueError) as e:
-        print(f"error: {e}", file=sys.stderr)
+        print_error(e)
         return 2
     print(f"wrote {args.output_file}: {blocks.shape[0]} blocks x {blocks.shape[1]} tokens ({blocks.dtype})")
     return 0

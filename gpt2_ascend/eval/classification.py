@@ -9,7 +9,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from ..model import eval_mode
+from ..kv_cache import eval_mode
 from .perplexity import _autocast, _model_device, _model_dtype, _progress
 
 REQUIRED_KEYS = ("input_ids", "attention_mask", "labels")

@@ -19,7 +19,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from ..model import eval_mode
+from ..kv_cache import eval_mode
 
 PROTOCOLS = ("token", "mindformers")
 

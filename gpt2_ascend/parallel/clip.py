@@ -1,10 +1,28 @@
-"""Gradient norm and clipping across any mix of plain tensors and DTensors, and across pipeline stages."""
+"""Gradient norm and clipping: on one device (clip_by_global_norm: torch's foreach norm), and across any mix of plain
+tensors and DTensors and across pipeline stages (clip_grad_norm); both clip by clip_coefficient's formula."""
 from __future__ import annotations
 
 import torch
 import torch.distributed as dist
 
-from ..train.optim import clip_coefficient
+
+def clip_coefficient(total_norm: torch.Tensor, max_norm: float, rule: str = "torch") -> torch.Tensor:
+    """What gradients are multiplied by to clip their global norm to max_norm. torch (clip_grad_norm_):
+    min(1, max_norm / (norm + 1e-6)). MindFormers' ClipGradNorm (mindformers/core/clip_grad.py):
+    max_norm / (max(norm, max_norm) + 1e-6), which also scales gradients under the limit, by 1 - ~1e-6/max_norm."""
+    if rule == "mindspore":
+        return max_norm / (torch.clamp(total_norm, min=max_norm) + 1e-6)
+    return torch.clamp(max_norm / (total_norm + 1e-6), max=1.0)
+
+
+def clip_by_global_norm(params, max_norm: float | None, rule: str = "torch") -> torch.Tensor:
+    """The global L2 norm of the parameters' gradients, which are then clipped to max_norm (when set) by
+    clip_coefficient's rule. No host sync."""
+    grads = [p.grad for p in params if p.grad is not None]
+    total = torch.nn.utils.get_total_norm(grads)
+    if max_norm and grads:
+        torch._foreach_mul_(grads, clip_coefficient(total, max_norm, rule).to(grads[0].device))
+    return total
 
 
 def _local_sq_norm(grad) -> torch.Tensor:
@@ -26,7 +44,7 @@ def clip_grad_norm(parameters, max_norm: float, pp_group=None, duplicates=(), ru
     copies (Replicate placements, identical plain tensors on TP peers) are counted once; pipeline stages
     each hold different parameters, so their squares are summed over pp_group; `duplicates` (the tied
     head's copy on the last pipeline stage) are clipped but not counted; `rule` picks the clipping formula
-    (train.optim.clip_coefficient). No host sync."""
+    (clip_coefficient). No host sync."""
     parameters = list(parameters)
     skip = {id(p) for p in duplicates}
     counted = [p.grad for p in parameters if p.grad is not None and id(p) not in skip]

@@ -12,8 +12,7 @@ def apply_fsdp(model: nn.Module, dp_mesh, param_dtype: torch.dtype | None = None
     shares one sharded parameter with the embedding)."""
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
     mp = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=reduce_dtype)
-    h = model.transformer.h
-    blocks = list(h.values()) if isinstance(h, nn.ModuleDict) else list(h)
+    blocks = [block for _, block in model.transformer.blocks()]
     for i, block in enumerate(blocks):
         # the last block's parameters are needed again at once by the backward: keep them gathered
         fully_shard(block, mesh=dp_mesh, mp_policy=mp,

@@ -12,10 +12,11 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 
+from ..checkpoints import is_sharded
 from ..config import GPT2Config
-from ..hf import is_conv1d, normalize_hf_name, weight_files
+from ..hf import is_conv1d, normalize_hf_name, per_head_order, weight_files
 from ..model import init_std
-from .tensor_parallel import per_head_order
+from .checkpoint import load_model_only
 
 
 def local_part(full: torch.Tensor, param: torch.Tensor) -> torch.Tensor:
@@ -119,7 +120,7 @@ def materialize(core: nn.Module, config: GPT2Config, device: torch.device, sourc
                 tied_sync=None):
     """Allocate this rank's shards on `device` and fill them (fresh init, or from `source`)."""
     body = core.transformer
-    tied = hasattr(core, "lm_head") and hasattr(body, "wte") and core.lm_head.weight is body.wte.weight
+    tied = getattr(core, "lm_head", None) is not None and body.wte is not None and core.lm_head.weight is body.wte.weight
     core.to_empty(device=device)
     if tied:  # to_empty gives each module a new Parameter where it cannot swap data in place (plain tensors)
         core.lm_head.weight = body.wte.weight
@@ -141,3 +142,16 @@ def materialize(core: nn.Module, config: GPT2Config, device: torch.device, sourc
         first = min(dist.get_process_group_ranks(tied_sync.group))
         with torch.no_grad():
             dist.broadcast(local.data, src=first, group=tied_sync.group)
+
+
+def filler(config: GPT2Config, device: torch.device, source: str | None):
+    """parallelize()'s fill for a model built on the meta device: this rank's shards allocated on `device` and
+    filled with a fresh init (source None), an HF directory's tensors, or a sharded checkpoint's (any layout)."""
+    def fill(core: nn.Module, tied_sync=None):
+        if source and is_sharded(source):
+            materialize(core, config, device, None, tied_sync)
+            load_model_only(source, core)
+            return
+        tensors = CheckpointTensors(source, config, per_head=True) if source else None
+        materialize(core, config, device, tensors, tied_sync)
+    return fill

@@ -75,7 +75,7 @@ def rank() -> int:
     return dist.get_rank() if dist.is_initialized() else int(os.environ.get("RANK", "0"))
 
 
-def init_distributed(device_name: str = "auto") -> torch.device:
+def start_process_group(device_name: str = "auto") -> torch.device:
     """Start the process group torchrun describes (RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR...) with the
     device's backend: nccl on CUDA, hccl on NPU, gloo on CPU. Returns this rank's device."""
     if "RANK" not in os.environ or "WORLD_SIZE" not in os.environ:

@@ -1,19 +1,22 @@
 """Pipeline parallel with torch.distributed.pipelining.
 
 Each pipeline rank keeps one contiguous slice of the blocks, the embeddings on the first stage and the
-final norm + head on the last, under the full model's parameter names (`transformer.h.7.attn...`), so
-checkpoints are layout-independent. A tied LM head lives on the last stage as its own copy of the embedding;
-its gradient is summed with the embedding's (first stage) every step, so both stay equal, as in Megatron.
+final norm + head on the last: the model itself, pruned (pipeline_stage), under the full model's parameter names
+(`transformer.h.7.attn...`), so checkpoints are layout-independent. A tied LM head lives on the last stage as its
+own copy of the embedding; its gradient is summed with the embedding's (first stage) every step, so both stay
+equal, as in Megatron.
 Classifiers pass the attention mask down the pipe, since every block and the pooling need it.
 """
 from __future__ import annotations
 
+import copy
+
 import torch
 import torch.distributed as dist
 import torch.nn as nn
-import torch.nn.functional as F
 
-from ..model import build_attention_mask, last_token_index, positions_from_mask, run_block
+from ..losses import classification_loss, next_token_loss
+from ..model import CLASSIFIER
 
 
 def split_layers(n_layer: int, stages: int) -> list[range]:
@@ -27,76 +30,76 @@ def split_layers(n_layer: int, stages: int) -> list[range]:
     return bounds
 
 
-class PipelineStageModule(nn.Module):
-    """The part of a GPT2LMHeadModel / GPT2ForSequenceClassification that one stage runs."""
+def pipeline_stage(model: nn.Module, stage: int, stages: int) -> nn.Module:
+    """The part of a GPT2LMHeadModel / GPT2ForSequenceClassification that one stage runs: the same model class,
+    pruned. A shallow copy sharing the blocks and parameters of `model` (which stays whole): its transformer.h is a
+    ModuleDict of this stage's blocks under their layer index, so every parameter keeps its name; the embeddings
+    are None past the first stage, the final norm and the head None before the last. Its forward takes and returns
+    tensors (the model's pipeline_stage mode). A tied head on a last stage that is not also the first is a copy of
+    the embedding, kept equal by TiedEmbeddingSync."""
+    layers = split_layers(model.config.n_layer, stages)[stage]
+    is_first, is_last = stage == 0, stage == stages - 1
+    part = _shallow_copy(model)
+    body = part.transformer = _shallow_copy(model.transformer)
+    body.h = nn.ModuleDict({str(i): model.transformer.h[i] for i in layers})
+    if not is_first:
+        body.wte = body.wpe = body.drop = None
+    if not is_last:
+        body.ln_f = None
+        setattr(part, head_name(part), None)
+    elif head_name(part) == "lm_head" and model.config.tie_word_embeddings and not is_first:
+        # the first stage owns the embedding; this stage keeps an equal copy as its head
+        part.lm_head = _shallow_copy(model.lm_head)
+        part.lm_head.weight = nn.Parameter(model.lm_head.weight.detach().clone())
+    part.pipeline_stage = (stage, stages)
+    return part
 
-    def __init__(self, model: nn.Module, stage: int, stages: int):
-        super().__init__()
-        self.config = model.config
-        self.is_first, self.is_last = stage == 0, stage == stages - 1
-        self.is_classifier = hasattr(model, "score")
-        self.layers = split_layers(model.config.n_layer, stages)[stage]
-        body = model.transformer
-        self.transformer = nn.Module()
-        if self.is_first:
-            self.transformer.wte, self.transformer.wpe, self.transformer.drop = body.wte, body.wpe, body.drop
-        self.transformer.h = nn.ModuleDict({str(i): body.h[i] for i in self.layers})
-        if self.is_last:
-            self.transformer.ln_f = body.ln_f
-            if self.is_classifier:
-                self.score = model.score
-            else:
-                self.lm_head = model.lm_head
-                if model.config.tie_word_embeddings and not self.is_first:
-                    # the first stage owns the embedding; this stage keeps an equal copy as its head
-                    self.lm_head.weight = nn.Parameter(model.lm_head.weight.detach().clone())
-        self.recompute = body.recompute
 
-    def forward(self, x, attention_mask=None):
-        if self.is_first:
-            pos = positions_from_mask(attention_mask) if attention_mask is not None else \
-                torch.arange(x.size(1), device=x.device)[None]
-            x = self.transformer.drop(self.transformer.wte(x) + self.transformer.wpe(pos))
-        mask = build_attention_mask(attention_mask, x.size(1), 0, x.device)
-        recompute = self.recompute if self.training else "none"
-        for key, block in self.transformer.h.items():
-            x = run_block(block, x, mask, None, int(key), recompute)
-        if not self.is_last:
-            return (x, attention_mask) if attention_mask is not None else x
-        x = self.transformer.ln_f(x)
-        if self.is_classifier:
-            last = last_token_index(x.new_zeros(x.shape[:2], dtype=torch.long), attention_mask, None)
-            return self.score(x[torch.arange(x.size(0), device=x.device), last])
-        logits = self.lm_head(x)
-        return logits[..., : self.config.vocab_size]
+def _shallow_copy(module: nn.Module) -> nn.Module:
+    """A new module object of the same class sharing `module`'s submodules, parameters and attributes; its own
+    registries, so pruning it leaves `module` whole."""
+    clone = copy.copy(module)
+    clone._modules, clone._parameters, clone._buffers = dict(module._modules), dict(module._parameters), \
+        dict(module._buffers)
+    return clone
+
+
+def head_name(model: nn.Module) -> str:
+    return "score" if model.hf_architecture == CLASSIFIER else "lm_head"
+
+
+def is_first_stage(part: nn.Module) -> bool:
+    return part.transformer.wte is not None
+
+
+def is_last_stage(part: nn.Module) -> bool:
+    return part.transformer.ln_f is not None
 
 
 def stage_loss_fn(is_classifier: bool):
-    """The per-microbatch loss; schedules average it over microbatches (scale_grads=True). For language
-    modelling the target is already the next token at each position (the trainer's (B, T+1) blocks)."""
-    if is_classifier:
-        return lambda logits, labels: F.cross_entropy(logits.float(), labels)
-    return lambda logits, targets: F.cross_entropy(logits.float().flatten(0, 1), targets.flatten())
+    """The model's own per-microbatch loss (losses.py); schedules average it over microbatches (scale_grads=True).
+    For language modelling the target is already the next token at each position (the loader's targets)."""
+    return classification_loss if is_classifier else next_token_loss
 
 
-def build_schedule(submodule, stage_module: PipelineStageModule, stage: int, stages: int, pp_group, device,
+def build_schedule(submodule, stage_module: nn.Module, stage: int, stages: int, pp_group, device,
                    micro_batches: int, kind: str):
-    """`submodule` is what runs (the stage module, possibly wrapped by DDP); `stage_module` the bare one."""
+    """`submodule` is what runs (the stage, possibly wrapped by FSDP); `stage_module` the bare one."""
     from torch.distributed.pipelining import PipelineStage, Schedule1F1B, ScheduleGPipe
     pipe_stage = PipelineStage(submodule, stage, stages, device, group=pp_group)
     cls = {"gpipe": ScheduleGPipe, "1f1b": Schedule1F1B}[kind]
-    return cls(pipe_stage, n_microbatches=micro_batches, loss_fn=stage_loss_fn(stage_module.is_classifier),
-               scale_grads=True)
+    return cls(pipe_stage, n_microbatches=micro_batches,
+               loss_fn=stage_loss_fn(stage_module.hf_architecture == CLASSIFIER), scale_grads=True)
 
 
-def pipeline_step(schedule, stage_module: PipelineStageModule, input_ids, labels, attention_mask, pp_group):
+def pipeline_step(schedule, stage_module: nn.Module, input_ids, labels, attention_mask, pp_group):
     """Forward + backward of one batch through the pipe. Returns the mean microbatch loss on every rank."""
     losses = []
     inputs = (input_ids, attention_mask) if attention_mask is not None else (input_ids,)
-    if stage_module.is_first:
-        schedule.step(*inputs, target=labels if stage_module.is_last else None,
-                      losses=losses if stage_module.is_last else None)
-    elif stage_module.is_last:
+    first, last = is_first_stage(stage_module), is_last_stage(stage_module)
+    if first:
+        schedule.step(*inputs, target=labels if last else None, losses=losses if last else None)
+    elif last:
         schedule.step(target=labels, losses=losses)
     else:
         schedule.step()
@@ -108,10 +111,11 @@ def pipeline_step(schedule, stage_module: PipelineStageModule, input_ids, labels
 class TiedEmbeddingSync:
     """Sum the gradients of the embedding (first stage) and its tied head copy (last stage)."""
 
-    def __init__(self, mesh, stage_module: PipelineStageModule):
+    def __init__(self, mesh, stage_module: nn.Module):
         self.param, self.is_copy = None, False
         pp = mesh["pp"].size()
-        if pp == 1 or not stage_module.config.tie_word_embeddings or stage_module.is_classifier:
+        first, last = is_first_stage(stage_module), is_last_stage(stage_module)
+        if pp == 1 or not stage_module.config.tie_word_embeddings or stage_module.hf_architecture == CLASSIFIER:
             return
         groups = {}
         full = mesh.mesh  # (pp, dp, tp) rank ids; every rank must create every group, in the same order
@@ -123,10 +127,10 @@ class TiedEmbeddingSync:
         for (d, t), group in groups.items():
             if me in (int(full[0, d, t]), int(full[pp - 1, d, t])):
                 self.group = group
-        self.is_copy = stage_module.is_last and not stage_module.is_first
-        if stage_module.is_first:
+        self.is_copy = last and not first
+        if first:
             self.param = stage_module.transformer.wte.weight
-        elif stage_module.is_last:
+        elif last:
             self.param = stage_module.lm_head.weight
 
     @property

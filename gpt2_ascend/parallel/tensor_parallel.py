@@ -8,27 +8,15 @@ all-reduces become reduce-scatter + all-gather pairs.
 
 The fused `c_attn` holds [q | k | v] for all heads; a plain column split would give rank 0 all of q. The
 distributed model therefore stores c_attn in a per-head layout [q0 k0 v0 | q1 k1 v1 | ...] (independent of
-the TP degree, so checkpoints reshard freely between layouts); `hf_qkv_state` converts back for export.
+the TP degree, so checkpoints reshard freely between layouts); hf.convert_qkv_state converts back for export.
 """
 from __future__ import annotations
 
 import torch
 import torch.nn as nn
 
-QKV_KEYS = ("attn.c_attn.weight", "attn.c_attn.bias")
-
-
-def per_head_order(n_embd: int, n_head: int) -> torch.Tensor:
-    """Row index map: new row i takes old row order[i] (HF [q|k|v] -> per-head [q_h k_h v_h])."""
-    head_dim = n_embd // n_head
-    rows = torch.arange(3 * n_embd).view(3, n_head, head_dim)  # (qkv, head, dim)
-    return rows.transpose(0, 1).reshape(-1)
-
-
-def hf_order(n_embd: int, n_head: int) -> torch.Tensor:
-    """Inverse of per_head_order."""
-    return torch.argsort(per_head_order(n_embd, n_head))
-
+from ..hf import per_head_order
+from ..model import CLASSIFIER
 
 def to_per_head_qkv(model: nn.Module):
     """Permute every c_attn to the per-head layout in place (weights need data: call before sharding)."""
@@ -43,17 +31,6 @@ def to_per_head_qkv(model: nn.Module):
                     module.c_attn.bias.copy_(module.c_attn.bias.index_select(0, idx))
             module.qkv_per_head = True
     return model
-
-
-def convert_qkv_state(state: dict, n_embd: int, n_head: int, to: str) -> dict:
-    """Convert the c_attn tensors of a full (unsharded) state dict between 'hf' and 'per_head' layouts."""
-    order = per_head_order(n_embd, n_head) if to == "per_head" else hf_order(n_embd, n_head)
-    out = {}
-    for key, tensor in state.items():
-        if key.endswith(QKV_KEYS) and torch.is_tensor(tensor) and tensor.size(0) == 3 * n_embd:
-            tensor = tensor.index_select(0, order.to(tensor.device))
-        out[key] = tensor
-    return out
 
 
 def replicate_parallel():
@@ -138,7 +115,8 @@ def apply_tensor_parallel(model: nn.Module, tp_mesh, sequence_parallel: bool = F
     body = model.transformer
     # The sequence-parallel norms need inputs on a sequence that splits evenly; classifiers pool by index,
     # which needs the full sequence after ln_f.
-    if sequence_parallel and not hasattr(model, "lm_head"):
+    classifier = model.hf_architecture == CLASSIFIER
+    if sequence_parallel and classifier:
         from torch.distributed.tensor.parallel import SequenceParallel
         top = {k: v for k, v in top.items() if k != "lm_head"}
         top["transformer.ln_f"] = SequenceParallel(use_local_output=False)
@@ -149,9 +127,9 @@ def apply_tensor_parallel(model: nn.Module, tp_mesh, sequence_parallel: bool = F
         parallelize_module(model, tp_mesh, present)
     if tied:  # parallelize_module gave each its own DTensor; both are Shard(0) on the vocab: share one again
         model.lm_head.weight = body.wte.weight
-    for block in _blocks(body):
+    for _, block in body.blocks():
         parallelize_module(block, tp_mesh, block_plan)
-    if sequence_parallel and hasattr(model, "score") and _has_module(model, "transformer.ln_f"):
+    if sequence_parallel and classifier and _has_module(model, "transformer.ln_f"):
         _gather_sequence_before_pooling(body.ln_f)
     return model
 
@@ -163,11 +141,6 @@ def _gather_sequence_before_pooling(ln_f: nn.Module):
     def hook(_module, _inputs, output):
         return output.redistribute(placements=[Replicate()]).to_local() if isinstance(output, DTensor) else output
     ln_f.register_forward_hook(hook)
-
-
-def _blocks(body):
-    h = body.h
-    return h.values() if isinstance(h, nn.ModuleDict) else list(h)
 
 
 def _has_module(model: nn.Module, path: str) -> bool:

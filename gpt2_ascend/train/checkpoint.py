@@ -1,221 +1,59 @@
-"""Training checkpoints: OUTPUT_DIR/checkpoint/step_XXXXXXX/, written atomically, verified on read.
+"""How a Trainer saves and restores itself: two Checkpointers for the two kinds of checkpoint directory
+(gpt2_ascend/checkpoints.py describes the format).
 
-A checkpoint is a directory of files, one per state dict (model.pt, optimizer.pt, trainer.pt, ...) plus
-config.json, and a manifest.json written last that lists every file with its size and sha256. The whole
-directory is filled under a temporary name, fsync'd and renamed into place, so a crash mid-write leaves
-the previous checkpoints intact and at most a stale temporary directory (removed on the next start).
-A checkpoint without a manifest, or whose files do not match it, is incomplete or corrupt.
-
-The functions take and return plain state dicts ({"model": ..., "optimizer": ..., ...}): a sharded
-(torch.distributed.checkpoint) version can replace `save_checkpoint` / `load_checkpoint` without the
-trainer changing.
+    FileCheckpointer      one process: model.pt, optimizer.pt, trainer.pt and config.json
+    ShardedCheckpointer   torchrun: every rank writes its shards with torch.distributed.checkpoint, and its own
+                          loop state as rank_N.pt (parallel/checkpoint.py); restored in any layout
 """
 from __future__ import annotations
 
-import hashlib
-import json
 import os
-import re
-import shutil
-import tempfile
-import time
 
-import torch
-
-from ..fileio import fsync_dir as _fsync_dir, fsync_file as _fsync_file, write_json as _write_json
-from ..fileio import reporting_disk_full, tensor_bytes, umask
-from ..safe_pickle import torch_load
-
-MANIFEST = "manifest.json"
-MODEL_FILES = ("model.pt", "config.json")  # what loading the weights alone reads (and so verifies)
-STEP_DIR = re.compile(r"step_(\d+)")
-FORMAT_VERSION = 1
+from .. import checkpoints as ckpt
 
 
-class CheckpointError(ValueError):
-    """A checkpoint that is missing, incomplete or corrupt (message: one line)."""
+class FileCheckpointer:
+    """OUTPUT_DIR/checkpoint/step_N/ of one process. json_files: extra files of every checkpoint ({name: object},
+    the model's config.json); meta: what the manifest records about the run (its prefix, LoRA, start weights)."""
+
+    def __init__(self, output_dir: str, keep: int | None = 3, meta: dict | None = None,
+                 json_files: dict | None = None):
+        self.root = ckpt.checkpoint_root(output_dir)
+        self.keep, self.meta, self.json_files = keep, dict(meta or {}), dict(json_files or {})
+
+    def path(self, step: int) -> str:
+        return os.path.join(self.root, ckpt.step_dir_name(step))
+
+    def save(self, trainer) -> str:
+        return ckpt.save_checkpoint(self.root, trainer.step, trainer.state_dict(), json_files=self.json_files,
+                                    meta=dict(self.meta, step=trainer.step), keep=self.keep)
+
+    def load(self, trainer, path: str):
+        trainer.load_state_dict(ckpt.load_checkpoint(path))
 
 
-def checkpoint_root(output_dir: str) -> str:
-    return os.path.join(output_dir, "checkpoint")
+class ShardedCheckpointer(FileCheckpointer):
+    """A torchrun run's checkpoints: the weights and optimizer in DCP shards, config.json with the model and the
+    layout it was written in (model_meta), one rank_N.pt per rank. Every rank calls save and load."""
 
+    def __init__(self, output_dir: str, dims, keep: int | None = 3, meta: dict | None = None,
+                 model_meta: dict | None = None):
+        super().__init__(output_dir, keep, meta)
+        self.dims, self.model_meta = dims, dict(model_meta or {})
 
-def step_dir_name(step: int) -> str:
-    return f"step_{step:07d}"
+    def save(self, trainer) -> str:
+        from ..parallel.checkpoint import save_sharded
+        pc = self.dims.pc
+        path = self.path(trainer.step)
+        meta = dict(self.model_meta, step=trainer.step, layout=dict(
+            data_parallel=pc.data_parallel, model_parallel=pc.model_parallel, pipeline_stage=pc.pipeline_stage))
+        save_sharded(path, trainer.model, trainer.optimizer, trainer.trainer_state(), meta,
+                     manifest_meta=dict(self.meta, step=trainer.step, sharded=True))
+        if self.dims.is_main and self.keep:
+            ckpt.prune(self.root, self.keep)
+        self.dims.barrier()
+        return path
 
-
-# ---------------------------------------------------------------------------------------------
-# writing
-# ---------------------------------------------------------------------------------------------
-def save_checkpoint(root: str, step: int, states: dict, json_files: dict | None = None, meta: dict | None = None,
-                    keep: int | None = None) -> str:
-    """Write `states` ({name: state_dict}) as root/step_XXXXXXX/{name}.pt plus `json_files`
-    ({filename: obj}) and the manifest; keep only the newest `keep` checkpoints. Returns the path."""
-    os.makedirs(root, exist_ok=True)
-    final = os.path.join(root, step_dir_name(step))
-    tmp = tempfile.mkdtemp(prefix=f".{step_dir_name(step)}.tmp-", dir=root)
-    os.chmod(tmp, 0o777 & ~umask())  # mkdtemp makes it private; a checkpoint is an ordinary directory
-    with reporting_disk_full(root, tensor_bytes(states), f"checkpoint {step_dir_name(step)}"):  # after the cleanup
-        try:
-            files = _write_files(tmp, states, json_files)
-            manifest = dict(format=FORMAT_VERSION, step=step, time=time.time(), files=files, meta=meta or {})
-            _write_json(manifest, os.path.join(tmp, MANIFEST))
-            _fsync_dir(tmp)
-            _replace_dir(tmp, final)
-            _fsync_dir(root)
-        except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise
-    if keep:
-        prune(root, keep)
-    return final
-
-
-def _write_files(tmp: str, states: dict, json_files: dict | None) -> dict:
-    """{name}.pt for each state and the JSON files into tmp; their manifest entries."""
-    files = {}
-    for name, state in states.items():
-        path = os.path.join(tmp, f"{name}.pt")
-        torch.save(state, path)
-        files[f"{name}.pt"] = _describe(path)
-    for filename, obj in (json_files or {}).items():
-        path = os.path.join(tmp, filename)
-        _write_json(obj, path)
-        files[filename] = _describe(path)
-    return files
-
-
-def _describe(path: str) -> dict:
-    _fsync_file(path)
-    return dict(bytes=os.path.getsize(path), sha256=sha256_file(path))
-
-
-def _replace_dir(tmp: str, final: str):
-    """Rename tmp to final; an existing final (the same step saved again) is swapped out first, and put back
-    if the rename fails."""
-    if os.path.exists(final):
-        old = final + f".old-{os.getpid()}"
-        os.replace(final, old)
-        try:
-            os.replace(tmp, final)
-        except BaseException:
-            os.replace(old, final)
-            raise
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.replace(tmp, final)
-
-
-def prune(root: str, keep: int):
-    """Delete all but the newest `keep` checkpoints (complete or not)."""
-    for _, path in list_checkpoints(root)[:-keep]:
-        shutil.rmtree(path, ignore_errors=True)
-
-
-def remove_stale_temporaries(root: str):
-    """Temporary directories left by a crash during a save."""
-    if not os.path.isdir(root):
-        return
-    for name in os.listdir(root):
-        if name.startswith(".step_") or ".old-" in name:
-            shutil.rmtree(os.path.join(root, name), ignore_errors=True)
-
-
-# ---------------------------------------------------------------------------------------------
-# reading
-# ---------------------------------------------------------------------------------------------
-def list_checkpoints(root: str) -> list[tuple[int, str]]:
-    """(step, path) of every step_* directory, oldest first."""
-    if not os.path.isdir(root):
-        return []
-    found = []
-    for name in os.listdir(root):
-        m = STEP_DIR.fullmatch(name)
-        if m and os.path.isdir(os.path.join(root, name)):
-            found.append((int(m.group(1)), os.path.join(root, name)))
-    return sorted(found)
-
-
-def read_manifest(path: str) -> dict:
-    manifest_path = os.path.join(path, MANIFEST)
-    if not os.path.isdir(path):
-        raise CheckpointError(f"checkpoint not found: {path}")
-    if not os.path.isfile(manifest_path):
-        raise CheckpointError(f"checkpoint {path} is incomplete (no {MANIFEST}: the save was interrupted)")
-    try:
-        with open(manifest_path, encoding="utf-8") as f:
-            manifest = json.load(f)
-        manifest["files"], manifest["step"]
-    except (json.JSONDecodeError, KeyError, TypeError, UnicodeDecodeError):
-        raise CheckpointError(f"checkpoint {path} has a corrupt {MANIFEST}") from None
-    return manifest
-
-
-def verify_checkpoint(path: str, files=None) -> dict:
-    """The manifest, after checking the size and sha256 of every file it lists (or only of `files`, which it
-    must list); CheckpointError naming the first bad file."""
-    manifest = read_manifest(path)
-    for filename in files or ():
-        if filename not in manifest["files"]:
-            raise CheckpointError(f"checkpoint {path} holds no {filename} (its manifest lists "
-                                  f"{', '.join(manifest['files'])})")
-    for filename, info in manifest["files"].items():
-        if files is not None and filename not in files:
-            continue
-        file = os.path.join(path, filename)
-        if not os.path.isfile(file):
-            raise CheckpointError(f"checkpoint {path} is incomplete: {filename} is missing")
-        size = os.path.getsize(file)
-        if size != info["bytes"]:
-            raise CheckpointError(f"checkpoint {path} is corrupt: {filename} has {size} bytes, the manifest "
-                                  f"says {info['bytes']} (truncated?)")
-        if "sha256" in info and sha256_file(file) != info["sha256"]:  # sharded checkpoints hash small files only
-            raise CheckpointError(f"checkpoint {path} is corrupt: {filename} does not match its sha256")
-    return manifest
-
-
-def find_resume_checkpoint(root: str, report=print) -> str | None:
-    """The newest complete and valid checkpoint under root (None if there is none). Each newer one that
-    fails verification is reported in one line and skipped."""
-    for _, path in reversed(list_checkpoints(root)):
-        try:
-            verify_checkpoint(path)
-            return path
-        except CheckpointError as e:
-            report(f"warning: {e}; trying an older one")
-    return None
-
-
-def load_checkpoint(path: str, names=None, verify: bool = True) -> dict:
-    """{name: state_dict} of a checkpoint directory (all .pt files, or just `names`: only those are verified
-    and read). Files are read with torch.load(weights_only=True): one that pickles anything else raises
-    UnsafeFileError."""
-    manifest = read_manifest(path)
-    if names is None and manifest.get("meta", {}).get("sharded"):
-        raise CheckpointError(f"{path} is a sharded checkpoint of a torchrun run: resume it under torchrun with "
-                              f"--use_parallel True (any layout), or start from its weights with --load_checkpoint")
-    available = [f[:-3] for f in manifest["files"] if f.endswith(".pt")]
-    wanted = available if names is None else list(names)
-    for name in wanted:
-        if name not in available:
-            raise CheckpointError(f"checkpoint {path} holds no {name}.pt (it has {', '.join(available)})")
-    if verify:
-        verify_checkpoint(path, None if names is None else [f"{name}.pt" for name in wanted])
-    return {name: torch_load(os.path.join(path, f"{name}.pt")) for name in wanted}
-
-
-def is_training_checkpoint(path: str) -> bool:
-    return os.path.isfile(os.path.join(path, MANIFEST)) and os.path.isfile(os.path.join(path, "model.pt"))
-
-
-# ---------------------------------------------------------------------------------------------
-# files
-# ---------------------------------------------------------------------------------------------
-def sha256_file(path: str, chunk: int = 1 << 22) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while True:
-            block = f.read(chunk)
-            if not block:
-                return h.hexdigest()
-            h.update(block)
+    def load(self, trainer, path: str):
+        from ..parallel.checkpoint import load_sharded
+        trainer.load_trainer_state(load_sharded(path, trainer.model, trainer.optimizer))

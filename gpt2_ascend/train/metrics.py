@@ -17,8 +17,6 @@ import json
 import math
 import os
 
-import torch
-
 from ..fileio import atomic_write
 from .trackers import close_trackers, log_to, open_trackers, scalars
 
@@ -70,22 +68,29 @@ def _dumps(record: dict) -> str:
 
 
 class MetricsLogger:
-    """Writes finished step records to metrics.jsonl and TensorBoard and drives the progress bar."""
+    """Writes finished step records to metrics.jsonl (or `records`) and the report_to trackers, and drives the
+    progress bar."""
 
-    def __init__(self, output_dir: str, start_step: int, total_steps: int, resumed: bool,
+    def __init__(self, output_dir: str | None, start_step: int, total_steps: int, resumed: bool,
                  progress: bool = True, flops_per_token: float | None = None, peak: float | None = None,
                  trackers: list | None = None):
-        self.path = os.path.join(output_dir, "metrics.jsonl")
+        """output_dir None: no files; the records are kept in `records` (the Python API's in-memory runs).
+        trackers: the report_to trackers (train/trackers.py: open_trackers), closed by close(); None: TensorBoard
+        in OUTPUT_DIR/tensorboard/ (no tracker without an output_dir)."""
         self.flops_per_token = flops_per_token
         self.peak = peak
-        if resumed:
-            truncate_metrics(self.path, start_step)
-        elif os.path.exists(self.path):
-            os.remove(self.path)
-        self.file = open(self.path, "a", encoding="utf-8")
-        # issue 16 hook: the report_to trackers (train/trackers.py); TensorBoard alone when none are given
-        self.trackers = trackers if trackers is not None else \
-            open_trackers(["tensorboard"], output_dir, {}, resumed, start_step)
+        self.records: list[dict] = []
+        self.path = self.file = None
+        if output_dir is not None:
+            self.path = os.path.join(output_dir, "metrics.jsonl")
+            if resumed:
+                truncate_metrics(self.path, start_step)
+            elif os.path.exists(self.path):
+                os.remove(self.path)
+            self.file = open(self.path, "a", encoding="utf-8")
+            if trackers is None:
+                trackers = open_trackers(["tensorboard"], output_dir, {}, resumed, start_step)
+        self.trackers = list(trackers or [])
         self.bar = None
         if progress:
             from tqdm.auto import tqdm
@@ -97,11 +102,15 @@ class MetricsLogger:
         return tokens_per_s * self.flops_per_token / self.peak
 
     def write(self, records: list[dict]):
+        if self.file is None:
+            self.records += records
         for record in records:
-            self.file.write(_dumps(record) + "\n")
+            if self.file is not None:
+                self.file.write(_dumps(record) + "\n")
             log_to(self.trackers, scalars(record), record["step"])
-        self.file.flush()
-        os.fsync(self.file.fileno())
+        if self.file is not None:
+            self.file.flush()
+            os.fsync(self.file.fileno())
         if records and self.bar is not None:
             last = records[-1]
             postfix = dict(loss=_fmt(last.get("loss")), lr=f"{last['lr']:.2e}",
@@ -129,7 +138,7 @@ class MetricsLogger:
             self.bar = None
         trackers, self.trackers = self.trackers, []
         close_trackers(trackers)
-        if not self.file.closed:
+        if self.file is not None and not self.file.closed:
             self.file.close()
 
 
@@ -165,11 +174,3 @@ def plot_loss_curve(metrics_path: str, output_path: str) -> str | None:
     finally:
         plt.close(fig)
     return output_path
-
-
-def device_tensor_to_float(value) -> float | None:
-    if value is None:
-        return None
-    if isinstance(value, torch.Tensor):
-        return float(value.item())
-    return float(value)

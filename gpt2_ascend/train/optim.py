@@ -1,5 +1,5 @@
-"""AdamW with MindFormers' parameter groups, MindSpore's update rule, gradient clipping, and the
-learning-rate schedules of the GPT-2 recipes.
+"""AdamW with MindFormers' parameter groups, MindSpore's update rule, and the learning-rate schedules of the GPT-2
+recipes (gradient clipping: parallel/clip.py).
 
 Two update rules, picked by the recipe's optimizer.type (UPDATE_RULES):
   torch      (AdamW): torch.optim.AdamW, with Adam's bias corrections.
@@ -136,25 +136,6 @@ def _check_update_rule(expected: str):
                              f"recipe's optimizer.type uses {expected}'s: resume with optimizer.type={type_name} "
                              f"(the rule the run started with), or start a new run")
     return check
-
-
-def clip_coefficient(total_norm: torch.Tensor, max_norm: float, rule: str = "torch") -> torch.Tensor:
-    """What gradients are multiplied by to clip their global norm to max_norm. torch (clip_grad_norm_):
-    min(1, max_norm / (norm + 1e-6)). MindFormers' ClipGradNorm (mindformers/core/clip_grad.py):
-    max_norm / (max(norm, max_norm) + 1e-6), which also scales gradients under the limit, by 1 - ~1e-6/max_norm."""
-    if rule == "mindspore":
-        return max_norm / (torch.clamp(total_norm, min=max_norm) + 1e-6)
-    return torch.clamp(max_norm / (total_norm + 1e-6), max=1.0)
-
-
-def clip_by_global_norm(params, max_norm: float | None, rule: str = "torch") -> torch.Tensor:
-    """The global L2 norm of the parameters' gradients, which are then clipped to max_norm (when set) by
-    clip_coefficient's rule. No host sync."""
-    grads = [p.grad for p in params if p.grad is not None]
-    total = torch.nn.utils.get_total_norm(grads)
-    if max_norm and grads:
-        torch._foreach_mul_(grads, clip_coefficient(total, max_norm, rule).to(grads[0].device))
-    return total
 
 
 def set_lr(optimizer: torch.optim.Optimizer, lr: float):

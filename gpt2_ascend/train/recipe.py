@@ -19,16 +19,16 @@ from typing import Any
 
 import yaml
 
-from ..config import INIT_STYLES, GenerationConfig, GPT2Config
+from ..config import INIT_STYLES, MINDFORMERS_ACTIVATIONS, GPT2Config
 from ..data.hf_datasets import TEXT_FORMATS  # issue 16: datasets sources
 from ..data.txtcls import DATASETS as TXTCLS_DATASETS  # MindFormers' txtcls_dataset_to_mindrecord.py names
 from ..fileio import atomic_write
+from ..model import ARCHITECTURES, LANGUAGE_MODEL
 from .optim import UPDATE_RULES
 from .trackers import TRACKERS  # issue 16
 
-# MindFormers' activation names -> ours. MindFormers' GPT-2 "gelu" is the tanh approximation (HF gelu_new).
-HIDDEN_ACT = {"gelu": "gelu_new", "gelu_new": "gelu_new", "fast_gelu": "fast_gelu", "gelu_exact": "gelu"}
 COMPUTE_DTYPES = {"float32": "fp32", "float16": "fp16", "bfloat16": "bf16"}
+PRECISION_DTYPES = {v: k for k, v in COMPUTE_DTYPES.items()}  # the trainer's fp16 -> the recipe's float16
 SCHEDULE_TYPES = {"polynomial": "polynomial", "PolynomialWithWarmUpLR": "polynomial", "cosine": "cosine",
                   "CosineWithWarmUpLR": "cosine", "constant": "constant", "ConstantWarmUpLR": "constant",
                   "constant_with_warmup": "constant"}
@@ -36,7 +36,6 @@ SCHEDULE_TYPES = {"polynomial": "polynomial", "PolynomialWithWarmUpLR": "polynom
 # correction), see train/optim.py UPDATE_RULES. The fused kernel is picked per device by gpt2_ascend.ops.adamw.
 OPTIMIZER_TYPES = tuple(UPDATE_RULES)
 DEFAULT_INIT_RANGE = {"hf": 0.02, "mindformers": 0.01}  # MindSpore's initializer('normal') draws N(0, 0.01)
-ARCHS = ("GPT2LMHeadModel", "GPT2ForSequenceClassification")
 # MindFormers' metric names this project computes (run_mode eval, train.py); its others (ADGENMetric, EmF1Metric,
 # ...) belong to tasks GPT-2 does not have here and are refused by name.
 METRICS = ("PerplexityMetric", "Accuracy")
@@ -157,7 +156,7 @@ SCHEMA = _section(
                       doc="build on the meta device and give each rank only its shards; null: above 2B parameters"),
     ),
     model=_section(
-        arch=_section(type=Key("GPT2LMHeadModel", "choice", ARCHS)),
+        arch=_section(type=Key(LANGUAGE_MODEL, "choice", ARCHITECTURES)),
         model_config=_section(
             seq_length=Key(1024, "int", minimum=2),
             max_position_embeddings=Key(None, "int", minimum=1, nullable=True, doc="null = seq_length"),
@@ -166,7 +165,7 @@ SCHEMA = _section(
             num_layers=Key(12, "int", minimum=1),
             num_heads=Key(12, "int", minimum=1),
             expand_ratio=Key(4, "int", minimum=1),
-            hidden_act=Key("gelu", "choice", tuple(HIDDEN_ACT)),
+            hidden_act=Key("gelu", "choice", tuple(MINDFORMERS_ACTIVATIONS)),
             hidden_dropout_rate=Key(0.1, "float", minimum=0.0),
             attention_dropout_rate=Key(0.1, "float", minimum=0.0),
             layer_norm_epsilon=Key(1e-5, "float", minimum=0.0),
@@ -468,7 +467,7 @@ def gpt2_config(recipe: Recipe) -> GPT2Config:
     return GPT2Config(
         vocab_size=mc.vocab_size, n_positions=mc.max_position_embeddings or mc.seq_length,
         n_embd=mc.hidden_size, n_layer=mc.num_layers, n_head=mc.num_heads,
-        n_inner=mc.expand_ratio * mc.hidden_size, activation=HIDDEN_ACT[mc.hidden_act],
+        n_inner=mc.expand_ratio * mc.hidden_size, activation=MINDFORMERS_ACTIVATIONS[mc.hidden_act],
         layer_norm_epsilon=mc.layer_norm_epsilon, embd_pdrop=mc.hidden_dropout_rate,
         attn_pdrop=mc.attention_dropout_rate, resid_pdrop=mc.hidden_dropout_rate,
         **init_settings(recipe), num_labels=mc.num_labels, pad_token_id=mc.pad_token_id,
@@ -502,26 +501,9 @@ def generation_config(recipe: Recipe) -> dict:
                 eos_token_id=mc.eos_token_id, pad_token_id=mc.pad_token_id)
 
 
-def generation_settings(recipe: Recipe, config: GPT2Config) -> GenerationConfig:
-    """The recipe's generation defaults as the generation_config.json written with its exports (prompt +
-    new tokens capped by the model's context)."""
-    g = generation_config(recipe)
-    return GenerationConfig.from_model_config(
-        config, do_sample=g["do_sample"], temperature=g["temperature"], top_k=g["top_k"], top_p=g["top_p"],
-        repetition_penalty=g["repetition_penalty"], max_length=min(g["max_decode_length"], config.n_positions))
-
-
 def precision(recipe: Recipe) -> str:
     """fp32 | fp16 | bf16, from model_config.compute_dtype."""
     return COMPUTE_DTYPES[recipe.model.model_config.compute_dtype]
-
-
-def datasets_options(recipe: Recipe, section: Recipe, task: str) -> dict:
-    """A dataset section's options for a datasets source (data/hf_datasets.py); raw files ignore them."""
-    options = dict(text_column=section.text_column, split=section.split)
-    if task == "txtcls":
-        return dict(options, label_column=section.label_column)
-    return dict(options, text_format=section.text_format, num_proc=recipe.preprocessing_num_workers)
 
 
 def lora_settings(recipe: Recipe) -> dict | None:
@@ -532,8 +514,8 @@ def lora_settings(recipe: Recipe) -> dict | None:
                 target_modules=tuple(pet.target_modules))
 
 
-def dump_recipe(recipe: Recipe, path: str):
-    """Write the resolved recipe (every key, defaults filled in) as YAML, atomically."""
-    text = yaml.safe_dump(recipe.to_dict(), sort_keys=False).encode("utf-8")
+def dump_recipe(recipe: dict, path: str):
+    """Write the resolved recipe (every key, defaults filled in; a Recipe or its to_dict()) as YAML, atomically."""
+    text = yaml.safe_dump(recipe.to_dict() if isinstance(recipe, Recipe) else recipe, sort_keys=False).encode("utf-8")
     atomic_write(path, lambda f: f.write(text), size=len(text))
 

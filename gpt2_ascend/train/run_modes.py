@@ -5,18 +5,21 @@
                                     blocks of seq_length) or Accuracy (a sequence classifier)
     predict_recipe(recipe, texts)   continuations of texts with the recipe's generation settings
 
-train.py dispatches run_mode train / finetune to trainer.run_training and these two to here.
+train.py dispatches run_mode train / finetune to run.run_training and these two to here. Both read the recipe through
+its TrainJob (job.job_from_recipe) and build the model as a run does (run.model_from_spec).
 """
 from __future__ import annotations
 
-import os
 import time
 
 from .. import device as dev
+from ..model import CLASSIFIER, LANGUAGE_MODEL
+from .job import job_from_recipe
 from .recipe import generation_config, precision
-from .trainer import build_model, check_ranges, load_eval_dataset, resolve_path, seed_everything, task_of
+from .run import check_ranges, model_from_spec, read_split, seq_length
+from .trainer import seed_everything
 
-METRIC_OF_TASK = {"lm": "PerplexityMetric", "txtcls": "Accuracy"}
+METRIC_OF_ARCHITECTURE = {LANGUAGE_MODEL: "PerplexityMetric", CLASSIFIER: "Accuracy"}
 
 
 def inference_model(recipe, log=print):
@@ -27,7 +30,7 @@ def inference_model(recipe, log=print):
                          f"directory, OUTPUT_DIR/checkpoint/step_N or a MindFormers .ckpt)")
     device = dev.resolve_device(recipe.device)
     dev.set_device(device)
-    model = build_model(recipe, device, log)
+    model = model_from_spec(job_from_recipe(recipe).model, device, log)
     if hasattr(model, "merge_and_unload"):  # a LoRA recipe: evaluate / generate with the adapters folded in
         model = model.merge_and_unload()
     return model.eval(), device
@@ -35,11 +38,11 @@ def inference_model(recipe, log=print):
 
 def metric_of(recipe) -> str:
     """The recipe's metric.type, or the one its model.arch computes; a metric of the other task is refused."""
-    task = task_of(recipe)
-    metric = recipe.metric.type or METRIC_OF_TASK[task]
-    if metric != METRIC_OF_TASK[task]:
-        raise ValueError(f"metric {metric} does not apply to {recipe.model.arch.type}: use metric.type="
-                         f"{METRIC_OF_TASK[task]} (or leave metric out)")
+    architecture = recipe.model.arch.type
+    metric = recipe.metric.type or METRIC_OF_ARCHITECTURE[architecture]
+    if metric != METRIC_OF_ARCHITECTURE[architecture]:
+        raise ValueError(f"metric {metric} does not apply to {architecture}: use metric.type="
+                         f"{METRIC_OF_ARCHITECTURE[architecture]} (or leave metric out)")
     return metric
 
 
@@ -53,8 +56,8 @@ def evaluate_recipe(recipe, log=print, progress: bool = True) -> dict:
         raise ValueError("run_mode eval needs data: pass --eval_dataset_dir PATH (a prepared .npy / .npz, or a raw "
                          "wiki.*.tokens / .txt / .tsv / .csv file)")
     model, device = inference_model(recipe, log)
-    cache_dir = resolve_path(recipe.data_cache_dir) or os.path.join(resolve_path(recipe.output_dir), "data_cache")
-    data = load_eval_dataset(recipe, cache_dir)
+    job = job_from_recipe(recipe)
+    data = read_split(job, job.eval_data, seq_length(job), default_split="validation")
     check_ranges(data, model.config, "evaluation data")
     batch_size = recipe.eval_dataset.batch_size or recipe.runner_config.batch_size
     prec = precision(recipe)
@@ -78,17 +81,16 @@ def predict_recipe(recipe, texts: list[str], batch_size: int | None = None, log=
     recipe's generation settings (max_decode_length = prompt + new tokens, top_k, top_p, do_sample,
     repetition_penalty, seed). Returns dict(results=[dict(prompt, text)], new_tokens, seconds): the new tokens
     counted by re-tokenizing the generated text, the seconds of the generation (loading not included)."""
+    from ..data.tokenizer import default_tokenizer_dir, load_tokenizer, tokenizer_for
     from ..generation import generate_text
-    from ..tokenizer import default_tokenizer_dir, load_tokenizer
-    from ..eval.runner import tokenizer_for
-    if task_of(recipe) != "lm":
+    if recipe.model.arch.type != LANGUAGE_MODEL:
         raise ValueError("run_mode predict generates text: use a GPT2LMHeadModel recipe (predict_gpt2_*.yaml)")
     texts = [t for t in texts if t is not None]
     if not texts:
         raise ValueError("run_mode predict needs input: pass --predict_data TEXT [TEXT ...]")
     model, device = inference_model(recipe, log)
-    source = resolve_path(recipe.load_checkpoint)
-    tokenizer = load_tokenizer(resolve_path(recipe.tokenizer) or tokenizer_for(source) or default_tokenizer_dir())
+    job = job_from_recipe(recipe)
+    tokenizer = load_tokenizer(job.tokenizer or tokenizer_for(job.model.source) or default_tokenizer_dir())
     settings = generation_config(recipe)
     seed_everything(recipe.seed, device)
     kw = dict(max_decode_length=settings["max_decode_length"], do_sample=settings["do_sample"],

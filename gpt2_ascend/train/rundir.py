@@ -15,6 +15,8 @@ import fcntl
 import os
 import shutil
 
+from ..checkpoints import checkpoint_root, list_checkpoints
+
 LOCK_FILE = ".lock"
 # What a training run writes into OUTPUT_DIR (the data cache is not the run's: it is kept).
 RUN_OUTPUTS = ("checkpoint", "tensorboard", "final", "final.adapter.tmp", "metrics.jsonl", "summary.json",
@@ -131,7 +133,6 @@ def _same_file(fd: int, path: str) -> bool:
 
 def holds_a_run(output_dir: str) -> bool:
     """Does output_dir hold what an earlier run wrote (so starting over there needs --overwrite_output_dir)?"""
-    from .checkpoint import checkpoint_root, list_checkpoints
     return bool(list_checkpoints(checkpoint_root(output_dir))) or any(
         os.path.exists(os.path.join(output_dir, name)) for name in ("metrics.jsonl", "summary.json", "final"))
 

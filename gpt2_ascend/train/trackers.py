@@ -1,5 +1,7 @@
-"""Experiment trackers: where a run's scalars go besides metrics.jsonl (the recipe's report_to, as HF's Trainer names
-it; TensorBoard is the default, [none] turns them all off).
+"""Experiment trackers: where a run's scalars go besides metrics.jsonl (the job's report_to: a recipe's report_to
+key, train.py's --report_to, TrainJob(report_to=...); named as HF's Trainer names it; TensorBoard is the default,
+[none] turns them all off). They write under OUTPUT_DIR, so a run without one (the Python API's in-memory run) has
+none: TensorBoard is skipped there, and naming wandb or mlflow is an error.
 
     tensorboard  event files in OUTPUT_DIR/tensorboard/
     wandb        Weights & Biases (pip install gpt2_ascend[trackers]): project $WANDB_PROJECT (default gpt2_ascend),
@@ -9,9 +11,9 @@ it; TensorBoard is the default, [none] turns them all off).
                  OUTPUT_DIR/mlruns; experiment $MLFLOW_EXPERIMENT_NAME (default gpt2_ascend)
 
 Every tracker gets the same scalars under the same names (train/loss, train/lr, train/grad_norm, ..., eval/loss,
-eval/ppl) at the same steps, and the resolved recipe as the run's config (wandb: nested; mlflow: `section.key`
-params). A resumed run goes on logging into the same wandb / mlflow run: their ids are kept in
-OUTPUT_DIR/trackers.json. (The steps between the checkpoint and the interruption are logged again: mlflow keeps both
+eval/ppl) at the same steps, and the resolved recipe as the run's config (a job built in Python: its settings;
+wandb: nested; mlflow: `section.key` params). A resumed run goes on logging into the same wandb / mlflow run: their
+ids are kept in OUTPUT_DIR/trackers.json. (The steps between the checkpoint and the interruption are logged again: mlflow keeps both
 values, wandb the first; TensorBoard's purge_step drops the old ones.)
 """
 from __future__ import annotations
@@ -134,8 +136,12 @@ class MlflowTracker:
 
 
 def require_trackers(names):
-    """A one-line error, before the run changes anything, when a tracker's package is not installed."""
+    """A one-line error, before the run changes anything, when a tracker is unknown or its package is not
+    installed."""
     import importlib.util
+    unknown = [n for n in names if n not in TRACKERS + ("none",)]
+    if unknown:
+        raise ValueError(f"unknown tracker {unknown[0]!r} in report_to: use {', '.join(TRACKERS)}, or none")
     for name in names:
         if name in ("wandb", "mlflow") and importlib.util.find_spec(name) is None:
             raise ValueError(f"report_to names {name} but the {name} package is not installed: pip install "

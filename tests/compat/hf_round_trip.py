@@ -24,8 +24,8 @@ import transformers  # noqa: E402
 from gpt2_ascend import GPT2Config, GPT2LMHeadModel, load_tokenizer  # noqa: E402
 from gpt2_ascend.config import GenerationConfig  # noqa: E402
 from gpt2_ascend.generation import generate, generate_text  # noqa: E402
-from gpt2_ascend.tokenizer import default_tokenizer_dir, save_tokenizer  # noqa: E402
-from gpt2_ascend.train.lora import apply_lora, load_adapter, save_adapter  # noqa: E402
+from gpt2_ascend.data.tokenizer import default_tokenizer_dir, save_tokenizer  # noqa: E402
+from gpt2_ascend.lora import apply_lora, load_adapter, save_adapter  # noqa: E402
 
 TEXT = "Hello world , it is 1912 in the city of Paris .\n<|endoftext|> next"
 PROMPT = "The city of"

@@ -4,11 +4,16 @@ DCP stores its `.metadata` as a pickle and non-tensor values (optimizer hyperpar
 bytes, and reads both back with pickle.load / torch.load(weights_only=False): a checkpoint directory from
 elsewhere could run code when loaded. Here `.metadata` goes through a RestrictedUnpickler that builds DCP's
 own classes only, the values through torch.load(weights_only=True); the tensors DCP already reads with
-weights_only=True. Writing stays DCP's. Imported lazily: torch.distributed.checkpoint takes ~1 s to import.
+weights_only=True. Writing stays DCP's (parallel/checkpoint.py). Also here: the whole model of a sharded checkpoint
+in one process (`load_full_model_state`), which loading.load_model builds a model from. Imported lazily:
+torch.distributed.checkpoint takes ~1 s to import.
 """
 from __future__ import annotations
 
+import json
+import math
 import os
+import warnings
 
 import torch
 import torch.distributed.checkpoint as dcp
@@ -18,8 +23,10 @@ from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner
 from torch.distributed.checkpoint.metadata import Metadata, StorageMeta
 
-from ..safe_pickle import RestrictedUnpickler, UnsafeFileError, torch_load
-from ..train.checkpoint import CheckpointError
+from .checkpoints import CheckpointError, verify_checkpoint
+from .config import GPT2Config
+from .hf import convert_qkv_state
+from .safe_pickle import RestrictedUnpickler, UnsafeFileError, torch_load
 
 # What DCP's `.metadata` pickle legitimately holds (torch 2.4-2.13, any layout we save): its dataclasses, the
 # Size / dtype / layout of each tensor, and the checkpoint path. Nothing else is built when it is read.
@@ -112,3 +119,55 @@ def _root_cause(error: BaseException) -> BaseException:
         failure = next(iter(error.failures.values()))
         error = failure[0] if isinstance(failure, tuple) else failure
     return error
+
+
+# ---------------------------------------------------------------------------------------------
+# the whole model of a sharded checkpoint, in one process
+# ---------------------------------------------------------------------------------------------
+def read_meta(path: str) -> dict:
+    """The config.json of a sharded checkpoint: the model's HF config, its architecture, the qkv layout."""
+    file = os.path.join(path, "config.json")
+    try:
+        with open(file, encoding="utf-8") as f:
+            meta = json.load(f)
+        if not isinstance(meta.get("model_config"), dict) or not isinstance(meta.get("architecture"), str):
+            raise ValueError("no model_config / architecture")
+    except (OSError, ValueError, AttributeError) as e:
+        raise CheckpointError(f"checkpoint {path} has a corrupt config.json ({e})") from None
+    return meta
+
+
+def load_full_model_state(path: str) -> tuple[GPT2Config, dict, str]:
+    """The whole model from a sharded checkpoint in one process, in HF's c_attn layout and our names."""
+    verify_checkpoint(path)
+    meta = read_meta(path)
+    config = GPT2Config.from_hf_dict(meta["model_config"])
+    state = {key: torch.empty(size, dtype=dtype) for key, (size, dtype) in model_tensors(path).items()}
+    with warnings.catch_warnings():  # "assuming the intent is to load in a single process": it is
+        warnings.simplefilter("ignore", UserWarning)
+        dcp_load(state, path, no_dist=True)
+    model_state = {k[len("model."):]: v for k, v in state.items()}
+    if meta.get("qkv_layout") == "per_head":
+        model_state = convert_qkv_state(model_state, config.n_embd, config.n_head, to="hf")
+    return config, model_state, meta["architecture"]
+
+
+def model_tensors(path: str) -> dict:
+    """{key: (shape, dtype)} of the model tensors `.metadata` declares, checked to fit in the checkpoint's data
+    files before anything is allocated for them."""
+    from torch.distributed.checkpoint.metadata import TensorStorageMetadata
+    data_bytes = sum(os.path.getsize(os.path.join(path, n)) for n in os.listdir(path) if n.endswith(".distcp"))
+    tensors, declared = {}, 0
+    for key, item in read_dcp_metadata(path).state_dict_metadata.items():
+        if not (isinstance(key, str) and key.startswith("model.") and isinstance(item, TensorStorageMetadata)):
+            continue
+        size, dtype = getattr(item, "size", None), getattr(getattr(item, "properties", None), "dtype", None)
+        if not (isinstance(size, tuple) and all(isinstance(d, int) and d >= 0 for d in size)
+                and isinstance(dtype, torch.dtype)):
+            raise CheckpointError(f"checkpoint {path} has a corrupt .metadata ({key}: shape {size}, dtype {dtype})")
+        tensors[key] = (size, dtype)
+        declared += math.prod(size) * dtype.itemsize
+    if declared > data_bytes:
+        raise CheckpointError(f"checkpoint {path} has a corrupt .metadata: it declares {declared} bytes of "
+                              f"weights but its .distcp files hold {data_bytes}")
+    return tensors

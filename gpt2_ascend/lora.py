@@ -21,7 +21,7 @@ import re
 
 import torch
 
-from ..safe_pickle import refused
+from .safe_pickle import refused
 
 OUR_TARGETS = ("c_attn", "c_proj", "c_fc", "c_attn.q", "c_attn.k", "c_attn.v")
 QKV = ("q", "k", "v")
@@ -62,6 +62,12 @@ TASK_TYPES = {"GPT2LMHeadModel": "CAUSAL_LM", "GPT2ForSequenceClassification": "
 HF_MODELING_MODULE = "transformers.models.gpt2.modeling_gpt2"
 
 
+def unwrap_model(model: torch.nn.Module) -> torch.nn.Module:
+    """Our GPT-2 under a PEFT wrapper (its LoRA layers stay in the module tree), or the model itself."""
+    get_base = getattr(model, "get_base_model", None)
+    return get_base() if callable(get_base) else model
+
+
 def task_type_of(model: torch.nn.Module) -> str:
     return TASK_TYPES[model.hf_architecture]
 
@@ -83,7 +89,7 @@ def apply_lora(model: torch.nn.Module, rank: int = 64, alpha: float = 128, dropo
         raise ValueError(f"lora target module {unknown[0]!r} is not in the model: use c_attn, c_proj, c_fc")
     # a classifier's head is new (random on an LM base) and tiny: it trains whole, saved in the adapter
     # (PEFT's modules_to_save, as its SEQ_CLS task type does); frozen, it would stay random
-    modules_to_save = ["score"] if hasattr(model, "score") else None
+    modules_to_save = ["score"] if task_type_of(model) == "SEQ_CLS" else None
     patterns = dict(rank_pattern={"c_attn": rank * len(parts)}, alpha_pattern={"c_attn": alpha * len(parts)}) \
         if parts else {}
     config = LoraConfig(r=rank, lora_alpha=alpha, lora_dropout=dropout, target_modules=modules,
@@ -213,7 +219,7 @@ def write_portable_config(path: str, config_class, modules_to_save=None):
     from peft's default. An older peft fills the others with the same defaults, but refuses a key it does not
     know (peft 0.13, the one of transformers 4.45's time, rejects the dozen keys peft 0.2x adds at their
     defaults); a newer feature really used stays in, and an old peft then says so."""
-    from ..fileio import write_json
+    from .fileio import write_json
     with open(path, encoding="utf-8") as f:
         saved = json.load(f)
     defaults = json.loads(json.dumps(config_class().to_dict(), default=sorted))

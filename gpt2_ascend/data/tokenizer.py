@@ -9,27 +9,33 @@ import json
 import os
 import shutil
 
+from .download import default_data_dir
+
 EOS_TOKEN = "<|endoftext|>"
-TOKENIZER_FILES = ("vocab.json", "merges.txt", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
+# Every file a tokenizer directory may hold (copied next to merged weights as they are)
+TOKENIZER_FILES = ("vocab.json", "merges.txt", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
+                   "added_tokens.json")
 # Byte-level BPE decodes back to the exact text. transformers 4.x defaults to "cleaning up" spaces before
 # punctuation on decode (WikiText's "world ." became "world."); 5.x does not: say it for every version.
 LOSSLESS_DECODE = dict(clean_up_tokenization_spaces=False)
 
 
-def default_data_dir() -> str:
-    """GPT2_DATA_DIR, else the ../shared/data folder beside the checkout, else ~/.cache/gpt2_ascend/data."""
-    env = os.environ.get("GPT2_DATA_DIR")
-    if env:
-        return env
-    repo_root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    shared = os.path.join(os.path.dirname(repo_root), "shared", "data")
-    if os.path.isdir(shared):
-        return shared
-    return os.path.join(os.path.expanduser("~"), ".cache", "gpt2_ascend", "data")
-
-
 def default_tokenizer_dir() -> str:
+    """The GPT-2 tokenizer files of the data directory (GPT2_DATA_DIR/gpt2)."""
     return os.path.join(default_data_dir(), "gpt2")
+
+
+def holds_tokenizer(path: str) -> bool:
+    """Whether a model directory carries its own tokenizer (vocab.json or tokenizer.json)."""
+    return os.path.isdir(path) and any(os.path.isfile(os.path.join(path, f)) for f in ("vocab.json", "tokenizer.json"))
+
+
+def tokenizer_for(model_path: str, explicit: str | None = None) -> str | None:
+    """The tokenizer to use with a model: the one named, else the model directory's own, else None (the data
+    directory's GPT-2 one, load_tokenizer's default)."""
+    if explicit:
+        return explicit
+    return model_path if holds_tokenizer(model_path) else None
 
 
 def check_bpe_files(vocab_path: str, merges_path: str):
@@ -101,7 +107,7 @@ def load_tokenizer(path_or_hub_id: str | None = None):
         return _gpt2_tokenizer(path)
     if os.path.exists(path) or path.startswith((".", "/", "~")):
         raise FileNotFoundError(f"tokenizer directory not found: {path}")
-    from .hf import download_from_hub
+    from ..hf import download_from_hub
     return load_tokenizer(download_from_hub(path))
 
 
@@ -117,6 +123,12 @@ def save_tokenizer(tokenizer, output_dir: str, source_dir: str | None = None):
             shutil.copyfile(src, os.path.join(output_dir, name))
     if not all(os.path.isfile(os.path.join(output_dir, n)) for n in ("vocab.json", "merges.txt")):
         tokenizer.backend_tokenizer.model.save(output_dir)  # writes vocab.json and merges.txt
+
+
+def copy_tokenizer(source_dir: str, output_dir: str):
+    """The tokenizer of source_dir written next to a model in output_dir (save_tokenizer: GPT-2's files, which
+    transformers 4.x and 5.x both load); FileNotFoundError when source_dir holds none."""
+    save_tokenizer(load_tokenizer(source_dir), output_dir, source_dir=source_dir)
 
 
 def tokenizer_files(path: str) -> list[str]:

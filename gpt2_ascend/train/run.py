@@ -1,0 +1,730 @@
+"""A training run assembled from a TrainJob, in named steps:
+
+    start            the launcher's choices (accelerate's precision, data parallel over the world: launcher.py), the
+                     device, or torchrun's process group and mesh (one device: every degree 1)
+    prepare_output   lock OUTPUT_DIR and decide where to start (nothing on disk changes yet)
+    load_data        the datasets (files, `datasets` sources or in memory), as the model's keyword arguments
+    build_model      build or load the model (on the meta device when large), parallelize it (one device: compile)
+    build_trainer    loader, schedule, optimizer, checkpointer and Trainer; resume; the report_to trackers
+    train            the loop, under the signal handlers
+    finish           export OUTPUT_DIR/final/ (HF format), the last evaluation, loss curve and summary.json
+
+`run_training(recipe_or_job)` is what train.py and a notebook call. Under torchrun every rank runs it.
+"""
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+import os
+import shutil
+import sys
+import time
+
+import numpy as np
+import torch
+
+from .. import checkpoints as ckpt
+from .. import device as dev
+from ..config import GenerationConfig
+from ..data.loader import StepLoader, as_columns, causal_lm_inputs
+from ..fileio import write_json
+from ..lora import unwrap_model
+from ..model import CLASSIFIER, LANGUAGE_MODEL, model_class
+from ..parallel.mesh import vocab_multiple
+from ..parallel.parallelize import ParallelDims, ParallelModel, init_parallel, parallelize
+from . import rundir
+from .checkpoint import FileCheckpointer, ShardedCheckpointer
+from .interrupt import Interrupted, StopOnSignal, TrainingInterrupted
+from .job import DataSplit, ModelSpec, TrainJob, job_from_recipe, resolve_path
+from .metrics import MetricsLogger, flops_per_token, peak_flops, plot_loss_curve
+from .launcher import apply_launcher
+from .optim import build_optimizer
+from .trackers import open_trackers, require_trackers
+from .trainer import Trainer, seed_everything
+
+# Parameters above this are built on the meta device and materialised already sharded (torchrun).
+META_INIT_PARAMS = 2_000_000_000
+
+
+def run_training(recipe_or_job, overwrite: bool = False, log=print) -> dict:
+    """Train: build from the job (or a recipe: job_from_recipe), resume, train, evaluate, export final/. Returns a
+    summary dict (also written to OUTPUT_DIR/summary.json); with output_dir None, nothing is written and the
+    summary holds the metrics (`history`). Under torchrun with use_parallel every rank runs this; the other ranks
+    return {}.
+
+    The output directory is locked for the whole run (a second run into it fails at once, naming this one's
+    pid), and nothing in it changes until the data, model, layout and resume point have all been checked.
+    SIGINT / SIGTERM in the loop stop after the step with a checkpoint (TrainingInterrupted). overwrite: start over
+    in an output directory that holds an earlier run."""
+    job = recipe_or_job if isinstance(recipe_or_job, TrainJob) else job_from_recipe(recipe_or_job)
+    with contextlib.ExitStack() as scope:  # the lock and the signal handlers, released however it ends
+        job, dims, stop, log = start(job, scope, log)
+        resume_path = prepare_output(job, dims, overwrite, scope, log)
+        seed_everything(job.seed, dims.device)
+        train_data, eval_data = load_data(job, dims)
+        pm, model = build_model(job, dims, train_data, eval_data, log)
+        trainer, metrics = build_trainer(job, pm, model, train_data, eval_data, resume_path, log)
+        last, seconds, start_step = train(job, trainer, metrics, stop)
+        return finish(job, trainer, metrics, last, seconds, start_step)
+
+
+# ---------------------------------------------------------------------------------------------
+# start
+# ---------------------------------------------------------------------------------------------
+def start(job: TrainJob, scope: contextlib.ExitStack, log):
+    """(the job with the launcher's choices, ParallelDims, the signal handlers, the log: silent on ranks other than
+    0), after the job's checks."""
+    if job.run_mode in ("predict", "eval"):
+        function = "predict_recipe" if job.run_mode == "predict" else "evaluate_recipe"
+        raise ValueError(f"run_mode {job.run_mode} is not training: run train.py --run_mode {job.run_mode}, or "
+                         f"call gpt2_ascend.train.run_modes.{function}(recipe)")
+    if job.run_mode == "finetune" and not (isinstance(job.model, ModelSpec) and job.model.load_checkpoint):
+        raise ValueError(f"run_mode finetune starts from trained weights: pass {job.names.load_checkpoint} PATH (an "
+                         f"HF-format GPT-2 directory or a MindFormers .ckpt) or use {job.names.run_mode_train}")
+    check_trackers(job)
+    job = apply_launcher(job, log=log)
+    dims = init_dims(job)
+    stop = scope.enter_context(StopOnSignal(notify=None if dims.is_main else (lambda text: None)))
+    if dims.distributed and not dims.is_main:
+        log = lambda *a, **k: None  # noqa: E731 - rank 0 speaks for the run
+    if job.compile:
+        dev.require_compile_backend(dims.device.type)  # before any data or model work
+    return job, dims, stop, log
+
+
+def check_trackers(job: TrainJob):
+    """report_to's trackers are known and installed, and have an output_dir to write in (one line, before anything
+    changes). TensorBoard, the default, is skipped without one."""
+    require_trackers(job.report_to)
+    needs_dir = [name for name in job.report_to if name in ("wandb", "mlflow")]
+    if needs_dir and job.output_dir is None:
+        raise ValueError(f"report_to names {needs_dir[0]}, whose files go in the run's {job.names.output_dir}: pass "
+                         f"one, or drop {needs_dir[0]} from report_to")
+
+
+def init_dims(job: TrainJob) -> ParallelDims:
+    """One process (every degree 1), or torchrun's process group and mesh when the launcher started more (WORLD_SIZE;
+    a job without a layout is data parallel over them: apply_launcher); a layout that does not fit is one line."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    pc, names = job.parallel, job.names
+    layout = pc.data_parallel * pc.model_parallel * pc.pipeline_stage
+    if not job.use_parallel and world > 1:  # (apply_launcher made such a job data parallel)
+        raise ValueError(f"WORLD_SIZE is {world} but use_parallel is false: pass {names.use_parallel}, or run one "
+                         f"process")
+    if not job.use_parallel or world == 1:
+        if job.use_parallel and layout > 1:
+            raise ValueError(f"the parallel section asks for {layout} devices (data_parallel {pc.data_parallel} x "
+                             f"model_parallel {pc.model_parallel} x pipeline_stage {pc.pipeline_stage}) but this is "
+                             f"one process: launch with torchrun --nproc_per_node {layout}, or set {names.no_parallel}")
+        device = dev.resolve_device(job.device)
+        dev.set_device(device)
+        return ParallelDims.single(device)
+    check_layout(job, world)
+    return init_parallel(pc, job.device)
+
+
+def check_layout(job: TrainJob, world: int):
+    pc, config = job.parallel, model_shape(job)
+    pc.validate(world_size=world, n_head=config.n_head, n_layer=config.n_layer)
+    if pc.pipeline_stage > 1 and job.batch_size % pc.micro_batch_num:
+        raise ValueError(f"runner_config.batch_size {job.batch_size} does not split into parallel.micro_batch_num="
+                         f"{pc.micro_batch_num} equal micro-batches: make it a multiple")
+    lora = isinstance(job.model, ModelSpec) and job.model.lora is not None
+    if lora and (pc.model_parallel > 1 or pc.pipeline_stage > 1 or pc.uses_fsdp):
+        raise ValueError("LoRA with tensor / pipeline parallel or optimizer_shard is not supported: use "
+                         "data_parallel only (DDP), or one device")
+
+
+def model_shape(job: TrainJob):
+    """The job's model config: the spec's (a fresh model's; a loaded one keeps its checkpoint's), or the object's."""
+    return job.model.config if isinstance(job.model, ModelSpec) else unwrap_model(job.model).config
+
+
+def seq_length(job: TrainJob) -> int:
+    return job.model.seq_length if isinstance(job.model, ModelSpec) else model_shape(job).n_positions
+
+
+# ---------------------------------------------------------------------------------------------
+# prepare_output
+# ---------------------------------------------------------------------------------------------
+def prepare_output(job: TrainJob, dims: ParallelDims, overwrite: bool, scope: contextlib.ExitStack, log):
+    """The checkpoint to resume from (None: a fresh run). Rank 0 locks OUTPUT_DIR and decides, changing nothing;
+    the other ranks follow."""
+    if job.output_dir is None:
+        if job.resume:
+            raise ValueError(f"resuming needs the run's {job.names.output_dir}: pass the directory it wrote")
+        return None
+
+    def prepare():
+        scope.enter_context(rundir.OutputDirLock(job.output_dir))
+        return resume_point(job, overwrite, log)
+    return dims.on_main(prepare)
+
+
+def resume_point(job: TrainJob, overwrite: bool, log) -> str | None:
+    """The checkpoint to resume from (None: a fresh run), or a one-line error. Changes nothing on disk:
+    clearing an earlier run waits until the whole run has been validated (begin_run)."""
+    names, root, resume = job.names, ckpt.checkpoint_root(job.output_dir), job.resume
+    if resume and resume != "auto":
+        path = resolve_path(resume)
+        ckpt.verify_checkpoint(path)  # an explicit path must be good: CheckpointError otherwise
+        check_same_start(job, path)
+        return path
+    if resume == "auto":
+        path = ckpt.find_resume_checkpoint(root, report=_warn)
+        if path is None:
+            found = ckpt.list_checkpoints(root)
+            if found and not overwrite:  # resuming was asked for: do not silently start over on top of them
+                raise ckpt.CheckpointError(f"{names.resume_auto} found {len(found)} checkpoint(s) in {root} but none "
+                                           f"is complete and intact; delete them, or pass {names.overwrite} to "
+                                           f"start over")
+            log(f"no complete checkpoint in {root}: starting from step 0")
+        else:
+            check_same_start(job, path)
+        return path
+    if rundir.holds_a_run(job.output_dir) and not overwrite:
+        raise ValueError(f"{job.output_dir} already holds a training run: pass {names.resume_auto} to continue it, "
+                         f"{names.overwrite} to start over, or another {names.output_dir}")
+    return None
+
+
+def check_same_start(job: TrainJob, path: str):
+    """A resumed run continues from the weights it started from: a LoRA checkpoint holds only adapters, so
+    other start weights would silently pair them with a different base."""
+    started = ckpt.read_manifest(path).get("meta", {}).get("load_checkpoint") or ""
+    now = job.model.load_checkpoint if isinstance(job.model, ModelSpec) else ""
+    if started and now and os.path.abspath(resolve_path(started)) != os.path.abspath(resolve_path(now)):
+        raise ValueError(f"the run in {os.path.dirname(os.path.dirname(path))} started from {started}, not {now}: "
+                         f"resume with {job.names.load_checkpoint} {started}, or start a new run in another "
+                         f"{job.names.output_dir}")
+
+
+def _warn(text: str):
+    print(text, file=sys.stderr, flush=True)
+
+
+# ---------------------------------------------------------------------------------------------
+# load_data
+# ---------------------------------------------------------------------------------------------
+def load_data(job: TrainJob, dims: ParallelDims):
+    """(training data, evaluation data or None): token blocks of seq_length + 1 (train) and seq_length (eval) for a
+    language model, input_ids / attention_mask / labels for a classifier. Rank 0 prepares (and caches) raw files
+    first, the other ranks then read its cache."""
+    if job.train_data is None:
+        raise ValueError(f"no training data: pass {job.names.train_data} (a prepared .npy / .npz, a raw "
+                         f"wiki.*.tokens / .txt / .tsv file, or a datasets source)")
+    if dims.distributed and not dims.is_main:
+        dims.barrier()
+    seq = seq_length(job)
+    train_data = read_split(job, job.train_data, seq + 1)
+    eval_data = read_split(job, job.eval_data, seq, default_split="validation")
+    if dims.distributed and dims.is_main:
+        dims.barrier()
+    return train_data, eval_data
+
+
+def read_split(job: TrainJob, split, width: int, default_split: str = "train"):
+    """A DataSplit read from its file or `datasets` source (its first max_samples rows; default_split: the split of a
+    hub id or DatasetDict that names none); a datasets object as DataSplit(it) (or its columns when it is already
+    tokenized); other in-memory data as it is."""
+    from ..data import hf_datasets
+    if hf_datasets.is_datasets_object(split):
+        columns = hf_datasets.token_columns(split)
+        split = DataSplit(split) if columns is None else columns
+    if not isinstance(split, DataSplit):
+        return split
+    from ..data.sources import load_token_blocks, load_txtcls
+    path = split.path if hf_datasets.is_datasets_source(split.path) else fetch_if_missing(split.path)
+    tokenizer = job.tokenizer or None
+    cache_dir = job.data_cache_dir or (os.path.join(job.output_dir, "data_cache") if job.output_dir else None)
+    options = dict(text_column=split.text_column, split=split.split or default_split)
+    if job.architecture == CLASSIFIER:
+        data = load_txtcls(path, max_length=seq_length(job), tokenizer=tokenizer, cache_dir=cache_dir,
+                           dataset_name=split.dataset_name, mindformers_compat=split.mindformers_compat,
+                           label_column=split.label_column, **options)
+    else:
+        data = load_token_blocks(path, max_length=width, tokenizer=tokenizer,
+                                 mindformers_compat=split.mindformers_compat, cache_dir=cache_dir,
+                                 text_format=split.text_format, num_proc=split.num_proc, **options)
+    return first_rows(data, split.max_samples)
+
+
+def fetch_if_missing(path: str) -> str:
+    """A missing file of the data directory (GPT2_DATA_DIR) is downloaded, checksum-verified; any other
+    missing path is an error."""
+    if not path or os.path.exists(path):
+        return path
+    from ..data.download import dataset_path, default_data_dir
+    root = os.path.abspath(default_data_dir())
+    if os.path.abspath(path).startswith(root + os.sep):
+        return dataset_path(os.path.relpath(os.path.abspath(path), root), root=root)
+    raise FileNotFoundError(f"dataset not found: {path}")
+
+
+def first_rows(data, n: int | None):
+    if data is None or n is None:
+        return data
+    if isinstance(data, dict):
+        return {k: v[:n] for k, v in data.items()}
+    return data[:n]
+
+
+def check_ranges(data, model_config, what: str):
+    """Token ids inside the vocabulary and labels inside num_labels, checked once up front (an id out of
+    range would otherwise fail deep inside the embedding lookup)."""
+    columns = as_columns(data)
+    ids = columns["input_ids"]
+    top = int(np.asarray(ids).max()) if len(ids) else 0
+    if top >= model_config.vocab_size:
+        raise ValueError(f"the {what} holds token id {top} but the model's vocab_size is {model_config.vocab_size}: "
+                         f"was it prepared with another tokenizer? (or set model.model_config.vocab_size)")
+    if "labels" in columns and len(columns["labels"]):
+        labels = np.asarray(columns["labels"])
+        if labels.min() < 0 or labels.max() >= model_config.num_labels:
+            raise ValueError(f"the {what} holds labels {labels.min()}..{labels.max()} but num_labels is "
+                             f"{model_config.num_labels}: set model.model_config.num_labels")
+
+
+def model_inputs(data, architecture: str) -> dict:
+    """The data as columns of the model's keyword arguments: blocks of T+1 tokens become input_ids and targets."""
+    columns = as_columns(data)
+    return causal_lm_inputs(columns["input_ids"]) if architecture == LANGUAGE_MODEL else columns
+
+
+# ---------------------------------------------------------------------------------------------
+# build_model
+# ---------------------------------------------------------------------------------------------
+def build_model(job: TrainJob, dims: ParallelDims, train_data, eval_data, log):
+    """(ParallelModel, the model as built: a PEFT wrapper for LoRA runs). Distributed runs build on the CPU and
+    parallelize moves this rank's part to its device; above META_INIT_PARAMS (or with meta_init) they build on the
+    meta device and each rank allocates and fills only its shards."""
+    overrides = dict(pad_vocab_size_multiple=vocab_multiple(dims.pc, model_shape(job).pad_vocab_size_multiple)) \
+        if dims.distributed else {}
+    fill = None
+    if dims.distributed and isinstance(job.model, ModelSpec) and use_meta_init(job, overrides):
+        from ..parallel.materialize import filler
+        model, source = build_meta_model(job.model, overrides, log)
+        fill = filler(model.config, dims.device, source)
+    elif isinstance(job.model, ModelSpec):
+        model = model_from_spec(job.model, torch.device("cpu") if dims.distributed else dims.device, log, overrides)
+    else:
+        model = job.model.to(dims.device)
+    base = unwrap_model(model)
+    configure_speed(base, job, dims, log)
+    check_ranges(train_data, base.config, "training data")
+    if eval_data is not None:
+        check_ranges(eval_data, base.config, "evaluation data")
+    pm = parallelize(model, dims, compile=job.compile, compile_scope=job.compile_scope, per_head=not uses_lora(job),
+                     fill=fill)
+    return pm, model
+
+
+def model_from_spec(spec: ModelSpec, device: torch.device, log=print, config_overrides: dict | None = None):
+    """The model a spec asks for, on `device`: from scratch, or from load_checkpoint (an HF-format directory, one of
+    our checkpoints, a MindFormers .ckpt, or a PEFT adapter directory, whose training goes on from its base), with
+    LoRA adapters when spec.lora says so."""
+    from ..lora import adapter_base, apply_lora, load_adapter
+    source = spec.source
+    adapter = source if continues_adapter(source) else None
+    if adapter:
+        source = adapter_base(adapter)
+        log(f"continuing the adapter in {adapter} on its base model {source}")
+    if source:
+        model = load_start_weights(spec, source, config_overrides, log)
+    else:
+        model = model_class(spec.architecture)(spec.config.replace(**(config_overrides or {})))
+    if spec.seq_length > model.config.n_positions:
+        raise ValueError(f"model_config.seq_length {spec.seq_length} exceeds the model's n_positions "
+                         f"{model.config.n_positions}: set model.model_config.seq_length={model.config.n_positions}")
+    model.set_recompute(spec.recompute)
+    if adapter:  # the adapter's own rank and targets: the spec's would be a different adapter
+        model = load_adapter(model, adapter, merge=False, trainable=True)
+    elif spec.lora and not hasattr(model, "peft_config"):  # (a MindFormers LoRA .ckpt has its own)
+        model = apply_lora(model, **dataclasses.asdict(spec.lora))
+    return model.to(device)
+
+
+def continues_adapter(source: str) -> bool:
+    """load_checkpoint is a PEFT adapter directory (ours or one trained on transformers' GPT-2)."""
+    from ..lora import is_adapter_dir
+    return bool(source) and os.path.isdir(source) and is_adapter_dir(source)
+
+
+def uses_lora(job: TrainJob) -> bool:
+    if isinstance(job.model, ModelSpec):
+        return job.model.lora is not None or continues_adapter(job.model.source)
+    return hasattr(job.model, "peft_config")
+
+
+def load_start_weights(spec: ModelSpec, source: str, config_overrides: dict | None, log):
+    """The weights a run starts from: loading.load_model's sources (an HF-format directory or hub id, one of our
+    (sharded) checkpoints), or a MindFormers .ckpt. A classifier may start from a language model (a new head)."""
+    from ..loading import load_model
+    if not os.path.exists(source) and (source.startswith((".", "/", "~")) or source.count("/") > 1):
+        raise FileNotFoundError(f"load_checkpoint not found: {source}; pass an HF-format GPT-2 directory, "
+                                f"OUTPUT_DIR/checkpoint/step_N or a MindFormers .ckpt file")
+    overrides = dict(spec.overrides, **(config_overrides or {}))
+    if is_mindspore_checkpoint(source):  # MindFormers' own weights, converted on the fly
+        model = model_from_mindspore(spec, source, overrides, log)
+    else:
+        model = load_model(source, spec.architecture, dtype=torch.float32, overrides=overrides, new_head=True)
+    note_shape(spec, model.config, source, log)
+    return model
+
+
+def is_mindspore_checkpoint(path: str) -> bool:
+    return os.path.isfile(path) and path.endswith(".ckpt")
+
+
+def model_from_mindspore(spec: ModelSpec, path: str, overrides: dict, log=print):
+    """A MindFormers GPT-2 .ckpt as the spec's model: the tensors give the shape, the spec the heads and activation
+    (which a .ckpt does not record). A LoRA checkpoint (lora_a / lora_b beside the base) becomes a LoRA model with
+    its adapters, scaled by the spec's lora alpha."""
+    from ..convert.lora import load_mindformers_lora
+    from ..convert.mindformers import MindFormersSource, load_mindspore_model
+    cls, heads, act = model_class(spec.architecture), spec.config.n_head, spec.config.activation
+    with MindFormersSource(path, heads, act) as source:
+        has_lora = bool(source.lora_names)
+    if not has_lora:
+        return load_mindspore_model(path, n_head=heads, activation=act, cls=cls, dtype=torch.float32,
+                                    verify_crc=False, **overrides)
+    lora = spec.lora
+    if not lora:
+        raise ValueError(f"{path} holds unmerged LoRA adapters: use a LoRA recipe (model.model_config.pet_config, "
+                         f"whose lora_alpha scales them), or merge them first with convert/merge_lora.py")
+    model = load_mindformers_lora(path, lora.alpha, heads, act, cls=cls, lora_dropout=lora.dropout,
+                                  verify_crc=False, **overrides)
+    rank, targets = model.lora_layout
+    log(f"LoRA adapters from {path}: rank {rank} on {', '.join(targets)} (alpha {lora.alpha:g} from the recipe)")
+    return model
+
+
+def note_shape(spec: ModelSpec, config, source: str, log):
+    want, have = spec.config, config
+    if (want.n_layer, want.n_embd, want.n_head, want.vocab_size) != (have.n_layer, have.n_embd, have.n_head,
+                                                                      have.vocab_size):
+        log(f"note: the model shape comes from {source} ({config.n_layer} layers, hidden {config.n_embd}, "
+            f"{config.n_head} heads, vocab {config.vocab_size}), not from the recipe's model_config")
+
+
+def use_meta_init(job: TrainJob, overrides: dict) -> bool:
+    """meta_init, or automatically for models above META_INIT_PARAMS."""
+    if job.meta_init is not None:
+        return job.meta_init
+    from ..hf import load_config
+    from ..model import GPT2LMHeadModel
+    source = job.model.source
+    config = load_config(source) if source and os.path.isfile(os.path.join(source, "config.json")) and \
+        not ckpt.is_sharded(source) else job.model.config
+    with torch.device("meta"):  # counting costs no memory
+        return GPT2LMHeadModel(config).num_parameters() > META_INIT_PARAMS
+
+
+def build_meta_model(spec: ModelSpec, overrides: dict, log):
+    """The module tree on the meta device and where its weights will come from (None: a fresh init)."""
+    from ..config import GPT2Config
+    from ..hf import load_config
+    source = spec.source
+    if spec.lora is not None:
+        raise ValueError("LoRA runs build the whole model on each rank: set parallel.meta_init=false")
+    if source and ckpt.is_sharded(source):
+        from ..safe_dcp import read_meta
+        config = GPT2Config.from_hf_dict(read_meta(source)["model_config"])
+        config = config.replace(**dict(spec.overrides, **overrides))
+    elif source:
+        if not os.path.exists(source):
+            raise FileNotFoundError(f"load_checkpoint not found: {source}")
+        config = load_config(source, **dict(spec.overrides, **overrides))
+    else:
+        config = spec.config.replace(**overrides)
+    with torch.device("meta"):
+        model = model_class(spec.architecture)(config)
+    model.set_recompute(spec.recompute)
+    log(f"building on the meta device ({'from ' + source if source else 'fresh init'}): each rank allocates "
+        f"only its shards")
+    return model, source or None
+
+
+def configure_speed(base, job: TrainJob, dims: ParallelDims, log):
+    """Speed settings that keep the numbers: TF32 for what stays fp32 on CUDA, and the chunked head +
+    cross-entropy (loss_chunk_size) where the head is not split by tensor / pipeline parallel."""
+    if dims.device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+    if job.loss_chunk_size and base.hf_architecture == LANGUAGE_MODEL:
+        if dims.pc.model_parallel > 1 or dims.pc.pipeline_stage > 1:
+            log("note: runner_config.loss_chunk_size is ignored under tensor / pipeline parallel")
+        else:
+            base.config.loss_chunk_size = job.loss_chunk_size
+
+
+# ---------------------------------------------------------------------------------------------
+# build_trainer
+# ---------------------------------------------------------------------------------------------
+def build_trainer(job: TrainJob, pm: ParallelModel, model, train_data, eval_data, resume_path: str | None, log):
+    """The Trainer (resumed from resume_path) and the metrics logger (rank 0); the run's first writes to
+    OUTPUT_DIR (clearing an earlier run, recipe.yaml) happen here, once everything has been checked."""
+    dims, base = pm.dims, unwrap_model(model)
+    accumulation = accumulation_steps(job, dims.world_size, log)
+    loader = StepLoader(model_inputs(train_data, base.hf_architecture), batch_size=job.batch_size,
+                        micro_batches=accumulation, shuffle=job.shuffle, seed=job.seed, rank=dims.rank,
+                        world_size=dims.world_size, pin_memory=dims.device.type == "cuda")
+    run_steps = job.max_steps or loader.steps_per_epoch * job.epochs
+    schedule = job.optimizer.schedule(loader.steps_per_epoch, job.epochs, job.max_steps)
+    opt = job.optimizer
+    optimizer = build_optimizer(pm.core, schedule(0), betas=(opt.beta1, opt.beta2), eps=opt.eps,
+                                weight_decay=opt.weight_decay, device_type=dims.device.type, update_rule=opt.rule)
+    settings = dataclasses.replace(job.settings, total_steps=run_steps, step_rule=opt.rule,
+                                   progress=job.settings.progress and dims.is_main)
+    trainer = Trainer(pm.module, optimizer, schedule, loader, dims.device, settings, parallel=pm, log=log,
+                      evaluate=make_evaluator(job, eval_data, settings.precision),
+                      checkpointer=make_checkpointer(job, dims, base))
+    if resume_path:
+        trainer.load_checkpoint(resume_path)
+        log(f"resumed from {resume_path} (step {trainer.step})")
+        if trainer.step > run_steps:  # a model cannot be un-trained: say so before anything is written
+            raise ValueError(f"{resume_path} is at step {trainer.step}, past max_steps {run_steps}: pass a larger "
+                             f"{job.names.max_steps} to continue it, or start a new run in another "
+                             f"{job.names.output_dir}")
+        if trainer.step == run_steps:
+            log(f"the run is already at step {run_steps} of {run_steps}: nothing left to train")
+    if job.output_dir is not None:  # everything is checked: only now does OUTPUT_DIR change (on rank 0)
+        dims.on_main(lambda: begin_run(job, fresh=not resume_path))
+    layout = f" on {dims.global_world} processes ({_layout(dims.pc)})" if dims.distributed else ""
+    log(f"training {base.num_parameters():,} parameters ({_trainable(model):,} trainable) on "
+        f"{dev.device_name(dims.device)} ({settings.precision}){layout}: {run_steps} steps of {job.batch_size} x "
+        f"{accumulation} x {dims.world_size} rows, {loader.steps_per_epoch} steps per epoch")
+    metrics = None
+    if dims.is_main:
+        fpt = flops_per_token(base.num_parameters(), base.config.n_layer, base.config.n_embd, seq_length(job))
+        trackers = open_trackers(job.report_to, job.output_dir, run_config(job), resumed=bool(resume_path),
+                                 start_step=trainer.step, log=log) if job.output_dir is not None else []
+        metrics = MetricsLogger(job.output_dir, trainer.step, run_steps, resumed=bool(resume_path),
+                                progress=settings.progress, flops_per_token=fpt,
+                                peak=peak_flops(dev.device_name(dims.device), settings.precision), trackers=trackers)
+    return trainer, metrics
+
+
+def run_config(job: TrainJob) -> dict:
+    """What the trackers record as the run's config: the resolved recipe it came from, or a job built in Python's
+    own settings (its plain fields, the loop's and the optimizer's)."""
+    if job.recipe is not None:
+        return job.recipe
+    plain = (str, int, float, bool, type(None))
+    config = {f.name: getattr(job, f.name) for f in dataclasses.fields(job)
+              if isinstance(getattr(job, f.name), plain) and f.name != "recipe"}
+    return dict(config, architecture=job.architecture, settings=dataclasses.asdict(job.settings),
+                optimizer=dataclasses.asdict(job.optimizer), parallel=dataclasses.asdict(job.parallel),
+                report_to=list(job.report_to))
+
+
+def accumulation_steps(job: TrainJob, data_parallel: int, log=print) -> int:
+    """Micro-batches per optimizer step. With global_batch_size set, as many as keep that global batch on this many
+    data-parallel ranks (MindFormers' recipes state batch_size per device and ran on 8), so the loss curve does not
+    depend on the device count; else gradient_accumulation_steps."""
+    if job.global_batch_size is None:
+        return job.gradient_accumulation_steps
+    per_pass = job.batch_size * data_parallel
+    steps, rest = divmod(job.global_batch_size, per_pass)
+    if rest or steps < 1:
+        raise ValueError(f"runner_config.global_batch_size {job.global_batch_size} is not a multiple of batch_size "
+                         f"{job.batch_size} x {data_parallel} data-parallel rank(s) = {per_pass}: change one of them")
+    if job.gradient_accumulation_steps not in (1, steps):
+        raise ValueError(f"runner_config.gradient_accumulation_steps {job.gradient_accumulation_steps} contradicts "
+                         f"global_batch_size {job.global_batch_size} (= batch_size {job.batch_size} x "
+                         f"{data_parallel} rank(s) x {steps}): set one of them")
+    log(f"global batch {job.global_batch_size} = batch_size {job.batch_size} x {data_parallel} data-parallel rank(s) "
+        f"x {steps} gradient accumulation step(s)")
+    return steps
+
+
+def make_evaluator(job: TrainJob, eval_data, precision: str):
+    """A callable model -> dict(loss, ppl) or dict(accuracy, loss), using gpt2_ascend.eval."""
+    if eval_data is None:
+        return None
+    from ..eval import classification_accuracy, perplexity
+    batch_size = job.eval_batch_size or job.batch_size
+    if job.architecture == CLASSIFIER:
+        columns = as_columns(eval_data)
+
+        def evaluate(model):
+            r = classification_accuracy(model, columns, batch_size=batch_size, precision=precision)
+            return dict(loss=r["loss"], accuracy=r["accuracy"])
+    else:
+        blocks = as_columns(eval_data)["input_ids"]
+
+        def evaluate(model):
+            r = perplexity(model, blocks, blocks.shape[1], batch_size=batch_size, precision=precision)
+            return dict(loss=r["loss"], ppl=r["ppl"])
+    return evaluate
+
+
+def make_checkpointer(job: TrainJob, dims: ParallelDims, base):
+    """Where the Trainer's checkpoints go (None without an output_dir): one process's files, or torchrun's shards."""
+    if job.output_dir is None:
+        return None
+    lora = uses_lora(job)
+    load_checkpoint = job.model.load_checkpoint if isinstance(job.model, ModelSpec) else ""
+    meta = dict(prefix=job.checkpoint_prefix, lora=bool(lora), load_checkpoint=load_checkpoint,
+                architecture=base.hf_architecture)
+    model_config = base.config.to_hf_dict(base.hf_architecture)
+    if not dims.distributed:
+        return FileCheckpointer(job.output_dir, job.keep_checkpoints, meta, json_files={"config.json": model_config})
+    model_meta = dict(model_config=model_config, architecture=base.hf_architecture,
+                      qkv_layout="hf" if lora else "per_head", lora=bool(lora))
+    return ShardedCheckpointer(job.output_dir, dims, job.keep_checkpoints, meta, model_meta)
+
+
+def begin_run(job: TrainJob, fresh: bool):
+    """The run's first writes, once everything has been checked: a fresh run removes all an earlier run wrote
+    (its checkpoints, metrics, events, final/: they would mix with this run's), then the resolved recipe."""
+    if fresh:
+        rundir.clear_run_outputs(job.output_dir)
+    ckpt.remove_stale_temporaries(ckpt.checkpoint_root(job.output_dir))
+    if job.recipe is not None:
+        from .recipe import dump_recipe
+        dump_recipe(job.recipe, os.path.join(job.output_dir, "recipe.yaml"))
+
+
+def _layout(pc) -> str:
+    return (f"data_parallel {pc.data_parallel} x model_parallel {pc.model_parallel} x pipeline_stage "
+            f"{pc.pipeline_stage}" + (", optimizer_shard" if pc.optimizer_shard else ""))
+
+
+def _trainable(model) -> int:
+    """Trainable parameters, without the internal vocab padding rows (as num_parameters counts)."""
+    n = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    base = unwrap_model(model)
+    wte = base.transformer.wte.weight
+    if wte.requires_grad:
+        n -= (base.config.padded_vocab_size - base.config.vocab_size) * base.config.n_embd
+    return n
+
+
+# ---------------------------------------------------------------------------------------------
+# train and finish
+# ---------------------------------------------------------------------------------------------
+def train(job: TrainJob, trainer: Trainer, metrics, stop: StopOnSignal):
+    """The loop; a signal in it stops after its step, with a checkpoint (TrainingInterrupted)."""
+    start_time, start_step = time.perf_counter(), trainer.step
+    trainer.stop, stop.graceful = stop, True  # a signal now stops the loop after its step
+    try:
+        last = trainer.train(metrics)
+    finally:
+        stop.graceful = False
+        if metrics is not None:
+            metrics.close()
+    seconds = time.perf_counter() - start_time
+    if trainer.checkpointer is not None and trainer.last_saved_step != trainer.step:
+        trainer.save_checkpoint()
+    signum = trainer.stopped_by or (0 if trainer.dims.distributed else stop.signum)  # ranks stop where they agreed
+    if signum and trainer.checkpointer is None:
+        raise Interrupted(signum)
+    if signum:
+        raise TrainingInterrupted(signum, trainer.step, trainer.checkpointer.path(trainer.step))
+    return last, seconds, start_step
+
+
+def finish(job: TrainJob, trainer: Trainer, metrics, last: dict, seconds: float, start_step: int) -> dict:
+    """OUTPUT_DIR/final/ (HF format, + the adapter of a LoRA run), the final evaluation, the loss curve and
+    summary.json; rank 0 returns the summary, the others {}."""
+    dims = trainer.dims
+    final_dir = None
+    if job.output_dir is not None and dims.distributed:
+        final_dir = dims.on_main(lambda: export_final(final_model(job, trainer), job, lora=uses_lora(job)))
+        if trainer.evaluate_fn is not None and trainer.pipelined and dims.is_main:
+            evaluate_final(trainer, final_dir)  # a pipeline stage cannot run the whole model
+    if trainer.evaluate_fn is not None and (trainer.last_eval is None or trainer.last_eval["step"] != trainer.step):
+        trainer.evaluate()
+    if not dims.is_main:
+        dims.barrier()
+        return {}
+    summary = dict(steps=trainer.step, steps_this_run=trainer.step - start_step, seconds=round(seconds, 2))
+    if job.output_dir is None:  # the Python API's in-memory run: the metrics come back, nothing is written
+        summary.update(final_loss=last.get("loss"), history=metrics.records,
+                       device=dev.device_name(dims.device), precision=trainer.settings.precision)
+        summary.update({f"eval_{k}": v for k, v in (trainer.last_eval or {}).items() if k != "step"})
+        return summary
+    curve = plot_loss_curve(metrics.path, os.path.join(job.output_dir, "loss_curve.png"))
+    if not dims.distributed:
+        final_dir = export_final(trainer.raw_model, job, lora=uses_lora(job))
+    final_loss = last["loss"] if "loss" in last else last_logged_loss(metrics.path)  # nothing left to train
+    summary.update(final_loss=final_loss, final=final_dir, loss_curve=curve, metrics=metrics.path,
+                   device=dev.device_name(dims.device), precision=trainer.settings.precision)
+    if trainer.last_eval is not None:
+        summary.update({f"eval_{k}": v for k, v in trainer.last_eval.items() if k != "step"})
+    write_json(summary, os.path.join(job.output_dir, "summary.json"))
+    dims.barrier()
+    return summary
+
+
+def final_model(job: TrainJob, trainer: Trainer):
+    """Rank 0's whole model at the end of a torchrun run: the adapted model itself (LoRA runs are data parallel
+    only), else gathered from the run's last sharded checkpoint (any layout), without the run's vocab padding."""
+    if uses_lora(job):
+        return trainer.raw_model
+    from ..loading import load_model
+    return load_model(trainer.checkpointer.path(trainer.step), overrides=dict(pad_vocab_size_multiple=1))
+
+
+def export_final(model, job: TrainJob, lora: bool) -> str:
+    """OUTPUT_DIR/final/: HF-format config.json + model.safetensors + generation_config.json (the job's generation
+    defaults) + tokenizer files; for LoRA runs also final/adapter/ (PEFT files naming the base model), and the
+    merged weights in final/ itself."""
+    from ..data.tokenizer import copy_tokenizer, default_tokenizer_dir
+    from ..lora import merge_adapter, save_adapter
+    final_dir = os.path.join(job.output_dir, "final")
+    if lora:
+        adapter_dir = os.path.join(job.output_dir, "final.adapter.tmp")
+        shutil.rmtree(adapter_dir, ignore_errors=True)
+        save_adapter(model, adapter_dir, adapter_base_name(job))
+        model = merge_adapter(model)
+    if hasattr(model, "generation_config") and job.generation:
+        model.generation_config = generation_defaults(job.generation, model.config)
+    model.save_pretrained(final_dir)
+    if lora:
+        target = os.path.join(final_dir, "adapter")
+        shutil.rmtree(target, ignore_errors=True)
+        os.replace(adapter_dir, target)
+    with contextlib.suppress(FileNotFoundError):  # a run without tokenizer files exports the weights alone
+        copy_tokenizer(job.tokenizer or default_tokenizer_dir(), final_dir)
+    return final_dir
+
+
+def generation_defaults(generation: dict, config) -> GenerationConfig:
+    """A job's generation settings (MindFormers' names: max_decode_length counts prompt + new tokens) as the
+    generation_config.json written with the export (the length capped by the model's context)."""
+    g = dict(generation)
+    max_length = min(g.pop("max_decode_length"), config.n_positions) if "max_decode_length" in g else None
+    return GenerationConfig.from_model_config(config, **g, max_length=max_length)
+
+
+def adapter_base_name(job: TrainJob) -> str | None:
+    """What an exported adapter names as its base: the run's load_checkpoint (the continued adapter's own
+    base when it was an adapter), as an absolute path, or a hub id as given; None for a run from scratch."""
+    from ..lora import adapter_base
+    source = job.model.source if isinstance(job.model, ModelSpec) else ""
+    if not source:
+        return getattr(unwrap_model(job.model), "name_or_path", None) if not isinstance(job.model, ModelSpec) \
+            else None
+    if continues_adapter(source):
+        return adapter_base(source)
+    return os.path.abspath(source) if os.path.exists(source) else source
+
+
+def evaluate_final(trainer: Trainer, final_dir: str):
+    """Rank 0 evaluates the exported model (pipeline runs, whose stages cannot run it whole)."""
+    from ..loading import load_model
+    model = load_model(final_dir, trainer.raw_model.hf_architecture, device=trainer.device)
+    result = trainer.evaluate_fn(model)
+    trainer.last_eval = dict(step=trainer.step, **result)
+
+
+def last_logged_loss(metrics_path: str) -> float | None:
+    """The newest loss in metrics.jsonl: the final loss of a resumed run that had nothing left to train."""
+    if not os.path.exists(metrics_path):
+        return None
+    with open(metrics_path, encoding="utf-8") as f:
+        losses = [json.loads(line).get("loss") for line in f if line.strip()]
+    return next((loss for loss in reversed(losses) if loss is not None), None)
