@@ -12,6 +12,7 @@
 #       --use_parallel True
 #
 # The backend follows the device: hccl on Ascend NPUs, nccl on CUDA GPUs, gloo on CPU.
+# accelerate launch works too: scripts/accelerate_npu.yaml is the `accelerate config` of 8 Ascend devices.
 set -euo pipefail
 usage() { sed -n '2,15p' "$0" | sed 's/^# \{0,1\}//'; exit 2; }
 [ $# -ge 3 ] || usage

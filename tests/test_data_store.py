@@ -171,7 +171,7 @@ def test_width_mismatch_is_a_clear_error(wiki_slice, tok_dir, tmp_path):
 def test_unknown_inputs_are_clear_errors(tmp_path):
     with pytest.raises(FileNotFoundError, match="dataset not found"):
         load_token_blocks(str(tmp_path / "nope.npy"), 8)
-    odd = tmp_path / "data.parquet"
+    odd = tmp_path / "data.xyz"  # (.parquet and the other datasets formats: tests/test_hf_datasets.py)
     odd.write_bytes(b"x")
     with pytest.raises(ValueError, match="don't know how to read"):
         load_token_blocks(str(odd), 8)

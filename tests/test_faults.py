@@ -195,9 +195,10 @@ def test_seq_length_past_the_models_positions_keeps_the_old_run(world, run, caps
 def test_a_layout_that_does_not_fit_keeps_the_old_run(world, run, capsys, monkeypatch):
     monkeypatch.setenv("WORLD_SIZE", "2")
     before = digest(run)
-    code, _, err = train_in(capsys, world, run, "--overwrite_output_dir")
+    code, _, err = train_in(capsys, world, run, "--overwrite_output_dir", "--use_parallel", "True",
+                            "parallel.data_parallel=3")
     assert code == 2
-    assert_one_error(err, "WORLD_SIZE is 2 but use_parallel is false")
+    assert_one_error(err, "3 x 1 x 1 = 3, but the world size is 2")
     assert_kept(before, run)
 
 

@@ -119,11 +119,11 @@ def test_13b_recipe_on_one_process_names_the_layout(capsys, tmp_path):
 
 
 def test_a_layout_that_does_not_fill_the_world_is_one_line(capsys, tmp_path, tiny_run, monkeypatch):
+    # (a recipe with no layout runs data parallel over the world instead: tests/test_hf_workflow.py)
     monkeypatch.setenv("WORLD_SIZE", "2")
-    code, err = _main(capsys, "--config", tiny_run, "--output_dir", tmp_path / "out", "--use_parallel", "True")
-    assert code == 2 and "1 x 1 x 1 = 1, but the world size is 2" in err and err.count("\n") == 1
-    code, err = _main(capsys, "--config", tiny_run, "--output_dir", tmp_path / "out")
-    assert code == 2 and "WORLD_SIZE is 2 but use_parallel is false" in err
+    code, err = _main(capsys, "--config", tiny_run, "--output_dir", tmp_path / "out", "--use_parallel", "True",
+                      "parallel.data_parallel=4")
+    assert code == 2 and "4 x 1 x 1 = 4, but the world size is 2" in err and err.count("\n") == 1
 
 
 def test_cli_run_writes_every_output(tmp_path, tiny_run, capsys):

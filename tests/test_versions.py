@@ -25,12 +25,12 @@ def read(*path) -> str:
 
 def test_readme_and_docs_state_the_setup_cfg_ranges():
     floors = setup_cfg_floors()
-    assert floors == {"Python": "3.10", "torch": "2.7", "transformers": "4.45", "peft": "0.7"}
+    assert floors == {"Python": "3.10", "torch": "2.7", "transformers": "4.45", "peft": "0.7", "datasets": "2.17"}
     readme_line = next(line for line in read("README.md").splitlines() if line.startswith("Supported ranges"))
-    stated = dict(re.findall(r"(Python|torch|transformers|peft) ≥ ([\d.]+)", readme_line))
+    stated = dict(re.findall(r"(Python|torch|transformers|peft|datasets) ≥ ([\d.]+)", readme_line))
     assert stated == floors
     docs = read("docs", "ascend.md")
     assert f"**PyTorch ≥ {floors['torch']}**" in docs
     table = docs[docs.index("### Versions this project needs"):docs.index("## Install")]
-    for name in ("torch", "transformers", "peft"):
+    for name in ("torch", "transformers", "peft", "datasets"):
         assert re.search(rf"^\| {name} \| {re.escape(floors[name])} \|", table, re.M), name

@@ -31,7 +31,8 @@ def parse_args(argv=None):
     p.add_argument("--adapter", help="a PEFT LoRA adapter directory, merged into the model")
     p.add_argument("--eval_dataset_dir", required=True,
                    help="perplexity: prepared .npy, raw wiki.*.tokens, or .txt file/folder; "
-                        "text_classification: GLUE .tsv or prepared .npz")
+                        "text_classification: GLUE .tsv or prepared .npz; both: a datasets source (a save_to_disk "
+                        "folder, .parquet/.jsonl/.csv/.arrow, or a hub id NAME:CONFIG:SPLIT; docs/data.md)")
     p.add_argument("--seq_length", type=int, default=1024, help="perplexity block / window length (default 1024)")
     p.add_argument("--stride", type=int, help="sliding-window perplexity with this stride (HF's recipe, per token)")
     p.add_argument("--protocol", choices=("token", "mindformers"), default="token",

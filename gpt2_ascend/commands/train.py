@@ -12,6 +12,8 @@ import os
 import shlex
 import sys
 
+from .hf_flags import EXAMPLES as HF_EXAMPLES, add_hf_flags, hf_flag_overrides
+
 EPILOG = """examples:
   # tiny pretrain on WikiText-2 (CPU, a couple of minutes), then look at OUTPUT_DIR/final
   python train.py --config configs/gpt2/pretrain_gpt2_tiny.yaml --output_dir out/tiny
@@ -38,6 +40,7 @@ EPILOG = """examples:
   python train.py --config configs/gpt2/predict_gpt2_small.yaml --run_mode predict --load_checkpoint gpt2.ckpt \\
       --predict_data "I love Beijing, because"
 
+""" + HF_EXAMPLES + """
 Outputs in OUTPUT_DIR: metrics.jsonl, tensorboard/, loss_curve.png, checkpoint/step_N/, final/ (HF format),
 recipe.yaml (the resolved recipe) and summary.json. run_mode eval prints the recipe's metric (and one JSON
 line); predict prints each prompt with its continuation. Recipe keys can also be set MindFormers' way,
@@ -85,6 +88,7 @@ def parse_args(argv=None):
     p.add_argument("--seed", type=int, help="global seed (model init, dropout, data order)")
     p.add_argument("--overwrite_output_dir", action="store_true",
                    help="start over in an OUTPUT_DIR that already holds a run (its checkpoints are deleted)")
+    add_hf_flags(p)  # datasets columns and format, tokenizing processes, trackers
     p.add_argument("overrides", nargs="*", metavar="section.key=value",
                    help="recipe overrides, e.g. runner_config.batch_size=8 lr_schedule.learning_rate=3e-4")
     argv, dotted = mindformers_style_overrides(list(sys.argv[1:] if argv is None else argv), p)
@@ -129,7 +133,7 @@ def overrides_from_flags(args) -> list[str]:
             else:
                 text = str(value)
             out.append(f"{key}={text}")
-    return out
+    return out + hf_flag_overrides(args)
 
 
 def flag_names():
@@ -138,7 +142,8 @@ def flag_names():
     return ArgumentNames(overwrite="--overwrite_output_dir", resume_auto="--resume auto", output_dir="--output_dir",
                          max_steps="--max_steps", load_checkpoint="--load_checkpoint", train_data="--train_dataset_dir PATH",
                          use_parallel="--use_parallel True", no_parallel="--use_parallel False",
-                         run_mode_train="--run_mode train")
+                         run_mode_train="--run_mode train", precision="model.model_config.compute_dtype={dtype}",
+                         device_cpu="--device cpu")
 
 
 def report_error(e: Exception):

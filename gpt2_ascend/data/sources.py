@@ -1,7 +1,9 @@
 """Any dataset path -> what training and evaluation read: token blocks for a language model, classification rows
 for a classifier. A prepared file (.npy / .npz, data/store.py) is read as it is; a raw one (wiki.*.tokens, a .txt file
-or folder of .txt files, a GLUE .tsv / IMDB or AG News .csv) is prepared now, and cached as a prepared file in
-cache_dir when given (reused while the source, the tokenizer and the settings are unchanged)."""
+or folder of .txt files, a GLUE .tsv / IMDB or AG News .csv) or a `datasets` source (a save_to_disk folder,
+.parquet / .jsonl / .csv / .arrow files, a hub id NAME:CONFIG:SPLIT, a datasets.Dataset object: data/hf_datasets.py)
+is prepared now, and cached as a prepared file in cache_dir when given (reused while the source, the tokenizer and
+the settings are unchanged)."""
 from __future__ import annotations
 
 import hashlib
@@ -12,7 +14,7 @@ import sys
 import numpy as np
 
 from ..fileio import sha256_file
-from . import text, txtcls, wikitext2
+from . import hf_datasets, text, txtcls, wikitext2
 from .store import (FORMAT_VERSION, TXTCLS_KIND, DamagedDataError, load_arrays, load_blocks, read_sidecar,
                     save_arrays, save_blocks)
 
@@ -41,6 +43,22 @@ def _cached(path: str, key: dict, loader, source: str):
         return None
 
 
+def _through_cache(cache_dir: str | None, stem: str, key: dict, suffix: str, prepare, source: str):
+    """prepare() -> (data, sidecar record), or the data cached in cache_dir under key (None: not cached). suffix:
+    .npy (token blocks, read back memory-mapped) or .npz (classification arrays)."""
+    load, save = (load_blocks, save_blocks) if suffix == ".npy" else (load_arrays, save_arrays)
+    cache = _cache_file(cache_dir, stem, key, suffix) if cache_dir else None
+    if cache:
+        hit = _cached(cache, key, load, source)
+        if hit is not None:
+            return hit
+    data, meta = prepare()
+    if not cache:
+        return data
+    save(data, cache, dict(meta, cache_key=key))
+    return load_blocks(cache, verify=False) if suffix == ".npy" else data  # hashed a moment ago, while being written
+
+
 def _raw_kind(path: str) -> str:
     """What a non-prepared dataset path is: 'wikitext' (*.tokens), 'text' (.txt or folder of .txt)."""
     if os.path.isdir(path):
@@ -61,10 +79,16 @@ def _single_npy(folder: str) -> str | None:
     return os.path.join(folder, npys[0]) if npys else None
 
 
-def load_token_blocks(path: str, max_length: int, tokenizer=None, mindformers_compat: bool = False,
-                      cache_dir: str | None = None) -> np.ndarray:
+def load_token_blocks(path, max_length: int, tokenizer=None, mindformers_compat: bool = False,
+                      cache_dir: str | None = None, *, text_column: str | None = None, text_format: str = "auto",
+                      split: str | None = None, num_proc: int | None = None) -> np.ndarray:
     """(blocks, max_length) tokens from a prepared .npy, or from a raw wiki.*.tokens / .txt file / folder of .txt
-    prepared now (and cached as .npy in cache_dir when given, reused while source and tokenizer are unchanged)."""
+    prepared now (and cached as .npy in cache_dir when given, reused while source and tokenizer are unchanged), or
+    from a `datasets` source (text_column, text_format, split, num_proc: data/hf_datasets.py; raw files ignore
+    them)."""
+    if hf_datasets.is_datasets_source(path):
+        return _datasets_token_blocks(path, max_length, tokenizer, mindformers_compat, cache_dir, split,
+                                      dict(text_column=text_column, text_format=text_format, num_proc=num_proc))
     if not os.path.exists(path):
         raise FileNotFoundError(f"dataset not found: {path}")
     if os.path.isdir(path):
@@ -80,25 +104,41 @@ def load_token_blocks(path: str, max_length: int, tokenizer=None, mindformers_co
     key = dict(kind=kind, max_length=max_length, source_sha256=text.source_sha256(path),
                tokenizer=tok_info["id"], mindformers_compat=bool(mindformers_compat) and kind == "wikitext",
                format_version=FORMAT_VERSION)
-    cache = _cache_file(cache_dir, path, key, ".npy") if cache_dir else None
-    if cache:
-        hit = _cached(cache, key, load_blocks, path)
-        if hit is not None:
-            return hit
-    if kind == "wikitext":
-        blocks, meta = wikitext2.wikitext2_blocks_and_meta(path, max_length, tok, tok_info, mindformers_compat)
-    else:
-        blocks, meta = text.text_blocks_and_meta(path, max_length, tok, tok_info)
-    if cache:
-        save_blocks(blocks, cache, dict(meta, cache_key=key))
-        return load_blocks(cache, verify=False)  # hashed a moment ago, while being written
-    return blocks
+
+    def prepare():
+        if kind == "wikitext":
+            return wikitext2.wikitext2_blocks_and_meta(path, max_length, tok, tok_info, mindformers_compat)
+        return text.text_blocks_and_meta(path, max_length, tok, tok_info)
+    return _through_cache(cache_dir, path, key, ".npy", prepare, path)
 
 
-def load_txtcls(path: str, max_length: int, tokenizer=None, cache_dir: str | None = None,
-                dataset_name: str = "sst_2", mindformers_compat: bool = False) -> dict:
+def _datasets_token_blocks(spec, max_length: int, tokenizer, mindformers_compat: bool, cache_dir: str | None,
+                           split: str | None, options: dict) -> np.ndarray:
+    """A datasets source's blocks, cached as the raw files' are (the key: its rows' fingerprint and files, the
+    column, the protocol and the tokenizer); Dataset.map's tokenized rows are kept beside them for other lengths."""
+    source, rows = hf_datasets.open_rows(spec, split, cache_dir)
+    tok, tok_info = text.resolve_tokenizer(tokenizer)
+    options = dict(options, text_column=options["text_column"] or hf_datasets.DEFAULT_COLUMNS["lm"],
+                   mindformers_compat=bool(mindformers_compat))
+    key = dict(kind="datasets", **hf_datasets.source_key(source, rows), split=source.split,
+               **{k: v for k, v in options.items() if k != "num_proc"}, max_length=max_length,
+               tokenizer=tok_info["id"], format_version=FORMAT_VERSION)
+    stem = hf_datasets.cache_stem(source)
+    map_cache = _cache_file(cache_dir, stem, dict(key, max_length="any"), ".tokens.arrow") if cache_dir else None
+    return _through_cache(cache_dir, stem, key, ".npy", lambda: hf_datasets.blocks_and_meta(
+        source, rows, max_length, tok, tok_info, map_cache=map_cache, **options), source.label)
+
+
+def load_txtcls(path, max_length: int, tokenizer=None, cache_dir: str | None = None,
+                dataset_name: str = "sst_2", mindformers_compat: bool = False, *, text_column: str | None = None,
+                label_column: str | None = None, split: str | None = None) -> dict:
     """input_ids / attention_mask / labels from a prepared .npz, or from a raw text-classification file (GLUE
-    .tsv, IMDB / AG News .csv: data/txtcls.py) prepared now (and cached as .npz in cache_dir when given)."""
+    .tsv, IMDB / AG News .csv: data/txtcls.py) prepared now (and cached as .npz in cache_dir when given), or from a
+    `datasets` source (text_column, label_column, split: data/hf_datasets.py; raw files ignore them)."""
+    raw_csv = dataset_name in ("imdb", "ag_news")  # their .csv files are MindFormers' layouts, not data files
+    if hf_datasets.is_datasets_source(path, raw_csv):
+        return _datasets_txtcls(path, max_length, tokenizer, cache_dir, split, raw_csv,
+                                dict(text_column=text_column, label_column=label_column))
     if not os.path.exists(path):
         raise FileNotFoundError(f"dataset not found: {path}")
     if path.endswith(".npz"):
@@ -114,12 +154,16 @@ def load_txtcls(path: str, max_length: int, tokenizer=None, cache_dir: str | Non
     key = dict(kind=TXTCLS_KIND, dataset_name=dataset_name, mindformers_compat=bool(mindformers_compat),
                max_length=max_length,
                source_sha256=sha256_file(path), tokenizer=tok_info["id"], format_version=FORMAT_VERSION)
-    cache = _cache_file(cache_dir, path, key, ".npz") if cache_dir else None
-    if cache:
-        hit = _cached(cache, key, load_arrays, path)
-        if hit is not None:
-            return hit
-    arrays, meta = txtcls.txtcls_arrays_and_meta(path, max_length, tok, tok_info, dataset_name, mindformers_compat)
-    if cache:
-        save_arrays(arrays, cache, dict(meta, cache_key=key))
-    return arrays
+    return _through_cache(cache_dir, path, key, ".npz", lambda: txtcls.txtcls_arrays_and_meta(
+        path, max_length, tok, tok_info, dataset_name, mindformers_compat), path)
+
+
+def _datasets_txtcls(spec, max_length: int, tokenizer, cache_dir: str | None, split: str | None, raw_csv: bool,
+                     columns: dict) -> dict:
+    """A datasets source's classification arrays, cached as a .tsv file's are."""
+    source, rows = hf_datasets.open_rows(spec, split, cache_dir, raw_csv)
+    tok, tok_info = text.resolve_tokenizer(tokenizer)
+    key = dict(kind="txtcls_datasets", **hf_datasets.source_key(source, rows), split=source.split, **columns,
+               max_length=max_length, tokenizer=tok_info["id"], format_version=FORMAT_VERSION)
+    return _through_cache(cache_dir, hf_datasets.cache_stem(source), key, ".npz", lambda: hf_datasets.
+                          txtcls_arrays_and_meta(source, rows, max_length, tok, tok_info, **columns), source.label)

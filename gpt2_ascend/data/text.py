@@ -74,6 +74,15 @@ def split_for_tokenizer(text: str, chunk_chars: int = CHUNK_CHARS) -> list[str]:
     return pieces
 
 
+def encode_many(texts: list[str], tokenizer) -> list[list[int]]:
+    """The token ids of each text (no special tokens added), through the fast tokenizer's parallel batch API
+    when it has one."""
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is not None:
+        return [e.ids for e in backend.encode_batch(texts, add_special_tokens=False)]
+    return [tokenizer.encode(t, add_special_tokens=False) for t in texts]
+
+
 def tokenize_text(text: str, tokenizer, chunk_chars: int = CHUNK_CHARS, desc: str = "tokenizing") -> np.ndarray:
     """All tokens of text (no special tokens added), as one 1-D array of the vocab's token dtype.
 
@@ -82,18 +91,13 @@ def tokenize_text(text: str, tokenizer, chunk_chars: int = CHUNK_CHARS, desc: st
     from tqdm.auto import tqdm
     pieces = split_for_tokenizer(text, chunk_chars)
     dtype = token_dtype(len(tokenizer))
-    backend = getattr(tokenizer, "backend_tokenizer", None)
     per_batch = 8  # pieces per encode_batch call: parallel work between progress-bar updates
     out = []
     with tqdm(total=len(text), desc=desc, unit="char", unit_scale=True, disable=len(text) < (1 << 20),
               leave=False) as bar:
         for i in range(0, len(pieces), per_batch):
             batch = pieces[i:i + per_batch]
-            if backend is not None:
-                ids = [e.ids for e in backend.encode_batch(batch, add_special_tokens=False)]
-            else:
-                ids = [tokenizer.encode(p, add_special_tokens=False) for p in batch]
-            out.extend(np.asarray(x, dtype=dtype) for x in ids)
+            out.extend(np.asarray(x, dtype=dtype) for x in encode_many(batch, tokenizer))
             bar.update(sum(len(p) for p in batch))
     return np.concatenate(out) if out else np.zeros(0, dtype=dtype)
 

@@ -29,8 +29,8 @@ from ..fileio import sha256_file
 from .store import save_blocks
 from .text import pack_blocks, resolve_tokenizer, tokenize_text
 
-__all__ = ["wikitext_clean", "read_passages", "wikitext2_token_stream", "pack_blocks", "prepare_wikitext2",
-           "write_wikitext2", "main"]
+__all__ = ["wikitext_clean", "group_passages", "clean_passages", "read_passages", "wikitext2_token_stream",
+           "pack_blocks", "prepare_wikitext2", "write_wikitext2", "main"]
 
 
 def wikitext_clean(string: str) -> str:
@@ -72,35 +72,45 @@ def _is_heading(line: str) -> bool:
     return line.startswith("=") and line.endswith("=")
 
 
-def _passage_lines(path: str, mindformers_compat: bool) -> list[list[str]]:
-    """The raw (stripped, non-blank) lines of each passage, headings removed."""
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"input file not found: {path}")
+def group_passages(lines, mindformers_compat: bool = False) -> list[list[str]]:
+    """The raw (stripped, non-blank) lines of each passage, headings removed, from any iterable of lines (a
+    file, or the rows of a `datasets` text column: data/hf_datasets.py)."""
     passages, current = [], []
-    try:
-        with open(path, encoding="utf-8") as f:
-            for line in f:
-                line = line.strip()
-                if not line:
-                    continue
-                if _is_heading(line):
-                    if current:
-                        passages.append(current)
-                        current = []
-                else:
-                    current.append(line)
-    except UnicodeDecodeError as e:
-        raise ValueError(f"{path} is not UTF-8 text (byte 0x{e.object[e.start]:02x} at offset {e.start} of a "
-                         f"read buffer): convert it to UTF-8") from None
+    for line in lines:
+        line = line.strip()
+        if not line:
+            continue
+        if _is_heading(line):
+            if current:
+                passages.append(current)
+                current = []
+        else:
+            current.append(line)
     if current and not mindformers_compat:  # MindFormers drops the passage no heading closes
         passages.append(current)
     return passages
 
 
+def _passage_lines(path: str, mindformers_compat: bool) -> list[list[str]]:
+    """The raw (stripped, non-blank) lines of each passage of a file, headings removed."""
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"input file not found: {path}")
+    try:
+        with open(path, encoding="utf-8") as f:
+            return group_passages(f, mindformers_compat)
+    except UnicodeDecodeError as e:
+        raise ValueError(f"{path} is not UTF-8 text (byte 0x{e.object[e.start]:02x} at offset {e.start} of a "
+                         f"read buffer): convert it to UTF-8") from None
+
+
+def clean_passages(passage_lines: list[list[str]]) -> list[str]:
+    """Each passage's lines cleaned and joined by single spaces."""
+    return [" ".join(wikitext_clean(line) for line in lines).strip() for lines in passage_lines]
+
+
 def read_passages(path: str, mindformers_compat: bool = False) -> list[str]:
     """The cleaned passages of a WikiText file: each passage's lines cleaned and joined by single spaces."""
-    return [" ".join(wikitext_clean(line) for line in lines).strip()
-            for lines in _passage_lines(path, mindformers_compat)]
+    return clean_passages(_passage_lines(path, mindformers_compat))
 
 
 def _joined_text(path: str, mindformers_compat: bool) -> str:

@@ -20,12 +20,17 @@ from .perplexity import perplexity
 def load_eval_tokens(path: str, seq_length: int, stride: int | None = None, tokenizer=None,
                      mindformers_compat: bool = False, cache_dir: str | None = None) -> np.ndarray:
     """Blocks (n, seq_length) for the block protocols; with a stride, the whole token stream (1-D).
-    PATH: a prepared .npy, a raw wiki.*.tokens file, or a .txt file / folder."""
+    PATH: a prepared .npy, a raw wiki.*.tokens file, a .txt file / folder, or a datasets source (its validation
+    split by default: data/hf_datasets.py)."""
+    from ..data import hf_datasets
     from ..data.sources import load_token_blocks
     from ..data.store import load_blocks
     if stride is None:
         return load_token_blocks(path, seq_length, tokenizer=tokenizer, mindformers_compat=mindformers_compat,
-                                 cache_dir=cache_dir)
+                                 cache_dir=cache_dir, split="validation")  # (a datasets source's split)
+    if hf_datasets.is_datasets_source(path):  # its whole token stream, read by Dataset.map
+        return hf_datasets.token_stream(path, tokenizer, mindformers_compat=mindformers_compat, cache_dir=cache_dir,
+                                        split="validation")
     if not os.path.exists(path):
         raise FileNotFoundError(f"dataset not found: {path}")
     if path.endswith(".npy"):
@@ -71,7 +76,7 @@ def run_classification(model_path: str, dataset: str, max_length: int = 128, bat
         raise ValueError(f"max_length {max_length} is longer than the model's context "
                          f"n_positions={model.config.n_positions}; pass --max_length {model.config.n_positions} or less")
     data = load_txtcls(dataset, max_length, tokenizer=tokenizer_for(path, tokenizer), cache_dir=cache_dir,
-                       dataset_name=dataset_name)
+                       dataset_name=dataset_name, split="validation")  # (a datasets source's split)
     start = time.perf_counter()
     result = classification_accuracy(model, data, batch_size=batch_size, precision=precision, progress=progress)
     return dict(task="text_classification", model=model_path, adapter=adapter, dataset=dataset,
@@ -79,7 +84,8 @@ def run_classification(model_path: str, dataset: str, max_length: int = 128, bat
 
 
 def _require_exists(dataset: str):
-    if not os.path.exists(dataset):
+    from ..data.hf_datasets import is_datasets_source
+    if not os.path.exists(dataset) and not is_datasets_source(dataset):  # a hub id is no file
         raise FileNotFoundError(f"dataset not found: {dataset}")
 
 

@@ -3,8 +3,9 @@
     recipe (YAML, recipe.py) --job_from_recipe--> TrainJob --run.run_training--> Trainer (trainer.py) -> model
 
 A TrainJob is frozen dataclasses: the model to build or load (ModelSpec, or a model object a notebook holds), the
-data (DataSplit files, or arrays / tensors / a Dataset in memory), the loop's TrainSettings, the optimizer and its
-schedule, the batch, the ParallelConfig, and where outputs go. Paths are resolved here ($GPT2_DATA_DIR, ~).
+data (DataSplit: a file, a `datasets` source or object; or arrays / tensors / a Dataset in memory), the loop's
+TrainSettings, the optimizer and its schedule, the batch, the ParallelConfig, the trackers (report_to), and where
+outputs go. Paths are resolved here ($GPT2_DATA_DIR, ~).
 Below run.py nothing reads a recipe.
 
     job = TrainJob(model=GPT2LMHeadModel(GPT2Config.from_preset("tiny")), train_data=blocks, batch_size=8,
@@ -12,6 +13,7 @@ Below run.py nothing reads a recipe.
 """
 from __future__ import annotations
 
+import copy
 import os
 from dataclasses import dataclass, field
 
@@ -37,6 +39,8 @@ class ArgumentNames:
     use_parallel: str = "use_parallel=True"
     no_parallel: str = "use_parallel=False"
     run_mode_train: str = "run_mode='train'"
+    precision: str = "TrainSettings(precision='{precision}')"  # formatted with precision (fp16) and dtype (float16)
+    device_cpu: str = "device='cpu'"
 
 
 PYTHON_NAMES = ArgumentNames()
@@ -44,7 +48,8 @@ PYTHON_NAMES = ArgumentNames()
 RECIPE_NAMES = ArgumentNames(resume_auto="resume_training=auto", max_steps="runner_config.max_steps",
                              load_checkpoint="load_checkpoint", train_data="train_dataset.data_loader.dataset_dir",
                              use_parallel="use_parallel=true", no_parallel="use_parallel=false",
-                             run_mode_train="run_mode=train")
+                             run_mode_train="run_mode=train", precision="model.model_config.compute_dtype={dtype}",
+                             device_cpu="device=cpu")
 
 
 @dataclass(frozen=True)
@@ -75,11 +80,19 @@ class ModelSpec:
 
 @dataclass(frozen=True)
 class DataSplit:
-    """A dataset file: a prepared .npy / .npz, or a raw wiki.*.tokens / .txt / .tsv / .csv prepared on the fly."""
-    path: str
+    """A dataset: a prepared .npy / .npz, a raw wiki.*.tokens / .txt / .tsv / .csv prepared on the fly, or a
+    `datasets` source (a save_to_disk folder, .parquet / .jsonl / .csv / .arrow files, a hub id NAME:CONFIG:SPLIT, or
+    a datasets.Dataset / DatasetDict object) tokenized on the fly (data/hf_datasets.py; the fields below `max_samples`
+    apply to those only)."""
+    path: object  # a path or hub id (str), or a datasets.Dataset / DatasetDict
     dataset_name: str = "sst_2"  # a raw text-classification file's layout (data/txtcls.py)
     mindformers_compat: bool = False
     max_samples: int | None = None  # use the first N rows
+    text_column: str | None = None  # None: text (language modelling) / sentence (classification)
+    label_column: str | None = None  # None: label
+    text_format: str = "auto"  # wikitext | text | auto (wikitext when the first row is a " = Heading = ")
+    split: str | None = None  # of a hub id or DatasetDict; None: train for training data, validation for evaluation
+    num_proc: int | None = None  # processes that tokenize (Dataset.map num_proc)
 
 
 @dataclass(frozen=True)
@@ -115,9 +128,11 @@ class OptimizerSettings:
 @dataclass(frozen=True)
 class TrainJob:
     """One training run. model: a ModelSpec, or a model object (trained in place). train_data / eval_data: a
-    DataSplit (a file), or in memory: token blocks (rows of T+1 tokens, a numpy array or torch tensor) for a language
-    model, input_ids / attention_mask / labels (a dict of arrays, or a Dataset of such dicts) for a classifier.
-    output_dir None: no checkpoints, no export, metrics kept in memory (the summary's `history`)."""
+    DataSplit (a file or a `datasets` source), or in memory: token blocks (rows of T+1 tokens, a numpy array or torch
+    tensor) for a language model, input_ids / attention_mask / labels (a dict of arrays, or a Dataset of such dicts)
+    for a classifier, or a datasets.Dataset / DatasetDict of text (tokenized as DataSplit(dataset) is; one that
+    already has an input_ids column is used as it is).
+    output_dir None: no checkpoints, no export, metrics kept in memory (the summary's `history`), no trackers."""
     model: ModelSpec | torch.nn.Module = field(default_factory=ModelSpec)
     train_data: object = None
     eval_data: object = None
@@ -145,6 +160,7 @@ class TrainJob:
     loss_chunk_size: int = 0  # the chunked LM head + cross-entropy (GPT2Config.loss_chunk_size)
     generation: dict = field(default_factory=dict)  # the export's generation_config.json (GenerationConfig fields)
     run_mode: str = "train"
+    report_to: tuple = ("tensorboard",)  # experiment trackers: tensorboard, wandb, mlflow (train/trackers.py); () none
     recipe: dict | None = None  # the resolved recipe it came from, written as OUTPUT_DIR/recipe.yaml
     names: ArgumentNames = PYTHON_NAMES
 
@@ -199,7 +215,8 @@ def job_from_recipe(recipe, names: ArgumentNames = RECIPE_NAMES) -> TrainJob:
     generation = generation_config(recipe)
     p = recipe.parallel
     return TrainJob(
-        model=model, train_data=data_split(recipe.train_dataset), eval_data=data_split(recipe.eval_dataset),
+        model=model, train_data=data_split(recipe.train_dataset, recipe.preprocessing_num_workers),
+        eval_data=data_split(recipe.eval_dataset, recipe.preprocessing_num_workers),
         settings=settings, optimizer=optimizer, batch_size=rc.batch_size,
         gradient_accumulation_steps=rc.gradient_accumulation_steps, global_batch_size=rc.global_batch_size,
         epochs=rc.epochs, shuffle=recipe.train_dataset.data_loader.shuffle,
@@ -218,13 +235,36 @@ def job_from_recipe(recipe, names: ArgumentNames = RECIPE_NAMES) -> TrainJob:
                         top_k=generation["top_k"], top_p=generation["top_p"],
                         repetition_penalty=generation["repetition_penalty"],
                         max_decode_length=generation["max_decode_length"]),
-        run_mode=recipe.run_mode, recipe=recipe.to_dict(), names=names)
+        run_mode=recipe.run_mode, report_to=tuple(n for n in recipe.report_to if n != "none"),
+        recipe=recipe.to_dict(), names=names)
 
 
-def data_split(section) -> DataSplit | None:
+def data_split(section, num_proc: int | None = None) -> DataSplit | None:
     """A recipe's train_dataset / eval_dataset section as a DataSplit (None when it names no file)."""
     path = resolve_path(section.data_loader.dataset_dir)
     if not path:
         return None
     return DataSplit(path=path, dataset_name=section.dataset_name, mindformers_compat=section.mindformers_compat,
-                     max_samples=section.max_samples)
+                     max_samples=section.max_samples, text_column=section.text_column,
+                     label_column=section.label_column, text_format=section.text_format, split=section.split,
+                     num_proc=num_proc)
+
+
+def recipe_with(recipe: dict | None, precision: str | None = None, device: str | None = None,
+                use_parallel: bool | None = None, parallel: ParallelConfig | None = None) -> dict | None:
+    """A copy of a job's recipe record (None: a job built in Python has none) with job settings changed after
+    job_from_recipe (the launcher's: train/launcher.py), under the recipe's keys, so that recipe.yaml says what ran."""
+    if recipe is None:
+        return None
+    from .recipe import PRECISION_DTYPES
+    out = copy.deepcopy(recipe)
+    if precision is not None:
+        out["model"]["model_config"]["compute_dtype"] = PRECISION_DTYPES[precision]
+    if device is not None:
+        out["device"] = device
+    if use_parallel is not None:
+        out["use_parallel"] = use_parallel
+    if parallel is not None:
+        out["parallel"].update(data_parallel=parallel.data_parallel, model_parallel=parallel.model_parallel,
+                               pipeline_stage=parallel.pipeline_stage, optimizer_shard=parallel.optimizer_shard)
+    return out

@@ -1,5 +1,6 @@
 """What a training run reports: a tqdm bar, OUTPUT_DIR/metrics.jsonl (one JSON object per optimizer
-step), TensorBoard events in OUTPUT_DIR/tensorboard/, and OUTPUT_DIR/loss_curve.png at the end.
+step), the same scalars to the report_to trackers (TensorBoard events in OUTPUT_DIR/tensorboard/ by default; wandb,
+mlflow: train/trackers.py), and OUTPUT_DIR/loss_curve.png at the end.
 
 MFU = achieved FLOP/s / the device's peak, with FLOPs per token = 6 N + 12 L H T (PaLM appendix B /
 nanoGPT: N parameters, L layers, H hidden size, T sequence length; the second term is attention).
@@ -17,6 +18,7 @@ import math
 import os
 
 from ..fileio import atomic_write
+from .trackers import close_trackers, log_to, open_trackers, scalars
 
 PEAK_FLOPS = (("H100", 989e12), ("H200", 989e12), ("910B", 313e12))
 
@@ -66,15 +68,19 @@ def _dumps(record: dict) -> str:
 
 
 class MetricsLogger:
-    """Writes finished step records to metrics.jsonl and TensorBoard and drives the progress bar."""
+    """Writes finished step records to metrics.jsonl (or `records`) and the report_to trackers, and drives the
+    progress bar."""
 
     def __init__(self, output_dir: str | None, start_step: int, total_steps: int, resumed: bool,
-                 progress: bool = True, flops_per_token: float | None = None, peak: float | None = None):
-        """output_dir None: no files; the records are kept in `records` (the Python API's in-memory runs)."""
+                 progress: bool = True, flops_per_token: float | None = None, peak: float | None = None,
+                 trackers: list | None = None):
+        """output_dir None: no files; the records are kept in `records` (the Python API's in-memory runs).
+        trackers: the report_to trackers (train/trackers.py: open_trackers), closed by close(); None: TensorBoard
+        in OUTPUT_DIR/tensorboard/ (no tracker without an output_dir)."""
         self.flops_per_token = flops_per_token
         self.peak = peak
         self.records: list[dict] = []
-        self.path = self.file = self.tb = None
+        self.path = self.file = None
         if output_dir is not None:
             self.path = os.path.join(output_dir, "metrics.jsonl")
             if resumed:
@@ -82,7 +88,9 @@ class MetricsLogger:
             elif os.path.exists(self.path):
                 os.remove(self.path)
             self.file = open(self.path, "a", encoding="utf-8")
-            self.tb = _summary_writer(os.path.join(output_dir, "tensorboard"), start_step + 1 if resumed else None)
+            if trackers is None:
+                trackers = open_trackers(["tensorboard"], output_dir, {}, resumed, start_step)
+        self.trackers = list(trackers or [])
         self.bar = None
         if progress:
             from tqdm.auto import tqdm
@@ -99,12 +107,7 @@ class MetricsLogger:
         for record in records:
             if self.file is not None:
                 self.file.write(_dumps(record) + "\n")
-            if self.tb is not None:
-                for key, value in record.items():
-                    if key != "step" and isinstance(value, (int, float)) and not isinstance(value, bool):
-                        if math.isfinite(value):
-                            self.tb.add_scalar(f"train/{key}" if not key.startswith("eval_") else
-                                               f"eval/{key[5:]}", value, record["step"])
+            log_to(self.trackers, scalars(record), record["step"])
         if self.file is not None:
             self.file.flush()
             os.fsync(self.file.fileno())
@@ -133,24 +136,14 @@ class MetricsLogger:
         if self.bar is not None:
             self.bar.close()
             self.bar = None
-        if self.tb is not None:
-            self.tb.flush()
-            self.tb.close()
-            self.tb = None
+        trackers, self.trackers = self.trackers, []
+        close_trackers(trackers)
         if self.file is not None and not self.file.closed:
             self.file.close()
 
 
 def _fmt(value):
     return "nan" if value is None else f"{value:.4f}"
-
-
-def _summary_writer(log_dir: str, purge_step: int | None):
-    try:
-        from torch.utils.tensorboard import SummaryWriter
-    except ImportError:  # tensorboard is an install requirement; keep training if it is broken
-        return None
-    return SummaryWriter(log_dir=log_dir, purge_step=purge_step)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -20,12 +20,15 @@ from typing import Any
 import yaml
 
 from ..config import INIT_STYLES, MINDFORMERS_ACTIVATIONS, GPT2Config
+from ..data.hf_datasets import TEXT_FORMATS  # issue 16: datasets sources
 from ..data.txtcls import DATASETS as TXTCLS_DATASETS  # MindFormers' txtcls_dataset_to_mindrecord.py names
 from ..fileio import atomic_write
 from ..model import ARCHITECTURES, LANGUAGE_MODEL
 from .optim import UPDATE_RULES
+from .trackers import TRACKERS  # issue 16
 
 COMPUTE_DTYPES = {"float32": "fp32", "float16": "fp16", "bfloat16": "bf16"}
+PRECISION_DTYPES = {v: k for k, v in COMPUTE_DTYPES.items()}  # the trainer's fp16 -> the recipe's float16
 SCHEDULE_TYPES = {"polynomial": "polynomial", "PolynomialWithWarmUpLR": "polynomial", "cosine": "cosine",
                   "CosineWithWarmUpLR": "cosine", "constant": "constant", "ConstantWarmUpLR": "constant",
                   "constant_with_warmup": "constant"}
@@ -66,6 +69,19 @@ def _section(**keys):
     return dict(keys)
 
 
+def _datasets_keys(split: str) -> dict:
+    """A dataset section's keys for a datasets source's columns, protocol and split (data/hf_datasets.py)."""
+    return dict(
+        text_column=Key(None, "str", nullable=True, doc="datasets sources: the text column; null: text (language "
+                                                        "modelling) or sentence (classification)"),
+        label_column=Key("label", "str", doc="datasets sources: the label column (classification)"),
+        text_format=Key("auto", "choice", TEXT_FORMATS,
+                        doc="datasets sources: wikitext (rows are WikiText lines: MindFormers' cleaning), text (a row "
+                            "is a document) or auto (wikitext when the first row is a ' = Heading = ')"),
+        split=Key(split, "str", doc="datasets sources: the split of a hub id or a DatasetDict folder"),
+    )
+
+
 CALLBACKS = {
     "MFLossMonitor": _section(
         per_print_times=Key(10, "int", minimum=1, doc="pull losses from the device and write metrics every N steps"),
@@ -90,6 +106,11 @@ SCHEMA = _section(
     eval_step_interval=Key(100, "int", minimum=1),
     tokenizer=Key("", "str", doc="tokenizer directory; empty = $GPT2_DATA_DIR/gpt2"),
     data_cache_dir=Key("", "str", doc="where raw datasets prepared on the fly are cached; empty = OUTPUT_DIR/data_cache"),
+    # issue 16: the HF workflow (datasets sources, experiment trackers)
+    preprocessing_num_workers=Key(None, "int", minimum=1, nullable=True,
+                                  doc="processes that tokenize a datasets source (Dataset.map num_proc); null: one"),
+    report_to=Key(["tensorboard"], "list", doc="experiment trackers: tensorboard, wandb, mlflow, or none "
+                                               "(metrics.jsonl is always written)"),
     runner_config=_section(
         epochs=Key(1, "int", minimum=1),
         batch_size=Key(4, "int", minimum=1, doc="per device and micro-batch"),
@@ -200,6 +221,7 @@ SCHEMA = _section(
                          doc="raw text-classification files: the layout of MindFormers' preprocessing script"),
         mindformers_compat=Key(False, "bool", doc="raw WikiText-2: drop the last passage as MindFormers does"),
         max_samples=Key(None, "int", minimum=1, nullable=True, doc="use only the first N rows (null = all)"),
+        **_datasets_keys("train"),  # issue 16
     ),
     eval_dataset=_section(
         data_loader=_section(dataset_dir=Key("", "str"), shuffle=Key(False, "bool")),
@@ -207,6 +229,7 @@ SCHEMA = _section(
         batch_size=Key(None, "int", minimum=1, nullable=True, doc="null = runner_config.batch_size"),
         mindformers_compat=Key(False, "bool"),
         max_samples=Key(None, "int", minimum=1, nullable=True, doc="evaluate the first N rows (null = all)"),
+        **_datasets_keys("validation"),  # issue 16
     ),
     callbacks=CALLBACKS,
     metric=_section(
@@ -424,6 +447,15 @@ def check_consistency(recipe: Recipe, source: str):
     steps = recipe.runner_config.max_steps
     if steps != -1 and steps < 1:
         raise ValueError(f"bad value {steps!r} for 'runner_config.max_steps' in {source}: expected -1 or >= 1")
+    check_report_to(recipe.report_to, source)
+
+
+def check_report_to(names: list, source: str):
+    """report_to names known trackers, or is [none] (issue 16)."""
+    unknown = [n for n in names if n not in TRACKERS + ("none",)]
+    if unknown or ("none" in names and len(names) > 1):
+        raise ValueError(f"bad value {names!r} for 'report_to' in {source}: expected some of {', '.join(TRACKERS)}, "
+                         f"or none alone")
 
 
 # ---------------------------------------------------------------------------------------------

@@ -1,10 +1,11 @@
 """A training run assembled from a TrainJob, in named steps:
 
-    start            the device, or torchrun's process group and mesh (one device: every degree 1)
+    start            the launcher's choices (accelerate's precision, data parallel over the world: launcher.py), the
+                     device, or torchrun's process group and mesh (one device: every degree 1)
     prepare_output   lock OUTPUT_DIR and decide where to start (nothing on disk changes yet)
-    load_data        the datasets, as the model's keyword arguments
+    load_data        the datasets (files, `datasets` sources or in memory), as the model's keyword arguments
     build_model      build or load the model (on the meta device when large), parallelize it (one device: compile)
-    build_trainer    loader, schedule, optimizer, checkpointer and Trainer; resume
+    build_trainer    loader, schedule, optimizer, checkpointer and Trainer; resume; the report_to trackers
     train            the loop, under the signal handlers
     finish           export OUTPUT_DIR/final/ (HF format), the last evaluation, loss curve and summary.json
 
@@ -37,7 +38,9 @@ from .checkpoint import FileCheckpointer, ShardedCheckpointer
 from .interrupt import Interrupted, StopOnSignal, TrainingInterrupted
 from .job import DataSplit, ModelSpec, TrainJob, job_from_recipe, resolve_path
 from .metrics import MetricsLogger, flops_per_token, peak_flops, plot_loss_curve
+from .launcher import apply_launcher
 from .optim import build_optimizer
+from .trackers import open_trackers, require_trackers
 from .trainer import Trainer, seed_everything
 
 # Parameters above this are built on the meta device and materialised already sharded (torchrun).
@@ -56,7 +59,7 @@ def run_training(recipe_or_job, overwrite: bool = False, log=print) -> dict:
     in an output directory that holds an earlier run."""
     job = recipe_or_job if isinstance(recipe_or_job, TrainJob) else job_from_recipe(recipe_or_job)
     with contextlib.ExitStack() as scope:  # the lock and the signal handlers, released however it ends
-        dims, stop, log = start(job, scope, log)
+        job, dims, stop, log = start(job, scope, log)
         resume_path = prepare_output(job, dims, overwrite, scope, log)
         seed_everything(job.seed, dims.device)
         train_data, eval_data = load_data(job, dims)
@@ -70,7 +73,8 @@ def run_training(recipe_or_job, overwrite: bool = False, log=print) -> dict:
 # start
 # ---------------------------------------------------------------------------------------------
 def start(job: TrainJob, scope: contextlib.ExitStack, log):
-    """(ParallelDims, the signal handlers, the log: silent on ranks other than 0), after the job's checks."""
+    """(the job with the launcher's choices, ParallelDims, the signal handlers, the log: silent on ranks other than
+    0), after the job's checks."""
     if job.run_mode in ("predict", "eval"):
         function = "predict_recipe" if job.run_mode == "predict" else "evaluate_recipe"
         raise ValueError(f"run_mode {job.run_mode} is not training: run train.py --run_mode {job.run_mode}, or "
@@ -78,22 +82,34 @@ def start(job: TrainJob, scope: contextlib.ExitStack, log):
     if job.run_mode == "finetune" and not (isinstance(job.model, ModelSpec) and job.model.load_checkpoint):
         raise ValueError(f"run_mode finetune starts from trained weights: pass {job.names.load_checkpoint} PATH (an "
                          f"HF-format GPT-2 directory or a MindFormers .ckpt) or use {job.names.run_mode_train}")
+    check_trackers(job)
+    job = apply_launcher(job, log=log)
     dims = init_dims(job)
     stop = scope.enter_context(StopOnSignal(notify=None if dims.is_main else (lambda text: None)))
     if dims.distributed and not dims.is_main:
         log = lambda *a, **k: None  # noqa: E731 - rank 0 speaks for the run
     if job.compile:
         dev.require_compile_backend(dims.device.type)  # before any data or model work
-    return dims, stop, log
+    return job, dims, stop, log
+
+
+def check_trackers(job: TrainJob):
+    """report_to's trackers are known and installed, and have an output_dir to write in (one line, before anything
+    changes). TensorBoard, the default, is skipped without one."""
+    require_trackers(job.report_to)
+    needs_dir = [name for name in job.report_to if name in ("wandb", "mlflow")]
+    if needs_dir and job.output_dir is None:
+        raise ValueError(f"report_to names {needs_dir[0]}, whose files go in the run's {job.names.output_dir}: pass "
+                         f"one, or drop {needs_dir[0]} from report_to")
 
 
 def init_dims(job: TrainJob) -> ParallelDims:
-    """One process (every degree 1), or torchrun's process group and mesh when the job (use_parallel) and the
-    launcher (WORLD_SIZE) both ask for more; a layout that does not fit is one line."""
+    """One process (every degree 1), or torchrun's process group and mesh when the launcher started more (WORLD_SIZE;
+    a job without a layout is data parallel over them: apply_launcher); a layout that does not fit is one line."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
     pc, names = job.parallel, job.names
     layout = pc.data_parallel * pc.model_parallel * pc.pipeline_stage
-    if not job.use_parallel and world > 1:
+    if not job.use_parallel and world > 1:  # (apply_launcher made such a job data parallel)
         raise ValueError(f"WORLD_SIZE is {world} but use_parallel is false: pass {names.use_parallel}, or run one "
                          f"process")
     if not job.use_parallel or world == 1:
@@ -196,32 +212,41 @@ def load_data(job: TrainJob, dims: ParallelDims):
     language model, input_ids / attention_mask / labels for a classifier. Rank 0 prepares (and caches) raw files
     first, the other ranks then read its cache."""
     if job.train_data is None:
-        raise ValueError(f"no training data: pass {job.names.train_data} (a prepared .npy / .npz, or a raw "
-                         f"wiki.*.tokens / .txt / .tsv file)")
+        raise ValueError(f"no training data: pass {job.names.train_data} (a prepared .npy / .npz, a raw "
+                         f"wiki.*.tokens / .txt / .tsv file, or a datasets source)")
     if dims.distributed and not dims.is_main:
         dims.barrier()
     seq = seq_length(job)
     train_data = read_split(job, job.train_data, seq + 1)
-    eval_data = read_split(job, job.eval_data, seq)
+    eval_data = read_split(job, job.eval_data, seq, default_split="validation")
     if dims.distributed and dims.is_main:
         dims.barrier()
     return train_data, eval_data
 
 
-def read_split(job: TrainJob, split, width: int):
-    """A DataSplit read from its file (its first max_samples rows); in-memory data as it is."""
+def read_split(job: TrainJob, split, width: int, default_split: str = "train"):
+    """A DataSplit read from its file or `datasets` source (its first max_samples rows; default_split: the split of a
+    hub id or DatasetDict that names none); a datasets object as DataSplit(it) (or its columns when it is already
+    tokenized); other in-memory data as it is."""
+    from ..data import hf_datasets
+    if hf_datasets.is_datasets_object(split):
+        columns = hf_datasets.token_columns(split)
+        split = DataSplit(split) if columns is None else columns
     if not isinstance(split, DataSplit):
         return split
     from ..data.sources import load_token_blocks, load_txtcls
-    path = fetch_if_missing(split.path)
+    path = split.path if hf_datasets.is_datasets_source(split.path) else fetch_if_missing(split.path)
     tokenizer = job.tokenizer or None
     cache_dir = job.data_cache_dir or (os.path.join(job.output_dir, "data_cache") if job.output_dir else None)
+    options = dict(text_column=split.text_column, split=split.split or default_split)
     if job.architecture == CLASSIFIER:
         data = load_txtcls(path, max_length=seq_length(job), tokenizer=tokenizer, cache_dir=cache_dir,
-                           dataset_name=split.dataset_name, mindformers_compat=split.mindformers_compat)
+                           dataset_name=split.dataset_name, mindformers_compat=split.mindformers_compat,
+                           label_column=split.label_column, **options)
     else:
         data = load_token_blocks(path, max_length=width, tokenizer=tokenizer,
-                                 mindformers_compat=split.mindformers_compat, cache_dir=cache_dir)
+                                 mindformers_compat=split.mindformers_compat, cache_dir=cache_dir,
+                                 text_format=split.text_format, num_proc=split.num_proc, **options)
     return first_rows(data, split.max_samples)
 
 
@@ -473,10 +498,25 @@ def build_trainer(job: TrainJob, pm: ParallelModel, model, train_data, eval_data
     metrics = None
     if dims.is_main:
         fpt = flops_per_token(base.num_parameters(), base.config.n_layer, base.config.n_embd, seq_length(job))
+        trackers = open_trackers(job.report_to, job.output_dir, run_config(job), resumed=bool(resume_path),
+                                 start_step=trainer.step, log=log) if job.output_dir is not None else []
         metrics = MetricsLogger(job.output_dir, trainer.step, run_steps, resumed=bool(resume_path),
                                 progress=settings.progress, flops_per_token=fpt,
-                                peak=peak_flops(dev.device_name(dims.device), settings.precision))
+                                peak=peak_flops(dev.device_name(dims.device), settings.precision), trackers=trackers)
     return trainer, metrics
+
+
+def run_config(job: TrainJob) -> dict:
+    """What the trackers record as the run's config: the resolved recipe it came from, or a job built in Python's
+    own settings (its plain fields, the loop's and the optimizer's)."""
+    if job.recipe is not None:
+        return job.recipe
+    plain = (str, int, float, bool, type(None))
+    config = {f.name: getattr(job, f.name) for f in dataclasses.fields(job)
+              if isinstance(getattr(job, f.name), plain) and f.name != "recipe"}
+    return dict(config, architecture=job.architecture, settings=dataclasses.asdict(job.settings),
+                optimizer=dataclasses.asdict(job.optimizer), parallel=dataclasses.asdict(job.parallel),
+                report_to=list(job.report_to))
 
 
 def accumulation_steps(job: TrainJob, data_parallel: int, log=print) -> int:

@@ -57,7 +57,7 @@ def evaluate_recipe(recipe, log=print, progress: bool = True) -> dict:
                          "wiki.*.tokens / .txt / .tsv / .csv file)")
     model, device = inference_model(recipe, log)
     job = job_from_recipe(recipe)
-    data = read_split(job, job.eval_data, seq_length(job))
+    data = read_split(job, job.eval_data, seq_length(job), default_split="validation")
     check_ranges(data, model.config, "evaluation data")
     batch_size = recipe.eval_dataset.batch_size or recipe.runner_config.batch_size
     prec = precision(recipe)

@@ -20,7 +20,8 @@ from ..checkpoints import checkpoint_root, list_checkpoints
 LOCK_FILE = ".lock"
 # What a training run writes into OUTPUT_DIR (the data cache is not the run's: it is kept).
 RUN_OUTPUTS = ("checkpoint", "tensorboard", "final", "final.adapter.tmp", "metrics.jsonl", "summary.json",
-               "loss_curve.png", "recipe.yaml")
+               "loss_curve.png", "recipe.yaml",
+               "wandb", "mlruns", "trackers.json")  # issue 16: the report_to trackers' files (train/trackers.py)
 
 
 class OutputDirBusy(ValueError):
