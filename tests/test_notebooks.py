@@ -77,4 +77,4 @@ def test_notebook_runs(name, tmp_path, monkeypatch):
     if name.startswith("03_"):  # the loss curves are drawn inline, also after a run that wrote its loss_curve.png
         figures = [c for c in nb.cells if c.cell_type == "code"
                    if any("image/png" in o.get("data", {}) for o in c.outputs)]
-        assert len(figures) >= 2, f"{name}: expected its loss curves as inline images, got {len(figures)}"
+        assert len(figures) == 3, f"{name}: expected its 3 loss curves as inline images, got {len(figures)}"
