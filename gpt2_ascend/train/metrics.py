@@ -155,11 +155,11 @@ def plot_loss_curve(metrics_path: str, output_path: str) -> str | None:
     points = [(r["step"], r["loss"]) for r in records if r.get("loss") is not None]
     if not points:
         return None
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    # a Figure without pyplot draws with Agg and leaves the process's backend alone (a notebook keeps plotting inline)
+    from matplotlib.figure import Figure
 
-    fig, ax = plt.subplots(figsize=(7, 4), dpi=100)
+    fig = Figure(figsize=(7, 4), dpi=100)
+    ax = fig.add_subplot()
     ax.plot(*zip(*points), linewidth=1, label="train loss")
     evals = [(r["step"], r["eval_loss"]) for r in records if r.get("eval_loss") is not None]
     if evals:
@@ -169,8 +169,5 @@ def plot_loss_curve(metrics_path: str, output_path: str) -> str | None:
     ax.grid(alpha=0.3)
     ax.legend()
     fig.tight_layout()
-    try:
-        atomic_write(output_path, lambda f: fig.savefig(f, format="png"))
-    finally:
-        plt.close(fig)
+    atomic_write(output_path, lambda f: fig.savefig(f, format="png"))
     return output_path
