@@ -122,3 +122,33 @@ def test_report_to_from_python(tmp_path):
     params = flat_params(run_config(TrainJob(**job, output_dir="out/x")))  # a Python job's config, for the trackers
     assert params["settings.total_steps"] == "1" and params["batch_size"] == "4" and params["output_dir"] == "out/x"
     assert params["architecture"] == "GPT2LMHeadModel" and params["report_to"] == '["tensorboard"]'
+
+
+IN_MEMORY_UNDER_TORCHRUN = """
+import numpy as np, torch
+from gpt2_ascend import GPT2Config, GPT2LMHeadModel
+from gpt2_ascend.train import OptimizerSettings, TrainJob, TrainSettings, run_training
+torch.manual_seed(0)
+model = GPT2LMHeadModel(GPT2Config.from_preset("tiny", vocab_size=512, n_positions=32))
+blocks = np.random.default_rng(0).integers(0, 512, (64, 33))
+summary = run_training(TrainJob(model=model, train_data=blocks, batch_size=4, device="cpu",
+                                settings=TrainSettings(total_steps=3, progress=False),
+                                optimizer=OptimizerSettings(learning_rate=1e-3)))
+print("finished", bool(summary))
+"""
+
+
+def test_an_in_memory_run_under_torchrun_ends_on_every_rank(tmp_path):
+    """No output_dir, two processes: rank 0 returns the summary, rank 1 an empty one, and neither waits for
+    the other forever (rank 0 once returned before the barrier rank 1 waits at)."""
+    import subprocess
+    import sys
+    from test_parallel import _port
+    script = tmp_path / "in_memory.py"
+    script.write_text(IN_MEMORY_UNDER_TORCHRUN)
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
+                           str(_port()), str(script)], cwd=tmp_path, capture_output=True, text=True, timeout=180,
+                          env=dict(os.environ, PYTHONPATH=REPO, OMP_NUM_THREADS="1"))
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert sorted(line for line in proc.stdout.splitlines() if line.startswith("finished")) == \
+        ["finished False", "finished True"]

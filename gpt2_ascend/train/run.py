@@ -645,6 +645,7 @@ def finish(job: TrainJob, trainer: Trainer, metrics, last: dict, seconds: float,
         summary.update(final_loss=last.get("loss"), history=metrics.records,
                        device=dev.device_name(dims.device), precision=trainer.settings.precision)
         summary.update({f"eval_{k}": v for k, v in (trainer.last_eval or {}).items() if k != "step"})
+        dims.barrier()  # the other ranks wait here for rank 0
         return summary
     curve = plot_loss_curve(metrics.path, os.path.join(job.output_dir, "loss_curve.png"))
     if not dims.distributed:
