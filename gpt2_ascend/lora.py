@@ -30,10 +30,11 @@ MINDFORMERS_CELLS = {"dense1": "c_attn.q", "dense2": "c_attn.k", "dense3": "c_at
                      "mapping": "c_fc"}
 
 
-def mindformers_targets(patterns) -> tuple[str, ...]:
+def mindformers_targets(patterns, fuse_qkv: bool = True) -> tuple[str, ...]:
     """Our target names for a target_modules list: our own names pass through; the other entries are MindFormers'
     regex (its 'a|b' string, split into a list by the recipe), matched as one (re.match, as MindFormers does)
-    against its cells dense1/2/3, projection, mapping."""
+    against its cells dense1/2/3, projection, mapping. q, k and v all adapted are the whole c_attn (one adapter of
+    rank r) unless fuse_qkv is False (three rank-r adapters side by side, as a MindFormers checkpoint holds them)."""
     targets = [p for p in patterns if p in OUR_TARGETS]
     regex = "|".join(p for p in patterns if p not in OUR_TARGETS)
     if regex:
@@ -45,7 +46,7 @@ def mindformers_targets(patterns) -> tuple[str, ...]:
             raise ValueError(f"lora target_modules {regex!r} matches no layer: use {', '.join(OUR_TARGETS)} or "
                              f"MindFormers' cell names ({', '.join(MINDFORMERS_CELLS)})")
         targets += [t for t in found if t not in targets]
-    if all(f"c_attn.{p}" in targets for p in QKV) or "c_attn" in targets:  # all three: the whole c_attn
+    if "c_attn" in targets or (fuse_qkv and all(f"c_attn.{p}" in targets for p in QKV)):  # the whole c_attn
         targets = [t for t in targets if not t.startswith("c_attn")] + ["c_attn"]
     return tuple(targets)
 
@@ -73,14 +74,14 @@ def task_type_of(model: torch.nn.Module) -> str:
 
 
 def apply_lora(model: torch.nn.Module, rank: int = 64, alpha: float = 128, dropout: float = 0.1,
-               target_modules=("c_attn",)):
+               target_modules=("c_attn",), fuse_qkv: bool = True):
     """Wrap `model` with LoRA adapters (peft's PeftModel for the model's task type); only adapter
-    parameters (and a classifier's `score` head) stay trainable."""
+    parameters (and a classifier's `score` head) stay trainable. fuse_qkv: see mindformers_targets."""
     from peft import LoraConfig, get_peft_model
 
     if rank <= 0:
         raise ValueError(f"lora rank must be a positive integer, got {rank}")
-    target_modules = mindformers_targets(target_modules)
+    target_modules = mindformers_targets(target_modules, fuse_qkv)
     parts = qkv_parts(target_modules)
     names = {name.rsplit(".", 1)[-1] for name, _ in model.named_modules()}
     modules = sorted({t.split(".")[0] for t in target_modules})
@@ -163,7 +164,7 @@ def load_adapter(model: torch.nn.Module, adapter_dir: str, merge: bool = True, t
         raise refused(os.path.join(adapter_dir, "adapter_model.bin"), e) from None
     except Exception as e:  # peft / safetensors / json errors: one line that names the adapter
         raise ValueError(f"cannot load the LoRA adapter in {adapter_dir}: {_adapter_problem(e)}") from None
-    return peft_model.merge_and_unload() if merge else peft_model
+    return merge_adapter(peft_model) if merge else peft_model
 
 
 def adapter_base(adapter_dir: str) -> str:

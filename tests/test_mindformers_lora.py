@@ -72,11 +72,9 @@ def test_q_v_targets_train_exactly_like_two_separate_adapters():
         assert grad_b[2 * E:, :RANK].abs().max() == 0
 
 
-@pytest.fixture(scope="module")
-def lora_ckpt(tmp_path_factory):
-    """A MindFormers-style LoRA checkpoint: base weights (written by our converter) plus mindpet's
-    lora_a [r, in] / lora_b [out, r] on dense1 and dense3 of every block; and the expected merged q / v weights."""
-    root = tmp_path_factory.mktemp("mf_lora")
+def make_lora_ckpt(root, cells=(("dense1", 0), ("dense3", 2))):
+    """A MindFormers-style LoRA checkpoint in root: base weights (written by our converter) plus mindpet's
+    lora_a [r, in] / lora_b [out, r] on the given attention cells of every block; and the expected merged model."""
     torch.manual_seed(1)
     base = GPT2LMHeadModel(tiny_config(vocab_size=1000, n_positions=32, pad_token_id=999, eos_token_id=999,
                                        bos_token_id=999))
@@ -86,7 +84,7 @@ def lora_ckpt(tmp_path_factory):
     gen = torch.Generator().manual_seed(2)
     merged = {}
     for i in range(2):
-        for cell, part in (("dense1", 0), ("dense3", 2)):
+        for cell, part in cells:
             a = torch.randn(RANK, E, generator=gen) * 0.1
             b = torch.randn(E, RANK, generator=gen) * 0.1
             tensors[f"backbone.blocks.{i}.attention.{cell}.mindpet_delta_lora_a"] = a
@@ -98,6 +96,23 @@ def lora_ckpt(tmp_path_factory):
         for (i, part), delta in merged.items():
             expected.transformer.h[i].attn.c_attn.weight[part * E:(part + 1) * E] += delta
     return root, expected.eval()
+
+
+@pytest.fixture(scope="module")
+def lora_ckpt(tmp_path_factory):
+    """LoRA on dense1 (q) and dense3 (v), as MindFormers' GPT-2 LoRA recipes write it."""
+    return make_lora_ckpt(tmp_path_factory.mktemp("mf_lora"))
+
+
+def test_lora_ckpt_on_q_k_and_v_keeps_three_adapters(tmp_path):
+    """MindFormers' default targets ('.*dense*') adapt all of q, k and v: three rank-r adapters, loaded as one
+    block-diagonal c_attn adapter of rank 3r (a rank-r one cannot hold them; it crashed the load)."""
+    from gpt2_ascend.convert import load_mindformers_lora
+    root, expected = make_lora_ckpt(tmp_path, (("dense1", 0), ("dense2", 1), ("dense3", 2)))
+    model = load_mindformers_lora(str(root / "lora.ckpt"), ALPHA, n_head=4).eval()
+    assert model.lora_layout == (RANK, ("c_attn.q", "c_attn.k", "c_attn.v"))
+    tokens = torch.randint(0, 1000, (2, 12))
+    assert (model(tokens).logits - expected(tokens).logits).abs().max() < 1e-5
 
 
 def test_lora_ckpt_loads_as_a_lora_model_and_merges(lora_ckpt, tmp_path):

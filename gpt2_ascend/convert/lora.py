@@ -101,7 +101,8 @@ def load_mindformers_lora(path: str, lora_alpha: float, n_head: int | None = Non
     base = load_mindspore_model(path, n_head, activation, dtype=torch.float32, verify_crc=False, cls=cls,
                                 lora_base=True, **config_overrides)
     rank, targets = mindformers_lora_layout(adapters)
-    model = apply_lora(base, rank=rank, alpha=lora_alpha, dropout=lora_dropout, target_modules=targets)
+    model = apply_lora(base, rank=rank, alpha=lora_alpha, dropout=lora_dropout, target_modules=targets,
+                       fuse_qkv=False)  # q, k and v each keep the checkpoint's rank-r adapter
     copy_mindformers_adapters(model, adapters, rank)
     model.lora_layout = (rank, targets)
     return model
