@@ -154,13 +154,19 @@ class MindFormersSource:
                  recipe: str | None = None):
         recipe_shape = read_recipe_shape(recipe) if recipe else None
         self.reader = CkptReader(path, verify_crc=verify_crc)
+        try:
+            self._read_index(path, n_head, activation, recipe, recipe_shape)
+        except BaseException:  # any refusal closes the file it opened
+            self.reader.close()
+            raise
+
+    def _read_index(self, path, n_head, activation, recipe, recipe_shape):
         self.skipped = {"optimizer": [], "bookkeeping": [], "buffer": []}
         self.lora_names = []  # unmerged LoRA tensors: see lora_adapters()
         shapes = {}
         for name, entry in self.reader.entries.items():
             kind = "bookkeeping" if entry.is_map else classify_ms_name(name)
             if kind == "model" and (entry.dtype is None or not entry.dtype.is_floating_point):
-                self.reader.close()
                 raise CkptError(f"{path}: {name!r} has type {entry.tensor_type}, but GPT-2 weights are floating "
                                 f"point (a damaged checkpoint, or not a MindFormers GPT-2 one)")
             if kind == "model":
@@ -169,12 +175,8 @@ class MindFormersSource:
                 self.lora_names.append(name)
             else:
                 self.skipped[kind].append(name)
-        try:
-            self.config, self.classifier, self.heads_from = infer_config(shapes, n_head, activation, recipe_shape,
-                                                                         recipe or "--config")
-        except ValueError:
-            self.reader.close()
-            raise
+        self.config, self.classifier, self.heads_from = infer_config(shapes, n_head, activation, recipe_shape,
+                                                                     recipe or "--config")
         self.hf_shapes = hf_shapes(self.config, self.classifier)
         check_shapes(shapes, {n: s for hf in self.hf_shapes for n, s in self._ms_shapes(hf)}, path)
         self.dtype = self.reader.entries[ms_sources("transformer.wte.weight")[0]].dtype
