@@ -21,7 +21,7 @@ from gpt2_ascend.eval import perplexity
 from gpt2_ascend.generation import generate_text
 from gpt2_ascend.train.recipe import load_recipe
 from gpt2_ascend.train import run_training
-from gpt2_ascend.train.interrupt import TrainingInterrupted
+from gpt2_ascend.train.interrupt import TrainingInterrupted, signal_name
 
 RECIPE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "configs", "gpt2", "pretrain_gpt2_tiny.yaml")
 PROMPTS = ["The history of the", "In 1998 , the band", "The game was released"]
@@ -37,7 +37,7 @@ def main(argv=None):
     except (TrainingInterrupted, KeyboardInterrupt) as e:  # Ctrl-C / SIGTERM: one line, the shell's 128 + signum
         signum = getattr(e, "signum", signal.SIGINT)
         where = f" after step {e.step}, checkpoint saved: {e.checkpoint}" if isinstance(e, TrainingInterrupted) else ""
-        print(f"error: interrupted by {signal.Signals(signum).name}{where}", file=sys.stderr)
+        print(f"error: interrupted by {signal_name(signum)}{where}", file=sys.stderr)
         return 128 + signum
     except (ValueError, FileNotFoundError, OSError, RuntimeError) as e:  # missing data, bad paths: one line
         print_error(e)

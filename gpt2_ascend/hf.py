@@ -16,7 +16,7 @@ from typing import Iterable, Iterator
 import torch
 
 from .config import GenerationConfig, GPT2Config
-from .fileio import atomic_directory, write_json
+from .fileio import atomic_directory, tensor_bytes, write_json
 from .safe_pickle import torch_load
 
 CONV1D_SUFFIXES = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
@@ -451,7 +451,7 @@ def save_pretrained(model, output_dir: str, dtype=None, max_shard_size=None, sta
     hf_config = config.to_hf_dict(model.hf_architecture)
     hf_config["torch_dtype"] = str(next(iter(hf_state.values())).dtype).replace("torch.", "")
     specs = {name: (t.dtype, tuple(t.shape)) for name, t in hf_state.items()}
-    with atomic_model_dir(output_dir, size=sum(t.numel() * t.element_size() for t in hf_state.values())) as tmp:
+    with atomic_model_dir(output_dir, size=tensor_bytes(hf_state)) as tmp:
         write_json(hf_config, os.path.join(tmp, "config.json"))
         write_hf_weights(tmp, specs, hf_state.__getitem__, max_shard_size)
         generation = getattr(model, "generation_config", None)

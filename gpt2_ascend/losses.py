@@ -67,9 +67,7 @@ def chunked_linear_cross_entropy(hidden, weight, targets, vocab_size: int, chunk
 
 def causal_lm_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     """Mean next-token cross-entropy: logits at t predict labels at t+1; -100 is ignored."""
-    shift_logits = logits[:, :-1].reshape(-1, logits.size(-1)).float()
-    shift_labels = labels[:, 1:].reshape(-1).to(logits.device)
-    return F.cross_entropy(shift_logits, shift_labels, ignore_index=-100)
+    return next_token_loss(logits[:, :-1], labels[:, 1:])
 
 
 def next_token_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:

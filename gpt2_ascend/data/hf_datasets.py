@@ -153,11 +153,11 @@ def open_rows(spec, split: str | None = None, cache_dir: str | None = None, raw_
     return source, load_rows(source, cache_dir=cache_dir)
 
 
-def load_rows(source: Source, split: str | None = None, cache_dir: str | None = None):
-    """The datasets.Dataset a Source names (its split: the source's own, else `split`, else train). Data files are
+def load_rows(source: Source, cache_dir: str | None = None):
+    """The datasets.Dataset a Source names (its split: the source's own, else train). Data files are
     converted to Arrow under cache_dir/datasets (datasets' default cache when None); hub ids use datasets' cache."""
     import datasets
-    split = source.split or split or "train"
+    split = source.split or "train"
     if source.kind == "object":
         rows = source.where
     elif source.kind == "disk":

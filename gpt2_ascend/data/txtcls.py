@@ -33,7 +33,7 @@ import numpy as np
 from ..cli import print_error
 from ..fileio import sha256_file
 from .store import save_arrays
-from .text import resolve_tokenizer
+from .text import encode_many, resolve_tokenizer
 
 DATASETS = ("sst_2", "cola", "imdb", "ag_news")
 LAYOUTS = {"sst_2": "sentence<TAB>label", "cola": "source<TAB>label<TAB>mark<TAB>sentence",
@@ -114,11 +114,7 @@ def encode_rows(sentences: list[str], max_length: int, tokenizer) -> tuple[np.nd
     """Right-padded input_ids and attention_mask (int32, shape (rows, max_length)) and the count of rows cut."""
     if max_length < 1:
         raise ValueError(f"max_length must be a positive integer, got {max_length}")
-    backend = getattr(tokenizer, "backend_tokenizer", None)
-    if backend is not None:
-        ids = [e.ids for e in backend.encode_batch(sentences, add_special_tokens=False)]
-    else:
-        ids = [tokenizer.encode(s, add_special_tokens=False) for s in sentences]
+    ids = encode_many(sentences, tokenizer)
     pad_id = pad_token_id(tokenizer)
     input_ids = np.full((len(ids), max_length), pad_id, dtype=np.int32)
     mask = np.zeros((len(ids), max_length), dtype=np.int32)
