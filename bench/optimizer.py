@@ -96,11 +96,11 @@ def build(variant: str, model, device: torch.device):
 
 
 def time_step(opt, device: torch.device) -> float:
-    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
-    sync()
+    from gpt2_ascend.device import synchronize  # CUDA and NPU kernels are asynchronous: wait on both sides
+    synchronize(device)
     start = time.perf_counter()
     opt.step()
-    sync()
+    synchronize(device)
     return (time.perf_counter() - start) * 1000
 
 

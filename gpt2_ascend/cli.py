@@ -23,7 +23,7 @@ def write_output_json(obj, path: str, flag: str = "--output_json"):
     try:
         write_json(obj, path)
     except OSError as e:
-        reason = (e.strerror or str(e)).lower()
+        reason = e.strerror.lower() if e.strerror else str(e)  # a DiskFullError's own line keeps its paths
         raise ValueError(f"cannot write {flag} {path}: {reason} (the result printed above stands)") from None
 
 

@@ -81,7 +81,7 @@ def read_prompt_file(path: str) -> list[str]:
     if not os.path.isfile(path):
         raise FileNotFoundError(f"prompt file not found: {path} (--prompt_file)")
     try:
-        with open(path, encoding="utf-8") as f:
+        with open(path, encoding="utf-8-sig") as f:  # a BOM (Notepad's UTF-8) is not part of the first prompt
             lines = [line.rstrip("\r\n") for line in f]
     except UnicodeDecodeError as e:
         raise ValueError(f"--prompt_file {path} is not UTF-8 text (byte 0x{e.object[e.start]:02x} at offset "
