@@ -11,7 +11,7 @@ import torch
 from ..data.tokenizer import TOKENIZER_FILES
 from ..hf import atomic_model_dir, resolve_model_path, save_pretrained
 from ..loading import load_model
-from ..lora import QKV, TASK_TYPES, adapter_base, apply_lora, read_adapter_config
+from ..lora import QKV, TASK_TYPES, adapter_base, apply_lora, merge_adapter, read_adapter_config
 
 # MindFormers' LoRA cell -> (our module under transformer.h.{i}, its part of the fused c_attn)
 MINDFORMERS_LORA_CELLS = {"attention.dense1": ("attn.c_attn", "q"), "attention.dense2": ("attn.c_attn", "k"),
@@ -113,8 +113,7 @@ def merge_mindformers_lora(path: str, output_dir: str, lora_alpha: float, n_head
     """A MindFormers LoRA .ckpt -> output_dir: the adapters folded into the base weights, an HF GPT-2 directory."""
     model = load_mindformers_lora(path, lora_alpha, n_head, activation)
     rank, targets = model.lora_layout
-    merged = model.merge_and_unload()
-    with atomic_model_dir(output_dir) as tmp:
-        save_pretrained(merged, tmp, dtype=dtype)
+    merged = merge_adapter(model)
+    save_pretrained(merged, output_dir, dtype=dtype)  # atomic itself, and sized for a full disk's one line
     return {"output_dir": output_dir, "architecture": merged.hf_architecture, "tokenizer_files": [],
             "parameters": merged.num_parameters(), "lora_rank": rank, "lora_targets": targets}
