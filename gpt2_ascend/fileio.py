@@ -80,10 +80,15 @@ def reporting_disk_full(directory: str, needed: int | None, what: str):
     except DiskFullError:
         raise
     except BaseException as e:
-        if is_disk_full(e):
-            _release_frames(e)
-            raise disk_full_error(directory, needed, what) from None
+        raise_if_disk_full(e, directory, needed, what)
         raise
+
+
+def raise_if_disk_full(error: BaseException, directory: str, needed: int | None, what: str):
+    """A full disk (error) as DiskFullError, one line naming what was written and the space it needs."""
+    if is_disk_full(error):
+        _release_frames(error)
+        raise disk_full_error(directory, needed, what) from None
 
 
 def _release_frames(error: BaseException):
@@ -170,9 +175,8 @@ class AtomicFile:
             pass
         if os.path.exists(self.tmp):
             os.remove(self.tmp)
-        if error is not None and not isinstance(error, DiskFullError) and is_disk_full(error):
-            _release_frames(error)
-            raise disk_full_error(self.folder, self.size, self.what) from None
+        if error is not None and not isinstance(error, DiskFullError):
+            raise_if_disk_full(error, self.folder, self.size, self.what)
 
     def __enter__(self) -> "AtomicFile":
         return self
@@ -221,14 +225,11 @@ class _AtomicDir:
                 self._commit()
         except BaseException as e:
             shutil.rmtree(self.tmp, ignore_errors=True)
-            if is_disk_full(e):
-                raise disk_full_error(self.parent, self.size, self.what) from None
+            raise_if_disk_full(e, self.parent, self.size, self.what)
             raise
         if exc_type is not None:
             shutil.rmtree(self.tmp, ignore_errors=True)
-            if is_disk_full(exc):
-                _release_frames(exc)
-                raise disk_full_error(self.parent, self.size, self.what) from None
+            raise_if_disk_full(exc, self.parent, self.size, self.what)
         return False
 
     def _commit(self):
