@@ -11,6 +11,10 @@ from gpt2_ascend.data.download import default_data_dir
 
 torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# The one timeout of the suite: a last guard against a hang, never a measure of speed. Tests wait on events (a file
+# appears, a line is printed, a process ends); a subprocess or a wait still going after this long is stuck. Every
+# wait in the suite takes under 2 minutes alone on 2 cores and under 10 at load 10 (docs/testing.md).
+HANG_GUARD_S = 1800
 
 
 def load_script(path: str):

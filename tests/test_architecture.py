@@ -4,6 +4,7 @@ import os
 import shutil
 import subprocess
 import sys
+from conftest import HANG_GUARD_S
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 LINT_IMPORTS = os.path.join(os.path.dirname(sys.executable), "lint-imports")
@@ -12,7 +13,7 @@ LINT_IMPORTS = os.path.join(os.path.dirname(sys.executable), "lint-imports")
 def lint_imports(root) -> subprocess.CompletedProcess:
     env = dict(os.environ, PYTHONPATH=str(root))
     return subprocess.run([LINT_IMPORTS, "--config", os.path.join(str(root), "setup.cfg"), "--no-cache"], cwd=root,
-                          env=env, capture_output=True, text=True, timeout=120)
+                          env=env, capture_output=True, text=True, timeout=HANG_GUARD_S)
 
 
 def test_the_package_keeps_its_import_contracts():

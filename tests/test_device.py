@@ -10,6 +10,7 @@ import torch
 
 from gpt2_ascend import device as dev
 from npu_reference import REFERENCE_ROOT, npu_reference  # noqa: F401  (fixture)
+from conftest import HANG_GUARD_S
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -152,7 +153,7 @@ NPU_DEVICE_SCRIPT = textwrap.dedent("""
 def test_npu_device_layer_with_an_npu_present():
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([REFERENCE_ROOT, REPO, os.environ.get("PYTHONPATH", "")]))
     proc = subprocess.run([sys.executable, "-c", NPU_DEVICE_SCRIPT], cwd=REPO, env=env, capture_output=True,
-                          text=True, timeout=120)
+                          text=True, timeout=HANG_GUARD_S)
     assert proc.returncode == 0, proc.stderr
     res = json.loads(proc.stdout.strip().splitlines()[-1])
     assert res["auto"] == "npu" and res["explicit"] == "npu:0"  # npu first, before cuda and cpu
@@ -180,7 +181,7 @@ def test_train_cli_refuses_compile_on_an_npu_without_a_backend(tmp_path):
     """The one line comes before any data or model work (nothing is written)."""
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([REFERENCE_ROOT, REPO, os.environ.get("PYTHONPATH", "")]))
     proc = subprocess.run([sys.executable, "-c", TRAIN_WITH_COMPILE_ON_NPU, str(tmp_path / "out")], cwd=REPO,
-                          env=env, capture_output=True, text=True, timeout=120)
+                          env=env, capture_output=True, text=True, timeout=HANG_GUARD_S)
     assert proc.returncode == 2, proc.stderr
     assert proc.stderr.strip().splitlines() == [proc.stderr.strip()]
     assert proc.stderr.startswith("error: runner_config.compile needs torch_npu's inductor backend on NPU")

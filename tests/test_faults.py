@@ -23,7 +23,7 @@ import pytest
 import torch
 import yaml
 
-from conftest import REPO, load_script, tiny_config
+from conftest import HANG_GUARD_S, REPO, load_script, tiny_config
 from gpt2_ascend import GPT2LMHeadModel
 from gpt2_ascend import checkpoints as ckpt
 from gpt2_ascend.train.interrupt import Interrupted, StopOnSignal
@@ -391,14 +391,14 @@ class Process:
         self.reader = threading.Thread(target=lambda: self.err_lines.extend(self.proc.stderr), daemon=True)
         self.reader.start()
 
-    def wait_for(self, condition, what: str, timeout: float = 120):
-        deadline = time.time() + timeout
+    def wait_for(self, condition, what: str, timeout: float = HANG_GUARD_S):
+        deadline = time.monotonic() + timeout
         while not condition():
             assert self.proc.poll() is None, f"train.py ended before {what}: {''.join(self.err_lines)}"
-            assert time.time() < deadline, f"no {what} in {timeout}s"
+            assert time.monotonic() < deadline, f"no {what} after {timeout} s: a hang"
             time.sleep(0.01)
 
-    def finish(self, timeout: float = 120) -> tuple[int, str]:
+    def finish(self, timeout: float = HANG_GUARD_S) -> tuple[int, str]:
         """The exit code and stderr; a process that does not end in time (a hang) fails the test."""
         try:
             code = self.proc.wait(timeout)
@@ -462,7 +462,7 @@ def test_sigterm_to_one_rank_under_torchrun_stops_every_rank_at_one_step(world, 
     out, rarely = tmp_path / "out", "callbacks=[{type: CheckpointMonitor, save_checkpoint_steps: 1000}]"
     p = Process("--use_parallel", "True", "--config", world["recipe"], "--output_dir", out, "--max_steps", "100000",
                 "parallel.data_parallel=2", "runner_config.batch_size=1", rarely, torchrun=2)
-    p.wait_for(_stepped(out, 1), "first step", timeout=240)
+    p.wait_for(_stepped(out, 1), "first step")
     os.kill(_worker(p.proc.pid, 1), signal.SIGTERM)
     code, err = p.finish()
     assert code != 0
@@ -579,7 +579,7 @@ def test_evaluate_errors(case, lm_dirs, capsys):
 def test_evaluate_nan_model_as_a_real_process(lm_dirs):
     proc = subprocess.run([sys.executable, "evaluate.py", "--model", str(lm_dirs / "nan"), "--eval_dataset_dir",
                            str(lm_dirs / "valid.npy"), "--seq_length", "32", "--device", "cpu", "--no_progress"],
-                          cwd=REPO, env=dict(os.environ, PYTHONPATH=REPO, OMP_NUM_THREADS="1"), capture_output=True, text=True, timeout=300)
+                          cwd=REPO, env=dict(os.environ, PYTHONPATH=REPO, OMP_NUM_THREADS="1"), capture_output=True, text=True, timeout=HANG_GUARD_S)
     assert proc.returncode == 2
     assert_one_error(proc.stderr, "the evaluation's loss is nan")
     assert _strict_json(proc.stdout.splitlines()[1])["loss"] is None
@@ -645,7 +645,7 @@ def test_generate_prints_the_texts_before_a_bad_output_json_path(lm_dirs, tmp_pa
 def test_generate_nan_model_as_a_real_process(lm_dirs):
     proc = subprocess.run([sys.executable, "generate.py", "--model", str(lm_dirs / "nan"), "--prompt", "Hello",
                            "--max_new_tokens", "4", "--device", "cpu"],
-                          cwd=REPO, env=dict(os.environ, PYTHONPATH=REPO, OMP_NUM_THREADS="1"), capture_output=True, text=True, timeout=300)
+                          cwd=REPO, env=dict(os.environ, PYTHONPATH=REPO, OMP_NUM_THREADS="1"), capture_output=True, text=True, timeout=HANG_GUARD_S)
     assert proc.returncode == 2 and proc.stdout == ""
     assert_one_error(proc.stderr, "logits became NaN/inf")
 

@@ -1,8 +1,10 @@
 """Golden single-process runs through train.py's main(): a tiny pretrain (with an evaluation), the same run
 stopped at step 3 and resumed, a LoRA finetune of its export, and an SST-2 classifier trained on the real dev.tsv
-with the GPT-2 tokenizer. Each must reproduce its recorded losses, gradient norms, evaluations and final weights
-bit for bit (tests/helpers/goldens.py says how they were recorded). The torchrun layouts (TP, 1F1B pipeline,
-FSDP) are checked the same way in tests/test_parallel.py, on the runs that file makes anyway."""
+with the GPT-2 tokenizer. Each must reproduce its recorded losses, gradient norms, evaluations and final weights to
+the tolerances another CPU needs (tests/helpers/goldens.py says which and why); the resumed run must also equal
+the uninterrupted one bit for bit, both being run here. The torchrun layouts (TP, 1F1B pipeline, FSDP) are checked
+the same way in tests/test_parallel.py, on the runs that file makes anyway."""
+import json
 import os
 
 import numpy as np
@@ -11,7 +13,7 @@ import torch
 import yaml
 
 from conftest import load_script
-from helpers.goldens import assert_golden, run_record
+from helpers.goldens import assert_golden, read_tensors, run_record
 
 train = load_script("train.py")
 STEPS = 6
@@ -69,6 +71,17 @@ def test_stopped_at_step_3_then_resumed(world, pretrain):
     train_ok("--config", world / "lm.yaml", "--output_dir", out, "--max_steps", 3)
     train_ok("--config", world / "lm.yaml", "--output_dir", out, "--resume", "auto")
     assert_golden("pretrain", run_record(out))
+    assert metrics(out) == metrics(pretrain)  # same machine, same process: bit for bit
+    resumed, uninterrupted = read_tensors(out / "final"), read_tensors(pretrain / "final")
+    assert resumed.keys() == uninterrupted.keys()
+    assert all(torch.equal(resumed[k], uninterrupted[k]) for k in resumed)
+
+
+def metrics(out) -> list:
+    """metrics.jsonl's per-step numbers, without the ones that measure time."""
+    with open(out / "metrics.jsonl", encoding="utf-8") as f:
+        rows = [json.loads(line) for line in f]
+    return [{k: v for k, v in row.items() if "time" not in k and "per_s" not in k} for row in rows]
 
 
 def test_lora_finetune(world, pretrain):

@@ -18,6 +18,7 @@ from gpt2_ascend.data.sources import load_token_blocks, load_txtcls  # noqa: E40
 from gpt2_ascend.data.store import load_blocks, read_sidecar  # noqa: E402
 from gpt2_ascend.data.txtcls import prepare_txtcls  # noqa: E402
 from gpt2_ascend.data.wikitext2 import wikitext2_token_stream  # noqa: E402
+from conftest import HANG_GUARD_S
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 WIDTH = 129  # tokens per block: any width packs the same stream
@@ -207,7 +208,7 @@ def test_hub_ids_load_offline_from_a_local_datasets_cache(tmp_path, valid_lines,
     env = dict(os.environ, HF_DATASETS_OFFLINE="1", HF_HUB_OFFLINE="1", HF_DATASETS_CACHE=cache,
                PYTHONPATH=REPO, OMP_NUM_THREADS="1")
     out = subprocess.run([sys.executable, "-c", HUB_SCRIPT, tok_dir, str(tmp_path / "wiki.npy"),
-                          str(tmp_path / "sst2.npz")], env=env, capture_output=True, text=True, timeout=300)
+                          str(tmp_path / "sst2.npz")], env=env, capture_output=True, text=True, timeout=HANG_GUARD_S)
     assert out.returncode == 0, out.stderr[-3000:]
     assert np.load(tmp_path / "wiki.npy").tobytes() == raw_blocks.tobytes()
     want = prepare_txtcls(os.path.join(data_dir, "sst2", "dev.tsv"), 64, tok_dir)

@@ -22,6 +22,7 @@ from gpt2_ascend.train.job import job_from_recipe  # noqa: E402
 from gpt2_ascend.train.launcher import apply_launcher, launcher_changes  # noqa: E402
 from gpt2_ascend.train.recipe import load_recipe  # noqa: E402
 from gpt2_ascend.train.trackers import flat_params  # noqa: E402
+from conftest import HANG_GUARD_S
 
 STEPS = 3
 
@@ -67,7 +68,7 @@ def accelerate_launch(workdir, name, *launch_args):
     env = dict(os.environ, PYTHONPATH=REPO, OMP_NUM_THREADS="1", HF_HOME=str(workdir / "hf_home"))  # no user config
     cmd = [sys.executable, "-m", "accelerate.commands.launch", *launch_args, os.path.join(REPO, "train.py"),
            "--config", str(workdir / "tiny.yaml"), "--output_dir", str(out)]
-    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=HANG_GUARD_S)
     assert proc.returncode == 0, proc.stderr[-3000:]
     return out, proc.stdout
 

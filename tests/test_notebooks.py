@@ -9,6 +9,7 @@ import time
 import nbclient  # the dev extra (scripts/setup.sh installs it): a missing install fails here, it does not skip
 import nbformat
 import pytest
+from conftest import HANG_GUARD_S
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 NOTEBOOK_DIR = os.path.join(REPO, "notebooks")
@@ -64,7 +65,7 @@ def test_notebook_runs(name, tmp_path, monkeypatch):
 
     nb = nbformat.read(os.path.join(NOTEBOOK_DIR, name), as_version=4)
     start = time.perf_counter()
-    nbclient.NotebookClient(nb, kernel_name=KERNEL, timeout=600,
+    nbclient.NotebookClient(nb, kernel_name=KERNEL, timeout=HANG_GUARD_S,
                             resources={"metadata": {"path": NOTEBOOK_DIR}}).execute()
     seconds = time.perf_counter() - start
     print(f"{name}: {seconds:.1f} s")

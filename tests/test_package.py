@@ -13,7 +13,7 @@ import zipfile
 
 import pytest
 
-from conftest import REPO
+from conftest import HANG_GUARD_S, REPO
 from helpers.compat_env import overlay_venv, pip_install
 
 WORDS = ("the tower is three hundred metres tall and about the same height as a building of eighty storeys "
@@ -58,7 +58,7 @@ def test_installed_wheel_trains_and_generates_outside_the_checkout(wheel, tmp_pa
     env.update(GPT2_DATA_DIR=data_dir, OMP_NUM_THREADS="2")
 
     def run(*args):
-        return subprocess.run([str(a) for a in args], cwd=work, env=env, capture_output=True, text=True, timeout=600)
+        return subprocess.run([str(a) for a in args], cwd=work, env=env, capture_output=True, text=True, timeout=HANG_GUARD_S)
 
     where = run(python, "-c", "import gpt2_ascend; print(gpt2_ascend.__file__)")
     assert where.stdout.strip().startswith(str(venv)), where.stdout + where.stderr

@@ -7,6 +7,7 @@ import re
 import numpy as np
 import pytest
 import torch
+from conftest import HANG_GUARD_S
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -147,7 +148,7 @@ def test_an_in_memory_run_under_torchrun_ends_on_every_rank(tmp_path):
     script = tmp_path / "in_memory.py"
     script.write_text(IN_MEMORY_UNDER_TORCHRUN)
     proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
-                           str(_port()), str(script)], cwd=tmp_path, capture_output=True, text=True, timeout=180,
+                           str(_port()), str(script)], cwd=tmp_path, capture_output=True, text=True, timeout=HANG_GUARD_S,
                           env=dict(os.environ, PYTHONPATH=REPO, OMP_NUM_THREADS="1"))
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert sorted(line for line in proc.stdout.splitlines() if line.startswith("finished")) == \

@@ -18,7 +18,7 @@ import pytest
 import torch
 import yaml
 
-from conftest import tiny_config
+from conftest import HANG_GUARD_S, tiny_config
 from gpt2_ascend.convert.mindspore_ckpt import CkptWriter, read_ckpt
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -211,12 +211,12 @@ def _port():
 def run_case(argv):
     env = dict(os.environ, PYTHONPATH=REPO, OMP_NUM_THREADS="1")
     if argv[0] != "ranks":
-        proc = subprocess.run(argv, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+        proc = subprocess.run(argv, cwd=REPO, env=env, capture_output=True, text=True, timeout=HANG_GUARD_S)
         return proc.returncode, proc.stderr
     env.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_port()), WORLD_SIZE="2", LOCAL_WORLD_SIZE="2")
     procs = [subprocess.Popen(argv[1], cwd=REPO, env=dict(env, RANK=str(r), LOCAL_RANK=str(r)), text=True,
                               stdout=subprocess.PIPE, stderr=subprocess.PIPE) for r in (0, 1)]
-    (_, err0), (_, err1) = (p.communicate(timeout=300) for p in procs)
+    (_, err0), (_, err1) = (p.communicate(timeout=HANG_GUARD_S) for p in procs)
     if procs[1].returncode != 2 or "Traceback" in err1 or "error:" in err1:  # rank 0 speaks for both
         return procs[1].returncode, "rank 1: " + err1
     return procs[0].returncode, err0

@@ -14,16 +14,19 @@ import yaml
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 import train  # noqa: E402  (the CLI module, called in-process for the error cases)
+from conftest import HANG_GUARD_S
 
+STEPS = 120
 TINY = dict(
     device="cpu", seed=3,
-    runner_config=dict(batch_size=2, gradient_accumulation_steps=2, max_steps=300, progress_bar=False),
+    runner_config=dict(batch_size=2, gradient_accumulation_steps=2, max_steps=STEPS, progress_bar=False),
     model=dict(model_config=dict(seq_length=16, vocab_size=512, hidden_size=32, num_layers=2, num_heads=2,
                                  hidden_dropout_rate=0.1, attention_dropout_rate=0.1, eos_token_id=511,
                                  pad_token_id=511)),
-    lr_schedule=dict(learning_rate=1e-3, lr_end=1e-4, warmup_steps=10),
+    # the schedule spans a fixed STEPS, so a run told to go on longer follows it step for step
+    lr_schedule=dict(learning_rate=1e-3, lr_end=1e-4, warmup_steps=10, total_steps=STEPS),
     callbacks=[dict(type="MFLossMonitor", per_print_times=5),
-               dict(type="CheckpointMonitor", save_checkpoint_steps=25, keep_checkpoint_max=3)],
+               dict(type="CheckpointMonitor", save_checkpoint_steps=20, keep_checkpoint_max=3)],
 )
 
 
@@ -48,40 +51,43 @@ def _losses(output_dir):
 
 
 def test_kill_9_mid_run_then_resume_auto_writes_identical_losses(tmp_path, tiny_run):
+    """The victim is told to run for ever, so however fast or slow the machine it is still running when its step-40
+    checkpoint appears (the event the test waits on). Killed then, and resumed to 40 steps past where it died, it
+    writes the losses of a run to that step that never stopped."""
     reference, victim = tmp_path / "reference", tmp_path / "victim"
-    proc = _cli("--config", tiny_run, "--output_dir", reference)
-    out, err = proc.communicate(timeout=300)
-    assert proc.returncode == 0, err
-
-    proc = _cli("--config", tiny_run, "--output_dir", victim)
-    marker = victim / "checkpoint" / "step_0000050" / "manifest.json"
-    deadline = time.time() + 240
+    proc = _cli("--config", tiny_run, "--output_dir", victim, "--max_steps", 100_000)
+    marker = victim / "checkpoint" / "step_0000040" / "manifest.json"
+    deadline = time.monotonic() + HANG_GUARD_S
     while not marker.exists():
         assert proc.poll() is None, "the run ended before it could be killed: " + proc.stderr.read()
-        assert time.time() < deadline, "no checkpoint at step 50 in time"
+        assert time.monotonic() < deadline, f"no checkpoint at step 40 after {HANG_GUARD_S} s: a hang"
         time.sleep(0.01)
     os.kill(proc.pid, signal.SIGKILL)
     proc.communicate()
     assert proc.returncode == -signal.SIGKILL
     killed_at = len(_losses(victim))
-    assert 50 <= killed_at < 300  # killed mid-run (lines past the checkpoint are written again on resume)
+    assert killed_at >= 40  # killed mid-run (lines past its last checkpoint are written again on resume)
+    end = max(STEPS, killed_at + 40)
 
-    proc = _cli("--config", tiny_run, "--output_dir", victim, "--resume", "auto")
-    out, err = proc.communicate(timeout=300)
+    proc = _cli("--config", tiny_run, "--output_dir", reference, "--max_steps", end)
+    out, err = proc.communicate(timeout=HANG_GUARD_S)
+    assert proc.returncode == 0, err
+    proc = _cli("--config", tiny_run, "--output_dir", victim, "--max_steps", end, "--resume", "auto")
+    out, err = proc.communicate(timeout=HANG_GUARD_S)
     assert proc.returncode == 0, err
     assert "resumed from" in err + out and "step_00000" in err + out
     expected = _losses(reference)
-    assert [s for s, _ in expected] == list(range(1, 301))
+    assert [s for s, _ in expected] == list(range(1, end + 1))
     assert _losses(victim) == expected  # bit-identical per-step losses (dropout and data order included)
     assert os.path.isfile(victim / "final" / "model.safetensors")
 
 
 def test_help_and_a_real_error_exit_code(tmp_path):
     proc = _cli("--help")
-    out, _ = proc.communicate(timeout=120)
+    out, _ = proc.communicate(timeout=HANG_GUARD_S)
     assert proc.returncode == 0 and "examples:" in out and "--resume auto" in out and "section.key=value" in out
     proc = _cli("--config", tmp_path / "missing.yaml")
-    _, err = proc.communicate(timeout=120)
+    _, err = proc.communicate(timeout=HANG_GUARD_S)
     assert proc.returncode == 2 and err.strip().count("\n") == 0
     assert err.startswith("error: recipe not found:")
 

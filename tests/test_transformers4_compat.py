@@ -9,7 +9,7 @@ import subprocess
 
 import pytest
 
-from conftest import REPO
+from conftest import HANG_GUARD_S, REPO
 from helpers.compat_env import compat_pins, ensure_env
 
 TOL = 1e-5
@@ -58,7 +58,7 @@ def test_round_trip_with_the_oldest_transformers_4(oldest_env, tmp_path, data_di
     env = dict(os.environ, PYTHONPATH=REPO, GPT2_DATA_DIR=data_dir, OMP_NUM_THREADS="2")
     proc = subprocess.run([python, os.path.join(REPO, "tests", "compat", "hf_round_trip.py"), str(tmp_path),
                            str(tmp_path / "newer")], env=env, cwd=str(tmp_path), capture_output=True, text=True,
-                          timeout=600)
+                          timeout=HANG_GUARD_S)
     assert proc.returncode == 0, proc.stderr[-3000:]
     r = json.loads(proc.stdout.strip().splitlines()[-1])
     # really the old versions, and really this checkout's code
