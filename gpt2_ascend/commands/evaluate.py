@@ -4,28 +4,28 @@ A thin shell around gpt2_ascend.eval.runner; see docs/evaluation.md.
 """
 from __future__ import annotations
 
-import argparse
 import json
 import sys
+from ..cli import ArgumentParser
 
 EXAMPLES = """examples:
   # WikiText-2 perplexity, raw test file prepared on the fly (max_length = seq_length)
-  python evaluate.py --task perplexity --model out/gpt2-small --eval_dataset_dir ../shared/data/wikitext-2/wiki.test.tokens
+  %(prog)s --task perplexity --model out/gpt2-small --eval_dataset_dir ../shared/data/wikitext-2/wiki.test.tokens
   # MindFormers' number (mean of per-batch losses), comparable with its README's PPL
-  python evaluate.py --task perplexity --model out/gpt2-small --eval_dataset_dir wiki.test.npy --protocol mindformers
+  %(prog)s --task perplexity --model out/gpt2-small --eval_dataset_dir wiki.test.npy --protocol mindformers
   # HF's sliding-window perplexity, each token scored once with >= 512 tokens of context
-  python evaluate.py --task perplexity --model gpt2 --eval_dataset_dir wiki.test.tokens --stride 512
+  %(prog)s --task perplexity --model gpt2 --eval_dataset_dir wiki.test.tokens --stride 512
   # a LoRA adapter on top of its base model
-  python evaluate.py --task perplexity --model out/base --adapter out/lora/final/adapter --eval_dataset_dir wiki.valid.tokens
+  %(prog)s --task perplexity --model out/base --adapter out/lora/final/adapter --eval_dataset_dir wiki.valid.tokens
   # SST-2 accuracy of a finetuned classifier, JSON for scripts
-  python evaluate.py --task text_classification --model out/sst2 --eval_dataset_dir ../shared/data/sst2/dev.tsv \\
+  %(prog)s --task text_classification --model out/sst2 --eval_dataset_dir ../shared/data/sst2/dev.tsv \\
       --output_json sst2.json
 """
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description="Evaluate a GPT-2 checkpoint: perplexity or text-classification accuracy.",
-                                epilog=EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = ArgumentParser(description="Evaluate a GPT-2 checkpoint: perplexity or text-classification accuracy.",
+                                epilog=EXAMPLES)
     p.add_argument("--task", choices=("perplexity", "text_classification"), default="perplexity")
     p.add_argument("--model", required=True, help="HF-format model directory (ours or transformers') or a hub id")
     p.add_argument("--adapter", help="a PEFT LoRA adapter directory, merged into the model")

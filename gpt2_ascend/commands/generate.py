@@ -12,29 +12,30 @@ import os
 import sys
 import time
 import warnings
+from ..cli import ArgumentParser
 
 SAMPLING_ARGS = ("max_new_tokens", "min_new_tokens", "do_sample", "temperature", "top_k", "top_p", "repetition_penalty")
 DEFAULT_RECIPE = "predict_gpt2_small"  # a packaged recipe (configs/gpt2/predict_gpt2_small.yaml)
 
 EXAMPLES = """examples:
   # greedy continuation, streamed as it is produced
-  python generate.py --model out/small/final --prompt "The meaning of life is" --max_new_tokens 64 --stream
+  %(prog)s --model out/small/final --prompt "The meaning of life is" --max_new_tokens 64 --stream
   # sampling: temperature, top-k, nucleus, repetition penalty, reproducible with a seed
-  python generate.py --model gpt2 --prompt "Once upon a time" --do_sample --temperature 0.8 --top_k 50 \\
+  %(prog)s --model gpt2 --prompt "Once upon a time" --do_sample --temperature 0.8 --top_k 50 \\
       --top_p 0.95 --repetition_penalty 1.2 --seed 1234
   # many prompts (one per line), left-padded batches of 16, JSON results
-  python generate.py --model out/small/final --prompt_file prompts.txt --batch_size 16 --max_new_tokens 32 \\
+  %(prog)s --model out/small/final --prompt_file prompts.txt --batch_size 16 --max_new_tokens 32 \\
       --output_json out.json
   # a LoRA adapter on its base model; CUDA-graph decode step on a GPU
-  python generate.py --model out/base --adapter out/lora/final/adapter --prompt "Hello" --compile --device cuda
+  %(prog)s --model out/base --adapter out/lora/final/adapter --prompt "Hello" --compile --device cuda
   # MindFormers-style: the predict recipe sets max_decode_length (prompt + new tokens) and the sampling knobs
-  python generate.py --config configs/gpt2/predict_gpt2_small.yaml --load_checkpoint out/small/final --prompt "..."
+  %(prog)s --config configs/gpt2/predict_gpt2_small.yaml --load_checkpoint out/small/final --prompt "..."
 """
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description="Generate text with a GPT-2 checkpoint (KV-cache decoding).",
-                                epilog=EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = ArgumentParser(description="Generate text with a GPT-2 checkpoint (KV-cache decoding).",
+                                epilog=EXAMPLES)
     p.add_argument("--model", "--load_checkpoint", dest="model",
                    help="HF-format model directory, training checkpoint or hub id (default: the recipe's load_checkpoint)")
     p.add_argument("--adapter", help="a PEFT LoRA adapter directory, merged into the model")

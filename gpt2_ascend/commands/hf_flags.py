@@ -6,7 +6,7 @@ import json
 
 EXAMPLES = """  # a datasets source: a hub id (NAME:CONFIG:SPLIT, offline from the cache with HF_DATASETS_OFFLINE=1), a
   # save_to_disk folder, or .parquet / .jsonl / .csv / .arrow files; tokenized by Dataset.map on 2 processes
-  python train.py --config configs/gpt2/pretrain_gpt2_tiny.yaml --output_dir out/hf \\
+  %(prog)s --config configs/gpt2/pretrain_gpt2_tiny.yaml --output_dir out/hf \\
       --train_dataset_dir wikitext:wikitext-2-raw-v1:train --eval_dataset_dir wikitext:wikitext-2-raw-v1:validation \\
       --preprocessing_num_workers 2 --report_to tensorboard,wandb
 

@@ -1,12 +1,12 @@
 """HF GPT-2 checkpoint -> MindSpore/MindFormers GPT-2 .ckpt (no MindSpore needed)."""
-import argparse
 import sys
+from ..cli import ArgumentParser
 
 
 EXAMPLES = """examples:
-  python convert/hf_to_mindspore.py --layers 12 --torch_path gpt2/ --mindspore_path gpt2_small.ckpt
-  python convert/hf_to_mindspore.py --torch_path pytorch_model.bin --mindspore_path gpt2.ckpt --dtype fp16
-  python convert/hf_to_mindspore.py --layers 40 --torch_path cerebras-13b/ --mindspore_path gpt_13b.ckpt
+  %(prog)s --layers 12 --torch_path gpt2/ --mindspore_path gpt2_small.ckpt
+  %(prog)s --torch_path pytorch_model.bin --mindspore_path gpt2.ckpt --dtype fp16
+  %(prog)s --layers 40 --torch_path cerebras-13b/ --mindspore_path gpt_13b.ckpt
 
 PATH is an HF directory (model.safetensors, pytorch_model.bin, or shards with an index), a single .bin or
 .safetensors file, or one of ours (save_pretrained output, or a torch.save of our state dict). Names follow
@@ -14,7 +14,7 @@ MindFormers' GPT-2 (backbone.blocks.{i}.attention.dense1/2/3 = q/k/v ...); see d
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, epilog=EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = ArgumentParser(description=__doc__, epilog=EXAMPLES)
     p.add_argument("--torch_path", required=True, help="HF checkpoint directory or weight file")
     p.add_argument("--mindspore_path", required=True, help="output .ckpt file")
     p.add_argument("--layers", type=int, default=None,

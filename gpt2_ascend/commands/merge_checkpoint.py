@@ -1,15 +1,15 @@
 """Sharded (distributed) training checkpoint -> one HF-format directory. MindFormers' transform_ckpt.py
 equivalent: needs neither the original world size nor a process group."""
-import argparse
 import sys
+from ..cli import ArgumentParser
 
 
 EXAMPLES = """examples:
   # consolidate step 500 of a torchrun run (any data / tensor / pipeline layout) into an HF directory
-  python convert/merge_checkpoint.py --src_ckpt_dir output/pretrain_gpt2_13b/checkpoint/step_0000500 \\
+  %(prog)s --src_ckpt_dir output/pretrain_gpt2_13b/checkpoint/step_0000500 \\
       --dst_dir gpt2-13b-step500
   # the same in bf16, with the GPT-2 tokenizer files next to it
-  python convert/merge_checkpoint.py --src_ckpt_dir RUN/checkpoint/step_0001000 --dst_dir OUT --dtype bf16 \\
+  %(prog)s --src_ckpt_dir RUN/checkpoint/step_0001000 --dst_dir OUT --dtype bf16 \\
       --tokenizer $GPT2_DATA_DIR/gpt2
 
 The result (config.json + model.safetensors) loads with GPT2LMHeadModel.from_pretrained here and in
@@ -17,7 +17,7 @@ transformers. Checkpoints of single-process runs (model.pt) are merged too."""
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, epilog=EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = ArgumentParser(description=__doc__, epilog=EXAMPLES)
     p.add_argument("--src_ckpt_dir", required=True, help="RUN/checkpoint/step_N (sharded or single-process)")
     p.add_argument("--dst_dir", required=True, help="output HF-format directory")
     p.add_argument("--dtype", choices=["fp32", "fp16", "bf16"], default=None, help="cast the weights (default: as saved)")

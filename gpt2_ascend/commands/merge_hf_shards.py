@@ -1,13 +1,13 @@
 """Reshard an HF checkpoint (e.g. the 13B's two pytorch_model-0000N-of-00002.bin + index) into one
 model.safetensors or shards of a chosen size, one tensor in memory at a time."""
-import argparse
 import sys
+from ..cli import ArgumentParser
 
 
 EXAMPLES = """examples:
-  python convert/merge_hf_shards.py --input_dir cerebras-13b/ --output_dir gpt_13b --max_shard_size 60GB
-  python convert/merge_hf_shards.py --input_dir sharded/ --output_dir merged          # one model.safetensors
-  python convert/merge_hf_shards.py --input_dir gpt2-xl/ --output_dir gpt2-xl-fp16 --dtype fp16
+  %(prog)s --input_dir cerebras-13b/ --output_dir gpt_13b --max_shard_size 60GB
+  %(prog)s --input_dir sharded/ --output_dir merged          # one model.safetensors
+  %(prog)s --input_dir gpt2-xl/ --output_dir gpt2-xl-fp16 --dtype fp16
 
 Tensor names are kept; a tied lm_head.weight is dropped (transformers re-ties it). config.json, tokenizer
 and other non-weight files are copied. Peak memory is about the largest tensor (a .bin input shard is
@@ -15,7 +15,7 @@ memory-mapped while it is read), not the model."""
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, epilog=EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = ArgumentParser(description=__doc__, epilog=EXAMPLES)
     p.add_argument("--input_dir", required=True, help="HF checkpoint directory (sharded .bin or safetensors)")
     p.add_argument("--output_dir", required=True, help="output directory")
     p.add_argument("--max_shard_size", default=None, help="largest output shard, e.g. 60GB (default: one file)")

@@ -1,16 +1,16 @@
 """Fold a LoRA adapter into its base model and write a plain HF GPT-2 directory that transformers and
 gpt2_ascend load without peft. The adapter is a PEFT directory (as LoRA finetuning writes it), or MindFormers'
 unmerged LoRA .ckpt (its lora_a / lora_b tensors beside the base weights)."""
-import argparse
 import sys
+from ..cli import ArgumentParser
 
 
 EXAMPLES = """examples:
-  python convert/merge_lora.py --base gpt2-small/ --adapter runs/lora/adapter --output_dir gpt2-small-merged
-  python convert/merge_lora.py --base gpt2-small/ --adapter runs/lora/adapter --output_dir merged --dtype fp16
-  python convert/merge_lora.py --adapter runs/lora/final/adapter --output_dir merged   # base named by the adapter
+  %(prog)s --base gpt2-small/ --adapter runs/lora/adapter --output_dir gpt2-small-merged
+  %(prog)s --base gpt2-small/ --adapter runs/lora/adapter --output_dir merged --dtype fp16
+  %(prog)s --adapter runs/lora/final/adapter --output_dir merged   # base named by the adapter
   # MindFormers' LoRA checkpoint (finetune_gpt2_small_lora_fp16.yaml: rank 64, alpha 128, dense1 + dense3)
-  python convert/merge_lora.py --base gpt2_lora.ckpt --lora_alpha 128 --output_dir gpt2-lora-merged
+  %(prog)s --base gpt2_lora.ckpt --lora_alpha 128 --output_dir gpt2-lora-merged
 
 The base is an HF directory (or hub id) with config.json; the adapter a PEFT directory with adapter_config.json
 and adapter_model.safetensors (ours, or one trained with peft on transformers' GPT-2: task type CAUSAL_LM,
@@ -20,7 +20,7 @@ checkpoint); heads and activation come from the preset of its width, or --n_head
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, epilog=EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = ArgumentParser(description=__doc__, epilog=EXAMPLES)
     p.add_argument("--base", help="base model: HF directory or hub id (default: the adapter's "
                                   "base_model_name_or_path), or a MindFormers LoRA .ckpt")
     p.add_argument("--adapter", help="PEFT adapter directory (not with a .ckpt base: it holds its adapters)")

@@ -1,13 +1,13 @@
 """MindSpore/MindFormers GPT-2 .ckpt -> HF GPT-2 directory (config.json + model.safetensors)."""
-import argparse
 import sys
+from ..cli import ArgumentParser
 
 
 EXAMPLES = """examples:
-  python convert/mindspore_to_hf.py --mindspore_path gpt2_small.ckpt --output_dir gpt2-hf
-  python convert/mindspore_to_hf.py --mindspore_path gpt2_13b.ckpt --output_dir gpt2-13b --max_shard_size 10GB
-  python convert/mindspore_to_hf.py --mindspore_path custom.ckpt --output_dir out --n_head 16 --activation gelu_new
-  python convert/mindspore_to_hf.py --mindspore_path gpt2_13b.ckpt --output_dir out --config run_gpt2_13b.yaml
+  %(prog)s --mindspore_path gpt2_small.ckpt --output_dir gpt2-hf
+  %(prog)s --mindspore_path gpt2_13b.ckpt --output_dir gpt2-13b --max_shard_size 10GB
+  %(prog)s --mindspore_path custom.ckpt --output_dir out --n_head 16 --activation gelu_new
+  %(prog)s --mindspore_path gpt2_13b.ckpt --output_dir out --config run_gpt2_13b.yaml
 
 Layers, hidden size, vocab, positions and MLP width are read from the tensors. A .ckpt does not store the
 number of heads: it is --n_head, or model.model_config.num_heads of the MindFormers recipe given with
@@ -19,7 +19,7 @@ Load the result with transformers.GPT2LMHeadModel.from_pretrained(DIR) or ours."
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, epilog=EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = ArgumentParser(description=__doc__, epilog=EXAMPLES)
     p.add_argument("--mindspore_path", required=True, help="input .ckpt file")
     p.add_argument("--output_dir", required=True, help="output HF directory")
     p.add_argument("--n_head", type=int, default=None,

@@ -13,31 +13,32 @@ import shlex
 import sys
 
 from .hf_flags import EXAMPLES as HF_EXAMPLES, add_hf_flags, hf_flag_overrides
+from ..cli import ArgumentParser
 
 EPILOG = """examples:
   # tiny pretrain on WikiText-2 (CPU, a couple of minutes), then look at OUTPUT_DIR/final
-  python train.py --config configs/gpt2/pretrain_gpt2_tiny.yaml --output_dir out/tiny
+  %(prog)s --config configs/gpt2/pretrain_gpt2_tiny.yaml --output_dir out/tiny
 
   # GPT-2 small from scratch on CUDA, data prepared on the fly from the raw WikiText-2 files
-  python train.py --config configs/gpt2/pretrain_gpt2_small.yaml --device cuda \\
+  %(prog)s --config configs/gpt2/pretrain_gpt2_small.yaml --device cuda \\
       --train_dataset_dir $GPT2_DATA_DIR/wikitext-2/wiki.train.tokens \\
       --eval_dataset_dir $GPT2_DATA_DIR/wikitext-2/wiki.valid.tokens --output_dir out/small
 
   # continue a killed run from its newest complete checkpoint
-  python train.py --config configs/gpt2/pretrain_gpt2_tiny.yaml --output_dir out/tiny --resume auto
+  %(prog)s --config configs/gpt2/pretrain_gpt2_tiny.yaml --output_dir out/tiny --resume auto
 
   # LoRA finetune of an HF-format model, overriding recipe keys on the command line
-  python train.py --config configs/gpt2/finetune_gpt2_small_lora.yaml --load_checkpoint out/small/final \\
+  %(prog)s --config configs/gpt2/finetune_gpt2_small_lora.yaml --load_checkpoint out/small/final \\
       --train_dataset_dir train.npy runner_config.batch_size=4 lr_schedule.learning_rate=5e-4
 
   # SST-2 classification finetune (dev accuracy at the end)
-  python train.py --config configs/gpt2/finetune_gpt2_small_txtcls.yaml --load_checkpoint out/small/final \\
+  %(prog)s --config configs/gpt2/finetune_gpt2_small_txtcls.yaml --load_checkpoint out/small/final \\
       --train_dataset_dir $GPT2_DATA_DIR/sst2/train.tsv --eval_dataset_dir $GPT2_DATA_DIR/sst2/dev.tsv
 
   # MindFormers' evaluation and prediction commands, with MindFormers' own weights (.ckpt) loaded directly
-  python train.py --config configs/gpt2/pretrain_gpt2_small.yaml --run_mode eval --epochs 1 \\
+  %(prog)s --config configs/gpt2/pretrain_gpt2_small.yaml --run_mode eval --epochs 1 \\
       --load_checkpoint gpt2.ckpt --eval_dataset_dir $GPT2_DATA_DIR/wikitext-2/wiki.valid.tokens
-  python train.py --config configs/gpt2/predict_gpt2_small.yaml --run_mode predict --load_checkpoint gpt2.ckpt \\
+  %(prog)s --config configs/gpt2/predict_gpt2_small.yaml --run_mode predict --load_checkpoint gpt2.ckpt \\
       --predict_data "I love Beijing, because"
 
 """ + HF_EXAMPLES + """
@@ -58,9 +59,9 @@ def str2bool(text: str) -> bool:
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description="Train, finetune, evaluate or predict with GPT-2 from a recipe "
+    p = ArgumentParser(description="Train, finetune, evaluate or predict with GPT-2 from a recipe "
                                             "(configs/gpt2/*.yaml).",
-                                epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+                                epilog=EPILOG)
     p.add_argument("--config", required=True, help="recipe YAML (configs/gpt2/pretrain_gpt2_small.yaml) or a "
                                                     "packaged recipe's name (pretrain_gpt2_small)")
     p.add_argument("--run_mode", choices=("train", "finetune", "eval", "predict"),
@@ -159,18 +160,21 @@ def report_error(e: Exception):
 
 def resume_command(argv=None) -> str:
     """This command with --resume auto in place of --resume X / --overwrite_output_dir: how to continue."""
-    script = sys.argv[0] if argv is None else "train.py"  # as the user typed it
+    from ..cli import invoked_words
+    program = invoked_words("python train.py" if argv is not None else "")  # as the user typed it
     args, kept = list(sys.argv[1:] if argv is None else argv), []
     while args:
         arg = args.pop(0)
-        if arg == "--resume" and args:
+        flag = "--" + arg[2:].replace("-", "_") if arg.startswith("--") else arg  # --overwrite-output-dir too
+        if flag == "--resume" and args:
             args.pop(0)
-        elif not (arg.startswith(("--resume=", "resume_training=")) or arg == "--overwrite_output_dir"):
+        elif not (flag.startswith(("--resume=", "resume_training=")) or flag == "--overwrite_output_dir"):
             kept.append(arg)
     world = int(os.environ.get("WORLD_SIZE", "1"))
-    launcher = ["torchrun", "--nproc_per_node", os.environ.get("LOCAL_WORLD_SIZE", str(world))] if world > 1 \
-        else ["python"]
-    return shlex.join([*launcher, script, *kept, "--resume", "auto"])
+    if world > 1:  # torchrun runs a Python script or module itself, and a console script with --no-python
+        launcher = ["torchrun", "--nproc_per_node", os.environ.get("LOCAL_WORLD_SIZE", str(world))]
+        program = launcher + (program[1:] if program[0] == "python" else ["--no-python", *program])
+    return shlex.join([*program, *kept, "--resume", "auto"])
 
 
 def report_interrupt(e: BaseException, argv) -> int:

@@ -21,7 +21,6 @@ GPT2_DATA_URL=BASE replaces all of them by BASE/RELATIVE_NAME (a mirror laid out
 """
 from __future__ import annotations
 
-import argparse
 import contextlib
 import hashlib
 import os
@@ -30,7 +29,7 @@ import sys
 import urllib.error
 import urllib.request
 
-from ..cli import print_error
+from ..cli import ArgumentParser, print_error
 from ..fileio import fsync_dir, reporting_disk_full, sha256_file
 
 HF_GPT2 = "https://huggingface.co/openai-community/gpt2/resolve/main"
@@ -227,14 +226,12 @@ def dataset_path(name: str, root: str | None = None) -> str:
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(
-        prog="python -m gpt2_ascend.data.download",
+    parser = ArgumentParser(
         description="Download the missing files of the data directory ($GPT2_DATA_DIR), verifying sha256.",
-        epilog="examples:\n  python -m gpt2_ascend.data.download\n"
-               "  python -m gpt2_ascend.data.download gpt2 wiki.valid.tokens --data_dir /data/gpt2\n"
-               "  GPT2_DATA_URL=http://mirror.local/gpt2-data python -m gpt2_ascend.data.download sst2\n"
-               f"names: {', '.join(list(GROUPS) + list(URLS))}",
-        formatter_class=argparse.RawDescriptionHelpFormatter)
+        epilog="examples:\n  %(prog)s\n"
+               "  %(prog)s gpt2 wiki.valid.tokens --data_dir /data/gpt2\n"
+               "  GPT2_DATA_URL=http://mirror.local/gpt2-data %(prog)s sst2\n"
+               f"names: {', '.join(list(GROUPS) + list(URLS))}")
     parser.add_argument("names", nargs="*", help="files or folders to fetch (default: all)")
     parser.add_argument("--data_dir", default=None, help="target folder (default: $GPT2_DATA_DIR)")
     parser.add_argument("--verify", action="store_true", help="also check the sha256 of files already there")

@@ -24,13 +24,12 @@ non-pad token.
 """
 from __future__ import annotations
 
-import argparse
 import os
 import sys
 
 import numpy as np
 
-from ..cli import print_error
+from ..cli import ArgumentParser, print_error
 from ..fileio import sha256_file
 from .store import save_arrays
 from .text import encode_many, resolve_tokenizer
@@ -161,19 +160,18 @@ def write_txtcls(input_file: str, output_file: str, max_length: int = 128, token
 
 
 EXAMPLES = """examples:
-  python -m gpt2_ascend.data.txtcls --dataset_name sst_2 --input_file ../shared/data/sst2/train.tsv \\
+  %(prog)s --dataset_name sst_2 --input_file ../shared/data/sst2/train.tsv \\
       --output_file data/sst2.train.npz --max_length 128
-  python -m gpt2_ascend.data.txtcls --dataset_name sst_2 --input_file ../shared/data/sst2/dev.tsv \\
+  %(prog)s --dataset_name sst_2 --input_file ../shared/data/sst2/dev.tsv \\
       --output_file data/sst2.dev.npz
 """
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(
-        prog="python -m gpt2_ascend.data.txtcls",
+    parser = ArgumentParser(
         description="Prepare a text-classification file (SST-2 / CoLA .tsv, IMDB / AG News .csv) as a .npz of input_ids, "
                     "attention_mask (right padding with the eos id) and labels, plus a JSON sidecar.",
-        epilog=EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
+        epilog=EXAMPLES)
     parser.add_argument("--dataset_name", default="sst_2", choices=DATASETS, help="row layout (default sst_2)")
     parser.add_argument("--input_file", required=True, help="GLUE train.tsv / dev.tsv, IMDB Dataset.csv, AG News train.csv")
     parser.add_argument("--output_file", required=True, help="output .npz (a .json sidecar is written beside it)")

@@ -17,14 +17,13 @@ Training uses max_length = seq_length + 1 (inputs and shifted labels come from o
 """
 from __future__ import annotations
 
-import argparse
 import os
 import re
 import sys
 
 import numpy as np
 
-from ..cli import print_error
+from ..cli import ArgumentParser, print_error
 from ..fileio import sha256_file
 from .store import save_blocks
 from .text import pack_blocks, resolve_tokenizer, tokenize_text
@@ -159,21 +158,21 @@ def write_wikitext2(input_file: str, output_file: str, max_length: int, tokenize
 
 EXAMPLES = """examples:
   # training data for seq_length 1024 (blocks of 1025 = inputs + shifted labels)
-  python -m gpt2_ascend.data.wikitext2 --input_file ../shared/data/wikitext-2/wiki.train.tokens \\
+  %(prog)s --input_file ../shared/data/wikitext-2/wiki.train.tokens \\
       --output_file data/wikitext2.train.1025.npy --max_length 1025 --tokenizer_type ../shared/data/gpt2
   # evaluation data, exactly the blocks MindFormers' wikitext2_data_process.py makes
-  python -m gpt2_ascend.data.wikitext2 --input_file wiki.valid.tokens --output_file valid.npy \\
+  %(prog)s --input_file wiki.valid.tokens --output_file valid.npy \\
       --max_length 1024 --mindformers_compat
   # any UTF-8 .txt file or folder of .txt files works too
-  python -m gpt2_ascend.data.wikitext2 --input_file my_corpus/ --output_file mine.npy --max_length 1025
+  %(prog)s --input_file my_corpus/ --output_file mine.npy --max_length 1025
 """
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(
-        prog="python -m gpt2_ascend.data.wikitext2", description=__doc__.split("\n\n")[0] + " Writes a .npy of "
+    parser = ArgumentParser(
+        description=__doc__.split("\n\n")[0] + " Writes a .npy of "
         "shape (blocks, max_length) plus a JSON sidecar (source and tokenizer sha256, options).",
-        epilog=EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
+        epilog=EXAMPLES)
     parser.add_argument("--input_file", required=True,
                         help="wiki.{train,valid,test}.tokens, or a UTF-8 .txt file / folder of .txt files")
     parser.add_argument("--output_file", required=True, help="output .npy (a .json sidecar is written beside it)")
