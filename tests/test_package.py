@@ -73,8 +73,13 @@ def test_installed_wheel_trains_and_generates_outside_the_checkout(wheel, tmp_pa
     gen = run(venv / "bin" / "gpt2-generate", "--model", final, "--prompt", "The tower", "--max_new_tokens", 4,
               "--device", "cpu")
     assert gen.returncode == 0 and gen.stdout.startswith("The tower"), gen.stderr[-2000:]
-    for script, sub in (("gpt2-convert", "merge-lora"), ("gpt2-prepare", "txtcls"), ("gpt2-evaluate", None)):
+    for script, sub, example in (("gpt2-convert", "merge-lora", "--base"), ("gpt2-prepare", "txtcls", "--dataset_name"),
+                                 ("gpt2-evaluate", None, "--task"), ("gpt2-train", None, "--config"),
+                                 ("gpt2-generate", None, "--model"), ("gpt2-convert", "mindspore-to-hf", "--mindspore_path")):
         help_ = run(venv / "bin" / script, *([sub] if sub else []), "--help")
         assert help_.returncode == 0 and "usage:" in help_.stdout, help_.stderr
+        name = " ".join([script, *([sub] if sub else [])])  # the examples name the program as it was invoked
+        assert f"  {name} {example}" in help_.stdout, help_.stdout
+        assert not any(old in help_.stdout for old in ("python train.py", "python evaluate.py", "convert/", "python -m"))
     bad = run(venv / "bin" / "gpt2-train", "--config", "pretrain_gpt2_nope")
     assert bad.returncode == 2 and "pretrain_gpt2_tiny" in bad.stderr  # the error lists the packaged recipes
