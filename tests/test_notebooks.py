@@ -65,7 +65,10 @@ def test_notebook_runs(name, tmp_path, monkeypatch):
 
     nb = nbformat.read(os.path.join(NOTEBOOK_DIR, name), as_version=4)
     start = time.perf_counter()
-    nbclient.NotebookClient(nb, kernel_name=KERNEL, timeout=HANG_GUARD_S,
+    # every wait a hang guard: nbclient's defaults (60 s for the kernel to start, 4 s for a cell's last outputs)
+    # measure speed, and past the 4 s a loaded machine's late outputs (a figure) are dropped with a warning
+    nbclient.NotebookClient(nb, kernel_name=KERNEL, timeout=HANG_GUARD_S, startup_timeout=HANG_GUARD_S,
+                            iopub_timeout=HANG_GUARD_S, raise_on_iopub_timeout=True,
                             resources={"metadata": {"path": NOTEBOOK_DIR}}).execute()
     seconds = time.perf_counter() - start
     print(f"{name}: {seconds:.1f} s")
