@@ -12,8 +12,9 @@
 """
 from .checkpoint import merge_checkpoint
 from .lora import load_mindformers_lora, merge_lora, merge_mindformers_lora
-from .mindformers import hf_to_mindspore, load_mindspore_model, mindspore_to_hf
-from .mindspore_ckpt import CkptError, CkptReader, CkptWriter, read_ckpt, write_ckpt
+from ..mindspore_io.ckpt import CkptError, CkptReader, CkptWriter, read_ckpt, write_ckpt
+from ..mindspore_io.source import load_mindspore_model
+from .mindformers import hf_to_mindspore, mindspore_to_hf
 from .shards import WeightIndex, merge_hf_shards
 
 __all__ = ["hf_to_mindspore", "mindspore_to_hf", "load_mindspore_model", "merge_hf_shards", "merge_lora",

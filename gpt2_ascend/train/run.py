@@ -382,7 +382,7 @@ def model_from_mindspore(spec: ModelSpec, path: str, overrides: dict, log=print)
     (which a .ckpt does not record). A LoRA checkpoint (lora_a / lora_b beside the base) becomes a LoRA model with
     its adapters, scaled by the spec's lora alpha."""
     from ..convert.lora import load_mindformers_lora
-    from ..convert.mindformers import MindFormersSource, load_mindspore_model
+    from ..mindspore_io.source import MindFormersSource, load_mindspore_model
     cls, heads, act = model_class(spec.architecture), spec.config.n_head, spec.config.activation
     with MindFormersSource(path, heads, act) as source:
         has_lora = bool(source.lora_names)
