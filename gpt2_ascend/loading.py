@@ -74,6 +74,17 @@ def is_mindspore(path: str) -> bool:
     return (os.path.isfile(path) and path.endswith(".ckpt")) or is_distributed_checkpoint(path)
 
 
+def mindspore_overrides(path: str, strategy: str | None = None, n_head: int | None = None,
+                        activation: str | None = None) -> dict:
+    """load_model overrides for what a MindSpore checkpoint does not store (the heads, the activation: a command's
+    --n_head / --activation); refused for other models, whose config.json fixes them."""
+    given = {k: v for k, v in dict(n_head=n_head, activation=activation).items() if v is not None}
+    if given and strategy is None and not is_mindspore(path):
+        raise ValueError(f"--{next(iter(given))} is for MindSpore checkpoints (.ckpt or distributed), which do not "
+                         f"store it; {path}'s config.json fixes the model's shape: leave it out")
+    return given
+
+
 def model_from_mindspore(path: str, architecture: str | None, overrides: dict | None, dtype, device, new_head: bool,
                          strategy: str | None = None):
     """MindFormers GPT-2 weights (mindspore_io.source) as a model of `architecture` (default: the checkpoint's)."""

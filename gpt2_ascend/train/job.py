@@ -63,11 +63,13 @@ class LoraSettings:
 @dataclass(frozen=True)
 class ModelSpec:
     """The model a run builds: a fresh one of `config`, or the weights of `load_checkpoint` (an HF directory or hub
-    id, a training checkpoint, a PEFT adapter directory, a MindFormers .ckpt), whose shape is then the checkpoint's
+    id, a training checkpoint, a PEFT adapter directory, a MindFormers .ckpt or distributed checkpoint with its
+    `strategy`), whose shape is then the checkpoint's
     and whose other config fields are `overrides` (dropout, labels, the attention kernel, a new head's init)."""
     architecture: str = LANGUAGE_MODEL
     config: GPT2Config = field(default_factory=GPT2Config)
     load_checkpoint: str = ""  # as given (recorded in checkpoints); `source` is the resolved path
+    strategy: str = ""  # a MindFormers distributed load_checkpoint's strategy (src_strategy_path_or_dir)
     overrides: dict = field(default_factory=dict)
     seq_length: int = 1024
     lora: LoraSettings | None = None
@@ -195,6 +197,7 @@ def job_from_recipe(recipe, names: ArgumentNames = RECIPE_NAMES) -> TrainJob:
     lora = lora_settings(recipe)
     model = ModelSpec(architecture=recipe.model.arch.type, config=gpt2_config(recipe),
                       load_checkpoint=recipe.load_checkpoint, overrides=training_overrides(recipe),
+                      strategy=resolve_path(recipe.src_strategy_path_or_dir) if recipe.src_strategy_path_or_dir else "",
                       seq_length=mc.seq_length, lora=LoraSettings(**lora) if lora else None,
                       recompute=recipe.parallel.recompute)
     opt, lr = recipe.optimizer, recipe.lr_schedule

@@ -99,6 +99,8 @@ SCHEMA = _section(
                  doc="train: from scratch (or from load_checkpoint); finetune: from load_checkpoint"),
     output_dir=Key("./output", "str"),
     load_checkpoint=Key("", "str", doc="HF-format directory or one of our checkpoint directories"),
+    src_strategy_path_or_dir=Key("", "str", doc="the strategy of a MindFormers distributed load_checkpoint "
+                                                "(output/strategy/); empty: none, or output/ holding strategy/"),
     resume_training=Key(False, "resume", doc="false, true/auto (newest complete checkpoint) or a checkpoint path"),
     device=Key("auto", "str", doc="auto | cpu | cuda[:N] | npu[:N]"),
     use_parallel=Key(False, "bool"),
