@@ -12,8 +12,10 @@ It answers like a CkptReader (entries, load), so whatever reads a `.ckpt` reads 
 the strategy is merged from the slices of the lowest pipeline stage that holds it; entries the strategy does not
 name (global_step and the other training counters) are read from the lowest rank that has them -- both as
 MindSpore's transform_checkpoints does. Memory: the one full tensor being merged and one slice at a time.
-Everything is checked before a byte of data is read: every rank file present and readable (crc too), every slice
-of the shape its layout gives, no rank holding a parameter its stage does not have.
+Everything is checked before a tensor is merged: every rank file present and readable (crc too), every slice of
+the shape its layout gives, no rank holding a parameter its stage does not have, and every entry the strategy does
+not name equal on every rank that holds it (else it is a sliced tensor the strategy does not describe, and copying
+the first rank's would be a silently wrong tensor).
 """
 from __future__ import annotations
 
@@ -88,8 +90,12 @@ class DistributedCheckpoint:
         self.rank_entries = {rank: self._index(rank, verify_crc) for rank in self.files}
         self.entries: dict[str, CkptEntry] = OrderedDict()
         self.source_rank: dict[str, int] = {}  # entries the strategy does not name: the rank they are read from
-        self._build_entries()
         self._open: OrderedDict[int, CkptReader] = OrderedDict()
+        try:
+            self._build_entries()
+        except BaseException:
+            self.close()
+            raise
 
     # -------------------------------------------------------------------------------------------------------
     # checks, before any data is read
@@ -125,6 +131,10 @@ class DistributedCheckpoint:
         for rank in reversed(self.files):
             for name in self.rank_entries[rank]:
                 seen.setdefault(name, None)
+        if not any(name in self.strategy.layouts for name in seen):
+            raise ValueError(f"the strategy {self.strategy.source} names none of the tensors in {self.path} (it has "
+                             f"{next(iter(self.strategy.layouts))!r}, the checkpoints {next(iter(seen))!r}): is it "
+                             f"the strategy of this run?")
         for name in seen:
             if name in self.strategy.layouts:
                 self.entries[name] = self._check_sliced(name)
@@ -172,13 +182,16 @@ class DistributedCheckpoint:
     def _check_copied(self, name: str) -> CkptEntry:
         holders = [rank for rank, entries in self.rank_entries.items() if name in entries]
         first = self.rank_entries[holders[0]][name]
+        value = None if first.is_map else self.reader(holders[0]).read_bytes(first)
         for rank in holders[1:]:
             entry = self.rank_entries[rank][name]
-            if (entry.dims, entry.tensor_type) != (first.dims, first.tensor_type):
-                raise ValueError(f"{name!r} is not in the strategy {self.strategy.source}, yet rank {holders[0]} holds "
-                                 f"it as {first.tensor_type} {list(first.dims)} and rank {rank} as "
-                                 f"{entry.tensor_type} {list(entry.dims)}: a sliced tensor the strategy does not "
-                                 f"describe (is it the strategy of this run?)")
+            same = (entry.dims, entry.tensor_type, entry.is_map) == (first.dims, first.tensor_type, first.is_map)
+            if same and value is not None:
+                same = torch.equal(self.reader(rank).read_bytes(entry), value)
+            if not same:
+                raise ValueError(f"{name!r} is not in the strategy {self.strategy.source}, yet ranks {holders[0]} and "
+                                 f"{rank} hold different values of it: a sliced tensor the strategy does not describe "
+                                 f"(is it the strategy of this run?)")
         self.source_rank[name] = holders[0]
         return first
 
