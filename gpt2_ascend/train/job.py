@@ -22,7 +22,7 @@ import torch
 from ..config import GPT2Config
 from ..model import LANGUAGE_MODEL
 from ..parallel.mesh import ParallelConfig
-from .optim import UPDATE_RULES, LRSchedule, resolve_total_steps
+from .optim import UPDATE_RULES, LRSchedule, resolve_total_steps, warmup_of
 from .trainer import TrainSettings
 
 
@@ -109,6 +109,9 @@ class OptimizerSettings:
     warmup_lr_init: float = 0.0
     power: float = 1.0
     schedule_steps: int = -1
+    warmup_ratio: float | None = None  # replaces warmup_steps: int(total * ratio)
+    num_cycles: float = 0.5  # cosine
+    decay_steps: int | None = None
     beta1: float = 0.9
     beta2: float = 0.95
     eps: float = 1e-8
@@ -123,8 +126,9 @@ class OptimizerSettings:
     def schedule(self, steps_per_epoch: int, epochs: int, max_steps: int | None) -> LRSchedule:
         total = resolve_total_steps(self.schedule_steps, steps_per_epoch, epochs, max_steps or -1)
         return LRSchedule(type=self.lr_schedule, learning_rate=self.learning_rate, lr_end=self.lr_end,
-                          warmup_steps=self.warmup_steps, total_steps=total, power=self.power,
-                          warmup_lr_init=self.warmup_lr_init)
+                          warmup_steps=warmup_of(self.warmup_steps, self.warmup_ratio, total), total_steps=total,
+                          power=self.power, warmup_lr_init=self.warmup_lr_init, num_cycles=self.num_cycles,
+                          decay_steps=self.decay_steps)
 
 
 @dataclass(frozen=True)
@@ -210,11 +214,12 @@ def job_from_recipe(recipe, names: ArgumentNames = RECIPE_NAMES) -> TrainJob:
         eval_interval=recipe.eval_step_interval if recipe.do_eval else None,
         loss_scale=wrapper.scale_sense.loss_scale_value, scale_factor=wrapper.scale_sense.scale_factor,
         scale_window=wrapper.scale_sense.scale_window, max_consecutive_skips=wrapper.max_consecutive_skips,
-        progress=rc.progress_bar)
+        loss_scale_fixed=wrapper.scale_sense.type == "FixedLossScaleUpdateCell", progress=rc.progress_bar)
     optimizer = OptimizerSettings(type=opt.type, learning_rate=lr.learning_rate, lr_end=lr.lr_end,
                                   lr_schedule=lr.type, warmup_steps=lr.warmup_steps, warmup_lr_init=lr.warmup_lr_init,
                                   power=lr.power, schedule_steps=lr.total_steps, beta1=opt.beta1, beta2=opt.beta2,
-                                  eps=opt.eps, weight_decay=opt.weight_decay)
+                                  eps=opt.eps, weight_decay=opt.weight_decay, warmup_ratio=lr.warmup_ratio,
+                                  num_cycles=lr.num_cycles, decay_steps=lr.decay_steps)
     generation = generation_config(recipe)
     p = recipe.parallel
     return TrainJob(

@@ -592,8 +592,9 @@ def _layout(pc) -> str:
 
 
 def _trainable(model) -> int:
-    """Trainable parameters, without the internal vocab padding rows (as num_parameters counts)."""
-    n = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    """Trainable parameters, without the internal vocab padding rows (as num_parameters counts) or the entries of a
+    fused q / v adapter that stay zero (lora.mask_to_parts): MindFormers' count."""
+    n = sum(getattr(p, "trained_numel", p.numel()) for p in model.parameters() if p.requires_grad)
     base = unwrap_model(model)
     wte = base.transformer.wte.weight
     if wte.requires_grad:
