@@ -5,6 +5,10 @@
     load_model("out/run/checkpoint/step_0000100")    a training checkpoint: one process's, or a torchrun run's sharded
                                                      one, gathered into one model here (any layout)
     load_model(path, "GPT2ForSequenceClassification", adapter="out/lora/final/adapter")
+    load_model("gpt2.ckpt", overrides=dict(n_head=12))   a MindFormers .ckpt (the heads and activation, which it does
+                                                     not store: from overrides, else the preset of its width)
+    load_model("output/")                            a MindFormers distributed checkpoint: output/checkpoint/rank_N/
+    load_model("output/checkpoint", strategy="output/strategy")   and its strategy, the slices merged here
 
 The head is chosen here and nowhere else, by the HF architecture string: the one asked for, else the one the checkpoint
 records (its config.json's `architectures`), else the language model. A checkpoint of another head does not load as a
@@ -21,18 +25,27 @@ import os
 from . import checkpoints as ckpt
 from .config import GPT2Config
 from .hf import load_pretrained, model_from_state, pad_vocab, resolve_model_path
+from .mindspore_io.distributed import is_distributed_checkpoint
 from .model import CLASSIFIER, LANGUAGE_MODEL, model_class
 
 VOCAB_ROWS = ("transformer.wte.weight", "lm_head.weight")
 
 
 def load_model(path_or_hub_id: str, architecture: str | None = None, dtype=None, device=None,
-               overrides: dict | None = None, adapter: str | None = None, new_head: bool = False):
+               overrides: dict | None = None, adapter: str | None = None, new_head: bool = False,
+               strategy: str | None = None):
     """The model in `path_or_hub_id` (see the module's doc), in eval mode, on `device` (default: the CPU), in `dtype`
     (default: the checkpoint's floating dtype). overrides: GPT2Config fields the checkpoint does not fix (dropout,
-    num_labels, the attention kernel, the vocab padding). adapter: a PEFT adapter directory, merged in (a SEQ_CLS
-    adapter brings the classifier head it trained)."""
+    num_labels, the attention kernel, the vocab padding; for MindSpore weights also n_head and activation).
+    adapter: a PEFT adapter directory, merged in (a SEQ_CLS adapter brings the classifier head it trained).
+    strategy: a MindSpore distributed checkpoint's strategy folder or file, when path is its checkpoint/ folder."""
     path = resolve_model_path(path_or_hub_id)
+    if strategy is not None or is_mindspore(path):
+        model = model_from_mindspore(path, architecture, overrides, dtype, device, new_head, strategy)
+        if adapter:
+            from .lora import load_adapter
+            model = load_adapter(model, adapter, merge=True).to(device or "cpu")
+        return model.eval()
     found = checkpoint_architecture(path)
     architecture = architecture or found or LANGUAGE_MODEL
     overrides = dict(overrides or {})
@@ -54,6 +67,39 @@ def load_model(path_or_hub_id: str, architecture: str | None = None, dtype=None,
         from .lora import load_adapter
         model = load_adapter(model, adapter, merge=True).to(device or "cpu")
     return model.eval()
+
+
+def is_mindspore(path: str) -> bool:
+    """MindSpore weights: a .ckpt file, or a distributed checkpoint (rank_N/ folders; output/ holding checkpoint/)."""
+    return (os.path.isfile(path) and path.endswith(".ckpt")) or is_distributed_checkpoint(path)
+
+
+def mindspore_overrides(path: str, strategy: str | None = None, n_head: int | None = None,
+                        activation: str | None = None) -> dict:
+    """load_model overrides for what a MindSpore checkpoint does not store (the heads, the activation: a command's
+    --n_head / --activation); refused for other models, whose config.json fixes them."""
+    given = {k: v for k, v in dict(n_head=n_head, activation=activation).items() if v is not None}
+    if given and strategy is None and not is_mindspore(path):
+        raise ValueError(f"--{next(iter(given))} is for MindSpore checkpoints (.ckpt or distributed), which do not "
+                         f"store it; {path}'s config.json fixes the model's shape: leave it out")
+    return given
+
+
+def model_from_mindspore(path: str, architecture: str | None, overrides: dict | None, dtype, device, new_head: bool,
+                         strategy: str | None = None):
+    """MindFormers GPT-2 weights (mindspore_io.source) as a model of `architecture` (default: the checkpoint's)."""
+    from .mindspore_io.source import MindFormersSource, model_from_source
+    overrides = dict(overrides or {})
+    n_head, activation = overrides.pop("n_head", None), overrides.pop("activation", None)
+    with MindFormersSource(path, n_head, activation, strategy=strategy) as source:
+        source.refuse_lora()
+        found = source.architecture
+        if architecture == CLASSIFIER and found != CLASSIFIER and not new_head:
+            raise ValueError(f"{path} is a {found} checkpoint without a classification head: pass a model finetuned "
+                             f"for text_classification ({CLASSIFIER})")
+        model = model_from_source(source, model_class(architecture or found), dtype, device, **overrides)
+    model.name_or_path = os.path.abspath(path)
+    return model
 
 
 def checkpoint_architecture(path: str) -> str | None:

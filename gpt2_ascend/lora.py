@@ -119,6 +119,7 @@ def mask_to_parts(weight: torch.nn.Parameter, parts: list[str], rank: int):
     with torch.no_grad():
         weight.mul_(mask)
     weight.register_hook(lambda grad: grad * mask.to(grad.device, grad.dtype))
+    weight.trained_numel = int(mask.sum())  # what trains: MindFormers' separate q / k / v adapters' count
 
 
 def is_adapter_dir(path: str) -> bool:

@@ -11,7 +11,7 @@ from conftest import hf_model, load_script, max_diff, tiny_config
 from gpt2_ascend import GPT2LMHeadModel
 from gpt2_ascend.convert import (CkptError, CkptReader, hf_to_mindspore, load_mindspore_model, mindspore_to_hf,
                                  read_ckpt, write_ckpt)
-from gpt2_ascend.convert.mindspore_ckpt import checkpoint_messages
+from gpt2_ascend.mindspore_io.ckpt import checkpoint_messages
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 FIXTURES = os.path.join(ROOT, "tests", "fixtures")

@@ -18,7 +18,7 @@ import yaml
 
 from conftest import tiny_config
 from gpt2_ascend import GPT2LMHeadModel
-from gpt2_ascend.convert.mindspore_ckpt import CkptWriter, write_ckpt
+from gpt2_ascend.mindspore_io.ckpt import CkptWriter, write_ckpt
 from gpt2_ascend.data.store import save_blocks
 from gpt2_ascend.fileio import DiskFullError, atomic_write
 from gpt2_ascend import checkpoints as ckpt

@@ -158,3 +158,15 @@ def test_lora_ckpt_through_a_lora_recipe_eval_and_refused_without_one(lora_ckpt,
     (tmp_path / "plain.yaml").write_text(yaml.safe_dump(recipe))
     assert train.main(["--config", str(tmp_path / "plain.yaml")] + args[2:]) == 2
     assert "holds unmerged LoRA adapters: use a LoRA recipe" in capsys.readouterr().err
+
+
+def test_trainable_count_is_mindformers_for_q_v_adapters():
+    """MindFormers' q and v LoRADense hold A [r, E] + B [E, r] each: 4 r E per layer. The fused c_attn adapter's B is
+    [3E, 2r], with zero blocks that never train: the count printed is MindFormers' (issue 25: 7,680 was 3,840)."""
+    from gpt2_ascend.train.run import _trainable
+    config = tiny_config(n_embd=48, n_head=4, n_layer=2)
+    model = apply_lora(GPT2LMHeadModel(config), rank=10, alpha=20, target_modules=[".*dense1.*", ".*dense3.*"])
+    assert sum(p.numel() for p in model.parameters() if p.requires_grad) == 7680  # A [2r, E] + B [3E, 2r], 2 layers
+    assert _trainable(model) == 4 * 10 * 48 * 2 == 3840
+    whole = apply_lora(GPT2LMHeadModel(config), rank=10, alpha=20, target_modules=("c_attn",))
+    assert _trainable(whole) == sum(p.numel() for p in whole.parameters() if p.requires_grad)  # no zero blocks

@@ -236,3 +236,57 @@ def test_optimizer_bench_runs(capsys):
     assert [line["variant"] for line in lines] == ["torch_foreach", "mindspore_foreach", "mindspore_handwritten",
                                                    "mindspore_rule_hooks_alone"]
     assert lines[1]["vs_torch_same_kernel"] > 0 and lines[3]["us_per_step"] > 0
+
+
+# ---------------------------------------------------------------------------------------------
+# MindFormers keys met replaying its runs (issue 25): CosineWithWarmUpLR's num_cycles / decay_steps / warmup_ratio,
+# scale_sense as a number or FixedLossScaleUpdateCell
+# ---------------------------------------------------------------------------------------------
+def mindformers_cosine(t, lr, lr_end, warmup, total, num_cycles=0.5, decay=None):
+    """CosineWithWarmUpLR.construct (mindformers r1.3.0 core/lr/lr_schedule.py), written out."""
+    if t >= (max(1, decay) if decay is not None else max(1, total)):
+        return lr_end
+    if t < warmup:
+        return lr * t / warmup
+    progress = (t - warmup) / max(1, total - warmup)
+    return lr_end + (lr - lr_end) * max(0.0, 0.5 * (1.0 + math.cos(math.pi * num_cycles * 2.0 * progress)))
+
+
+def test_cosine_num_cycles_decay_steps_and_warmup_ratio_from_a_recipe():
+    recipe = load_recipe(None, ["lr_schedule={type: CosineWithWarmUpLR, learning_rate: 0.005, lr_end: 0.0001, "
+                                "warmup_ratio: 0.25, num_cycles: 1.5, decay_steps: 37}"])
+    from gpt2_ascend.train.job import job_from_recipe
+    schedule = job_from_recipe(recipe).optimizer.schedule(steps_per_epoch=40, epochs=1, max_steps=None)
+    assert schedule.warmup_steps == 10  # int(40 * 0.25): warmup_ratio replaces warmup_steps
+    want = [mindformers_cosine(t, 0.005, 0.0001, 10, 40, num_cycles=1.5, decay=37) for t in range(42)]
+    assert [schedule(t) for t in range(42)] == pytest.approx(want, abs=1e-12)
+    assert schedule(20) == pytest.approx(0.0001 + 0.0049 * 0.5 * (1 + math.cos(math.pi * 1.5 * 2 * 10 / 30)))
+    assert schedule(37) == 0.0001 and schedule(36) > 0.0001  # lr_end from decay_steps on
+    # polynomial: decay_steps is the decay's length; a constant schedule has none, num_cycles is cosine's only
+    poly = LRSchedule("polynomial", 1e-3, 1e-5, warmup_steps=2, total_steps=8, decay_steps=10)
+    assert poly(4) == pytest.approx(1e-5 + (1e-3 - 1e-5) * (1 - 2 / 10))
+    for bad in ("lr_schedule.type=constant lr_schedule.decay_steps=5", "lr_schedule.num_cycles=1.0",
+                "lr_schedule.warmup_ratio=1.5"):
+        with pytest.raises(ValueError, match=bad.split()[-1].split("=")[0]):
+            load_recipe(None, bad.split())
+    with pytest.raises(ValueError, match="decay_steps 3 ends the polynomial decay"):
+        LRSchedule("polynomial", 1e-3, 1e-5, warmup_steps=2, total_steps=8, decay_steps=3)
+
+
+@pytest.mark.parametrize("scale_sense", ["1024.0", "{type: FixedLossScaleUpdateCell, loss_scale_value: 1024}"])
+def test_fixed_loss_scale_keeps_its_value_and_skips_overflows(scale_sense):
+    """MindFormers accepts runner_wrapper.scale_sense as a number or FixedLossScaleUpdateCell: the scale never
+    changes, and an overflowing step is skipped (MindSpore's TrainOneStepWithLossScaleCell)."""
+    from gpt2_ascend.train.job import job_from_recipe
+    settings = job_from_recipe(load_recipe(None, [f"runner_wrapper.scale_sense={scale_sense}"])).settings
+    assert settings.loss_scale_fixed and settings.loss_scale == 1024.0
+    torch.manual_seed(0)
+    model = GPT2LMHeadModel(tiny_config())
+    trainer = _trainer(model, _blocks(), LRSchedule("constant", 1e-3, 0.0, 0, 4), precision="fp16",
+                       loss_scale=settings.loss_scale, loss_scale_fixed=True, scale_window=1)
+    trainer.train_step(next(trainer.loader))  # scale_window 1: a dynamic scale would double here
+    assert trainer.updates == 1 and trainer.scaler.get_scale() == 1024.0
+    with torch.no_grad():
+        model.transformer.wte.weight[0, 0] = float("inf")  # every step overflows now
+    trainer.train_step(next(trainer.loader))
+    assert trainer.updates == 1 and trainer.scaler.get_scale() == 1024.0  # skipped, the scale unchanged

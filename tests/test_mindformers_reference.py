@@ -58,7 +58,7 @@ def mindformers_recipe(tmp_path, schedule: str, act: str = "gelu", optimizer: st
 
 def train(tmp_path, schedule, act="gelu", optimizer="FusedAdamWeightDecay", device="cpu"):
     """(per-step losses, final weights under MindFormers' names) of a run through run_training."""
-    from gpt2_ascend.convert.mapping import hf_to_mindformers
+    from gpt2_ascend.mindspore_io.mapping import hf_to_mindformers
     from gpt2_ascend.hf import read_state_dict
     from gpt2_ascend.train.recipe import load_recipe
     from gpt2_ascend.train import run_training

@@ -41,6 +41,8 @@ def test_wheel_holds_every_module_the_recipes_and_the_scripts(wheel):
     assert modules and modules <= names, sorted(modules - names)
     recipes = {f"gpt2_ascend/recipes/{f}" for f in os.listdir(os.path.join(REPO, "configs", "gpt2"))}
     assert "gpt2_ascend/recipes/pretrain_gpt2_tiny.yaml" in recipes and recipes <= names
+    protos = {f"gpt2_ascend/mindspore_io/{f}" for f in ("checkpoint.proto", "node_strategy.proto")}  # read at run time
+    assert protos <= names, sorted(protos - names)
     (entry_points,) = [n for n in names if n.endswith("entry_points.txt")]
     text = zipfile.ZipFile(wheel).read(entry_points).decode()
     for script in ("gpt2-train", "gpt2-evaluate", "gpt2-generate", "gpt2-convert", "gpt2-prepare"):

@@ -19,7 +19,7 @@ import torch
 import yaml
 
 from conftest import HANG_GUARD_S, tiny_config
-from gpt2_ascend.convert.mindspore_ckpt import CkptWriter, read_ckpt
+from gpt2_ascend.mindspore_io.ckpt import CkptWriter, read_ckpt
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 MICRO_CKPT = os.path.join(REPO, "tests", "fixtures", "mindspore_gpt2_micro.ckpt")

@@ -39,7 +39,8 @@ def test_recipes_carry_mindformers_values():
         (4, 3, 32)  # MindFormers: 4 per device on data_parallel 8
     assert (small.optimizer.type, small.model.model_config.init_style) == ("FusedAdamWeightDecay", "mindformers")
     assert small.lr_schedule == dict(type="polynomial", learning_rate=1e-4, lr_end=1e-5, warmup_steps=0,
-                                     warmup_lr_init=0.0, power=1.0, total_steps=-1)
+                                     warmup_lr_init=0.0, power=1.0, total_steps=-1, warmup_ratio=None,
+                                     num_cycles=0.5, decay_steps=None)
     assert (small.optimizer.beta1, small.optimizer.beta2, small.optimizer.eps, small.optimizer.weight_decay) == \
         (0.9, 0.95, 1e-8, 0.1)
     cfg = gpt2_config(small)

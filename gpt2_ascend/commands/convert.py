@@ -9,6 +9,8 @@ SUBCOMMANDS = {
     "merge-hf-shards": ("gpt2_ascend.commands.merge_hf_shards", "reshard an HF checkpoint"),
     "merge-lora": ("gpt2_ascend.commands.merge_lora", "fold a PEFT LoRA adapter into its base model"),
     "merge-checkpoint": ("gpt2_ascend.commands.merge_checkpoint", "training checkpoint -> HF directory"),
+    "transform-ckpt": ("gpt2_ascend.commands.transform_ckpt",
+                       "MindFormers distributed checkpoint -> one .ckpt, or cut for another layout"),
 }
 
 

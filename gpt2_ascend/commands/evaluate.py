@@ -27,7 +27,15 @@ def parse_args(argv=None):
     p = ArgumentParser(description="Evaluate a GPT-2 checkpoint: perplexity or text-classification accuracy.",
                                 epilog=EXAMPLES)
     p.add_argument("--task", choices=("perplexity", "text_classification"), default="perplexity")
-    p.add_argument("--model", required=True, help="HF-format model directory (ours or transformers') or a hub id")
+    p.add_argument("--model", "--load_checkpoint", dest="model", required=True,
+                   help="HF-format model directory (ours or transformers'), a hub id, a training checkpoint, a "
+                        "MindFormers .ckpt or distributed checkpoint (output/ with checkpoint/ and strategy/ inside)")
+    p.add_argument("--src_strategy_path_or_dir",
+                   help="the strategy of a distributed --model output/checkpoint/ (output/strategy/ or one file)")
+    p.add_argument("--n_head", type=int, help="MindSpore weights: attention heads (a .ckpt does not store them; "
+                                              "default: the preset of the model's width)")
+    p.add_argument("--activation", choices=("gelu_new", "fast_gelu", "gelu"),
+                   help="MindSpore weights: the MLP activation (default: the preset's)")
     p.add_argument("--adapter", help="a PEFT LoRA adapter directory, merged into the model")
     p.add_argument("--eval_dataset_dir", required=True,
                    help="perplexity: prepared .npy, raw wiki.*.tokens, or .txt file/folder; "
@@ -54,6 +62,10 @@ def parse_args(argv=None):
     return p.parse_args(argv)
 
 
+def mindspore_args(args) -> dict:
+    return dict(strategy=args.src_strategy_path_or_dir, n_head=args.n_head, activation=args.activation)
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
     from gpt2_ascend.cli import print_error, write_output_json
@@ -65,12 +77,13 @@ def main(argv=None) -> int:
                                     batch_size=8 if args.batch_size is None else args.batch_size, protocol=args.protocol, adapter=args.adapter,
                                     device=args.device, precision=args.precision, tokenizer=args.tokenizer,
                                     mindformers_compat=args.mindformers_compat, cache_dir=args.cache_dir,
-                                    progress=not args.no_progress)
+                                    progress=not args.no_progress, **mindspore_args(args))
         else:
             result = run_classification(args.model, args.eval_dataset_dir, max_length=args.max_length,
                                         batch_size=32 if args.batch_size is None else args.batch_size, adapter=args.adapter, device=args.device,
                                         precision=args.precision, tokenizer=args.tokenizer, cache_dir=args.cache_dir,
-                                        dataset_name=args.dataset_name, progress=not args.no_progress)
+                                        dataset_name=args.dataset_name, progress=not args.no_progress,
+                                        **mindspore_args(args))
     except (ValueError, FileNotFoundError, OSError, RuntimeError, TypeError) as e:
         print_error(e)
         return 2

@@ -30,6 +30,8 @@ EXAMPLES = """examples:
   %(prog)s --model out/base --adapter out/lora/final/adapter --prompt "Hello" --compile --device cuda
   # MindFormers-style: the predict recipe sets max_decode_length (prompt + new tokens) and the sampling knobs
   %(prog)s --config configs/gpt2/predict_gpt2_small.yaml --load_checkpoint out/small/final --prompt "..."
+  # MindFormers' own weights: a .ckpt, or a distributed run's output/ (checkpoint/rank_N/ + strategy/), merged here
+  %(prog)s --config configs/gpt2/predict_gpt2_small.yaml --load_checkpoint output/ --prompt "..."
 """
 
 
@@ -37,7 +39,15 @@ def parse_args(argv=None):
     p = ArgumentParser(description="Generate text with a GPT-2 checkpoint (KV-cache decoding).",
                                 epilog=EXAMPLES)
     p.add_argument("--model", "--load_checkpoint", dest="model",
-                   help="HF-format model directory, training checkpoint or hub id (default: the recipe's load_checkpoint)")
+                   help="HF-format model directory, training checkpoint, hub id, MindFormers .ckpt or distributed "
+                        "checkpoint (output/ with checkpoint/ and strategy/ inside) (default: the recipe's "
+                        "load_checkpoint)")
+    p.add_argument("--src_strategy_path_or_dir",
+                   help="the strategy of a distributed --model output/checkpoint/ (default: the recipe's)")
+    p.add_argument("--n_head", type=int, help="MindSpore weights: attention heads, which a .ckpt does not store "
+                                              "(default: --config's num_heads, else the preset of the model's width)")
+    p.add_argument("--activation", choices=("gelu_new", "fast_gelu", "gelu"),
+                   help="MindSpore weights: the MLP activation (default: --config's hidden_act, else the preset's)")
     p.add_argument("--adapter", help="a PEFT LoRA adapter directory, merged into the model")
     p.add_argument("--config", default=None,
                    help="predict recipe with the generation defaults (default: configs/gpt2/predict_gpt2_small.yaml)")
@@ -129,13 +139,20 @@ def main(argv=None) -> int:
         return 2
 
 
+def recipe_shape(recipe) -> dict:
+    """The heads and activation a recipe's model_config gives, for MindSpore weights (which do not store them)."""
+    from gpt2_ascend.config import MINDFORMERS_ACTIVATIONS
+    mc = recipe.model.model_config
+    return dict(n_head=mc.num_heads, activation=MINDFORMERS_ACTIVATIONS[mc.hidden_act])
+
+
 def run(args) -> int:
     import torch
     from gpt2_ascend.cli import write_output_json
     from gpt2_ascend.data.tokenizer import load_tokenizer, tokenizer_for
     from gpt2_ascend.generation import check_sampling_args, generate_text
     from gpt2_ascend.hf import folder_generation_config, resolve_model_path
-    from gpt2_ascend.loading import load_model
+    from gpt2_ascend.loading import is_mindspore, load_model, mindspore_overrides
     from gpt2_ascend.model import LANGUAGE_MODEL
     from gpt2_ascend.train.recipe import load_recipe, recipe_names
 
@@ -158,7 +175,12 @@ def run(args) -> int:
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}.get(args.dtype)
     if args.dtype == "auto":
         dtype = torch.bfloat16 if device.type in ("cuda", "npu") else torch.float32
-    model = load_model(path, LANGUAGE_MODEL, dtype=dtype, device=device, adapter=args.adapter)
+    strategy = args.src_strategy_path_or_dir or recipe.src_strategy_path_or_dir or None
+    overrides = mindspore_overrides(path, strategy, args.n_head, args.activation)  # the flags, else --config's
+    if args.config and (strategy or is_mindspore(path)):
+        overrides = dict(recipe_shape(recipe), **overrides)
+    model = load_model(path, LANGUAGE_MODEL, dtype=dtype, device=device, adapter=args.adapter, strategy=strategy,
+                       overrides=overrides)
     tokenizer = load_tokenizer(tokenizer_for(path, args.tokenizer))
     if args.compile and device.type != "cuda":
         print(f"note: --compile needs CUDA; decoding on {device.type} with the uncompiled fixed-shape step",

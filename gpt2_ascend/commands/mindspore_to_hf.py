@@ -1,5 +1,7 @@
-"""MindSpore/MindFormers GPT-2 .ckpt -> HF GPT-2 directory (config.json + model.safetensors)."""
+"""MindSpore/MindFormers GPT-2 .ckpt, or a distributed checkpoint (every rank's slices + the run's strategy), -> HF
+GPT-2 directory (config.json + model.safetensors)."""
 import sys
+
 from ..cli import ArgumentParser
 
 
@@ -8,6 +10,10 @@ EXAMPLES = """examples:
   %(prog)s --mindspore_path gpt2_13b.ckpt --output_dir gpt2-13b --max_shard_size 10GB
   %(prog)s --mindspore_path custom.ckpt --output_dir out --n_head 16 --activation gelu_new
   %(prog)s --mindspore_path gpt2_13b.ckpt --output_dir out --config run_gpt2_13b.yaml
+  # a distributed MindFormers run: output/ holds checkpoint/rank_N/ and strategy/ (or pass the two folders)
+  %(prog)s --mindspore_path output/ --output_dir gpt2-hf
+  %(prog)s --mindspore_path output/checkpoint --src_strategy_path_or_dir output/strategy \\
+      --output_dir gpt2-hf
 
 Layers, hidden size, vocab, positions and MLP width are read from the tensors. A .ckpt does not store the
 number of heads: it is --n_head, or model.model_config.num_heads of the MindFormers recipe given with
@@ -20,7 +26,10 @@ Load the result with transformers.GPT2LMHeadModel.from_pretrained(DIR) or ours."
 
 def main(argv=None):
     p = ArgumentParser(description=__doc__, epilog=EXAMPLES)
-    p.add_argument("--mindspore_path", required=True, help="input .ckpt file")
+    p.add_argument("--mindspore_path", "--load_checkpoint", dest="mindspore_path", required=True,
+                   help="input .ckpt file, or a distributed checkpoint: output/ (checkpoint/ and strategy/ inside)")
+    p.add_argument("--src_strategy_path_or_dir",
+                   help="the strategy of a distributed --mindspore_path output/checkpoint/ (output/strategy/)")
     p.add_argument("--output_dir", required=True, help="output HF directory")
     p.add_argument("--n_head", type=int, default=None,
                    help="attention heads (default: --config's num_heads, else the preset of the same width)")
@@ -40,7 +49,8 @@ def main(argv=None):
         s = mindspore_to_hf(args.mindspore_path, args.output_dir, n_head=args.n_head, activation=args.activation,
                             dtype=args.dtype, max_shard_size=args.max_shard_size, verify_crc=not args.no_crc_check,
                             progress=lambda xs: tqdm(xs, desc="converting", unit="tensor", disable=None),
-                            recipe=args.config, log=lambda line: print(line, flush=True))
+                            recipe=args.config, log=lambda line: print(line, flush=True),
+                            strategy=args.src_strategy_path_or_dir)
     except (ValueError, OSError, KeyError) as e:
         print_error(e)
         return 2

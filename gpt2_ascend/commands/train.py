@@ -40,6 +40,9 @@ EPILOG = """examples:
       --load_checkpoint gpt2.ckpt --eval_dataset_dir $GPT2_DATA_DIR/wikitext-2/wiki.valid.tokens
   %(prog)s --config configs/gpt2/predict_gpt2_small.yaml --run_mode predict --load_checkpoint gpt2.ckpt \\
       --predict_data "I love Beijing, because"
+  # ... or a MindFormers distributed run's output/ (checkpoint/rank_N/ + strategy/), merged on the fly
+  python train.py --config configs/gpt2/finetune_gpt2_small.yaml --load_checkpoint output/ \\
+      --train_dataset_dir train.npy
 
 """ + HF_EXAMPLES + """
 Outputs in OUTPUT_DIR: metrics.jsonl, tensorboard/, loss_curve.png, checkpoint/step_N/, final/ (HF format),
@@ -71,8 +74,11 @@ def parse_args(argv=None):
     p.add_argument("--eval_dataset_dir", help="validation data, same forms; evaluated at the end (and every "
                                               "eval_step_interval steps with do_eval)")
     p.add_argument("--load_checkpoint", help="HF-format GPT-2 directory or hub id, OUTPUT_DIR/checkpoint/step_N, a "
-                                             "PEFT adapter directory (continues training it), or a MindFormers "
-                                             ".ckpt file (its shape, the recipe's heads)")
+                                             "PEFT adapter directory (continues training it), a MindFormers .ckpt "
+                                             "file (its shape, the recipe's heads), or a MindFormers distributed "
+                                             "checkpoint: output/ (checkpoint/ and strategy/ inside)")
+    p.add_argument("--src_strategy_path_or_dir", help="the strategy of a distributed --load_checkpoint "
+                                                      "output/checkpoint/ (output/strategy/ or one strategy file)")
     p.add_argument("--predict_data", nargs="+", metavar="TEXT",
                    help="run_mode predict: the prompt(s); a literal \\n in a single one is a newline")
     p.add_argument("--predict_batch_size", type=int, help="run_mode predict: prompts per batch (default batch_size)")
@@ -119,6 +125,7 @@ def overrides_from_flags(args) -> list[str]:
     """The flags as recipe overrides (applied before the free-form ones, which win)."""
     flag_keys = dict(run_mode="run_mode", train_dataset_dir="train_dataset.data_loader.dataset_dir",
                      eval_dataset_dir="eval_dataset.data_loader.dataset_dir", load_checkpoint="load_checkpoint",
+                     src_strategy_path_or_dir="src_strategy_path_or_dir",
                      output_dir="output_dir", max_steps="runner_config.max_steps", resume="resume_training",
                      device="device", use_parallel="use_parallel", seed="seed", epochs="runner_config.epochs",
                      batch_size="runner_config.batch_size",

@@ -89,17 +89,18 @@ def copy_mindformers_adapters(peft_model, adapters: dict, rank: int):
 
 
 def load_mindformers_lora(path: str, lora_alpha: float, n_head: int | None = None, activation: str | None = None,
-                          cls=None, lora_dropout: float = 0.0, verify_crc: bool = True, **config_overrides):
-    """A MindFormers LoRA .ckpt (base weights + lora_a / lora_b) as our peft LoRA model (fp32), with
-    `lora_layout` = (rank, target_modules) set on it. lora_alpha is not in the checkpoint: pass the recipe's
-    (pet_config.lora_alpha; MindFormers' GPT-2 LoRA recipes use 128)."""
-    from .mindformers import MindFormersSource, load_mindspore_model
-    with MindFormersSource(path, n_head, activation, verify_crc) as source:
+                          cls=None, lora_dropout: float = 0.0, verify_crc: bool = True, strategy: str | None = None,
+                          **config_overrides):
+    """A MindFormers LoRA .ckpt (base weights + lora_a / lora_b; or a distributed checkpoint of one, with its
+    `strategy`) as our peft LoRA model (fp32), with `lora_layout` = (rank, target_modules) set on it. lora_alpha is
+    not in the checkpoint: pass the recipe's (pet_config.lora_alpha; MindFormers' GPT-2 LoRA recipes use 128)."""
+    from ..mindspore_io.source import MindFormersSource, load_mindspore_model
+    with MindFormersSource(path, n_head, activation, verify_crc, strategy=strategy) as source:
         adapters = source.lora_adapters()
     if not adapters:
         raise ValueError(f"{path} holds no LoRA tensors (lora_a / lora_b): load it as a plain model")
     base = load_mindspore_model(path, n_head, activation, dtype=torch.float32, verify_crc=False, cls=cls,
-                                lora_base=True, **config_overrides)
+                                lora_base=True, strategy=strategy, **config_overrides)
     rank, targets = mindformers_lora_layout(adapters)
     model = apply_lora(base, rank=rank, alpha=lora_alpha, dropout=lora_dropout, target_modules=targets,
                        fuse_qkv=False)  # q, k and v each keep the checkpoint's rank-r adapter

@@ -7,13 +7,12 @@ import os
 import torch
 
 from ..config import GPT2Config
-from ..hf import (atomic_model_dir, hf_to_ours, is_conv1d, load_config, model_from_state, normalize_hf_name,
-                  parse_dtype, resolve_model_path, weight_files, write_hf_weights, write_json)
-from ..model import CLASSIFIER, LANGUAGE_MODEL, model_class
-from .mapping import (HF_LAYER, MS_LORA, check_shapes, classify_ms_name, hf_shapes, hf_to_mindformers,
-                      infer_config, layer_count, mindformers_to_hf, ms_sources, read_recipe_shape, shape_line,
-                      skipped_summary)
-from .mindspore_ckpt import CHUNK_BYTES, CkptError, CkptReader, CkptWriter
+from ..hf import (atomic_model_dir, is_conv1d, load_config, normalize_hf_name, parse_dtype, resolve_model_path,
+                  weight_files, write_hf_weights, write_json)
+from ..mindspore_io.ckpt import CHUNK_BYTES, CkptWriter
+from ..mindspore_io.mapping import (HF_LAYER, check_shapes, hf_shapes, hf_to_mindformers, layer_count, shape_line,
+                                   skipped_summary)
+from ..mindspore_io.source import MindFormersSource
 from .shards import WeightIndex
 
 
@@ -145,92 +144,18 @@ def hf_to_mindspore(torch_path: str, mindspore_path: str, layers: int | None = N
 
 
 # ---------------------------------------------------------------------------------------------
-# MindSpore -> HF
+# MindSpore -> HF (reading: mindspore_io.source)
 # ---------------------------------------------------------------------------------------------
-class MindFormersSource:
-    """A MindFormers GPT-2 .ckpt seen as HF-named, HF-layout tensors, plus the config its shapes imply."""
-
-    def __init__(self, path: str, n_head: int | None = None, activation: str | None = None, verify_crc: bool = True,
-                 recipe: str | None = None):
-        recipe_shape = read_recipe_shape(recipe) if recipe else None
-        self.reader = CkptReader(path, verify_crc=verify_crc)
-        try:
-            self._read_index(path, n_head, activation, recipe, recipe_shape)
-        except BaseException:  # any refusal closes the file it opened
-            self.reader.close()
-            raise
-
-    def _read_index(self, path, n_head, activation, recipe, recipe_shape):
-        self.skipped = {"optimizer": [], "bookkeeping": [], "buffer": []}
-        self.lora_names = []  # unmerged LoRA tensors: see lora_adapters()
-        shapes = {}
-        for name, entry in self.reader.entries.items():
-            kind = "bookkeeping" if entry.is_map else classify_ms_name(name)
-            if kind == "model" and (entry.dtype is None or not entry.dtype.is_floating_point):
-                raise CkptError(f"{path}: {name!r} has type {entry.tensor_type}, but GPT-2 weights are floating "
-                                f"point (a damaged checkpoint, or not a MindFormers GPT-2 one)")
-            if kind == "model":
-                shapes[name] = entry.shape
-            elif kind == "lora":
-                self.lora_names.append(name)
-            else:
-                self.skipped[kind].append(name)
-        self.config, self.classifier, self.heads_from = infer_config(shapes, n_head, activation, recipe_shape,
-                                                                     recipe or "--config")
-        self.hf_shapes = hf_shapes(self.config, self.classifier)
-        check_shapes(shapes, {n: s for hf in self.hf_shapes for n, s in self._ms_shapes(hf)}, path)
-        self.dtype = self.reader.entries[ms_sources("transformer.wte.weight")[0]].dtype
-
-    def _ms_shapes(self, hf_name):
-        meta = torch.empty(self.hf_shapes[hf_name], device="meta")
-        return [(n, tuple(t.shape)) for n, t in hf_to_mindformers(hf_name, meta)]
-
-    @property
-    def architecture(self) -> str:
-        return CLASSIFIER if self.classifier else LANGUAGE_MODEL
-
-    def load(self, hf_name: str) -> torch.Tensor:
-        return mindformers_to_hf(hf_name, [self.reader.load(n) for n in ms_sources(hf_name)])
-
-    def refuse_lora(self):
-        """A plain conversion would drop the adapters: say how to keep them."""
-        if self.lora_names:
-            raise ValueError(f"{self.reader.path}: unexpected tensor '{self.lora_names[0]}' (LoRA weights: merge them "
-                             f"first with convert/merge_lora.py --base {self.reader.path} --lora_alpha A)")
-
-    def lora_adapters(self) -> dict[tuple[int, str], tuple[torch.Tensor, torch.Tensor]]:
-        """{(layer, MindFormers cell e.g. 'attention.dense1'): (lora_a [rank, in], lora_b [out, rank])}."""
-        pairs = {}
-        for name in self.lora_names:
-            layer, cell, which = MS_LORA.fullmatch(name).groups()
-            pairs.setdefault((int(layer), cell), {})[which.lower()] = self.reader.load(name)
-        incomplete = [key for key, pair in pairs.items() if set(pair) != {"a", "b"}]
-        if incomplete:
-            layer, cell = incomplete[0]
-            raise ValueError(f"{self.reader.path}: backbone.blocks.{layer}.{cell} has a LoRA lora_a or lora_b but not "
-                             f"both: the checkpoint is incomplete")
-        return {key: (pair["a"], pair["b"]) for key, pair in sorted(pairs.items())}
-
-    def close(self):
-        self.reader.close()
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        self.close()
-        return False
-
-
 def mindspore_to_hf(mindspore_path: str, output_dir: str, n_head: int | None = None, activation: str | None = None,
                     dtype=None, max_shard_size=None, verify_crc: bool = True, progress=None, recipe: str | None = None,
-                    log=None) -> dict:
-    """Write a MindFormers GPT-2 .ckpt as an HF directory (config.json + model.safetensors). Shapes come from
+                    log=None, strategy: str | None = None) -> dict:
+    """Write a MindFormers GPT-2 .ckpt, or a distributed checkpoint (output/, or output/checkpoint with `strategy`:
+    its slices merged tensor by tensor), as an HF directory (config.json + model.safetensors). Shapes come from
     the tensors; heads from n_head, the MindFormers recipe `recipe` (model.model_config.num_heads), or the
     preset of the same width; log(shape_line) before anything is written. Optimizer states and bookkeeping
     entries are skipped (listed in the summary)."""
     dtype = parse_dtype(dtype)
-    with MindFormersSource(mindspore_path, n_head, activation, verify_crc, recipe) as source:
+    with MindFormersSource(mindspore_path, n_head, activation, verify_crc, recipe, strategy) as source:
         source.refuse_lora()
         if log is not None:
             log(shape_line(source.config, source.heads_from))
@@ -245,21 +170,3 @@ def mindspore_to_hf(mindspore_path: str, output_dir: str, n_head: int | None = N
         return {"output_dir": output_dir, "config": source.config, "architecture": source.architecture,
                 "heads_from": source.heads_from, "dtype": target, "files": files,
                 "skipped": source.skipped, "skipped_line": skipped_summary(source.skipped)}
-
-
-def load_mindspore_model(mindspore_path: str, n_head: int | None = None, activation: str | None = None,
-                         dtype=None, device=None, verify_crc: bool = True, recipe: str | None = None, cls=None,
-                         lora_base: bool = False, **config_overrides):
-    """A MindFormers GPT-2 .ckpt as our GPT2LMHeadModel / GPT2ForSequenceClassification (the class the
-    checkpoint holds, or `cls`: an LM checkpoint as a classifier gets a fresh head), in eval mode. Heads come
-    from n_head or the MindFormers recipe `recipe` when the tensors cannot tell. config_overrides replace
-    GPT2Config fields the tensors do not fix (dropout, labels, init). LoRA tensors are refused unless lora_base
-    (then only the base is loaded: convert.lora.load_mindformers_lora adds them)."""
-    with MindFormersSource(mindspore_path, n_head, activation, verify_crc, recipe) as source:
-        if not lora_base:
-            source.refuse_lora()
-        config = source.config.replace(**config_overrides)
-        state = hf_to_ours({name: source.load(name) for name in source.hf_shapes}, config)
-        if cls is None:
-            cls = model_class(source.architecture)
-        return model_from_state(cls, config, state, source=mindspore_path, dtype=dtype, device=device)

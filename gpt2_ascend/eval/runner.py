@@ -11,7 +11,7 @@ import numpy as np
 from ..data.tokenizer import tokenizer_for
 from ..device import resolve_device
 from ..hf import resolve_model_path
-from ..loading import load_model
+from ..loading import load_model, mindspore_overrides
 from ..model import CLASSIFIER, LANGUAGE_MODEL
 from .classification import classification_accuracy
 from .perplexity import perplexity
@@ -44,12 +44,15 @@ def load_eval_tokens(path: str, seq_length: int, stride: int | None = None, toke
 def run_perplexity(model_path: str, dataset: str, seq_length: int = 1024, stride: int | None = None,
                    batch_size: int = 8, protocol: str = "token", adapter: str | None = None, device="auto",
                    precision: str = "auto", tokenizer: str | None = None, mindformers_compat: bool = False,
-                   cache_dir: str | None = None, progress: bool = True) -> dict:
-    """Perplexity of a checkpoint on a dataset, with the run's settings in the result."""
+                   cache_dir: str | None = None, progress: bool = True, strategy: str | None = None,
+                   n_head: int | None = None, activation: str | None = None) -> dict:
+    """Perplexity of a checkpoint on a dataset, with the run's settings in the result. strategy, n_head, activation:
+    for MindSpore weights (a distributed checkpoint's strategy; what a .ckpt does not store)."""
     _require_exists(dataset)  # before loading a model that may take minutes
     path = resolve_model_path(model_path)  # a hub id: its snapshot folder (tokenizer files included)
     device = resolve_device(device)
-    model = load_model(path, LANGUAGE_MODEL, device=device, adapter=adapter)
+    model = load_model(path, LANGUAGE_MODEL, device=device, adapter=adapter, strategy=strategy,
+                       overrides=mindspore_overrides(path, strategy, n_head, activation))
     if seq_length > model.config.n_positions:  # before preparing any data
         raise ValueError(f"seq_length {seq_length} is longer than the model's context "
                          f"n_positions={model.config.n_positions}; pass --seq_length {model.config.n_positions} or less")
@@ -65,13 +68,16 @@ def run_perplexity(model_path: str, dataset: str, seq_length: int = 1024, stride
 def run_classification(model_path: str, dataset: str, max_length: int = 128, batch_size: int = 32,
                        adapter: str | None = None, device="auto", precision: str = "auto",
                        tokenizer: str | None = None, cache_dir: str | None = None, dataset_name: str = "sst_2",
-                       progress: bool = True) -> dict:
-    """Accuracy (and per-class counts) of a sequence classifier on a .tsv or prepared .npz."""
+                       progress: bool = True, strategy: str | None = None, n_head: int | None = None,
+                       activation: str | None = None) -> dict:
+    """Accuracy (and per-class counts) of a sequence classifier on a .tsv or prepared .npz (strategy, n_head,
+    activation: as run_perplexity)."""
     _require_exists(dataset)
     from ..data.sources import load_txtcls
     path = resolve_model_path(model_path)
     device = resolve_device(device)
-    model = load_model(path, CLASSIFIER, device=device, adapter=adapter)
+    model = load_model(path, CLASSIFIER, device=device, adapter=adapter, strategy=strategy,
+                       overrides=mindspore_overrides(path, strategy, n_head, activation))
     if max_length > model.config.n_positions:
         raise ValueError(f"max_length {max_length} is longer than the model's context "
                          f"n_positions={model.config.n_positions}; pass --max_length {model.config.n_positions} or less")

@@ -22,7 +22,7 @@ import torch
 from ..config import GPT2Config
 from ..model import LANGUAGE_MODEL
 from ..parallel.mesh import ParallelConfig
-from .optim import UPDATE_RULES, LRSchedule, resolve_total_steps
+from .optim import UPDATE_RULES, LRSchedule, resolve_total_steps, warmup_of
 from .trainer import TrainSettings
 
 
@@ -63,11 +63,13 @@ class LoraSettings:
 @dataclass(frozen=True)
 class ModelSpec:
     """The model a run builds: a fresh one of `config`, or the weights of `load_checkpoint` (an HF directory or hub
-    id, a training checkpoint, a PEFT adapter directory, a MindFormers .ckpt), whose shape is then the checkpoint's
+    id, a training checkpoint, a PEFT adapter directory, a MindFormers .ckpt or distributed checkpoint with its
+    `strategy`), whose shape is then the checkpoint's
     and whose other config fields are `overrides` (dropout, labels, the attention kernel, a new head's init)."""
     architecture: str = LANGUAGE_MODEL
     config: GPT2Config = field(default_factory=GPT2Config)
     load_checkpoint: str = ""  # as given (recorded in checkpoints); `source` is the resolved path
+    strategy: str = ""  # a MindFormers distributed load_checkpoint's strategy (src_strategy_path_or_dir)
     overrides: dict = field(default_factory=dict)
     seq_length: int = 1024
     lora: LoraSettings | None = None
@@ -107,6 +109,9 @@ class OptimizerSettings:
     warmup_lr_init: float = 0.0
     power: float = 1.0
     schedule_steps: int = -1
+    warmup_ratio: float | None = None  # replaces warmup_steps: int(total * ratio)
+    num_cycles: float = 0.5  # cosine
+    decay_steps: int | None = None
     beta1: float = 0.9
     beta2: float = 0.95
     eps: float = 1e-8
@@ -121,8 +126,9 @@ class OptimizerSettings:
     def schedule(self, steps_per_epoch: int, epochs: int, max_steps: int | None) -> LRSchedule:
         total = resolve_total_steps(self.schedule_steps, steps_per_epoch, epochs, max_steps or -1)
         return LRSchedule(type=self.lr_schedule, learning_rate=self.learning_rate, lr_end=self.lr_end,
-                          warmup_steps=self.warmup_steps, total_steps=total, power=self.power,
-                          warmup_lr_init=self.warmup_lr_init)
+                          warmup_steps=warmup_of(self.warmup_steps, self.warmup_ratio, total), total_steps=total,
+                          power=self.power, warmup_lr_init=self.warmup_lr_init, num_cycles=self.num_cycles,
+                          decay_steps=self.decay_steps)
 
 
 @dataclass(frozen=True)
@@ -195,6 +201,7 @@ def job_from_recipe(recipe, names: ArgumentNames = RECIPE_NAMES) -> TrainJob:
     lora = lora_settings(recipe)
     model = ModelSpec(architecture=recipe.model.arch.type, config=gpt2_config(recipe),
                       load_checkpoint=recipe.load_checkpoint, overrides=training_overrides(recipe),
+                      strategy=resolve_path(recipe.src_strategy_path_or_dir) if recipe.src_strategy_path_or_dir else "",
                       seq_length=mc.seq_length, lora=LoraSettings(**lora) if lora else None,
                       recompute=recipe.parallel.recompute)
     opt, lr = recipe.optimizer, recipe.lr_schedule
@@ -207,11 +214,12 @@ def job_from_recipe(recipe, names: ArgumentNames = RECIPE_NAMES) -> TrainJob:
         eval_interval=recipe.eval_step_interval if recipe.do_eval else None,
         loss_scale=wrapper.scale_sense.loss_scale_value, scale_factor=wrapper.scale_sense.scale_factor,
         scale_window=wrapper.scale_sense.scale_window, max_consecutive_skips=wrapper.max_consecutive_skips,
-        progress=rc.progress_bar)
+        loss_scale_fixed=wrapper.scale_sense.type == "FixedLossScaleUpdateCell", progress=rc.progress_bar)
     optimizer = OptimizerSettings(type=opt.type, learning_rate=lr.learning_rate, lr_end=lr.lr_end,
                                   lr_schedule=lr.type, warmup_steps=lr.warmup_steps, warmup_lr_init=lr.warmup_lr_init,
                                   power=lr.power, schedule_steps=lr.total_steps, beta1=opt.beta1, beta2=opt.beta2,
-                                  eps=opt.eps, weight_decay=opt.weight_decay)
+                                  eps=opt.eps, weight_decay=opt.weight_decay, warmup_ratio=lr.warmup_ratio,
+                                  num_cycles=lr.num_cycles, decay_steps=lr.decay_steps)
     generation = generation_config(recipe)
     p = recipe.parallel
     return TrainJob(

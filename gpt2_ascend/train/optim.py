@@ -13,11 +13,14 @@ Schedules are plain functions of t = 0, 1, 2, ..., the number of updates applied
 MindFormers r1.3.0's cells do (mindformers/core/lr/lr_schedule.py), with w = warmup_steps, T = total_steps:
 
     polynomial (PolynomialWithWarmUpLR): t < w: warmup;  t > T: lr_end;
-                                         else lr_end + (learning_rate - lr_end) * (1 - (t - w) / max(1, T - w)) ** power
-    cosine (CosineWithWarmUpLR):         t >= T: lr_end;  t < w: warmup;
-                                         else lr_end + (learning_rate - lr_end) * 0.5 * (1 + cos(pi (t - w) / max(1, T - w)))
+                                         else lr_end + (learning_rate - lr_end) * (1 - (t - w) / D) ** power
+    cosine (CosineWithWarmUpLR):         t >= D: lr_end;  t < w: warmup;  else lr_end + (learning_rate - lr_end)
+                                         * max(0, 0.5 * (1 + cos(pi * num_cycles * 2 * (t - w) / max(1, T - w))))
     constant (ConstantWarmUpLR):         t < w: warmup;  else learning_rate
     warmup:                              warmup_lr_init + (learning_rate - warmup_lr_init) * t / w
+
+D is decay_steps (at least 1), by default max(1, T - w) (polynomial) or max(1, T) (cosine); num_cycles 0.5 is one
+half-cosine; warmup_ratio, when set, replaces w by int(T * warmup_ratio).
 
 With warmup, t = 0 trains at warmup_lr_init (0 by default): the first update moves only Adam's moments.
 """
@@ -156,6 +159,8 @@ class LRSchedule:
     total_steps: int = 1
     power: float = 1.0
     warmup_lr_init: float = 0.0
+    num_cycles: float = 0.5  # cosine: waves over the decay (0.5: one half-cosine)
+    decay_steps: int | None = None  # None: MindFormers' default (see the module doc)
 
     def __post_init__(self):
         if self.type not in ("polynomial", "cosine", "constant"):
@@ -164,11 +169,16 @@ class LRSchedule:
             raise ValueError(f"lr schedule total_steps must be >= 1, got {self.total_steps}")
         if self.warmup_steps < 0:
             raise ValueError(f"lr schedule warmup_steps must be >= 0, got {self.warmup_steps}")
+        if self.type == "polynomial" and self.decay_steps is not None and \
+                max(1, self.decay_steps) < self.total_steps - self.warmup_steps:
+            raise ValueError(f"lr_schedule.decay_steps {self.decay_steps} ends the polynomial decay before "
+                             f"total_steps {self.total_steps} (minus {self.warmup_steps} warmup steps): MindFormers' "
+                             f"formula would then take the lr below lr_end; raise decay_steps or leave it out")
 
     def __call__(self, step: int) -> float:
         """lr for the update that follows `step` applied ones (MindFormers' formulas, see the module doc)."""
-        w, total = self.warmup_steps, self.total_steps
-        if self.type == "cosine" and step >= total:
+        w, total, decay = self.warmup_steps, self.total_steps, self.decay_steps
+        if self.type == "cosine" and step >= (total if decay is None else max(1, decay)):
             return self.lr_end
         if step < w:
             return self.warmup_lr_init + (self.learning_rate - self.warmup_lr_init) * step / w
@@ -176,11 +186,11 @@ class LRSchedule:
             return self.learning_rate
         if self.type == "polynomial" and step > total:
             return self.lr_end
-        progress = (step - w) / max(1, total - w)
         if self.type == "polynomial":
-            factor = (1.0 - progress) ** self.power
+            factor = (1.0 - (step - w) / (max(1, total - w) if decay is None else max(1, decay))) ** self.power
         else:
-            factor = max(0.0, 0.5 * (1.0 + math.cos(math.pi * progress)))
+            progress = (step - w) / max(1, total - w)
+            factor = max(0.0, 0.5 * (1.0 + math.cos(math.pi * self.num_cycles * 2.0 * progress)))
         return self.lr_end + (self.learning_rate - self.lr_end) * factor
 
     def state_dict(self) -> dict:
@@ -197,9 +207,16 @@ def resolve_total_steps(total_steps: int, steps_per_epoch: int, epochs: int, max
     return steps_per_epoch * epochs
 
 
+def warmup_of(warmup_steps: int, warmup_ratio: float | None, total_steps: int) -> int:
+    """MindFormers' _get_warmup_steps: warmup_ratio, when set, gives int(total_steps * warmup_ratio)."""
+    return warmup_steps if warmup_ratio is None else int(total_steps * warmup_ratio)
+
+
 def build_schedule(lr_config: dict, total_steps: int) -> LRSchedule:
     """An LRSchedule from a recipe's lr_schedule section and the resolved number of steps."""
     return LRSchedule(type=lr_config["type"], learning_rate=lr_config["learning_rate"],
-                      lr_end=lr_config["lr_end"], warmup_steps=lr_config["warmup_steps"],
+                      lr_end=lr_config["lr_end"],
+                      warmup_steps=warmup_of(lr_config["warmup_steps"], lr_config.get("warmup_ratio"), total_steps),
                       total_steps=total_steps, power=lr_config["power"],
-                      warmup_lr_init=lr_config["warmup_lr_init"])
+                      warmup_lr_init=lr_config["warmup_lr_init"], num_cycles=lr_config.get("num_cycles", 0.5),
+                      decay_steps=lr_config.get("decay_steps"))

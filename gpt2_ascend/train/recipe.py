@@ -39,6 +39,9 @@ DEFAULT_INIT_RANGE = {"hf": 0.02, "mindformers": 0.01}  # MindSpore's initialize
 # MindFormers' metric names this project computes (run_mode eval, train.py); its others (ADGENMetric, EmF1Metric,
 # ...) belong to tasks GPT-2 does not have here and are refused by name.
 METRICS = ("PerplexityMetric", "Accuracy")
+# runner_wrapper.scale_sense: MindSpore's loss-scale cells (fp16). Fixed: the scale never changes, an overflowing step
+# is still skipped (TrainOneStepWithLossScaleCell); a plain number there means the same.
+LOSS_SCALE_CELLS = ("DynamicLossScaleUpdateCell", "FixedLossScaleUpdateCell")
 
 
 class Recipe(dict):
@@ -99,6 +102,8 @@ SCHEMA = _section(
                  doc="train: from scratch (or from load_checkpoint); finetune: from load_checkpoint"),
     output_dir=Key("./output", "str"),
     load_checkpoint=Key("", "str", doc="HF-format directory or one of our checkpoint directories"),
+    src_strategy_path_or_dir=Key("", "str", doc="the strategy of a MindFormers distributed load_checkpoint "
+                                                "(output/strategy/); empty: none, or output/ holding strategy/"),
     resume_training=Key(False, "resume", doc="false, true/auto (newest complete checkpoint) or a checkpoint path"),
     device=Key("auto", "str", doc="auto | cpu | cuda[:N] | npu[:N]"),
     use_parallel=Key(False, "bool"),
@@ -136,8 +141,8 @@ SCHEMA = _section(
         max_grad_norm=Key(1.0, "float", minimum=0.0),
         max_consecutive_skips=Key(100, "int", minimum=1,
                                   doc="fp16: stop when this many steps in a row overflow"),
-        scale_sense=_section(
-            type=Key("DynamicLossScaleUpdateCell", "choice", ("DynamicLossScaleUpdateCell",)),
+        scale_sense=_section(  # a number is MindFormers' fixed scale: FixedLossScaleUpdateCell with that value
+            type=Key("DynamicLossScaleUpdateCell", "choice", LOSS_SCALE_CELLS),
             loss_scale_value=Key(2.0 ** 32, "float", minimum=1.0),
             scale_factor=Key(2.0, "float", minimum=1.0),
             scale_window=Key(1000, "int", minimum=1),
@@ -205,6 +210,12 @@ SCHEMA = _section(
         warmup_lr_init=Key(0.0, "float", minimum=0.0),
         power=Key(1.0, "float", minimum=0.0),
         total_steps=Key(-1, "int", doc="-1: steps per epoch x epochs (or max_steps)"),
+        warmup_ratio=Key(None, "float", minimum=0.0, nullable=True,
+                         doc="replaces warmup_steps: int(total_steps x warmup_ratio), as MindFormers"),
+        num_cycles=Key(0.5, "float", minimum=0.0, doc="cosine: waves of the cosine (0.5: one half-cosine)"),
+        decay_steps=Key(None, "int", minimum=1, nullable=True,
+                        doc="cosine: lr_end from this step on; polynomial: the decay's length (null: MindFormers' "
+                            "defaults, total_steps and total_steps - warmup)"),
     ),
     optimizer=_section(
         type=Key("AdamW", "choice", OPTIMIZER_TYPES,
@@ -261,6 +272,7 @@ def load_recipe(path: str | None = None, overrides=(), base: dict | None = None)
         # the list form as an override (callbacks=[{type: MFLossMonitor, per_print_times: 5}]) changes only
         # the keys it gives, like callbacks.MFLossMonitor.per_print_times=5 would
         raw = _normalise_callbacks(raw, source, base=before if isinstance(before, dict) else None)
+    raw = _normalise_scale_sense(raw)
     recipe = _validate(raw, SCHEMA, "", source)
     check_consistency(recipe, source)
     return recipe
@@ -337,6 +349,17 @@ def _normalise_callbacks(raw: dict, source: str, base: dict | None = None) -> di
             kind = entry.pop("type")
             mapping[kind] = {**(mapping.get(kind) or {}), **entry}
         raw = {**raw, "callbacks": mapping}
+    return raw
+
+
+def _normalise_scale_sense(raw: dict) -> dict:
+    """MindFormers takes runner_wrapper.scale_sense as a number (a fixed loss scale) or a cell's section; the
+    number becomes FixedLossScaleUpdateCell's section (whose scale_factor and scale_window go unused)."""
+    wrapper = raw.get("runner_wrapper")
+    sense = wrapper.get("scale_sense") if isinstance(wrapper, dict) else None
+    if isinstance(sense, (int, float)) and not isinstance(sense, bool):
+        return {**raw, "runner_wrapper": {**wrapper, "scale_sense": dict(type="FixedLossScaleUpdateCell",
+                                                                         loss_scale_value=sense)}}
     return raw
 
 
@@ -441,6 +464,12 @@ def check_consistency(recipe: Recipe, source: str):
     if lr.type == "polynomial" and lr.lr_end > lr.learning_rate:
         raise ValueError(f"bad lr_schedule in {source}: lr_end {lr.lr_end:g} is larger than learning_rate "
                          f"{lr.learning_rate:g}")
+    if lr.type != "cosine" and lr.num_cycles != 0.5:
+        raise ValueError(f"bad key 'lr_schedule.num_cycles' in {source}: it shapes CosineWithWarmUpLR only")
+    if lr.type == "constant" and lr.decay_steps is not None:
+        raise ValueError(f"bad key 'lr_schedule.decay_steps' in {source}: a constant schedule does not decay")
+    if lr.warmup_ratio is not None and lr.warmup_ratio > 1.0:
+        raise ValueError(f"bad value {lr.warmup_ratio!r} for 'lr_schedule.warmup_ratio' in {source}: expected [0, 1]")
     if lr.total_steps != -1 and lr.total_steps < 1:
         raise ValueError(f"bad value {lr.total_steps!r} for 'lr_schedule.total_steps' in {source}: "
                          f"expected -1 or a positive integer")

@@ -359,13 +359,14 @@ def uses_lora(job: TrainJob) -> bool:
 
 def load_start_weights(spec: ModelSpec, source: str, config_overrides: dict | None, log):
     """The weights a run starts from: loading.load_model's sources (an HF-format directory or hub id, one of our
-    (sharded) checkpoints), or a MindFormers .ckpt. A classifier may start from a language model (a new head)."""
-    from ..loading import load_model
+    (sharded) checkpoints, a MindFormers .ckpt or distributed checkpoint). A classifier may start from a language
+    model (a new head)."""
+    from ..loading import is_mindspore, load_model
     if not os.path.exists(source) and (source.startswith((".", "/", "~")) or source.count("/") > 1):
         raise FileNotFoundError(f"load_checkpoint not found: {source}; pass an HF-format GPT-2 directory, "
                                 f"OUTPUT_DIR/checkpoint/step_N or a MindFormers .ckpt file")
     overrides = dict(spec.overrides, **(config_overrides or {}))
-    if is_mindspore_checkpoint(source):  # MindFormers' own weights, converted on the fly
+    if spec.strategy or is_mindspore(source):  # MindFormers' own weights, converted on the fly
         model = model_from_mindspore(spec, source, overrides, log)
     else:
         model = load_model(source, spec.architecture, dtype=torch.float32, overrides=overrides, new_head=True)
@@ -373,28 +374,26 @@ def load_start_weights(spec: ModelSpec, source: str, config_overrides: dict | No
     return model
 
 
-def is_mindspore_checkpoint(path: str) -> bool:
-    return os.path.isfile(path) and path.endswith(".ckpt")
-
-
 def model_from_mindspore(spec: ModelSpec, path: str, overrides: dict, log=print):
-    """A MindFormers GPT-2 .ckpt as the spec's model: the tensors give the shape, the spec the heads and activation
-    (which a .ckpt does not record). A LoRA checkpoint (lora_a / lora_b beside the base) becomes a LoRA model with
-    its adapters, scaled by the spec's lora alpha."""
+    """A MindFormers GPT-2 .ckpt or distributed checkpoint (with spec.strategy) as the spec's model: the tensors give
+    the shape, the spec the heads and activation (which a .ckpt does not record). A LoRA checkpoint (lora_a / lora_b
+    beside the base) becomes a LoRA model with its adapters, scaled by the spec's lora alpha."""
     from ..convert.lora import load_mindformers_lora
-    from ..convert.mindformers import MindFormersSource, load_mindspore_model
+    from ..loading import load_model
+    from ..mindspore_io.source import MindFormersSource
     cls, heads, act = model_class(spec.architecture), spec.config.n_head, spec.config.activation
-    with MindFormersSource(path, heads, act) as source:
+    strategy = spec.strategy or None
+    with MindFormersSource(path, heads, act, verify_crc=False, strategy=strategy) as source:  # its index only
         has_lora = bool(source.lora_names)
     if not has_lora:
-        return load_mindspore_model(path, n_head=heads, activation=act, cls=cls, dtype=torch.float32,
-                                    verify_crc=False, **overrides)
+        return load_model(path, spec.architecture, dtype=torch.float32, new_head=True, strategy=strategy,
+                          overrides=dict(overrides, n_head=heads, activation=act))
     lora = spec.lora
     if not lora:
         raise ValueError(f"{path} holds unmerged LoRA adapters: use a LoRA recipe (model.model_config.pet_config, "
                          f"whose lora_alpha scales them), or merge them first with convert/merge_lora.py")
     model = load_mindformers_lora(path, lora.alpha, heads, act, cls=cls, lora_dropout=lora.dropout,
-                                  verify_crc=False, **overrides)
+                                  verify_crc=False, strategy=strategy, **overrides)
     rank, targets = model.lora_layout
     log(f"LoRA adapters from {path}: rank {rank} on {', '.join(targets)} (alpha {lora.alpha:g} from the recipe)")
     return model
@@ -593,8 +592,9 @@ def _layout(pc) -> str:
 
 
 def _trainable(model) -> int:
-    """Trainable parameters, without the internal vocab padding rows (as num_parameters counts)."""
-    n = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    """Trainable parameters, without the internal vocab padding rows (as num_parameters counts) or the entries of a
+    fused q / v adapter that stay zero (lora.mask_to_parts): MindFormers' count."""
+    n = sum(getattr(p, "trained_numel", p.numel()) for p in model.parameters() if p.requires_grad)
     base = unwrap_model(model)
     wte = base.transformer.wte.weight
     if wte.requires_grad:

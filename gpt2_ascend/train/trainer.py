@@ -53,6 +53,7 @@ class TrainSettings:
     loss_scale: float = 2.0 ** 32
     scale_factor: float = 2.0
     scale_window: int = 1000
+    loss_scale_fixed: bool = False  # MindSpore's FixedLossScaleUpdateCell: overflows skip the step, the scale stays
     max_consecutive_skips: int = 100
     progress: bool = True
 
@@ -119,7 +120,7 @@ class Trainer:
         set_lr(self.optimizer, self.schedule(self.updates))
         if self.scaler is not None:
             self.scaler.step(self.optimizer)  # skipped when the unscaled gradients hold inf/nan
-            self.scaler.update()
+            self.scaler.update(self.settings.loss_scale if self.settings.loss_scale_fixed else None)
             if self.settings.step_rule == "mindspore":
                 keep_loss_scale_at_least_one(self.scaler)
         else:

@@ -15,14 +15,14 @@ consecutive records with the same tag. Numeric scalars have no dims; strings (ty
 dims [0], which MindSpore's loader also reads as a scalar. With `crc_check=True` MindSpore appends a
 17-byte trailer: b"crc_num" + the CRC-32 (zlib's) of every byte before it, as a 10-byte big-endian int.
 
-Writing goes through protobuf messages built at run time from a descriptor (no protoc, no generated
-file), so the bytes are the ones MindSpore writes. Reading walks the protobuf wire format directly to
+Writing encodes each record's protobuf fields directly (checkpoint.proto beside this module; the content written
+from the tensor's memory, no copy), in protobuf's own order, so the bytes are the ones MindSpore writes (tested
+against its files and against protobuf's serializer). Reading walks the protobuf wire format directly to
 index every record's tag, dims, type and data offset without loading data: a 52B checkpoint then costs
 one tensor of memory at a time, not the whole file (MindSpore itself parses the whole file at once).
 """
 from __future__ import annotations
 
-import functools
 import math
 import os
 import zlib
@@ -32,6 +32,7 @@ import torch
 
 from ..fileio import AtomicFile
 from ..fileio import tensor_bytes as state_bytes
+from .proto import proto_messages
 
 # MindSpore's largest record: serialization.py writes `1024 * SLICE_SIZE` bytes per record (SLICE_SIZE
 # = 512 * 1024), under protobuf's 2 GiB message limit.
@@ -53,41 +54,40 @@ class CkptError(ValueError):
 
 
 # ---------------------------------------------------------------------------------------------
-# protobuf messages, built from a descriptor at run time
+# the schema (checkpoint.proto beside this module)
 # ---------------------------------------------------------------------------------------------
-@functools.lru_cache(maxsize=None)
 def checkpoint_messages():
-    """(Checkpoint, TensorProto) message classes of MindSpore's checkpoint.proto, in a private pool."""
-    from google.protobuf import descriptor_pb2, descriptor_pool, message_factory
+    """(Checkpoint, TensorProto) message classes of MindSpore's checkpoint.proto (built at run time: proto.py)."""
+    messages = proto_messages("checkpoint.proto")
+    return messages["Checkpoint"], messages["TensorProto"]
 
-    F = descriptor_pb2.FieldDescriptorProto
-    f = descriptor_pb2.FileDescriptorProto(name="gpt2_ascend_checkpoint.proto", syntax="proto2")
 
-    def add_field(msg, name, number, type_, label, type_name=None, oneof_index=None):
-        fd = msg.field.add(name=name, number=number, type=type_, label=label)
-        if type_name:
-            fd.type_name = type_name
-        if oneof_index is not None:
-            fd.oneof_index = oneof_index
+def varint(n: int) -> bytes:
+    """protobuf's base-128 varint; a negative int64 as its 10-byte two's complement."""
+    n = n + (1 << 64) if n < 0 else n
+    out = bytearray()
+    while n >= 0x80:
+        out.append(n & 0x7F | 0x80)
+        n >>= 7
+    out.append(n)
+    return bytes(out)
 
-    tensor = f.message_type.add(name="TensorProto")
-    add_field(tensor, "dims", 1, F.TYPE_INT64, F.LABEL_REPEATED)
-    add_field(tensor, "tensor_type", 2, F.TYPE_STRING, F.LABEL_REQUIRED)
-    add_field(tensor, "tensor_content", 3, F.TYPE_BYTES, F.LABEL_REQUIRED)
-    map_tensor = f.message_type.add(name="MapTensorProto")
-    add_field(map_tensor, "tensor", 1, F.TYPE_MESSAGE, F.LABEL_REPEATED, ".TensorProto")
-    checkpoint = f.message_type.add(name="Checkpoint")
-    value = checkpoint.nested_type.add(name="Value")
-    value.oneof_decl.add(name="value")
-    add_field(value, "tag", 1, F.TYPE_STRING, F.LABEL_REQUIRED)
-    add_field(value, "tensor", 2, F.TYPE_MESSAGE, F.LABEL_OPTIONAL, ".TensorProto", oneof_index=0)
-    add_field(value, "maptensor", 3, F.TYPE_MESSAGE, F.LABEL_OPTIONAL, ".MapTensorProto", oneof_index=0)
-    add_field(checkpoint, "value", 1, F.TYPE_MESSAGE, F.LABEL_REPEATED, ".Checkpoint.Value")
 
-    pool = descriptor_pool.DescriptorPool()
-    pool.Add(f)
-    return (message_factory.GetMessageClass(pool.FindMessageTypeByName("Checkpoint")),
-            message_factory.GetMessageClass(pool.FindMessageTypeByName("TensorProto")))
+def length_delimited(number: int, size: int) -> bytes:
+    """The key and length of a length-delimited field of `size` bytes (wire type 2)."""
+    return varint(number << 3 | 2) + varint(size)
+
+
+def record_header(name: str, dims, type_name: str, content_bytes: int) -> bytes:
+    """Every byte of one serialized Checkpoint{value: [Value{tag, tensor: TensorProto{dims, tensor_type,
+    tensor_content}}]} record before its tensor_content, as protobuf orders them (by field number, proto2's unpacked
+    dims), so that the content itself is written from the tensor's memory without a copy."""
+    tag, type_bytes = name.encode("utf-8"), type_name.encode("utf-8")
+    tensor_head = (b"".join(varint(1 << 3) + varint(d) for d in dims) + length_delimited(2, len(type_bytes))
+                   + type_bytes + length_delimited(3, content_bytes))
+    tensor_size = len(tensor_head) + content_bytes
+    value_head = length_delimited(1, len(tag)) + tag + length_delimited(2, tensor_size)
+    return length_delimited(1, len(value_head) + tensor_size) + value_head + tensor_head
 
 
 # ---------------------------------------------------------------------------------------------
@@ -138,17 +138,11 @@ class CkptWriter:
             self._write_record(name, dims, type_name, data[start:start + step])
 
     def _write_record(self, name, dims, type_name, content):
-        Checkpoint, _ = checkpoint_messages()
-        message = Checkpoint()
-        value = message.value.add()
-        value.tag = name
-        value.tensor.dims.extend(dims)
-        value.tensor.tensor_type = type_name
-        value.tensor.tensor_content = bytes(content)
-        record = message.SerializeToString()
-        if self.crc:
-            self.crc_value = zlib.crc32(record, self.crc_value)
-        self.file.write(record)
+        header = record_header(name, dims, type_name, len(content))
+        for part in (header, memoryview(content)):  # the tensor's bytes go from its memory to the file
+            if self.crc:
+                self.crc_value = zlib.crc32(part, self.crc_value)
+            self.file.write(part)
 
     def close(self):
         """Write the crc trailer and move the file into place (fileio.AtomicFile: fsync'd, the umask's mode like
@@ -397,7 +391,7 @@ class CkptReader:
         self.file.seek(0)
         crc, remaining = 0, self.data_end
         while remaining:
-            block = self.file.read(min(remaining, 16 << 20))
+            block = self.file.read(min(remaining, 1 << 20))  # small blocks: a file is never in memory
             if not block:
                 raise CkptError(f"{self.path} is truncated (crc check)")
             crc = zlib.crc32(block, crc)
