@@ -88,3 +88,20 @@ def test_train_py_takes_dashed_flags_and_suggests_for_a_typo():
                           cwd=REPO, capture_output=True, text=True, timeout=HANG_GUARD_S)
     assert proc.returncode == 2 and proc.stderr.count("\n") == 1, proc.stderr
     assert "--max-step: did you mean --max_steps?" in proc.stderr and "(see python train.py --help)" in proc.stderr
+
+
+def test_progress_bars_are_text_unless_a_kernel_can_draw_widgets(monkeypatch):
+    """In a Jupyter kernel without ipywidgets, tqdm.auto warns 'IProgress not found' into the cell; ours is text."""
+    import importlib.util
+
+    import tqdm
+    import tqdm.notebook
+
+    from gpt2_ascend.progress import bar_class
+    monkeypatch.setitem(sys.modules, "ipykernel.zmqshell", types.ModuleType("ipykernel.zmqshell"))
+    real_find_spec = importlib.util.find_spec
+    for widgets, expected in ((False, tqdm.std.tqdm), (True, tqdm.notebook.tqdm)):
+        monkeypatch.setattr(importlib.util, "find_spec",
+                            lambda name, *a: (object() if widgets else None) if name == "ipywidgets"
+                            else real_find_spec(name, *a))
+        assert bar_class() is expected

@@ -24,12 +24,12 @@ def main(argv=None):
     p.add_argument("--no_crc", action="store_true", help="do not append MindSpore's crc_num trailer")
     args = p.parse_args(argv)
 
-    from tqdm import tqdm
+    from gpt2_ascend.progress import progress_bar
     from gpt2_ascend.convert import hf_to_mindspore
     from gpt2_ascend.cli import print_error
     try:
         s = hf_to_mindspore(args.torch_path, args.mindspore_path, layers=args.layers, dtype=args.dtype,
-                            crc=not args.no_crc, progress=lambda xs: tqdm(xs, desc="converting", unit="tensor", disable=None))
+                            crc=not args.no_crc, progress=lambda xs: progress_bar(xs, desc="converting", unit="tensor", disable=None))
     except (ValueError, OSError, KeyError) as e:
         print_error(e)
         return 2

@@ -22,12 +22,12 @@ def main(argv=None):
     p.add_argument("--dtype", choices=["fp32", "fp16", "bf16"], default=None, help="cast floating-point weights")
     args = p.parse_args(argv)
 
-    from tqdm import tqdm
+    from gpt2_ascend.progress import progress_bar
     from gpt2_ascend.convert import merge_hf_shards
     from gpt2_ascend.cli import print_error
     try:
         s = merge_hf_shards(args.input_dir, args.output_dir, max_shard_size=args.max_shard_size, dtype=args.dtype,
-                            progress=lambda xs: tqdm(xs, desc="resharding", unit="tensor", disable=None))
+                            progress=lambda xs: progress_bar(xs, desc="resharding", unit="tensor", disable=None))
     except (ValueError, OSError, KeyError) as e:
         print_error(e)
         return 2

@@ -42,13 +42,13 @@ def main(argv=None):
     p.add_argument("--no_crc_check", action="store_true", help="skip verifying the crc_num trailer")
     args = p.parse_args(argv)
 
-    from tqdm import tqdm
+    from gpt2_ascend.progress import progress_bar
     from gpt2_ascend.convert import mindspore_to_hf
     from gpt2_ascend.cli import print_error
     try:
         s = mindspore_to_hf(args.mindspore_path, args.output_dir, n_head=args.n_head, activation=args.activation,
                             dtype=args.dtype, max_shard_size=args.max_shard_size, verify_crc=not args.no_crc_check,
-                            progress=lambda xs: tqdm(xs, desc="converting", unit="tensor", disable=None),
+                            progress=lambda xs: progress_bar(xs, desc="converting", unit="tensor", disable=None),
                             recipe=args.config, log=lambda line: print(line, flush=True),
                             strategy=args.src_strategy_path_or_dir)
     except (ValueError, OSError, KeyError) as e:

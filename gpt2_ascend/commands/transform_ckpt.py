@@ -43,13 +43,13 @@ def main(argv=None):
     p.add_argument("--no_crc_check", action="store_true", help="do not verify the rank files' crc trailers")
     args = p.parse_args(argv)
 
-    from tqdm import tqdm
+    from gpt2_ascend.progress import progress_bar
     from gpt2_ascend.cli import print_error
     from gpt2_ascend.convert import transform_ckpt
     try:
         s = transform_ckpt(args.src_ckpt_strategy, args.src_ckpt_dir, args.dst_ckpt_dir, args.prefix,
                            args.dst_ckpt_strategy, crc=not args.no_crc, verify_crc=not args.no_crc_check,
-                           progress=lambda xs: tqdm(xs, desc="transforming", unit="tensor", disable=None))
+                           progress=lambda xs: progress_bar(xs, desc="transforming", unit="tensor", disable=None))
     except (ValueError, OSError, KeyError) as e:
         print_error(e)
         return 2

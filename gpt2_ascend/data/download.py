@@ -147,7 +147,7 @@ def download(url: str, dest: str, sha256: str, timeout: float = 60.0, progress: 
 
 def _fetch(url: str, dest: str, part: str, sha256: str, timeout: float, progress: bool):
     """download()'s body: stream into part under its lock, verify, rename to dest."""
-    from tqdm.auto import tqdm
+    from ..progress import progress_bar
     with open(part, "ab+") as f, _locked(f):
         digest = hashlib.sha256()
         f.seek(0)
@@ -165,7 +165,7 @@ def _fetch(url: str, dest: str, part: str, sha256: str, timeout: float, progress
         with response:
             total = response.headers.get("Content-Length")
             total = start + int(total) if total and total.isdigit() else None
-            with tqdm(total=total, initial=start, unit="B", unit_scale=True, leave=False,
+            with progress_bar(total=total, initial=start, unit="B", unit_scale=True, leave=False,
                       desc=os.path.basename(dest), disable=not progress) as bar, \
                     reporting_disk_full(os.path.dirname(os.path.abspath(dest)), total, os.path.basename(dest)):
                 for chunk in iter(lambda: response.read(CHUNK), b""):

@@ -88,12 +88,12 @@ def tokenize_text(text: str, tokenizer, chunk_chars: int = CHUNK_CHARS, desc: st
 
     Long texts are tokenized as pieces through the fast tokenizer's batch API (parallel, with a progress bar);
     the result equals tokenizing the whole text at once."""
-    from tqdm.auto import tqdm
+    from ..progress import progress_bar
     pieces = split_for_tokenizer(text, chunk_chars)
     dtype = token_dtype(len(tokenizer))
     per_batch = 8  # pieces per encode_batch call: parallel work between progress-bar updates
     out = []
-    with tqdm(total=len(text), desc=desc, unit="char", unit_scale=True, disable=len(text) < (1 << 20),
+    with progress_bar(total=len(text), desc=desc, unit="char", unit_scale=True, disable=len(text) < (1 << 20),
               leave=False) as bar:
         for i in range(0, len(pieces), per_batch):
             batch = pieces[i:i + per_batch]

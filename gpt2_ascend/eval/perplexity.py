@@ -189,5 +189,5 @@ def _autocast(device: torch.device, precision: str, param_dtype: torch.dtype):
 def _progress(iterable, enabled: bool, desc: str):
     if not enabled:
         return iterable
-    from tqdm.auto import tqdm
-    return tqdm(iterable, desc=desc, unit="batch", dynamic_ncols=True)
+    from ..progress import progress_bar
+    return progress_bar(iterable, desc=desc, unit="batch")

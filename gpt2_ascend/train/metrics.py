@@ -93,8 +93,8 @@ class MetricsLogger:
         self.trackers = list(trackers or [])
         self.bar = None
         if progress:
-            from tqdm.auto import tqdm
-            self.bar = tqdm(total=total_steps, initial=start_step, desc="train", unit="step", dynamic_ncols=True)
+            from ..progress import progress_bar
+            self.bar = progress_bar(total=total_steps, initial=start_step, desc="train", unit="step")
 
     def mfu(self, tokens_per_s: float) -> float | None:
         if not self.peak or not self.flops_per_token:
