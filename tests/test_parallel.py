@@ -143,6 +143,13 @@ LAYOUTS = [
     ("pp_1f1b", 2, ["parallel.pipeline_stage=2", "parallel.micro_batch_num=4", "parallel.recompute=selective"]),
     ("dp_tp", 4, ["parallel.data_parallel=2", "parallel.model_parallel=2", "runner_config.batch_size=4"]),
     ("tp_pp", 4, ["parallel.model_parallel=2", "parallel.pipeline_stage=2", "parallel.micro_batch_num=2"]),
+    # gradient accumulation on top of a layout: two optimizer micro-steps of half the batch each
+    ("pp_accum", 2, ["parallel.pipeline_stage=2", "parallel.micro_batch_num=2", "runner_config.batch_size=4",
+                     "runner_config.gradient_accumulation_steps=2"]),
+    ("tp_accum", 2, ["parallel.model_parallel=2", "runner_config.batch_size=4",
+                     "runner_config.gradient_accumulation_steps=2"]),
+    ("fsdp_accum", 2, ["parallel.data_parallel=2", "parallel.optimizer_shard=true", "runner_config.batch_size=2",
+                       "runner_config.gradient_accumulation_steps=2"]),
 ]
 
 
