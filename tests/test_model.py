@@ -262,6 +262,8 @@ def test_per_head_qkv_layout_gives_same_output():
     model = GPT2LMHeadModel(config).eval()
     ids = torch.randint(0, config.vocab_size, (2, 12))
     with torch.no_grad():
+        for block in model.transformer.h:  # a fresh init's biases are zero: the bias's permutation would not show
+            block.attn.c_attn.bias.normal_(std=0.5)
         ref = model(ids).logits
         to_per_head_qkv(model)
         assert max_diff(model(ids).logits, ref) <= TOL
