@@ -62,6 +62,25 @@ def test_greedy_matches_transformers_single_and_left_padded_batch(models, penalt
         assert torch.equal(single[0, len(p):], got[row, ids.size(1):])
 
 
+def test_repetition_penalty_skips_padding_whose_id_the_model_competes_for(models):
+    """Left padding with the token the short prompt's greedy continuation starts with as the pad id: padding is not
+    part of the sequence, so that token is not penalised for it (with pad id 511, a token the model never picks,
+    penalising padding changes nothing). Where a padded prompt really holds the pad id, it is penalised."""
+    ours, hf = models
+    batch = prompts()
+    pad = int(ours.generate(torch.tensor([batch[1]]), max_new_tokens=1, eos_token_id=None)[0, -1])
+    assert pad not in batch[1]
+    batch[2][1] = pad  # a padded row holding the pad id as one of its tokens
+    ids, mask = left_pad(batch, pad)
+    kw = dict(max_new_tokens=12, repetition_penalty=1.3, eos_token_id=None, pad_token_id=pad)
+    got = generate(ours, ids, attention_mask=mask, **kw)
+    with torch.no_grad():
+        assert torch.equal(got, hf.generate(input_ids=ids, attention_mask=mask, do_sample=False, num_beams=1, **kw))
+    assert torch.equal(got, greedy_reference(ours, ids, mask, 12, penalty=1.3))
+    for row, p in enumerate(batch):  # each prompt alone, without padding
+        assert torch.equal(ours.generate(torch.tensor([p]), **kw)[0, len(p):], got[row, ids.size(1):]), row
+
+
 def test_eos_stop_padding_and_min_new_tokens_match_transformers(models):
     ours, hf = models
     ids, mask = left_pad(prompts((7, 3, 5)), PAD)
