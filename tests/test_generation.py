@@ -200,6 +200,30 @@ def allowed_tokens(logits, temperature, top_k, top_p):
     return allowed
 
 
+@pytest.mark.parametrize("top_p", [0.05, 0.3, 0.5, 0.7, 0.9, 0.99])
+def test_top_p_keeps_exactly_the_smallest_prefix_that_reaches_p(top_p):
+    """The nucleus filter's kept set itself, row by row, against the definition in float64 (sampling only sees a
+    filter that keeps too many tokens, and a threshold at p instead of 1 - p agrees at p = 0.5). Rows whose
+    boundary lies within 1e-5 of p are skipped: there another CPU's last bits may decide."""
+    from gpt2_ascend.generation import top_p_filter
+    rows = torch.arange(64, dtype=torch.float64)[:, None]
+    scores = (3 * torch.sin(0.37 * (rows + 1) * torch.arange(1, 51, dtype=torch.float64))).float()  # no RNG
+    kept = torch.isfinite(top_p_filter(scores, top_p))
+    probs = torch.softmax(scores.double(), -1)
+    checked = 0
+    for row in range(scores.size(0)):
+        order = probs[row].argsort(descending=True)
+        before = probs[row][order].cumsum(0) - probs[row][order]  # mass of the more likely tokens
+        if (before - top_p).abs().min() < 1e-5:
+            continue
+        expected = torch.zeros(50, dtype=torch.bool)
+        expected[order[before < top_p]] = True  # the smallest prefix whose mass reaches top_p
+        assert torch.equal(kept[row], expected), row
+        checked += 1
+    assert checked >= 60
+    assert 1 < kept.sum(1).float().mean() < 49  # the filter really keeps some and removes some
+
+
 @pytest.mark.parametrize("top_k,top_p", [(3, 1.0), (0, 0.3), (10, 0.5)])
 def test_top_k_top_p_never_emit_a_filtered_token(models, top_k, top_p):
     ours, _ = models
