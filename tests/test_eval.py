@@ -179,6 +179,25 @@ def test_classification_accuracy_matches_transformers_predictions():
     assert abs(got["loss"] - expected_loss) < 1e-5
 
 
+def test_evaluation_turns_dropout_off_and_gives_the_model_back_training(stream):
+    """Models in training mode with the recipes' dropout 0.1 (as a trainer hands them to its evaluation): every
+    protocol and the accuracy give the numbers of the same model in eval mode, exactly (one process), call after
+    call, and the models come back in training mode."""
+    config = tiny_config(embd_pdrop=0.1, attn_pdrop=0.1, resid_pdrop=0.1)
+    lm = ours_from_hf(hf_model(config, seed=3), config)
+    classifier = ours_from_hf(hf_model(config, kind="cls", seed=5), config, kind="cls")
+    data = classifier_data()
+    runs = [lambda: perplexity(lm, stream, SEQ, batch_size=3), lambda: perplexity(lm, stream, SEQ, stride=5),
+            lambda: perplexity(lm, stream, SEQ, batch_size=3, protocol="mindformers"),
+            lambda: classification_accuracy(classifier, data, batch_size=5)]
+    lm.eval(), classifier.eval()
+    without_dropout = [run() for run in runs]
+    lm.train(), classifier.train()
+    for _ in range(2):
+        assert [run() for run in runs] == without_dropout
+    assert lm.training and classifier.training
+
+
 def test_classification_accuracy_rejects_bad_data():
     model = ours_from_hf(hf_model(tiny_config(), kind="cls"), tiny_config(), kind="cls")
     data = classifier_data()

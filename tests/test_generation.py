@@ -81,6 +81,18 @@ def test_repetition_penalty_skips_padding_whose_id_the_model_competes_for(models
         assert torch.equal(ours.generate(torch.tensor([p]), **kw)[0, len(p):], got[row, ids.size(1):]), row
 
 
+def test_generate_turns_dropout_off_and_gives_the_model_back_training():
+    """A model in training mode with dropout 0.1 generates transformers' tokens (its model in eval mode), and is
+    handed back in training mode."""
+    config = tiny_config(initializer_range=0.2, embd_pdrop=0.1, attn_pdrop=0.1, resid_pdrop=0.1)
+    hf = hf_model(config, seed=11)
+    ours = ours_from_hf(hf, config).train()
+    ids, mask = left_pad(prompts(), PAD)
+    kw = dict(max_new_tokens=12, eos_token_id=None)
+    assert torch.equal(generate(ours, ids, attention_mask=mask, pad_token_id=PAD, **kw), hf_generate(hf, ids, mask, **kw))
+    assert ours.training
+
+
 def test_eos_stop_padding_and_min_new_tokens_match_transformers(models):
     ours, hf = models
     ids, mask = left_pad(prompts((7, 3, 5)), PAD)
