@@ -98,6 +98,14 @@ def test_a_datasets_object_of_sentences_trains_a_classifier_as_the_tsv_does(data
     from_rows = _train(classifier, DataSplit(reviews, text_column="review", label_column="stars"),
                        DataSplit(reviews, text_column="review", label_column="stars"))
     assert _losses(from_rows) == _losses(from_arrays) and from_rows["eval_accuracy"] == from_arrays["eval_accuracy"]
+    # tokenized rows padded with another id than the pad id (a tokenizer's own pad token, "!" = 0): the Dataset's
+    # attention_mask decides what is pooled, as the arrays' does; pooling by the pad id would take the last "!"
+    repadded = dict(want, input_ids=np.where(want["attention_mask"] == 1, want["input_ids"], 0))
+    tokenized = datasets.Dataset.from_dict({k: v.tolist() for k, v in repadded.items()})
+    from_tokenized = _train(classifier, tokenized, tokenized)
+    assert _losses(from_tokenized) == _losses(_train(classifier, repadded, repadded))
+    assert np.allclose(_losses(from_tokenized), _losses(from_arrays), rtol=1e-6, atol=0)  # the pad id plays no part
+    assert abs(from_tokenized["eval_loss"] - from_arrays["eval_loss"]) <= 1e-6 * from_arrays["eval_loss"]
 
 
 def test_report_to_from_python(tmp_path):
