@@ -163,6 +163,27 @@ def _losses(output_dir):
         return [(r["step"], r["loss"], r["lr"]) for r in map(json.loads, f)]
 
 
+@pytest.mark.parametrize("rule", ["mindspore", "torch"])
+def test_weight_decay_alone_shrinks_exactly_the_decayed_weights(rule):
+    """With zero gradients (Adam's moments stay 0) a step is the decay term alone: every 2-D weight becomes
+    p (1 - lr wd) each step, in both rules (MindSpore's wd p inside the update; torch's decoupled decay), and biases
+    and LayerNorms do not move. The moments' part of an update is ~lr per weight whatever its size, so through
+    training a wrong decay term hides behind it (lr wd p ~ 1e-6 against updates of 1e-3)."""
+    torch.manual_seed(0)
+    model = GPT2LMHeadModel(tiny_config())
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    optimizer = build_optimizer(model, lr=0.1, weight_decay=0.5, update_rule=rule)
+    for _ in range(3):
+        for p in model.parameters():
+            p.grad = torch.zeros_like(p)
+        optimizer.step()
+    for name, p in model.named_parameters():
+        decayed = p.ndim == 2
+        expected = before[name] * (1 - 0.1 * 0.5) ** 3 if decayed else before[name]
+        assert torch.allclose(p.detach(), expected, rtol=1e-6, atol=0), name
+        assert decayed == ("weight" in name and "ln" not in name), name
+
+
 def test_mindspore_rule_resumes_bit_exactly_and_refuses_another_rule(tmp_path, token_file):
     from gpt2_ascend.hf import read_state_dict
     recipe = _recipe(tmp_path, token_file)
