@@ -149,9 +149,7 @@ LAYOUTS = [
                      "runner_config.gradient_accumulation_steps=2"]),
     ("tp_accum", 2, ["parallel.model_parallel=2", "runner_config.batch_size=4",
                      "runner_config.gradient_accumulation_steps=2"]),
-    ("fsdp_accum", 2, ["parallel.data_parallel=2", "parallel.optimizer_shard=true", "runner_config.batch_size=2",
-                       "runner_config.gradient_accumulation_steps=2"]),
-]
+]  # FSDP x accumulation: test_global_batch_is_kept_by_accumulation_on_fewer_processes
 
 
 @pytest.mark.parametrize("name, nproc, layout", LAYOUTS)
@@ -175,12 +173,13 @@ def test_runs_reproduce_their_goldens(workdir, single, name):
 
 
 def test_global_batch_is_kept_by_accumulation_on_fewer_processes(workdir):
-    """runner_config.global_batch_size: one process accumulating 2 micro-batches trains exactly like 2 processes
-    (here sharded, FSDP2) with one each, with MindSpore's optimizer rule and MindFormers' init."""
-    common = ["runner_config.global_batch_size=8", "runner_config.batch_size=4", "optimizer.type=FusedAdamWeightDecay",
+    """runner_config.global_batch_size: one process accumulating 2 micro-batches of 4 trains exactly like 2 processes
+    (here sharded, FSDP2) accumulating 2 of 2 each, with MindSpore's optimizer rule and MindFormers' init."""
+    common = ["runner_config.global_batch_size=8", "optimizer.type=FusedAdamWeightDecay",
               "model.model_config.init_style=mindformers"]
-    one = run(workdir, "global_batch_1", 1, *common)
-    two = run(workdir, "global_batch_2", 2, "parallel.data_parallel=2", "parallel.optimizer_shard=true", *common)
+    one = run(workdir, "global_batch_1", 1, "runner_config.batch_size=4", *common)
+    two = run(workdir, "global_batch_2", 2, "parallel.data_parallel=2", "parallel.optimizer_shard=true",
+              "runner_config.batch_size=2", *common)
     assert_same_run(two, one)
 
 
