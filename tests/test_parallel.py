@@ -354,9 +354,11 @@ def test_meta_init_loads_each_rank_only_its_shards(workdir, biased, finetune_sin
 
 
 def test_tensor_parallel_finetunes_nonzero_biases_like_one_process(workdir, biased, finetune_single):
-    """The loaded model's path (a whole model on each rank, permuted to the per-head c_attn layout, then split):
-    every bias is nonzero, so a c_attn bias left in HF's [q | k | v] order mixes the heads' q, k and v."""
-    out = run(workdir, "finetune_tp", 2, *finetune(biased), "parallel.model_parallel=2")
+    """The loaded model's path (a whole model on each rank, permuted to the per-head c_attn layout, then split; with
+    sequence parallel, the norms on sequence shards): every bias is nonzero, so a c_attn bias left in HF's
+    [q | k | v] order mixes the heads' q, k and v."""
+    out = run(workdir, "finetune_tp", 2, *finetune(biased), "parallel.model_parallel=2",
+              "parallel.sequence_parallel=true")
     assert_same_run(out, finetune_single, FINETUNE_CLIP)
 
 
