@@ -89,7 +89,8 @@ def test_generate_turns_dropout_off_and_gives_the_model_back_training():
     ours = ours_from_hf(hf, config).train()
     ids, mask = left_pad(prompts(), PAD)
     kw = dict(max_new_tokens=12, eos_token_id=None)
-    assert torch.equal(generate(ours, ids, attention_mask=mask, pad_token_id=PAD, **kw), hf_generate(hf, ids, mask, **kw))
+    got = generate(ours, ids, attention_mask=mask, pad_token_id=PAD, **kw)
+    assert torch.equal(got, hf_generate(hf, ids, mask, **kw))
     assert ours.training
 
 
