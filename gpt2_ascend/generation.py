@@ -377,8 +377,11 @@ def _decode_loop(decoder: Decoder, input_ids, attention_mask, s: SamplingSetting
     tokens[:, :T] = input_ids
     seen = None
     if s.repetition_penalty != 1.0:
-        seen = torch.zeros(B, decoder.lm.config.vocab_size, dtype=torch.bool, device=device)
-        seen.scatter_(1, input_ids, attention_mask.bool())  # padding is not part of the sequence
+        vocab = decoder.lm.config.vocab_size
+        # padding is not part of the sequence: it marks a spare column. (Scattering the mask itself writes False and
+        # True to one place when a prompt also holds the pad id, which scatter_ leaves in no defined order on GPUs.)
+        seen = torch.zeros(B, vocab + 1, dtype=torch.bool, device=device)
+        seen = seen.scatter_(1, input_ids.masked_fill(attention_mask == 0, vocab), True)[:, :vocab]
     generator = torch.Generator(device=device).manual_seed(seed) if seed is not None else None
     unfinished = torch.ones(B, dtype=torch.bool, device=device)
     all_done = torch.zeros(s.max_new_tokens, dtype=torch.bool, device=device)

@@ -72,9 +72,14 @@ def test_reads_mindspore_written_file_with_chunks_bf16_and_crc():
         assert [length for _, length in reader.entries["big_fp32"].chunks] == [1024, 1024, 1024, 1024, 704]
         assert reader.entries["w_bf16"].tensor_type == "BFloat16"
     got = read_ckpt(path)
-    for name in ("w_fp32", "w_fp16", "big_fp32", "i64"):
-        assert np.array_equal(got[name].numpy(), expected[name]), name
-    assert torch.equal(got["w_bf16"], torch.from_numpy(expected["w_bf16"]).bfloat16())
+    # MindSpore's type names -> torch dtypes, each checked by value (a swapped Float16 / BFloat16 both ways would
+    # round-trip our own files unnoticed)
+    dtypes = {"w_fp32": torch.float32, "w_fp16": torch.float16, "w_bf16": torch.bfloat16, "big_fp32": torch.float32,
+              "i64": torch.int64, "step": torch.int32}
+    assert {name: got[name].dtype for name in dtypes} == dtypes
+    for name in ("w_fp32", "w_fp16", "w_bf16", "big_fp32", "i64"):
+        want = torch.from_numpy(expected[name]).to(dtypes[name])  # bf16: MindSpore rounded the fp32 values
+        assert torch.equal(got[name].double(), want.double()), name
     assert got["step"].shape == () and got["step"].item() == 7
     assert got["note"] == "written by mindspore"
 

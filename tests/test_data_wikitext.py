@@ -124,6 +124,14 @@ def test_pack_blocks_drops_the_remainder():
         pack_blocks(np.arange(11), 12)
 
 
+@pytest.mark.parametrize("n_tokens, width", [(9, 3), (3, 3), (12, 12), (12, 4), (1, 1)])
+def test_pack_blocks_keeps_every_block_of_an_exact_multiple(n_tokens, width):
+    """No remainder: every token is in a block, the last block too (dropping it passes with 11 tokens)."""
+    blocks = pack_blocks(np.arange(n_tokens, dtype=np.uint16), width)
+    assert blocks.shape == (n_tokens // width, width)
+    assert blocks.reshape(-1).tolist() == list(range(n_tokens))
+
+
 # ---------------------------------------------------------------------------------------- MindFormers, real data
 
 def _mindformers_clean(string):

@@ -1,5 +1,6 @@
 """gpt2_ascend.eval: perplexity protocols against transformers' own loss, and classification accuracy."""
 import math
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -62,14 +63,14 @@ def test_mindformers_protocol_is_mean_of_batch_means(models, stream):
     assert abs(got["loss"] - token["loss"]) > 1e-6  # the uneven last batch makes them differ
 
 
-@pytest.mark.parametrize("stride", [5, SEQ])
-def test_stride_matches_hf_sliding_window_per_token(models, stream, stride):
-    ours, hf = models
+def guide_nll(logits_of, stream, stride):
+    """(summed NLL, tokens scored) by HF's perplexity guide (windows of SEQ tokens every `stride`, each scoring the
+    tokens after the previous window's end), with an exact per-token count. logits_of: a (1, T) window -> logits."""
     ids = stream[None]
     n = ids.size(1)
     nll_sum, n_tokens, prev_end = 0.0, 0, 0
     with torch.no_grad():
-        for begin in range(0, n, stride):  # HF's perplexity guide, with an exact per-token count
+        for begin in range(0, n, stride):
             end = min(begin + SEQ, n)
             trg_len = end - prev_end
             window = ids[:, begin:end]
@@ -77,11 +78,48 @@ def test_stride_matches_hf_sliding_window_per_token(models, stream, stride):
             target[:, :-trg_len] = -100
             scored = int((target[:, 1:] != -100).sum())
             if scored:
-                nll_sum += hf(input_ids=window, labels=target).loss.item() * scored
+                logits = logits_of(window)[0, :-1].double()
+                nll_sum += torch.nn.functional.cross_entropy(logits, target[0, 1:], reduction="sum").item()
                 n_tokens += scored
             prev_end = end
             if end == n:
                 break
+    return nll_sum, n_tokens
+
+
+class ContextCounter(torch.nn.Module):
+    """A causal LM over a stream that counts up (token t + 1 follows token t): its logit for the next token is
+    0.5 x the tokens before it in the window, every other logit 0. A token's loss says how much context its window
+    gave it (one token more or less: ~0.1), where a random GPT-2's losses hardly depend on context."""
+    vocab = 64
+
+    def __init__(self):
+        super().__init__()
+        self.anchor = torch.nn.Parameter(torch.zeros(()))  # where perplexity() looks for the device
+
+    def forward(self, input_ids):
+        B, T = input_ids.shape
+        confidence = 0.5 * torch.arange(T, dtype=torch.float32).expand(B, T)
+        logits = torch.zeros(B, T, self.vocab).scatter(2, ((input_ids + 1) % self.vocab)[..., None],
+                                                       confidence[..., None])
+        return SimpleNamespace(logits=logits)
+
+
+@pytest.mark.parametrize("stride", [1, 5, SEQ - 1, SEQ])
+def test_stride_gives_each_token_the_context_of_hf_sliding_window(stream, stride):
+    counter = ContextCounter()
+    counting = torch.arange(stream.numel()) % counter.vocab
+    nll_sum, n_tokens = guide_nll(lambda window: counter(window).logits, counting, stride)
+    got = perplexity(counter, counting, SEQ, batch_size=4, stride=stride)
+    assert got["tokens"] == n_tokens
+    assert rel(got["loss"], nll_sum / n_tokens) < 1e-6
+
+
+@pytest.mark.parametrize("stride", [5, SEQ])
+def test_stride_matches_hf_sliding_window_per_token(models, stream, stride):
+    ours, hf = models
+    n = stream.numel()
+    nll_sum, n_tokens = guide_nll(lambda window: hf(input_ids=window).logits, stream, stride)
     got = perplexity(ours, stream, SEQ, batch_size=4, stride=stride)
     assert got["protocol"] == "stride"
     assert rel(got["loss"], nll_sum / n_tokens) < 1e-6
@@ -139,6 +177,25 @@ def test_classification_accuracy_matches_transformers_predictions():
         assert got["per_class"][c]["correct"] == int(((predicted == labels) & (labels == c)).sum())
     expected_loss = torch.nn.functional.cross_entropy(hf_logits, torch.as_tensor(labels)).item()
     assert abs(got["loss"] - expected_loss) < 1e-5
+
+
+def test_evaluation_turns_dropout_off_and_gives_the_model_back_training(stream):
+    """Models in training mode with the recipes' dropout 0.1 (as a trainer hands them to its evaluation): every
+    protocol and the accuracy give the numbers of the same model in eval mode, exactly (one process), call after
+    call, and the models come back in training mode."""
+    config = tiny_config(embd_pdrop=0.1, attn_pdrop=0.1, resid_pdrop=0.1)
+    lm = ours_from_hf(hf_model(config, seed=3), config)
+    classifier = ours_from_hf(hf_model(config, kind="cls", seed=5), config, kind="cls")
+    data = classifier_data()
+    runs = [lambda: perplexity(lm, stream, SEQ, batch_size=3), lambda: perplexity(lm, stream, SEQ, stride=5),
+            lambda: perplexity(lm, stream, SEQ, batch_size=3, protocol="mindformers"),
+            lambda: classification_accuracy(classifier, data, batch_size=5)]
+    lm.eval(), classifier.eval()
+    without_dropout = [run() for run in runs]
+    lm.train(), classifier.train()
+    for _ in range(2):
+        assert [run() for run in runs] == without_dropout
+    assert lm.training and classifier.training
 
 
 def test_classification_accuracy_rejects_bad_data():

@@ -62,7 +62,8 @@ def test_checkpoint_on_a_full_disk_is_one_line_and_the_previous_stays(tmp_path, 
     with pytest.raises(DiskFullError) as e:
         ckpt.save_checkpoint(root, 2, states(), json_files={"config.json": {"n": 1}}, keep=1)
     message = str(e.value)
-    assert re.fullmatch(rf"no space left on the disk of {root} while writing checkpoint step_0000002: it needs about "
+    where = re.escape(str(root))  # a temporary folder's name may hold regex characters ('+')
+    assert re.fullmatch(rf"no space left on the disk of {where} while writing checkpoint step_0000002: it needs about "
                         rf"4\.0 KB \(4000 bytes\) and [\d.]+ [KMGT]?B is free there; free some space and run again "
                         rf"\(nothing that was there before was changed\)", message), message
     assert ckpt.list_checkpoints(root) == [(1, first)] and leftovers(root) == []  # keep=1 never pruned step 1
@@ -106,7 +107,8 @@ def test_export_convert_and_data_writes_on_a_full_disk(tmp_path, monkeypatch):
     def full(*args, **kwargs):
         raise ENOSPC
     monkeypatch.setattr(SafetensorsWriter, "write", full)
-    with pytest.raises(DiskFullError, match=rf"disk of {tmp_path} while writing {tmp_path / 'final'}: it needs "
+    where = re.escape(str(tmp_path))
+    with pytest.raises(DiskFullError, match=rf"disk of {where} while writing {where}/final: it needs "
                                             rf"about [\d.]+ [KM]B \(\d+ bytes\)"):
         model.save_pretrained(str(tmp_path / "final"))  # tied head: its copy is not written
     assert (tmp_path / "final" / "model.safetensors").read_bytes() == before and leftovers(tmp_path) == []
@@ -114,7 +116,7 @@ def test_export_convert_and_data_writes_on_a_full_disk(tmp_path, monkeypatch):
     def short_write(self, name, dims, type_name, content):
         raise NUMPY_SHORT_WRITE
     monkeypatch.setattr(CkptWriter, "_write_record", short_write)
-    with pytest.raises(DiskFullError, match=rf"while writing {tmp_path / 'm.ckpt'}: it needs about 48 bytes and"):
+    with pytest.raises(DiskFullError, match=rf"while writing {where}/m\.ckpt: it needs about 48 bytes and"):
         with CkptWriter(str(tmp_path / "m.ckpt"), size=48) as w:
             w.write("a", torch.zeros(12))
     assert not (tmp_path / "m.ckpt").exists() and leftovers(tmp_path) == []
@@ -143,7 +145,8 @@ def test_sharded_checkpoint_on_a_full_disk_removes_its_temporary(tmp_path, monke
         def full(*args, **kwargs):
             raise ENOSPC
         monkeypatch.setattr(dcp, "save", full)
-        with pytest.raises(DiskFullError, match=rf"disk of {root} while writing checkpoint step_0000002: it needs "
+        where = re.escape(str(root))
+        with pytest.raises(DiskFullError, match=rf"disk of {where} while writing checkpoint step_0000002: it needs "
                                                 rf"about 248 bytes and"):  # weights 80, Adam's moments 160, steps 8
             save_sharded(str(root / "step_0000002"), model, optimizer, {"step": 2}, {"step": 2})
     finally:
@@ -161,9 +164,10 @@ def test_failed_final_renames_leave_no_temporaries(tmp_path, monkeypatch):
         atomic_write(str(tmp_path / "a_dir"), lambda f: f.write(b"x"))
     (tmp_path / "a_file").write_text("x")
     model = GPT2LMHeadModel(tiny_config())
-    with pytest.raises(ValueError, match=rf"{tmp_path / 'a_file'} is a file, not a directory"):
+    where = re.escape(str(tmp_path))
+    with pytest.raises(ValueError, match=rf"{where}/a_file is a file, not a directory"):
         model.save_pretrained(str(tmp_path / "a_file"))
-    with pytest.raises(ValueError, match=rf"{tmp_path / 'a_dir'} is a directory: pass a .ckpt file name"):
+    with pytest.raises(ValueError, match=rf"{where}/a_dir is a directory: pass a .ckpt file name"):
         write_ckpt(str(tmp_path / "a_dir"), {"w": torch.zeros(2)})
     assert leftovers(tmp_path) == []
 
@@ -247,7 +251,8 @@ def full_disk(tmp_path):
 def test_real_full_disk(full_disk):
     root = str(full_disk / "checkpoint")
     first = ckpt.save_checkpoint(root, 1, states(100))
-    with pytest.raises(DiskFullError, match=rf"disk of {root} while writing checkpoint step_0000002: it needs "
+    where = re.escape(root)
+    with pytest.raises(DiskFullError, match=rf"disk of {where} while writing checkpoint step_0000002: it needs "
                                             rf"about 400\.0 KB \(400000 bytes\) and [\d.]+ KB is free"):
         ckpt.save_checkpoint(root, 2, states(100_000))
     assert ckpt.load_checkpoint(first)["model"]["w"].numel() == 100

@@ -62,6 +62,38 @@ def test_greedy_matches_transformers_single_and_left_padded_batch(models, penalt
         assert torch.equal(single[0, len(p):], got[row, ids.size(1):])
 
 
+def test_repetition_penalty_skips_padding_whose_id_the_model_competes_for(models):
+    """Left padding with the token the short prompt's greedy continuation starts with as the pad id: padding is not
+    part of the sequence, so that token is not penalised for it (with pad id 511, a token the model never picks,
+    penalising padding changes nothing). Where a padded prompt really holds the pad id, it is penalised."""
+    ours, hf = models
+    batch = prompts()
+    pad = int(ours.generate(torch.tensor([batch[1]]), max_new_tokens=1, eos_token_id=None)[0, -1])
+    assert pad not in batch[1]
+    batch[2][1] = pad  # a padded row holding the pad id as one of its tokens
+    ids, mask = left_pad(batch, pad)
+    kw = dict(max_new_tokens=12, repetition_penalty=1.3, eos_token_id=None, pad_token_id=pad)
+    got = generate(ours, ids, attention_mask=mask, **kw)
+    with torch.no_grad():
+        assert torch.equal(got, hf.generate(input_ids=ids, attention_mask=mask, do_sample=False, num_beams=1, **kw))
+    assert torch.equal(got, greedy_reference(ours, ids, mask, 12, penalty=1.3))
+    for row, p in enumerate(batch):  # each prompt alone, without padding
+        assert torch.equal(ours.generate(torch.tensor([p]), **kw)[0, len(p):], got[row, ids.size(1):]), row
+
+
+def test_generate_turns_dropout_off_and_gives_the_model_back_training():
+    """A model in training mode with dropout 0.1 generates transformers' tokens (its model in eval mode), and is
+    handed back in training mode."""
+    config = tiny_config(initializer_range=0.2, embd_pdrop=0.1, attn_pdrop=0.1, resid_pdrop=0.1)
+    hf = hf_model(config, seed=11)
+    ours = ours_from_hf(hf, config).train()
+    ids, mask = left_pad(prompts(), PAD)
+    kw = dict(max_new_tokens=12, eos_token_id=None)
+    got = generate(ours, ids, attention_mask=mask, pad_token_id=PAD, **kw)
+    assert torch.equal(got, hf_generate(hf, ids, mask, **kw))
+    assert ours.training
+
+
 def test_eos_stop_padding_and_min_new_tokens_match_transformers(models):
     ours, hf = models
     ids, mask = left_pad(prompts((7, 3, 5)), PAD)
@@ -179,6 +211,30 @@ def allowed_tokens(logits, temperature, top_k, top_p):
         keep[order[before < top_p]] = True  # the smallest prefix that reaches top_p
         allowed &= keep
     return allowed
+
+
+@pytest.mark.parametrize("top_p", [0.05, 0.3, 0.5, 0.7, 0.9, 0.99])
+def test_top_p_keeps_exactly_the_smallest_prefix_that_reaches_p(top_p):
+    """The nucleus filter's kept set itself, row by row, against the definition in float64 (sampling only sees a
+    filter that keeps too many tokens, and a threshold at p instead of 1 - p agrees at p = 0.5). Rows whose
+    boundary lies within 1e-5 of p are skipped: there another CPU's last bits may decide."""
+    from gpt2_ascend.generation import top_p_filter
+    rows = torch.arange(64, dtype=torch.float64)[:, None]
+    scores = (3 * torch.sin(0.37 * (rows + 1) * torch.arange(1, 51, dtype=torch.float64))).float()  # no RNG
+    kept = torch.isfinite(top_p_filter(scores, top_p))
+    probs = torch.softmax(scores.double(), -1)
+    checked = 0
+    for row in range(scores.size(0)):
+        order = probs[row].argsort(descending=True)
+        before = probs[row][order].cumsum(0) - probs[row][order]  # mass of the more likely tokens
+        if (before - top_p).abs().min() < 1e-5:
+            continue
+        expected = torch.zeros(50, dtype=torch.bool)
+        expected[order[before < top_p]] = True  # the smallest prefix whose mass reaches top_p
+        assert torch.equal(kept[row], expected), row
+        checked += 1
+    assert checked >= 60
+    assert 1 < kept.sum(1).float().mean() < 49  # the filter really keeps some and removes some
 
 
 @pytest.mark.parametrize("top_k,top_p", [(3, 1.0), (0, 0.3), (10, 0.5)])

@@ -12,6 +12,7 @@ import torch
 from gpt2_ascend import GPT2Config, GPT2LMHeadModel
 from gpt2_ascend.data.loader import StepLoader, causal_lm_inputs
 from gpt2_ascend.parallel.clip import clip_by_global_norm, clip_coefficient
+from gpt2_ascend.train.metrics import MetricsLogger
 from gpt2_ascend.train.optim import LRSchedule, build_optimizer
 from gpt2_ascend.train.recipe import load_recipe
 from gpt2_ascend.train import Trainer, TrainSettings, run_training
@@ -34,6 +35,14 @@ def test_schedules_give_mindformers_documented_values():
     # the reference run's polynomial values (../shared/mindformers_reference/losses.json "lr")
     poly = LRSchedule("polynomial", learning_rate=1e-3, lr_end=1e-5, warmup_steps=2, total_steps=5)
     assert [poly(t) for t in range(5)] == pytest.approx([0.0, 5e-4, 1e-3, 6.7e-4, 3.4e-4])
+
+
+def test_warmup_ramps_from_warmup_lr_init():
+    """MindFormers' warmup: warmup_lr_init + (learning_rate - warmup_lr_init) * t / w, every schedule type (a ramp
+    from 0 agrees with it only when warmup_lr_init is 0, as it is in every shipped recipe)."""
+    for kind in ("polynomial", "cosine", "constant"):
+        s = LRSchedule(kind, learning_rate=1e-3, lr_end=1e-5, warmup_steps=4, total_steps=20, warmup_lr_init=2e-4)
+        assert [s(t) for t in range(5)] == pytest.approx([2e-4, 4e-4, 6e-4, 8e-4, 1e-3], rel=1e-9), kind
 
 
 def test_schedule_branch_order_follows_mindformers():
@@ -77,7 +86,7 @@ def _blocks(rows=8, width=17, seed=0):
 def test_an_overflowed_step_does_not_advance_the_schedule_and_the_scale_stays_at_least_one():
     torch.manual_seed(0)
     model = GPT2LMHeadModel(tiny_config())
-    schedule = LRSchedule("polynomial", 1e-3, 1e-5, warmup_steps=2, total_steps=10)
+    schedule = LRSchedule("polynomial", 1e-3, 1e-5, warmup_steps=2, total_steps=10, warmup_lr_init=1e-4)
     trainer = _trainer(model, _blocks(), schedule, precision="fp16", loss_scale=2.0 ** 40, scale_factor=2.0 ** 20)
     used = []
     # a post-hook after the rule's own sees the schedule's lr again (during the step the group holds torch's)
@@ -90,6 +99,26 @@ def test_an_overflowed_step_does_not_advance_the_schedule_and_the_scale_stays_at
     assert trainer.scaler.get_scale() == 1.0
     state = trainer.trainer_state()
     assert (state["step"], state["updates"]) == (4, 2)
+
+
+def test_metrics_log_the_lr_each_step_applied_across_overflowed_steps():
+    """fp16 with two forced overflows (a loss scale of 2^60, then 2^30: far past fp16's 65504 on any machine): the
+    skipped steps do not advance the schedule, so from then on the step counter runs ahead of the updates.
+    metrics.jsonl's lr is the lr the optimizer applied at that step (a skipped step: the one it would have applied,
+    which the next step applies)."""
+    torch.manual_seed(0)
+    model = GPT2LMHeadModel(tiny_config())
+    schedule = LRSchedule("polynomial", 1e-3, 1e-5, warmup_steps=3, total_steps=6, warmup_lr_init=1e-4)
+    trainer = _trainer(model, _blocks(), schedule, total_steps=6, log_interval=1, precision="fp16",
+                       loss_scale=2.0 ** 60, scale_factor=2.0 ** 30)
+    applied = []  # after the rule's own post-hook the group holds the schedule's lr again
+    trainer.optimizer.register_step_post_hook(lambda opt, *_: applied.append(opt.param_groups[0]["lr"]))
+    metrics = MetricsLogger(None, start_step=0, total_steps=6, resumed=False, progress=False)
+    trainer.train(metrics)
+    records = metrics.records
+    assert [r["skipped"] for r in records] == [True, True, False, False, False, False]
+    assert applied == pytest.approx([schedule(t) for t in range(4)], rel=1e-9)
+    assert [r["lr"] for r in records] == pytest.approx(applied[:1] * 2 + applied, rel=1e-9)
 
 
 def test_loss_scale_floor_is_mindspore_only():
@@ -132,6 +161,27 @@ def token_file(tmp_path):
 def _losses(output_dir):
     with open(os.path.join(output_dir, "metrics.jsonl")) as f:
         return [(r["step"], r["loss"], r["lr"]) for r in map(json.loads, f)]
+
+
+@pytest.mark.parametrize("rule", ["mindspore", "torch"])
+def test_weight_decay_alone_shrinks_exactly_the_decayed_weights(rule):
+    """With zero gradients (Adam's moments stay 0) a step is the decay term alone: every 2-D weight becomes
+    p (1 - lr wd) each step, in both rules (MindSpore's wd p inside the update; torch's decoupled decay), and biases
+    and LayerNorms do not move. The moments' part of an update is ~lr per weight whatever its size, so through
+    training a wrong decay term hides behind it (lr wd p ~ 1e-6 against updates of 1e-3)."""
+    torch.manual_seed(0)
+    model = GPT2LMHeadModel(tiny_config())
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    optimizer = build_optimizer(model, lr=0.1, weight_decay=0.5, update_rule=rule)
+    for _ in range(3):
+        for p in model.parameters():
+            p.grad = torch.zeros_like(p)
+        optimizer.step()
+    for name, p in model.named_parameters():
+        decayed = p.ndim == 2
+        expected = before[name] * (1 - 0.1 * 0.5) ** 3 if decayed else before[name]
+        assert torch.allclose(p.detach(), expected, rtol=1e-6, atol=0), name
+        assert decayed == ("weight" in name and "ln" not in name), name
 
 
 def test_mindspore_rule_resumes_bit_exactly_and_refuses_another_rule(tmp_path, token_file):

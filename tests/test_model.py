@@ -113,6 +113,29 @@ def test_classification_left_padded_batch_matches_hf_and_each_row_alone():
     assert max_diff(alone[1], alone[2]) > 1e-2  # rows differ: pooling the wrong token would show
 
 
+@pytest.mark.parametrize("side", ["right", "left"])
+def test_classification_pools_the_masks_last_token_whatever_the_padding_id(side):
+    """The attention mask decides which token is pooled, not the pad id: a batch padded with another id (a
+    tokenizer's own pad token, here 7) and a row whose last real token is the pad id (GPT-2's eos = pad, a sentence
+    ending in <|endoftext|>) give each row's logits alone. (HF pools by the pad id only, so it is no oracle here.)"""
+    config = tiny_config(num_labels=3)
+    ours = ours_from_hf(hf_model(config, kind="cls"), config, kind="cls")
+    lengths = torch.tensor([16, 9, 3, 12])
+    ids = torch.randint(0, config.vocab_size - 1, (4, 16), generator=torch.Generator().manual_seed(3))
+    at = torch.arange(16)[None]
+    mask = (at < lengths[:, None]) if side == "right" else (at >= 16 - lengths[:, None])
+    ids = ids.masked_fill(~mask, 7)
+    last = (at * mask).argmax(-1)
+    ids[1, last[1]] = config.pad_token_id
+    with torch.no_grad():
+        out = ours(ids, attention_mask=mask.long()).logits
+        # each row alone, unpadded, its last token's hidden state through the head: pooling by definition
+        alone = torch.cat([ours.score(ours.transformer(ids[row:row + 1][:, mask[row]]).last_hidden_state[:, -1])
+                           for row in range(4)])
+    assert max_diff(out, alone) <= TOL
+    assert max_diff(alone[1], alone[2]) > 1e-2  # rows differ: pooling the wrong token would show
+
+
 def test_eager_and_sdpa_agree_and_dropout_is_off_in_eval():
     config = tiny_config(embd_pdrop=0.1, attn_pdrop=0.1, resid_pdrop=0.1)
     torch.manual_seed(0)
@@ -262,6 +285,8 @@ def test_per_head_qkv_layout_gives_same_output():
     model = GPT2LMHeadModel(config).eval()
     ids = torch.randint(0, config.vocab_size, (2, 12))
     with torch.no_grad():
+        for block in model.transformer.h:  # a fresh init's biases are zero: the bias's permutation would not show
+            block.attn.c_attn.bias.normal_(std=0.5)
         ref = model(ids).logits
         to_per_head_qkv(model)
         assert max_diff(model(ids).logits, ref) <= TOL

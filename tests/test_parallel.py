@@ -102,7 +102,7 @@ def weights(directory):
     return read_state_dict(str(directory))
 
 
-def assert_same_run(out, reference):
+def assert_same_run(out, reference, max_grad_norm=1.0):
     got, want = records(out), records(reference)
     assert [r["step"] for r in got] == [r["step"] for r in want] == list(range(1, STEPS + 1))
     mine, theirs = weights(out / "final"), weights(reference / "final")
@@ -111,8 +111,9 @@ def assert_same_run(out, reference):
                 grad_norm=max(abs(a["grad_norm"] - b["grad_norm"]) for a, b in zip(got, want)),
                 weights=max((mine[k] - theirs[k]).abs().max().item() for k in mine))
     assert max(diff.values()) <= TOL, diff
-    # the clipping threshold (1.0) is below these norms (~2): a wrong norm also changes every update
-    assert min(r["grad_norm"] for r in want) > 1.5
+    # the clipping threshold is below these norms (~2, ~0.75 from the biased model): a wrong norm also changes
+    # every update
+    assert min(r["grad_norm"] for r in want) > 1.5 * max_grad_norm
 
 
 @pytest.fixture(scope="module")
@@ -144,7 +145,12 @@ LAYOUTS = [
     ("pp_1f1b", 2, ["parallel.pipeline_stage=2", "parallel.micro_batch_num=4", "parallel.recompute=selective"]),
     ("dp_tp", 4, ["parallel.data_parallel=2", "parallel.model_parallel=2", "runner_config.batch_size=4"]),
     ("tp_pp", 4, ["parallel.model_parallel=2", "parallel.pipeline_stage=2", "parallel.micro_batch_num=2"]),
-]
+    # gradient accumulation on top of a layout: two optimizer micro-steps of half the batch each
+    ("pp_accum", 2, ["parallel.pipeline_stage=2", "parallel.micro_batch_num=2", "runner_config.batch_size=4",
+                     "runner_config.gradient_accumulation_steps=2"]),
+    ("tp_accum", 2, ["parallel.model_parallel=2", "runner_config.batch_size=4",
+                     "runner_config.gradient_accumulation_steps=2"]),
+]  # FSDP x accumulation: test_global_batch_is_kept_by_accumulation_on_fewer_processes
 
 
 @pytest.mark.parametrize("name, nproc, layout", LAYOUTS)
@@ -168,12 +174,13 @@ def test_runs_reproduce_their_goldens(workdir, single, name):
 
 
 def test_global_batch_is_kept_by_accumulation_on_fewer_processes(workdir):
-    """runner_config.global_batch_size: one process accumulating 2 micro-batches trains exactly like 2 processes
-    (here sharded, FSDP2) with one each, with MindSpore's optimizer rule and MindFormers' init."""
-    common = ["runner_config.global_batch_size=8", "runner_config.batch_size=4", "optimizer.type=FusedAdamWeightDecay",
+    """runner_config.global_batch_size: one process accumulating 2 micro-batches of 4 trains exactly like 2 processes
+    (here sharded, FSDP2) accumulating 2 of 2 each, with MindSpore's optimizer rule and MindFormers' init."""
+    common = ["runner_config.global_batch_size=8", "optimizer.type=FusedAdamWeightDecay",
               "model.model_config.init_style=mindformers"]
-    one = run(workdir, "global_batch_1", 1, *common)
-    two = run(workdir, "global_batch_2", 2, "parallel.data_parallel=2", "parallel.optimizer_shard=true", *common)
+    one = run(workdir, "global_batch_1", 1, "runner_config.batch_size=4", *common)
+    two = run(workdir, "global_batch_2", 2, "parallel.data_parallel=2", "parallel.optimizer_shard=true",
+              "runner_config.batch_size=2", *common)
     assert_same_run(two, one)
 
 
@@ -310,9 +317,32 @@ def test_bad_layouts_are_one_line(workdir, monkeypatch, capsys, env_world, layou
 
 
 @pytest.fixture(scope="module")
-def finetune_single(workdir, single):
-    """One process, finetuning the single run's exported model for a few more steps."""
-    return run(workdir, "finetune_single", 1, "--run_mode", "finetune", "--load_checkpoint", str(single / "final"))
+def biased(workdir, single):
+    """The single run's exported model with every bias and LayerNorm parameter moved far from its init: a fresh
+    init's biases are all zero, so a layout that permutes or splits a bias wrongly is invisible from one."""
+    from gpt2_ascend import GPT2LMHeadModel
+    model = GPT2LMHeadModel.from_pretrained(single / "final")
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.ndim == 1:
+                p.add_(torch.randn(p.shape, generator=g), alpha=0.1)
+    model.save_pretrained(str(workdir / "biased"))
+    return workdir / "biased"
+
+
+@pytest.fixture(scope="module")
+def finetune_single(workdir, biased):
+    """One process, finetuning the biased model for a few more steps."""
+    return run(workdir, "finetune_single", 1, *finetune(biased))
+
+
+def finetune(biased) -> list[str]:
+    """Finetune the biased model, clipping below its gradient norm (~0.75)."""
+    return ["--run_mode", "finetune", "--load_checkpoint", str(biased), f"runner_wrapper.max_grad_norm={FINETUNE_CLIP}"]
+
+
+FINETUNE_CLIP = 0.4
 
 
 @pytest.mark.parametrize("name, nproc, layout", [
@@ -321,11 +351,20 @@ def finetune_single(workdir, single):
     ("meta_fsdp", 2, ["parallel.data_parallel=2", "parallel.optimizer_shard=true", "runner_config.batch_size=4"]),
     ("meta_tp_pp", 4, ["parallel.model_parallel=2", "parallel.pipeline_stage=2", "parallel.micro_batch_num=2"]),
 ])
-def test_meta_init_loads_each_rank_only_its_shards(workdir, single, finetune_single, name, nproc, layout):
-    """The large-model path (build on meta, fill shards tensor by tensor) finetunes exactly like one process."""
-    out = run(workdir, name, nproc, "--run_mode", "finetune", "--load_checkpoint", str(single / "final"),
-              "parallel.meta_init=true", *layout)
-    assert_same_run(out, finetune_single)
+def test_meta_init_loads_each_rank_only_its_shards(workdir, biased, finetune_single, name, nproc, layout):
+    """The large-model path (build on meta, fill shards tensor by tensor) finetunes exactly like one process, from a
+    model with nonzero biases (each c_attn bias permuted to the per-head layout as its weight is)."""
+    out = run(workdir, name, nproc, *finetune(biased), "parallel.meta_init=true", *layout)
+    assert_same_run(out, finetune_single, FINETUNE_CLIP)
+
+
+def test_tensor_parallel_finetunes_nonzero_biases_like_one_process(workdir, biased, finetune_single):
+    """The loaded model's path (a whole model on each rank, permuted to the per-head c_attn layout, then split; with
+    sequence parallel, the norms on sequence shards): every bias is nonzero, so a c_attn bias left in HF's
+    [q | k | v] order mixes the heads' q, k and v."""
+    out = run(workdir, "finetune_tp", 2, *finetune(biased), "parallel.model_parallel=2",
+              "parallel.sequence_parallel=true")
+    assert_same_run(out, finetune_single, FINETUNE_CLIP)
 
 
 def test_meta_init_fresh_model_trains(workdir):

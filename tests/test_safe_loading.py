@@ -9,6 +9,7 @@ import hashlib
 import json
 import os
 import pickle
+import re
 import subprocess
 import sys
 from concurrent.futures import ThreadPoolExecutor
@@ -343,13 +344,96 @@ def test_dcp_metadata_pointing_outside_the_directory_is_refused(tmp_path):
         read_dcp_metadata(str(tmp_path))
 
 
+class Reduced:
+    """Unpickling this calls `func(*args)`: the builtins a widened allow-list would let through."""
+
+    def __init__(self, func, *args):
+        self.func, self.args = func, args
+
+    def __reduce__(self):
+        return self.func, self.args
+
+
+# The allow-list, pinned: a change to it is a decision, made here too (see docs/reliability.md).
+DCP_ALLOWED = {
+    "torch.distributed.checkpoint.metadata": {"Metadata", "TensorStorageMetadata", "BytesStorageMetadata",
+                                              "ChunkStorageMetadata", "TensorProperties", "_MEM_FORMAT_ENCODING",
+                                              "MetadataIndex", "StorageMeta"},
+    "torch.distributed.checkpoint.filesystem": {"_StorageInfo"},
+    "torch.serialization": {"_get_layout"},
+    "torch": {"Size"},
+    "pathlib": {"Path", "PosixPath", "WindowsPath", "PurePath", "PurePosixPath", "PureWindowsPath"},
+    "pathlib._local": {"Path", "PosixPath", "WindowsPath"},  # where Python 3.13 defines them
+    "collections": {"OrderedDict"},
+}
+
+
+def test_dcp_metadata_allow_list_is_dcps_classes_and_nothing_that_runs_code(tmp_path):
+    """The allow-list itself: exactly the pinned entries, each a class (DCP's metadata dataclasses, torch.Size, the
+    path classes, OrderedDict) or torch.serialization._get_layout (a lookup of torch's layouts by name), plus torch's
+    dtypes; no function that runs what it is given (builtins.eval, getattr, exec, __import__, os.system). A real
+    `.metadata` (a model and its AdamW state, saved by DCP) names only allowed globals (recorded by an unpickler
+    that builds them: the file is ours). Pickles calling eval or getattr are refused and run nothing."""
+    import importlib
+    import warnings
+    import torch.distributed.checkpoint as dcp
+    from gpt2_ascend import GPT2LMHeadModel
+    from gpt2_ascend.safe_dcp import DCP_METADATA_CLASSES, _dcp_metadata_class, read_dcp_metadata
+    from gpt2_ascend.safe_pickle import UnsafeFileError
+    from gpt2_ascend.train.optim import build_optimizer
+    assert DCP_METADATA_CLASSES == DCP_ALLOWED
+    for module, names in DCP_METADATA_CLASSES.items():
+        for name in names:
+            if module == "pathlib._local" and not hasattr(importlib.import_module("pathlib"), "_local"):
+                continue  # Python < 3.13
+            found = getattr(importlib.import_module(module), name)
+            assert isinstance(found, type) or found is torch.serialization._get_layout, f"{module}.{name}"
+    from_torch = {name for name in dir(torch) if _dcp_metadata_class("torch", name)}
+    assert from_torch == {"Size"} | {name for name in dir(torch) if isinstance(getattr(torch, name), torch.dtype)}
+    for module, name in [("builtins", "eval"), ("builtins", "exec"), ("builtins", "getattr"), ("builtins", "setattr"),
+                         ("builtins", "__import__"), ("builtins", "open"), ("os", "system"), ("posix", "system"),
+                         ("subprocess", "Popen"), ("torch", "load"), ("torch.serialization", "load"),
+                         ("pathlib", "Path.write_text"), ("collections", "namedtuple")]:
+        assert not _dcp_metadata_class(module, name), f"{module}.{name}"
+
+    model = GPT2LMHeadModel(tiny_config())
+    optimizer = build_optimizer(model, 1e-3)
+    model(torch.randint(0, 500, (2, 8)), labels=torch.randint(0, 500, (2, 8))).loss.backward()
+    optimizer.step()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        dcp.save({"model": model.state_dict(), "optim": optimizer.state_dict()}, checkpoint_id=str(tmp_path / "real"),
+                 no_dist=True)
+
+    class Recording(pickle.Unpickler):
+        named = set()
+
+        def find_class(self, module, name):
+            self.named.add((module, name))
+            return super().find_class(module, name)
+
+    with open(tmp_path / "real" / ".metadata", "rb") as f:
+        Recording(f).load()
+    assert {("torch.distributed.checkpoint.metadata", "Metadata"), ("torch", "Size")} <= Recording.named
+    assert all(_dcp_metadata_class(module, name) for module, name in Recording.named), Recording.named
+    read_dcp_metadata(str(tmp_path / "real"))
+
+    marker = tmp_path / "MARKER"
+    for name, payload in [("eval", Reduced(eval, f"open({str(marker)!r}, 'w').close()")),
+                          ("getattr", Reduced(getattr, pickle.Unpickler, "load"))]:
+        (tmp_path / "real" / ".metadata").write_bytes(pickle.dumps(payload))
+        with pytest.raises(UnsafeFileError, match=f"builtins.{name}, which could run code"):
+            read_dcp_metadata(str(tmp_path / "real"))
+    assert not marker.exists()
+
+
 def test_refusal_names_the_global_for_every_pickle_protocol(tmp_path):
     from gpt2_ascend.safe_pickle import UnsafeFileError, torch_load
     marker = tmp_path / "MARKER"
     for protocol in (0, 2, 4, 5):
         path = tmp_path / f"p{protocol}.pt"
         path.write_bytes(pickle.dumps({"w": Payload(marker)}, protocol=protocol))
-        with pytest.raises(UnsafeFileError, match=rf"refusing to load {path}: .* type posix.system"):
+        with pytest.raises(UnsafeFileError, match=rf"refusing to load {re.escape(str(path))}: .* type posix.system"):
             torch_load(str(path))
     torch.save({"w": torch.ones(2), "step": 3, "names": ["x"]}, tmp_path / "ok.pt")
     assert torch_load(str(tmp_path / "ok.pt"))["step"] == 3

@@ -77,19 +77,24 @@ def is_last_stage(part: nn.Module) -> bool:
 
 
 def stage_loss_fn(is_classifier: bool):
-    """The model's own per-microbatch loss (losses.py); schedules average it over microbatches (scale_grads=True).
-    For language modelling the target is already the next token at each position (the loader's targets)."""
+    """The model's own per-microbatch loss (losses.py); the schedule sums its gradients over microbatches and the
+    trainer averages them (see build_schedule). For language modelling the target is already the next token at each
+    position (the loader's targets)."""
     return classification_loss if is_classifier else next_token_loss
 
 
 def build_schedule(submodule, stage_module: nn.Module, stage: int, stages: int, pp_group, device,
                    micro_batches: int, kind: str):
-    """`submodule` is what runs (the stage, possibly wrapped by FSDP); `stage_module` the bare one."""
+    """`submodule` is what runs (the stage, possibly wrapped by FSDP); `stage_module` the bare one.
+
+    scale_grads=False: the schedule sums its microbatches' gradients and the trainer divides once by all the
+    microbatches of the optimizer step. torch's scaling divides every gradient the stage holds at the end of each
+    schedule step, so under gradient accumulation it divided the earlier steps' gradients again."""
     from torch.distributed.pipelining import PipelineStage, Schedule1F1B, ScheduleGPipe
     pipe_stage = PipelineStage(submodule, stage, stages, device, group=pp_group)
     cls = {"gpipe": ScheduleGPipe, "1f1b": Schedule1F1B}[kind]
     return cls(pipe_stage, n_microbatches=micro_batches,
-               loss_fn=stage_loss_fn(stage_module.hf_architecture == CLASSIFIER), scale_grads=True)
+               loss_fn=stage_loss_fn(stage_module.hf_architecture == CLASSIFIER), scale_grads=False)
 
 
 def pipeline_step(schedule, stage_module: nn.Module, input_ids, labels, attention_mask, pp_group):

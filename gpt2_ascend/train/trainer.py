@@ -143,10 +143,10 @@ class Trainer:
                 loss = self.compute_loss(batch) / n
             (self.scaler.scale(loss) if self.scaler is not None else loss).backward()
             total_loss += loss.detach()
-        if self.pipelined and n > 1:
-            for p in self.params:  # each schedule step averaged its micro-batches; average the steps too
+        if self.pipelined:  # each schedule step summed its pipeline micro-batches: average over all of them
+            for p in self.params:
                 if p.grad is not None:
-                    p.grad.div_(n)
+                    p.grad.div_(n * self.dims.pc.micro_batch_num)
         if self.parallel is not None and self.parallel.tied is not None:
             self.parallel.tied()
         if self.dims.pc.data_parallel > 1:
