@@ -19,8 +19,9 @@ import json
 import os
 
 from . import checkpoints as ckpt
+from .budget import require_model_memory
 from .config import GPT2Config
-from .hf import load_pretrained, model_from_state, pad_vocab, resolve_model_path
+from .hf import load_pretrained, model_from_state, pad_vocab, parse_dtype, resolve_model_path
 from .model import CLASSIFIER, LANGUAGE_MODEL, model_class
 
 VOCAB_ROWS = ("transformer.wte.weight", "lm_head.weight")
@@ -33,6 +34,12 @@ def load_model(path_or_hub_id: str, architecture: str | None = None, dtype=None,
     num_labels, the attention kernel, the vocab padding). adapter: a PEFT adapter directory, merged in (a SEQ_CLS
     adapter brings the classifier head it trained)."""
     path = resolve_model_path(path_or_hub_id)
+    with ckpt.reading(path):  # a checkpoint pruned by a running training run meanwhile: said so
+        model = _load_model(path, path_or_hub_id, architecture, dtype, device, overrides, adapter, new_head)
+    return model.eval()
+
+
+def _load_model(path: str, path_or_hub_id: str, architecture, dtype, device, overrides, adapter, new_head: bool):
     found = checkpoint_architecture(path)
     architecture = architecture or found or LANGUAGE_MODEL
     overrides = dict(overrides or {})
@@ -53,7 +60,7 @@ def load_model(path_or_hub_id: str, architecture: str | None = None, dtype=None,
     if adapter:
         from .lora import load_adapter
         model = load_adapter(model, adapter, merge=True).to(device or "cpu")
-    return model.eval()
+    return model
 
 
 def checkpoint_architecture(path: str) -> str | None:
@@ -74,11 +81,13 @@ def checkpoint_architecture(path: str) -> str | None:
                 else None)
 
 
-def checkpoint_state(path: str) -> tuple[GPT2Config, dict]:
+def checkpoint_state(path: str, fits=lambda config: None) -> tuple[GPT2Config, dict]:
     """(config, our state dict) of a training checkpoint directory, verified: a torchrun run's sharded one (its
-    vocab padding is the run's layout, so the config's is reset to none) or one process's (model.pt)."""
+    vocab padding is the run's layout, so the config's is reset to none) or one process's (model.pt). fits(config)
+    is called before any weight is read (the memory budget)."""
     if ckpt.is_sharded(path):
-        from .safe_dcp import load_full_model_state
+        from .safe_dcp import load_full_model_state, read_meta
+        fits(GPT2Config.from_hf_dict(read_meta(path)["model_config"]))
         config, state, _ = load_full_model_state(path)
         return config.replace(pad_vocab_size_multiple=1), state
     manifest = ckpt.verify_checkpoint(path, ckpt.MODEL_FILES)  # the weights alone: the optimizer state is not read
@@ -86,12 +95,16 @@ def checkpoint_state(path: str) -> tuple[GPT2Config, dict]:
         raise ValueError(f"{path} is a LoRA training checkpoint (it holds the adapters only): load its run's final/ "
                          f"directory (the merged model), or final/adapter on the base model")
     config = GPT2Config.from_json_file(os.path.join(path, "config.json"))
+    fits(config)
     return config, ckpt.load_checkpoint(path, ["model"], verify=False)["model"]
 
 
 def model_from_checkpoint(cls, path: str, overrides: dict | None = None, dtype=None, device=None):
     """A training checkpoint (checkpoint_state) as one model of class `cls`, its config updated by `overrides`."""
-    config, state = checkpoint_state(path)
+    def fits(config: GPT2Config):
+        require_model_memory(config.replace(**(overrides or {})), device, parse_dtype(dtype),
+                             f"the model in {path}", classifier=cls.hf_architecture == CLASSIFIER)
+    config, state = checkpoint_state(path, fits)
     config = config.replace(**(overrides or {}))
     state = {k: pad_vocab(v[: config.vocab_size], config) if k in VOCAB_ROWS else v for k, v in state.items()}
     if config.tie_word_embeddings:
