@@ -16,7 +16,7 @@ from .. import device as dev
 from ..model import CLASSIFIER, LANGUAGE_MODEL
 from .job import job_from_recipe
 from .recipe import generation_config, precision
-from .run import check_ranges, model_from_spec, read_split, seq_length
+from .run import check_data, model_from_spec, read_split, seq_length
 from .trainer import seed_everything
 
 METRIC_OF_ARCHITECTURE = {LANGUAGE_MODEL: "PerplexityMetric", CLASSIFIER: "Accuracy"}
@@ -58,7 +58,7 @@ def evaluate_recipe(recipe, log=print, progress: bool = True) -> dict:
     model, device = inference_model(recipe, log)
     job = job_from_recipe(recipe)
     data = read_split(job, job.eval_data, seq_length(job), default_split="validation")
-    check_ranges(data, model.config, "evaluation data")
+    data = check_data(data, model, "evaluation data")
     batch_size = recipe.eval_dataset.batch_size or recipe.runner_config.batch_size
     prec = precision(recipe)
     start = time.perf_counter()
