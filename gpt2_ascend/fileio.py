@@ -149,11 +149,12 @@ CONTROL_CHARACTER = re.compile(r"[\x00-\x1f\x7f]")
 def check_path(path: str, what: str = "path") -> str:
     """path, or a one-line ValueError when it holds a control character (a newline would split every line that
     names it, and YAML folds it into a space) or cannot be resolved for a symlink loop (which is named)."""
-    found = CONTROL_CHARACTER.search(path)
+    text = os.fspath(path)
+    found = CONTROL_CHARACTER.search(text) if isinstance(text, str) else None
     if found:
-        raise ValueError(f"{what} {path!r} holds a control character ({found.group()!r} at position "
+        raise ValueError(f"{what} {text!r} holds a control character ({found.group()!r} at position "
                          f"{found.start()}): paths with control characters are refused; use another name")
-    loop = symlink_loop(path)
+    loop = symlink_loop(text)
     if loop:
         raise ValueError(f"{what} {path} cannot be resolved: {loop} is a symlink loop (following it leads back to "
                          f"itself); remove that link or make it point to a real file or directory")
