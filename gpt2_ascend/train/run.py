@@ -204,8 +204,9 @@ def clears_outputs(job: TrainJob, resume_path: str | None) -> bool:
 
 
 def continues_this_run(job: TrainJob, path: str) -> bool:
-    """A checkpoint of the run in OUTPUT_DIR itself (in its checkpoint/)."""
-    return rundir.output_holding(path, job.output_dir) == "checkpoint"
+    """A checkpoint of the run in OUTPUT_DIR itself (in its checkpoint/, followed where it is a symlink)."""
+    root = os.path.realpath(ckpt.checkpoint_root(job.output_dir))
+    return os.path.realpath(path).startswith(root + os.sep)
 
 
 def run_inputs(job: TrainJob) -> list[tuple[str, str]]:

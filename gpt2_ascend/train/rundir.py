@@ -192,19 +192,14 @@ def describe_checkpoints(output_dir: str) -> str:
     return f"its {len(found)} checkpoint(s) (steps {found[0][0]}..{found[-1][0]}): none is complete and intact"
 
 
-def holds_a_run(output_dir: str) -> bool:
-    """Does output_dir hold what an earlier run wrote (so starting over there needs --overwrite_output_dir)?"""
-    return run_state(output_dir).kind != "empty"
-
-
 def output_holding(path: str, output_dir: str) -> str | None:
     """The run output of output_dir (RUN_OUTPUTS: checkpoint, final, ...) that path lies in, or None. A run replaces
     those (an overwrite deletes them first, final/ is written again at the end, old checkpoints are pruned), so an
-    input there would be lost. A run output that is a symlink is not followed: only the link is ever removed."""
+    input there would be lost. Symlinks are followed (a checkpoint/ linked to another disk is pruned there)."""
     real = os.path.realpath(path)
     for name in RUN_OUTPUTS:
         output = os.path.join(output_dir, name)
-        if not os.path.lexists(output) or os.path.islink(output):
+        if not os.path.exists(output):
             continue
         top = os.path.realpath(output)
         if real == top or real.startswith(top + os.sep):
