@@ -14,6 +14,7 @@ Checkpointers turn a Trainer into them and back.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -88,7 +89,19 @@ def describe(path: str, hash_all: bool = True) -> dict:
 def prune(root: str, keep: int):
     """Delete all but the newest `keep` checkpoints (complete or not)."""
     for _, path in list_checkpoints(root)[:-keep]:
-        shutil.rmtree(path, ignore_errors=True)
+        remove_checkpoint(path)
+
+
+def remove_checkpoint(path: str):
+    """Take the checkpoint out of its step_N name in one rename, then delete it: a reader sees it whole or not at
+    all, never half deleted (`reading` then says it was removed). A kill mid-delete leaves a .step_* temporary,
+    which the next run's remove_stale_temporaries deletes."""
+    doomed = os.path.join(os.path.dirname(path), f".{os.path.basename(path)}.removing-{os.getpid()}-{time.time_ns()}")
+    try:
+        os.replace(path, doomed)
+    except OSError:  # gone already, or not renamable: delete in place
+        doomed = path
+    shutil.rmtree(doomed, ignore_errors=True)
 
 
 def remove_stale_temporaries(root: str):
@@ -163,6 +176,22 @@ def find_resume_checkpoint(root: str, report=print) -> str | None:
         except CheckpointError as e:
             report(f"warning: {e}; trying an older one")
     return None
+
+
+@contextlib.contextmanager
+def reading(path: str):
+    """Read the checkpoint at path inside this block: when it vanishes meanwhile (a running training run prunes
+    its older checkpoints: remove_checkpoint), whatever failed is reported as its removal, in one line, not as a
+    damaged or interrupted save."""
+    existed = os.path.isdir(path)
+    try:
+        yield
+    except Exception:
+        if existed and not os.path.isdir(path):
+            raise CheckpointError(f"{path} was removed while it was read (a training run keeps only its newest "
+                                  f"keep_checkpoint_max checkpoints and deletes the older ones): read a newer one, "
+                                  f"or copy it out of the run directory first") from None
+        raise
 
 
 def load_checkpoint(path: str, names=None, verify: bool = True) -> dict:

@@ -15,8 +15,9 @@ from typing import Iterable, Iterator
 
 import torch
 
+from .budget import require_model_memory
 from .config import GenerationConfig, GPT2Config
-from .fileio import atomic_directory, tensor_bytes, write_json
+from .fileio import atomic_directory, check_path, tensor_bytes, write_json
 from .safe_pickle import torch_load
 
 CONV1D_SUFFIXES = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
@@ -137,8 +138,9 @@ def convert_qkv_state(state: dict, n_embd: int, n_head: int, to: str) -> dict:
 # reading files
 # ---------------------------------------------------------------------------------------------
 def resolve_model_path(path_or_hub_id: str) -> str:
-    """A local directory or file as is; otherwise a hub id, downloaded with huggingface_hub."""
-    if os.path.exists(path_or_hub_id):
+    """A local directory or file as is; otherwise a hub id, downloaded with huggingface_hub. A control character or
+    a symlink loop in the path is one line (fileio.check_path)."""
+    if os.path.exists(check_path(path_or_hub_id, "model path")):
         return path_or_hub_id
     if path_or_hub_id.startswith((".", "/", "~")) or path_or_hub_id.count("/") > 1 or os.sep + os.sep in path_or_hub_id:
         raise FileNotFoundError(f"model path not found: {path_or_hub_id}")
@@ -281,6 +283,8 @@ def load_pretrained(cls, path_or_hub_id: str, dtype=None, device=None, name: str
     model records as its origin, when path_or_hub_id is already a hub id's downloaded folder."""
     path = resolve_model_path(path_or_hub_id)
     config = load_config(path, **config_overrides)
+    require_model_memory(config, device, parse_dtype(dtype), f"the model in {path}",
+                         classifier=cls.hf_architecture == "GPT2ForSequenceClassification")
     state = hf_to_ours(read_state_dict(path), config)
     model = model_from_state(cls, config, state, source=path, dtype=dtype, device=device)
     # as transformers: where the weights came from (peft records it as an adapter's base_model_name_or_path)

@@ -21,6 +21,7 @@ import re
 
 import torch
 
+from .budget import require_memory
 from .safe_pickle import refused
 
 OUR_TARGETS = ("c_attn", "c_proj", "c_fc", "c_attn.q", "c_attn.k", "c_attn.v")
@@ -93,6 +94,7 @@ def apply_lora(model: torch.nn.Module, rank: int = 64, alpha: float = 128, dropo
     modules_to_save = ["score"] if task_type_of(model) == "SEQ_CLS" else None
     patterns = dict(rank_pattern={"c_attn": rank * len(parts)}, alpha_pattern={"c_attn": alpha * len(parts)}) \
         if parts else {}
+    require_adapter_memory(model, rank, modules, f"LoRA adapters of rank {rank} on {', '.join(modules)}")
     config = LoraConfig(r=rank, lora_alpha=alpha, lora_dropout=dropout, target_modules=modules,
                         bias="none", task_type=task_type_of(model), modules_to_save=modules_to_save, **patterns)
     peft_model = get_peft_model(model, config)
@@ -158,7 +160,10 @@ def load_adapter(model: torch.nn.Module, adapter_dir: str, merge: bool = True, t
     fold it into the base weights and return a plain model (same logits, no adapter overhead)."""
     from peft import PeftModel
 
-    check_adapter_fits(model, adapter_dir, read_adapter_config(adapter_dir))
+    adapter_config = read_adapter_config(adapter_dir)
+    check_adapter_fits(model, adapter_dir, adapter_config)
+    rank, targets = adapter_config.get("r"), adapter_config.get("target_modules")
+    require_adapter_memory(model, rank, targets, f"the LoRA adapter in {adapter_dir} (r={rank})")
     try:
         peft_model = PeftModel.from_pretrained(model, adapter_dir, is_trainable=trainable)
     except pickle.UnpicklingError as e:  # peft reads adapter_model.bin with weights_only=True
@@ -166,6 +171,27 @@ def load_adapter(model: torch.nn.Module, adapter_dir: str, merge: bool = True, t
     except Exception as e:  # peft / safetensors / json errors: one line that names the adapter
         raise ValueError(f"cannot load the LoRA adapter in {adapter_dir}: {_adapter_problem(e)}") from None
     return merge_adapter(peft_model) if merge else peft_model
+
+
+def require_adapter_memory(model: torch.nn.Module, rank, targets, what: str):
+    """Before peft allocates an adapter: its A and B matrices, rank x (in + out) fp32 values per adapted linear
+    layer, fit the memory of the model's device (budget.require_memory). targets: module names (their last part),
+    or peft's one regex string matched against whole names; values of other types are left to the adapter's
+    validation."""
+    if not (isinstance(rank, int) and rank > 0) or not isinstance(targets, (str, list, tuple)):
+        return
+    def targeted(name: str) -> bool:
+        if isinstance(targets, str):
+            return re.fullmatch(targets, name) is not None
+        return name.rsplit(".", 1)[-1] in targets
+    try:
+        widths = sum(m.in_features + m.out_features for name, m in unwrap_model(model).named_modules()
+                     if isinstance(m, torch.nn.Linear) and targeted(name))
+    except re.error:
+        return
+    device = next(model.parameters()).device
+    require_memory(rank * widths * 4, f"{what}: {widths:,} x r={rank} values x 4 bytes", device,
+                   "use a smaller lora rank (r)")
 
 
 def adapter_base(adapter_dir: str) -> str:

@@ -427,7 +427,7 @@ class GPT2Model(GPT2PreTrainedModel):
         """One clear ValueError for ids the embedding cannot look up (instead of an IndexError or a reshape
         error deep inside). Reading the ids' range is free only for CPU tensors in eager mode: elsewhere it
         would make each step wait for the device or break the compiled graph, so there the ids are checked
-        where they enter (the trainer's check_ranges, generation's prepare_prompt, evaluation's loaders)."""
+        where they enter (the trainer's check_data, generation's prepare_prompt, evaluation's loaders)."""
         if input_ids.dim() != 2 or input_ids.numel() == 0:
             raise ValueError(f"input_ids must be a non-empty (batch, sequence) tensor of token ids, got shape "
                              f"{tuple(input_ids.shape)}")

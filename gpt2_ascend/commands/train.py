@@ -144,6 +144,19 @@ def overrides_from_flags(args) -> list[str]:
     return out + hf_flag_overrides(args)
 
 
+PATH_FLAGS = ("config", "train_dataset_dir", "eval_dataset_dir", "load_checkpoint", "output_dir", "resume")
+
+
+def check_path_flags(args):
+    """Paths with a control character are refused before they reach the recipe (YAML would fold a newline into a
+    space: --output_dir $'a\\nb' wrote into 'a b'), and symlink loops are named."""
+    from gpt2_ascend.fileio import check_path
+    for flag in PATH_FLAGS:
+        value = getattr(args, flag, None)
+        if isinstance(value, str) and not (flag == "resume" and value == "auto"):
+            check_path(value, f"--{flag}")
+
+
 def flag_names():
     """How the run's errors name what to change: this command's flags."""
     from gpt2_ascend.train.job import ArgumentNames
@@ -157,8 +170,9 @@ def flag_names():
 def report_error(e: Exception):
     """One line on stderr. Under torchrun a recipe / layout / checkpoint problem (ValueError) is the same on
     every rank, so rank 0 alone says it; other errors may be one rank's own and carry its number."""
+    from gpt2_ascend.train import TrainingStopped
     rank = int(os.environ.get("RANK", "0"))
-    if rank != 0 and isinstance(e, ValueError):
+    if rank != 0 and isinstance(e, (ValueError, TrainingStopped)):  # (the ranks agree on a divergence)
         return
     prefix = f"[rank {rank}] " if rank != 0 else ""
     from gpt2_ascend.cli import print_error
@@ -207,6 +221,7 @@ def main(argv=None) -> int:
     from gpt2_ascend.train.recipe import load_recipe
 
     try:
+        check_path_flags(args)
         recipe = load_recipe(args.config, overrides_from_flags(args) + list(args.overrides))
         if recipe.run_mode == "eval":
             return report_eval(recipe)
@@ -215,7 +230,10 @@ def main(argv=None) -> int:
         summary = run_training(job_from_recipe(recipe, names=flag_names()), overwrite=args.overwrite_output_dir)
     except (TrainingInterrupted, KeyboardInterrupt) as e:
         return report_interrupt(e, argv)
-    except (ValueError, FileNotFoundError, CheckpointError, TrainingStopped, RuntimeError, OSError) as e:
+    except TrainingStopped as e:  # the run itself failed (it diverged), not its input: exit 1
+        report_error(e)
+        return 1
+    except (ValueError, FileNotFoundError, CheckpointError, RuntimeError, OSError) as e:
         report_error(e)
         return 2
     if not summary:  # a distributed run's other ranks: rank 0 reports

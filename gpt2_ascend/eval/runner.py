@@ -8,6 +8,7 @@ import time
 
 import numpy as np
 
+from ..data.loader import checked_columns
 from ..data.tokenizer import tokenizer_for
 from ..device import resolve_device
 from ..hf import resolve_model_path
@@ -58,6 +59,7 @@ def run_perplexity(model_path: str, dataset: str, seq_length: int = 1024, stride
                          f"n_positions={model.config.n_positions}; pass --seq_length {model.config.n_positions} or less")
     tokens = load_eval_tokens(dataset, seq_length, stride, tokenizer_for(path, tokenizer),
                               mindformers_compat, cache_dir)
+    tokens = checked_columns(tokens, model.config.vocab_size, what=f"evaluation data {dataset}")["input_ids"]
     start = time.perf_counter()
     result = perplexity(model, tokens, seq_length, batch_size=batch_size, stride=stride, protocol=protocol,
                         precision=precision, progress=progress)
@@ -83,6 +85,7 @@ def run_classification(model_path: str, dataset: str, max_length: int = 128, bat
                          f"n_positions={model.config.n_positions}; pass --max_length {model.config.n_positions} or less")
     data = load_txtcls(dataset, max_length, tokenizer=tokenizer_for(path, tokenizer), cache_dir=cache_dir,
                        dataset_name=dataset_name, split="validation")  # (a datasets source's split)
+    data = checked_columns(data, model.config.vocab_size, model.config.num_labels, f"evaluation data {dataset}")
     start = time.perf_counter()
     result = classification_accuracy(model, data, batch_size=batch_size, precision=precision, progress=progress)
     return dict(task="text_classification", model=model_path, adapter=adapter, dataset=dataset,
