@@ -5,10 +5,10 @@ The class matters for exports: transformers 5 saves a generic PreTrainedTokenize
 which both major versions load (4.x picks its GPT2TokenizerFast, 5.x its GPT2Tokenizer)."""
 from __future__ import annotations
 
-import json
 import os
 import shutil
 
+from ..schema import MAX_SIZE, REQUIRED, Key, SchemaError, check, read_json
 from .download import default_data_dir
 
 EOS_TOKEN = "<|endoftext|>"
@@ -38,18 +38,21 @@ def tokenizer_for(model_path: str, explicit: str | None = None) -> str | None:
     return model_path if holds_tokenizer(model_path) else None
 
 
+# vocab.json: {token: id}, every id a distinct integer in [0, 2^24) (a token given twice is refused by read_json)
+VOCAB = Key(REQUIRED, "map", items=Key(REQUIRED, "int", minimum=0, below=MAX_SIZE), expects="a mapping of tokens to ids")
+
+
 def check_bpe_files(vocab_path: str, merges_path: str):
     """vocab.json and merges.txt must be whole and a pair: a damaged file is one ValueError naming it (the
     tokenizers library raises a bare Exception, and reads a truncated merges.txt without complaint, tokenizing
     differently)."""
-    try:
-        with open(vocab_path, encoding="utf-8") as f:
-            vocab = json.load(f)
-        if not isinstance(vocab, dict) or not all(isinstance(i, int) for i in vocab.values()):
-            raise ValueError("not a JSON object of token -> id")
-    except (UnicodeDecodeError, ValueError) as e:
-        raise ValueError(f"{vocab_path} is damaged or not a BPE vocabulary ({str(e).splitlines()[0]}): "
-                         f"re-copy the tokenizer files") from None
+    vocab = check(read_json(vocab_path, fix="re-copy the tokenizer files"), VOCAB, "vocab", vocab_path)
+    ids = {}
+    for token, i in vocab.items():  # each id names one token: a second would decode to the wrong text
+        if i in ids:
+            raise SchemaError(f"{vocab_path} gives the id {i} to two tokens ({ids[i]!r} and {token!r}): it is damaged "
+                              f"or not a BPE vocabulary; re-copy the tokenizer files")
+        ids[i] = token
     try:
         with open(merges_path, encoding="utf-8") as f:
             lines = f.read().split("\n")
