@@ -118,7 +118,7 @@ def list_checkpoints(root: str) -> list[tuple[int, str]]:
 # manifest.json, key by key (save_checkpoint and parallel/checkpoint.py write it)
 MANIFEST_KEYS = {
     "format": Key(FORMAT_VERSION, "int", minimum=1, maximum=FORMAT_VERSION,
-                  expects=f"1..{FORMAT_VERSION} (a larger one: a newer gpt2_ascend wrote it)"),
+                  expects=f"{FORMAT_VERSION} or less (a larger one: a newer gpt2_ascend wrote it)"),
     "step": Key(REQUIRED, "int", minimum=0),
     "time": Key(None, "float", minimum=0.0),
     "files": Key(REQUIRED, "map", items=Key(REQUIRED, "section", items={
@@ -140,9 +140,9 @@ def read_manifest(path: str) -> dict:
     if not os.path.isfile(manifest_path):
         raise CheckpointError(f"checkpoint {path} is incomplete (no {MANIFEST}: the save was interrupted)")
     try:
-        manifest = parse(read_json(manifest_path), MANIFEST_KEYS, manifest_path)
+        manifest = parse(read_json(manifest_path), MANIFEST_KEYS, MANIFEST)
         for filename in manifest.files:
-            contained(path, filename, manifest_path)
+            contained(path, filename, MANIFEST)
     except SchemaError as e:
         raise CheckpointError(f"checkpoint {path} has a corrupt {MANIFEST}: {e}") from None
     return manifest

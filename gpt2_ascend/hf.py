@@ -174,7 +174,7 @@ def hub_offline() -> bool:
 # model.safetensors.index.json / pytorch_model.bin.index.json: which shard holds each tensor
 SHARD_INDEX = {
     "metadata": Key(None, "section", items={"total_size": Key(None, "int", minimum=0), EXTRA: Key(None, "any")}),
-    "weight_map": Key(REQUIRED, "map", items=Key(REQUIRED, "str")),
+    "weight_map": Key(REQUIRED, "map", items=Key(REQUIRED, "str"), expects="a mapping of tensor names to shard files"),
 }
 
 

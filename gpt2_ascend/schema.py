@@ -132,8 +132,7 @@ def parse(raw, table: dict, source, *, lax: bool = False, prefix: str = "", reco
         if prefix:
             raise SchemaError(f"'{prefix.rstrip('.')}' in {where(source, prefix.rstrip('.'))} must be a section "
                               f"(a mapping), got {shown(raw)}")
-        raise SchemaError(f"{where(source, '')} must hold a mapping of keys to values, got {kind_of(raw)} "
-                          f"{shown(raw)}")
+        raise SchemaError(f"{where(source, '')} must hold a mapping of keys to values, got {kind_of(raw)}")
     extra = table.get(EXTRA)
     unknown = [k for k in raw if k not in table or k == EXTRA]
     if unknown and extra is None:
@@ -286,7 +285,8 @@ def expected(spec: Key) -> str:
         noun = "an integer" if kind == "int" else "a finite number"
         low = f"[{_num(spec.minimum)}" if spec.minimum is not None else (f"({_num(spec.above)}" if spec.above is not None
                                                                             else None)
-        maximum = spec.maximum if spec.maximum is not None or kind == "float" or low is None else MAX_INT
+        default_ceiling = kind == "int" and spec.below is None
+        maximum = spec.maximum if spec.maximum is not None or not default_ceiling else MAX_INT
         high = f"{_num(maximum)}]" if maximum is not None else (f"{_num(spec.below)})" if spec.below is not None
                                                                   else None)
         if low and high:
@@ -330,7 +330,7 @@ def _num(x) -> str:
 
 
 _REPR = reprlib.Repr()
-_REPR.maxstring, _REPR.maxother, _REPR.maxlist, _REPR.maxdict, _REPR.maxlevel = 80, 80, 6, 6, 3
+_REPR.maxstring, _REPR.maxother, _REPR.maxlist, _REPR.maxdict, _REPR.maxlevel = 160, 60, 4, 4, 2
 
 
 def shown(value) -> str:

@@ -22,7 +22,7 @@ from ..data.hf_datasets import TEXT_FORMATS  # issue 16: datasets sources
 from ..data.txtcls import DATASETS as TXTCLS_DATASETS  # MindFormers' txtcls_dataset_to_mindrecord.py names
 from ..fileio import atomic_write
 from ..model import ARCHITECTURES, LANGUAGE_MODEL
-from ..schema import MAX_SIZE, SEED_MAX, Key, Record, parse, yaml_load
+from ..schema import MAX_SIZE, SEED_MAX, Key, Record, parse, shown, yaml_load
 from .optim import UPDATE_RULES
 from .trackers import TRACKERS  # issue 16
 
@@ -263,7 +263,7 @@ def load_recipe(path: str | None = None, overrides=(), base: dict | None = None,
     for item in overrides or ():
         before = raw.get("callbacks")
         key = apply_override(raw, item)
-        origins[key] = f"the flag {flags[key]}" if flags and key in flags else f"the override {item!r}"
+        origins[key] = f"the flag {flags[key]}" if flags and key in flags else f"the override {shown(item)}"
         # the list form as an override (callbacks=[{type: MFLossMonitor, per_print_times: 5}]) changes only
         # the keys it gives, like callbacks.MFLossMonitor.per_print_times=5 would
         raw = _normalise_callbacks(raw, origins[key], base=before if isinstance(before, dict) else None)
