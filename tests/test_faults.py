@@ -958,7 +958,7 @@ RECIPE_RANGES = {  # override -> what the line says (an existing run, --overwrit
     "zero clip norm": ("runner_wrapper.max_grad_norm=0", "bad value 0 for 'runner_wrapper.max_grad_norm'"),
     "infinite loss scale": ("runner_wrapper.scale_sense.loss_scale_value=.inf", "'runner_wrapper.scale_sense."
                                                                                 "loss_scale_value'"),
-    "loss scale factor of 1": ("runner_wrapper.scale_sense.scale_factor=1", "expected a finite number in (1, 65536]"),
+    "loss scale factor of 1": ("runner_wrapper.scale_sense.scale_factor=1", "expected a finite number in (1, 2^64]"),
     "dropout of 1": ("model.model_config.hidden_dropout_rate=1.0", "expected a finite number in [0, 1)"),
     "beta of 1": ("optimizer.beta2=1.0", "bad value 1.0 for 'optimizer.beta2'"),
     "negative warmup": ("lr_schedule.warmup_steps=-1", "bad value -1 for 'lr_schedule.warmup_steps'"),

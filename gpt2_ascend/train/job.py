@@ -22,7 +22,7 @@ import torch
 from ..config import GPT2Config
 from ..model import LANGUAGE_MODEL
 from ..parallel.mesh import ParallelConfig
-from ..schema import Key, check_fields
+from ..schema import Key, check_fields, parse
 from .optim import UPDATE_RULES, LRSchedule, resolve_total_steps
 from .recipe import SCHEDULE_TYPES, SCHEMA
 from .trainer import TrainSettings
@@ -116,6 +116,9 @@ class DataSplit:
     split: str | None = None  # of a hub id or DatasetDict; None: train for training data, validation for evaluation
     num_proc: int | None = None  # processes that tokenize (Dataset.map num_proc)
 
+    def __post_init__(self):
+        check_fields(self, DATA_KEYS, "DataSplit")
+
 
 @dataclass(frozen=True)
 class OptimizerSettings:
@@ -192,6 +195,7 @@ class TrainJob:
     def __post_init__(self):
         check_fields(self, JOB_KEYS, "TrainJob")
         check_fields(self.settings, SETTINGS_KEYS, "TrainSettings")  # (trainer.py's dataclass, checked here)
+        parse(self.generation, GENERATION_KEYS, "TrainJob(generation=...)", defaults=False)
 
     @property
     def architecture(self) -> str:
@@ -229,6 +233,14 @@ JOB_KEYS = python_keys(dict(
     keep_checkpoints="callbacks.CheckpointMonitor.keep_checkpoint_max", use_parallel="use_parallel",
     meta_init="parallel.meta_init", compile="runner_config.compile", compile_scope="runner_config.compile_scope",
     loss_chunk_size="runner_config.loss_chunk_size", run_mode="run_mode"))
+
+
+DATA_KEYS = python_keys(dict(max_samples="train_dataset.max_samples", num_proc="preprocessing_num_workers"))
+GENERATION_KEYS = python_keys(dict(  # the export's generation_config.json, under the recipe's names
+    do_sample="model.model_config.do_sample", temperature="model.model_config.temperature",
+    top_k="model.model_config.top_k", top_p="model.model_config.top_p",
+    repetition_penalty="model.model_config.repetition_penalty",
+    max_decode_length="model.model_config.max_decode_length"))
 
 
 def resolve_path(path: str) -> str:

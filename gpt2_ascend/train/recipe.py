@@ -17,7 +17,7 @@ import os
 
 import yaml
 
-from ..config import INIT_STYLES, MINDFORMERS_ACTIVATIONS, SAMPLING, GPT2Config
+from ..config import INIT_STYLES, MIN_TEMPERATURE, MINDFORMERS_ACTIVATIONS, SAMPLING, GPT2Config
 from ..data.hf_datasets import TEXT_FORMATS  # issue 16: datasets sources
 from ..data.txtcls import DATASETS as TXTCLS_DATASETS  # MindFormers' txtcls_dataset_to_mindrecord.py names
 from ..fileio import atomic_write
@@ -142,7 +142,7 @@ SCHEMA = _section(
         scale_sense=_section(
             type=Key("DynamicLossScaleUpdateCell", "choice", ("DynamicLossScaleUpdateCell",)),
             loss_scale_value=Key(2.0 ** 32, "float", minimum=1.0, maximum=2.0 ** 64),
-            scale_factor=Key(2.0, "float", above=1.0, maximum=2.0 ** 16),  # torch's GradScaler needs > 1
+            scale_factor=Key(2.0, "float", above=1.0, maximum=2.0 ** 64),  # torch's GradScaler needs > 1
             scale_window=Key(1000, "int", minimum=1),
         ),
     ),
@@ -369,6 +369,10 @@ def check_consistency(recipe: Recipe, source: str):
     if mc.max_position_embeddings is not None and mc.seq_length > mc.max_position_embeddings:
         raise ValueError(f"bad model_config in {source}: seq_length {mc.seq_length} exceeds "
                          f"max_position_embeddings {mc.max_position_embeddings}")
+    if mc.do_sample and mc.temperature < MIN_TEMPERATURE:
+        raise ValueError(f"bad value {mc.temperature!r} for 'model.model_config.temperature' in {source}: expected a "
+                         f"number in [{MIN_TEMPERATURE:g}, 1e+06] when do_sample is true (greedy decoding is the limit "
+                         f"of a small temperature)")
     if mc.expand_ratio * mc.hidden_size > MAX_SIZE:
         raise ValueError(f"bad model_config in {source}: expand_ratio {mc.expand_ratio} x hidden_size "
                          f"{mc.hidden_size} is more than {MAX_SIZE} (the largest size a model here may have)")
