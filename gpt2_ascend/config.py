@@ -198,7 +198,10 @@ class GPT2Config:
         if mapped["pad_token_id"] is None:
             mapped["pad_token_id"] = mapped.get("eos_token_id", cls.eos_token_id)  # GPT-2 convention: pad = eos
         # Our own extras survive a round trip through config.json under a namespaced key.
-        return cls.from_dict({**mapped, **(hf.gpt2_ascend or {})})
+        try:
+            return cls.from_dict({**mapped, **(hf.gpt2_ascend or {})})
+        except ValueError as e:  # a rule of several keys (n_embd divisible by n_head): name the file too
+            raise ValueError(f"{source}: {e}") from None
 
     def to_hf_dict(self, architecture: str = "GPT2LMHeadModel") -> dict:
         hf = dict(

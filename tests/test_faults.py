@@ -778,6 +778,7 @@ CONFIG_FAULTS = {  # config.json: (change, what the line says)
                         ["config.json is not valid JSON (the key 'n_layer' appears twice in one object)"]),
     "wrong nesting": (lambda c: {**c, "gpt2_ascend": ["sdpa"]}, ["'gpt2_ascend' in", "must be a section"]),
     "misspelt key": (lambda c: {**c, "n_embed": 32}, ["unknown key 'n_embed'", "did you mean n_embd"]),
+    "heads that do not divide the width": (lambda c: {**c, "n_head": 3}, ["n_embd (32) must be divisible by n_head (3)"]),
     "regression head": (lambda c: {**c, "problem_type": "regression"},
                         ["bad value 'regression' for 'problem_type'", "expected one of single_label_classification"]),
 }
@@ -1054,6 +1055,14 @@ SAMPLING_FAULTS = {  # generate.py's flags, refused before the model is loaded
     "huge max_new_tokens": (["--max_new_tokens", str(2 ** 40)], "bad value 1099511627776 for 'max_new_tokens'"),
     "NaN top_p": (["--top_p", "nan"], "bad value nan for 'top_p'"),
 }
+
+
+@pytest.mark.parametrize("flag, value", [("--seq_length", "1"), ("--seq_length", "-5")])
+def test_evaluate_flags_out_of_range(flag, value, lm_dirs, capsys):
+    code, out, err = _evaluate(capsys, lm_dirs, "sound", flag, value)
+    assert code == 2 and out == ""
+    assert_one_error(err, f"seq_length must be an integer >= 2 (a block predicts its last seq_length - 1 tokens), "
+                          f"got {value}")
 
 
 @pytest.mark.parametrize("case", sorted(SAMPLING_FAULTS))
