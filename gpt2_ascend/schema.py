@@ -64,7 +64,6 @@ class Key:
     below: float | None = None
     items: Any = None  # list / map: the Key of each item; section: its table
     convert: Callable | None = None
-
     expects: str = ""  # what it accepts, in words, when expected() cannot say (a convert's kind)
 
     @property
@@ -87,10 +86,6 @@ def _sha256(value: str) -> str:
 
 
 SHA256 = Key(None, "str", convert=_sha256)  # a checksum a manifest or sidecar records
-
-
-def section(**keys) -> dict:
-    return dict(keys)
 
 
 class Record(dict):
@@ -423,6 +418,8 @@ def yaml_load(text: str, source: str):
             nodes = _expanded_nodes(node, {}, set())
         except RecursionError:
             raise SchemaError(f"{source} is nested too deeply to be a recipe") from None
+        except _Refused as e:
+            raise SchemaError(f"{source}: {e}") from None
         if nodes > MAX_YAML_NODES:
             raise SchemaError(f"{source} expands to more than {MAX_YAML_NODES} values through its aliases (&anchor "
                               f"/ *alias): an alias bomb, or not a recipe; write the values out")
@@ -438,16 +435,15 @@ def _expanded_nodes(node, counted: dict, open_nodes: set) -> int:
     if key in counted:
         return counted[key]
     if key in open_nodes:
-        raise SchemaError("a YAML alias refers to a node that contains it: a recursive structure is not a recipe")
+        raise _Refused("a YAML alias refers to a node that contains it: a recursive structure is not a recipe")
     open_nodes.add(key)
     total = 1
-    if isinstance(node.value, list):
-        for item in node.value:
-            children = item if isinstance(item, tuple) else (item,)  # a mapping's (key, value) pairs
-            for child in children:
-                total += _expanded_nodes(child, counted, open_nodes)
-                if total > MAX_YAML_NODES:  # stop counting: the answer is already no
-                    break
+    items = node.value if isinstance(node.value, list) else ()  # a scalar's value is its text
+    children = (child for item in items for child in (item if isinstance(item, tuple) else (item,)))  # (key, value)
+    for child in children:
+        total += _expanded_nodes(child, counted, open_nodes)
+        if total > MAX_YAML_NODES:  # stop counting: the answer is already no
+            break
     open_nodes.discard(key)
     counted[key] = total
     return total

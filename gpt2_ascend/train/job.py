@@ -95,6 +95,9 @@ class ModelSpec:
     lora: LoraSettings | None = None
     recompute: str = "none"  # none | full | selective
 
+    def __post_init__(self):
+        check_fields(self, MODEL_KEYS, "ModelSpec")
+
     @property
     def source(self) -> str:
         return resolve_path(self.load_checkpoint)
@@ -233,8 +236,7 @@ JOB_KEYS = python_keys(dict(
     keep_checkpoints="callbacks.CheckpointMonitor.keep_checkpoint_max", use_parallel="use_parallel",
     meta_init="parallel.meta_init", compile="runner_config.compile", compile_scope="runner_config.compile_scope",
     loss_chunk_size="runner_config.loss_chunk_size", run_mode="run_mode"))
-
-
+MODEL_KEYS = python_keys(dict(seq_length="model.model_config.seq_length", recompute="parallel.recompute"))
 DATA_KEYS = python_keys(dict(max_samples="train_dataset.max_samples", num_proc="preprocessing_num_workers"))
 GENERATION_KEYS = python_keys(dict(  # the export's generation_config.json, under the recipe's names
     do_sample="model.model_config.do_sample", temperature="model.model_config.temperature",
