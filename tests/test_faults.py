@@ -737,7 +737,7 @@ def _damaged(source, tmp_path, file: str, change):
     folder = tmp_path / os.path.basename(str(source))
     shutil.copytree(source, folder)
     path = folder / file
-    value = change(json.loads(path.read_text()))
+    value = change(json.loads(path.read_text()) if path.exists() else {})
     path.write_text(value if isinstance(value, str) else json.dumps(value))
     return folder
 
@@ -878,19 +878,23 @@ def test_a_damaged_safetensors_header_is_one_line(sharded_lm, tmp_path, capsys):
              fragments=[f"bad value 'F99' for 'transformer.wte.weight.dtype' in {shard} (its safetensors header)"])
 
 
-VOCAB_FAULTS = {  # the model folder's own vocab.json
-    "two tokens, one id": (lambda v: {**v, "Hello": v["world"]}, ["gives the id", "to two tokens"]),
-    "negative id": (lambda v: {**v, "Hello": -1}, ["bad value -1 for 'vocab.Hello'", "in [0, 16777216)"]),
-    "token given twice": (lambda v: json.dumps(v)[:-1] + ', "Hello": 7}',
+TOKENIZER_FAULTS = {  # the model folder's own tokenizer files
+    "two tokens, one id": ("vocab.json", lambda v: {**v, "Hello": v["world"]}, ["gives the id", "to two tokens"]),
+    "negative id": ("vocab.json", lambda v: {**v, "Hello": -1}, ["bad value -1 for 'vocab.Hello'", "in [0, 16777216)"]),
+    "token given twice": ("vocab.json", lambda v: json.dumps(v)[:-1] + ', "Hello": 7}',
                           ["vocab.json is not valid JSON (the key 'Hello' appears twice in one object)"]),
+    "settings file a list": ("tokenizer_config.json", lambda c: [c], ["tokenizer_config.json must hold a mapping"]),
+    "bool as a string": ("tokenizer_config.json", lambda c: {**c, "add_prefix_space": "no"},
+                         ["bad value 'no' for 'add_prefix_space' in", "tokenizer_config.json: expected true or false"]),
 }
 
 
-@pytest.mark.parametrize("case", sorted(VOCAB_FAULTS))
-def test_vocab_json_is_checked(case, sharded_lm, tmp_path, capsys):
-    change, fragments = VOCAB_FAULTS[case]
-    model = _damaged(sharded_lm / "model", tmp_path, "vocab.json", change)
-    _generate_with(capsys, model, fragments=[str(model / "vocab.json")] + fragments)
+@pytest.mark.parametrize("case", sorted(TOKENIZER_FAULTS))
+def test_tokenizer_files_are_checked(case, sharded_lm, tmp_path, capsys):
+    """(transformers' own errors for tokenizer_config.json named vocab.json + merges.txt)"""
+    file, change, fragments = TOKENIZER_FAULTS[case]
+    model = _damaged(sharded_lm / "model", tmp_path, file, change)
+    _generate_with(capsys, model, fragments=[str(model / file)] + fragments)
 
 
 @pytest.fixture(scope="session")

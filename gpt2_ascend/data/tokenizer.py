@@ -8,7 +8,7 @@ from __future__ import annotations
 import os
 import shutil
 
-from ..schema import MAX_SIZE, REQUIRED, Key, SchemaError, check, read_json
+from ..schema import EXTRA, MAX_SIZE, REQUIRED, Key, SchemaError, check, parse, read_json
 from .download import default_data_dir
 
 EOS_TOKEN = "<|endoftext|>"
@@ -82,6 +82,35 @@ def _check_every_token_is_made(vocab: dict, merges: list, vocab_path: str, merge
                          f"files are not a pair; re-copy the tokenizer files")
 
 
+def _special_token(value):
+    """A special token as transformers writes it: the text, or {"content": text, ...} (an AddedToken)."""
+    if isinstance(value, str) or (isinstance(value, dict) and isinstance(value.get("content"), str)):
+        return value
+    raise ValueError("a token: its text, or a mapping with its text as content")
+
+
+SPECIAL_TOKEN = Key(None, "any", convert=_special_token, expects="a token: its text, or a mapping with its content")
+SPECIAL_TOKENS = {name: SPECIAL_TOKEN for name in ("bos_token", "eos_token", "unk_token", "pad_token")}
+# tokenizer_config.json / special_tokens_map.json: what transformers reads from them with a meaning here is checked
+# (transformers' own errors named vocab.json); the rest is left to transformers
+TOKENIZER_SETTINGS = {
+    "tokenizer_config.json": {
+        **SPECIAL_TOKENS, "add_prefix_space": Key(False, "bool"), "add_bos_token": Key(False, "bool"),
+        "add_eos_token": Key(False, "bool"), "clean_up_tokenization_spaces": Key(False, "bool"),
+        "model_max_length": Key(None, "int", minimum=1, maximum=int(1e30)),  # transformers writes int(1e30): no limit
+        "tokenizer_class": Key(None, "str"), EXTRA: Key(None, "any")},
+    "special_tokens_map.json": {**SPECIAL_TOKENS, EXTRA: Key(None, "any")},
+}
+
+
+def check_tokenizer_settings(path: str):
+    """A tokenizer directory's settings files, when it has them, checked (TOKENIZER_SETTINGS)."""
+    for name, table in TOKENIZER_SETTINGS.items():
+        file = os.path.join(path, name)
+        if os.path.isfile(file):
+            parse(read_json(file, fix="re-copy the tokenizer files"), table, file)
+
+
 def _gpt2_tokenizer(path: str):
     """GPT2TokenizerFast from a directory with vocab.json + merges.txt or tokenizer.json (transformers reads
     tokenizer.json when there is one). Byte-level BPE decodes exactly what was encoded (LOSSLESS_DECODE)."""
@@ -107,6 +136,7 @@ def load_tokenizer(path_or_hub_id: str | None = None):
             check_bpe_files(vocab, merges)
         elif not os.path.isfile(os.path.join(path, "tokenizer.json")):
             raise FileNotFoundError(f"no tokenizer in {path}: expected vocab.json + merges.txt or tokenizer.json")
+        check_tokenizer_settings(path)
         return _gpt2_tokenizer(path)
     if os.path.exists(path) or path.startswith((".", "/", "~")):
         raise FileNotFoundError(f"tokenizer directory not found: {path}")
