@@ -125,7 +125,8 @@ FLAG_KEYS = dict(run_mode="run_mode", train_dataset_dir="train_dataset.data_load
 
 def flag_of_key(args) -> dict:
     """{recipe key: the flag given for it}: a bad value is then named by its flag (--batch_size), not the file."""
-    return {key: f"--{flag}" for flag, key in FLAG_KEYS.items() if getattr(args, flag) is not None}
+    keys = {**FLAG_KEYS, "preprocessing_num_workers": "preprocessing_num_workers"}  # (an HF flag: hf_flags.py)
+    return {key: f"--{flag}" for flag, key in keys.items() if getattr(args, flag, None) is not None}
 
 
 def overrides_from_flags(args) -> list[str]:
