@@ -19,15 +19,15 @@ others with torch.load(weights_only=True) or safetensors.
 """
 from __future__ import annotations
 
-import json
 import os
 
 from . import checkpoints as ckpt
 from .budget import require_model_memory
-from .config import GPT2Config
+from .config import HF_CONFIG, GPT2Config
 from .hf import load_pretrained, model_from_state, pad_vocab, parse_dtype, resolve_model_path
 from .mindspore_io.distributed import is_distributed_checkpoint
 from .model import CLASSIFIER, LANGUAGE_MODEL, model_class
+from .schema import parse, read_json
 
 VOCAB_ROWS = ("transformer.wte.weight", "lm_head.weight")
 
@@ -117,11 +117,7 @@ def checkpoint_architecture(path: str) -> str | None:
     file = os.path.join(directory or ".", "config.json")
     if not os.path.isfile(file):
         return None
-    with open(file, encoding="utf-8") as f:
-        try:
-            architectures = json.load(f).get("architectures") or []
-        except (ValueError, AttributeError) as e:
-            raise ValueError(f"{file} is not a valid config.json ({e}); re-export the model") from None
+    architectures = parse(read_json(file, fix="re-export the model"), HF_CONFIG, file).architectures or []
     return next((a for a in architectures if a in (LANGUAGE_MODEL, CLASSIFIER)), architectures[0] if architectures
                 else None)
 

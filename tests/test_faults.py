@@ -1346,3 +1346,455 @@ def test_a_checkpoint_pruned_while_it_is_read_says_so(run, lm_dirs, capsys, monk
     assert code == 2 and out == ""
     assert_one_error(err, f"{step} was removed while it was read", "read a newer one")
     assert checkpoint_steps(run) == [99, 100] and not [n for n in os.listdir(run / "checkpoint") if n.startswith(".")]
+
+
+# ---------------------------------------------------------------------------------------------
+# the validation layer (issue 23): every file a user hands us, every recipe range, sampling arguments, .bin files,
+# labels. Each file is damaged in one field (a wrong type, a value out of range, NaN, a list for a mapping, a key given
+# twice, a file named outside its folder) and read by the real CLI: exit 2, one `error:` line naming the file, the
+# field and the value, no traceback, and the damaged folder itself unchanged.
+# ---------------------------------------------------------------------------------------------
+merge_hf_shards = load_script("convert/merge_hf_shards.py")
+merge_checkpoint = load_script("convert/merge_checkpoint.py")
+
+
+@pytest.fixture(scope="session")
+def sharded_lm(lm_dirs, tmp_path_factory):
+    """lm_dirs' sound model in shards with an index (its word embedding alone in the first shard), with the real GPT-2
+    tokenizer files beside it and an adapter for it."""
+    from gpt2_ascend.lora import apply_lora, save_adapter
+    root = tmp_path_factory.mktemp("sharded")
+    model = GPT2LMHeadModel.from_pretrained(str(lm_dirs / "sound"))
+    model.save_pretrained(str(root / "model"), max_shard_size="1MB")
+    from gpt2_ascend.data.download import default_data_dir
+    for name in ("vocab.json", "merges.txt"):
+        shutil.copyfile(os.path.join(default_data_dir(), "gpt2", name), root / "model" / name)
+    save_adapter(apply_lora(GPT2LMHeadModel.from_pretrained(str(lm_dirs / "sound")), rank=2, alpha=4.0),
+                 str(root / "adapter"), str(root / "model"))
+    return root
+
+
+def _damaged(source, tmp_path, file: str, change):
+    """A copy of the folder `source` whose `file` (JSON) is change(its value): a new value, or the file's text (str)."""
+    folder = tmp_path / os.path.basename(str(source))
+    shutil.copytree(source, folder)
+    path = folder / file
+    value = change(json.loads(path.read_text()) if path.exists() else {})
+    path.write_text(value if isinstance(value, str) else json.dumps(value))
+    return folder
+
+
+def _refused(capsys, main, folder, *args, fragments=()):
+    """main(args) on a damaged folder: exit 2, one error line with every fragment, the folder unchanged."""
+    before = digest(folder)
+    code, out, err = call(main, capsys, *args)
+    assert code == 2, err
+    line = assert_one_error(err, *fragments)
+    assert_kept(before, folder)
+    return line
+
+
+def _generate_with(capsys, model, *args, fragments=()):
+    return _refused(capsys, generate.main, model, "--model", model, "--device", "cpu", "--max_new_tokens", "2",
+                    "--prompt", "Hello", *args, fragments=fragments)
+
+
+def _json_text(text: str):
+    return lambda value: text
+
+
+CONFIG_FAULTS = {  # config.json: (change, what the line says)
+    "bool as a string": (lambda c: {**c, "tie_word_embeddings": "no"},
+                         ["bad value 'no' for 'tie_word_embeddings'", "config.json: expected true or false"]),
+    "size as a string": (lambda c: {**c, "n_layer": "2"}, ["bad value '2' for 'n_layer'", "expected an integer"]),
+    "size as a float": (lambda c: {**c, "n_embd": 32.0}, ["bad value 32.0 for 'n_embd'", "expected an integer"]),
+    "negative size": (lambda c: {**c, "n_embd": -32}, ["bad value -32 for 'n_embd'", "in [1, 16777216]"]),
+    "huge int": (lambda c: {**c, "n_layer": 2 ** 70}, [f"bad value {2 ** 70} for 'n_layer'", "in [1, 16777216]"]),
+    "NaN": (lambda c: json.dumps(c).replace('"layer_norm_epsilon": 1e-05', '"layer_norm_epsilon": NaN'),
+            ["config.json is not valid JSON (NaN is not a JSON number)"]),
+    "rate of 1": (lambda c: {**c, "resid_pdrop": 1.0}, ["bad value 1.0 for 'resid_pdrop'", "in [0, 1)"]),
+    "list for a mapping": (lambda c: {**c, "id2label": ["negative", "positive"]},
+                           ["for 'id2label'", "expected a mapping of the label ids 0, 1, ... n-1 to label names"]),
+    "file is a list": (lambda c: [c], ["config.json must hold a mapping of keys to values, got a list"]),
+    "key given twice": (lambda c: json.dumps(c)[:-1] + ', "n_layer": 5}',
+                        ["config.json is not valid JSON (the key 'n_layer' appears twice in one object)"]),
+    "wrong nesting": (lambda c: {**c, "gpt2_ascend": ["sdpa"]}, ["'gpt2_ascend' in", "must be a section"]),
+    "misspelt key": (lambda c: {**c, "n_embed": 32}, ["unknown key 'n_embed'", "did you mean n_embd"]),
+    "heads that do not divide the width": (lambda c: {**c, "n_head": 3}, ["n_embd (32) must be divisible by n_head (3)"]),
+    "regression head": (lambda c: {**c, "problem_type": "regression"},
+                        ["bad value 'regression' for 'problem_type'", "expected one of single_label_classification"]),
+}
+
+
+@pytest.mark.parametrize("case", sorted(CONFIG_FAULTS))
+def test_config_json_is_checked_field_by_field(case, lm_dirs, tmp_path, capsys):
+    change, fragments = CONFIG_FAULTS[case]
+    model = _damaged(lm_dirs / "sound", tmp_path, "config.json", change)
+    _generate_with(capsys, model, fragments=[str(model / "config.json")] + fragments)
+
+
+GENERATION_FAULTS = {  # generation_config.json
+    "bool as a string": (lambda g: {**g, "do_sample": "no"}, ["bad value 'no' for 'do_sample'"]),
+    "file is a list": (lambda g: [g], ["generation_config.json must hold a mapping"]),
+    "denormal temperature when sampling": (lambda g: {**g, "do_sample": True, "temperature": 1e-45},
+                                           ["bad value 1e-45 for 'temperature'", "[1e-06, 1e+06] when do_sample"]),
+    "top_p of 0": (lambda g: {**g, "top_p": 0}, ["bad value 0 for 'top_p'", "in (0, 1]"]),
+    "token id as a string": (lambda g: {**g, "eos_token_id": "eos"}, ["bad value 'eos' for 'eos_token_id'"]),
+}
+
+
+@pytest.mark.parametrize("case", sorted(GENERATION_FAULTS))
+def test_generation_config_json_is_checked(case, lm_dirs, tmp_path, capsys):
+    change, fragments = GENERATION_FAULTS[case]
+    model = _damaged(lm_dirs / "sound", tmp_path, "generation_config.json", change)
+    _generate_with(capsys, model, fragments=[str(model / "generation_config.json")] + fragments)
+
+
+ADAPTER_FAULTS = {  # adapter_config.json
+    "file is a list": (lambda a: [a], ["adapter_config.json must hold a mapping"]),
+    "rank as a string": (lambda a: {**a, "r": "2"}, ["bad value '2' for 'r'", "expected an integer"]),
+    "dropout of 1.5": (lambda a: {**a, "lora_dropout": 1.5}, ["bad value 1.5 for 'lora_dropout'", "in [0, 1)"]),
+    "unknown task": (lambda a: {**a, "task_type": "TOKEN_CLS"}, ["bad value 'TOKEN_CLS' for 'task_type'"]),
+    "targets as a number": (lambda a: {**a, "target_modules": 5},
+                            ["bad value 5 for 'target_modules'", "a module name or a list of module names"]),
+    "bool as a string": (lambda a: {**a, "use_rslora": "yes"}, ["bad value 'yes' for 'use_rslora'"]),
+}
+
+
+@pytest.mark.parametrize("case", sorted(ADAPTER_FAULTS))
+def test_adapter_config_json_is_checked(case, sharded_lm, tmp_path, capsys):
+    change, fragments = ADAPTER_FAULTS[case]
+    adapter = _damaged(sharded_lm / "adapter", tmp_path, "adapter_config.json", change)
+    _generate_with(capsys, sharded_lm / "model", "--adapter", adapter,
+                   fragments=[str(adapter / "adapter_config.json")] + fragments)
+
+
+INDEX = "model.safetensors.index.json"
+INDEX_FAULTS = {  # the shard index
+    "no weight_map": (lambda i: {"metadata": i["metadata"]},
+                      ["'weight_map' is missing", "expected a mapping of tensor names to shard files"]),
+    "weight_map a list": (lambda i: {**i, "weight_map": sorted(i["weight_map"])}, ["for 'weight_map'"]),
+    "file entry a number": (lambda i: {**i, "weight_map": {k: 1 for k in i["weight_map"]}},
+                            ["bad value 1 for 'weight_map.", "expected a string"]),
+    "empty weight_map": (lambda i: {**i, "weight_map": {}}, ["names no tensors"]),
+    "negative total_size": (lambda i: {**i, "metadata": {"total_size": -1}}, ["bad value -1 for 'metadata.total_size'"]),
+}
+
+
+@pytest.mark.parametrize("case", sorted(INDEX_FAULTS))
+def test_shard_index_is_checked(case, sharded_lm, tmp_path, capsys):
+    change, fragments = INDEX_FAULTS[case]
+    model = _damaged(sharded_lm / "model", tmp_path, INDEX, change)
+    _generate_with(capsys, model, fragments=[str(model / INDEX)] + fragments)
+
+
+@pytest.mark.parametrize("where", ["../outside", "absolute"])
+def test_a_shard_named_outside_the_model_folder_is_refused(where, sharded_lm, tmp_path, capsys):
+    """The index names a real shard file that lies outside the folder (its weights would load, exit 0): refused, for
+    generate.py and for the resharding converter alike."""
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    index = json.loads((sharded_lm / "model" / INDEX).read_text())
+    first = index["weight_map"]["transformer.wte.weight"]
+    shutil.copyfile(sharded_lm / "model" / first, outside / "x.safetensors")
+    name = "../outside/x.safetensors" if where == "../outside" else str(outside / "x.safetensors")
+    model = _damaged(sharded_lm / "model", tmp_path, INDEX, lambda i: {**i, "weight_map": {
+        k: name if v == first else v for k, v in i["weight_map"].items()}})
+    fragments = [str(model / INDEX), f"names the shard {name!r}, which is outside {model}"]
+    _generate_with(capsys, model, fragments=fragments)
+    _refused(capsys, merge_hf_shards.main, model, "--input_dir", model, "--output_dir", tmp_path / "merged",
+             fragments=fragments)
+    assert not (tmp_path / "merged").exists()
+
+
+def test_a_damaged_safetensors_header_is_one_line(sharded_lm, tmp_path, capsys):
+    """The header's JSON is checked too (the resharding converter reads it itself): an unknown dtype."""
+    model = tmp_path / "model"
+    shutil.copytree(sharded_lm / "model", model)
+    shard = model / json.loads((model / INDEX).read_text())["weight_map"]["transformer.wte.weight"]
+    data = bytearray(shard.read_bytes())
+    at = data.index(b'"F32"')
+    data[at:at + 5] = b'"F99"'
+    shard.write_bytes(bytes(data))
+    _refused(capsys, merge_hf_shards.main, model, "--input_dir", model, "--output_dir", tmp_path / "merged",
+             fragments=[f"bad value 'F99' for 'transformer.wte.weight.dtype' in {shard} (its safetensors header)"])
+
+
+TOKENIZER_FAULTS = {  # the model folder's own tokenizer files
+    "two tokens, one id": ("vocab.json", lambda v: {**v, "Hello": v["world"]}, ["gives the id", "to two tokens"]),
+    "negative id": ("vocab.json", lambda v: {**v, "Hello": -1}, ["bad value -1 for 'vocab.Hello'", "in [0, 16777216)"]),
+    "token given twice": ("vocab.json", lambda v: json.dumps(v)[:-1] + ', "Hello": 7}',
+                          ["vocab.json is not valid JSON (the key 'Hello' appears twice in one object)"]),
+    "settings file a list": ("tokenizer_config.json", lambda c: [c], ["tokenizer_config.json must hold a mapping"]),
+    "bool as a string": ("tokenizer_config.json", lambda c: {**c, "add_prefix_space": "no"},
+                         ["bad value 'no' for 'add_prefix_space' in", "tokenizer_config.json: expected true or false"]),
+}
+
+
+@pytest.mark.parametrize("case", sorted(TOKENIZER_FAULTS))
+def test_tokenizer_files_are_checked(case, sharded_lm, tmp_path, capsys):
+    """(transformers' own errors for tokenizer_config.json named vocab.json + merges.txt)"""
+    file, change, fragments = TOKENIZER_FAULTS[case]
+    model = _damaged(sharded_lm / "model", tmp_path, file, change)
+    _generate_with(capsys, model, fragments=[str(model / file)] + fragments)
+
+
+@pytest.fixture(scope="session")
+def prepared_npy(tmp_path_factory):
+    """A prepared token file with its sidecar (evaluate.py reads both)."""
+    from gpt2_ascend.data.store import save_blocks
+    root = tmp_path_factory.mktemp("prepared")
+    save_blocks(np.random.default_rng(2).integers(0, 50257, (4, 33)).astype(np.uint16), str(root / "valid.npy"),
+                dict(source="/nowhere/wiki.valid.tokens"))
+    return root
+
+
+SIDECAR_FAULTS = {  # a prepared file's sidecar
+    "version as a string": (lambda m: {**m, "format_version": "x"}, ["bad value 'x' for 'format_version'"]),
+    "file is a list": (lambda m: [m], ["valid.npy.json must hold a mapping"]),
+    "negative count": (lambda m: {**m, "num_blocks": -4}, ["bad value -4 for 'num_blocks'"]),
+    "checksum not hex": (lambda m: {**m, "sha256": "not-a-sha"}, ["bad value 'not-a-sha' for 'sha256'"]),
+    "another kind's sidecar": (lambda m: {**m, "kind": "txtcls"}, ["describes txtcls data", "belongs to another file"]),
+}
+
+
+@pytest.mark.parametrize("case", sorted(SIDECAR_FAULTS))
+def test_data_sidecar_is_checked(case, prepared_npy, lm_dirs, tmp_path, capsys):
+    change, fragments = SIDECAR_FAULTS[case]
+    data = _damaged(prepared_npy, tmp_path, "valid.npy.json", change)
+    _refused(capsys, evaluate.main, data, "--model", lm_dirs / "sound", "--eval_dataset_dir", data / "valid.npy",
+             "--seq_length", "32", "--device", "cpu", "--no_progress",
+             fragments=[str(data / "valid.npy.json")] + fragments)
+
+
+MANIFEST_FAULTS = {  # a training checkpoint's manifest.json
+    "non-dict entries": (lambda m: {**m, "files": {name: "ok" for name in m["files"]}},
+                         ["'files.model.pt' in manifest.json must be a section"]),
+    "a file outside": (lambda m: {**m, "files": {**m["files"], "../../../outside.pt": {"bytes": 1}}},
+                       ["names the file '../../../outside.pt', which is outside"]),
+    "step as a string": (lambda m: {**m, "step": "100"}, ["bad value '100' for 'step'"]),
+    "file is a list": (lambda m: [m], ["manifest.json must hold a mapping"]),
+    "negative size": (lambda m: {**m, "files": {k: {**v, "bytes": -1} for k, v in m["files"].items()}},
+                      ["bad value -1 for 'files.model.pt.bytes'"]),
+}
+
+
+@pytest.mark.parametrize("case", sorted(MANIFEST_FAULTS))
+@pytest.mark.parametrize("reader", ["evaluate", "merge_checkpoint"])
+def test_checkpoint_manifest_is_checked(case, reader, world, tmp_path, capsys):
+    change, fragments = MANIFEST_FAULTS[case]
+    step = _damaged(world["reference"] / "checkpoint" / "step_0000100", tmp_path, "manifest.json", change)
+    args = (["--model", step, "--eval_dataset_dir", world["root"] / "train.npy", "--seq_length", "16", "--device", "cpu",
+             "--no_progress"] if reader == "evaluate" else ["--src_ckpt_dir", step, "--dst_dir", tmp_path / "merged"])
+    _refused(capsys, evaluate.main if reader == "evaluate" else merge_checkpoint.main, step, *args,
+             fragments=[f"checkpoint {step} has a corrupt manifest.json"] + fragments)
+    assert not (tmp_path / "merged").exists()
+
+
+RECIPE_RANGES = {  # override -> what the line says (an existing run, --overwrite_output_dir: nothing may change)
+    "integer set to .inf": ("runner_config.batch_size=.inf", "bad value inf for 'runner_config.batch_size'"),
+    "integer set to .nan": ("runner_config.max_steps=.nan", "bad value nan for 'runner_config.max_steps'"),
+    "huge integer": ("runner_config.batch_size=100000000000000000000", "expected an integer in [1, 16777216]"),
+    "infinite learning rate": ("lr_schedule.learning_rate=.inf", "bad value inf for 'lr_schedule.learning_rate'"),
+    "zero learning rate": ("lr_schedule.learning_rate=0", "for 'lr_schedule.learning_rate' in the override"),
+    "negative learning rate": ("lr_schedule.learning_rate=-1e-3", "expected a finite number > 0"),
+    "zero eps": ("optimizer.eps=0", "bad value 0 for 'optimizer.eps'"),
+    "infinite weight decay": ("optimizer.weight_decay=.inf", "bad value inf for 'optimizer.weight_decay'"),
+    "negative weight decay": ("optimizer.weight_decay=-0.1", "expected a finite number >= 0"),
+    "NaN clip norm": ("runner_wrapper.max_grad_norm=.nan", "bad value nan for 'runner_wrapper.max_grad_norm'"),
+    "zero clip norm": ("runner_wrapper.max_grad_norm=0", "bad value 0 for 'runner_wrapper.max_grad_norm'"),
+    "infinite loss scale": ("runner_wrapper.scale_sense.loss_scale_value=.inf", "'runner_wrapper.scale_sense."
+                                                                                "loss_scale_value'"),
+    "loss scale factor of 1": ("runner_wrapper.scale_sense.scale_factor=1", "expected a finite number in (1, 2^64]"),
+    "dropout of 1": ("model.model_config.hidden_dropout_rate=1.0", "expected a finite number in [0, 1)"),
+    "beta of 1": ("optimizer.beta2=1.0", "bad value 1.0 for 'optimizer.beta2'"),
+    "negative warmup": ("lr_schedule.warmup_steps=-1", "bad value -1 for 'lr_schedule.warmup_steps'"),
+    "seed past numpy's range": ("seed=4294967296", "expected an integer in [0, 4294967295]"),
+    "bool as a string": ("use_parallel=yes please", "bad value 'yes please' for 'use_parallel'"),
+    "list for a section": ("runner_config=[1, 2]", "'runner_config' in the override"),
+    "wrong nesting": ("runner_config.batch_size={a: 1}", "bad value {'a': 1} for 'runner_config.batch_size'"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(RECIPE_RANGES))
+def test_recipe_values_out_of_range_keep_the_old_run(case, world, run, capsys):
+    """Every recipe key has a type and a range, refused when the recipe is read (before anything is built or
+    deleted), in one line naming the key, the value and where it came from."""
+    override, fragment = RECIPE_RANGES[case]
+    before = digest(run)
+    code, _, err = train_in(capsys, world, run, "--overwrite_output_dir", override)
+    assert code == 2
+    assert_one_error(err, fragment)
+    assert_kept(before, run)
+
+
+def test_a_value_in_the_recipe_file_names_the_file_and_a_flag_names_the_flag(world, run, tmp_path, capsys):
+    recipe = tmp_path / "bad.yaml"
+    recipe.write_text(yaml.safe_dump({**yaml.safe_load(open(world["recipe"])),
+                                      "optimizer": {"weight_decay": float("nan")}}))
+    before = digest(run)
+    code, _, err = call(train.main, capsys, "--config", recipe, "--output_dir", run, "--overwrite_output_dir")
+    assert code == 2
+    assert_one_error(err, f"bad value nan for 'optimizer.weight_decay' in {recipe}: expected a finite number >= 0")
+    code, _, err = train_in(capsys, world, run, "--overwrite_output_dir", "--batch_size", "0")
+    assert code == 2
+    assert_one_error(err, "bad value 0 for 'runner_config.batch_size' in the flag --batch_size: expected an integer "
+                          "in [1, 16777216]")
+    assert_kept(before, run)
+
+
+def _alias_bomb(levels: int = 9) -> str:
+    """A YAML value of nested aliases: 9 levels of 9 references expand to 9^9 = 387 million strings."""
+    lines = ['  - &a0 ["lol", "lol", "lol", "lol", "lol", "lol", "lol", "lol", "lol"]']
+    for level in range(1, levels):
+        lines.append(f"  - &a{level} [" + ", ".join([f"*a{level - 1}"] * 9) + "]")
+    return "\n".join(lines)
+
+
+BOMB_SECONDS = 60  # a last guard only: the refusal takes milliseconds; unbounded, the bomb ran past 120 s
+
+
+def _train_process(*args) -> tuple:
+    """train.py as a real process: (exit code, stderr, its peak resident memory in bytes (wait4's ru_maxrss of that
+    child alone), seconds). Killed after BOMB_SECONDS."""
+    proc = subprocess.Popen([sys.executable, TRAIN, *map(str, args)], cwd=REPO, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE, env=dict(os.environ, PYTHONPATH=REPO, OMP_NUM_THREADS="1"))
+    timer = threading.Timer(BOMB_SECONDS, proc.kill)
+    timer.start()
+    started = time.perf_counter()
+    try:
+        err = proc.stderr.read().decode()
+        _, status, usage = os.wait4(proc.pid, 0)
+    finally:
+        timer.cancel()
+    proc.returncode = os.waitstatus_to_exitcode(status)
+    return proc.returncode, err, usage.ru_maxrss * 1024, time.perf_counter() - started
+
+
+@pytest.mark.parametrize("where", ["recipe file", "override"])
+def test_a_yaml_alias_bomb_is_one_line_in_bounded_time_and_memory(where, world, run, tmp_path):
+    """A value of nested aliases (9^9 strings expanded) in the recipe file or in a command-line override: one line,
+    and the process's peak memory is that of the same command refused for another reason (unbounded, the bomb grew
+    past 3 GB). The time is measured and reported; only the guard above bounds it."""
+    recipe = tmp_path / "recipe.yaml"
+    in_file = where == "recipe file"
+    recipe.write_text(open(world["recipe"]).read() + ("report_to:\n" + _alias_bomb() + "\n" if in_file else ""))
+    bomb = [] if in_file else ["report_to=[" + _alias_bomb().replace("\n  - ", ", ").replace("  - ", "", 1) + "]"]
+    before = digest(run)
+    code, err, peak, seconds = _train_process("--config", recipe, "--output_dir", run, "--overwrite_output_dir", *bomb)
+    assert code == 2, f"{err[-2000:]} (exit {code} after {seconds:.0f} s)"
+    assert_one_error(err, str(recipe) if in_file else "the override 'report_to=[",
+                     "expands to more than 100000 values through its aliases")
+    _, other_err, other_peak, other_seconds = _train_process("--config", world["recipe"], "--output_dir", run,
+                                                             "--overwrite_output_dir", "report_to=5")
+    assert_one_error(other_err, "bad value 5 for 'report_to'")
+    assert peak < other_peak + (64 << 20), f"peak {peak} bytes against {other_peak} ({seconds:.1f} s against " \
+                                           f"{other_seconds:.1f} s)"
+    assert_kept(before, run)
+
+
+SAMPLING_FAULTS = {  # generate.py's flags, refused before the model is loaded
+    "denormal temperature": (["--do_sample", "--temperature", "1e-45"], "bad value 1e-45 for 'temperature'"),
+    "tiny repetition penalty": (["--repetition_penalty", "1e-300"], "bad value 1e-300 for 'repetition_penalty'"),
+    "seed past 2^32": (["--seed", str(2 ** 70)], f"bad value {2 ** 70} for 'seed'"),
+    "huge top_k": (["--top_k", str(2 ** 70)], "expected an integer in [0, 16777216]"),
+    "huge max_new_tokens": (["--max_new_tokens", str(2 ** 40)], "bad value 1099511627776 for 'max_new_tokens'"),
+    "NaN top_p": (["--top_p", "nan"], "bad value nan for 'top_p'"),
+}
+
+
+@pytest.mark.parametrize("flag, value", [("--seq_length", "1"), ("--seq_length", "-5")])
+def test_evaluate_flags_out_of_range(flag, value, lm_dirs, capsys):
+    code, out, err = _evaluate(capsys, lm_dirs, "sound", flag, value)
+    assert code == 2 and out == ""
+    assert_one_error(err, f"seq_length must be an integer >= 2 (a block predicts its last seq_length - 1 tokens), "
+                          f"got {value}")
+
+
+@pytest.mark.parametrize("case", sorted(SAMPLING_FAULTS))
+def test_sampling_arguments_are_kept_where_the_arithmetic_is_finite(case, lm_dirs, capsys):
+    extra, fragment = SAMPLING_FAULTS[case]
+    code, out, err = call(generate.main, capsys, "--model", lm_dirs / "sound", "--device", "cpu", "--prompt", "Hello",
+                          *extra)
+    assert code == 2 and out == ""
+    assert_one_error(err, fragment)
+
+
+def test_the_python_generate_checks_the_same_ranges(lm_dirs):
+    """generate() refuses what generate.py refuses; at the edge of the range the sampled logits stay finite."""
+    model = GPT2LMHeadModel.from_pretrained(str(lm_dirs / "sound"))
+    ids = torch.tensor([[15496, 11]])
+    for kwargs, fragment in [(dict(do_sample=True, temperature=1e-45), "for 'temperature'"),
+                             (dict(repetition_penalty=1e-300), "for 'repetition_penalty'"),
+                             (dict(seed=2 ** 70), "for 'seed'"), (dict(seed=-1), "for 'seed'")]:
+        with pytest.raises(ValueError, match=fragment) as e:
+            model.generate(ids, max_new_tokens=2, **kwargs)
+        assert "\n" not in str(e.value)
+    out = model.generate(ids, max_new_tokens=3, do_sample=True, temperature=1e-6, repetition_penalty=1e-6, seed=7)
+    assert out.shape == (1, 5) and int(out.max()) < 50257
+
+
+BIN_FAULTS = {  # pytorch_model.bin that is not a checkpoint
+    "random bytes": (lambda path: path.write_bytes(bytes(np.random.default_rng(0).integers(0, 256, 4096, np.uint8))),
+                     "is not a valid checkpoint: it is not a PyTorch file of tensors"),
+    "a pickle of text": (lambda path: path.write_bytes(__import__("pickle").dumps("hello", protocol=0)),
+                         "is not a valid checkpoint: it is not a PyTorch file of tensors"),
+    "a torch file of text": (lambda path: torch.save("hello", str(path)),
+                             "is not a valid checkpoint: it holds text ('hello'), not a state dict of tensors"),
+    "a state dict of text": (lambda path: torch.save({"transformer.wte.weight": "hello"}, str(path)),
+                             "its entry 'transformer.wte.weight' holds text ('hello'), not a tensor"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BIN_FAULTS))
+def test_a_bin_that_is_not_a_checkpoint_says_so(case, lm_dirs, tmp_path, capsys):
+    """Not 'a pickle that could run code' (nothing in these names a global), and no IndexError / AttributeError."""
+    write, fragment = BIN_FAULTS[case]
+    model = tmp_path / "model"
+    model.mkdir()
+    shutil.copyfile(lm_dirs / "sound" / "config.json", model / "config.json")
+    write(model / "pytorch_model.bin")
+    line = _generate_with(capsys, model, fragments=[str(model / "pytorch_model.bin"), fragment])
+    assert "could run code" not in line
+
+
+@pytest.mark.parametrize("head, labels, fragment", [
+    ("lm", [[1, 2, 512]], "labels must be in [0, 512) (-100 is skipped), found 1..512"),
+    ("lm", [[1, -5, 3]], "labels must be in [0, 512) (-100 is skipped), found -5..3"),
+    ("lm", [[1.0, 2.0, 3.0]], "labels must hold integer class ids, got dtype torch.float32"),
+    ("classifier", [0, 2], "labels must be in [0, 2), found 0..2"),
+    ("classifier", [-100, 1], "labels must be in [0, 2), found -100..1"),
+])
+def test_forward_with_labels_it_cannot_score_is_one_value_error(head, labels, fragment):
+    from gpt2_ascend.model import GPT2ForSequenceClassification
+    model = (GPT2LMHeadModel if head == "lm" else GPT2ForSequenceClassification)(tiny_config())
+    ids = torch.tensor([[1, 2, 3], [4, 5, 6]])[: len(labels)]
+    with pytest.raises(ValueError) as e:
+        model(ids, labels=torch.tensor(labels))
+    assert fragment in str(e.value) and "\n" not in str(e.value)
+    valid = [[-100, 2, 3], [4, 5, -100]] if head == "lm" else [1, 0]  # (-100: not scored)
+    assert model(ids, labels=torch.tensor(valid)[: len(ids)]).loss.isfinite()
+
+
+PYTHON_API_FAULTS = {  # the Python API's settings, named as Python names them
+    "learning rate inf": (lambda t: t.TrainJob(optimizer=t.OptimizerSettings(learning_rate=float("inf"))),
+                          "bad value inf for 'learning_rate' in OptimizerSettings: expected a finite number > 0"),
+    "eps 0": (lambda t: t.OptimizerSettings(eps=0.0), "bad value 0.0 for 'eps' in OptimizerSettings"),
+    "weight decay NaN": (lambda t: t.OptimizerSettings(weight_decay=float("nan")),
+                         "bad value nan for 'weight_decay' in OptimizerSettings"),
+    "clip norm NaN": (lambda t: t.TrainJob(settings=t.TrainSettings(max_grad_norm=float("nan"))),
+                      "bad value nan for 'max_grad_norm' in TrainSettings"),
+    "loss scale below 1": (lambda t: t.TrainJob(settings=t.TrainSettings(loss_scale=0.5)),
+                           "bad value 0.5 for 'loss_scale' in TrainSettings"),
+    "batch size 0": (lambda t: t.TrainJob(batch_size=0), "bad value 0 for 'batch_size' in TrainJob"),
+    "lora dropout 1": (lambda t: t.LoraSettings(dropout=1.0), "bad value 1.0 for 'dropout' in LoraSettings"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(PYTHON_API_FAULTS))
+def test_the_python_api_checks_its_settings_with_the_recipes_ranges(case):
+    from gpt2_ascend import train as t
+    build, message = PYTHON_API_FAULTS[case]
+    with pytest.raises(ValueError) as e:
+        build(t)
+    assert message in str(e.value) and "\n" not in str(e.value)

@@ -121,17 +121,26 @@ def mindformers_style_overrides(argv: list[str], parser) -> tuple[list[str], lis
     return rest, out
 
 
+# the flags that set a recipe key
+FLAG_KEYS = dict(run_mode="run_mode", train_dataset_dir="train_dataset.data_loader.dataset_dir",
+                 eval_dataset_dir="eval_dataset.data_loader.dataset_dir", load_checkpoint="load_checkpoint",
+                 src_strategy_path_or_dir="src_strategy_path_or_dir", output_dir="output_dir",
+                 max_steps="runner_config.max_steps", resume="resume_training",
+                 device="device", use_parallel="use_parallel", seed="seed", epochs="runner_config.epochs",
+                 batch_size="runner_config.batch_size",
+                 gradient_accumulation_steps="runner_config.gradient_accumulation_steps")
+
+
+def flag_of_key(args) -> dict:
+    """{recipe key: the flag given for it}: a bad value is then named by its flag (--batch_size), not the file."""
+    keys = {**FLAG_KEYS, "preprocessing_num_workers": "preprocessing_num_workers"}  # (an HF flag: hf_flags.py)
+    return {key: f"--{flag}" for flag, key in keys.items() if getattr(args, flag, None) is not None}
+
+
 def overrides_from_flags(args) -> list[str]:
     """The flags as recipe overrides (applied before the free-form ones, which win)."""
-    flag_keys = dict(run_mode="run_mode", train_dataset_dir="train_dataset.data_loader.dataset_dir",
-                     eval_dataset_dir="eval_dataset.data_loader.dataset_dir", load_checkpoint="load_checkpoint",
-                     src_strategy_path_or_dir="src_strategy_path_or_dir",
-                     output_dir="output_dir", max_steps="runner_config.max_steps", resume="resume_training",
-                     device="device", use_parallel="use_parallel", seed="seed", epochs="runner_config.epochs",
-                     batch_size="runner_config.batch_size",
-                     gradient_accumulation_steps="runner_config.gradient_accumulation_steps")
     out = []
-    for flag, key in flag_keys.items():
+    for flag, key in FLAG_KEYS.items():
         value = getattr(args, flag)
         if value is not None:
             if isinstance(value, bool):
@@ -222,7 +231,7 @@ def main(argv=None) -> int:
 
     try:
         check_path_flags(args)
-        recipe = load_recipe(args.config, overrides_from_flags(args) + list(args.overrides))
+        recipe = load_recipe(args.config, overrides_from_flags(args) + list(args.overrides), flags=flag_of_key(args))
         if recipe.run_mode == "eval":
             return report_eval(recipe)
         if recipe.run_mode == "predict":

@@ -50,6 +50,9 @@ def run_perplexity(model_path: str, dataset: str, seq_length: int = 1024, stride
     """Perplexity of a checkpoint on a dataset, with the run's settings in the result. strategy, n_head, activation:
     for MindSpore weights (a distributed checkpoint's strategy; what a .ckpt does not store)."""
     _require_exists(dataset)  # before loading a model that may take minutes
+    if not isinstance(seq_length, int) or seq_length < 2:
+        raise ValueError(f"seq_length must be an integer >= 2 (a block predicts its last seq_length - 1 tokens), got "
+                         f"{seq_length!r}")
     path = resolve_model_path(model_path)  # a hub id: its snapshot folder (tokenizer files included)
     device = resolve_device(device)
     model = load_model(path, LANGUAGE_MODEL, device=device, adapter=adapter, strategy=strategy,
@@ -75,6 +78,8 @@ def run_classification(model_path: str, dataset: str, max_length: int = 128, bat
     """Accuracy (and per-class counts) of a sequence classifier on a .tsv or prepared .npz (strategy, n_head,
     activation: as run_perplexity)."""
     _require_exists(dataset)
+    if not isinstance(max_length, int) or max_length < 1:
+        raise ValueError(f"max_length must be a positive integer, got {max_length!r}")
     from ..data.sources import load_txtcls
     path = resolve_model_path(model_path)
     device = resolve_device(device)
