@@ -254,8 +254,11 @@ def test_hf_config_with_transformers_4_generation_defaults_loads():
 def test_context_overflow_is_clear():
     config = tiny_config(n_positions=16)
     model = GPT2LMHeadModel(config).eval()
-    with pytest.raises(ValueError, match="longer than the model's context"):
+    with pytest.raises(ValueError, match=r"^sequence of 17 tokens is longer than the model's context n_positions=16;"):
         model(torch.zeros(1, 17, dtype=torch.long))
+    cache = model(torch.zeros(1, 10, dtype=torch.long), use_cache=True).past_key_values
+    with pytest.raises(ValueError, match=r"^sequence of 17 tokens is longer"):  # 10 cached + 7 new
+        model(torch.zeros(1, 7, dtype=torch.long), past_key_values=cache)
 
 
 @pytest.mark.parametrize("mode", ["full", "selective"])

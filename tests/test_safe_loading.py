@@ -443,6 +443,28 @@ def test_refusal_names_the_global_for_every_pickle_protocol(tmp_path):
     assert not marker.exists()
 
 
+def test_refusal_of_bytes_in_memory_names_the_global_and_damage_is_one_line(tmp_path):
+    """DCP's non-tensor values reach torch_load as bytes in memory (a file object): a bare protocol-4 payload there
+    (its only strings the module and the name: read by disassembly, torch's message does not name it) is refused by
+    name; a pickle too damaged to disassemble is still refused; a missing or unreadable path is one plain line."""
+    import io
+    from gpt2_ascend.safe_pickle import UnsafeFileError, torch_load
+    marker = tmp_path / "MARKER"
+    data = io.BytesIO(pickle.dumps(Payload(marker), protocol=4))
+    data.read(7)  # a stream not at its start: the refusal reads the pickle from its first byte
+    with pytest.raises(UnsafeFileError, match=r"^refusing to load the value: .* type posix\.system, which could"):
+        torch_load(data, name="the value")
+    with pytest.raises(UnsafeFileError, match=r"type \(not a tensor or plain value\), which could run code"):
+        torch_load(io.BytesIO(b"\x80\x04\x95\xff\xff"), name="damaged")  # a FRAME cut short
+    missing = str(tmp_path / "missing.pt")
+    with pytest.raises(FileNotFoundError) as error:
+        torch_load(missing)
+    assert str(error.value) == f"file not found: {missing}"
+    with pytest.raises(ValueError, match=rf"^cannot read {re.escape(str(tmp_path))}: .* \(corrupt, truncated or not"):
+        torch_load(str(tmp_path))
+    assert not marker.exists()
+
+
 def test_merge_needs_only_the_model_files(tmp_path, capsys):
     """A damaged optimizer.pt does not stop merging (or evaluating) the weights; a damaged model.pt does, in one line."""
     from conftest import load_script
