@@ -253,3 +253,25 @@ def test_cli_help_has_examples():
     out = subprocess.run([sys.executable, "-m", "gpt2_ascend.data.wikitext2", "--help"], capture_output=True,
                          text=True, check=True)
     assert "examples:" in out.stdout and "--mindformers_compat" in out.stdout and out.stderr == ""
+
+
+def test_tokenizing_shows_a_progress_bar_from_one_mebichar(monkeypatch):
+    """Texts of 2^20 characters and more get a progress bar (WikiText-103 takes minutes); shorter ones tokenize
+    silently. A stand-in tokenizer keeps it fast: each piece is one token per character."""
+    import gpt2_ascend.progress as progress
+
+    class PerChar:
+        def __len__(self):
+            return 256
+
+        def encode(self, text, add_special_tokens=False):
+            return [ord(c) % 256 for c in text]
+
+    shown = []
+    real = progress.progress_bar
+    monkeypatch.setattr(progress, "progress_bar", lambda **kw: shown.append(not kw["disable"]) or real(**kw))
+    for length in ((1 << 20) - 1, 1 << 20):
+        text = ("abc\n" * (length // 4 + 1))[:length]
+        tokens = tokenize_text(text, PerChar(), chunk_chars=1 << 18)
+        assert len(tokens) == length and tokens.dtype == np.uint16
+    assert shown == [False, True]

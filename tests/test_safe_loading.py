@@ -456,6 +456,13 @@ def test_refusal_of_bytes_in_memory_names_the_global_and_damage_is_one_line(tmp_
         torch_load(data, name="the value")
     with pytest.raises(UnsafeFileError, match=r"type \(not a tensor or plain value\), which could run code"):
         torch_load(io.BytesIO(b"\x80\x04\x95\xff\xff"), name="damaged")  # a FRAME cut short
+    # naming the global reads at most the first 16 MiB of a file: a payload just inside is named, one just past it
+    # is refused unnamed (a hostile file of any size costs 16 MiB to refuse)
+    for pad, named in (((1 << 24) - 200, "posix.system"), (1 << 24, "(not a tensor or plain value)")):
+        path = tmp_path / "big.pt"
+        path.write_bytes(pickle.dumps({"pad": b"\0" * pad, "w": Payload(marker)}, protocol=4))
+        with pytest.raises(UnsafeFileError, match=rf"type {re.escape(named)}, which could run code"):
+            torch_load(str(path))
     missing = str(tmp_path / "missing.pt")
     with pytest.raises(FileNotFoundError) as error:
         torch_load(missing)
