@@ -109,6 +109,21 @@ KEPT_OPERATORS = (
 # Survivors that cannot change any behaviour: (module, the line before, the line after, why). Matched on the stripped
 # source lines of the mutant's diff, so they hold while the code around them moves.
 EQUIVALENT: list[tuple[str, str, str, str]] = [
+    ("data/text.py", "files = tokenizer_files(path) if path and os.path.isdir(path) else []",
+     "files = tokenizer_files(path) if path or os.path.isdir(path) else []",
+     "tokenizer_files lists the path's vocab.json / merges.txt / tokenizer.json that exist: none unless path is a "
+     "directory, and '' or isdir('') is False"),
+    ("data/text.py", "while len(text) - start > chunk_chars:", "while len(text) + start > chunk_chars:",
+     "once len(text) - start <= chunk_chars, text.find('\\n', start + chunk_chars) is -1 and the loop breaks: "
+     "the condition only spares that find"),
+    ("generation.py", "if s.top_p < 1.0:", "if s.top_p <= 1.0:",
+     "top_p_filter at p = 1 drops only tokens whose ascending cumulative probability is <= 0, i.e. exactly 0: "
+     "softmax gives them 0 either way, so the sampled distribution is the same bit for bit"),
+    ("generation.py", "def check_sampling_args(max_new_tokens: Optional[int] = None, min_new_tokens: int = 0, "
+     "do_sample: bool = False,", "def check_sampling_args(max_new_tokens: Optional[int] = None, min_new_tokens: "
+     "int = 1, do_sample: bool = False,",
+     "a validator's default: min_new_tokens 1 passes exactly where 0 does (max_new_tokens is >= 1 whenever it "
+     "passes, and 1 when left to later)"),
 ]
 
 

@@ -309,14 +309,15 @@ def test_chunked_head_cross_entropy_equals_the_plain_loss_and_gradients():
     config = tiny_config(vocab_size=500, pad_vocab_size_multiple=64)
     torch.manual_seed(0)
     model = GPT2LMHeadModel(config).train()
-    ids = torch.randint(0, 500, (3, 17))
+    ids = torch.randint(0, 500, (3, 33))  # 96 tokens: more than the hidden width (64), each chunked
     targets = ids[:, 1:].clone()
     targets[1, 5:] = -100  # ignored positions count in neither
+    targets[0, 3] = targets[2, 0] = 0  # token 0 is a target like any other (ignored ones are read at 0)
     plain = model(ids[:, :-1], targets=targets)
     plain.loss.backward()
     grads = {n: p.grad.clone() for n, p in model.named_parameters()}
     model.zero_grad()
-    model.config.loss_chunk_size = 7  # does not divide the 48 tokens: a short last chunk
+    model.config.loss_chunk_size = 7  # does not divide the 96 tokens: a short last chunk
     fused = model(ids[:, :-1], targets=targets)
     assert fused.logits is None
     fused.loss.backward()
@@ -324,7 +325,7 @@ def test_chunked_head_cross_entropy_equals_the_plain_loss_and_gradients():
     for n, p in model.named_parameters():
         assert max_diff(p.grad, grads[n]) <= 1e-6, n
     with torch.no_grad():  # evaluation keeps the logits
-        assert model(ids[:, :-1], targets=targets).logits.shape == (3, 16, 500)
+        assert model(ids[:, :-1], targets=targets).logits.shape == (3, 32, 500)
 
 
 def test_chunked_head_with_a_frozen_head_skips_its_gradient():
