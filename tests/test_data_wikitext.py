@@ -269,9 +269,18 @@ def test_tokenizing_shows_a_progress_bar_from_one_mebichar(monkeypatch):
 
     shown = []
     real = progress.progress_bar
-    monkeypatch.setattr(progress, "progress_bar", lambda **kw: shown.append(not kw["disable"]) or real(**kw))
+    monkeypatch.setattr(progress, "progress_bar", lambda **kw: shown.append((not kw["disable"], kw["leave"]))
+                        or real(**kw))
     for length in ((1 << 20) - 1, 1 << 20):
         text = ("abc\n" * (length // 4 + 1))[:length]
         tokens = tokenize_text(text, PerChar(), chunk_chars=1 << 18)
         assert len(tokens) == length and tokens.dtype == np.uint16
-    assert shown == [False, True]
+    assert shown == [(False, False), (True, False)]  # and the bar is cleared when done (a step of a preparation)
+
+
+def test_pack_blocks_refuses_a_length_that_is_not_a_positive_integer():
+    tokens = np.arange(12)
+    for bad in (0, -3, 2.5):
+        with pytest.raises(ValueError, match=rf"^max_length must be a positive integer, got {bad}$"):
+            pack_blocks(tokens, bad)
+    assert pack_blocks(tokens, 4.0).shape == (3, 4)  # an integral float is a length

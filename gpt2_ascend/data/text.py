@@ -106,6 +106,7 @@ def pack_blocks(tokens: np.ndarray, max_length: int, source: str | None = None) 
     """(n, max_length) blocks of consecutive tokens, n = len(tokens) // max_length; the remainder is dropped."""
     if int(max_length) != max_length or max_length < 1:
         raise ValueError(f"max_length must be a positive integer, got {max_length}")
+    max_length = int(max_length)  # 1025.0 from a recipe is a length
     tokens = np.asarray(tokens)
     n = len(tokens) // max_length
     if n == 0:
