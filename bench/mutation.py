@@ -124,6 +124,19 @@ EQUIVALENT: list[tuple[str, str, str, str]] = [
      "int = 1, do_sample: bool = False,",
      "a validator's default: min_new_tokens 1 passes exactly where 0 does (max_new_tokens is >= 1 whenever it "
      "passes, and 1 when left to later)"),
+    ("generation.py", "temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,",
+     "temperature: float = 1.0, top_k: int = 1, top_p: float = 1.0,",
+     "a validator's default: top_k 1 passes wherever 0 does"),
+    ("losses.py", "@staticmethod", "",
+     "torch calls an autograd Function's forward and backward through the class, ctx first: a plain function "
+     "there is called the same way"),
+    ("losses.py", "return F.cross_entropy(logits.float().view(-1, logits.size(-1)), labels.view(-1).to(logits.device))",
+     "return F.cross_entropy(logits.float().view(-1, logits.size(1)), labels.view(-1).to(logits.device))",
+     "a classifier's logits are always (batch, num_labels): dim 1 is the last"),
+    ("data/text.py", "CHUNK_CHARS = 1 << 18", "CHUNK_CHARS = 1 << 19",
+     "the size of the pieces tokenized in parallel: any size gives the same tokens "
+     "(test_chunked_tokenization_equals_whole_text), only the batches' granularity changes"),
+    ("data/text.py", "CHUNK_CHARS = 1 << 18", "CHUNK_CHARS = 2 << 18", "the same: a piece size"),
 ]
 
 
@@ -298,6 +311,8 @@ def scratch_copy(dest: str) -> str:
 
 def start_server(repo: str, sock_path: str, log_path: str) -> subprocess.Popen:
     env = dict(os.environ, PYTHONPATH=repo)
+    if os.path.exists(sock_path):  # a stopped run's
+        os.unlink(sock_path)
     with open(log_path, "w") as log:
         server = subprocess.Popen([sys.executable, os.path.join(repo, "bench", "mutation.py"), "serve", sock_path],
                                   cwd=repo, env=env, stdout=log, stderr=subprocess.STDOUT)
@@ -354,6 +369,41 @@ def selection(module: str, repo: str, dest: str, pytest_output: str) -> dict:
                 subprocess=subprocess_tests)
 
 
+def carry_over_verdicts(old_session: str, new_session: str, module_file: str) -> None:
+    """After a small edit of the module, the new run's mutants whose diff (the lines before and after, the n-th of
+    its kind) equals one of the last run's keep that verdict; the others are pending."""
+    import difflib
+    from cosmic_ray.mutating import mutate_code
+    from cosmic_ray.plugins import get_operator
+    from cosmic_ray.work_db import WorkDB, use_db
+    from cosmic_ray.work_item import WorkerOutcome
+
+    def key_counts(pairs):
+        seen: dict = {}
+        for job, diff in pairs:
+            key = changed_lines(diff)
+            seen[key] = seen.get(key, 0) + 1
+            yield job, (*key, seen[key])
+
+    with use_db(old_session, WorkDB.Mode.open) as old:
+        done = [(result, result.diff) for item, result in sorted(old.completed_work_items,
+                                                                 key=lambda pair: pair[0].mutations[0].start_pos)
+                if result.worker_outcome == WorkerOutcome.NORMAL]
+    verdicts = {key: result for result, key in key_counts(done)}
+    with open(module_file) as f:
+        code = f.read()
+    with use_db(new_session, WorkDB.Mode.open) as new:
+        pairs = []
+        for item in new.pending_work_items:
+            spec = item.mutations[0]
+            mutated = mutate_code(code, get_operator(spec.operator_name)(**spec.operator_args), spec.occurrence)
+            diff = "\n".join(difflib.unified_diff(code.splitlines(), (mutated or code).splitlines(), lineterm=""))
+            pairs.append(((item.job_id, spec.start_pos), diff))
+        for (job_id, _), key in key_counts(sorted(pairs, key=lambda p: p[0][1])):
+            if key in verdicts:
+                new.set_result(job_id, verdicts[key])
+
+
 def tests_by_duration(pytest_output: str) -> list[str]:
     """The node ids of pytest's --durations=0 report, the fastest test first (setup, call and teardown added)."""
     total: dict[str, float] = {}
@@ -375,13 +425,14 @@ def run_module(module: str, workdir: str, rerun_survivors: bool = False, resume:
     dest = os.path.join(workdir, slug(module))
     session = os.path.join(dest, "session.sqlite")
     module_sha = file_sha256(os.path.join(REPO, "gpt2_ascend", module))
-    previous = {}
+    previous, changed = {}, False
     if resume or rerun_survivors:
         if os.path.exists(os.path.join(dest, "summary.json")):
             with open(os.path.join(dest, "summary.json")) as f:
                 previous = json.load(f)
-        if file_sha256(os.path.join(dest, "original.py")) != module_sha:
-            raise RuntimeError(f"{module} changed since its last run: run it afresh (without --rerun-survivors)")
+        changed = file_sha256(os.path.join(dest, "original.py")) != module_sha
+        if changed:  # mutants are matched to the last run's by their diff below
+            os.replace(session, session + ".before")
     elif os.path.isdir(dest):
         shutil.rmtree(dest)
     os.makedirs(dest, exist_ok=True)
@@ -417,12 +468,15 @@ def run_module(module: str, workdir: str, rerun_survivors: bool = False, resume:
         with open(config, "w") as f:
             f.write(cosmic_ray_config(module, test_command, timeout + 60))
         bindir = os.path.dirname(sys.executable)
+        fresh = not (resume or rerun_survivors) or changed
+        if fresh:
+            subprocess.run([os.path.join(bindir, "cosmic-ray"), "init", config, session], cwd=repo, check=True)
+            subprocess.run([os.path.join(bindir, "cr-filter-operators"), session, config], cwd=repo, check=True)
+        if fresh and (resume or rerun_survivors):
+            carry_over_verdicts(session + ".before", session, os.path.join(repo, "gpt2_ascend", module))
         if rerun_survivors:  # a mutant without a result is pending: exec runs those only
             with sqlite3.connect(session) as db:
                 db.execute("DELETE FROM work_results WHERE test_outcome = 'SURVIVED'")
-        if not (resume or rerun_survivors):
-            subprocess.run([os.path.join(bindir, "cosmic-ray"), "init", config, session], cwd=repo, check=True)
-            subprocess.run([os.path.join(bindir, "cr-filter-operators"), session, config], cwd=repo, check=True)
         started = time.monotonic()
         subprocess.run([os.path.join(bindir, "cosmic-ray"), "exec", config, session], cwd=repo, check=True)
         elapsed = round(time.monotonic() - started)
@@ -445,6 +499,7 @@ def changed_lines(diff: str) -> tuple[str, str]:
     lines = diff.splitlines()
     before = [line[1:].strip() for line in lines if line.startswith("-") and not line.startswith("---")]
     after = [line[1:].strip() for line in lines if line.startswith("+") and not line.startswith("+++")]
+    before, after = [b for b in before if b], [a for a in after if a]  # a removed decorator takes a blank line
     return " / ".join(before), " / ".join(after)
 
 
