@@ -137,6 +137,13 @@ EQUIVALENT: list[tuple[str, str, str, str]] = [
      "the size of the pieces tokenized in parallel: any size gives the same tokens "
      "(test_chunked_tokenization_equals_whole_text), only the batches' granularity changes"),
     ("data/text.py", "CHUNK_CHARS = 1 << 18", "CHUNK_CHARS = 2 << 18", "the same: a piece size"),
+    ("data/text.py", "per_batch = 8  # pieces per encode_batch call: parallel work between progress-bar updates",
+     "per_batch = 7  # pieces per encode_batch call: parallel work between progress-bar updates",
+     "pieces per encode_batch call: the same tokens in batches of another size"),
+    ("losses.py", "if weight.size(0) > vocab_size:", "if weight.size(0) >= vocab_size:",
+     "with exactly vocab_size rows, logits[:, vocab_size:] is empty: filling it is a no-op"),
+    ("losses.py", "logp = torch.log_softmax(logits, dim=-1)", "logp = torch.log_softmax(logits, dim=1)",
+     "a chunk's logits are (tokens, vocab): dim 1 is the last"),
 ]
 
 

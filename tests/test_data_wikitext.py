@@ -276,6 +276,8 @@ def test_tokenizing_shows_a_progress_bar_from_one_mebichar(monkeypatch):
         tokens = tokenize_text(text, PerChar(), chunk_chars=1 << 18)
         assert len(tokens) == length and tokens.dtype == np.uint16
     assert shown == [(False, False), (True, False)]  # and the bar is cleared when done (a step of a preparation)
+    empty = tokenize_text("", PerChar())
+    assert empty.shape == (0,) and empty.dtype == np.uint16
 
 
 def test_pack_blocks_refuses_a_length_that_is_not_a_positive_integer():

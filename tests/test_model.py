@@ -328,6 +328,24 @@ def test_chunked_head_cross_entropy_equals_the_plain_loss_and_gradients():
         assert model(ids[:, :-1], targets=targets).logits.shape == (3, 32, 500)
 
 
+def test_chunked_head_averages_over_the_targets_it_has():
+    """One target left: the chunked loss is that token's cross-entropy, as the plain one; none left: 0 with zero
+    gradients (the plain path's mean over nothing is NaN; a chunk of padding must not stop a run)."""
+    config = tiny_config(vocab_size=500, pad_vocab_size_multiple=64, loss_chunk_size=4)
+    torch.manual_seed(0)
+    model = GPT2LMHeadModel(config).train()
+    ids = torch.randint(0, 500, (2, 9))
+    targets = torch.full((2, 8), -100)
+    targets[1, 6] = 17
+    one = model(ids[:, :-1], targets=targets).loss
+    with torch.no_grad():
+        logits = model.logits(model.transformer(ids[:, :-1]).last_hidden_state)
+    assert abs(one.item() - torch.nn.functional.cross_entropy(logits[1, 6:7], targets[1, 6:7]).item()) <= 1e-6
+    none = model(ids[:, :-1], targets=torch.full((2, 8), -100)).loss
+    none.backward()
+    assert none.item() == 0.0 and all(p.grad.abs().max().item() == 0.0 for p in model.parameters())
+
+
 def test_chunked_head_with_a_frozen_head_skips_its_gradient():
     """LoRA freezes the (tied) head: the chunked loss then computes no weight gradient, and every other
     gradient is the plain path's."""
