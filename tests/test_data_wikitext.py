@@ -217,6 +217,24 @@ def test_split_never_cuts_next_to_whitespace():
     pieces = split_for_tokenizer(text, 1)
     assert "".join(pieces) == text
     assert pieces == ["alpha\n beta\n\ngamma \ndelta", "\nepsilon"]
+    # a newline at the very end, or right after a space at the start, is no cut; one between letters is
+    assert split_for_tokenizer("abcdef\n", 2) == ["abcdef\n"]
+    assert split_for_tokenizer("a\n bc\nde", 1) == ["a\n bc", "\nde"]
+
+
+def test_a_tokenizer_object_without_files_is_identified_by_its_whole_serialized_form():
+    """Two in-memory tokenizers with the same vocabulary but different merges tokenize differently: their ids (the
+    data cache's key) must differ, so the id hashes the serialized tokenizer, not only its vocabulary."""
+    from tokenizers import Tokenizer, models
+    from transformers import PreTrainedTokenizerFast
+    from gpt2_ascend.data.text import resolve_tokenizer
+    vocab = {"a": 0, "b": 1, "ab": 2}
+    merged, unmerged = (PreTrainedTokenizerFast(tokenizer_object=Tokenizer(models.BPE(vocab, merges)))
+                        for merges in ([("a", "b")], []))
+    assert merged.encode("ab") != unmerged.encode("ab")
+    (_, info_merged), (_, info_unmerged) = resolve_tokenizer(merged), resolve_tokenizer(unmerged)
+    assert info_merged["id"] != info_unmerged["id"] and info_merged["path"] is None
+    assert resolve_tokenizer(merged)[1]["id"] == info_merged["id"]  # and the same object, the same id
 
 
 # ------------------------------------------------------------------------------------------------ CLI
