@@ -119,6 +119,13 @@ EQUIVALENT: list[tuple[str, str, str, str]] = [
     ("data/text.py", "while len(text) - start > chunk_chars:", "while len(text) + start > chunk_chars:",
      "once len(text) - start <= chunk_chars, text.find('\\n', start + chunk_chars) is -1 and the loop breaks: "
      "the condition only spares that find"),
+    ("data/text.py", "while len(text) - start > chunk_chars:", "while len(text) - start >= chunk_chars:",
+     "the same: at len(text) - start == chunk_chars the find starts at len(text) and gives -1"),
+    ("parallel/clip.py", "if pp_group is not None and dist.get_world_size(pp_group) > 1:",
+     "if pp_group is not None and dist.get_world_size(pp_group) > 0:",
+     "an all_reduce over a group of one rank returns its input: it only costs a call"),
+    ("parallel/clip.py", "if pp_group is not None and dist.get_world_size(pp_group) > 1:",
+     "if pp_group is not None and dist.get_world_size(pp_group) >= 1:", "the same"),
     ("generation.py", "if s.top_p < 1.0:", "if s.top_p <= 1.0:",
      "top_p_filter at p = 1 drops only tokens whose ascending cumulative probability is <= 0, i.e. exactly 0: "
      "softmax gives them 0 either way, so the sampled distribution is the same bit for bit"),

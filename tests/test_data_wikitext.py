@@ -282,18 +282,19 @@ def test_tokenizing_shows_a_progress_bar_from_one_mebichar(monkeypatch):
         def __len__(self):
             return 256
 
-        def encode(self, text, add_special_tokens=False):
-            return [ord(c) % 256 for c in text]
+        def encode(self, text, add_special_tokens=True):  # a slow tokenizer that adds an eos when asked to
+            return [ord(c) % 256 for c in text] + ([255] if add_special_tokens else [])
 
     shown = []
     real = progress.progress_bar
-    monkeypatch.setattr(progress, "progress_bar", lambda **kw: shown.append((not kw["disable"], kw["leave"]))
-                        or real(**kw))
+    monkeypatch.setattr(progress, "progress_bar", lambda **kw: shown.append(
+        (not kw["disable"], kw["leave"], kw["unit"], kw["unit_scale"])) or real(**kw))
     for length in ((1 << 20) - 1, 1 << 20):
         text = ("abc\n" * (length // 4 + 1))[:length]
         tokens = tokenize_text(text, PerChar(), chunk_chars=1 << 18)
         assert len(tokens) == length and tokens.dtype == np.uint16
-    assert shown == [(False, False), (True, False)]  # and the bar is cleared when done (a step of a preparation)
+    # a bar counts characters in k / M and is cleared when done (tokenizing is one step of a preparation)
+    assert shown == [(False, False, "char", True), (True, False, "char", True)]
     empty = tokenize_text("", PerChar())
     assert empty.shape == (0,) and empty.dtype == np.uint16
 
@@ -304,3 +305,19 @@ def test_pack_blocks_refuses_a_length_that_is_not_a_positive_integer():
         with pytest.raises(ValueError, match=rf"^max_length must be a positive integer, got {bad}$"):
             pack_blocks(tokens, bad)
     assert pack_blocks(tokens, 4.0).shape == (3, 4)  # an integral float is a length
+
+
+def test_a_folders_checksum_covers_every_file_name_and_content(tmp_path):
+    """A text folder's source_sha256 (the data cache's key) is the sha256 of each file's name and sha256, in order:
+    editing, renaming or adding a file changes it."""
+    import hashlib
+    from gpt2_ascend.data.text import source_sha256
+    folder = tmp_path / "corpus"
+    folder.mkdir()
+    (folder / "a.txt").write_text("alpha")
+    (folder / "b.txt").write_text("beta")
+    sha = lambda data: hashlib.sha256(data).hexdigest()  # noqa: E731
+    expected = sha(b"".join(f"{n}\0{sha(t)}\n".encode() for n, t in (("a.txt", b"alpha"), ("b.txt", b"beta"))))
+    assert source_sha256(str(folder)) == expected
+    (folder / "b.txt").write_text("beta!")
+    assert source_sha256(str(folder)) != expected

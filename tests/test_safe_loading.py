@@ -344,6 +344,25 @@ def test_dcp_metadata_pointing_outside_the_directory_is_refused(tmp_path):
         read_dcp_metadata(str(tmp_path))
 
 
+def test_dcp_metadata_declaring_more_model_bytes_than_the_files_hold_is_refused(tmp_path):
+    """Before anything is allocated, the model tensors `.metadata` declares must fit in the .distcp files: 15 float32
+    (60 bytes) fit in 60 bytes, not in 59; tensors outside the model (an optimizer's) are not counted."""
+    import warnings
+    import torch.distributed.checkpoint as dcp
+    from gpt2_ascend.checkpoints import CheckpointError
+    from gpt2_ascend.safe_dcp import model_tensors
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        dcp.save({"model.w": torch.ones(3, 5), "optimizer.m": torch.ones(100)}, checkpoint_id=str(tmp_path),
+                 no_dist=True)
+    (data,) = [f for f in os.listdir(tmp_path) if f.endswith(".distcp")]
+    (tmp_path / data).write_bytes(b"\0" * 60)
+    assert model_tensors(str(tmp_path)) == {"model.w": (torch.Size([3, 5]), torch.float32)}
+    (tmp_path / data).write_bytes(b"\0" * 59)
+    with pytest.raises(CheckpointError, match=r"it declares 60 bytes of weights but its \.distcp files hold 59$"):
+        model_tensors(str(tmp_path))
+
+
 class Reduced:
     """Unpickling this calls `func(*args)`: the builtins a widened allow-list would let through."""
 
