@@ -126,6 +126,8 @@ EQUIVALENT: list[tuple[str, str, str, str]] = [
      "an all_reduce over a group of one rank returns its input: it only costs a call"),
     ("parallel/clip.py", "if pp_group is not None and dist.get_world_size(pp_group) > 1:",
      "if pp_group is not None and dist.get_world_size(pp_group) >= 1:", "the same"),
+    ("parallel/clip.py", "device = grads[0].device", "device = grads[-1].device",
+     "a rank's gradients all live on its one device"),
     ("generation.py", "if s.top_p < 1.0:", "if s.top_p <= 1.0:",
      "top_p_filter at p = 1 drops only tokens whose ascending cumulative probability is <= 0, i.e. exactly 0: "
      "softmax gives them 0 either way, so the sampled distribution is the same bit for bit"),
@@ -233,6 +235,13 @@ def client(sock_path: str, timeout: float, pytest_args: list[str], selection_fil
             print(NO_TESTS_MARK)
             return 0
         pytest_args = [*pytest_args, *tests]
+        with open(selection_file) as f:
+            durations = json.load(f).get("durations", {})
+        if durations and all(t in durations for t in tests):
+            # 3x what these tests took unmutated, with every fixture's setup (a shared fixture is set up by
+            # whichever test comes first), not the whole mapping's time
+            setups = json.load(open(selection_file)).get("setup_s", 0.0)
+            timeout = min(timeout, 60 + 3 * (setups + sum(durations[t] for t in tests)))
     conn = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     conn.connect(sock_path)
     request = dict(args=pytest_args, cwd=os.getcwd(), env=dict(os.environ), timeout=timeout)
@@ -385,7 +394,8 @@ def selection(module: str, repo: str, dest: str, pytest_output: str) -> dict:
                 for line, contexts in by_line.items()}
     subprocess_tests = [t for t in order if any(t.startswith(p) for p in SUBPROCESS_TESTS.get(module, ()))]
     return dict(module_file=module_file, original=original, order=order, coverage=coverage,
-                subprocess=subprocess_tests)
+                subprocess=subprocess_tests, durations=test_durations(pytest_output),
+                setup_s=sum(float(x) for x in re.findall(r"^([\d.]+)s setup\s", pytest_output, re.M)))
 
 
 def carry_over_verdicts(old_session: str, new_session: str, module_file: str) -> None:
@@ -423,11 +433,17 @@ def carry_over_verdicts(old_session: str, new_session: str, module_file: str) ->
                 new.set_result(job_id, verdicts[key])
 
 
-def tests_by_duration(pytest_output: str) -> list[str]:
-    """The node ids of pytest's --durations=0 report, the fastest test first (setup, call and teardown added)."""
+def test_durations(pytest_output: str) -> dict[str, float]:
+    """Seconds per test of pytest's --durations=0 report (setup, call and teardown added)."""
     total: dict[str, float] = {}
     for seconds, node in re.findall(r"^([\d.]+)s (?:setup|call|teardown)\s+(\S.*)$", pytest_output, re.M):
         total[node] = total.get(node, 0.0) + float(seconds)
+    return total
+
+
+def tests_by_duration(pytest_output: str) -> list[str]:
+    """The node ids of pytest's --durations=0 report, the fastest test first."""
+    total = test_durations(pytest_output)
     return sorted(total, key=total.get)
 
 

@@ -480,8 +480,9 @@ def test_refusal_of_bytes_in_memory_names_the_global_and_damage_is_one_line(tmp_
     for pad, named in (((1 << 24) - 200, "posix.system"), (1 << 24, "(not a tensor or plain value)")):
         path = tmp_path / "big.pt"
         path.write_bytes(pickle.dumps({"pad": b"\0" * pad, "w": Payload(marker)}, protocol=4))
-        with pytest.raises(UnsafeFileError, match=rf"type {re.escape(named)}, which could run code"):
-            torch_load(str(path))
+        for source in (str(path), io.BytesIO(path.read_bytes())):  # a file, or bytes in memory
+            with pytest.raises(UnsafeFileError, match=rf"type {re.escape(named)}, which could run code"):
+                torch_load(source, name="big")
     missing = str(tmp_path / "missing.pt")
     with pytest.raises(FileNotFoundError) as error:
         torch_load(missing)
