@@ -152,6 +152,8 @@ EQUIVALENT: list[tuple[str, str, str, str]] = [
     ("data/text.py", "per_batch = 8  # pieces per encode_batch call: parallel work between progress-bar updates",
      "per_batch = 7  # pieces per encode_batch call: parallel work between progress-bar updates",
      "pieces per encode_batch call: the same tokens in batches of another size"),
+    ("data/text.py", "per_batch = 8  # pieces per encode_batch call: parallel work between progress-bar updates",
+     "per_batch = 9  # pieces per encode_batch call: parallel work between progress-bar updates", "the same"),
     ("losses.py", "if weight.size(0) > vocab_size:", "if weight.size(0) >= vocab_size:",
      "with exactly vocab_size rows, logits[:, vocab_size:] is empty: filling it is a no-op"),
     ("losses.py", "logp = torch.log_softmax(logits, dim=-1)", "logp = torch.log_softmax(logits, dim=1)",

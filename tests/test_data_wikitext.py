@@ -237,6 +237,18 @@ def test_a_tokenizer_object_without_files_is_identified_by_its_whole_serialized_
     assert resolve_tokenizer(merged)[1]["id"] == info_merged["id"]  # and the same object, the same id
 
 
+def test_tokenizing_adds_no_special_tokens_even_where_the_tokenizer_would():
+    """A corpus is its text's tokens only: a fast tokenizer whose post-processor appends </s> (GPT-2's adds
+    nothing, so it cannot tell) gets none appended."""
+    from tokenizers import Tokenizer, models, processors
+    from transformers import PreTrainedTokenizerFast
+    backend = Tokenizer(models.BPE({"a": 0, "b": 1, "ab": 2, "</s>": 3}, [("a", "b")]))
+    backend.post_processor = processors.TemplateProcessing(single="$A </s>", special_tokens=[("</s>", 3)])
+    tok = PreTrainedTokenizerFast(tokenizer_object=backend)
+    assert tok("ab").input_ids == [2, 3]  # what the tokenizer does when asked for its special tokens
+    assert tokenize_text("abab", tok).tolist() == [2, 2]
+
+
 # ------------------------------------------------------------------------------------------------ CLI
 
 def test_cli_writes_npy_and_sidecar(tmp_path, synthetic, tok_dir, capsys):
