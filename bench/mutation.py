@@ -563,8 +563,9 @@ def in_annotation(source_file: str, line: int, col: int) -> bool:
 
 
 def equivalence_reason(module: str, before: str, after: str) -> str | None:
+    squeeze = lambda text: re.sub(r"\s+", "", text)  # noqa: E731  (cosmic-ray writes `x[ -1]`, `( 2 << 20)`)
     for mod, old, new, reason in EQUIVALENT:
-        if mod == module and old == before and new == after:
+        if mod == module and squeeze(old) == squeeze(before) and squeeze(new) == squeeze(after):
             return reason
     return None
 

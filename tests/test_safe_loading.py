@@ -363,6 +363,23 @@ def test_dcp_metadata_declaring_more_model_bytes_than_the_files_hold_is_refused(
         model_tensors(str(tmp_path))
 
 
+def test_a_dcp_failure_is_one_line_with_the_root_causes_first_line(tmp_path, monkeypatch):
+    """DCP wraps each rank's exception (with its traceback) in a CheckpointException; the line shown is the root
+    cause's type and first line, whatever follows it."""
+    import gpt2_ascend.safe_dcp as safe_dcp
+    from torch.distributed.checkpoint.api import CheckpointException
+    from gpt2_ascend.checkpoints import CheckpointError
+    monkeypatch.setattr(safe_dcp, "read_dcp_metadata", lambda path: None)
+    cause = ValueError("Size mismatch for model.w\n  saved [3], current [4]\n")
+
+    def failing_load(*args, **kwargs):
+        raise CheckpointException("load", {0: (cause, "Traceback ...")})
+    monkeypatch.setattr(safe_dcp.dcp, "load", failing_load)
+    with pytest.raises(CheckpointError) as error:
+        safe_dcp.dcp_load({}, str(tmp_path))
+    assert str(error.value) == f"checkpoint {tmp_path} cannot be loaded (ValueError: Size mismatch for model.w)"
+
+
 class Reduced:
     """Unpickling this calls `func(*args)`: the builtins a widened allow-list would let through."""
 
