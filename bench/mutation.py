@@ -149,6 +149,7 @@ EQUIVALENT: list[tuple[str, str, str, str]] = [
      "the size of the pieces tokenized in parallel: any size gives the same tokens "
      "(test_chunked_tokenization_equals_whole_text), only the batches' granularity changes"),
     ("data/text.py", "CHUNK_CHARS = 1 << 18", "CHUNK_CHARS = 2 << 18", "the same: a piece size"),
+    ("data/text.py", "CHUNK_CHARS = 1 << 18", "CHUNK_CHARS = 1 << 17", "the same: a piece size"),
     ("data/text.py", "per_batch = 8  # pieces per encode_batch call: parallel work between progress-bar updates",
      "per_batch = 7  # pieces per encode_batch call: parallel work between progress-bar updates",
      "pieces per encode_batch call: the same tokens in batches of another size"),

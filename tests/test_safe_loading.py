@@ -363,6 +363,18 @@ def test_dcp_metadata_declaring_more_model_bytes_than_the_files_hold_is_refused(
         model_tensors(str(tmp_path))
 
 
+def test_a_metadata_of_allowed_classes_that_is_not_dcp_metadata_is_one_line(tmp_path):
+    """Allowed classes put together wrongly: an OrderedDict, or a Metadata whose state_dict_metadata is no dict."""
+    from torch.distributed.checkpoint.metadata import Metadata
+    from gpt2_ascend.checkpoints import CheckpointError
+    from gpt2_ascend.safe_dcp import read_dcp_metadata
+    from collections import OrderedDict
+    for wrong in (OrderedDict(), Metadata(state_dict_metadata=None)):
+        (tmp_path / ".metadata").write_bytes(pickle.dumps(wrong))
+        with pytest.raises(CheckpointError, match=r"has a corrupt \.metadata \(not DCP metadata\)$"):
+            read_dcp_metadata(str(tmp_path))
+
+
 def test_a_dcp_failure_is_one_line_with_the_root_causes_first_line(tmp_path, monkeypatch):
     """DCP wraps each rank's exception (with its traceback) in a CheckpointException; the line shown is the root
     cause's type and first line, whatever follows it."""
