@@ -14,7 +14,7 @@ Checkpointers turn a Trainer into them and back.
 """
 from __future__ import annotations
 
-import json
+import contextlib
 import os
 import re
 import shutil
@@ -23,7 +23,8 @@ import time
 import torch
 
 from .fileio import atomic_directory, fsync_file, sha256_file, tensor_bytes, write_json
-from .safe_pickle import torch_load
+from .safe_pickle import tensor_dict, torch_load
+from .schema import EXTRA, REQUIRED, SHA256, Key, SchemaError, contained, parse, read_json
 
 MANIFEST = "manifest.json"
 MODEL_FILES = ("model.pt", "config.json")  # what loading the weights alone reads (and so verifies)
@@ -88,7 +89,19 @@ def describe(path: str, hash_all: bool = True) -> dict:
 def prune(root: str, keep: int):
     """Delete all but the newest `keep` checkpoints (complete or not)."""
     for _, path in list_checkpoints(root)[:-keep]:
-        shutil.rmtree(path, ignore_errors=True)
+        remove_checkpoint(path)
+
+
+def remove_checkpoint(path: str):
+    """Take the checkpoint out of its step_N name in one rename, then delete it: a reader sees it whole or not at
+    all, never half deleted (`reading` then says it was removed). A kill mid-delete leaves a .step_* temporary,
+    which the next run's remove_stale_temporaries deletes."""
+    doomed = os.path.join(os.path.dirname(path), f".{os.path.basename(path)}.removing-{os.getpid()}-{time.time_ns()}")
+    try:
+        os.replace(path, doomed)
+    except OSError:  # gone already, or not renamable: delete in place
+        doomed = path
+    shutil.rmtree(doomed, ignore_errors=True)
 
 
 def remove_stale_temporaries(root: str):
@@ -115,18 +128,36 @@ def list_checkpoints(root: str) -> list[tuple[int, str]]:
     return sorted(found)
 
 
+# manifest.json, key by key (save_checkpoint and parallel/checkpoint.py write it)
+MANIFEST_KEYS = {
+    "format": Key(FORMAT_VERSION, "int", minimum=1, maximum=FORMAT_VERSION,
+                  expects=f"{FORMAT_VERSION} or less (a larger one: a newer gpt2_ascend wrote it)"),
+    "step": Key(REQUIRED, "int", minimum=0),
+    "time": Key(None, "float", minimum=0.0),
+    "files": Key(REQUIRED, "map", items=Key(REQUIRED, "section", items={
+        "bytes": Key(REQUIRED, "int", minimum=0),
+        "sha256": SHA256})),
+    "meta": {  # what the run recorded about itself
+        "prefix": Key("", "str"), "lora": Key(False, "bool"), "load_checkpoint": Key("", "str"),
+        "architecture": Key(None, "str"), "step": Key(None, "int", minimum=0), "sharded": Key(False, "bool"),
+        EXTRA: Key(None, "any")},
+}
+
+
 def read_manifest(path: str) -> dict:
+    """A checkpoint's manifest, checked (MANIFEST_KEYS): a damaged one is one CheckpointError line naming the field,
+    and every file it lists must lie inside the checkpoint directory."""
     manifest_path = os.path.join(path, MANIFEST)
     if not os.path.isdir(path):
         raise CheckpointError(f"checkpoint not found: {path}")
     if not os.path.isfile(manifest_path):
         raise CheckpointError(f"checkpoint {path} is incomplete (no {MANIFEST}: the save was interrupted)")
     try:
-        with open(manifest_path, encoding="utf-8") as f:
-            manifest = json.load(f)
-        manifest["files"], manifest["step"]
-    except (json.JSONDecodeError, KeyError, TypeError, UnicodeDecodeError):
-        raise CheckpointError(f"checkpoint {path} has a corrupt {MANIFEST}") from None
+        manifest = parse(read_json(manifest_path), MANIFEST_KEYS, MANIFEST)
+        for filename in manifest.files:
+            contained(path, filename, MANIFEST)
+    except SchemaError as e:
+        raise CheckpointError(f"checkpoint {path} has a corrupt {MANIFEST}: {e}") from None
     return manifest
 
 
@@ -141,7 +172,7 @@ def verify_checkpoint(path: str, files=None) -> dict:
     for filename, info in manifest["files"].items():
         if files is not None and filename not in files:
             continue
-        file = os.path.join(path, filename)
+        file = os.path.join(path, filename)  # (inside path: read_manifest checked every name)
         if not os.path.isfile(file):
             raise CheckpointError(f"checkpoint {path} is incomplete: {filename} is missing")
         size = os.path.getsize(file)
@@ -165,6 +196,22 @@ def find_resume_checkpoint(root: str, report=print) -> str | None:
     return None
 
 
+@contextlib.contextmanager
+def reading(path: str):
+    """Read the checkpoint at path inside this block: when it vanishes meanwhile (a running training run prunes
+    its older checkpoints: remove_checkpoint), whatever failed is reported as its removal, in one line, not as a
+    damaged or interrupted save."""
+    existed = os.path.isdir(path)
+    try:
+        yield
+    except Exception:
+        if existed and not os.path.isdir(path):
+            raise CheckpointError(f"{path} was removed while it was read (a training run keeps only its newest "
+                                  f"keep_checkpoint_max checkpoints and deletes the older ones): read a newer one, "
+                                  f"or copy it out of the run directory first") from None
+        raise
+
+
 def load_checkpoint(path: str, names=None, verify: bool = True) -> dict:
     """{name: state_dict} of a checkpoint directory (all .pt files, or just `names`: only those are verified
     and read). Files are read with torch.load(weights_only=True): one that pickles anything else raises
@@ -180,7 +227,15 @@ def load_checkpoint(path: str, names=None, verify: bool = True) -> dict:
             raise CheckpointError(f"checkpoint {path} holds no {name}.pt (it has {', '.join(available)})")
     if verify:
         verify_checkpoint(path, None if names is None else [f"{name}.pt" for name in wanted])
-    return {name: torch_load(os.path.join(path, f"{name}.pt")) for name in wanted}
+    states = {name: torch_load(os.path.join(path, f"{name}.pt")) for name in wanted}
+    for name, state in states.items():  # what a pickle holds is checked before anything reads it
+        file = os.path.join(path, f"{name}.pt")
+        if name == "model":
+            tensor_dict(state, file)
+        elif not isinstance(state, dict):
+            raise CheckpointError(f"{file} is not a valid checkpoint: it holds a {type(state).__name__}, not a state "
+                                  f"dict")
+    return states
 
 
 def is_training_checkpoint(path: str) -> bool:

@@ -2,10 +2,11 @@
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 from dataclasses import dataclass, field, fields
 from typing import ClassVar, Optional
+
+from .schema import EXTRA, MAX_SIZE, REQUIRED, SEED_MAX, Key, SchemaError, check_fields, parse, read_json
 
 ACTIVATIONS = ("gelu_new", "fast_gelu", "gelu")
 ATTN_IMPLEMENTATIONS = ("eager", "sdpa", "npu", "auto")
@@ -61,6 +62,35 @@ HF_IGNORED_KEYS = {
 }
 
 
+def _size(default):
+    return Key(default, "int", minimum=1, maximum=MAX_SIZE)
+
+
+def _rate(default):
+    return Key(default, "float", minimum=0.0, below=1.0)
+
+
+TOKEN_ID = Key(50256, "int", minimum=0, below=MAX_SIZE, nullable=True)
+# GPT2Config's fields: what each accepts (GPT2Config checks itself against this; config.json's keys of the same name
+# are read with the same Keys)
+CONFIG_KEYS = dict(
+    vocab_size=_size(50257), n_positions=_size(1024), n_embd=_size(768), n_layer=_size(12), n_head=_size(12),
+    n_inner=Key(None, "int", minimum=1, maximum=MAX_SIZE, nullable=True),
+    activation=Key("gelu_new", "choice", ACTIVATIONS),
+    layer_norm_epsilon=Key(1e-5, "float", above=0.0),
+    embd_pdrop=_rate(0.1), attn_pdrop=_rate(0.1), resid_pdrop=_rate(0.1),
+    initializer_range=Key(0.02, "float", minimum=0.0),
+    init_style=Key("hf", "choice", INIT_STYLES),
+    tie_word_embeddings=Key(True, "bool"),
+    num_labels=_size(2),
+    pad_token_id=TOKEN_ID, eos_token_id=TOKEN_ID, bos_token_id=TOKEN_ID,
+    attn_implementation=Key("auto", "choice", ATTN_IMPLEMENTATIONS),
+    gradient_checkpointing=Key(False, "bool"),
+    pad_vocab_size_multiple=_size(1),
+    loss_chunk_size=Key(0, "int", minimum=0, maximum=MAX_SIZE),
+)
+
+
 @dataclass
 class GPT2Config:
     model_type: ClassVar[str] = "gpt2"  # what HF code (peft) reads to recognise the architecture
@@ -96,28 +126,9 @@ class GPT2Config:
         self.validate()
 
     def validate(self):
-        if self.activation not in ACTIVATIONS:
-            raise ValueError(f"unknown activation {self.activation!r}: use one of {', '.join(ACTIVATIONS)}")
-        if self.init_style not in INIT_STYLES:
-            raise ValueError(f"unknown init_style {self.init_style!r}: use one of {', '.join(INIT_STYLES)}")
-        if self.attn_implementation not in ATTN_IMPLEMENTATIONS:
-            raise ValueError(f"unknown attn_implementation {self.attn_implementation!r}: "
-                             f"use one of {', '.join(ATTN_IMPLEMENTATIONS)}")
-        for name in ("vocab_size", "n_positions", "n_embd", "n_layer", "n_head", "num_labels", "pad_vocab_size_multiple"):
-            value = getattr(self, name)
-            if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
-                raise ValueError(f"{name} must be a positive integer, got {value!r}")
+        check_fields(self, CONFIG_KEYS, "GPT2Config")  # types and ranges: one line naming the field
         if self.n_embd % self.n_head:
             raise ValueError(f"n_embd ({self.n_embd}) must be divisible by n_head ({self.n_head})")
-        if not isinstance(self.loss_chunk_size, int) or isinstance(self.loss_chunk_size, bool) or self.loss_chunk_size < 0:
-            raise ValueError(f"loss_chunk_size must be an integer >= 0 (0: off), got {self.loss_chunk_size!r}")
-        if self.n_inner is not None and (not isinstance(self.n_inner, int) or self.n_inner <= 0):
-            raise ValueError(f"n_inner must be a positive integer or null, got {self.n_inner!r}")
-        for name in ("embd_pdrop", "attn_pdrop", "resid_pdrop"):
-            if not 0.0 <= float(getattr(self, name)) < 1.0:
-                raise ValueError(f"{name} must be in [0, 1), got {getattr(self, name)!r}")
-        if self.layer_norm_epsilon <= 0:
-            raise ValueError(f"layer_norm_epsilon must be positive, got {self.layer_norm_epsilon!r}")
 
     # ---- derived sizes ----
     @property
@@ -163,47 +174,34 @@ class GPT2Config:
 
     # ---- HF config.json ----
     @classmethod
-    def from_hf_dict(cls, hf: dict) -> "GPT2Config":
-        """Build from a transformers GPT-2 config.json dict; refuses features this model does not have."""
-        if hf.get("model_type", "gpt2") != "gpt2":
-            raise ValueError(f"config.json has model_type {hf.get('model_type')!r}, expected 'gpt2'")
-        if hf.get("add_cross_attention"):
-            raise ValueError("config.json sets add_cross_attention=true: cross-attention GPT-2 is not supported")
-        if hf.get("scale_attn_by_inverse_layer_idx"):
-            raise ValueError("config.json sets scale_attn_by_inverse_layer_idx=true: not supported")
-        if hf.get("scale_attn_weights", True) is False:
-            raise ValueError("config.json sets scale_attn_weights=false: not supported")
-        act = hf.get("activation_function", "gelu_new")
-        if act not in HF_ACTIVATION_TO_OURS:
-            raise ValueError(f"config.json activation_function {act!r} is not supported: "
-                             f"use one of {', '.join(HF_ACTIVATION_TO_OURS)}")
-        mapped = dict(
-            vocab_size=hf.get("vocab_size", 50257), n_positions=hf.get("n_positions", 1024),
-            n_embd=hf.get("n_embd", 768), n_layer=hf.get("n_layer", 12), n_head=hf.get("n_head", 12),
-            n_inner=hf.get("n_inner"), activation=HF_ACTIVATION_TO_OURS[act],
-            layer_norm_epsilon=hf.get("layer_norm_epsilon", 1e-5), embd_pdrop=hf.get("embd_pdrop", 0.1),
-            attn_pdrop=hf.get("attn_pdrop", 0.1), resid_pdrop=hf.get("resid_pdrop", 0.1),
-            initializer_range=hf.get("initializer_range", 0.02),
-            tie_word_embeddings=hf.get("tie_word_embeddings", True),
-        )
-        id2label = hf.get("id2label")
+    def from_hf_dict(cls, hf: dict, source: str = "config.json") -> "GPT2Config":
+        """Build from a transformers GPT-2 config.json dict (read from `source`, named in errors), checked key by
+        key (HF_CONFIG); refuses features this model does not have."""
+        hf = parse(hf, HF_CONFIG, source)
+        for key, value, why in (("add_cross_attention", True, "cross-attention GPT-2 is not supported"),
+                                ("scale_attn_by_inverse_layer_idx", True, "not supported"),
+                                ("scale_attn_weights", False, "not supported")):
+            if hf[key] is value:
+                raise ValueError(f"{source} sets {key}={str(value).lower()}: {why}")
+        mapped = {k: hf[k] for k in HF_CONFIG_FIELDS}
+        mapped["activation"] = hf.activation_function  # HF's name, turned into ours by the choice
+        id2label = hf.id2label
         if id2label and any(v != f"LABEL_{k}" for k, v in id2label.items()):
-            mapped["id2label"] = {int(k): v for k, v in id2label.items()}
-        mapped["num_labels"] = hf.get("num_labels", len(id2label) if id2label else 2)
-        for ours, theirs in (("eos_token_id", "eos_token_id"), ("bos_token_id", "bos_token_id"),
-                             ("pad_token_id", "pad_token_id")):
-            if hf.get(theirs) is not None:
-                mapped[ours] = hf[theirs]
-        if hf.get("pad_token_id") is None and mapped.get("eos_token_id") is not None:
-            mapped["pad_token_id"] = mapped["eos_token_id"]  # GPT-2 convention: pad = eos
+            mapped["id2label"] = id2label
+        mapped["num_labels"] = hf.num_labels or (len(id2label) if id2label else 2)
+        if id2label and len(id2label) != mapped["num_labels"]:
+            raise SchemaError(f"bad value {hf.num_labels} for 'num_labels' in {source}: its id2label names "
+                              f"{len(id2label)} labels")
+        for name in ("eos_token_id", "bos_token_id"):
+            if mapped[name] is None:
+                mapped.pop(name)  # this model's default, as before
+        if mapped["pad_token_id"] is None:
+            mapped["pad_token_id"] = mapped.get("eos_token_id", cls.eos_token_id)  # GPT-2 convention: pad = eos
         # Our own extras survive a round trip through config.json under a namespaced key.
-        extras = hf.get("gpt2_ascend", {})
-        unknown = sorted(set(hf) - HF_IGNORED_KEYS - set(mapped) - {
-            "activation_function", "gpt2_ascend", "num_labels", "n_inner", "resid_pdrop", "embd_pdrop",
-            "attn_pdrop", "layer_norm_epsilon", "initializer_range", "tie_word_embeddings"})
-        if unknown:
-            raise ValueError(f"config.json has unknown GPT-2 key {unknown[0]!r}; remove it or convert the model first")
-        return cls.from_dict({**mapped, **extras})
+        try:
+            return cls.from_dict({**mapped, **(hf.gpt2_ascend or {})})
+        except ValueError as e:  # a rule of several keys (n_embd divisible by n_head): name the file too
+            raise ValueError(f"{source}: {e}") from None
 
     def to_hf_dict(self, architecture: str = "GPT2LMHeadModel") -> dict:
         hf = dict(
@@ -232,12 +230,44 @@ class GPT2Config:
     def from_json_file(cls, path: str) -> "GPT2Config":
         if not os.path.isfile(path):
             raise FileNotFoundError(f"config file not found: {path}")
-        with open(path, encoding="utf-8") as f:
-            try:
-                d = json.load(f)
-            except json.JSONDecodeError as e:
-                raise ValueError(f"{path} is not valid JSON ({e}); re-export the model") from None
-        return cls.from_hf_dict(d)
+        return cls.from_hf_dict(read_json(path, fix="re-export the model"), source=path)
+
+
+def _label_names(labels: dict) -> dict:
+    """config.json's id2label ({"0": "negative", ...}; a transformers object's has int keys) with int keys 0..n-1."""
+    ids = [k if isinstance(k, int) else int(k) if isinstance(k, str) and k.isdigit() else None for k in labels]
+    if sorted(i for i in ids if i is not None) != list(range(len(labels))):
+        raise ValueError("a mapping of the label ids 0, 1, ... n-1 to label names")
+    return {i: v for i, v in zip(ids, labels.values())}
+
+
+HF_CONFIG_FIELDS = ("vocab_size", "n_positions", "n_embd", "n_layer", "n_head", "n_inner", "layer_norm_epsilon",
+                    "embd_pdrop", "attn_pdrop", "resid_pdrop", "initializer_range", "tie_word_embeddings",
+                    "bos_token_id", "eos_token_id", "pad_token_id")
+# config.json, key by key: GPT2Config's fields under HF's names with the same Keys, the keys HF writes that say nothing
+# about the math (read, not checked), and our extras. Anything else is an unknown key.
+HF_CONFIG = {
+    **{name: Key(None, "any") for name in HF_IGNORED_KEYS},
+    **{name: CONFIG_KEYS[name] for name in HF_CONFIG_FIELDS},
+    "pad_token_id": TOKEN_ID.but(default=None),  # none: eos, GPT-2's convention
+    "model_type": Key("gpt2", "choice", ("gpt2",)),
+    "activation_function": Key("gelu_new", "choice", HF_ACTIVATION_TO_OURS),
+    "num_labels": Key(None, "int", minimum=1, maximum=MAX_SIZE, nullable=True),
+    "id2label": Key(None, "map", items=Key(REQUIRED, "str"), convert=_label_names,
+                    expects="a mapping of the label ids 0, 1, ... n-1 to label names"),
+    "label2id": Key(None, "map", items=Key(REQUIRED, "int", minimum=0, maximum=MAX_SIZE)),
+    "n_ctx": Key(None, "int", minimum=1, maximum=MAX_SIZE),
+    "architectures": Key(None, "list", items=Key(REQUIRED, "str")),
+    "torch_dtype": Key(None, "str"), "dtype": Key(None, "str"),
+    "add_cross_attention": Key(False, "bool"), "scale_attn_by_inverse_layer_idx": Key(False, "bool"),
+    "scale_attn_weights": Key(True, "bool"), "reorder_and_upcast_attn": Key(False, "bool"),
+    "use_cache": Key(True, "bool"),
+    # GPT2ForSequenceClassification computes cross-entropy; HF's regression / multi-label losses are not here
+    "problem_type": Key(None, "choice", ("single_label_classification",)),
+    "gpt2_ascend": Key(None, "section", items={
+        name: CONFIG_KEYS[name] for name in ("attn_implementation", "gradient_checkpointing",
+                                             "pad_vocab_size_multiple", "init_style", "loss_chunk_size")}),
+}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -248,6 +278,45 @@ SAMPLING_ONLY_KEYS = ("temperature", "top_k", "top_p")
 GENERATION_BOOKKEEPING_KEYS = {
     "transformers_version", "_from_model_config", "use_cache", "output_scores", "output_logits",
     "output_attentions", "output_hidden_states", "return_dict_in_generate", "cache_implementation",
+}
+# The sampling settings, in the ranges where the arithmetic stays finite in fp32 (one definition: generate()'s
+# arguments, generate.py's flags, a recipe's model_config and generation_config.json are checked with these). The
+# logits are divided by the temperature and multiplied or divided by the repetition penalty, so both stay in
+# [1e-6, 1e6]: a model's logits (below 1e4) then stay below 1e10, far from fp32's 3.4e38, where 1e-45 (a denormal)
+# turned every score into inf and the sampling probabilities into NaN. Greedy decoding is the limit of a temperature
+# going to 0 (a greedy run ignores the temperature, so there 0 is accepted, as transformers accepts it).
+MIN_TEMPERATURE = 1e-6
+SAMPLING = dict(
+    max_new_tokens=Key(None, "int", minimum=1, maximum=MAX_SIZE),
+    min_new_tokens=Key(0, "int", minimum=0, maximum=MAX_SIZE),
+    do_sample=Key(False, "bool"),
+    temperature=Key(1.0, "float", minimum=0.0, maximum=1e6),
+    top_k=Key(50, "int", minimum=0, maximum=MAX_SIZE),  # 0: off; past the vocabulary it keeps every token
+    top_p=Key(1.0, "float", above=0.0, maximum=1.0),
+    repetition_penalty=Key(1.0, "float", minimum=1e-6, maximum=1e6),
+    seed=Key(None, "int", minimum=0, maximum=SEED_MAX),
+)
+
+
+def _token_ids(value):
+    """A generation_config.json token id: an id, or a list of ids (transformers writes one eos id as a list)."""
+    ids = value if isinstance(value, list) else [value]
+    if not ids or not all(isinstance(i, int) and not isinstance(i, bool) and 0 <= i < MAX_SIZE for i in ids):
+        raise ValueError(f"a token id in [0, {MAX_SIZE}) or a list of them")
+    return ids[0] if len(ids) == 1 else ids
+
+
+GENERATION_TOKEN_IDS = ("bos_token_id", "eos_token_id", "pad_token_id")
+# generation_config.json: the settings generate() implements, checked; the bookkeeping keys, read and ignored; any
+# other transformers setting is kept, and generate() refuses it when it differs from transformers' default.
+GENERATION_FILE = {
+    **{name: Key(None, "any") for name in GENERATION_BOOKKEEPING_KEYS},
+    **{name: Key(None, "any", convert=_token_ids, expects=f"a token id in [0, {MAX_SIZE}) or a list of them")
+       for name in GENERATION_TOKEN_IDS},
+    **{name: SAMPLING[name] for name in ("do_sample", "temperature", "top_k", "top_p", "repetition_penalty",
+                                         "max_new_tokens", "min_new_tokens")},
+    "max_length": Key(None, "int", minimum=1, maximum=MAX_SIZE),
+    EXTRA: Key(None, "any"),
 }
 
 
@@ -270,18 +339,29 @@ class GenerationConfig:
     min_new_tokens: int = 0
     unsupported: dict = field(default_factory=dict, repr=False)  # set in the file, not implemented here
 
+    def __post_init__(self):
+        check_fields(self, {**{name: TOKEN_ID.but(default=None) for name in GENERATION_TOKEN_IDS},
+                            **{k: v for k, v in GENERATION_FILE.items() if k in GENERATION_SETTINGS}},
+                     "GenerationConfig")
+
     @classmethod
     def from_model_config(cls, config: GPT2Config, **settings) -> "GenerationConfig":
         return cls(bos_token_id=config.bos_token_id, eos_token_id=config.eos_token_id,
                    pad_token_id=config.pad_token_id, **settings)
 
     @classmethod
-    def from_hf_dict(cls, hf: dict) -> "GenerationConfig":
-        known = {f.name for f in fields(cls)} - {"unsupported"}
-        hf = {k: v[0] if k.endswith("_token_id") and isinstance(v, list) and len(v) == 1 else v
-              for k, v in hf.items()}  # transformers may write one eos id as a list
-        settings = {k: v for k, v in hf.items() if k in known and not isinstance(v, list)}
-        others = {k: v for k, v in hf.items() if k not in settings and k not in GENERATION_BOOKKEEPING_KEYS}
+    def from_hf_dict(cls, hf: dict, source: str = "generation_config.json") -> "GenerationConfig":
+        """A generation_config.json's dict (read from `source`, named in errors), checked (GENERATION_FILE)."""
+        hf = parse(hf, GENERATION_FILE, source)
+        if hf.do_sample and hf.temperature < MIN_TEMPERATURE:
+            raise SchemaError(f"bad value {hf.temperature!r} for 'temperature' in {source}: expected a number in "
+                              f"[{MIN_TEMPERATURE:g}, 1e+06] when do_sample is true (greedy decoding is the limit of a "
+                              f"small temperature)")
+        settings = {k: hf[k] for k in GENERATION_SETTINGS if hf[k] is not None or k in GENERATION_TOKEN_IDS}
+        several = {k: v for k, v in settings.items() if isinstance(v, list)}  # several eos ids: not implemented
+        settings = {k: v for k, v in settings.items() if k not in several}
+        others = {k: v for k, v in hf.items()
+                  if k not in GENERATION_FILE or k in several}  # transformers' other settings
         return cls(**settings, unsupported=_non_default_generation_keys(others))
 
     def to_hf_dict(self) -> dict:
@@ -299,11 +379,11 @@ class GenerationConfig:
 
     @classmethod
     def from_json_file(cls, path: str) -> "GenerationConfig":
-        with open(path, encoding="utf-8") as f:
-            try:
-                return cls.from_hf_dict(json.load(f))
-            except json.JSONDecodeError as e:
-                raise ValueError(f"{path} is not valid JSON ({e}); delete it or re-export the model") from None
+        return cls.from_hf_dict(read_json(path, fix="delete it or re-export the model"), source=path)
+
+
+GENERATION_SETTINGS = GENERATION_TOKEN_IDS + ("do_sample", "temperature", "top_k", "top_p", "repetition_penalty",
+                                              "max_length", "max_new_tokens", "min_new_tokens")
 
 
 def _non_default_generation_keys(settings: dict) -> dict:

@@ -233,3 +233,83 @@ def device_name(device: torch.device) -> str:
     if device.type == "npu":
         return _npu_namespace().get_device_name(device)
     return "cpu"
+
+
+# ---------------------------------------------------------------------------------------------
+# free memory (budget.py compares what is about to be built with it)
+# ---------------------------------------------------------------------------------------------
+def available_memory(device: torch.device) -> tuple[int, str] | None:
+    """(bytes this process may still allocate on `device`, where that number comes from), or None when it cannot
+    be read (the budget check then passes). Accelerators: the driver's free bytes (mem_get_info) plus what this
+    process's caching allocator holds unused; CPU: cpu_available_memory()."""
+    if device.type in ("cuda", "npu"):
+        space = torch.cuda if device.type == "cuda" else _npu_namespace()
+        try:
+            free, _ = space.mem_get_info(device)
+            cached = space.memory_reserved(device) - space.memory_allocated(device)
+        except (RuntimeError, AttributeError, AssertionError):
+            return None
+        return int(free + cached), f"free on {device_name(device)}, by mem_get_info"
+    if device.type == "cpu":
+        return cpu_available_memory()
+    return None  # meta, mps: nothing to compare with
+
+
+def cpu_available_memory() -> tuple[int, str] | None:
+    """The smaller of the kernel's MemAvailable and this process's cgroup limit minus its usage (what a container
+    may still take before the kernel stops it), with where it comes from."""
+    found = []
+    meminfo = _read_meminfo()
+    if meminfo is not None:
+        found.append((meminfo, "MemAvailable in /proc/meminfo"))
+    cgroup = _cgroup_room()
+    if cgroup is not None:
+        found.append(cgroup)
+    return min(found) if found else None
+
+
+def _read_meminfo() -> int | None:
+    try:
+        with open("/proc/meminfo", encoding="ascii") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
+
+
+def _cgroup_room() -> tuple[int, str] | None:
+    """cgroup v2 memory.max - memory.current, or v1 memory.limit_in_bytes - memory.usage_in_bytes, of this
+    process's own cgroup; None without a limit."""
+    for limit_file, usage_file in (("memory.max", "memory.current"),
+                                   ("memory.limit_in_bytes", "memory.usage_in_bytes")):
+        for folder in _cgroup_folders():
+            try:
+                with open(f"{folder}/{limit_file}", encoding="ascii") as f:
+                    limit = f.read().strip()
+                with open(f"{folder}/{usage_file}", encoding="ascii") as f:
+                    usage = int(f.read().strip())
+            except (OSError, ValueError):
+                continue
+            if limit == "max" or not limit.isdigit() or int(limit) >= 1 << 60:  # v1 "no limit" is a huge number
+                continue
+            return max(0, int(limit) - usage), f"the cgroup limit {folder}/{limit_file} minus its usage"
+    return None
+
+
+def _cgroup_folders() -> list[str]:
+    """This process's cgroup folders (v2 unified, v1 memory controller), then the mount root (inside a container
+    the process's own cgroup is usually mounted there)."""
+    folders = []
+    try:
+        with open("/proc/self/cgroup", encoding="ascii") as f:
+            for line in f:
+                _, controllers, path = line.rstrip("\n").split(":", 2)
+                if controllers == "":
+                    folders.append("/sys/fs/cgroup" + path)
+                elif "memory" in controllers.split(","):
+                    folders.append("/sys/fs/cgroup/memory" + path)
+    except (OSError, ValueError):
+        pass
+    return folders + ["/sys/fs/cgroup", "/sys/fs/cgroup/memory"]

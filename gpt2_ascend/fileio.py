@@ -17,6 +17,7 @@ import math
 import os
 import re
 import shutil
+import socket
 import tempfile
 import traceback
 
@@ -139,17 +140,108 @@ def fsync_dir(folder: str):
         os.close(fd)
 
 
+# ---------------------------------------------------------------------------------------------
+# paths: control characters and symlink loops refused; temporaries named after their owner
+# ---------------------------------------------------------------------------------------------
+CONTROL_CHARACTER = re.compile(r"[\x00-\x1f\x7f]")
+
+
+def check_path(path: str, what: str = "path") -> str:
+    """path, or a one-line ValueError when it holds a control character (a newline would split every line that
+    names it, and YAML folds it into a space) or cannot be resolved for a symlink loop (which is named)."""
+    text = os.fspath(path)
+    found = CONTROL_CHARACTER.search(text) if isinstance(text, str) else None
+    if found:
+        raise ValueError(f"{what} {text!r} holds a control character ({found.group()!r} at position "
+                         f"{found.start()}): paths with control characters are refused; use another name")
+    loop = symlink_loop(text)
+    if loop:
+        raise ValueError(f"{what} {path} cannot be resolved: {loop} is a symlink loop (following it leads back to "
+                         f"itself); remove that link or make it point to a real file or directory")
+    return path
+
+
+def symlink_loop(path: str) -> str | None:
+    """The first part of path (itself included) whose symlinks lead back to themselves, or None."""
+    try:
+        os.stat(path)
+        return None
+    except OSError as e:
+        if e.errno != errno.ELOOP:
+            return None
+    parts = os.path.abspath(path).split(os.sep)
+    for end in range(2, len(parts) + 1):
+        prefix = os.sep.join(parts[:end]) or os.sep
+        try:
+            os.stat(prefix)
+        except OSError as e:
+            if e.errno == errno.ELOOP:
+                return prefix
+    return path
+
+
+def owner_tag() -> str:
+    """HOST-PID: what a temporary's name says about the process that made it (clear_stale_temporaries)."""
+    return f"{re.sub(r'[^A-Za-z0-9.]', '_', socket.gethostname()) or 'host'}-{os.getpid()}"
+
+
+def temporary_prefix(path: str) -> str:
+    return "." + os.path.basename(path) + ".tmp-" + owner_tag() + "-"
+
+
+def clear_stale_temporaries(path: str):
+    """Remove what a writer of `path` left beside it when it died before its cleanup (kill -9, power loss): the
+    temporaries .NAME.tmp-HOST-PID-XXXXXXXX of AtomicFile / atomic_directory and the swapped-out NAME.old-HOST-PID
+    of replace_dir, when HOST is this machine and no process PID lives. Anything it cannot prove dead (another
+    host's, a live process's, a name of another form) is left alone."""
+    folder, name = os.path.dirname(os.path.abspath(path)), os.path.basename(path)
+    ours = re.compile(rf"\.{re.escape(name)}\.tmp-([^-]+)-(\d+)-[A-Za-z0-9_]+"
+                      rf"|{re.escape(name)}\.old-([^-]+)-(\d+)")
+    host = owner_tag().rsplit("-", 1)[0]
+    try:
+        names = os.listdir(folder)
+    except OSError:
+        return
+    for candidate in names:
+        m = ours.fullmatch(candidate)
+        if not m:
+            continue
+        made_on, pid = (m.group(1), m.group(2)) if m.group(1) is not None else (m.group(3), m.group(4))
+        if made_on != host or _alive(int(pid)):
+            continue
+        stale = os.path.join(folder, candidate)
+        if os.path.isdir(stale) and not os.path.islink(stale):
+            shutil.rmtree(stale, ignore_errors=True)
+        else:
+            with contextlib.suppress(OSError):
+                os.remove(stale)
+
+
+def _alive(pid: int) -> bool:
+    """Whether a process `pid` exists on this machine (one of another user counts: it cannot be signalled)."""
+    if pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except (PermissionError, OverflowError, ValueError):
+        return True
+    return True
+
+
 class AtomicFile:
     """A temporary sibling of `path` open for writing (`.file`); commit() fsyncs it and renames it over path,
     abort() removes it. On any failure path is untouched; a full disk is DiskFullError naming `what` (default: the
     file's name) and `size`, the bytes the file needs. As a context manager it commits when the block succeeds and aborts otherwise."""
 
     def __init__(self, path: str, size: int | None = None, what: str | None = None):
-        self.path = os.path.abspath(path)
+        self.path = os.path.abspath(check_path(path))
         self.folder = os.path.dirname(self.path)
         self.size, self.what = size, what or os.path.basename(self.path)
         os.makedirs(self.folder, exist_ok=True)
-        fd, self.tmp = tempfile.mkstemp(prefix="." + os.path.basename(self.path) + ".tmp-", dir=self.folder)
+        clear_stale_temporaries(self.path)
+        fd, self.tmp = tempfile.mkstemp(prefix=temporary_prefix(self.path), dir=self.folder)
         self.file = os.fdopen(fd, "wb")
 
     def commit(self):
@@ -206,13 +298,14 @@ def atomic_directory(output_dir: str, size: int | None = None, what: str | None 
 
 class _AtomicDir:
     def __init__(self, output_dir: str, size: int | None, what: str | None, whole: bool, stale):
-        self.final = os.path.abspath(output_dir)
+        self.final = os.path.abspath(check_path(output_dir))
         if os.path.exists(self.final) and not os.path.isdir(self.final):
             raise ValueError(f"{output_dir} is a file, not a directory: pass another output directory")
         self.parent = os.path.dirname(self.final)
         os.makedirs(self.parent, exist_ok=True)
         self.size, self.what, self.whole, self.stale = size, what or self.final, whole, stale
-        self.tmp = tempfile.mkdtemp(prefix="." + os.path.basename(self.final) + ".tmp-", dir=self.parent)
+        clear_stale_temporaries(self.final)
+        self.tmp = tempfile.mkdtemp(prefix=temporary_prefix(self.final), dir=self.parent)
         self.umask = umask()
         os.chmod(self.tmp, 0o777 & ~self.umask)  # mkdtemp makes it private; the result is an ordinary folder
 
@@ -256,7 +349,7 @@ def replace_dir(tmp: str, final: str):
     """Rename tmp to final; an existing final is swapped out first (as final.old-PID), and put back if the rename
     fails."""
     if os.path.exists(final):
-        old = final + f".old-{os.getpid()}"
+        old = final + f".old-{owner_tag()}"
         os.replace(final, old)
         try:
             os.replace(tmp, final)

@@ -22,9 +22,10 @@ from typing import Optional
 
 import torch
 
-from .config import GenerationConfig
+from .config import MIN_TEMPERATURE, SAMPLING, GenerationConfig
 from .kv_cache import KVCache, eval_mode
 from .lora import unwrap_model
+from .schema import check
 
 
 class _FromConfig:
@@ -47,39 +48,33 @@ class SamplingSettings:
     top_p: float = 1.0
     repetition_penalty: float = 1.0
 
-    def validate(self):
-        """One-line errors naming the bad argument and what is allowed."""
-        if not _is_int(self.max_new_tokens) or self.max_new_tokens < 1:
-            raise ValueError(f"max_new_tokens must be a positive integer, got {self.max_new_tokens!r}")
-        if not _is_int(self.min_new_tokens) or not 0 <= self.min_new_tokens <= self.max_new_tokens:
+    def validate(self, source: str = "the sampling arguments"):
+        """One-line errors naming the bad argument and what is allowed: config.SAMPLING's ranges, where the
+        arithmetic stays finite."""
+        for name in ("max_new_tokens", "min_new_tokens", "do_sample", "temperature", "top_k", "top_p",
+                     "repetition_penalty"):
+            check(getattr(self, name), SAMPLING[name].but(nullable=False), name, source)
+        if self.min_new_tokens > self.max_new_tokens:
             raise ValueError(f"min_new_tokens must be an integer in [0, max_new_tokens={self.max_new_tokens}], "
                              f"got {self.min_new_tokens!r}")
-        if not _is_int(self.top_k) or self.top_k < 0:
-            raise ValueError(f"top_k must be an integer >= 0 (0 disables it), got {self.top_k!r}")
-        if not _is_number(self.top_p) or not 0.0 < self.top_p <= 1.0:
-            raise ValueError(f"top_p must be in (0, 1] (1 disables it), got {self.top_p!r}")
-        if not _is_number(self.repetition_penalty) or not self.repetition_penalty > 0:
-            raise ValueError(f"repetition_penalty must be a positive number (1 disables it), got {self.repetition_penalty!r}")
-        if not _is_number(self.temperature) or (self.do_sample and not self.temperature > 0):
-            raise ValueError(f"temperature must be a positive number when sampling, got {self.temperature!r}; "
-                             f"for deterministic output use greedy decoding (do_sample=False)")
+        if self.do_sample and self.temperature < MIN_TEMPERATURE:
+            raise ValueError(f"bad value {self.temperature!r} for 'temperature' in {source}: expected a number in "
+                             f"[{MIN_TEMPERATURE:g}, 1e+06] when sampling; for deterministic output use greedy "
+                             f"decoding (do_sample=False)")
 
 
 def check_sampling_args(max_new_tokens: Optional[int] = None, min_new_tokens: int = 0, do_sample: bool = False,
                         temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
-                        repetition_penalty: float = 1.0):
+                        repetition_penalty: float = 1.0, seed: Optional[int] = None):
     """Validate generation arguments up front (a CLI does this before loading a model); max_new_tokens
     None means 'decided later' and is not checked."""
     placeholder = max_new_tokens if max_new_tokens is not None else max(1, min_new_tokens if _is_int(min_new_tokens) else 1)
     SamplingSettings(placeholder, min_new_tokens, do_sample, temperature, top_k, top_p, repetition_penalty).validate()
+    check(seed, SAMPLING["seed"], "seed", "the sampling arguments")
 
 
 def _is_int(x) -> bool:
     return isinstance(x, int) and not isinstance(x, bool)
-
-
-def _is_number(x) -> bool:
-    return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -120,8 +115,7 @@ def generate(model, input_ids, attention_mask=None, max_new_tokens: Optional[int
                                 chosen(repetition_penalty, "repetition_penalty"))
     settings.validate()
     eos, pad = _special_ids(config, defaults, eos_token_id, pad_token_id)
-    if seed is not None and not _is_int(seed):
-        raise ValueError(f"seed must be an integer, got {seed!r}")
+    check(seed, SAMPLING["seed"], "seed", "the sampling arguments")  # numpy's and torch's generators' range
     device = next(lm.parameters()).device
     squeeze = torch.as_tensor(input_ids).dim() == 1
     input_ids, attention_mask = prepare_prompt(input_ids, attention_mask, config, max_new_tokens,

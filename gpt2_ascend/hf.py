@@ -15,9 +15,11 @@ from typing import Iterable, Iterator
 
 import torch
 
+from .budget import require_model_memory
 from .config import GenerationConfig, GPT2Config
-from .fileio import atomic_directory, tensor_bytes, write_json
-from .safe_pickle import torch_load
+from .fileio import atomic_directory, check_path, tensor_bytes, write_json
+from .safe_pickle import tensor_dict, torch_load
+from .schema import EXTRA, REQUIRED, Key, SchemaError, contained, loads_json, parse, read_json
 
 CONV1D_SUFFIXES = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
 BUFFER_SUFFIXES = (".attn.bias", ".attn.masked_bias")  # causal masks that old HF versions saved
@@ -137,8 +139,9 @@ def convert_qkv_state(state: dict, n_embd: int, n_head: int, to: str) -> dict:
 # reading files
 # ---------------------------------------------------------------------------------------------
 def resolve_model_path(path_or_hub_id: str) -> str:
-    """A local directory or file as is; otherwise a hub id, downloaded with huggingface_hub."""
-    if os.path.exists(path_or_hub_id):
+    """A local directory or file as is; otherwise a hub id, downloaded with huggingface_hub. A control character or
+    a symlink loop in the path is one line (fileio.check_path)."""
+    if os.path.exists(check_path(path_or_hub_id, "model path")):
         return path_or_hub_id
     if path_or_hub_id.startswith((".", "/", "~")) or path_or_hub_id.count("/") > 1 or os.sep + os.sep in path_or_hub_id:
         raise FileNotFoundError(f"model path not found: {path_or_hub_id}")
@@ -170,6 +173,23 @@ def hub_offline() -> bool:
     return value.strip().upper() in ("1", "ON", "YES", "TRUE")
 
 
+# model.safetensors.index.json / pytorch_model.bin.index.json: which shard holds each tensor
+SHARD_INDEX = {
+    "metadata": Key(None, "section", items={"total_size": Key(None, "int", minimum=0), EXTRA: Key(None, "any")}),
+    "weight_map": Key(REQUIRED, "map", items=Key(REQUIRED, "str"), expects="a mapping of tensor names to shard files"),
+}
+
+
+def read_shard_index(index_path: str) -> dict:
+    """{tensor name: shard path} of a shard index, checked (SHARD_INDEX); every shard it names lies in its folder."""
+    index = parse(read_json(index_path, fix="re-export the model"), SHARD_INDEX, index_path)
+    if not index.weight_map:
+        raise SchemaError(f"{index_path} names no tensors (an empty weight_map): re-export the model")
+    folder = os.path.dirname(index_path)
+    files = {name: contained(folder, name, index_path, "shard") for name in set(index.weight_map.values())}
+    return {tensor: files[name] for tensor, name in index.weight_map.items()}
+
+
 def weight_files(path: str) -> list[str]:
     """The weight files of a checkpoint directory (or a single file), in shard order."""
     if os.path.isfile(path):
@@ -177,12 +197,12 @@ def weight_files(path: str) -> list[str]:
     for index_name in (SAFE_INDEX, BIN_INDEX):
         index_path = os.path.join(path, index_name)
         if os.path.isfile(index_path):
-            with open(index_path, encoding="utf-8") as f:
-                shards = sorted(set(json.load(f)["weight_map"].values()))
-            missing = [s for s in shards if not os.path.isfile(os.path.join(path, s))]
+            shards = sorted(set(read_shard_index(index_path).values()))
+            missing = [s for s in shards if not os.path.isfile(s)]
             if missing:
-                raise FileNotFoundError(f"{index_name} names shard {missing[0]} which is not in {path}")
-            return [os.path.join(path, s) for s in shards]
+                raise FileNotFoundError(f"{index_name} names shard {os.path.relpath(missing[0], path)} which is "
+                                        f"not in {path}")
+            return shards
     for single in (SAFE_WEIGHTS, BIN_WEIGHTS):
         if os.path.isfile(os.path.join(path, single)):
             return [os.path.join(path, single)]
@@ -201,10 +221,7 @@ def iter_tensors(files: Iterable[str]) -> Iterator[tuple[str, torch.Tensor]]:
             except Exception as e:
                 raise ValueError(f"cannot read {file}: {e} (corrupt or truncated safetensors file)") from None
         else:
-            state = load_torch_file(file)
-            if not isinstance(state, dict):
-                raise ValueError(f"{file} holds a {type(state).__name__}, not a state dict of tensors")
-            yield from state.items()
+            yield from tensor_dict(load_torch_file(file), file).items()
 
 
 def read_safetensors_header(path: str) -> tuple[dict, int]:
@@ -217,21 +234,37 @@ def read_safetensors_header(path: str) -> tuple[dict, int]:
         (n,) = struct.unpack("<Q", head)
         if 8 + n > size:
             raise ValueError(f"cannot read {path}: truncated or corrupt safetensors file (header of {n} bytes)")
-        try:
-            header = json.loads(f.read(n))
-        except ValueError:
-            raise ValueError(f"cannot read {path}: corrupt safetensors header") from None
+        source = f"{path} (its safetensors header)"
+        header = parse(loads_json(f.read(n), source, "the file is corrupt"), SAFETENSORS_HEADER, source)
+        if header["__metadata__"] is None:
+            del header["__metadata__"]  # (optional: only tensors then)
     start = 8 + n
     for name, info in header.items():
         if name == "__metadata__":
             continue
-        dtype = SAFETENSORS_DTYPES.get(info.get("dtype"))
-        begin, end = info.get("data_offsets", (0, -1))
-        if dtype is None or end - begin != math.prod(info["shape"]) * dtype.itemsize:
+        dtype = SAFETENSORS_DTYPES[info.dtype]
+        begin, end = info.data_offsets
+        if end - begin != math.prod(info.shape) * dtype.itemsize:
             raise ValueError(f"cannot read {path}: corrupt entry for {name!r}")
         if start + end > size:
             raise ValueError(f"cannot read {path}: truncated safetensors file ({name!r} ends past the file end)")
     return header, start
+
+
+def _offsets(pair: list) -> list:
+    if len(pair) != 2 or pair[0] > pair[1]:
+        raise ValueError("[begin, end] with begin <= end")
+    return pair
+
+
+# a safetensors file's JSON header: {tensor name: {dtype, shape, data_offsets}, "__metadata__": {str: str}}
+SAFETENSORS_ENTRY = {
+    "dtype": Key(REQUIRED, "choice", tuple(SAFETENSORS_DTYPES)),
+    "shape": Key(REQUIRED, "list", items=Key(REQUIRED, "int", minimum=0)),
+    "data_offsets": Key(REQUIRED, "list", items=Key(REQUIRED, "int", minimum=0), convert=_offsets),
+}
+SAFETENSORS_HEADER = {"__metadata__": Key(None, "map", items=Key(REQUIRED, "str")),
+                      EXTRA: Key(REQUIRED, "section", items=SAFETENSORS_ENTRY)}
 
 
 def load_torch_file(file: str):
@@ -281,6 +314,8 @@ def load_pretrained(cls, path_or_hub_id: str, dtype=None, device=None, name: str
     model records as its origin, when path_or_hub_id is already a hub id's downloaded folder."""
     path = resolve_model_path(path_or_hub_id)
     config = load_config(path, **config_overrides)
+    require_model_memory(config, device, parse_dtype(dtype), f"the model in {path}",
+                         classifier=cls.hf_architecture == "GPT2ForSequenceClassification")
     state = hf_to_ours(read_state_dict(path), config)
     model = model_from_state(cls, config, state, source=path, dtype=dtype, device=device)
     # as transformers: where the weights came from (peft records it as an adapter's base_model_name_or_path)

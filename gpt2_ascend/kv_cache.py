@@ -3,11 +3,13 @@ imports the model, the model reaches generation through one lazy import in gener
 from __future__ import annotations
 
 import contextlib
+import math
 from typing import Optional
 
 import torch
 import torch.nn as nn
 
+from .budget import dtype_bytes, require_memory
 from .config import GPT2Config
 
 
@@ -31,8 +33,13 @@ class KVCache:
     @classmethod
     def static(cls, config: GPT2Config, batch_size: int, max_length: int, device=None, dtype=None,
                fixed_shape: bool = False) -> "KVCache":
-        cache = cls(config.n_layer)
         shape = (batch_size, config.n_head, max_length, config.head_dim)
+        per = dtype_bytes(dtype or torch.get_default_dtype())
+        require_memory(2 * config.n_layer * math.prod(shape) * per,
+                       f"the key/value cache of {batch_size} row(s) x {max_length} positions (n_layer="
+                       f"{config.n_layer}, n_embd={config.n_embd}, {per}-byte values)", device,
+                       "generate fewer rows at a time, or fewer new tokens (max_new_tokens)")
+        cache = cls(config.n_layer)
         cache.keys = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(config.n_layer)]
         cache.values = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(config.n_layer)]
         cache.max_length = max_length

@@ -19,14 +19,15 @@ others with torch.load(weights_only=True) or safetensors.
 """
 from __future__ import annotations
 
-import json
 import os
 
 from . import checkpoints as ckpt
-from .config import GPT2Config
-from .hf import load_pretrained, model_from_state, pad_vocab, resolve_model_path
+from .budget import require_model_memory
+from .config import HF_CONFIG, GPT2Config
+from .hf import load_pretrained, model_from_state, pad_vocab, parse_dtype, resolve_model_path
 from .mindspore_io.distributed import is_distributed_checkpoint
 from .model import CLASSIFIER, LANGUAGE_MODEL, model_class
+from .schema import parse, read_json
 
 VOCAB_ROWS = ("transformer.wte.weight", "lm_head.weight")
 
@@ -40,12 +41,20 @@ def load_model(path_or_hub_id: str, architecture: str | None = None, dtype=None,
     adapter: a PEFT adapter directory, merged in (a SEQ_CLS adapter brings the classifier head it trained).
     strategy: a MindSpore distributed checkpoint's strategy folder or file, when path is its checkpoint/ folder."""
     path = resolve_model_path(path_or_hub_id)
-    if strategy is not None or is_mindspore(path):
-        model = model_from_mindspore(path, architecture, overrides, dtype, device, new_head, strategy)
+    with ckpt.reading(path):  # a checkpoint pruned by a running training run meanwhile: said so
+        if strategy is not None or is_mindspore(path):
+            model = model_from_mindspore(path, architecture, overrides, dtype, device, new_head, strategy)
+        else:
+            model = _load_model(path, path_or_hub_id, architecture, dtype, device, overrides, adapter, new_head)
         if adapter:
             from .lora import load_adapter
             model = load_adapter(model, adapter, merge=True).to(device or "cpu")
-        return model.eval()
+    return model.eval()
+
+
+def _load_model(path: str, path_or_hub_id: str, architecture, dtype, device, overrides, adapter, new_head: bool):
+    """An HF-format model or a training checkpoint (one process or sharded); `adapter` only to size a classifier's
+    head from it (load_model merges it)."""
     found = checkpoint_architecture(path)
     architecture = architecture or found or LANGUAGE_MODEL
     overrides = dict(overrides or {})
@@ -63,10 +72,7 @@ def load_model(path_or_hub_id: str, architecture: str | None = None, dtype=None,
         model = model_from_checkpoint(cls, path, overrides, dtype=dtype, device=device)
     else:
         model = load_pretrained(cls, path, dtype=dtype, device=device, name=path_or_hub_id, **overrides)
-    if adapter:
-        from .lora import load_adapter
-        model = load_adapter(model, adapter, merge=True).to(device or "cpu")
-    return model.eval()
+    return model
 
 
 def is_mindspore(path: str) -> bool:
@@ -111,20 +117,18 @@ def checkpoint_architecture(path: str) -> str | None:
     file = os.path.join(directory or ".", "config.json")
     if not os.path.isfile(file):
         return None
-    with open(file, encoding="utf-8") as f:
-        try:
-            architectures = json.load(f).get("architectures") or []
-        except (ValueError, AttributeError) as e:
-            raise ValueError(f"{file} is not a valid config.json ({e}); re-export the model") from None
+    architectures = parse(read_json(file, fix="re-export the model"), HF_CONFIG, file).architectures or []
     return next((a for a in architectures if a in (LANGUAGE_MODEL, CLASSIFIER)), architectures[0] if architectures
                 else None)
 
 
-def checkpoint_state(path: str) -> tuple[GPT2Config, dict]:
+def checkpoint_state(path: str, fits=lambda config: None) -> tuple[GPT2Config, dict]:
     """(config, our state dict) of a training checkpoint directory, verified: a torchrun run's sharded one (its
-    vocab padding is the run's layout, so the config's is reset to none) or one process's (model.pt)."""
+    vocab padding is the run's layout, so the config's is reset to none) or one process's (model.pt). fits(config)
+    is called before any weight is read (the memory budget)."""
     if ckpt.is_sharded(path):
-        from .safe_dcp import load_full_model_state
+        from .safe_dcp import load_full_model_state, read_meta
+        fits(GPT2Config.from_hf_dict(read_meta(path)["model_config"]))
         config, state, _ = load_full_model_state(path)
         return config.replace(pad_vocab_size_multiple=1), state
     manifest = ckpt.verify_checkpoint(path, ckpt.MODEL_FILES)  # the weights alone: the optimizer state is not read
@@ -132,12 +136,16 @@ def checkpoint_state(path: str) -> tuple[GPT2Config, dict]:
         raise ValueError(f"{path} is a LoRA training checkpoint (it holds the adapters only): load its run's final/ "
                          f"directory (the merged model), or final/adapter on the base model")
     config = GPT2Config.from_json_file(os.path.join(path, "config.json"))
+    fits(config)
     return config, ckpt.load_checkpoint(path, ["model"], verify=False)["model"]
 
 
 def model_from_checkpoint(cls, path: str, overrides: dict | None = None, dtype=None, device=None):
     """A training checkpoint (checkpoint_state) as one model of class `cls`, its config updated by `overrides`."""
-    config, state = checkpoint_state(path)
+    def fits(config: GPT2Config):
+        require_model_memory(config.replace(**(overrides or {})), device, parse_dtype(dtype),
+                             f"the model in {path}", classifier=cls.hf_architecture == CLASSIFIER)
+    config, state = checkpoint_state(path, fits)
     config = config.replace(**(overrides or {}))
     state = {k: pad_vocab(v[: config.vocab_size], config) if k in VOCAB_ROWS else v for k, v in state.items()}
     if config.tie_word_embeddings:

@@ -21,7 +21,9 @@ import re
 
 import torch
 
+from .budget import require_memory
 from .safe_pickle import refused
+from .schema import EXTRA, MAX_SIZE, Key, parse, read_json
 
 OUR_TARGETS = ("c_attn", "c_proj", "c_fc", "c_attn.q", "c_attn.k", "c_attn.v")
 QKV = ("q", "k", "v")
@@ -93,6 +95,7 @@ def apply_lora(model: torch.nn.Module, rank: int = 64, alpha: float = 128, dropo
     modules_to_save = ["score"] if task_type_of(model) == "SEQ_CLS" else None
     patterns = dict(rank_pattern={"c_attn": rank * len(parts)}, alpha_pattern={"c_attn": alpha * len(parts)}) \
         if parts else {}
+    require_adapter_memory(model, rank, modules, f"LoRA adapters of rank {rank} on {', '.join(modules)}")
     config = LoraConfig(r=rank, lora_alpha=alpha, lora_dropout=dropout, target_modules=modules,
                         bias="none", task_type=task_type_of(model), modules_to_save=modules_to_save, **patterns)
     peft_model = get_peft_model(model, config)
@@ -126,25 +129,46 @@ def is_adapter_dir(path: str) -> bool:
     return os.path.isfile(os.path.join(path, "adapter_config.json"))
 
 
+def _names(value):
+    """peft's target_modules / modules_to_save: a name (a regex, for target_modules) or a list of names."""
+    if isinstance(value, str) or (isinstance(value, list) and all(isinstance(v, str) for v in value)):
+        return value
+    raise ValueError("a module name or a list of module names")
+
+
+# adapter_config.json: the keys that decide what the adapter computes are checked; peft's other settings (its
+# version's additions) are left to peft, which reads them
+ADAPTER_CONFIG = {
+    "peft_type": Key("LORA", "choice", ("LORA",)),
+    "task_type": Key(None, "choice", tuple(TASK_TYPES.values())),
+    "r": Key(8, "int", minimum=1, maximum=MAX_SIZE),
+    "lora_alpha": Key(8, "float", above=0.0),
+    "lora_dropout": Key(0.0, "float", minimum=0.0, below=1.0),
+    "target_modules": Key(None, "any", convert=_names, expects="a module name or a list of module names"),
+    "modules_to_save": Key(None, "any", convert=_names, expects="a module name or a list of module names"),
+    "bias": Key("none", "choice", ("none", "all", "lora_only")),
+    "rank_pattern": Key(None, "map", items=Key(None, "int", minimum=1, maximum=MAX_SIZE)),
+    "alpha_pattern": Key(None, "map", items=Key(None, "float", above=0.0)),
+    "fan_in_fan_out": Key(False, "bool"), "inference_mode": Key(True, "bool"), "use_rslora": Key(False, "bool"),
+    "use_dora": Key(False, "bool"),
+    "base_model_name_or_path": Key(None, "str"), "revision": Key(None, "str"),
+    "auto_mapping": Key(None, "map", items=Key(None, "any")),
+    EXTRA: Key(None, "any"),
+}
+
+
 def read_adapter_config(adapter_dir: str) -> dict:
+    """An adapter directory's adapter_config.json, checked (ADAPTER_CONFIG)."""
     if not is_adapter_dir(adapter_dir):
         raise FileNotFoundError(f"no adapter_config.json in {adapter_dir}: pass a PEFT adapter directory (LoRA "
                                 f"training writes OUTPUT_DIR/final/adapter)")
     path = os.path.join(adapter_dir, "adapter_config.json")
-    with open(path, encoding="utf-8") as f:
-        try:
-            return json.load(f)
-        except json.JSONDecodeError as e:
-            raise ValueError(f"cannot load the LoRA adapter in {adapter_dir}: adapter_config.json is not valid "
-                             f"JSON ({e})") from None
+    return parse(read_json(path, fix="re-save the adapter"), ADAPTER_CONFIG, path)
 
 
 def check_adapter_fits(model: torch.nn.Module, adapter_dir: str, adapter_config: dict):
     """A SEQ_CLS adapter carries a classification head, a CAUSAL_LM one belongs on a language model."""
     task = adapter_config.get("task_type")
-    if task is not None and task not in TASK_TYPES.values():
-        raise ValueError(f"the adapter in {adapter_dir} has task_type {task!r}: GPT-2 adapters here are CAUSAL_LM, "
-                         f"SEQ_CLS or none")
     wanted = task_type_of(model)
     if task is not None and task != wanted:
         kind = "a text-classification model (GPT2ForSequenceClassification)" if task == "SEQ_CLS" \
@@ -158,7 +182,10 @@ def load_adapter(model: torch.nn.Module, adapter_dir: str, merge: bool = True, t
     fold it into the base weights and return a plain model (same logits, no adapter overhead)."""
     from peft import PeftModel
 
-    check_adapter_fits(model, adapter_dir, read_adapter_config(adapter_dir))
+    adapter_config = read_adapter_config(adapter_dir)
+    check_adapter_fits(model, adapter_dir, adapter_config)
+    rank, targets = adapter_config.get("r"), adapter_config.get("target_modules")
+    require_adapter_memory(model, rank, targets, f"the LoRA adapter in {adapter_dir} (r={rank})")
     try:
         peft_model = PeftModel.from_pretrained(model, adapter_dir, is_trainable=trainable)
     except pickle.UnpicklingError as e:  # peft reads adapter_model.bin with weights_only=True
@@ -166,6 +193,27 @@ def load_adapter(model: torch.nn.Module, adapter_dir: str, merge: bool = True, t
     except Exception as e:  # peft / safetensors / json errors: one line that names the adapter
         raise ValueError(f"cannot load the LoRA adapter in {adapter_dir}: {_adapter_problem(e)}") from None
     return merge_adapter(peft_model) if merge else peft_model
+
+
+def require_adapter_memory(model: torch.nn.Module, rank, targets, what: str):
+    """Before peft allocates an adapter: its A and B matrices, rank x (in + out) fp32 values per adapted linear
+    layer, fit the memory of the model's device (budget.require_memory). targets: module names (their last part),
+    or peft's one regex string matched against whole names; values of other types are left to the adapter's
+    validation."""
+    if not (isinstance(rank, int) and rank > 0) or not isinstance(targets, (str, list, tuple)):
+        return
+    def targeted(name: str) -> bool:
+        if isinstance(targets, str):
+            return re.fullmatch(targets, name) is not None
+        return name.rsplit(".", 1)[-1] in targets
+    try:
+        widths = sum(m.in_features + m.out_features for name, m in unwrap_model(model).named_modules()
+                     if isinstance(m, torch.nn.Linear) and targeted(name))
+    except re.error:
+        return
+    device = next(model.parameters()).device
+    require_memory(rank * widths * 4, f"{what}: {widths:,} x r={rank} values x 4 bytes", device,
+                   "use a smaller lora rank (r)")
 
 
 def adapter_base(adapter_dir: str) -> str:

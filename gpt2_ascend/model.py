@@ -427,7 +427,7 @@ class GPT2Model(GPT2PreTrainedModel):
         """One clear ValueError for ids the embedding cannot look up (instead of an IndexError or a reshape
         error deep inside). Reading the ids' range is free only for CPU tensors in eager mode: elsewhere it
         would make each step wait for the device or break the compiled graph, so there the ids are checked
-        where they enter (the trainer's check_ranges, generation's prepare_prompt, evaluation's loaders)."""
+        where they enter (the trainer's check_data, generation's prepare_prompt, evaluation's loaders)."""
         if input_ids.dim() != 2 or input_ids.numel() == 0:
             raise ValueError(f"input_ids must be a non-empty (batch, sequence) tensor of token ids, got shape "
                              f"{tuple(input_ids.shape)}")
@@ -494,6 +494,7 @@ class GPT2LMHeadModel(GPT2PreTrainedModel):
             return self.logits(hidden)
         extras = dict(past_key_values=out.past_key_values, hidden_states=out.hidden_states, attentions=out.attentions)
         if targets is not None and self.config.loss_chunk_size and torch.is_grad_enabled():
+            check_labels(targets, "targets", self.config.vocab_size, ignore=-100)
             loss = chunked_linear_cross_entropy(hidden, self.lm_head.weight, targets, self.config.vocab_size,
                                                 self.config.loss_chunk_size)
             result = ModelOutput(loss=loss, **extras)
@@ -505,8 +506,10 @@ class GPT2LMHeadModel(GPT2PreTrainedModel):
         logits = self.logits(hidden)
         loss = None
         if labels is not None:
+            check_labels(labels, "labels", self.config.vocab_size, ignore=-100)
             loss = causal_lm_loss(logits, labels)
         elif targets is not None:
+            check_labels(targets, "targets", self.config.vocab_size, ignore=-100)
             loss = next_token_loss(logits, targets)
         result = ModelOutput(loss=loss, logits=logits, **extras)
         return result.to_tuple() if return_dict is False else result
@@ -573,9 +576,26 @@ class GPT2ForSequenceClassification(GPT2PreTrainedModel):
             return logits
         loss = None
         if labels is not None:
+            check_labels(labels, "labels", self.config.num_labels)
             loss = classification_loss(logits, labels)
         result = ModelOutput(loss=loss, logits=logits, hidden_states=out.hidden_states, attentions=out.attentions)
         return result.to_tuple() if return_dict is False else result
+
+
+def check_labels(labels, name: str, high: int, ignore: int | None = None):
+    """One clear ValueError for labels a loss cannot use: not integer ids, or outside [0, high) (ignore: the
+    index the loss skips, -100), instead of cross-entropy's IndexError or its reading of float labels as
+    probabilities. Read on CPU in eager mode only, as input_ids are (elsewhere the data is checked where it
+    enters)."""
+    if labels.is_floating_point() or labels.is_complex() or labels.dtype == torch.bool:
+        raise ValueError(f"{name} must hold integer class ids, got dtype {labels.dtype}")
+    if labels.numel() and labels.device.type == "cpu" and not torch.compiler.is_compiling():
+        kept = labels[labels != ignore] if ignore is not None else labels
+        if kept.numel():
+            low, top = torch.aminmax(kept)
+            if low < 0 or top >= high:
+                skipped = f" ({ignore} is skipped)" if ignore is not None else ""
+                raise ValueError(f"{name} must be in [0, {high}){skipped}, found {int(low)}..{int(top)}")
 
 
 def last_token_index(input_ids, attention_mask, pad_token_id):

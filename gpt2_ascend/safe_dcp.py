@@ -10,7 +10,6 @@ torch.distributed.checkpoint takes ~1 s to import.
 """
 from __future__ import annotations
 
-import json
 import math
 import os
 import warnings
@@ -26,7 +25,9 @@ from torch.distributed.checkpoint.metadata import Metadata, StorageMeta
 from .checkpoints import CheckpointError, verify_checkpoint
 from .config import GPT2Config
 from .hf import convert_qkv_state
+from .model import ARCHITECTURES
 from .safe_pickle import RestrictedUnpickler, UnsafeFileError, torch_load
+from .schema import EXTRA, REQUIRED, Key, SchemaError, contained, parse, read_json
 
 # What DCP's `.metadata` pickle legitimately holds (torch 2.4-2.13, any layout we save): its dataclasses, the
 # Size / dtype / layout of each tensor, and the checkpoint path. Nothing else is built when it is read.
@@ -65,9 +66,11 @@ def read_dcp_metadata(path: str):
         raise CheckpointError(f"checkpoint {path} has a corrupt .metadata (not DCP metadata)")
     for info in (metadata.storage_data or {}).values():
         name = getattr(info, "relative_path", None)
-        if not isinstance(name, str) or os.path.basename(name) != name or name in ("", ".", ".."):
+        try:
+            contained(path, name, file, "data file", flat=True)  # DCP writes its data files beside .metadata
+        except SchemaError:
             raise CheckpointError(f"checkpoint {path} has a corrupt .metadata: it points at {name!r}, not a "
-                                  f"file of the checkpoint directory")
+                                  f"file of the checkpoint directory") from None
     return metadata
 
 
@@ -124,24 +127,33 @@ def _root_cause(error: BaseException) -> BaseException:
 # ---------------------------------------------------------------------------------------------
 # the whole model of a sharded checkpoint, in one process
 # ---------------------------------------------------------------------------------------------
+# a sharded checkpoint's config.json (parallel/checkpoint.py writes it): the model's HF config.json as a mapping (read
+# by GPT2Config.from_hf_dict), its head, the c_attn layout, and the layout it was saved in
+SHARDED_META = {
+    "model_config": Key(REQUIRED, "map", items=Key(None, "any")),
+    "architecture": Key(REQUIRED, "choice", ARCHITECTURES),
+    "qkv_layout": Key("hf", "choice", ("hf", "per_head")),
+    "lora": Key(False, "bool"), "step": Key(None, "int", minimum=0),
+    "layout": Key(None, "map", items=Key(None, "int", minimum=1)),
+    EXTRA: Key(None, "any"),
+}
+
+
 def read_meta(path: str) -> dict:
-    """The config.json of a sharded checkpoint: the model's HF config, its architecture, the qkv layout."""
+    """The config.json of a sharded checkpoint (SHARDED_META): the model's HF config, its architecture, the qkv
+    layout."""
     file = os.path.join(path, "config.json")
     try:
-        with open(file, encoding="utf-8") as f:
-            meta = json.load(f)
-        if not isinstance(meta.get("model_config"), dict) or not isinstance(meta.get("architecture"), str):
-            raise ValueError("no model_config / architecture")
-    except (OSError, ValueError, AttributeError) as e:
+        return parse(read_json(file), SHARDED_META, file)
+    except (OSError, ValueError) as e:
         raise CheckpointError(f"checkpoint {path} has a corrupt config.json ({e})") from None
-    return meta
 
 
 def load_full_model_state(path: str) -> tuple[GPT2Config, dict, str]:
     """The whole model from a sharded checkpoint in one process, in HF's c_attn layout and our names."""
     verify_checkpoint(path)
     meta = read_meta(path)
-    config = GPT2Config.from_hf_dict(meta["model_config"])
+    config = GPT2Config.from_hf_dict(meta["model_config"], f"{os.path.join(path, 'config.json')} (its model_config)")
     state = {key: torch.empty(size, dtype=dtype) for key, (size, dtype) in model_tensors(path).items()}
     with warnings.catch_warnings():  # "assuming the intent is to load in a single process": it is
         warnings.simplefilter("ignore", UserWarning)

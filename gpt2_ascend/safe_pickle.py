@@ -60,7 +60,11 @@ def torch_load(file, mmap: bool = False, name: str | None = None):
             warnings.simplefilter("ignore", UserWarning)
             return torch.load(file, map_location="cpu", weights_only=True, mmap=mmap)
     except pickle.UnpicklingError as e:
-        raise refusal(name, _offending_global(file, str(e))) from None
+        named = _offending_global(file, str(e))
+        if named is None:  # no global anywhere in it: not a hostile pickle, not a checkpoint at all
+            raise ValueError(f"{name} is not a valid checkpoint: it is not a PyTorch file of tensors (random or "
+                             f"damaged bytes, or a pickle of something else); re-download or re-export it") from None
+        raise refusal(name, named) from None
     except RuntimeError as e:
         if mmap and "mmap" in str(e):  # the legacy (non-zip) format cannot be memory-mapped
             return torch_load(file, name=name)
@@ -69,24 +73,44 @@ def torch_load(file, mmap: bool = False, name: str | None = None):
         raise _unreadable(name, e) from None
 
 
+def tensor_dict(state, name: str) -> dict:
+    """`state`, read from `name`, if it is a state dict ({name: tensor}); otherwise one ValueError line saying what it
+    holds instead (a pickle of text, a list, a dict of strings) rather than an error deep in the reader."""
+    import torch
+    if not isinstance(state, dict):
+        raise ValueError(f"{name} is not a valid checkpoint: it holds {_what(state)}, not a state dict of tensors")
+    for key, value in state.items():
+        if not isinstance(key, str) or not isinstance(value, torch.Tensor):
+            raise ValueError(f"{name} is not a valid checkpoint: its entry {str(key)[:80]!r} holds {_what(value)}, "
+                             f"not a tensor")
+    return state
+
+
+def _what(value) -> str:
+    return f"text ({str(value)[:40]!r})" if isinstance(value, str) else f"a {type(value).__name__}"
+
+
 def _unreadable(name: str, error: Exception) -> ValueError:
     if isinstance(error, FileNotFoundError):
         return FileNotFoundError(f"file not found: {name}")
     detail = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+    if isinstance(error, KeyError):  # torch's legacy reader looked up a byte of something else as a record key
+        detail = "unexpected bytes"
     return ValueError(f"cannot read {name}: {detail} (corrupt, truncated or not a PyTorch weights file)")
 
 
-def _offending_global(file, message: str) -> str:
+def _offending_global(file, message: str) -> str | None:
     """What a refused pickle tried to build: torch's message names it for GLOBAL opcodes; otherwise (protocol
     4's STACK_GLOBAL, which the weights-only unpickler rejects as an operand) the pickle is disassembled,
-    never run, and its first global named."""
+    never run, and its first global named. None: it names no global (random bytes, a pickle of plain text), so it
+    could not run code; it is just not a checkpoint."""
     found = re.search(r"GLOBAL ([\w.]+)", message)
     if found:
         return found.group(1)
     try:
-        return _first_global(_pickle_bytes(file)) or "(not a tensor or plain value)"
-    except Exception:  # noqa: BLE001 - a damaged pickle: the refusal stands without a name
-        return "(not a tensor or plain value)"
+        return _first_global(_pickle_bytes(file))
+    except Exception:  # noqa: BLE001 - not even a zip or a file to read: no global
+        return None
 
 
 def _pickle_bytes(file) -> bytes:
@@ -102,15 +126,23 @@ def _pickle_bytes(file) -> bytes:
         return f.read(1 << 24)
 
 
+IDENTIFIER = re.compile(r"[A-Za-z_][\w.]*")
+
+
 def _first_global(data: bytes) -> str | None:
-    """The first global the pickles in `data` name (torch's legacy format is several pickles in a row)."""
+    """The first global the pickles in `data` name (torch's legacy format is several pickles in a row), read up to
+    the first byte that is not pickle: a hostile pickle cut short still names its global, random bytes name none
+    (a GLOBAL opcode that random bytes happen to spell names no importable identifier)."""
     stream, strings = io.BytesIO(data), []
-    while stream.tell() < len(data):
-        for op, arg, _ in pickletools.genops(stream):
-            if op.name in ("GLOBAL", "INST"):
-                return str(arg).replace(" ", ".")
-            if op.name == "STACK_GLOBAL" and len(strings) >= 2:
-                return f"{strings[-2]}.{strings[-1]}"
-            if isinstance(arg, str):
-                strings.append(arg)
+    try:
+        while stream.tell() < len(data):
+            for op, arg, _ in pickletools.genops(stream):
+                if op.name in ("GLOBAL", "INST") and all(IDENTIFIER.fullmatch(p) for p in str(arg).split(" ")):
+                    return str(arg).replace(" ", ".")
+                if op.name == "STACK_GLOBAL" and len(strings) >= 2 and all(map(IDENTIFIER.fullmatch, strings[-2:])):
+                    return f"{strings[-2]}.{strings[-1]}"
+                if isinstance(arg, str):
+                    strings.append(arg)
+    except Exception:  # noqa: BLE001 - the first byte that is not pickle: what came before named no global
+        pass
     return None

@@ -249,7 +249,7 @@ def test_training_continues_an_hf_adapter(tmp_path):
         return tmp_path / name / "final"
 
     ids = ids_for()
-    frozen = run("lr0", 0.0)  # no update: the exports are the HF adapter itself
+    frozen = run("lr0", 1e-30)  # (a learning rate must be > 0) no visible update: the exports are the HF adapter
     saved = json.loads((frozen / "adapter" / "adapter_config.json").read_text())
     assert saved["task_type"] == "CAUSAL_LM" and saved["base_model_name_or_path"] == str(tmp_path / "base")
     assert saved["r"] == 4 and sorted(saved["target_modules"]) == ["c_attn", "c_fc"]  # the adapter's, not a new one

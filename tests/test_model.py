@@ -209,9 +209,9 @@ def test_padded_vocab_is_invisible():
 
 @pytest.mark.parametrize("kwargs,message", [
     (dict(n_embd=100, n_head=3), "divisible"),
-    (dict(activation="relu"), "unknown activation"),
+    (dict(activation="relu"), "'activation' in GPT2Config: expected one of gelu_new"),
     (dict(attn_implementation="flash"), "attn_implementation"),
-    (dict(n_layer=0), "positive integer"),
+    (dict(n_layer=0), r"'n_layer' in GPT2Config: expected an integer in \[1, "),
     (dict(attn_pdrop=1.5), "attn_pdrop"),
 ])
 def test_bad_config_one_line(kwargs, message):
@@ -238,7 +238,7 @@ def test_hf_config_mapping_round_trip():
     assert GPT2Config.from_hf_dict(hf_cfg.to_dict()) == config
     with pytest.raises(ValueError, match="activation_function"):
         GPT2Config.from_hf_dict({**hf_dict, "activation_function": "swish"})
-    with pytest.raises(ValueError, match="unknown GPT-2 key 'n_embed'"):
+    with pytest.raises(ValueError, match="unknown key 'n_embed' in config.json: did you mean n_embd"):
         GPT2Config.from_hf_dict({**hf_dict, "n_embed": 3})
 
 

@@ -51,9 +51,9 @@ def damaged_copy(data_dir, tmp_path, name, change):
 
 
 @pytest.mark.parametrize("name, change, message", [
-    ("vocab_truncated", lambda b: b[: len(b) // 2], r"vocab.json is damaged or not a BPE vocabulary \(Unterminated"),
-    ("vocab_garbled", lambda b: b"\xff\xfe" + b[2:], r"vocab.json is damaged or not a BPE vocabulary \('utf-8'"),
-    ("vocab_list", lambda b: b"[1, 2]", r"vocab.json is damaged or not a BPE vocabulary \(not a JSON object"),
+    ("vocab_truncated", lambda b: b[: len(b) // 2], r"vocab.json is not valid JSON \(Unterminated"),
+    ("vocab_garbled", lambda b: b"\xff\xfe" + b[2:], r"vocab.json is not UTF-8 text \(byte 0xff at offset 0\)"),
+    ("vocab_list", lambda b: b"[1, 2]", r"bad value \[1, 2\] for 'vocab' in .*vocab.json: expected a mapping of tokens to ids"),
     # cut at a line end: the tokenizers library reads it and tokenizes differently, without a word
     ("merges_truncated", lambda b: b[: b.index(b"\n", len(b) // 2) + 1],
      r"merges.txt has 2\d{4} merges, but 2\d{4} tokens of .*vocab.json \(e.g. .*\) are made by none of them"),

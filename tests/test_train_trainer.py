@@ -365,9 +365,9 @@ def test_bf16_run_and_finetune_from_one_of_our_checkpoints(tmp_path, token_file)
     assert summary["precision"] == "bf16" and np.isfinite(summary["final_loss"])
     step3 = os.path.join(first.output_dir, "checkpoint", "step_0000003")
     second = _recipe(tmp_path, token_file, "run_mode=finetune", f"load_checkpoint={step3}",
-                     f"output_dir={tmp_path / 'second'}", "runner_config.max_steps=1",
-                     "lr_schedule.learning_rate=0", "lr_schedule.lr_end=0")
-    run_training(second, log=lambda *_: None)  # lr 0: the exported weights are the checkpoint's
+                     f"output_dir={tmp_path / 'second'}", "runner_config.max_steps=1", "lr_schedule.warmup_steps=1",
+                     "lr_schedule.warmup_lr_init=0", "lr_schedule.lr_end=0")
+    run_training(second, log=lambda *_: None)  # one step at the warmup's lr 0: the exported weights are the checkpoint's
     a = GPT2LMHeadModel.from_pretrained(os.path.join(first.output_dir, "final"))
     b = GPT2LMHeadModel.from_pretrained(os.path.join(second.output_dir, "final"))
     for (name, x), y in zip(a.state_dict().items(), b.state_dict().values()):

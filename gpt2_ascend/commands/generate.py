@@ -168,7 +168,7 @@ def run(args) -> int:
         raise ValueError("--stream prints one sequence at a time: use --batch_size 1")
     path = resolve_model_path(model_path)  # a hub id: downloaded (or found in the hub cache) once, here
     kw = settings_from(args, recipe, folder_generation_config(path))
-    check_sampling_args(**{k: kw[k] for k in SAMPLING_ARGS})  # before spending time on loading a model
+    check_sampling_args(**{k: kw[k] for k in SAMPLING_ARGS}, seed=kw["seed"])  # before loading a model
 
     from gpt2_ascend.device import resolve_device
     device = resolve_device(args.device or recipe.device)

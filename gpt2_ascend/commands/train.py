@@ -41,7 +41,7 @@ EPILOG = """examples:
   %(prog)s --config configs/gpt2/predict_gpt2_small.yaml --run_mode predict --load_checkpoint gpt2.ckpt \\
       --predict_data "I love Beijing, because"
   # ... or a MindFormers distributed run's output/ (checkpoint/rank_N/ + strategy/), merged on the fly
-  python train.py --config configs/gpt2/finetune_gpt2_small.yaml --load_checkpoint output/ \\
+  %(prog)s --config configs/gpt2/finetune_gpt2_small.yaml --load_checkpoint output/ \\
       --train_dataset_dir train.npy
 
 """ + HF_EXAMPLES + """
@@ -121,17 +121,26 @@ def mindformers_style_overrides(argv: list[str], parser) -> tuple[list[str], lis
     return rest, out
 
 
+# the flags that set a recipe key
+FLAG_KEYS = dict(run_mode="run_mode", train_dataset_dir="train_dataset.data_loader.dataset_dir",
+                 eval_dataset_dir="eval_dataset.data_loader.dataset_dir", load_checkpoint="load_checkpoint",
+                 src_strategy_path_or_dir="src_strategy_path_or_dir", output_dir="output_dir",
+                 max_steps="runner_config.max_steps", resume="resume_training",
+                 device="device", use_parallel="use_parallel", seed="seed", epochs="runner_config.epochs",
+                 batch_size="runner_config.batch_size",
+                 gradient_accumulation_steps="runner_config.gradient_accumulation_steps")
+
+
+def flag_of_key(args) -> dict:
+    """{recipe key: the flag given for it}: a bad value is then named by its flag (--batch_size), not the file."""
+    keys = {**FLAG_KEYS, "preprocessing_num_workers": "preprocessing_num_workers"}  # (an HF flag: hf_flags.py)
+    return {key: f"--{flag}" for flag, key in keys.items() if getattr(args, flag, None) is not None}
+
+
 def overrides_from_flags(args) -> list[str]:
     """The flags as recipe overrides (applied before the free-form ones, which win)."""
-    flag_keys = dict(run_mode="run_mode", train_dataset_dir="train_dataset.data_loader.dataset_dir",
-                     eval_dataset_dir="eval_dataset.data_loader.dataset_dir", load_checkpoint="load_checkpoint",
-                     src_strategy_path_or_dir="src_strategy_path_or_dir",
-                     output_dir="output_dir", max_steps="runner_config.max_steps", resume="resume_training",
-                     device="device", use_parallel="use_parallel", seed="seed", epochs="runner_config.epochs",
-                     batch_size="runner_config.batch_size",
-                     gradient_accumulation_steps="runner_config.gradient_accumulation_steps")
     out = []
-    for flag, key in flag_keys.items():
+    for flag, key in FLAG_KEYS.items():
         value = getattr(args, flag)
         if value is not None:
             if isinstance(value, bool):
@@ -142,6 +151,19 @@ def overrides_from_flags(args) -> list[str]:
                 text = str(value)
             out.append(f"{key}={text}")
     return out + hf_flag_overrides(args)
+
+
+PATH_FLAGS = ("config", "train_dataset_dir", "eval_dataset_dir", "load_checkpoint", "output_dir", "resume")
+
+
+def check_path_flags(args):
+    """Paths with a control character are refused before they reach the recipe (YAML would fold a newline into a
+    space: --output_dir $'a\\nb' wrote into 'a b'), and symlink loops are named."""
+    from gpt2_ascend.fileio import check_path
+    for flag in PATH_FLAGS:
+        value = getattr(args, flag, None)
+        if isinstance(value, str) and not (flag == "resume" and value == "auto"):
+            check_path(value, f"--{flag}")
 
 
 def flag_names():
@@ -157,8 +179,9 @@ def flag_names():
 def report_error(e: Exception):
     """One line on stderr. Under torchrun a recipe / layout / checkpoint problem (ValueError) is the same on
     every rank, so rank 0 alone says it; other errors may be one rank's own and carry its number."""
+    from gpt2_ascend.train import TrainingStopped
     rank = int(os.environ.get("RANK", "0"))
-    if rank != 0 and isinstance(e, ValueError):
+    if rank != 0 and isinstance(e, (ValueError, TrainingStopped)):  # (the ranks agree on a divergence)
         return
     prefix = f"[rank {rank}] " if rank != 0 else ""
     from gpt2_ascend.cli import print_error
@@ -207,7 +230,8 @@ def main(argv=None) -> int:
     from gpt2_ascend.train.recipe import load_recipe
 
     try:
-        recipe = load_recipe(args.config, overrides_from_flags(args) + list(args.overrides))
+        check_path_flags(args)
+        recipe = load_recipe(args.config, overrides_from_flags(args) + list(args.overrides), flags=flag_of_key(args))
         if recipe.run_mode == "eval":
             return report_eval(recipe)
         if recipe.run_mode == "predict":
@@ -215,7 +239,10 @@ def main(argv=None) -> int:
         summary = run_training(job_from_recipe(recipe, names=flag_names()), overwrite=args.overwrite_output_dir)
     except (TrainingInterrupted, KeyboardInterrupt) as e:
         return report_interrupt(e, argv)
-    except (ValueError, FileNotFoundError, CheckpointError, TrainingStopped, RuntimeError, OSError) as e:
+    except TrainingStopped as e:  # the run itself failed (it diverged), not its input: exit 1
+        report_error(e)
+        return 1
+    except (ValueError, FileNotFoundError, CheckpointError, RuntimeError, OSError) as e:
         report_error(e)
         return 2
     if not summary:  # a distributed run's other ranks: rank 0 reports

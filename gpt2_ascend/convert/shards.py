@@ -4,15 +4,17 @@ a tensor's bytes (no mmap: mapped pages would count against the process as they 
 """
 from __future__ import annotations
 
-import json
 import math
 import os
 import shutil
 
 import torch
 
+from ..config import GPT2Config
 from ..hf import (BIN_INDEX, SAFETENSORS_DTYPES, WEIGHT_FILE, atomic_model_dir, load_torch_file, parse_dtype,
                   read_safetensors_header, weight_files, write_hf_weights, write_json)
+from ..safe_pickle import tensor_dict
+from ..schema import read_json
 
 
 # ---------------------------------------------------------------------------------------------
@@ -47,10 +49,7 @@ class WeightIndex:
     def _bin(self, file: str) -> dict:
         if self._bin_file != file:
             self.release()
-            state = load_torch_file(file)
-            if not isinstance(state, dict) or not all(isinstance(t, torch.Tensor) for t in state.values()):
-                raise ValueError(f"{file} does not hold a state dict of tensors")
-            self._bin_file, self._bin_state = file, state
+            self._bin_file, self._bin_state = file, tensor_dict(load_torch_file(file), file)
         return self._bin_state
 
     def release(self):
@@ -94,8 +93,10 @@ def merge_hf_shards(input_dir: str, output_dir: str, max_shard_size=None, dtype=
         raise ValueError("--output_dir must differ from --input_dir (the input shards are read while writing)")
     dtype = parse_dtype(dtype)
     index = WeightIndex(weight_files(input_dir))
-    config = read_json(os.path.join(input_dir, "config.json"))
-    names = [n for n in index.where if not (n == "lm_head.weight" and config.get("tie_word_embeddings", True)
+    config_path = os.path.join(input_dir, "config.json")
+    config = read_json(config_path, fix="re-export the model") if os.path.isfile(config_path) else {}
+    tied = GPT2Config.from_hf_dict(config, config_path).tie_word_embeddings  # (checked: "no" is not true)
+    names = [n for n in index.where if not (n == "lm_head.weight" and tied
                                              and any(k.endswith("wte.weight") for k in index.where))]
 
     def target(name):
@@ -116,12 +117,3 @@ def merge_hf_shards(input_dir: str, output_dir: str, max_shard_size=None, dtype=
             write_json(config, os.path.join(tmp, "config.json"))
     return {"tensors": len(specs), "bytes": total, "files": files, "dropped_tied_head": len(names) < len(index.where)}
 
-
-def read_json(path: str) -> dict:
-    if not os.path.isfile(path):
-        return {}
-    with open(path, encoding="utf-8") as f:
-        try:
-            return json.load(f)
-        except ValueError as e:
-            raise ValueError(f"{path} is not valid JSON ({e})") from None

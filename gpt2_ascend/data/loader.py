@@ -35,6 +35,76 @@ def as_columns(data) -> dict:
     return columns
 
 
+def checked_columns(data, vocab_size: int, num_labels: int | None = None, what: str = "data") -> dict:
+    """The data's columns (as_columns), checked once before a model trains or evaluates on them: every column is
+    integers (a float array is accepted when it holds whole numbers, and returned as int64), token ids lie in
+    [0, vocab_size) (-100, "ignore" in a loss, is no token), labels in [0, num_labels) (num_labels None: not a
+    classifier), attention masks hold only 0 and 1, and no row is all padding (it has nothing to score: an error
+    for training and for evaluation alike). One ValueError line names the column, the value and its row."""
+    columns = {name: integer_column(column, name, what) for name, column in as_columns(data).items()}
+    ids = columns["input_ids"]
+    low, high = _extremes(ids)
+    if high >= vocab_size:
+        raise ValueError(f"the {what} holds token id {high} (row {_first_row(ids, ids == high)}) but the model's "
+                         f"vocab_size is {vocab_size}: was it prepared with another tokenizer? (or set "
+                         f"model.model_config.vocab_size)")
+    if low < 0:
+        raise ValueError(f"the {what} holds token id {low} (row {_first_row(ids, ids == low)}): token ids must be in "
+                         f"[0, {vocab_size}) (-100 marks a label to ignore, never an input token); prepare the data "
+                         f"again")
+    if "labels" in columns and num_labels is not None:
+        labels = columns["labels"]
+        low, high = _extremes(labels)
+        if low < 0 or high >= num_labels:
+            bad = low if low < 0 else high
+            raise ValueError(f"the {what} holds labels {low}..{high} but num_labels is {num_labels}: label {bad} "
+                             f"(row {_first_row(labels, labels == bad)}) is not a class id in [0, {num_labels}); "
+                             f"set model.model_config.num_labels, or fix the labels")
+    if "attention_mask" in columns:
+        _check_mask(columns["attention_mask"], what)
+    return columns
+
+
+def integer_column(column, name: str, what: str):
+    """column as an integer numpy array (a memory map stays one); a float one only when every value is whole."""
+    if isinstance(column, torch.Tensor):
+        column = column.detach().cpu().numpy()
+    array = column if isinstance(column, np.ndarray) else np.asarray(column)
+    if np.issubdtype(array.dtype, np.integer) or array.dtype == np.bool_:
+        return array
+    if not np.issubdtype(array.dtype, np.floating):
+        raise ValueError(f"the {what}'s {name} is an array of {array.dtype}, not integers: prepare the data again")
+    whole = np.isfinite(array) & (np.floor(array) == array)
+    if not whole.all():
+        value = array[~whole].flat[0]
+        raise ValueError(f"the {what}'s {name} holds {float(value)} (row {_first_row(array, ~whole)}), not a whole "
+                         f"number: token ids, labels and masks must be integers (an integer array); prepare the "
+                         f"data again")
+    return array.astype(np.int64)
+
+
+def _extremes(array) -> tuple[int, int]:
+    if array.size == 0:
+        return 0, 0
+    return int(array.min()), int(array.max())
+
+
+def _first_row(array, hits) -> int:
+    """The first row (index along the first axis) where hits is true."""
+    return int(np.argwhere(np.asarray(hits))[0][0]) if array.ndim else 0
+
+
+def _check_mask(mask, what: str):
+    if not np.isin(mask, (0, 1)).all():
+        bad = np.asarray(mask)[~np.isin(mask, (0, 1))].flat[0]
+        raise ValueError(f"the {what}'s attention_mask holds {bad} (row {_first_row(mask, ~np.isin(mask, (0, 1)))}):"
+                         f" a mask is 1 for a token and 0 for padding; prepare the data again")
+    empty = ~np.asarray(mask).reshape(len(mask), -1).any(axis=1)
+    if empty.any():
+        raise ValueError(f"{int(empty.sum())} row(s) of the {what} have an all-zero attention_mask (the first: row "
+                         f"{int(np.argmax(empty))}): they hold nothing to score; drop them or prepare the data again")
+
+
 def _stack_rows(dataset) -> dict:
     """{key: (rows, ...) array} of a dataset whose items are dicts of equal-shaped values."""
     items = [dataset[i] for i in range(len(dataset))]

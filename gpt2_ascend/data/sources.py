@@ -13,7 +13,7 @@ import sys
 
 import numpy as np
 
-from ..fileio import sha256_file
+from ..fileio import check_path, sha256_file
 from . import hf_datasets, text, txtcls, wikitext2
 from .store import (FORMAT_VERSION, TXTCLS_KIND, DamagedDataError, load_arrays, load_blocks, read_sidecar,
                     save_arrays, save_blocks)
@@ -86,6 +86,8 @@ def load_token_blocks(path, max_length: int, tokenizer=None, mindformers_compat:
     prepared now (and cached as .npy in cache_dir when given, reused while source and tokenizer are unchanged), or
     from a `datasets` source (text_column, text_format, split, num_proc: data/hf_datasets.py; raw files ignore
     them)."""
+    if isinstance(path, str):
+        check_path(path, "dataset")
     if hf_datasets.is_datasets_source(path):
         return _datasets_token_blocks(path, max_length, tokenizer, mindformers_compat, cache_dir, split,
                                       dict(text_column=text_column, text_format=text_format, num_proc=num_proc))
@@ -136,6 +138,8 @@ def load_txtcls(path, max_length: int, tokenizer=None, cache_dir: str | None = N
     .tsv, IMDB / AG News .csv: data/txtcls.py) prepared now (and cached as .npz in cache_dir when given), or from a
     `datasets` source (text_column, label_column, split: data/hf_datasets.py; raw files ignore them)."""
     raw_csv = dataset_name in ("imdb", "ag_news")  # their .csv files are MindFormers' layouts, not data files
+    if isinstance(path, str):
+        check_path(path, "dataset")
     if hf_datasets.is_datasets_source(path, raw_csv):
         return _datasets_txtcls(path, max_length, tokenizer, cache_dir, split, raw_csv,
                                 dict(text_column=text_column, label_column=label_column))

@@ -11,13 +11,13 @@ half-written file under the final name.
 from __future__ import annotations
 
 import hashlib
-import json
 import os
 import zipfile
 
 import numpy as np
 
 from ..fileio import atomic_write, write_json
+from ..schema import EXTRA, Key, is_sha256, parse, read_json
 
 FORMAT_VERSION = 1
 BLOCKS_KIND = "token_blocks"
@@ -64,23 +64,49 @@ def sidecar_path(path: str) -> str:
     return path + ".json"
 
 
+def _checksums(value):
+    """A sidecar's sha256: one checksum (token blocks), or one per array (classification data)."""
+    digests = list(value.values()) if isinstance(value, dict) else [value]
+    if not digests or not all(is_sha256(d) for d in digests):
+        raise ValueError(CHECKSUMS)
+    return value
+
+
+CHECKSUMS = "a sha256 (64 lowercase hex digits), or a mapping of array names to sha256s"
+
+
+# a data file's JSON sidecar (save_blocks / save_arrays write it): what the readers use is checked; the rest (the
+# preparation's settings, the tokenizer's checksums) is a record for people and for the cache's key
+SIDECAR_KEYS = {
+    "format_version": Key(None, "int", minimum=1), "kind": Key(None, "choice", (BLOCKS_KIND, TXTCLS_KIND)),
+    "dtype": Key(None, "str"), "num_blocks": Key(None, "int", minimum=0), "num_rows": Key(None, "int", minimum=0),
+    "max_length": Key(None, "int", minimum=1), "source": Key(None, "str"),
+    "sha256": Key(None, "any", convert=_checksums, expects=CHECKSUMS),
+    "cache_key": Key(None, "map", items=Key(None, "any")), EXTRA: Key(None, "any"),
+}
+
+
 def read_sidecar(path: str) -> dict | None:
-    """The JSON sidecar of a data file, or None when it has none."""
+    """The JSON sidecar of a data file (checked: SIDECAR_KEYS), or None when it has none."""
     side = sidecar_path(path)
     if not os.path.isfile(side):
         return None
     try:
-        with open(side, encoding="utf-8") as f:
-            meta = json.load(f)
-    except (OSError, ValueError) as e:
-        raise ValueError(f"corrupt sidecar {side} ({e}): delete it and prepare the data again") from None
-    if not isinstance(meta, dict):
-        raise ValueError(f"corrupt sidecar {side}: not a JSON object; delete it and prepare the data again")
+        meta = parse(read_json(side), SIDECAR_KEYS, side, defaults=False)  # (a key left out stays out)
+    except ValueError as e:
+        raise ValueError(f"corrupt sidecar: {e}; delete it and prepare the data again") from None
     version = meta.get("format_version")
     if version is not None and version > FORMAT_VERSION:
         raise ValueError(f"{side} has data format version {version}, newer than this code's {FORMAT_VERSION}: "
                          f"upgrade gpt2_ascend or prepare the data again")
     return meta
+
+
+def _check_kind(path: str, meta: dict, kind: str):
+    """A sidecar describes the kind of data its file holds (a classification sidecar beside token blocks: not ours)."""
+    if meta.get("kind") not in (None, kind):
+        raise ValueError(f"{sidecar_path(path)} describes {meta['kind']} data, but {path} is read as {kind}: the sidecar "
+                         f"belongs to another file; prepare the data again")
 
 
 # ---------------------------------------------------------------------------------------------------- token blocks
@@ -112,6 +138,7 @@ def load_blocks(path: str, verify: bool = True) -> np.ndarray:
                          f"got shape {array.shape} dtype {array.dtype}")
     meta = read_sidecar(path)
     if meta is not None:
+        _check_kind(path, meta, BLOCKS_KIND)
         expected = (meta.get("num_blocks"), meta.get("max_length"), meta.get("dtype"))
         if expected != (array.shape[0], array.shape[1], array.dtype.name):
             raise ValueError(f"{path} does not match its sidecar: array {array.shape} {array.dtype.name}, sidecar "
@@ -156,6 +183,7 @@ def load_arrays(path: str) -> dict:
         raise ValueError(f"{path} has inconsistent shapes: input_ids {ids.shape}, attention_mask {mask.shape}, "
                          f"labels {labels.shape}; prepare it again")
     meta = read_sidecar(path) or {}
+    _check_kind(path, meta, TXTCLS_KIND)
     recorded = meta.get("sha256") if isinstance(meta.get("sha256"), dict) else {}
     for key in TXTCLS_KEYS:
         _check_sha256(path, key, arrays[key], recorded.get(key), meta)

@@ -5,10 +5,10 @@ The class matters for exports: transformers 5 saves a generic PreTrainedTokenize
 which both major versions load (4.x picks its GPT2TokenizerFast, 5.x its GPT2Tokenizer)."""
 from __future__ import annotations
 
-import json
 import os
 import shutil
 
+from ..schema import EXTRA, MAX_SIZE, REQUIRED, Key, SchemaError, check, parse, read_json
 from .download import default_data_dir
 
 EOS_TOKEN = "<|endoftext|>"
@@ -38,18 +38,21 @@ def tokenizer_for(model_path: str, explicit: str | None = None) -> str | None:
     return model_path if holds_tokenizer(model_path) else None
 
 
+# vocab.json: {token: id}, every id a distinct integer in [0, 2^24) (a token given twice is refused by read_json)
+VOCAB = Key(REQUIRED, "map", items=Key(REQUIRED, "int", minimum=0, below=MAX_SIZE), expects="a mapping of tokens to ids")
+
+
 def check_bpe_files(vocab_path: str, merges_path: str):
     """vocab.json and merges.txt must be whole and a pair: a damaged file is one ValueError naming it (the
     tokenizers library raises a bare Exception, and reads a truncated merges.txt without complaint, tokenizing
     differently)."""
-    try:
-        with open(vocab_path, encoding="utf-8") as f:
-            vocab = json.load(f)
-        if not isinstance(vocab, dict) or not all(isinstance(i, int) for i in vocab.values()):
-            raise ValueError("not a JSON object of token -> id")
-    except (UnicodeDecodeError, ValueError) as e:
-        raise ValueError(f"{vocab_path} is damaged or not a BPE vocabulary ({str(e).splitlines()[0]}): "
-                         f"re-copy the tokenizer files") from None
+    vocab = check(read_json(vocab_path, fix="re-copy the tokenizer files"), VOCAB, "vocab", vocab_path)
+    ids = {}
+    for token, i in vocab.items():  # each id names one token: a second would decode to the wrong text
+        if i in ids:
+            raise SchemaError(f"{vocab_path} gives the id {i} to two tokens ({ids[i]!r} and {token!r}): it is damaged "
+                              f"or not a BPE vocabulary; re-copy the tokenizer files")
+        ids[i] = token
     try:
         with open(merges_path, encoding="utf-8") as f:
             lines = f.read().split("\n")
@@ -79,6 +82,35 @@ def _check_every_token_is_made(vocab: dict, merges: list, vocab_path: str, merge
                          f"files are not a pair; re-copy the tokenizer files")
 
 
+def _special_token(value):
+    """A special token as transformers writes it: the text, or {"content": text, ...} (an AddedToken)."""
+    if isinstance(value, str) or (isinstance(value, dict) and isinstance(value.get("content"), str)):
+        return value
+    raise ValueError("a token: its text, or a mapping with its text as content")
+
+
+SPECIAL_TOKEN = Key(None, "any", convert=_special_token, expects="a token: its text, or a mapping with its content")
+SPECIAL_TOKENS = {name: SPECIAL_TOKEN for name in ("bos_token", "eos_token", "unk_token", "pad_token")}
+# tokenizer_config.json / special_tokens_map.json: what transformers reads from them with a meaning here is checked
+# (transformers' own errors named vocab.json); the rest is left to transformers
+TOKENIZER_SETTINGS = {
+    "tokenizer_config.json": {
+        **SPECIAL_TOKENS, "add_prefix_space": Key(False, "bool"), "add_bos_token": Key(False, "bool"),
+        "add_eos_token": Key(False, "bool"), "clean_up_tokenization_spaces": Key(False, "bool"),
+        "model_max_length": Key(None, "int", minimum=1, maximum=int(1e30)),  # transformers writes int(1e30): no limit
+        "tokenizer_class": Key(None, "str"), EXTRA: Key(None, "any")},
+    "special_tokens_map.json": {**SPECIAL_TOKENS, EXTRA: Key(None, "any")},
+}
+
+
+def check_tokenizer_settings(path: str):
+    """A tokenizer directory's settings files, when it has them, checked (TOKENIZER_SETTINGS)."""
+    for name, table in TOKENIZER_SETTINGS.items():
+        file = os.path.join(path, name)
+        if os.path.isfile(file):
+            parse(read_json(file, fix="re-copy the tokenizer files"), table, file)
+
+
 def _gpt2_tokenizer(path: str):
     """GPT2TokenizerFast from a directory with vocab.json + merges.txt or tokenizer.json (transformers reads
     tokenizer.json when there is one). Byte-level BPE decodes exactly what was encoded (LOSSLESS_DECODE)."""
@@ -104,6 +136,7 @@ def load_tokenizer(path_or_hub_id: str | None = None):
             check_bpe_files(vocab, merges)
         elif not os.path.isfile(os.path.join(path, "tokenizer.json")):
             raise FileNotFoundError(f"no tokenizer in {path}: expected vocab.json + merges.txt or tokenizer.json")
+        check_tokenizer_settings(path)
         return _gpt2_tokenizer(path)
     if os.path.exists(path) or path.startswith((".", "/", "~")):
         raise FileNotFoundError(f"tokenizer directory not found: {path}")

@@ -5,10 +5,10 @@ classifier does), so right-padded data from `gpt2_ascend.data.txtcls` evaluates 
 """
 from __future__ import annotations
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 
+from ..data.loader import integer_column
 from ..kv_cache import eval_mode
 from .perplexity import _autocast, _model_device, _model_dtype, _progress
 
@@ -75,7 +75,8 @@ def _arrays(data: dict):
     if not isinstance(data, dict) or any(k not in data for k in REQUIRED_KEYS):
         present = sorted(data) if isinstance(data, dict) else type(data).__name__
         raise ValueError(f"classification data must be a dict with {', '.join(REQUIRED_KEYS)}; got {present}")
-    input_ids, attention_mask, labels = (torch.as_tensor(np.asarray(data[k])).long() for k in REQUIRED_KEYS)
+    input_ids, attention_mask, labels = (torch.as_tensor(integer_column(data[k], k, "classification data")).long()
+                                         for k in REQUIRED_KEYS)  # fractional values refused, not truncated
     if input_ids.dim() != 2 or attention_mask.shape != input_ids.shape:
         raise ValueError(f"input_ids {tuple(input_ids.shape)} and attention_mask {tuple(attention_mask.shape)} "
                          f"must both be (examples, seq_length)")

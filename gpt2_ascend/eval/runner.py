@@ -8,6 +8,7 @@ import time
 
 import numpy as np
 
+from ..data.loader import checked_columns
 from ..data.tokenizer import tokenizer_for
 from ..device import resolve_device
 from ..hf import resolve_model_path
@@ -49,6 +50,9 @@ def run_perplexity(model_path: str, dataset: str, seq_length: int = 1024, stride
     """Perplexity of a checkpoint on a dataset, with the run's settings in the result. strategy, n_head, activation:
     for MindSpore weights (a distributed checkpoint's strategy; what a .ckpt does not store)."""
     _require_exists(dataset)  # before loading a model that may take minutes
+    if not isinstance(seq_length, int) or seq_length < 2:
+        raise ValueError(f"seq_length must be an integer >= 2 (a block predicts its last seq_length - 1 tokens), got "
+                         f"{seq_length!r}")
     path = resolve_model_path(model_path)  # a hub id: its snapshot folder (tokenizer files included)
     device = resolve_device(device)
     model = load_model(path, LANGUAGE_MODEL, device=device, adapter=adapter, strategy=strategy,
@@ -58,6 +62,7 @@ def run_perplexity(model_path: str, dataset: str, seq_length: int = 1024, stride
                          f"n_positions={model.config.n_positions}; pass --seq_length {model.config.n_positions} or less")
     tokens = load_eval_tokens(dataset, seq_length, stride, tokenizer_for(path, tokenizer),
                               mindformers_compat, cache_dir)
+    tokens = checked_columns(tokens, model.config.vocab_size, what=f"evaluation data {dataset}")["input_ids"]
     start = time.perf_counter()
     result = perplexity(model, tokens, seq_length, batch_size=batch_size, stride=stride, protocol=protocol,
                         precision=precision, progress=progress)
@@ -73,6 +78,8 @@ def run_classification(model_path: str, dataset: str, max_length: int = 128, bat
     """Accuracy (and per-class counts) of a sequence classifier on a .tsv or prepared .npz (strategy, n_head,
     activation: as run_perplexity)."""
     _require_exists(dataset)
+    if not isinstance(max_length, int) or max_length < 1:
+        raise ValueError(f"max_length must be a positive integer, got {max_length!r}")
     from ..data.sources import load_txtcls
     path = resolve_model_path(model_path)
     device = resolve_device(device)
@@ -83,6 +90,7 @@ def run_classification(model_path: str, dataset: str, max_length: int = 128, bat
                          f"n_positions={model.config.n_positions}; pass --max_length {model.config.n_positions} or less")
     data = load_txtcls(dataset, max_length, tokenizer=tokenizer_for(path, tokenizer), cache_dir=cache_dir,
                        dataset_name=dataset_name, split="validation")  # (a datasets source's split)
+    data = checked_columns(data, model.config.vocab_size, model.config.num_labels, f"evaluation data {dataset}")
     start = time.perf_counter()
     result = classification_accuracy(model, data, batch_size=batch_size, precision=precision, progress=progress)
     return dict(task="text_classification", model=model_path, adapter=adapter, dataset=dataset,

@@ -27,6 +27,7 @@ import re
 import torch
 
 from ..config import MINDFORMERS_ACTIVATIONS, PRESETS, GPT2Config
+from ..schema import MAX_SIZE, yaml_load
 
 WTE = "backbone.embedding.word_embedding.embedding_table"
 WPE = "backbone.embedding.position_embedding.embedding_table"
@@ -165,7 +166,7 @@ def read_recipe_shape(path: str) -> dict:
     import yaml
     try:
         with open(path, encoding="utf-8") as f:
-            recipe = yaml.safe_load(f)
+            recipe = yaml_load(f.read(), f"--config {path}")  # bounded: an alias bomb is one line
     except FileNotFoundError:
         raise FileNotFoundError(f"--config {path}: file not found") from None
     except (OSError, UnicodeDecodeError, yaml.YAMLError) as e:
@@ -179,8 +180,8 @@ def read_recipe_shape(path: str) -> dict:
                       ("vocab_size", "vocab_size")):
         if key in model_config:
             value = model_config[key]
-            if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
-                raise ValueError(f"--config {path}: model.model_config.{key} must be a positive integer, "
+            if isinstance(value, bool) or not isinstance(value, int) or not 0 < value <= MAX_SIZE:
+                raise ValueError(f"--config {path}: model.model_config.{key} must be an integer in [1, {MAX_SIZE}], "
                                  f"got {value!r}")
             shape[ours] = value
     act = model_config.get("hidden_act")

@@ -22,6 +22,7 @@ from __future__ import annotations
 import argparse
 from dataclasses import dataclass
 
+from ..budget import block_parameter_split
 from ..config import GPT2Config
 
 GIB = 1024 ** 3
@@ -41,8 +42,7 @@ class Layout:
 def parameter_split(config: GPT2Config, layout: Layout) -> tuple[float, float]:
     """(parameters on the busiest device, of which TP-split) for the first pipeline stage."""
     h, layers, t, p = config.n_embd, config.n_layer, layout.model_parallel, layout.pipeline_stage
-    block_split = 4 * h * h + 2 * h * config.inner_dim + 3 * h + config.inner_dim  # matmul weights + their biases
-    block_whole = 4 * h + h  # two layer norms + the row-parallel biases, replicated
+    block_split, block_whole = block_parameter_split(config)  # the budget's count (budget.parameter_count)
     blocks = -(-layers // p)
     embed_split = config.padded_vocab_size * h
     embed_whole = config.n_positions * h + 2 * h  # position embedding, final norm

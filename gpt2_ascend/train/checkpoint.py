@@ -29,7 +29,9 @@ class FileCheckpointer:
                                     meta=dict(self.meta, step=trainer.step), keep=self.keep)
 
     def load(self, trainer, path: str):
-        trainer.load_state_dict(ckpt.load_checkpoint(path))
+        with ckpt.reading(path):
+            states = ckpt.load_checkpoint(path)
+        trainer.load_state_dict(states)
 
 
 class ShardedCheckpointer(FileCheckpointer):
@@ -56,4 +58,6 @@ class ShardedCheckpointer(FileCheckpointer):
 
     def load(self, trainer, path: str):
         from ..parallel.checkpoint import load_sharded
-        trainer.load_trainer_state(load_sharded(path, trainer.model, trainer.optimizer))
+        with ckpt.reading(path):
+            state = load_sharded(path, trainer.model, trainer.optimizer)
+        trainer.load_trainer_state(state)

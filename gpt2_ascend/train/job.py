@@ -22,7 +22,9 @@ import torch
 from ..config import GPT2Config
 from ..model import LANGUAGE_MODEL
 from ..parallel.mesh import ParallelConfig
+from ..schema import Key, check_fields, parse
 from .optim import UPDATE_RULES, LRSchedule, resolve_total_steps, warmup_of
+from .recipe import SCHEDULE_TYPES, SCHEMA
 from .trainer import TrainSettings
 
 
@@ -52,12 +54,32 @@ RECIPE_NAMES = ArgumentNames(resume_auto="resume_training=auto", max_steps="runn
                              device_cpu="device=cpu")
 
 
+# ---------------------------------------------------------------------------------------------
+# what the Python API's settings accept: the recipe's own Keys (one definition of every range), named as Python names
+# them (bad value inf for 'learning_rate' in OptimizerSettings: expected a finite number > 0)
+# ---------------------------------------------------------------------------------------------
+def recipe_key(dotted: str, **changes) -> Key:
+    """The Key of a recipe key (lr_schedule.learning_rate), with some settings changed (nullable for a None)."""
+    node = SCHEMA
+    for part in dotted.split("."):
+        node = node[part]
+    return node.but(**changes) if changes else node
+
+
+def python_keys(fields: dict) -> dict:
+    """{field: Key} from {field: recipe key, or a Key of its own}."""
+    return {name: spec if isinstance(spec, Key) else recipe_key(spec) for name, spec in fields.items()}
+
+
 @dataclass(frozen=True)
 class LoraSettings:
     rank: int = 64
     alpha: float = 128.0
     dropout: float = 0.1
     target_modules: tuple = ("c_attn",)
+
+    def __post_init__(self):
+        check_fields(self, LORA_KEYS, "LoraSettings")
 
 
 @dataclass(frozen=True)
@@ -74,6 +96,9 @@ class ModelSpec:
     seq_length: int = 1024
     lora: LoraSettings | None = None
     recompute: str = "none"  # none | full | selective
+
+    def __post_init__(self):
+        check_fields(self, MODEL_KEYS, "ModelSpec")
 
     @property
     def source(self) -> str:
@@ -96,6 +121,9 @@ class DataSplit:
     split: str | None = None  # of a hub id or DatasetDict; None: train for training data, validation for evaluation
     num_proc: int | None = None  # processes that tokenize (Dataset.map num_proc)
 
+    def __post_init__(self):
+        check_fields(self, DATA_KEYS, "DataSplit")
+
 
 @dataclass(frozen=True)
 class OptimizerSettings:
@@ -116,6 +144,9 @@ class OptimizerSettings:
     beta2: float = 0.95
     eps: float = 1e-8
     weight_decay: float = 0.1
+
+    def __post_init__(self):
+        check_fields(self, OPTIMIZER_KEYS, "OptimizerSettings")
 
     @property
     def rule(self) -> str:
@@ -170,6 +201,11 @@ class TrainJob:
     recipe: dict | None = None  # the resolved recipe it came from, written as OUTPUT_DIR/recipe.yaml
     names: ArgumentNames = PYTHON_NAMES
 
+    def __post_init__(self):
+        check_fields(self, JOB_KEYS, "TrainJob")
+        check_fields(self.settings, SETTINGS_KEYS, "TrainSettings")  # (trainer.py's dataclass, checked here)
+        parse(self.generation, GENERATION_KEYS, "TrainJob(generation=...)", defaults=False)
+
     @property
     def architecture(self) -> str:
         return self.model.architecture if isinstance(self.model, ModelSpec) else self.model.hf_architecture
@@ -177,6 +213,43 @@ class TrainJob:
     @property
     def max_steps(self) -> int | None:
         return self.settings.total_steps
+
+
+PYTHON_STEPS = Key(None, "int", minimum=1, nullable=True)  # None: the data's length (a recipe's -1)
+LORA_KEYS = python_keys(dict(rank="model.model_config.pet_config.lora_rank",
+                             alpha="model.model_config.pet_config.lora_alpha",
+                             dropout="model.model_config.pet_config.lora_dropout"))
+OPTIMIZER_KEYS = python_keys(dict(
+    type="optimizer.type", learning_rate="lr_schedule.learning_rate", lr_end="lr_schedule.lr_end",
+    lr_schedule=Key("polynomial", "choice", tuple(dict.fromkeys(SCHEDULE_TYPES.values()))),
+    warmup_steps="lr_schedule.warmup_steps", warmup_lr_init="lr_schedule.warmup_lr_init", power="lr_schedule.power",
+    schedule_steps="lr_schedule.total_steps", warmup_ratio="lr_schedule.warmup_ratio",
+    num_cycles="lr_schedule.num_cycles", decay_steps="lr_schedule.decay_steps", beta1="optimizer.beta1",
+    beta2="optimizer.beta2", eps="optimizer.eps", weight_decay="optimizer.weight_decay"))
+SETTINGS_KEYS = python_keys(dict(
+    total_steps=PYTHON_STEPS, precision=Key("fp32", "choice", ("fp32", "bf16", "fp16")),
+    max_grad_norm=recipe_key("runner_wrapper.max_grad_norm", nullable=True),  # None: no clipping
+    step_rule=Key("torch", "choice", tuple(dict.fromkeys(UPDATE_RULES.values()))),
+    log_interval="callbacks.MFLossMonitor.per_print_times",
+    save_steps=recipe_key("callbacks.CheckpointMonitor.save_checkpoint_steps", nullable=True),
+    eval_interval=recipe_key("eval_step_interval", nullable=True),
+    loss_scale="runner_wrapper.scale_sense.loss_scale_value", scale_factor="runner_wrapper.scale_sense.scale_factor",
+    scale_window="runner_wrapper.scale_sense.scale_window", max_consecutive_skips="runner_wrapper.max_consecutive_skips",
+    progress="runner_config.progress_bar"))
+JOB_KEYS = python_keys(dict(
+    batch_size="runner_config.batch_size", gradient_accumulation_steps="runner_config.gradient_accumulation_steps",
+    global_batch_size="runner_config.global_batch_size", epochs="runner_config.epochs",
+    shuffle="train_dataset.data_loader.shuffle", eval_batch_size="eval_dataset.batch_size", seed="seed",
+    keep_checkpoints="callbacks.CheckpointMonitor.keep_checkpoint_max", use_parallel="use_parallel",
+    meta_init="parallel.meta_init", compile="runner_config.compile", compile_scope="runner_config.compile_scope",
+    loss_chunk_size="runner_config.loss_chunk_size", run_mode="run_mode"))
+MODEL_KEYS = python_keys(dict(seq_length="model.model_config.seq_length", recompute="parallel.recompute"))
+DATA_KEYS = python_keys(dict(max_samples="train_dataset.max_samples", num_proc="preprocessing_num_workers"))
+GENERATION_KEYS = python_keys(dict(  # the export's generation_config.json, under the recipe's names
+    do_sample="model.model_config.do_sample", temperature="model.model_config.temperature",
+    top_k="model.model_config.top_k", top_p="model.model_config.top_p",
+    repetition_penalty="model.model_config.repetition_penalty",
+    max_decode_length="model.model_config.max_decode_length"))
 
 
 def resolve_path(path: str) -> str:

@@ -26,8 +26,9 @@ import torch
 
 from .. import checkpoints as ckpt
 from .. import device as dev
+from ..budget import parameter_count
 from ..config import GenerationConfig
-from ..data.loader import StepLoader, as_columns, causal_lm_inputs
+from ..data.loader import StepLoader, as_columns, causal_lm_inputs, checked_columns
 from ..fileio import write_json
 from ..lora import unwrap_model
 from ..model import CLASSIFIER, LANGUAGE_MODEL, model_class
@@ -63,7 +64,7 @@ def run_training(recipe_or_job, overwrite: bool = False, log=print) -> dict:
         resume_path = prepare_output(job, dims, overwrite, scope, log)
         seed_everything(job.seed, dims.device)
         train_data, eval_data = load_data(job, dims)
-        pm, model = build_model(job, dims, train_data, eval_data, log)
+        pm, model, train_data, eval_data = build_model(job, dims, train_data, eval_data, log)
         trainer, metrics = build_trainer(job, pm, model, train_data, eval_data, resume_path, log)
         last, seconds, start_step = train(job, trainer, metrics, stop)
         return finish(job, trainer, metrics, last, seconds, start_step)
@@ -163,30 +164,82 @@ def prepare_output(job: TrainJob, dims: ParallelDims, overwrite: bool, scope: co
 
 
 def resume_point(job: TrainJob, overwrite: bool, log) -> str | None:
-    """The checkpoint to resume from (None: a fresh run), or a one-line error. Changes nothing on disk:
-    clearing an earlier run waits until the whole run has been validated (begin_run)."""
-    names, root, resume = job.names, ckpt.checkpoint_root(job.output_dir), job.resume
+    """The checkpoint to resume from (None: start at step 0), or a one-line error, by the state of OUTPUT_DIR
+    (rundir.run_state: empty, started, finished; the table is in docs/reliability.md). A directory that holds a run
+    is never started over without overwrite, and no input that the run would delete or replace is used. Changes
+    nothing on disk: clearing an earlier run waits until the whole run has been validated (begin_run)."""
+    names, out, resume = job.names, job.output_dir, job.resume
+    state = rundir.run_state(out)
     if resume and resume != "auto":
         path = resolve_path(resume)
         ckpt.verify_checkpoint(path)  # an explicit path must be good: CheckpointError otherwise
         check_same_start(job, path)
-        return path
-    if resume == "auto":
-        path = ckpt.find_resume_checkpoint(root, report=_warn)
-        if path is None:
-            found = ckpt.list_checkpoints(root)
-            if found and not overwrite:  # resuming was asked for: do not silently start over on top of them
-                raise ckpt.CheckpointError(f"{names.resume_auto} found {len(found)} checkpoint(s) in {root} but none "
-                                           f"is complete and intact; delete them, or pass {names.overwrite} to "
-                                           f"start over")
-            log(f"no complete checkpoint in {root}: starting from step 0")
-        else:
+        if state.kind != "empty" and not continues_this_run(job, path) and not overwrite:
+            raise ValueError(f"{out} holds {state}, and {path} is a checkpoint of another run: pass "
+                             f"{names.overwrite} to replace the run in {out} by its continuation, or another "
+                             f"{names.output_dir}")
+    elif resume == "auto":
+        path = ckpt.find_resume_checkpoint(ckpt.checkpoint_root(out), report=_warn)
+        if path is not None:
             check_same_start(job, path)
-        return path
-    if rundir.holds_a_run(job.output_dir) and not overwrite:
-        raise ValueError(f"{job.output_dir} already holds a training run: pass {names.resume_auto} to continue it, "
-                         f"{names.overwrite} to start over, or another {names.output_dir}")
-    return None
+        elif state.kind != "empty" and not overwrite:  # resuming was asked for: never silently start over
+            raise ckpt.CheckpointError(f"{names.resume_auto} has nothing to resume in {out}: it holds {state} but "
+                                       f"{rundir.describe_checkpoints(out)}; pass {names.overwrite} to start it again "
+                                       f"from step 0, or another {names.output_dir}")
+        else:
+            log(f"no complete checkpoint in {ckpt.checkpoint_root(out)}: starting from step 0")
+    else:
+        path = None
+        if state.kind != "empty" and not overwrite:
+            raise ValueError(f"{out} already holds a training run: pass {names.resume_auto} to continue it, "
+                             f"{names.overwrite} to start over, or another {names.output_dir}; it holds {state}")
+    refuse_inputs_inside_outputs(job, keep=path, clearing=state.kind != "empty" and clears_outputs(job, path))
+    return path
+
+
+def clears_outputs(job: TrainJob, resume_path: str | None) -> bool:
+    """Whether the run deletes what an earlier run wrote into OUTPUT_DIR before its first write (begin_run): when it
+    starts at step 0, or continues a checkpoint of another run there (both need overwrite over a run)."""
+    return resume_path is None or not continues_this_run(job, resume_path)
+
+
+def continues_this_run(job: TrainJob, path: str) -> bool:
+    """A checkpoint of the run in OUTPUT_DIR itself (in its checkpoint/, followed where it is a symlink)."""
+    root = os.path.realpath(ckpt.checkpoint_root(job.output_dir))
+    return os.path.realpath(path).startswith(root + os.sep)
+
+
+def run_inputs(job: TrainJob) -> list[tuple[str, str]]:
+    """(how the error names it, path) of every file or folder the run reads: start weights (and an adapter's base),
+    data files, tokenizer, data cache, resume checkpoint."""
+    names, found = job.names, []
+    if isinstance(job.model, ModelSpec) and job.model.source:
+        found.append((names.load_checkpoint, job.model.source))
+        if continues_adapter(job.model.source):
+            from ..lora import adapter_base
+            found.append((f"the base model of the adapter {job.model.source}", adapter_base(job.model.source)))
+    for what, split in (("the training data", job.train_data), ("the evaluation data", job.eval_data)):
+        if isinstance(split, DataSplit) and isinstance(split.path, str):
+            found.append((what, resolve_path(split.path)))
+    found += [("tokenizer", resolve_path(job.tokenizer)), ("data_cache_dir", resolve_path(job.data_cache_dir))]
+    if job.resume and job.resume != "auto":
+        found.append(("the checkpoint to resume", resolve_path(job.resume)))
+    return [(what, path) for what, path in found if path and os.path.exists(path)]
+
+
+def refuse_inputs_inside_outputs(job: TrainJob, keep: str | None, clearing: bool):
+    """No input may lie inside OUTPUT_DIR's run outputs (checkpoint/, final/, ...): this run deletes them first
+    (clearing: starting over with overwrite) or replaces them as it goes (final/ at the end, old checkpoints
+    pruned), and a LoRA run would lose its base model. keep: the checkpoint this run resumes (its own, by design)."""
+    out = job.output_dir
+    for what, path in run_inputs(job):
+        name = rundir.output_holding(path, out)
+        if name is None or (keep and os.path.realpath(path) == os.path.realpath(keep)):
+            continue
+        fate = f"which {job.names.overwrite} deletes before this run starts" if clearing else \
+            "which this run replaces as it goes"
+        raise ValueError(f"{what} {path} lies inside {os.path.join(out, name)}, {fate}: copy it out of {out} "
+                         f"first, or pass another {job.names.output_dir}")
 
 
 def check_same_start(job: TrainJob, path: str):
@@ -270,20 +323,13 @@ def first_rows(data, n: int | None):
     return data[:n]
 
 
-def check_ranges(data, model_config, what: str):
-    """Token ids inside the vocabulary and labels inside num_labels, checked once up front (an id out of
-    range would otherwise fail deep inside the embedding lookup)."""
-    columns = as_columns(data)
-    ids = columns["input_ids"]
-    top = int(np.asarray(ids).max()) if len(ids) else 0
-    if top >= model_config.vocab_size:
-        raise ValueError(f"the {what} holds token id {top} but the model's vocab_size is {model_config.vocab_size}: "
-                         f"was it prepared with another tokenizer? (or set model.model_config.vocab_size)")
-    if "labels" in columns and len(columns["labels"]):
-        labels = np.asarray(columns["labels"])
-        if labels.min() < 0 or labels.max() >= model_config.num_labels:
-            raise ValueError(f"the {what} holds labels {labels.min()}..{labels.max()} but num_labels is "
-                             f"{model_config.num_labels}: set model.model_config.num_labels")
+def check_data(data, model, what: str) -> dict:
+    """The data's columns, checked against the model once up front (data/loader.checked_columns: integers, ids in
+    its vocabulary, labels in its classes, 0/1 masks, no row without a token); a bad id would otherwise fail deep
+    inside the embedding lookup, a -100 silently drop out of the loss."""
+    config = unwrap_model(model).config
+    classifier = unwrap_model(model).hf_architecture == CLASSIFIER
+    return checked_columns(data, config.vocab_size, config.num_labels if classifier else None, what)
 
 
 def model_inputs(data, architecture: str) -> dict:
@@ -296,11 +342,13 @@ def model_inputs(data, architecture: str) -> dict:
 # build_model
 # ---------------------------------------------------------------------------------------------
 def build_model(job: TrainJob, dims: ParallelDims, train_data, eval_data, log):
-    """(ParallelModel, the model as built: a PEFT wrapper for LoRA runs). Distributed runs build on the CPU and
-    parallelize moves this rank's part to its device; above META_INIT_PARAMS (or with meta_init) they build on the
-    meta device and each rank allocates and fills only its shards."""
+    """(ParallelModel, the model as built: a PEFT wrapper for LoRA runs, and the data's columns checked against it:
+    check_data). Its training memory is budgeted before anything is built (require_training_memory). Distributed
+    runs build on the CPU and parallelize moves this rank's part to its device; above META_INIT_PARAMS (or with
+    meta_init) they build on the meta device and each rank allocates and fills only its shards."""
     overrides = dict(pad_vocab_size_multiple=vocab_multiple(dims.pc, model_shape(job).pad_vocab_size_multiple)) \
         if dims.distributed else {}
+    require_training_memory(job, dims, overrides)
     fill = None
     if dims.distributed and isinstance(job.model, ModelSpec) and use_meta_init(job, overrides):
         from ..parallel.materialize import filler
@@ -312,12 +360,11 @@ def build_model(job: TrainJob, dims: ParallelDims, train_data, eval_data, log):
         model = job.model.to(dims.device)
     base = unwrap_model(model)
     configure_speed(base, job, dims, log)
-    check_ranges(train_data, base.config, "training data")
-    if eval_data is not None:
-        check_ranges(eval_data, base.config, "evaluation data")
+    train_data = check_data(train_data, model, "training data")
+    eval_data = None if eval_data is None else check_data(eval_data, model, "evaluation data")
     pm = parallelize(model, dims, compile=job.compile, compile_scope=job.compile_scope, per_head=not uses_lora(job),
                      fill=fill)
-    return pm, model
+    return pm, model, train_data, eval_data
 
 
 def model_from_spec(spec: ModelSpec, device: torch.device, log=print, config_overrides: dict | None = None):
@@ -411,13 +458,53 @@ def use_meta_init(job: TrainJob, overrides: dict) -> bool:
     """meta_init, or automatically for models above META_INIT_PARAMS."""
     if job.meta_init is not None:
         return job.meta_init
+    config = start_config(job.model, overrides) or job.model.config
+    return parameter_count(config) > META_INIT_PARAMS
+
+
+def start_config(spec: ModelSpec, overrides: dict | None = None):
+    """The config of the model a spec builds, read without any weight: the spec's own for a fresh model, or the
+    config.json of its load_checkpoint (an HF directory or weight file beside one, one of our checkpoints, a
+    torchrun run's sharded one); None where only loading tells (a hub id, a MindFormers .ckpt, an adapter)."""
+    from ..config import GPT2Config
     from ..hf import load_config
-    from ..model import GPT2LMHeadModel
-    source = job.model.source
-    config = load_config(source) if source and os.path.isfile(os.path.join(source, "config.json")) and \
-        not ckpt.is_sharded(source) else job.model.config
-    with torch.device("meta"):  # counting costs no memory
-        return GPT2LMHeadModel(config).num_parameters() > META_INIT_PARAMS
+    source, changes = spec.source, dict(spec.overrides, **(overrides or {}))
+    if not source:
+        return spec.config.replace(**(overrides or {}))
+    if continues_adapter(source) or not os.path.exists(source):
+        return None
+    if os.path.isdir(source) and ckpt.is_sharded(source):
+        from ..safe_dcp import read_meta
+        return GPT2Config.from_hf_dict(read_meta(source)["model_config"]).replace(**changes)
+    folder = source if os.path.isdir(source) else os.path.dirname(source)
+    return load_config(source, **changes) if os.path.isfile(os.path.join(folder, "config.json")) else None
+
+
+def require_training_memory(job: TrainJob, dims: ParallelDims, overrides: dict):
+    """Before the model is built: what training it certainly holds on this rank's device (weights, gradients and
+    AdamW's two moments, 16 bytes a parameter, + the 16-bit copies of mixed precision: parallel/memory.py's estimate
+    for the layout, activations left out) fits that device's free memory, and its whole fp32 weights fit the CPU's,
+    where it is built first (unless on the meta device). LoRA runs train adapters only: the loader and apply_lora
+    budget theirs. MemoryBudgetError, one line, otherwise."""
+    if not isinstance(job.model, ModelSpec) or uses_lora(job):
+        return
+    config = start_config(job.model, overrides)
+    if config is None:
+        return
+    from ..budget import model_bytes, require_memory, shape_of
+    from ..parallel.memory import GIB, Layout, estimate
+    pc, precision = dims.pc, job.settings.precision
+    layout = Layout(pc.data_parallel, pc.model_parallel, pc.pipeline_stage, pc.optimizer_shard)
+    plan = estimate(config, layout, job.batch_size, seq_length(job), precision)
+    nbytes = int((plan["model_states_gib"] + plan["weight_copies_gib"]) * GIB)
+    per_device = " per device" if dims.distributed else ""
+    what = (f"training the model ({shape_of(config)}: {plan['params_per_device']:,.0f} parameters{per_device} x 16 "
+            f"bytes of weights, gradients and AdamW states{' + 16-bit copies' if precision != 'fp32' else ''})")
+    fix = "use a smaller model, a device with more memory, or split it over devices (parallel.optimizer_shard, " \
+          "model_parallel, pipeline_stage)"
+    require_memory(nbytes, what, dims.device, fix)
+    if not (dims.distributed and use_meta_init(job, overrides)):
+        require_memory(model_bytes(config, 4), f"building the model ({shape_of(config)}) in fp32", "cpu", fix)
 
 
 def build_meta_model(spec: ModelSpec, overrides: dict, log):
@@ -489,7 +576,7 @@ def build_trainer(job: TrainJob, pm: ParallelModel, model, train_data, eval_data
         if trainer.step == run_steps:
             log(f"the run is already at step {run_steps} of {run_steps}: nothing left to train")
     if job.output_dir is not None:  # everything is checked: only now does OUTPUT_DIR change (on rank 0)
-        dims.on_main(lambda: begin_run(job, fresh=not resume_path))
+        dims.on_main(lambda: begin_run(job, fresh=clears_outputs(job, resume_path)))
     layout = f" on {dims.global_world} processes ({_layout(dims.pc)})" if dims.distributed else ""
     log(f"training {base.num_parameters():,} parameters ({_trainable(model):,} trainable) on "
         f"{dev.device_name(dims.device)} ({settings.precision}){layout}: {run_steps} steps of {job.batch_size} x "

@@ -16,7 +16,7 @@ from .. import device as dev
 from ..model import CLASSIFIER, LANGUAGE_MODEL
 from .job import job_from_recipe
 from .recipe import generation_config, precision
-from .run import check_ranges, model_from_spec, read_split, seq_length
+from .run import check_data, model_from_spec, read_split, seq_length
 from .trainer import seed_everything
 
 METRIC_OF_ARCHITECTURE = {LANGUAGE_MODEL: "PerplexityMetric", CLASSIFIER: "Accuracy"}
@@ -58,17 +58,17 @@ def evaluate_recipe(recipe, log=print, progress: bool = True) -> dict:
     model, device = inference_model(recipe, log)
     job = job_from_recipe(recipe)
     data = read_split(job, job.eval_data, seq_length(job), default_split="validation")
-    check_ranges(data, model.config, "evaluation data")
+    columns = check_data(data, model, "evaluation data")
     batch_size = recipe.eval_dataset.batch_size or recipe.runner_config.batch_size
     prec = precision(recipe)
     start = time.perf_counter()
     if metric == "PerplexityMetric":
         seq = recipe.model.model_config.seq_length
-        r = perplexity(model, data, seq, batch_size=batch_size, protocol="mindformers", precision=prec,
+        r = perplexity(model, columns["input_ids"], seq, batch_size=batch_size, protocol="mindformers", precision=prec,
                        progress=progress)
         result = dict(loss=r["loss"], PPL=r["ppl"], tokens=r["tokens"], blocks=r["blocks"], seq_length=seq)
     else:
-        r = classification_accuracy(model, data, batch_size=batch_size, precision=prec, progress=progress)
+        r = classification_accuracy(model, columns, batch_size=batch_size, precision=prec, progress=progress)
         result = dict(Accuracy=r["accuracy"], correct=r["correct"], total=r["total"], loss=r["loss"],
                       per_class=r["per_class"])
     return dict(metric=metric, **result, batch_size=batch_size, precision=prec, device=str(device),

@@ -14,8 +14,10 @@ import errno
 import fcntl
 import os
 import shutil
+from dataclasses import dataclass
 
 from ..checkpoints import checkpoint_root, list_checkpoints
+from ..fileio import check_path
 
 LOCK_FILE = ".lock"
 # What a training run writes into OUTPUT_DIR (the data cache is not the run's: it is kept).
@@ -28,18 +30,25 @@ class OutputDirBusy(ValueError):
     """Another process holds the output directory's lock (message: one line)."""
 
 
-def make_output_dir(output_dir: str) -> bool:
+def make_output_dir(output_dir: str, tries: int = 3) -> bool:
     """Create output_dir (and its parents) if missing; True when it was created. One-line errors that name
-    --output_dir when it is a file, sits under a file, or cannot be created."""
+    --output_dir when it holds a control character, loops through symlinks, is a file, sits under a file, or
+    cannot be created."""
+    check_path(output_dir, "--output_dir")
     if os.path.isdir(output_dir):
         return False
-    if os.path.exists(output_dir):
+    if os.path.exists(output_dir):  # (a file, or a symlink to one)
         raise ValueError(f"--output_dir {output_dir} is a file, not a directory: pass a directory (it is created "
                          f"if missing)")
+    if os.path.islink(output_dir):
+        raise ValueError(f"--output_dir {output_dir} is a dangling symlink (to {os.readlink(output_dir)}): create "
+                         f"its target, or pass another directory")
     try:
         os.makedirs(output_dir)
     except FileExistsError:  # created by someone else meanwhile (or a file appeared): look again
-        return make_output_dir(output_dir)
+        if tries <= 1:
+            raise ValueError(f"--output_dir {output_dir} cannot be created: it keeps changing while it is created")
+        return make_output_dir(output_dir, tries - 1)
     except NotADirectoryError:
         raise ValueError(f"--output_dir {output_dir} cannot be created: a part of that path is a file, not a "
                          f"directory") from None
@@ -131,10 +140,71 @@ def _same_file(fd: int, path: str) -> bool:
     return (a.st_dev, a.st_ino) == (b.st_dev, b.st_ino)
 
 
-def holds_a_run(output_dir: str) -> bool:
-    """Does output_dir hold what an earlier run wrote (so starting over there needs --overwrite_output_dir)?"""
-    return bool(list_checkpoints(checkpoint_root(output_dir))) or any(
-        os.path.exists(os.path.join(output_dir, name)) for name in ("metrics.jsonl", "summary.json", "final"))
+# ---------------------------------------------------------------------------------------------
+# the run a directory holds: empty, started or finished (docs/reliability.md, "Run directories")
+# ---------------------------------------------------------------------------------------------
+FINISHED_MARKS = ("summary.json", "final")  # written by finish(), after the last step
+
+
+@dataclass(frozen=True)
+class RunState:
+    """What OUTPUT_DIR holds: "empty" (none of RUN_OUTPUTS), "started" (some, but no final/ or summary.json: a run
+    that stopped or is stopping before its end) or "finished"; `found` names the outputs present."""
+    kind: str
+    found: tuple
+    last_step: int | None = None  # the newest step metrics.jsonl records
+
+    def __str__(self) -> str:
+        if self.kind == "empty":
+            return "no training run"
+        def shown(name: str) -> str:
+            if name == "metrics.jsonl" and self.last_step is not None:
+                return f"metrics.jsonl to step {self.last_step}"
+            return name + "/" if name in ("checkpoint", "final", "tensorboard", "wandb", "mlruns") else name
+        return f"a {self.kind} run ({', '.join(shown(name) for name in self.found)})"
+
+
+def run_state(output_dir: str) -> RunState:
+    found = tuple(name for name in RUN_OUTPUTS if os.path.lexists(os.path.join(output_dir, name)))
+    if not found:
+        return RunState("empty", found)
+    from .metrics import read_metrics
+    try:
+        steps = [r.get("step") for r in read_metrics(os.path.join(output_dir, "metrics.jsonl"))]
+    except (OSError, ValueError, AttributeError):
+        steps = []
+    last = next((s for s in reversed(steps) if isinstance(s, int)), None)
+    return RunState("finished" if any(name in found for name in FINISHED_MARKS) else "started", found, last)
+
+
+def describe_checkpoints(output_dir: str) -> str:
+    """Why OUTPUT_DIR/checkpoint has nothing to resume from, in words."""
+    root = checkpoint_root(output_dir)
+    if os.path.islink(root) and not os.path.exists(root):
+        return f"checkpoint/ is a dangling symlink to {os.readlink(root)}"
+    if not os.path.lexists(root):
+        return "checkpoint/ is missing"
+    if not os.path.isdir(root):
+        return "checkpoint/ is not a directory"
+    found = list_checkpoints(root)
+    if not found:
+        return "checkpoint/ holds no step_N directory"
+    return f"its {len(found)} checkpoint(s) (steps {found[0][0]}..{found[-1][0]}): none is complete and intact"
+
+
+def output_holding(path: str, output_dir: str) -> str | None:
+    """The run output of output_dir (RUN_OUTPUTS: checkpoint, final, ...) that path lies in, or None. A run replaces
+    those (an overwrite deletes them first, final/ is written again at the end, old checkpoints are pruned), so an
+    input there would be lost. Symlinks are followed (a checkpoint/ linked to another disk is pruned there)."""
+    real = os.path.realpath(path)
+    for name in RUN_OUTPUTS:
+        output = os.path.join(output_dir, name)
+        if not os.path.exists(output):
+            continue
+        top = os.path.realpath(output)
+        if real == top or real.startswith(top + os.sep):
+            return name
+    return None
 
 
 def clear_run_outputs(output_dir: str):

@@ -97,7 +97,8 @@ class Trainer:
         self.consecutive_skips = 0
         self.pending: list[dict] = []
         self.last_eval: dict | None = None
-        self.last_saved_step: int | None = None
+        self.last_saved_step: int | None = None  # (every checkpoint saved holds finite values only)
+        self._finite_at: int | None = None  # the step whose state was last found finite
         self.metrics: MetricsLogger | None = None
         self.stop: StopOnSignal | None = None  # run_training's signal handlers: polled after each step
         self.stopped_by = 0  # the signal the loop stopped for (0: it ran to total_steps)
@@ -233,6 +234,7 @@ class Trainer:
                     self._interval_start = time.perf_counter()  # eval / save time is not training time
                 if self.stopped_by:
                     break
+            self.require_finite_state()  # the run's result (an in-memory run has no checkpoint that checks it)
         finally:
             if self.pending:  # an exception mid-interval: keep what was measured
                 try:
@@ -342,6 +344,9 @@ class Trainer:
         self.load_trainer_state(states["trainer"])
 
     def save_checkpoint(self) -> str:
+        """Save this step, if its weights and optimizer states are finite (else TrainingStopped: no checkpoint
+        is ever written with a NaN / inf, so the last one saved is a good one)."""
+        self.require_finite_state()
         path = self.checkpointer.save(self)
         self.last_saved_step = self.step
         return path
@@ -349,6 +354,45 @@ class Trainer:
     def load_checkpoint(self, path: str):
         """Continue from a checkpoint directory (the checkpointer's kind): weights, optimizer, loop state."""
         self.checkpointer.load(self, path)
+        problem = self.nonfinite_state()
+        if problem:
+            raise ckpt.CheckpointError(f"checkpoint {path} holds non-finite values ({problem}): it was written by a "
+                                       f"run that diverged; resume from an older checkpoint (--resume PATH)")
+        self._finite_at = self.step
+
+    # ---- finite weights ----
+    def require_finite_state(self):
+        """TrainingStopped when a weight or optimizer state holds NaN / inf (a learning rate, weight decay or clip
+        norm that overflowed the update): the run ends here and nothing is written with them."""
+        if self._finite_at == self.step:
+            return
+        problem = self.nonfinite_state()
+        if problem:
+            raise TrainingStopped(f"the model's weights or optimizer states became non-finite by step {self.step} "
+                                  f"({problem}): training stopped and no checkpoint or final/ was written with them"
+                                  f"{self._last_good()}; lower the learning rate, or check weight_decay and "
+                                  f"max_grad_norm")
+        self._finite_at = self.step
+
+    def nonfinite_state(self) -> str | None:
+        """Which parameter or optimizer state holds NaN / inf (on this rank; under torchrun any rank's counts, so
+        every rank gives the same verdict), else None. One pass over the tensors and one read back."""
+        names = {id(p): n for n, p in self.raw_model.named_parameters()}
+        tensors = [(n, p) for n, p in self.raw_model.named_parameters()]
+        tensors += [(f"{key} of {names.get(id(p), 'a parameter')}", value) for p, state in self.optimizer.state.items()
+                    for key, value in state.items() if isinstance(value, torch.Tensor) and value.is_floating_point()]
+        local = [t.to_local() if hasattr(t, "to_local") else t for _, t in tensors]
+        finite = torch.stack([torch.isfinite(t.detach()).all() for t in local]) if local else torch.ones(0, dtype=torch.bool)
+        bad = (~finite).sum()
+        if self.dims.distributed:
+            dist.all_reduce(bad, op=dist.ReduceOp.SUM)
+        if int(bad) == 0:
+            return None
+        first = next((i for i, ok in enumerate(finite.tolist()) if not ok), None)
+        if first is None:
+            return "on another rank"
+        name, value = tensors[first][0], local[first]
+        return f"{name} holds {'NaN' if bool(torch.isnan(value).any()) else 'inf'}"
 
 
 # ---------------------------------------------------------------------------------------------

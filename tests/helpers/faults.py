@@ -12,6 +12,9 @@ def digest(root) -> dict:
             found[os.path.relpath(os.path.join(folder, name), root)] = "<dir>"
         for name in files:
             path = os.path.join(folder, name)
+            if os.path.islink(path) and not os.path.exists(path):  # a dangling link: what it points to
+                found[os.path.relpath(path, root)] = "<link to " + os.readlink(path) + ">"
+                continue
             with open(path, "rb") as f:
                 found[os.path.relpath(path, root)] = hashlib.sha256(f.read()).hexdigest()
     return found
