@@ -423,8 +423,12 @@ def test_check_sampling_args_accepts_its_defaults_and_names_the_bound():
     check_sampling_args(temperature=0.0)  # greedy: a temperature is not used
     check_sampling_args(do_sample=True)
     with pytest.raises(ValueError) as err:
-        check_sampling_args(min_new_tokens=2.5)
-    assert str(err.value) == "min_new_tokens must be an integer in [0, max_new_tokens=1], got 2.5"
+        check_sampling_args(min_new_tokens=2.5)  # not an integer: the schema's range names the argument
+    assert str(err.value) == ("bad value 2.5 for 'min_new_tokens' in the sampling arguments: expected an integer "
+                              "in [0, 16777216]")
+    with pytest.raises(ValueError) as err:
+        check_sampling_args(min_new_tokens=3, max_new_tokens=2)
+    assert str(err.value) == "min_new_tokens must be an integer in [0, max_new_tokens=2], got 3"
 
 
 @pytest.mark.parametrize("top_p, kept", [(0.5, 2), (0.75, 3), (0.25, 1), (1.0, 4)])

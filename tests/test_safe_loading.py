@@ -494,7 +494,7 @@ def test_refusal_names_the_global_for_every_pickle_protocol(tmp_path):
 def test_refusal_of_bytes_in_memory_names_the_global_and_damage_is_one_line(tmp_path):
     """DCP's non-tensor values reach torch_load as bytes in memory (a file object): a bare protocol-4 payload there
     (its only strings the module and the name: read by disassembly, torch's message does not name it) is refused by
-    name; a pickle too damaged to disassemble is still refused; a missing or unreadable path is one plain line."""
+    name; a pickle too damaged to read is a damaged file; a missing or unreadable path is one plain line."""
     import io
     from gpt2_ascend.safe_pickle import UnsafeFileError, torch_load
     marker = tmp_path / "MARKER"
@@ -502,16 +502,18 @@ def test_refusal_of_bytes_in_memory_names_the_global_and_damage_is_one_line(tmp_
     data.read(7)  # a stream not at its start: the refusal reads the pickle from its first byte
     with pytest.raises(UnsafeFileError, match=r"^refusing to load the value: .* type posix\.system, which could"):
         torch_load(data, name="the value")
-    with pytest.raises(UnsafeFileError, match=r"type \(not a tensor or plain value\), which could run code"):
-        torch_load(io.BytesIO(b"\x80\x04\x95\xff\xff"), name="damaged")  # a FRAME cut short
+    with pytest.raises(ValueError, match=r"^damaged is not a valid checkpoint: it is not a PyTorch file"):
+        torch_load(io.BytesIO(b"\x80\x04\x95\xff\xff"), name="damaged")  # a FRAME cut short: damage, not a threat
     # naming the global reads at most the first 16 MiB of a file: a payload just inside is named, one just past it
-    # is refused unnamed (a hostile file of any size costs 16 MiB to refuse)
-    for pad, named in (((1 << 24) - 200, "posix.system"), (1 << 24, "(not a tensor or plain value)")):
+    # is refused unnamed, as not a checkpoint (a hostile file of any size costs 16 MiB to refuse)
+    for pad, error, message in (((1 << 24) - 200, UnsafeFileError, "type posix.system, which could run code"),
+                                (1 << 24, ValueError, "big is not a valid checkpoint: it is not a PyTorch file")):
         path = tmp_path / "big.pt"
         path.write_bytes(pickle.dumps({"pad": b"\0" * pad, "w": Payload(marker)}, protocol=4))
         for source in (str(path), io.BytesIO(path.read_bytes())):  # a file, or bytes in memory
-            with pytest.raises(UnsafeFileError, match=rf"type {re.escape(named)}, which could run code"):
+            with pytest.raises(error, match=re.escape(message)):
                 torch_load(source, name="big")
+    assert not marker.exists()  # refused, never run
     missing = str(tmp_path / "missing.pt")
     with pytest.raises(FileNotFoundError) as error:
         torch_load(missing)
