@@ -781,11 +781,12 @@ def export_final(model, job: TrainJob, lora: bool) -> str:
 
 
 def generation_defaults(generation: dict, config) -> GenerationConfig:
-    """A job's generation settings (MindFormers' names: max_decode_length counts prompt + new tokens) as the
-    generation_config.json written with the export (the length capped by the model's context)."""
-    g = dict(generation)
-    max_length = min(g.pop("max_decode_length"), config.n_positions) if "max_decode_length" in g else None
-    return GenerationConfig.from_model_config(config, **g, max_length=max_length)
+    """A job's generation settings as the generation_config.json written with the export. The length
+    (max_decode_length) is not written, as transformers writes none for GPT-2: a max_length in the file made every
+    transformers generate(max_new_tokens=...) on the folder warn that both are set. The recipe's length still drives
+    run_mode predict and generate.py --config."""
+    g = {k: v for k, v in generation.items() if k != "max_decode_length"}
+    return GenerationConfig.from_model_config(config, **g)
 
 
 def adapter_base_name(job: TrainJob) -> str | None:
