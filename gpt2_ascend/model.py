@@ -509,12 +509,14 @@ class GPT2LMHeadModel(GPT2PreTrainedModel):
 
     def forward(self, input_ids=None, attention_mask=None, position_ids=None, labels=None, past_key_values=None,
                 use_cache=False, targets=None, token_type_ids=None, inputs_embeds=None, output_hidden_states=None,
-                output_attentions=None, return_dict=None, logits_to_keep=0, **hf_only):
+                output_attentions=None, return_dict=None, logits_to_keep=0, num_items_in_batch=None, **hf_only):
         """HF GPT2LMHeadModel's arguments with HF's meaning (those this model lacks raise TypeError), plus
         targets: already the next token of each position (nanoGPT semantics), the trainer's form; with
         config.loss_chunk_size set, the loss is computed chunk by chunk without the (tokens x vocab) logits and no
         logits are returned. labels: HF semantics (shifted inside: logits at t predict labels at t+1).
-        logits_to_keep: an int n > 0 keeps the last n positions, a 1-D tensor the positions it lists."""
+        logits_to_keep: an int n > 0 keeps the last n positions, a 1-D tensor the positions it lists.
+        num_items_in_batch: transformers' Trainer's count of the accumulated batch's predicted tokens (the loss is
+        then this batch's sum over it, losses.next_token_loss)."""
         reject_unsupported(type(self).__name__, hf_only)
         out = self.transformer(input_ids, attention_mask=attention_mask, position_ids=position_ids,
                                past_key_values=past_key_values, use_cache=use_cache, token_type_ids=token_type_ids,
@@ -530,6 +532,8 @@ class GPT2LMHeadModel(GPT2PreTrainedModel):
             check_labels(targets, "targets", self.config.vocab_size, ignore=-100)
             loss = chunked_linear_cross_entropy(hidden, self.lm_head.weight, targets, self.config.vocab_size,
                                                 self.config.loss_chunk_size)
+            if num_items_in_batch is not None:  # the mean over this batch's tokens -> their sum over the count
+                loss = loss * (targets != -100).sum() / num_items_in_batch
             result = ModelOutput(loss=loss, **extras)
             return result.to_tuple() if return_dict is False else result
         if isinstance(logits_to_keep, torch.Tensor):
@@ -540,10 +544,10 @@ class GPT2LMHeadModel(GPT2PreTrainedModel):
         loss = None
         if labels is not None:
             check_labels(labels, "labels", self.config.vocab_size, ignore=-100)
-            loss = causal_lm_loss(logits, labels)
+            loss = causal_lm_loss(logits, labels, num_items_in_batch)
         elif targets is not None:
             check_labels(targets, "targets", self.config.vocab_size, ignore=-100)
-            loss = next_token_loss(logits, targets)
+            loss = next_token_loss(logits, targets, num_items_in_batch)
         result = ModelOutput(loss=loss, logits=logits, **extras)
         return result.to_tuple() if return_dict is False else result
 
@@ -615,10 +619,13 @@ class GPT2ForSequenceClassification(GPT2PreTrainedModel):
         self.init_weights()
 
     def forward(self, input_ids=None, attention_mask=None, position_ids=None, labels=None, token_type_ids=None,
-                inputs_embeds=None, output_hidden_states=None, output_attentions=None, return_dict=None, **hf_only):
+                inputs_embeds=None, output_hidden_states=None, output_attentions=None, return_dict=None,
+                num_items_in_batch=None, **hf_only):
         """HF GPT2ForSequenceClassification's arguments with HF's meaning (no KV cache here: those this model
         lacks raise TypeError). Pools the last real token of each row (attention mask, else the last non-pad
-        id); with inputs_embeds and no mask, the last position, as HF does."""
+        id); with inputs_embeds and no mask, the last position, as HF does. num_items_in_batch: transformers'
+        Trainer's count of the accumulated batch's labels (losses.classification_loss; transformers' own GPT-2
+        classifier takes it and ignores it, so under gradient accumulation its loss is not the batch's mean)."""
         reject_unsupported(type(self).__name__, hf_only)
         out = self.transformer(input_ids, attention_mask=attention_mask, position_ids=position_ids,
                                token_type_ids=token_type_ids, inputs_embeds=inputs_embeds,
@@ -639,7 +646,7 @@ class GPT2ForSequenceClassification(GPT2PreTrainedModel):
         loss = None
         if labels is not None:
             check_labels(labels, "labels", self.config.num_labels)
-            loss = classification_loss(logits, labels)
+            loss = classification_loss(logits, labels, num_items_in_batch)
         result = ModelOutput(loss=loss, logits=logits, hidden_states=out.hidden_states, attentions=out.attentions)
         return result.to_tuple() if return_dict is False else result
 
