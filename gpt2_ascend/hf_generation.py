@@ -12,6 +12,7 @@ transformers' modeling code is imported here only, and only when such a call com
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 
 import torch
@@ -101,11 +102,12 @@ def transformers_generate(lm, input_ids, attention_mask, generation_config, seed
     """transformers' GenerationMixin.generate on `lm` (our GPT2LMHeadModel, LoRA layers and all), under `lm`'s
     generation_config; kwargs are generate()'s as transformers takes them. seed: sampling reproducible, without
     touching the caller's random state (transformers samples from torch's global generator: seeded alike, it draws
-    what generation.py's seeded generator draws)."""
+    what generation.py's seeded generator draws). Without a seed, the draws come from the global generator and
+    advance it, as transformers' do (a pipeline's successive prompts then get different draws)."""
     view = view_class()(lm, lm.generation_config)
     device = lm.device
-    rng = torch.random.fork_rng(devices=[] if device.type == "cpu" else [device],
-                                device_type="cuda" if device.type == "cpu" else device.type)
+    rng = contextlib.nullcontext() if seed is None else torch.random.fork_rng(
+        devices=[] if device.type == "cpu" else [device], device_type="cuda" if device.type == "cpu" else device.type)
     with rng, eval_mode(lm):
         if seed is not None:
             torch.manual_seed(seed)
