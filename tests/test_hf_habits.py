@@ -416,7 +416,7 @@ def test_save_pretrained_safe_serialization_false_writes_pytorch_model_bin(tmp_p
 # ---------------------------------------------------------------------------------------------
 # generation_config.json of an export
 # ---------------------------------------------------------------------------------------------
-def test_exported_generation_config_is_what_transformers_writes(tmp_path, data_dir, caplog):
+def test_exported_generation_config_is_what_transformers_writes(tmp_path, data_dir):
     """A training run's final/ carries the recipe's sampling settings in the generation_config.json transformers
     would write for them (no max_length), so transformers' generate(max_new_tokens=...) on it warns nothing."""
     import numpy as np
@@ -441,9 +441,21 @@ def test_exported_generation_config_is_what_transformers_writes(tmp_path, data_d
     assert written == json.loads((tmp_path / "theirs" / "generation_config.json").read_text())
     assert "max_length" not in written and written["top_k"] == 7
     model = transformers.GPT2LMHeadModel.from_pretrained(final)
-    with warnings.catch_warnings(record=True) as caught, caplog.at_level(logging.WARNING):
-        warnings.simplefilter("always")
-        model.generate(torch.tensor([[1, 2, 3]]), max_new_tokens=4)
-        model.generate(torch.tensor([[1, 2, 3]]), max_length=9)
-    said = [str(w.message) for w in caught] + [r.getMessage() for r in caplog.records]
+    # transformers logs that warning on its own logger, which does not propagate to the root (pytest's caplog)
+    records = []
+    handler = logging.Handler(logging.WARNING)
+    handler.emit = records.append
+    hf_logger = logging.getLogger("transformers")
+    level = hf_logger.level
+    hf_logger.addHandler(handler)
+    hf_logger.setLevel(logging.WARNING)  # (whatever verbosity another test left)
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            model.generate(torch.tensor([[1, 2, 3]]), max_new_tokens=4)
+            model.generate(torch.tensor([[1, 2, 3]]), max_length=9)
+    finally:
+        hf_logger.removeHandler(handler)
+        hf_logger.setLevel(level)
+    said = [str(w.message) for w in caught] + [r.getMessage() for r in records]
     assert not [s for s in said if "max_length" in s or "max_new_tokens" in s], said
