@@ -39,24 +39,12 @@ def test_demo_exits_with_one_line(monkeypatch, capsys, exc, code, line):
 # ---------------------------------------------------------------------------------------------
 # what a person reads
 # ---------------------------------------------------------------------------------------------
-def test_the_training_line_names_each_factor_of_a_step(tmp_path):
-    """"200 steps of 8 x 1 x 1 rows" left people guessing: each factor is named, in every run's line."""
-    import numpy as np
-    from gpt2_ascend.train import run_training
-    from gpt2_ascend.train.recipe import load_recipe
-    np.save(tmp_path / "train.npy", np.random.default_rng(1).integers(0, 512, (16, 17)).astype(np.uint16))
-    recipe = load_recipe(None, [], base=dict(
-        output_dir=str(tmp_path / "run"), device="cpu",
-        runner_config=dict(batch_size=2, gradient_accumulation_steps=3, max_steps=1, progress_bar=False),
-        model=dict(model_config=dict(seq_length=16, vocab_size=512, hidden_size=32, num_layers=1, num_heads=2)),
-        train_dataset=dict(data_loader=dict(dataset_dir=str(tmp_path / "train.npy")))))
-    lines = []
-    run_training(recipe, log=lines.append)
-    said = [line for line in lines if line.startswith("training ")]
-    assert len(said) == 1 and said[0].endswith(
-        ": 1 steps of 6 sequences each (batch_size 2 x gradient accumulation 3 x 1 data-parallel replica), "
-        "2 steps per epoch"), said
+def test_the_training_line_names_each_factor_of_a_step():
+    """"200 steps of 8 x 1 x 1 rows" left people guessing: each factor is named (a run's own line:
+    test_mindformers_numerics.py::test_global_batch_sets_the_accumulation)."""
     from gpt2_ascend.train.run import steps_in_words
+    assert steps_in_words(200, 8, 1, 1, 4327) == ("200 steps of 8 sequences each (batch_size 8 x gradient accumulation "
+                                                  "1 x 1 data-parallel replica), 4327 steps per epoch")
     assert steps_in_words(200, 8, 2, 4, 10) == ("200 steps of 64 sequences each (batch_size 8 x gradient accumulation "
                                                 "2 x 4 data-parallel replicas), 10 steps per epoch")
 
