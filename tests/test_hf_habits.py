@@ -303,6 +303,22 @@ def test_transformers_trainer_trains_the_classifier(tmp_path):
     assert max(abs(a - b) for a, b in zip(accumulated[0], want[0])) <= TOL
 
 
+def test_num_items_in_batch_in_the_chunked_loss():
+    """The chunked loss (config.loss_chunk_size, the trainer's targets) honours the count as the full-logits loss does:
+    this batch's sum over it."""
+    torch.manual_seed(0)
+    chunked = GPT2LMHeadModel(tiny_config(loss_chunk_size=8))
+    whole = GPT2LMHeadModel(tiny_config())
+    whole.load_state_dict(chunked.state_dict())
+    ids = torch.randint(0, 500, (2, 12), generator=torch.Generator().manual_seed(1))
+    targets = ids.roll(-1, 1).index_fill(1, torch.tensor([11]), -100)
+    targets[0, 4:] = -100  # 15 predicted tokens in this micro-batch, 40 in the accumulated batch
+    with torch.no_grad():
+        want = float(whole(ids, targets=targets, num_items_in_batch=40).loss)
+        assert abs(want - float(whole(ids, targets=targets).loss) * 15 / 40) <= 1e-5
+    assert abs(float(chunked(ids, targets=targets, num_items_in_batch=40).loss.detach()) - want) <= 1e-5
+
+
 # ---------------------------------------------------------------------------------------------
 # from_pretrained / save_pretrained options
 # ---------------------------------------------------------------------------------------------
