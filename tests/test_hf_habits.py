@@ -232,8 +232,8 @@ def test_pipeline_takes_our_model_object(pair, data_dir):
     theirs = transformers.pipeline("text-generation", model=hf, tokenizer=tok, device="cpu")
     mine = transformers.pipeline("text-generation", model=ours, tokenizer=tok, device="cpu")
     assert mine.model is ours
-    for kw in (dict(do_sample=False, max_new_tokens=8), dict(do_sample=True, top_k=20, max_new_tokens=8),
-               dict(num_beams=2, max_new_tokens=6, num_return_sequences=2)):
+    # sampling (the project's decoder; the pipeline's default is do_sample=True) and beam sampling (transformers')
+    for kw in (dict(top_k=20, max_new_tokens=8), dict(num_beams=2, max_new_tokens=6, num_return_sequences=2)):
         outputs = []
         for pipe in (theirs, mine):
             torch.manual_seed(0)
@@ -288,19 +288,17 @@ def test_transformers_trainer_trains_the_language_model_as_transformers_gpt2(tmp
 
 
 def test_transformers_trainer_trains_the_classifier(tmp_path):
-    """The classifier's steps equal transformers' GPT2ForSequenceClassification's; under gradient accumulation ours
-    honours num_items_in_batch (two micro-batches of 2 = one batch of 4), which transformers' GPT-2 classifier
-    takes and ignores (its loss there is twice the batch's mean)."""
+    """The classifier's steps equal transformers' GPT2ForSequenceClassification's: ours under gradient accumulation
+    (two micro-batches of 2, num_items_in_batch honoured) trains as transformers' on one batch of 4 (transformers'
+    own GPT-2 classifier takes the count and ignores it: its loss under accumulation is twice the batch's mean)."""
     config = tiny_config()
     hf = hf_model(config, kind="cls")
     rows = trainer_rows("cls")
     want = train_with_trainer(hf, rows, tmp_path / "hf", batch=4, accumulation=1)
-    got = train_with_trainer(ours_from_hf(hf_model(config, kind="cls"), config, kind="cls"), rows, tmp_path / "o1",
-                             batch=4, accumulation=1)
-    assert max(abs(a - b) for a, b in zip(got[0], want[0])) <= TOL
     accumulated = train_with_trainer(ours_from_hf(hf_model(config, kind="cls"), config, kind="cls"), rows,
                                      tmp_path / "o2", batch=2, accumulation=2)
     assert max(abs(a - b) for a, b in zip(accumulated[0], want[0])) <= TOL
+    assert max(abs(a - b) / b for a, b in zip(accumulated[1], want[1])) <= TOL  # gradient norms
 
 
 def test_num_items_in_batch_in_the_chunked_loss():
