@@ -355,8 +355,6 @@ def _special_ids(config, defaults, eos_token_id, pad_token_id):
     for name, value in (("eos_token_id", eos), ("pad_token_id", pad)):
         if value is not None and (not _is_int(value) or not 0 <= value < config.vocab_size):
             raise ValueError(f"{name} must be a token id in [0, {config.vocab_size}) or None, got {value!r}")
-    if eos is not None and pad is None:
-        raise ValueError("pad_token_id is needed to fill sequences that stop at eos")
     return eos, pad
 
 
@@ -454,7 +452,7 @@ def compiled_step():
 def _decode_loop(decoder: Decoder, input_ids, attention_mask, s: SamplingSettings, eos, pad, seed, streamer):
     B, T = input_ids.shape
     device = input_ids.device
-    tokens = torch.full((B, T + s.max_new_tokens), pad if pad is not None else 0, dtype=torch.long, device=device)
+    tokens = torch.zeros((B, T + s.max_new_tokens), dtype=torch.long, device=device)  # each column returned is set
     tokens[:, :T] = input_ids
     seen = None
     if s.repetition_penalty != 1.0:

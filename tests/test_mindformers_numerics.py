@@ -64,6 +64,10 @@ def test_mindformers_clip_formula():
     assert clip_coefficient(under, 1.0, "mindspore").item() == pytest.approx(1.0 / (1.0 + 1e-6), rel=1e-7)
     assert clip_coefficient(under, 1.0, "torch").item() == 1.0
     assert clip_coefficient(over, 1.0, "mindspore").item() == pytest.approx(1.0 / (4.0 + 1e-6), rel=1e-7)
+    # torch's clip_grad_norm_: max / (norm + 1e-6), capped at 1; at a tiny norm the 1e-6 is a fifth of the result
+    tiny = torch.tensor(1e-5)
+    assert clip_coefficient(tiny, 1e-6, "torch").item() == pytest.approx(1e-6 / (1e-5 + 1e-6), rel=1e-6)
+    assert clip_coefficient(tiny, 1e-6, "mindspore").item() == pytest.approx(1e-6 / (1e-5 + 1e-6), rel=1e-6)
     params = [torch.nn.Parameter(torch.ones(4)) for _ in range(2)]
     for p in params:
         p.grad = torch.full((4,), 2.0)
