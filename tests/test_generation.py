@@ -400,11 +400,13 @@ def test_max_length_of_the_generation_config_counts_the_prompt(models):
     """Without max_new_tokens, the generation config's max_length bounds prompt + new tokens, as in transformers: a
     batch of two prompts of 5 tokens with max_length 12 gets 7 new tokens each (the prompt's length, not the batch
     size, is taken off); generate_text takes its batch's padded width off."""
-    import dataclasses
+    import copy
     ours, _ = models
     saved = ours.generation_config
     try:
-        ours.generation_config = dataclasses.replace(saved, max_length=12, max_new_tokens=None)
+        changed = copy.deepcopy(saved)  # transformers' GenerationConfig, set as transformers users do
+        changed.max_length, changed.max_new_tokens = 12, None
+        ours.generation_config = changed
         out = generate(ours, torch.tensor(prompts((5, 5))), eos_token_id=None)
         assert out.shape == (2, 12)
         texts = generate_text(ours, Chars(), ["abcde", "ab", "abc"], batch_size=2, eos_token_id=None)

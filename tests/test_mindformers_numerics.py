@@ -274,6 +274,9 @@ def test_global_batch_sets_the_accumulation(tmp_path, token_file):
                           "runner_config.max_steps=3", "output_dir=" + str(tmp_path / "acc"))
     run_training(accumulated, log=messages.append)
     assert any("global batch 8 = batch_size 2 x 1 data-parallel rank(s) x 4" in m for m in messages)
+    said = [m for m in messages if m.startswith("training ")]  # the training line names each factor of a step
+    assert len(said) == 1 and ": 3 steps of 8 sequences each (batch_size 2 x gradient accumulation 4 x 1 " \
+                              "data-parallel replica), " in said[0], said
     whole = _recipe(tmp_path, token_file, "runner_config.batch_size=8", "runner_config.max_steps=3",
                     "output_dir=" + str(tmp_path / "whole"))
     run_training(whole, log=lambda *_: None)
