@@ -7,6 +7,7 @@ import yaml
 
 from gpt2_ascend import GPT2LMHeadModel
 from gpt2_ascend.convert import hf_to_mindspore, read_ckpt, write_ckpt
+from gpt2_ascend.budget import MemoryBudgetError
 from gpt2_ascend.lora import apply_lora, mindformers_targets, qkv_block_mask
 
 from conftest import load_script, tiny_config
@@ -170,3 +171,11 @@ def test_trainable_count_is_mindformers_for_q_v_adapters():
     assert _trainable(model) == 4 * 10 * 48 * 2 == 3840
     whole = apply_lora(GPT2LMHeadModel(config), rank=10, alpha=20, target_modules=("c_attn",))
     assert _trainable(whole) == sum(p.numel() for p in whole.parameters() if p.requires_grad)  # no zero blocks
+
+
+def test_a_lora_rank_no_machine_holds_is_refused_before_peft_allocates():
+    # the CLIs refuse a rank beyond 2^24 as they read it; the Python API takes any integer, so the memory budget
+    # is its guard: 10^11 x (64+192) x 4 bytes is ~100 TB, refused with one line before peft allocates
+    model = GPT2LMHeadModel(tiny_config())
+    with pytest.raises(MemoryBudgetError, match=r"LoRA adapters of rank 100000000000 on c_attn.*use a smaller lora rank"):
+        apply_lora(model, rank=10 ** 11)

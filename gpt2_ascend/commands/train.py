@@ -42,7 +42,7 @@ EPILOG = """examples:
   %(prog)s --config configs/gpt2/predict_gpt2_small.yaml --run_mode predict --load_checkpoint gpt2.ckpt \\
       --predict_data "I love Beijing, because"
   # ... or a MindFormers distributed run's output/ (checkpoint/rank_N/ + strategy/), merged on the fly
-  python train.py --config configs/gpt2/finetune_gpt2_small.yaml --load_checkpoint output/ \\
+  %(prog)s --config configs/gpt2/finetune_gpt2_small.yaml --load_checkpoint output/ \\
       --train_dataset_dir train.npy
 
 """ + HF_EXAMPLES + """

@@ -21,7 +21,7 @@ stages) or one strategy file (merge_pipeline_strategys' output). Without --src_c
 unsliced checkpoint (--src_ckpt_dir DIR with rank_0/*.ckpt, or a .ckpt file). Each rank_N/ folder's last .ckpt in
 name order is read, as MindSpore does. The merged file is the one MindSpore's transform_checkpoints writes, byte for
 byte (with --no_crc; a crc trailer is added otherwise, which MindSpore checks when asked). Memory: one full tensor
-and one slice. Load the result with convert/mindspore_to_hf.py, or give the run's output/ folder directly to
+and one slice. Load the result with the mindspore-to-hf converter, or give the run's output/ folder directly to
 train.py / evaluate.py / generate.py --load_checkpoint (docs/conversion.md)."""
 
 
