@@ -263,22 +263,25 @@ def test_a_bad_load_checkpoint_is_reported_before_the_training_set_is_tokenized(
 
 
 def test_caches_go_to_the_cache_home_never_the_working_directory(data_dir, tmp_path, monkeypatch, capsys):
-    """The tiny recipes cache prepared data under $GPT2_CACHE (else the platform's user cache folder), not
-    ./output/data_cache; a recipe without data_cache_dir caches under its OUTPUT_DIR."""
+    """The tiny recipes cache prepared data under $GPT2_CACHE, else the platform's user cache folder (here
+    XDG_CACHE_HOME), never ./output/data_cache or a literal ./$GPT2_CACHE; a recipe without data_cache_dir caches
+    under its OUTPUT_DIR."""
     from gpt2_ascend.data.download import cache_home
-    monkeypatch.setenv("GPT2_CACHE", str(tmp_path / "cache-home"))
+    from gpt2_ascend.train.job import resolve_path
+    monkeypatch.delenv("GPT2_CACHE")
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
     monkeypatch.chdir(tmp_path)
     text = wiki_head(data_dir, 30, tmp_path / "small.tokens")
     common = ["--max_steps", "1", "--train_dataset_dir", text, "--eval_dataset_dir", text, "--device", "cpu",
               "runner_config.progress_bar=false"]
     assert train.main(["--config", "pretrain_gpt2_tiny", "--output_dir", str(tmp_path / "a"), *common]) == 0
-    assert os.listdir(tmp_path / "cache-home" / "data_cache")  # the prepared blocks
+    home = tmp_path / "xdg" / "gpt2_ascend" if sys.platform.startswith("linux") else cache_home()
+    assert os.listdir(os.path.join(home, "data_cache"))  # the prepared blocks
     assert train.main(["--config", "pretrain_gpt2_tiny", "--output_dir", str(tmp_path / "b"), "data_cache_dir=",
                        *common]) == 0
     assert os.listdir(tmp_path / "b" / "data_cache")
     capsys.readouterr()
-    assert sorted(os.listdir(tmp_path)) == ["a", "b", "cache-home", "small.tokens"]  # no ./output
-    monkeypatch.delenv("GPT2_CACHE")
-    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
-    if sys.platform.startswith("linux"):
-        assert cache_home() == str(tmp_path / "xdg" / "gpt2_ascend")
+    assert sorted(os.listdir(tmp_path)) == ["a", "b", "small.tokens", "xdg"]  # no ./output, no ./$GPT2_CACHE
+    monkeypatch.setenv("GPT2_CACHE", str(tmp_path / "mine"))
+    assert cache_home() == str(tmp_path / "mine")
+    assert resolve_path("$GPT2_CACHE/data_cache") == str(tmp_path / "mine" / "data_cache")
