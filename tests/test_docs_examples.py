@@ -188,7 +188,7 @@ def runnable_examples():
     for doc, line, language, text in fenced_blocks():
         where, text = f"{doc}:{line}", substituted(text)
         if language == "python":
-            why = why_not(text)
+            why = why_not("\n".join(line.split("#")[0] for line in text.splitlines()))  # (not its comments)
             (skipped if why else run).append((where, why) if why else (where, "python", text))
             continue
         for command in bash_commands(text):
