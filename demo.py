@@ -7,6 +7,7 @@ Data comes from GPT2_DATA_DIR (default: the shared data folder beside the checko
 """
 import argparse
 import os
+import shlex
 import signal
 import sys
 import time
@@ -71,6 +72,8 @@ def run_demo(args) -> int:
                           temperature=0.8, seed=0)
     for prompt, text in zip(PROMPTS, texts):
         print(f"  {prompt!r} -> {text!r}")
+    train_file = os.path.join(default_data_dir(), "wikitext-2", "wiki.train.tokens")
+    print(why_samples_are_noise(summary["steps"], unk_share(train_file)))
 
     print("\n== 4. the exported model in transformers")
     import transformers
@@ -80,7 +83,39 @@ def run_demo(args) -> int:
         diff = (theirs(ids).logits - model(ids).logits).abs().max().item()
     print(f"transformers.GPT2LMHeadModel.from_pretrained({final!r}): max |logit difference| = {diff:.1e}")
     print(f"\ndone in {time.perf_counter() - started:.0f}s")
+    print("\nnext, try:")
+    for what, command in next_commands(final, args.output_dir, summary["steps"]):
+        print(f"  # {what}\n  {command}")
     return 0
+
+
+def unk_share(train_file: str) -> float:
+    """The share of WikiText-2's training words that are <unk> (every word outside its 33k vocabulary)."""
+    with open(train_file, encoding="utf-8") as f:
+        words = f.read().split()
+    return words.count("<unk>") / max(len(words), 1)
+
+
+def why_samples_are_noise(steps: int, unk: float) -> str:
+    """Why a tiny model's samples read as noise: said once, so that nobody takes them for a bug."""
+    return (f"  (why they read as noise: WikiText-2 writes every rare word as <unk> ({unk:.1%} of its words) and "
+            f"hyphens as @-@, and a 2-layer model after {steps} steps has learnt mostly "
+            f"such frequent tokens and little grammar; the loss, not the samples, shows it learning. Train longer "
+            f"(below) for word-like text.)")
+
+
+def next_commands(final: str, output_dir: str, steps: int) -> list[tuple[str, str]]:
+    """Three commands to run next, on what the demo made (tests/test_demo.py parses each with its program)."""
+    final, longer, sst2 = (shlex.quote(path) for path in (final, os.path.join(output_dir, "longer"),
+                                                           os.path.join(output_dir, "sst2")))
+    return [("sample more from the demo's model",
+             f"python generate.py --model {final} --prompt 'The history of the' --max_new_tokens 40"),
+            ("train 10x longer: the loss keeps falling and the samples gain words",
+             f"python train.py --config configs/gpt2/pretrain_gpt2_tiny.yaml --max_steps {10 * steps} "
+             f"--output_dir {longer}"),
+            ("finetune the demo's model into an SST-2 sentiment classifier",
+             f"python train.py --config configs/gpt2/finetune_gpt2_tiny_txtcls.yaml --load_checkpoint {final} "
+             f"--output_dir {sst2}")]
 
 
 if __name__ == "__main__":

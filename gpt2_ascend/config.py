@@ -94,6 +94,11 @@ CONFIG_KEYS = dict(
 @dataclass
 class GPT2Config:
     model_type: ClassVar[str] = "gpt2"  # what HF code (peft) reads to recognise the architecture
+    # what transformers 4.x's pipeline() reads of a model's config (it has no hub revision, tokenizer class or task
+    # parameters of its own: the pipeline then takes the tokenizer it is given)
+    _commit_hash: ClassVar[Optional[str]] = None
+    tokenizer_class: ClassVar[Optional[str]] = None
+    task_specific_params: ClassVar[Optional[dict]] = None
     vocab_size: int = 50257
     n_positions: int = 1024
     n_embd: int = 768
@@ -274,11 +279,9 @@ HF_CONFIG = {
 # generation_config.json
 # ---------------------------------------------------------------------------------------------
 SAMPLING_ONLY_KEYS = ("temperature", "top_k", "top_p")
-# Keys of a generation_config.json that say nothing about which tokens come out.
-GENERATION_BOOKKEEPING_KEYS = {
-    "transformers_version", "_from_model_config", "use_cache", "output_scores", "output_logits",
-    "output_attentions", "output_hidden_states", "return_dict_in_generate", "cache_implementation",
-}
+# Keys of a generation_config.json that say nothing about how to decode: the version that wrote it. (transformers'
+# other bookkeeping, _from_model_config, is kept with the settings, so that a folder saved again is written alike.)
+GENERATION_BOOKKEEPING_KEYS = {"transformers_version"}
 # The sampling settings, in the ranges where the arithmetic stays finite in fp32 (one definition: generate()'s
 # arguments, generate.py's flags, a recipe's model_config and generation_config.json are checked with these). The
 # logits are divided by the temperature and multiplied or divided by the repetition penalty, so both stay in
@@ -322,10 +325,11 @@ GENERATION_FILE = {
 
 @dataclass
 class GenerationConfig:
-    """The generation defaults a model folder carries (generation_config.json), read and written as
-    transformers does: a key the file leaves out takes transformers' default (top_k 50, greedy, ...), so
-    transformers' pipeline and our generate() decode the same folder the same way. Arguments passed to
-    generate() win over these."""
+    """A generation_config.json as read and checked here (the settings below against their ranges; transformers'
+    other settings kept in `extra`), turned into transformers' own GenerationConfig for the model
+    (`to_transformers`): a key the file leaves out takes transformers' default (top_k 50, greedy, ...), so
+    transformers' pipeline and our generate() decode the same folder the same way. Arguments passed to generate()
+    win over these."""
     bos_token_id: Optional[int] = None
     eos_token_id: Optional[int] = None
     pad_token_id: Optional[int] = None
@@ -337,7 +341,9 @@ class GenerationConfig:
     max_length: Optional[int] = None  # prompt + new tokens (HF's name for MindFormers' max_decode_length)
     max_new_tokens: Optional[int] = None  # wins over max_length, as in transformers
     min_new_tokens: int = 0
-    unsupported: dict = field(default_factory=dict, repr=False)  # set in the file, not implemented here
+    # the file's other transformers settings (num_beams, no_repeat_ngram_size, several eos ids, ...) that differ from
+    # transformers' defaults: generate() hands them to transformers' own decoding (hf_generation.py)
+    extra: dict = field(default_factory=dict, repr=False)
 
     def __post_init__(self):
         check_fields(self, {**{name: TOKEN_ID.but(default=None) for name in GENERATION_TOKEN_IDS},
@@ -358,24 +364,37 @@ class GenerationConfig:
                               f"[{MIN_TEMPERATURE:g}, 1e+06] when do_sample is true (greedy decoding is the limit of a "
                               f"small temperature)")
         settings = {k: hf[k] for k in GENERATION_SETTINGS if hf[k] is not None or k in GENERATION_TOKEN_IDS}
-        several = {k: v for k, v in settings.items() if isinstance(v, list)}  # several eos ids: not implemented
+        several = {k: v for k, v in settings.items() if isinstance(v, list)}  # several eos ids: transformers' decoding
         settings = {k: v for k, v in settings.items() if k not in several}
         others = {k: v for k, v in hf.items()
                   if k not in GENERATION_FILE or k in several}  # transformers' other settings
-        return cls(**settings, unsupported=_non_default_generation_keys(others))
+        return cls(**settings, extra=_non_default_generation_keys(others))
 
-    def to_hf_dict(self) -> dict:
-        """What transformers accepts without a warning: the sampling-only keys only when sampling."""
-        hf = {k: getattr(self, k) for k in ("bos_token_id", "eos_token_id", "pad_token_id") if getattr(self, k) is not None}
-        hf.update(do_sample=self.do_sample, repetition_penalty=self.repetition_penalty)
+    def settings(self) -> dict:
+        """The non-default settings, as transformers' GenerationConfig takes them; the sampling-only keys only when
+        sampling (transformers warns about them in a greedy config, and refuses to save one)."""
+        hf = {k: getattr(self, k) for k in GENERATION_TOKEN_IDS if getattr(self, k) is not None}
         if self.do_sample:
-            hf.update({k: getattr(self, k) for k in SAMPLING_ONLY_KEYS})
-        for key in ("max_length", "max_new_tokens"):
-            if getattr(self, key) is not None:
+            hf.update(do_sample=True, **{k: getattr(self, k) for k in SAMPLING_ONLY_KEYS})
+        for key, default in (("repetition_penalty", 1.0), ("max_length", None), ("max_new_tokens", None),
+                             ("min_new_tokens", 0)):
+            if getattr(self, key) != default:
                 hf[key] = getattr(self, key)
-        if self.min_new_tokens:
-            hf["min_new_tokens"] = self.min_new_tokens
-        return hf
+        return {**hf, **self.extra}
+
+    def to_transformers(self, model_config: Optional[GPT2Config] = None):
+        """transformers' GenerationConfig with these settings. One that only repeats the model config's token ids is
+        the one transformers derives from the model config (GenerationConfig.from_model_config), so that an export
+        writes the generation_config.json transformers writes for GPT-2."""
+        import transformers
+        settings = self.settings()
+        if model_config is not None and settings == {k: getattr(model_config, k) for k in GENERATION_TOKEN_IDS
+                                                     if getattr(model_config, k) is not None}:
+            return transformers.GenerationConfig.from_model_config(
+                transformers.GPT2Config(**model_config.to_hf_dict()))
+        config = transformers.GenerationConfig.from_dict(settings)
+        config._original_object_hash = hash(config)  # as transformers' loaders stamp it: "not modified since"
+        return config
 
     @classmethod
     def from_json_file(cls, path: str) -> "GenerationConfig":
@@ -387,8 +406,7 @@ GENERATION_SETTINGS = GENERATION_TOKEN_IDS + ("do_sample", "temperature", "top_k
 
 
 def _non_default_generation_keys(settings: dict) -> dict:
-    """The settings that differ from transformers' defaults (num_beams 4, no_repeat_ngram_size 3, ...):
-    generate() refuses them rather than decode differently from transformers."""
+    """The settings that differ from transformers' defaults (num_beams 4, no_repeat_ngram_size 3, ...)."""
     if not settings:
         return {}
     from transformers import GenerationConfig as HFGenerationConfig

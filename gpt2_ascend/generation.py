@@ -15,6 +15,7 @@ with `pad_token_id`; generation stops when every sequence has emitted `eos_token
 """
 from __future__ import annotations
 
+import functools
 import math
 import warnings
 from dataclasses import dataclass
@@ -22,7 +23,7 @@ from typing import Optional
 
 import torch
 
-from .config import MIN_TEMPERATURE, SAMPLING, GenerationConfig
+from .config import GENERATION_BOOKKEEPING_KEYS, GENERATION_SETTINGS, MIN_TEMPERATURE, SAMPLING
 from .kv_cache import KVCache, eval_mode
 from .lora import unwrap_model
 from .schema import check
@@ -85,7 +86,7 @@ def generate(model, input_ids, attention_mask=None, max_new_tokens: Optional[int
              temperature: Optional[float] = None, top_k: Optional[int] = None, top_p: Optional[float] = None,
              repetition_penalty: Optional[float] = None, eos_token_id=FROM_CONFIG, pad_token_id=FROM_CONFIG,
              seed: Optional[int] = None, streamer=None, compile: bool = False, fixed_shape: bool = False,
-             truncate_prompt: bool = False) -> torch.Tensor:
+             truncate_prompt: bool = False, generation_config=None, **options):
     """Continue each prompt; returns (B, prompt_len + n) token ids, prompt included (as transformers does).
 
     input_ids: (B, T) or (T,) token ids, left-padded when prompts differ in length, with
@@ -102,20 +103,35 @@ def generate(model, input_ids, attention_mask=None, max_new_tokens: Optional[int
         same fixed-shape step uncompiled. fixed_shape: use that cache mode without compiling.
     truncate_prompt: drop the oldest prompt tokens when prompt + max_new_tokens exceeds n_positions
         (otherwise that is an error).
+    generation_config, **options: transformers' generate() arguments with transformers' meaning (max_length,
+        num_beams, num_return_sequences, stopping_criteria, stop_strings with tokenizer=, logits_processor,
+        output_scores / return_dict_in_generate, use_cache, no_repeat_ngram_size, bad_words_ids, typical_p, min_p,
+        ...). The decoder here (greedy or sampling over a preallocated cache) runs whenever the call and the model's
+        generation_config ask for nothing else; otherwise transformers' own generate() runs on this model
+        (hf_generation.py) and returns what transformers returns (a GenerateOutput with return_dict_in_generate).
     """
     lm = language_model(model)
+    check(seed, SAMPLING["seed"], "seed", "the sampling arguments")  # numpy's and torch's generators' range
+    if generation_config is not None or not own_decoder_covers(lm.generation_config, options):
+        named = dict(max_new_tokens=max_new_tokens, min_new_tokens=min_new_tokens, do_sample=do_sample,
+                     temperature=temperature, top_k=top_k, top_p=top_p, repetition_penalty=repetition_penalty,
+                     eos_token_id=eos_token_id, pad_token_id=pad_token_id, streamer=streamer)
+        options.update({k: v for k, v in named.items() if v is not None and v is not FROM_CONFIG}
+                       | ({"eos_token_id": None} if eos_token_id is None else {}))
+        return _generate_with_transformers(lm, input_ids, attention_mask, generation_config, seed, truncate_prompt,
+                                           bool(compile or fixed_shape), options)
     config = lm.config
-    defaults = generation_defaults(lm)
+    defaults = lm.generation_config
+    prompt_length = torch.as_tensor(input_ids).size(-1)
     if max_new_tokens is None:
-        max_new_tokens = default_max_new_tokens(defaults, torch.as_tensor(input_ids).size(-1), config.n_positions)
-    chosen = lambda value, key: getattr(defaults, key) if value is None else value  # noqa: E731
-    settings = SamplingSettings(max_new_tokens, chosen(min_new_tokens, "min_new_tokens"),
+        max_new_tokens = default_max_new_tokens(defaults, prompt_length, config.n_positions, options.get("max_length"))
+    chosen = lambda value, key: setting(defaults, key) if value is None else value  # noqa: E731
+    settings = SamplingSettings(max_new_tokens, chosen(min_new_tokens, "min_new_tokens") or 0,
                                 chosen(do_sample, "do_sample"), chosen(temperature, "temperature"),
-                                chosen(top_k, "top_k"), chosen(top_p, "top_p"),
+                                chosen(top_k, "top_k") or 0, chosen(top_p, "top_p"),
                                 chosen(repetition_penalty, "repetition_penalty"))
     settings.validate()
     eos, pad = _special_ids(config, defaults, eos_token_id, pad_token_id)
-    check(seed, SAMPLING["seed"], "seed", "the sampling arguments")  # numpy's and torch's generators' range
     device = next(lm.parameters()).device
     squeeze = torch.as_tensor(input_ids).dim() == 1
     input_ids, attention_mask = prepare_prompt(input_ids, attention_mask, config, max_new_tokens,
@@ -134,23 +150,94 @@ def generate(model, input_ids, attention_mask=None, max_new_tokens: Optional[int
     return out[0] if squeeze else out
 
 
-def generation_defaults(lm) -> GenerationConfig:
-    """The model's generation config: what generate() uses for arguments left out."""
-    defaults = getattr(lm, "generation_config", None) or GenerationConfig.from_model_config(lm.config)
-    if defaults.unsupported:
-        name, value = next(iter(defaults.unsupported.items()))
-        raise ValueError(f"the model's generation_config.json sets {name}={value!r}, which this generate() does not "
-                         f"implement (sampling or greedy only); remove it from the file to decode here")
-    return defaults
+# What the decoder here implements, of a generation config: anything else set to a value other than transformers'
+# default goes to transformers' generate().
+OWN_DECODER_SETTINGS = frozenset(GENERATION_SETTINGS)
 
 
-def default_max_new_tokens(defaults: GenerationConfig, prompt_length: int, n_positions: int) -> int:
-    """transformers' rule: max_new_tokens, else max_length minus the prompt, else 20."""
-    if defaults.max_new_tokens is not None:
+@functools.lru_cache(maxsize=None)
+def blank_generation_config():
+    from transformers import GenerationConfig as HFGenerationConfig
+    return HFGenerationConfig()
+
+
+@functools.lru_cache(maxsize=None)
+def transformers_defaults() -> dict:
+    """transformers' generation defaults: 4.x stores them in every GenerationConfig, 5.x leaves a setting None and
+    fills these in when generate() runs."""
+    blank = blank_generation_config()
+    return {**blank.to_dict(), **getattr(blank, "_get_default_generation_params", dict)()}
+
+
+def setting(generation_config, name: str):
+    """The value generate() uses for `name`: the config's, else transformers' default."""
+    value = getattr(generation_config, name, None)
+    return transformers_defaults().get(name) if value is None else value
+
+
+def is_set(generation_config, name: str) -> bool:
+    """Whether the config sets `name` (5.x: anything not None; 4.x: anything but the stored default)."""
+    value = getattr(generation_config, name, None)
+    return value is not None and value != getattr(blank_generation_config(), name, None)
+
+
+def is_default(name: str, value) -> bool:
+    """Whether `value` of transformers' setting `name` asks for nothing (its default; None, False, 0 and empty all
+    mean off)."""
+    default = transformers_defaults().get(name)
+    off = (None, False, 0, 0.0, (), [], {})
+    return value == default or (value in off and default in off)
+
+
+def own_decoder_covers(generation_config, options: dict) -> bool:
+    """True when the model's generation config and the call's transformers options (generate()'s **options) ask for
+    nothing the decoder here does not implement: greedy or sampling, one eos id, one sequence per prompt, a cache."""
+    for name, value in generation_config.to_diff_dict().items():
+        if name in GENERATION_BOOKKEEPING_KEYS or name.startswith("_"):
+            continue
+        if name in OWN_DECODER_SETTINGS:
+            if isinstance(value, list):  # several eos ids
+                return False
+        elif not is_default(name, setting(generation_config, name)):
+            return False
+    for name, value in options.items():
+        if name == "max_length" or (name in ("logits_processor", "stopping_criteria") and not value):
+            continue
+        if name not in transformers_defaults() or not is_default(name, value):  # (unknown: transformers names it)
+            return False
+    return True
+
+
+def default_max_new_tokens(defaults, prompt_length: int, n_positions: int, max_length: Optional[int] = None) -> int:
+    """transformers' rule: max_new_tokens, else max_length (the call's, else the config's) minus the prompt,
+    else 20."""
+    if is_set(defaults, "max_new_tokens"):
         return defaults.max_new_tokens
-    if defaults.max_length is not None:
-        return new_token_budget(prompt_length, defaults.max_length, n_positions)
+    if max_length is None and is_set(defaults, "max_length"):
+        max_length = defaults.max_length
+    if max_length is not None:
+        return new_token_budget(prompt_length, max_length, n_positions)
     return 20
+
+
+def _generate_with_transformers(lm, input_ids, attention_mask, generation_config, seed, truncate_prompt: bool,
+                                compile: bool, options: dict):
+    """generate() through transformers' own decoding (hf_generation.py), the prompt checked as here."""
+    from .hf_generation import transformers_generate
+    if compile:
+        warnings.warn("compile / fixed_shape apply to greedy and sampling decoding; this call runs transformers' "
+                      "generation code, uncompiled", stacklevel=3)
+    budget = 0  # the prompt alone must fit (transformers stops a sequence at the context by the model's own error)
+    if truncate_prompt:
+        config = generation_config if generation_config is not None else lm.generation_config
+        budget = options.get("max_new_tokens") or (config.max_new_tokens if is_set(config, "max_new_tokens") else None)
+        if budget is None:
+            raise ValueError("truncate_prompt needs max_new_tokens (the room to leave for new tokens)")
+    squeeze = torch.as_tensor(input_ids).dim() == 1
+    input_ids, attention_mask = prepare_prompt(input_ids, attention_mask, lm.config, budget, truncate_prompt,
+                                               lm.device)
+    out = transformers_generate(lm, input_ids, attention_mask, generation_config, seed, **options)
+    return out[0] if squeeze and isinstance(out, torch.Tensor) else out
 
 
 def generate_text(model, tokenizer, prompts, batch_size: int = 8, max_decode_length: Optional[int] = None,
@@ -176,10 +263,10 @@ def generate_text(model, tokenizer, prompts, batch_size: int = 8, max_decode_len
         encoded = [tokenizer(p).input_ids or [start] for p in prompts[i:i + batch_size]]
         ids, mask = left_pad(encoded, pad_id=config.pad_token_id if config.pad_token_id is not None else start)
         kw = dict(kwargs)
-        if kw.get("max_new_tokens") is None:
+        if kw.get("max_new_tokens") is None and (max_decode_length is not None or "max_length" not in kw):
             kw["max_new_tokens"] = new_token_budget(ids.size(1), max_decode_length, config.n_positions) \
                 if max_decode_length is not None else \
-                default_max_new_tokens(generation_defaults(language_model(model)), ids.size(1), config.n_positions)
+                default_max_new_tokens(language_model(model).generation_config, ids.size(1), config.n_positions)
         out = generate(model, ids, attention_mask=mask, **kw)
         # the prompt part of `out` is what generate kept (truncate_prompt may have dropped its oldest tokens)
         kept = min(ids.size(1), config.n_positions - kw["max_new_tokens"]) \
@@ -260,7 +347,7 @@ def prepare_prompt(input_ids, attention_mask, config, max_new_tokens: int, trunc
     return ids.to(device), mask.to(device)
 
 
-def _special_ids(config, defaults: GenerationConfig, eos_token_id, pad_token_id):
+def _special_ids(config, defaults, eos_token_id, pad_token_id):
     eos = defaults.eos_token_id if eos_token_id is FROM_CONFIG else eos_token_id
     pad = defaults.pad_token_id if pad_token_id is FROM_CONFIG else pad_token_id
     if pad is None:
@@ -268,8 +355,6 @@ def _special_ids(config, defaults: GenerationConfig, eos_token_id, pad_token_id)
     for name, value in (("eos_token_id", eos), ("pad_token_id", pad)):
         if value is not None and (not _is_int(value) or not 0 <= value < config.vocab_size):
             raise ValueError(f"{name} must be a token id in [0, {config.vocab_size}) or None, got {value!r}")
-    if eos is not None and pad is None:
-        raise ValueError("pad_token_id is needed to fill sequences that stop at eos")
     return eos, pad
 
 
@@ -367,7 +452,7 @@ def compiled_step():
 def _decode_loop(decoder: Decoder, input_ids, attention_mask, s: SamplingSettings, eos, pad, seed, streamer):
     B, T = input_ids.shape
     device = input_ids.device
-    tokens = torch.full((B, T + s.max_new_tokens), pad if pad is not None else 0, dtype=torch.long, device=device)
+    tokens = torch.zeros((B, T + s.max_new_tokens), dtype=torch.long, device=device)  # each column returned is set
     tokens[:, :T] = input_ids
     seen = None
     if s.repetition_penalty != 1.0:

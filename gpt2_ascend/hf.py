@@ -6,6 +6,7 @@ are the whole difference, handled here and nowhere else.
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
@@ -70,13 +71,21 @@ def normalize_hf_name(name: str) -> str | None:
     return "transformer." + name
 
 
-def hf_to_ours(hf_state: dict, config: GPT2Config) -> dict:
-    """An HF GPT-2 state dict (any head) -> our names and layouts, vocab padded to config's internal size."""
+def hf_to_ours(hf_state, config: GPT2Config, dtype: torch.dtype | None = None, device=None) -> dict:
+    """An HF GPT-2 state dict (any head) -> our names and layouts, vocab padded to config's internal size.
+
+    hf_state: a dict, or (name, tensor) pairs read one at a time (iter_tensors): each is converted -- cast to `dtype`
+    (floating point tensors), moved to `device`, transposed -- before the next is read, so a loader holds the model
+    once, plus one tensor in flight."""
     ours = {}
-    for name, tensor in hf_state.items():
+    for name, tensor in hf_state.items() if isinstance(hf_state, dict) else hf_state:
         key = normalize_hf_name(name)
         if key is None:
             continue
+        if dtype is not None and tensor.is_floating_point():
+            tensor = tensor.to(dtype)
+        if device is not None:
+            tensor = tensor.to(device)
         ours[key] = tensor.t().contiguous() if is_conv1d(key) else tensor
     for key in ("transformer.wte.weight", "lm_head.weight"):
         if key in ours:
@@ -138,31 +147,39 @@ def convert_qkv_state(state: dict, n_embd: int, n_head: int, to: str) -> dict:
 # ---------------------------------------------------------------------------------------------
 # reading files
 # ---------------------------------------------------------------------------------------------
-def resolve_model_path(path_or_hub_id: str) -> str:
-    """A local directory or file as is; otherwise a hub id, downloaded with huggingface_hub. A control character or
-    a symlink loop in the path is one line (fileio.check_path)."""
+def resolve_model_path(path_or_hub_id: str, **hub) -> str:
+    """A local directory or file as is; otherwise a hub id, downloaded with huggingface_hub (hub: download_from_hub's
+    options, which a local path does not need, as in transformers). A control character or a symlink loop in the
+    path is one line (fileio.check_path)."""
     if os.path.exists(check_path(path_or_hub_id, "model path")):
         return path_or_hub_id
     if path_or_hub_id.startswith((".", "/", "~")) or path_or_hub_id.count("/") > 1 or os.sep + os.sep in path_or_hub_id:
         raise FileNotFoundError(f"model path not found: {path_or_hub_id}")
-    return download_from_hub(path_or_hub_id)
+    return download_from_hub(path_or_hub_id, **hub)
 
 
-def download_from_hub(repo_id: str) -> str:
+def download_from_hub(repo_id: str, revision: str | None = None, local_files_only: bool = False,
+                      cache_dir: str | None = None, force_download: bool = False, token=None) -> str:
     """Fetch config, weights, generation and tokenizer files of a hub model into huggingface_hub's cache (the
     files already there are not fetched again; a broken download resumes) and return the snapshot folder.
-    HF_ENDPOINT selects the server, HF_HUB_CACHE the cache, HF_HUB_OFFLINE=1 uses the cache alone."""
+    HF_ENDPOINT selects the server, HF_HUB_CACHE the cache, HF_HUB_OFFLINE=1 uses the cache alone; the arguments are
+    transformers' from_pretrained options of the same names (revision: a branch, tag or commit)."""
+    local_files_only = local_files_only or hub_offline()
     try:
         from huggingface_hub import snapshot_download
         # endpoint, cache and offline mode read at call time, so variables set after import still count
-        return snapshot_download(repo_id, endpoint=os.environ.get("HF_ENDPOINT"),
-                                 cache_dir=os.environ.get("HF_HUB_CACHE"), local_files_only=hub_offline(),
+        return snapshot_download(repo_id, revision=revision, endpoint=os.environ.get("HF_ENDPOINT"),
+                                 cache_dir=cache_dir or os.environ.get("HF_HUB_CACHE"),
+                                 local_files_only=local_files_only, force_download=force_download, token=token,
                                  allow_patterns=[
             "config.json", "*.safetensors", SAFE_INDEX, "tokenizer.json", "tokenizer_config.json",
             "vocab.json", "merges.txt", "special_tokens_map.json", GENERATION_CONFIG, "adapter_config.json"])
     except Exception as e:  # offline, unknown repo, HTTP error: one line, no traceback of the hub client
         reason = str(e).strip().splitlines()[0] if str(e).strip() else "no message"
-        where = "in the hub cache (HF_HUB_OFFLINE is set)" if hub_offline() else "from the hub"
+        where = ("in the hub cache (HF_HUB_OFFLINE is set)" if hub_offline() else
+                 "in the hub cache (local_files_only)" if local_files_only else "from the hub")
+        if revision is not None:
+            repo_id = f"{repo_id}@{revision}"
         raise OSError(f"could not fetch {repo_id!r} {where} ({type(e).__name__}: {reason}); "
                       f"pass a local directory with config.json and model.safetensors instead") from None
 
@@ -210,18 +227,34 @@ def weight_files(path: str) -> list[str]:
 
 
 def iter_tensors(files: Iterable[str]) -> Iterator[tuple[str, torch.Tensor]]:
-    """(name, tensor) pairs, one file at a time; safetensors are read lazily, tensor by tensor."""
+    """(name, tensor) pairs, one file at a time; safetensors are read tensor by tensor (read_safetensors)."""
     for file in files:
         if file.endswith(".safetensors"):
-            from safetensors import safe_open
-            try:
-                with safe_open(file, framework="pt") as f:
-                    for name in f.keys():
-                        yield name, f.get_tensor(name)
-            except Exception as e:
-                raise ValueError(f"cannot read {file}: {e} (corrupt or truncated safetensors file)") from None
+            yield from read_safetensors(file)
         else:
             yield from tensor_dict(load_torch_file(file), file).items()
+
+
+def read_safetensors(path: str) -> Iterator[tuple[str, torch.Tensor]]:
+    """Each tensor of a safetensors file in file order, read into memory of its own. Not memory-mapped (as
+    safetensors' own reader does): the file's pages would then count in the process' memory beside the converted
+    copies, and the model's tensors would depend on a file that a later export replaces."""
+    header, start = read_safetensors_header(path)
+    entries = sorted(((name, info) for name, info in header.items() if name != "__metadata__"),
+                     key=lambda entry: entry[1].data_offsets[0])
+    with open(path, "rb") as f:
+        for name, info in entries:
+            tensor = torch.empty(info.shape, dtype=SAFETENSORS_DTYPES[info.dtype])
+            begin, end = info.data_offsets
+            f.seek(start + begin)
+            buffer, filled = memoryview(tensor.reshape(-1).view(torch.uint8).numpy()), 0
+            while filled < end - begin:  # (one read() returns at most 2 GB on Linux)
+                got = f.readinto(buffer[filled:])
+                if not got:
+                    raise ValueError(f"cannot read {path}: {name!r} ends past the file end (corrupt or truncated "
+                                     f"safetensors file); re-download or re-export it")
+                filled += got
+            yield name, tensor
 
 
 def read_safetensors_header(path: str) -> tuple[dict, int]:
@@ -230,10 +263,12 @@ def read_safetensors_header(path: str) -> tuple[dict, int]:
     with open(path, "rb") as f:
         head = f.read(8)
         if len(head) < 8:
-            raise ValueError(f"cannot read {path}: truncated safetensors file ({size} bytes)")
+            raise ValueError(f"cannot read {path}: corrupt or truncated safetensors file ({size} bytes); re-download or "
+                             f"re-export it")
         (n,) = struct.unpack("<Q", head)
         if 8 + n > size:
-            raise ValueError(f"cannot read {path}: truncated or corrupt safetensors file (header of {n} bytes)")
+            raise ValueError(f"cannot read {path}: corrupt or truncated safetensors file (header of {n} bytes); "
+                             f"re-download or re-export it")
         source = f"{path} (its safetensors header)"
         header = parse(loads_json(f.read(n), source, "the file is corrupt"), SAFETENSORS_HEADER, source)
         if header["__metadata__"] is None:
@@ -245,9 +280,11 @@ def read_safetensors_header(path: str) -> tuple[dict, int]:
         dtype = SAFETENSORS_DTYPES[info.dtype]
         begin, end = info.data_offsets
         if end - begin != math.prod(info.shape) * dtype.itemsize:
-            raise ValueError(f"cannot read {path}: corrupt entry for {name!r}")
+            raise ValueError(f"cannot read {path}: corrupt entry for {name!r} (corrupt or truncated safetensors file); "
+                             f"re-download or re-export it")
         if start + end > size:
-            raise ValueError(f"cannot read {path}: truncated safetensors file ({name!r} ends past the file end)")
+            raise ValueError(f"cannot read {path}: {name!r} ends past the file end (corrupt or truncated safetensors "
+                             f"file); re-download or re-export it")
     return header, start
 
 
@@ -309,14 +346,18 @@ def check_state(model: torch.nn.Module, state: dict, source: str, allow_missing=
                              f"{tuple(expected[key])}")
 
 
-def load_pretrained(cls, path_or_hub_id: str, dtype=None, device=None, name: str | None = None, **config_overrides):
+def load_pretrained(cls, path_or_hub_id: str, dtype=None, device=None, name: str | None = None, hub: dict | None = None,
+                    **config_overrides):
     """Build `cls` from an HF-format directory, weight file or hub id (HF's layout, HF's file names). name: what the
-    model records as its origin, when path_or_hub_id is already a hub id's downloaded folder."""
-    path = resolve_model_path(path_or_hub_id)
+    model records as its origin, when path_or_hub_id is already a hub id's downloaded folder; hub: download_from_hub's
+    options. The weights are read, cast, moved to `device` and converted tensor by tensor into a model built on the
+    meta device: the model is never held twice (transformers' low_cpu_mem_usage)."""
+    path = resolve_model_path(path_or_hub_id, **(hub or {}))
     config = load_config(path, **config_overrides)
-    require_model_memory(config, device, parse_dtype(dtype), f"the model in {path}",
+    dtype = parse_dtype(dtype)
+    require_model_memory(config, device, dtype, f"the model in {path}",
                          classifier=cls.hf_architecture == "GPT2ForSequenceClassification")
-    state = hf_to_ours(read_state_dict(path), config)
+    state = hf_to_ours(iter_tensors(weight_files(path)), config, dtype=dtype, device=device)
     model = model_from_state(cls, config, state, source=path, dtype=dtype, device=device)
     # as transformers: where the weights came from (peft records it as an adapter's base_model_name_or_path)
     name = name or path_or_hub_id
@@ -324,6 +365,48 @@ def load_pretrained(cls, path_or_hub_id: str, dtype=None, device=None, name: str
     if hasattr(model, "generation_config"):
         model.generation_config = load_generation_config(path, config)
     return model
+
+
+# from_pretrained's options that say how to load (transformers' names), as opposed to config fields to override
+LOADING_OPTIONS = ("dtype", "torch_dtype", "device", "device_map", "low_cpu_mem_usage", "revision", "local_files_only",
+                   "cache_dir", "force_download", "token", "trust_remote_code")
+
+
+def check_config_overrides(overrides: dict):
+    """from_pretrained's keywords beyond its loading options must be GPT2Config fields: name anything else as an
+    unknown option, listing both kinds (an HF habit, such as use_safetensors=, is then recognisable as one)."""
+    fields = sorted(f.name for f in dataclasses.fields(GPT2Config))
+    for key in overrides:
+        if key not in fields:
+            raise TypeError(f"from_pretrained() got an unknown option {key!r}: loading options are "
+                            f"{', '.join(LOADING_OPTIONS)}; any other keyword overrides a GPT2Config field "
+                            f"({', '.join(fields)})")
+
+
+def loading_device(device=None, device_map=None):
+    """The one device a model loads on, from device= or transformers' device_map: "auto" (the best device here: npu,
+    else cuda, else cpu), a device (name, torch.device, or an index of the accelerator), or a dict that places every
+    module on that one device ({"": 0}). A map over several devices is refused: the model loads on one device
+    (several devices are torchrun's tensor / pipeline parallel)."""
+    from .device import npu_available, resolve_device
+    if device_map is None:
+        return device
+    if isinstance(device_map, dict):
+        places = {str(place) for place in device_map.values()}
+        if len(places) != 1:
+            raise ValueError(f"device_map places modules on {len(places) or 'no'} devices ({', '.join(sorted(places))}): "
+                             f"this model loads on one device; for several, run it under torchrun with tensor or "
+                             f"pipeline parallel (docs/distributed.md)")
+        device_map = next(iter(device_map.values()))
+    if isinstance(device_map, int) and not isinstance(device_map, bool):
+        device_map = f"{'npu' if npu_available() else 'cuda'}:{device_map}"
+    if not isinstance(device_map, (str, torch.device)) or str(device_map) == "disk":
+        raise ValueError(f"device_map must be 'auto', a device (cpu, cuda:0, npu:0 or an index) or a dict of modules "
+                         f"to one device, got {device_map!r}")
+    chosen = resolve_device("auto" if device_map in ("auto", "balanced", "sequential") else device_map)
+    if device is not None and resolve_device(device) != chosen:
+        raise ValueError(f"device={device!r} and device_map={device_map!r} disagree: pass one of them")
+    return chosen
 
 
 def load_generation_config(path: str, config: GPT2Config) -> GenerationConfig:
@@ -477,8 +560,10 @@ def write_hf_weights(output_dir: str, specs: dict, fetch, max_shard_size=None, o
     return files
 
 
-def save_pretrained(model, output_dir: str, dtype=None, max_shard_size=None, state: dict | None = None):
-    """config.json + model.safetensors that transformers' from_pretrained loads unchanged."""
+def save_pretrained(model, output_dir: str, dtype=None, max_shard_size=None, state: dict | None = None,
+                    safe_serialization: bool = True):
+    """config.json + model.safetensors that transformers' from_pretrained loads unchanged (safe_serialization=False:
+    pytorch_model.bin, as transformers writes it then), and a language model's generation_config.json."""
     config: GPT2Config = model.config
     dtype = parse_dtype(dtype)
     state = model.state_dict() if state is None else state
@@ -488,7 +573,42 @@ def save_pretrained(model, output_dir: str, dtype=None, max_shard_size=None, sta
     specs = {name: (t.dtype, tuple(t.shape)) for name, t in hf_state.items()}
     with atomic_model_dir(output_dir, size=tensor_bytes(hf_state)) as tmp:
         write_json(hf_config, os.path.join(tmp, "config.json"))
-        write_hf_weights(tmp, specs, hf_state.__getitem__, max_shard_size)
+        if safe_serialization:
+            write_hf_weights(tmp, specs, hf_state.__getitem__, max_shard_size)
+        else:
+            write_bin_weights(tmp, hf_state, max_shard_size)
         generation = getattr(model, "generation_config", None)
         if generation is not None:  # a language model: the defaults transformers' generate() and ours read
-            write_json(generation.to_hf_dict(), os.path.join(tmp, GENERATION_CONFIG))
+            write_json(generation_file(generation), os.path.join(tmp, GENERATION_CONFIG))
+
+
+def write_bin_weights(output_dir: str, hf_state: dict, max_shard_size=None) -> list[str]:
+    """pytorch_model.bin (or shards + pytorch_model.bin.index.json), as transformers' save_pretrained writes with
+    safe_serialization=False: torch.save of {name: tensor}, each tensor with a storage of its own."""
+    sizes = {name: t.numel() * t.element_size() for name, t in hf_state.items()}
+    plan = shard_plan(sizes, parse_size(max_shard_size) if max_shard_size else None)
+    files = [BIN_WEIGHTS] if len(plan) == 1 else [f"pytorch_model-{i:05d}-of-{len(plan):05d}.bin"
+                                                  for i in range(1, len(plan) + 1)]
+    for file, names in zip(files, plan):
+        torch.save({n: hf_state[n].clone() for n in names}, os.path.join(output_dir, file))
+    if len(files) > 1:
+        write_json({"metadata": {"total_size": sum(sizes.values())},
+                    "weight_map": {n: file for file, names in zip(files, plan) for n in names}},
+                   os.path.join(output_dir, BIN_INDEX))
+    return files
+
+
+# The sampling-only settings: transformers' GenerationConfig refuses to save them in a greedy config (5.x) or warns
+# about them (4.x); left out, a reader takes transformers' defaults, which a greedy decoder never reads.
+SAMPLING_ONLY_SETTINGS = ("temperature", "top_k", "top_p", "min_p", "typical_p", "epsilon_cutoff", "eta_cutoff",
+                          "top_h")
+
+
+def generation_file(generation_config) -> dict:
+    """generation_config.json's content as transformers writes it (GenerationConfig.save_pretrained: what differs
+    from its defaults, with transformers_version), from transformers' GenerationConfig (a model's)."""
+    written = generation_config.to_diff_dict()
+    written.pop("compile_config", None)  # transformers 5 leaves it out as well
+    if not written.get("do_sample"):
+        written = {k: v for k, v in written.items() if k not in SAMPLING_ONLY_SETTINGS}
+    return written

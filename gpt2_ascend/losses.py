@@ -65,18 +65,31 @@ def chunked_linear_cross_entropy(hidden, weight, targets, vocab_size: int, chunk
                                             weight.requires_grad)
 
 
-def causal_lm_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """Mean next-token cross-entropy: logits at t predict labels at t+1; -100 is ignored."""
-    return next_token_loss(logits[:, :-1], labels[:, 1:])
+def causal_lm_loss(logits: torch.Tensor, labels: torch.Tensor, num_items_in_batch=None) -> torch.Tensor:
+    """Mean next-token cross-entropy: logits at t predict labels at t+1; -100 is ignored. num_items_in_batch: as
+    transformers' Trainer passes it (next_token_loss)."""
+    return next_token_loss(logits[:, :-1], labels[:, 1:], num_items_in_batch)
 
 
-def next_token_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+def next_token_loss(logits: torch.Tensor, targets: torch.Tensor, num_items_in_batch=None) -> torch.Tensor:
     """Mean cross-entropy of logits (B, T, V) against targets (B, T) that are already the next token of each
-    position (nanoGPT's form, the trainer's); -100 is ignored."""
-    return F.cross_entropy(logits.float().reshape(-1, logits.size(-1)), targets.reshape(-1).to(logits.device),
-                           ignore_index=-100)
+    position (nanoGPT's form, the trainer's); -100 is ignored.
+
+    num_items_in_batch: the number of predicted tokens in the whole batch of a gradient-accumulation step, as
+    transformers' Trainer counts and passes it; the loss is then this micro-batch's sum over that number
+    (transformers' fixed_cross_entropy), so the accumulated gradients are those of the whole batch's mean."""
+    return cross_entropy(logits.reshape(-1, logits.size(-1)), targets.reshape(-1), num_items_in_batch, ignore=-100)
 
 
-def classification_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """Mean cross-entropy of a classifier's logits (B, num_labels) against labels (B,)."""
-    return F.cross_entropy(logits.float().view(-1, logits.size(-1)), labels.view(-1).to(logits.device))
+def classification_loss(logits: torch.Tensor, labels: torch.Tensor, num_items_in_batch=None) -> torch.Tensor:
+    """Mean cross-entropy of a classifier's logits (B, num_labels) against labels (B,); num_items_in_batch: the
+    number of labelled rows of the accumulated batch (next_token_loss)."""
+    return cross_entropy(logits.view(-1, logits.size(-1)), labels.view(-1), num_items_in_batch)
+
+
+def cross_entropy(logits: torch.Tensor, targets: torch.Tensor, num_items_in_batch=None, ignore: int = -100):
+    """fp32 cross-entropy: the mean over the targets, or their sum over num_items_in_batch."""
+    if num_items_in_batch is None:
+        return F.cross_entropy(logits.float(), targets.to(logits.device), ignore_index=ignore)
+    total = F.cross_entropy(logits.float(), targets.to(logits.device), ignore_index=ignore, reduction="sum")
+    return total / torch.as_tensor(num_items_in_batch, device=total.device)

@@ -316,17 +316,50 @@ class GPT2PreTrainedModel(nn.Module):
     def disable_input_require_grads(self):
         """The pair of enable_input_require_grads: nothing to undo."""
 
+    @classmethod
+    def can_generate(cls) -> bool:
+        """transformers' question (its pipelines ask it): the language model says yes."""
+        return False
+
     def base_model_body(self) -> "GPT2Model":
         return self if isinstance(self, GPT2Model) else self.transformer
 
     @classmethod
-    def from_pretrained(cls, path_or_hub_id: str, dtype=None, device=None, **config_overrides):
-        from .hf import load_pretrained
-        return load_pretrained(cls, path_or_hub_id, dtype=dtype, device=device, **config_overrides)
+    def from_pretrained(cls, path_or_hub_id: str, dtype=None, device=None, *, torch_dtype=None, device_map=None,
+                        low_cpu_mem_usage: bool = True, revision=None, local_files_only: bool = False, cache_dir=None,
+                        force_download: bool = False, token=None, trust_remote_code: bool = False, **config_overrides):
+        """An HF GPT-2 folder, weight file or hub id, with transformers' loading options and their meaning:
+        torch_dtype (or dtype; "auto" or None: the file's dtype), device_map ("auto", a device, an index, or a dict
+        placing the model on one device; it sets hf_device_map as transformers does), revision, local_files_only,
+        cache_dir, force_download, token (hub downloads). The weights are converted tensor by tensor into a model
+        built on the meta device, so the model is never held twice whatever low_cpu_mem_usage says; no code is ever
+        run from a model folder, so trust_remote_code changes nothing. Other keywords override config fields
+        (num_labels=3, attn_implementation="eager")."""
+        from .hf import check_config_overrides, load_pretrained, loading_device
+        check_config_overrides(config_overrides)
+        for name, flag in (("low_cpu_mem_usage", low_cpu_mem_usage), ("local_files_only", local_files_only),
+                           ("force_download", force_download), ("trust_remote_code", trust_remote_code)):
+            if not isinstance(flag, bool):
+                raise TypeError(f"from_pretrained(): {name} must be True or False, got {flag!r}")
+        if dtype is not None and torch_dtype is not None and dtype != torch_dtype:
+            raise ValueError(f"dtype={dtype!r} and torch_dtype={torch_dtype!r} disagree: pass one of them")
+        dtype = dtype if dtype is not None else torch_dtype
+        hub = dict(revision=revision, local_files_only=local_files_only, cache_dir=cache_dir,
+                   force_download=force_download, token=token)
+        model = load_pretrained(cls, path_or_hub_id, dtype=None if dtype == "auto" else dtype,
+                                device=loading_device(device, device_map), hub=hub, **config_overrides)
+        if device_map is not None:
+            model.hf_device_map = {"": str(model.device)}  # as transformers records where a device_map put it
+        return model
 
-    def save_pretrained(self, output_dir: str, dtype=None, max_shard_size=None):
+    def save_pretrained(self, output_dir: str, dtype=None, max_shard_size=None, safe_serialization: bool = True,
+                        state_dict: dict | None = None):
+        """config.json + model.safetensors (safe_serialization=False: pytorch_model.bin) + a language model's
+        generation_config.json, as transformers' save_pretrained writes them; max_shard_size ("500MB") splits the
+        weights into shards with an index; state_dict: save these tensors (our names) instead of the model's."""
         from .hf import save_pretrained
-        save_pretrained(self, output_dir, dtype=dtype, max_shard_size=max_shard_size)
+        save_pretrained(self, output_dir, dtype=dtype, max_shard_size=max_shard_size, state=state_dict,
+                        safe_serialization=safe_serialization)
 
 
 class GPT2Model(GPT2PreTrainedModel):
@@ -486,12 +519,14 @@ class GPT2LMHeadModel(GPT2PreTrainedModel):
 
     def forward(self, input_ids=None, attention_mask=None, position_ids=None, labels=None, past_key_values=None,
                 use_cache=False, targets=None, token_type_ids=None, inputs_embeds=None, output_hidden_states=None,
-                output_attentions=None, return_dict=None, logits_to_keep=0, **hf_only):
+                output_attentions=None, return_dict=None, logits_to_keep=0, num_items_in_batch=None, **hf_only):
         """HF GPT2LMHeadModel's arguments with HF's meaning (those this model lacks raise TypeError), plus
         targets: already the next token of each position (nanoGPT semantics), the trainer's form; with
         config.loss_chunk_size set, the loss is computed chunk by chunk without the (tokens x vocab) logits and no
         logits are returned. labels: HF semantics (shifted inside: logits at t predict labels at t+1).
-        logits_to_keep: an int n > 0 keeps the last n positions, a 1-D tensor the positions it lists."""
+        logits_to_keep: an int n > 0 keeps the last n positions, a 1-D tensor the positions it lists.
+        num_items_in_batch: transformers' Trainer's count of the accumulated batch's predicted tokens (the loss is
+        then this batch's sum over it, losses.next_token_loss)."""
         reject_unsupported(type(self).__name__, hf_only)
         out = self.transformer(input_ids, attention_mask=attention_mask, position_ids=position_ids,
                                past_key_values=past_key_values, use_cache=use_cache, token_type_ids=token_type_ids,
@@ -507,6 +542,8 @@ class GPT2LMHeadModel(GPT2PreTrainedModel):
             check_labels(targets, "targets", self.config.vocab_size, ignore=-100)
             loss = chunked_linear_cross_entropy(hidden, self.lm_head.weight, targets, self.config.vocab_size,
                                                 self.config.loss_chunk_size)
+            if num_items_in_batch is not None:  # the mean over this batch's tokens -> their sum over the count
+                loss = loss * (targets != -100).sum() / num_items_in_batch
             result = ModelOutput(loss=loss, **extras)
             return result.to_tuple() if return_dict is False else result
         if isinstance(logits_to_keep, torch.Tensor):
@@ -517,10 +554,10 @@ class GPT2LMHeadModel(GPT2PreTrainedModel):
         loss = None
         if labels is not None:
             check_labels(labels, "labels", self.config.vocab_size, ignore=-100)
-            loss = causal_lm_loss(logits, labels)
+            loss = causal_lm_loss(logits, labels, num_items_in_batch)
         elif targets is not None:
             check_labels(targets, "targets", self.config.vocab_size, ignore=-100)
-            loss = next_token_loss(logits, targets)
+            loss = next_token_loss(logits, targets, num_items_in_batch)
         result = ModelOutput(loss=loss, logits=logits, **extras)
         return result.to_tuple() if return_dict is False else result
 
@@ -544,9 +581,38 @@ class GPT2LMHeadModel(GPT2PreTrainedModel):
     def get_output_embeddings(self):
         return self.lm_head
 
-    def generate(self, input_ids, attention_mask=None, **kwargs):
+    @property
+    def generation_config(self):
+        """transformers' GenerationConfig, as transformers' models carry it: what generate() uses for the arguments
+        a call leaves out and what save_pretrained writes. From the folder's generation_config.json, else from the
+        model config; kept as read until first used, so that building a model does not import transformers."""
+        settings = self.__dict__["_generation_config"]
+        if isinstance(settings, GenerationConfig):
+            settings = self.__dict__["_generation_config"] = settings.to_transformers(self.config)
+        return settings
+
+    @generation_config.setter
+    def generation_config(self, settings):
+        """Ours (gpt2_ascend.config.GenerationConfig, checked) or transformers' GenerationConfig."""
+        if not isinstance(settings, GenerationConfig) and not hasattr(settings, "to_diff_dict"):
+            raise TypeError(f"generation_config must be a transformers GenerationConfig or a "
+                            f"gpt2_ascend.config.GenerationConfig, got {type(settings).__name__}")
+        self.__dict__["_generation_config"] = settings
+
+    @classmethod
+    def can_generate(cls) -> bool:
+        return True
+
+    def generate(self, inputs=None, generation_config=None, attention_mask=None, input_ids=None, **kwargs):
+        """transformers' generate(), with its arguments and their meaning (inputs or input_ids, generation_config,
+        max_length, num_beams, stopping_criteria, logits_processor, output_scores, ...), plus this project's seed,
+        compile, fixed_shape and truncate_prompt (gpt2_ascend.generation.generate). Greedy and sampling calls run
+        the project's own KV-cache decoder; the rest runs transformers' generation code on this model."""
         from .generation import generate
-        return generate(self, input_ids, attention_mask=attention_mask, **kwargs)
+        if (inputs is None) == (input_ids is None):
+            raise TypeError("generate() takes the prompt once: as inputs (the first argument) or as input_ids")
+        return generate(self, inputs if inputs is not None else input_ids, attention_mask=attention_mask,
+                        generation_config=generation_config, **kwargs)
 
 
 class GPT2ForSequenceClassification(GPT2PreTrainedModel):
@@ -568,10 +634,13 @@ class GPT2ForSequenceClassification(GPT2PreTrainedModel):
         self.init_weights()
 
     def forward(self, input_ids=None, attention_mask=None, position_ids=None, labels=None, token_type_ids=None,
-                inputs_embeds=None, output_hidden_states=None, output_attentions=None, return_dict=None, **hf_only):
+                inputs_embeds=None, output_hidden_states=None, output_attentions=None, return_dict=None,
+                num_items_in_batch=None, **hf_only):
         """HF GPT2ForSequenceClassification's arguments with HF's meaning (no KV cache here: those this model
         lacks raise TypeError). Pools the last real token of each row (attention mask, else the last non-pad
-        id); with inputs_embeds and no mask, the last position, as HF does."""
+        id); with inputs_embeds and no mask, the last position, as HF does. num_items_in_batch: transformers'
+        Trainer's count of the accumulated batch's labels (losses.classification_loss; transformers' own GPT-2
+        classifier takes it and ignores it, so under gradient accumulation its loss is not the batch's mean)."""
         reject_unsupported(type(self).__name__, hf_only)
         out = self.transformer(input_ids, attention_mask=attention_mask, position_ids=position_ids,
                                token_type_ids=token_type_ids, inputs_embeds=inputs_embeds,
@@ -592,7 +661,7 @@ class GPT2ForSequenceClassification(GPT2PreTrainedModel):
         loss = None
         if labels is not None:
             check_labels(labels, "labels", self.config.num_labels)
-            loss = classification_loss(logits, labels)
+            loss = classification_loss(logits, labels, num_items_in_batch)
         result = ModelOutput(loss=loss, logits=logits, hidden_states=out.hidden_states, attentions=out.attentions)
         return result.to_tuple() if return_dict is False else result
 

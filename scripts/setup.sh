@@ -8,4 +8,9 @@ if [ ! -x .venv/bin/python ]; then
 fi
 . .venv/bin/activate
 python -m pip install -q --upgrade pip
-python -m pip install -q -c requirements/constraints.txt "torch==2.13.0" -e ".[dev]"
+# setuptools prints an "Editable installation." banner (a UserWarning of the build backend) on every editable install;
+# it asks nothing of the user. Filtered by that exact message and category only: any other warning still shows
+# (tests/test_demo.py).
+EDITABLE_BANNER="ignore:Editable installation.:UserWarning"
+PYTHONWARNINGS="${PYTHONWARNINGS:+$PYTHONWARNINGS,}$EDITABLE_BANNER" \
+  python -m pip install -q -c requirements/constraints.txt "torch==2.13.0" -e ".[dev]"

@@ -217,6 +217,36 @@ def test_split_never_cuts_next_to_whitespace():
     pieces = split_for_tokenizer(text, 1)
     assert "".join(pieces) == text
     assert pieces == ["alpha\n beta\n\ngamma \ndelta", "\nepsilon"]
+    # a newline at the very end, or right after a space at the start, is no cut; one between letters is
+    assert split_for_tokenizer("abcdef\n", 2) == ["abcdef\n"]
+    assert split_for_tokenizer("a\n bc\nde", 1) == ["a\n bc", "\nde"]
+
+
+def test_a_tokenizer_object_without_files_is_identified_by_its_whole_serialized_form():
+    """Two in-memory tokenizers with the same vocabulary but different merges tokenize differently: their ids (the
+    data cache's key) must differ, so the id hashes the serialized tokenizer, not only its vocabulary."""
+    from tokenizers import Tokenizer, models
+    from transformers import PreTrainedTokenizerFast
+    from gpt2_ascend.data.text import resolve_tokenizer
+    vocab = {"a": 0, "b": 1, "ab": 2}
+    merged, unmerged = (PreTrainedTokenizerFast(tokenizer_object=Tokenizer(models.BPE(vocab, merges)))
+                        for merges in ([("a", "b")], []))
+    assert merged.encode("ab") != unmerged.encode("ab")
+    (_, info_merged), (_, info_unmerged) = resolve_tokenizer(merged), resolve_tokenizer(unmerged)
+    assert info_merged["id"] != info_unmerged["id"] and info_merged["path"] is None
+    assert resolve_tokenizer(merged)[1]["id"] == info_merged["id"]  # and the same object, the same id
+
+
+def test_tokenizing_adds_no_special_tokens_even_where_the_tokenizer_would():
+    """A corpus is its text's tokens only: a fast tokenizer whose post-processor appends </s> (GPT-2's adds
+    nothing, so it cannot tell) gets none appended."""
+    from tokenizers import Tokenizer, models, processors
+    from transformers import PreTrainedTokenizerFast
+    backend = Tokenizer(models.BPE({"a": 0, "b": 1, "ab": 2, "</s>": 3}, [("a", "b")]))
+    backend.post_processor = processors.TemplateProcessing(single="$A </s>", special_tokens=[("</s>", 3)])
+    tok = PreTrainedTokenizerFast(tokenizer_object=backend)
+    assert tok("ab").input_ids == [2, 3]  # what the tokenizer does when asked for its special tokens
+    assert tokenize_text("abab", tok).tolist() == [2, 2]
 
 
 # ------------------------------------------------------------------------------------------------ CLI
@@ -253,3 +283,53 @@ def test_cli_help_has_examples():
     out = subprocess.run([sys.executable, "-m", "gpt2_ascend.data.wikitext2", "--help"], capture_output=True,
                          text=True, check=True)
     assert "examples:" in out.stdout and "--mindformers_compat" in out.stdout and out.stderr == ""
+
+
+def test_tokenizing_shows_a_progress_bar_from_one_mebichar(monkeypatch):
+    """Texts of 2^20 characters and more get a progress bar (WikiText-103 takes minutes); shorter ones tokenize
+    silently. A stand-in tokenizer keeps it fast: each piece is one token per character."""
+    import gpt2_ascend.progress as progress
+
+    class PerChar:
+        def __len__(self):
+            return 256
+
+        def encode(self, text, add_special_tokens=True):  # a slow tokenizer that adds an eos when asked to
+            return [ord(c) % 256 for c in text] + ([255] if add_special_tokens else [])
+
+    shown = []
+    real = progress.progress_bar
+    monkeypatch.setattr(progress, "progress_bar", lambda **kw: shown.append(
+        (not kw["disable"], kw["leave"], kw["unit"], kw["unit_scale"])) or real(**kw))
+    for length in ((1 << 20) - 1, 1 << 20):
+        text = ("abc\n" * (length // 4 + 1))[:length]
+        tokens = tokenize_text(text, PerChar(), chunk_chars=1 << 18)
+        assert len(tokens) == length and tokens.dtype == np.uint16
+    # a bar counts characters in k / M and is cleared when done (tokenizing is one step of a preparation)
+    assert shown == [(False, False, "char", True), (True, False, "char", True)]
+    empty = tokenize_text("", PerChar())
+    assert empty.shape == (0,) and empty.dtype == np.uint16
+
+
+def test_pack_blocks_refuses_a_length_that_is_not_a_positive_integer():
+    tokens = np.arange(12)
+    for bad in (0, -3, 2.5):
+        with pytest.raises(ValueError, match=rf"^max_length must be a positive integer, got {bad}$"):
+            pack_blocks(tokens, bad)
+    assert pack_blocks(tokens, 4.0).shape == (3, 4)  # an integral float is a length
+
+
+def test_a_folders_checksum_covers_every_file_name_and_content(tmp_path):
+    """A text folder's source_sha256 (the data cache's key) is the sha256 of each file's name and sha256, in order:
+    editing, renaming or adding a file changes it."""
+    import hashlib
+    from gpt2_ascend.data.text import source_sha256
+    folder = tmp_path / "corpus"
+    folder.mkdir()
+    (folder / "a.txt").write_text("alpha")
+    (folder / "b.txt").write_text("beta")
+    sha = lambda data: hashlib.sha256(data).hexdigest()  # noqa: E731
+    expected = sha(b"".join(f"{n}\0{sha(t)}\n".encode() for n, t in (("a.txt", b"alpha"), ("b.txt", b"beta"))))
+    assert source_sha256(str(folder)) == expected
+    (folder / "b.txt").write_text("beta!")
+    assert source_sha256(str(folder)) != expected

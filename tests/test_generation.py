@@ -384,3 +384,65 @@ def test_generate_text_with_a_truncated_prompt_returns_the_new_tokens():
     assert [len(t) for t in texts] == [4, 4]
     alone = generate_text(model, Chars(), long_prompt[-12:], max_new_tokens=4, eos_token_id=None)
     assert texts[0] == alone  # the kept prompt is the last 16 - 4 tokens
+
+
+class Chars:
+    """A tokenizer of single characters: ids 0..25 are a..z, any other id decodes to '?'."""
+
+    def __call__(self, text):
+        return type("Encoding", (), {"input_ids": [ord(c) - 97 for c in text]})()
+
+    def decode(self, ids, skip_special_tokens=True):
+        return "".join(chr(i + 97) if i < 26 else "?" for i in ids)
+
+
+def test_max_length_of_the_generation_config_counts_the_prompt(models):
+    """Without max_new_tokens, the generation config's max_length bounds prompt + new tokens, as in transformers: a
+    batch of two prompts of 5 tokens with max_length 12 gets 7 new tokens each (the prompt's length, not the batch
+    size, is taken off); generate_text takes its batch's padded width off."""
+    import copy
+    ours, _ = models
+    saved = ours.generation_config
+    try:
+        changed = copy.deepcopy(saved)  # transformers' GenerationConfig, set as transformers users do
+        changed.max_length, changed.max_new_tokens = 12, None
+        ours.generation_config = changed
+        out = generate(ours, torch.tensor(prompts((5, 5))), eos_token_id=None)
+        assert out.shape == (2, 12)
+        texts = generate_text(ours, Chars(), ["abcde", "ab", "abc"], batch_size=2, eos_token_id=None)
+        assert [len(t) for t in texts] == [7, 7, 9]  # batches of widths 5 and 3
+    finally:
+        ours.generation_config = saved
+
+
+def test_check_sampling_args_accepts_its_defaults_and_names_the_bound():
+    """The CLI's up-front check: its defaults are the valid 'off' values (greedy, no filter, no penalty), so any one
+    argument can be given alone; a bad min_new_tokens names the bound it was checked against (max_new_tokens
+    decided later counts as 1)."""
+    from gpt2_ascend.generation import check_sampling_args
+    check_sampling_args()
+    check_sampling_args(max_new_tokens=1)
+    check_sampling_args(temperature=0.0)  # greedy: a temperature is not used
+    check_sampling_args(do_sample=True)
+    with pytest.raises(ValueError) as err:
+        check_sampling_args(min_new_tokens=2.5)  # not an integer: the schema's range names the argument
+    assert str(err.value) == ("bad value 2.5 for 'min_new_tokens' in the sampling arguments: expected an integer "
+                              "in [0, 16777216]")
+    with pytest.raises(ValueError) as err:
+        check_sampling_args(min_new_tokens=3, max_new_tokens=2)
+    assert str(err.value) == "min_new_tokens must be an integer in [0, max_new_tokens=2], got 3"
+
+
+@pytest.mark.parametrize("top_p, kept", [(0.5, 2), (0.75, 3), (0.25, 1), (1.0, 4)])
+def test_top_p_boundary_is_transformers(top_p, kept):
+    """Four equally likely tokens (0.25 each, exact in binary): a token whose ascending cumulative probability equals
+    1 - top_p exactly is dropped (transformers' `<=`), so top_p = 0.5 keeps 2 and 0.75 keeps 3. transformers'
+    own warper is the oracle."""
+    from transformers.generation.logits_process import TopPLogitsWarper
+    from gpt2_ascend.generation import top_p_filter
+    scores = torch.zeros(1, 4)
+    ours = torch.isfinite(top_p_filter(scores, top_p))
+    if top_p < 1.0:  # transformers refuses nothing at 1.0 but its warper is not applied there
+        theirs = torch.isfinite(TopPLogitsWarper(top_p)(None, scores.clone()))
+        assert torch.equal(ours, theirs)
+    assert int(ours.sum()) == kept

@@ -253,9 +253,10 @@ def test_training_continues_an_hf_adapter(tmp_path):
     saved = json.loads((frozen / "adapter" / "adapter_config.json").read_text())
     assert saved["task_type"] == "CAUSAL_LM" and saved["base_model_name_or_path"] == str(tmp_path / "base")
     assert saved["r"] == 4 and sorted(saved["target_modules"]) == ["c_attn", "c_fc"]  # the adapter's, not a new one
-    assert json.loads((frozen / "generation_config.json").read_text()) == dict(
-        bos_token_id=511, eos_token_id=511, pad_token_id=511, do_sample=True, repetition_penalty=1.0,
-        temperature=1.0, top_k=7, top_p=1.0, max_length=16)  # the recipe's generation defaults
+    written = json.loads((frozen / "generation_config.json").read_text())  # the recipe's generation defaults
+    assert {k: written.get(k) for k in ("bos_token_id", "eos_token_id", "pad_token_id", "do_sample", "top_k")} == dict(
+        bos_token_id=511, eos_token_id=511, pad_token_id=511, do_sample=True, top_k=7)
+    assert "max_length" not in written  # (transformers writes no length for GPT-2)
     with torch.no_grad():
         want = theirs(input_ids=ids).logits
         assert max_diff(GPT2LMHeadModel.from_pretrained(frozen)(ids).logits, want) <= TOL
@@ -303,16 +304,22 @@ def test_generation_config_is_shared_with_transformers_pipeline(tmp_path, data_d
     model.generation_config = GenerationConfig.from_model_config(config, top_k=5)
     model.save_pretrained(tmp_path / "g")
     written = json.loads((tmp_path / "g" / "generation_config.json").read_text())
-    assert written == dict(bos_token_id=50256, eos_token_id=50256, pad_token_id=50256, do_sample=False,
-                           repetition_penalty=1.0)
+    transformers.GPT2LMHeadModel(transformers.GPT2Config(**config.to_hf_dict())).save_pretrained(tmp_path / "t")
+    assert written == json.loads((tmp_path / "t" / "generation_config.json").read_text())  # what transformers writes
     greedy_folder = GPT2LMHeadModel.from_pretrained(tmp_path / "g")
-    assert greedy_folder.generation_config.top_k == 50
+    theirs_folder = transformers.GPT2LMHeadModel.from_pretrained(tmp_path / "g").generation_config
+    assert greedy_folder.generation_config.to_diff_dict() == theirs_folder.to_diff_dict()  # top_k: the default
+    greedy_folder.save_pretrained(tmp_path / "g2")  # saved again: the same file
+    assert json.loads((tmp_path / "g2" / "generation_config.json").read_text()) == written
     tok.save_pretrained(tmp_path / "g")
     torch.manual_seed(2)  # sampling asked for at call time: the same top_k (50) on both sides
     theirs = transformers.pipeline("text-generation", model=str(tmp_path / "g"), device="cpu")(
         "The city of", do_sample=True, max_new_tokens=6, return_full_text=False)[0]["generated_text"]
     assert generate_text(greedy_folder, tok, "The city of", do_sample=True, max_new_tokens=6, seed=2) == theirs
-    # a setting this generate() cannot honour is refused, not ignored
+    # any other setting of the file is honoured as transformers honours it (beam search here), not ignored
     (tmp_path / "g" / "generation_config.json").write_text(json.dumps(dict(written, num_beams=4)))
-    with pytest.raises(ValueError, match="num_beams=4"):
-        generate(GPT2LMHeadModel.from_pretrained(tmp_path / "g"), ids, max_new_tokens=2)
+    with torch.no_grad():
+        beams = transformers.GPT2LMHeadModel.from_pretrained(tmp_path / "g").generate(ids, max_new_tokens=4)
+    assert not torch.equal(beams, generate(GPT2LMHeadModel.from_pretrained(tmp_path / "m"), ids, max_new_tokens=4,
+                                           do_sample=False))  # (beam search differs from greedy here)
+    assert torch.equal(generate(GPT2LMHeadModel.from_pretrained(tmp_path / "g"), ids, max_new_tokens=4), beams)

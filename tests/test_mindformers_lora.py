@@ -1,5 +1,7 @@
 """MindFormers' LoRA: its q / v targets (dense1, dense3) on our fused c_attn, its unmerged LoRA .ckpt loaded into a
 LoRA model, through run_mode eval and convert/merge_lora.py; checked against the adapters' own arithmetic."""
+import re
+
 import numpy as np
 import pytest
 import torch
@@ -179,3 +181,17 @@ def test_a_lora_rank_no_machine_holds_is_refused_before_peft_allocates():
     model = GPT2LMHeadModel(tiny_config())
     with pytest.raises(MemoryBudgetError, match=r"LoRA adapters of rank 100000000000 on c_attn.*use a smaller lora rank"):
         apply_lora(model, rank=10 ** 11)
+
+
+def test_an_adapter_whose_rank_exceeds_the_free_memory_is_refused_before_peft_reads_it(tmp_path, monkeypatch):
+    # r = 2^24 is inside the schema's range; 2^24 x 512 x 4 bytes = 34 GB against a free memory of 1 GB here
+    import json
+    from gpt2_ascend import budget
+    from gpt2_ascend.lora import load_adapter
+    (tmp_path / "adapter_config.json").write_text(json.dumps(dict(
+        peft_type="LORA", r=1 << 24, lora_alpha=8, lora_dropout=0.0, target_modules=["c_attn"],
+        task_type="CAUSAL_LM", bias="none")))
+    monkeypatch.setattr(budget, "available_memory", lambda device: (1 << 30, "a test's limit"))
+    with pytest.raises(MemoryBudgetError, match=rf"^the LoRA adapter in {re.escape(str(tmp_path))} \(r=16777216\): "
+                                                 r".* needs 34.4 GB .* use a smaller lora rank"):
+        load_adapter(GPT2LMHeadModel(tiny_config()), str(tmp_path))

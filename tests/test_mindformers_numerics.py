@@ -64,6 +64,10 @@ def test_mindformers_clip_formula():
     assert clip_coefficient(under, 1.0, "mindspore").item() == pytest.approx(1.0 / (1.0 + 1e-6), rel=1e-7)
     assert clip_coefficient(under, 1.0, "torch").item() == 1.0
     assert clip_coefficient(over, 1.0, "mindspore").item() == pytest.approx(1.0 / (4.0 + 1e-6), rel=1e-7)
+    # torch's clip_grad_norm_: max / (norm + 1e-6), capped at 1; at a tiny norm the 1e-6 is a fifth of the result
+    tiny = torch.tensor(1e-5)
+    assert clip_coefficient(tiny, 1e-6, "torch").item() == pytest.approx(1e-6 / (1e-5 + 1e-6), rel=1e-6)
+    assert clip_coefficient(tiny, 1e-6, "mindspore").item() == pytest.approx(1e-6 / (1e-5 + 1e-6), rel=1e-6)
     params = [torch.nn.Parameter(torch.ones(4)) for _ in range(2)]
     for p in params:
         p.grad = torch.full((4,), 2.0)
@@ -270,6 +274,9 @@ def test_global_batch_sets_the_accumulation(tmp_path, token_file):
                           "runner_config.max_steps=3", "output_dir=" + str(tmp_path / "acc"))
     run_training(accumulated, log=messages.append)
     assert any("global batch 8 = batch_size 2 x 1 data-parallel rank(s) x 4" in m for m in messages)
+    said = [m for m in messages if m.startswith("training ")]  # the training line names each factor of a step
+    assert len(said) == 1 and ": 3 steps of 8 sequences each (batch_size 2 x gradient accumulation 4 x 1 " \
+                              "data-parallel replica), " in said[0], said
     whole = _recipe(tmp_path, token_file, "runner_config.batch_size=8", "runner_config.max_steps=3",
                     "output_dir=" + str(tmp_path / "whole"))
     run_training(whole, log=lambda *_: None)

@@ -254,8 +254,11 @@ def test_hf_config_with_transformers_4_generation_defaults_loads():
 def test_context_overflow_is_clear():
     config = tiny_config(n_positions=16)
     model = GPT2LMHeadModel(config).eval()
-    with pytest.raises(ValueError, match="longer than the model's context"):
+    with pytest.raises(ValueError, match=r"^sequence of 17 tokens is longer than the model's context n_positions=16;"):
         model(torch.zeros(1, 17, dtype=torch.long))
+    cache = model(torch.zeros(1, 10, dtype=torch.long), use_cache=True).past_key_values
+    with pytest.raises(ValueError, match=r"^sequence of 17 tokens is longer"):  # 10 cached + 7 new
+        model(torch.zeros(1, 7, dtype=torch.long), past_key_values=cache)
 
 
 @pytest.mark.parametrize("mode", ["full", "selective"])
@@ -306,14 +309,15 @@ def test_chunked_head_cross_entropy_equals_the_plain_loss_and_gradients():
     config = tiny_config(vocab_size=500, pad_vocab_size_multiple=64)
     torch.manual_seed(0)
     model = GPT2LMHeadModel(config).train()
-    ids = torch.randint(0, 500, (3, 17))
+    ids = torch.randint(0, 500, (3, 33))  # 96 tokens: more than the hidden width (64), each chunked
     targets = ids[:, 1:].clone()
     targets[1, 5:] = -100  # ignored positions count in neither
+    targets[0, 3] = targets[2, 0] = 0  # token 0 is a target like any other (ignored ones are read at 0)
     plain = model(ids[:, :-1], targets=targets)
     plain.loss.backward()
     grads = {n: p.grad.clone() for n, p in model.named_parameters()}
     model.zero_grad()
-    model.config.loss_chunk_size = 7  # does not divide the 48 tokens: a short last chunk
+    model.config.loss_chunk_size = 7  # does not divide the 96 tokens: a short last chunk
     fused = model(ids[:, :-1], targets=targets)
     assert fused.logits is None
     fused.loss.backward()
@@ -321,7 +325,25 @@ def test_chunked_head_cross_entropy_equals_the_plain_loss_and_gradients():
     for n, p in model.named_parameters():
         assert max_diff(p.grad, grads[n]) <= 1e-6, n
     with torch.no_grad():  # evaluation keeps the logits
-        assert model(ids[:, :-1], targets=targets).logits.shape == (3, 16, 500)
+        assert model(ids[:, :-1], targets=targets).logits.shape == (3, 32, 500)
+
+
+def test_chunked_head_averages_over_the_targets_it_has():
+    """One target left: the chunked loss is that token's cross-entropy, as the plain one; none left: 0 with zero
+    gradients (the plain path's mean over nothing is NaN; a chunk of padding must not stop a run)."""
+    config = tiny_config(vocab_size=500, pad_vocab_size_multiple=64, loss_chunk_size=4)
+    torch.manual_seed(0)
+    model = GPT2LMHeadModel(config).train()
+    ids = torch.randint(0, 500, (2, 9))
+    targets = torch.full((2, 8), -100)
+    targets[1, 6] = 17
+    one = model(ids[:, :-1], targets=targets).loss
+    with torch.no_grad():
+        logits = model.logits(model.transformer(ids[:, :-1]).last_hidden_state)
+    assert abs(one.item() - torch.nn.functional.cross_entropy(logits[1, 6:7], targets[1, 6:7]).item()) <= 1e-6
+    none = model(ids[:, :-1], targets=torch.full((2, 8), -100)).loss
+    none.backward()
+    assert none.item() == 0.0 and all(p.grad.abs().max().item() == 0.0 for p in model.parameters())
 
 
 def test_chunked_head_with_a_frozen_head_skips_its_gradient():

@@ -213,6 +213,23 @@ def test_distributed_clip_scales_by_exactly_max_norm_over_norm():
     assert all(torch.equal(p.grad, c) for p, c in zip(params, clipped))
 
 
+@pytest.mark.parametrize("max_norm", [0.0, None, -0.5])
+def test_a_max_norm_that_is_not_positive_clips_nothing_on_either_path(max_norm):
+    """0 (a recipe's "no clipping"), None (TrainSettings') and a negative value (the Python API does not refuse one)
+    leave every gradient as it is and still return the norm, on one device and distributed; a negative threshold
+    once made the one-device coefficient negative, turning the step into gradient ascent."""
+    from gpt2_ascend.parallel.clip import clip_by_global_norm, clip_grad_norm
+    g = torch.Generator().manual_seed(0)
+    params = [torch.nn.Parameter(torch.zeros(shape)) for shape in ((16, 8), (8,))]
+    natural = [torch.randn(p.shape, generator=g) for p in params]
+    norm = torch.cat([n.flatten() for n in natural]).norm().item()
+    for clip in (clip_by_global_norm, clip_grad_norm):
+        for p, grad in zip(params, natural):
+            p.grad = grad.clone()
+        assert clip(params, max_norm).item() == pytest.approx(norm, rel=1e-6)
+        assert all(torch.equal(p.grad, grad) for p, grad in zip(params, natural)), clip.__name__
+
+
 def test_merged_sharded_checkpoint_loads_in_transformers(workdir, single):
     import transformers
     out = workdir / "tp"

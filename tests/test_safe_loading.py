@@ -344,6 +344,54 @@ def test_dcp_metadata_pointing_outside_the_directory_is_refused(tmp_path):
         read_dcp_metadata(str(tmp_path))
 
 
+def test_dcp_metadata_declaring_more_model_bytes_than_the_files_hold_is_refused(tmp_path):
+    """Before anything is allocated, the model tensors `.metadata` declares must fit in the .distcp files: 15 float32
+    (60 bytes) fit in 60 bytes, not in 59; tensors outside the model (an optimizer's) are not counted."""
+    import warnings
+    import torch.distributed.checkpoint as dcp
+    from gpt2_ascend.checkpoints import CheckpointError
+    from gpt2_ascend.safe_dcp import model_tensors
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        dcp.save({"model.w": torch.ones(3, 5), "optimizer.m": torch.ones(100)}, checkpoint_id=str(tmp_path),
+                 no_dist=True)
+    (data,) = [f for f in os.listdir(tmp_path) if f.endswith(".distcp")]
+    (tmp_path / data).write_bytes(b"\0" * 60)
+    assert model_tensors(str(tmp_path)) == {"model.w": (torch.Size([3, 5]), torch.float32)}
+    (tmp_path / data).write_bytes(b"\0" * 59)
+    with pytest.raises(CheckpointError, match=r"it declares 60 bytes of weights but its \.distcp files hold 59$"):
+        model_tensors(str(tmp_path))
+
+
+def test_a_metadata_of_allowed_classes_that_is_not_dcp_metadata_is_one_line(tmp_path):
+    """Allowed classes put together wrongly: an OrderedDict, or a Metadata whose state_dict_metadata is no dict."""
+    from torch.distributed.checkpoint.metadata import Metadata
+    from gpt2_ascend.checkpoints import CheckpointError
+    from gpt2_ascend.safe_dcp import read_dcp_metadata
+    from collections import OrderedDict
+    for wrong in (OrderedDict(), Metadata(state_dict_metadata=None)):
+        (tmp_path / ".metadata").write_bytes(pickle.dumps(wrong))
+        with pytest.raises(CheckpointError, match=r"has a corrupt \.metadata \(not DCP metadata\)$"):
+            read_dcp_metadata(str(tmp_path))
+
+
+def test_a_dcp_failure_is_one_line_with_the_root_causes_first_line(tmp_path, monkeypatch):
+    """DCP wraps each rank's exception (with its traceback) in a CheckpointException; the line shown is the root
+    cause's type and first line, whatever follows it."""
+    import gpt2_ascend.safe_dcp as safe_dcp
+    from torch.distributed.checkpoint.api import CheckpointException
+    from gpt2_ascend.checkpoints import CheckpointError
+    monkeypatch.setattr(safe_dcp, "read_dcp_metadata", lambda path: None)
+    cause = ValueError("Size mismatch for model.w\n  saved [3], current [4]\n")
+
+    def failing_load(*args, **kwargs):
+        raise CheckpointException("load", {0: (cause, "Traceback ...")})
+    monkeypatch.setattr(safe_dcp.dcp, "load", failing_load)
+    with pytest.raises(CheckpointError) as error:
+        safe_dcp.dcp_load({}, str(tmp_path))
+    assert str(error.value) == f"checkpoint {tmp_path} cannot be loaded (ValueError: Size mismatch for model.w)"
+
+
 class Reduced:
     """Unpickling this calls `func(*args)`: the builtins a widened allow-list would let through."""
 
@@ -440,6 +488,38 @@ def test_refusal_names_the_global_for_every_pickle_protocol(tmp_path):
     (tmp_path / "short.pt").write_bytes((tmp_path / "ok.pt").read_bytes()[:100])
     with pytest.raises(ValueError, match=r"cannot read .*short.pt: .*\(corrupt, truncated"):
         torch_load(str(tmp_path / "short.pt"))
+    assert not marker.exists()
+
+
+def test_refusal_of_bytes_in_memory_names_the_global_and_damage_is_one_line(tmp_path):
+    """DCP's non-tensor values reach torch_load as bytes in memory (a file object): a bare protocol-4 payload there
+    (its only strings the module and the name: read by disassembly, torch's message does not name it) is refused by
+    name; a pickle too damaged to read is a damaged file; a missing or unreadable path is one plain line."""
+    import io
+    from gpt2_ascend.safe_pickle import UnsafeFileError, torch_load
+    marker = tmp_path / "MARKER"
+    data = io.BytesIO(pickle.dumps(Payload(marker), protocol=4))
+    data.read(7)  # a stream not at its start: the refusal reads the pickle from its first byte
+    with pytest.raises(UnsafeFileError, match=r"^refusing to load the value: .* type posix\.system, which could"):
+        torch_load(data, name="the value")
+    with pytest.raises(ValueError, match=r"^damaged is not a valid checkpoint: it is not a PyTorch file"):
+        torch_load(io.BytesIO(b"\x80\x04\x95\xff\xff"), name="damaged")  # a FRAME cut short: damage, not a threat
+    # naming the global reads at most the first 16 MiB of a file: a payload just inside is named, one just past it
+    # is refused unnamed, as not a checkpoint (a hostile file of any size costs 16 MiB to refuse)
+    for pad, error, message in (((1 << 24) - 200, UnsafeFileError, "type posix.system, which could run code"),
+                                (1 << 24, ValueError, "big is not a valid checkpoint: it is not a PyTorch file")):
+        path = tmp_path / "big.pt"
+        path.write_bytes(pickle.dumps({"pad": b"\0" * pad, "w": Payload(marker)}, protocol=4))
+        for source in (str(path), io.BytesIO(path.read_bytes())):  # a file, or bytes in memory
+            with pytest.raises(error, match=re.escape(message)):
+                torch_load(source, name="big")
+    assert not marker.exists()  # refused, never run
+    missing = str(tmp_path / "missing.pt")
+    with pytest.raises(FileNotFoundError) as error:
+        torch_load(missing)
+    assert str(error.value) == f"file not found: {missing}"
+    with pytest.raises(ValueError, match=rf"^cannot read {re.escape(str(tmp_path))}: .* \(corrupt, truncated or not"):
+        torch_load(str(tmp_path))
     assert not marker.exists()
 
 

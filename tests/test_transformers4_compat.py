@@ -77,6 +77,11 @@ def test_round_trip_with_the_oldest_transformers_4(oldest_env, tmp_path, data_di
     # an export made with transformers 5 / peft 0.2x (this environment) loads there with the same numbers
     assert r["newer_export_logits"] <= TOL and r["newer_adapter_logits"] <= TOL
     assert r["newer_tokenizer_ids_equal"] and r["newer_pipeline_greedy_equal"]
+    # generate()'s transformers options and pipeline(model=<our object>) with transformers 4's generation code
+    assert r["generate_options_equal"] == [True] * 6 and r["generate_scores"] <= TOL
+    assert r["pipeline_model_object_equal"]
+    # transformers 4's Trainer (it logs losses rounded to 4 decimals)
+    assert r["trainer_steps"] == [2, 2] and r["trainer_loss"] <= 1e-4 and r["trainer_grad_norm"] <= 1e-4
     # forward arguments with transformers 4's meaning
     assert r["forward_counts"] == [3, 3, 2, 2]
     for key in ("forward_logits", "forward_hidden_states", "forward_attentions", "forward_tuple",

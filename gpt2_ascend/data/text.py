@@ -99,13 +99,14 @@ def tokenize_text(text: str, tokenizer, chunk_chars: int = CHUNK_CHARS, desc: st
             batch = pieces[i:i + per_batch]
             out.extend(np.asarray(x, dtype=dtype) for x in encode_many(batch, tokenizer))
             bar.update(sum(len(p) for p in batch))
-    return np.concatenate(out) if out else np.zeros(0, dtype=dtype)
+    return np.concatenate(out)  # never empty: split_for_tokenizer gives at least one piece ("" for "")
 
 
 def pack_blocks(tokens: np.ndarray, max_length: int, source: str | None = None) -> np.ndarray:
     """(n, max_length) blocks of consecutive tokens, n = len(tokens) // max_length; the remainder is dropped."""
     if int(max_length) != max_length or max_length < 1:
         raise ValueError(f"max_length must be a positive integer, got {max_length}")
+    max_length = int(max_length)  # 1025.0 from a recipe is a length
     tokens = np.asarray(tokens)
     n = len(tokens) // max_length
     if n == 0:

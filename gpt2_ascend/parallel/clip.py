@@ -20,7 +20,7 @@ def clip_by_global_norm(params, max_norm: float | None, rule: str = "torch") -> 
     clip_coefficient's rule. No host sync."""
     grads = [p.grad for p in params if p.grad is not None]
     total = torch.nn.utils.get_total_norm(grads)
-    if max_norm and grads:
+    if max_norm and max_norm > 0 and grads:  # 0, None or below: no clipping (as clip_grad_norm)
         torch._foreach_mul_(grads, clip_coefficient(total, max_norm, rule).to(grads[0].device))
     return total
 

@@ -2,6 +2,8 @@
 gradients and optimizer state, with a mixed-precision policy)."""
 from __future__ import annotations
 
+import inspect
+
 import torch
 import torch.nn as nn
 
@@ -25,4 +27,14 @@ def apply_ddp(model: nn.Module, dp_mesh, device: torch.device):
     from torch.nn.parallel import DistributedDataParallel
     device_ids = [device.index] if device.type in ("cuda", "npu") and device.index is not None else None
     return DistributedDataParallel(model, process_group=dp_mesh.get_group(), device_ids=device_ids,
-                                   broadcast_buffers=False)
+                                   **no_buffer_sync(DistributedDataParallel))
+
+
+def no_buffer_sync(ddp_class) -> dict:
+    """DDP's option for "no buffers to sync before each forward" (the model has none), in the installed torch's
+    spelling: forward_sync_buffers=False where it exists (torch >= 2.13 warns, a FutureWarning in every rank's
+    output, on broadcast_buffers), else broadcast_buffers=False. The two differ only in syncing buffers once at
+    construction, which for a model without buffers is nothing."""
+    if "forward_sync_buffers" in inspect.signature(ddp_class.__init__).parameters:
+        return {"forward_sync_buffers": False}
+    return {"broadcast_buffers": False}

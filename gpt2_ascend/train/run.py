@@ -118,7 +118,8 @@ def init_dims(job: TrainJob) -> ParallelDims:
     if not job.use_parallel or world == 1:
         if job.use_parallel and pc.devices > 1:
             raise ValueError(f"the parallel section asks for {pc.devices} devices ({pc.describe(shard=False)}) but "
-                             f"this is one process: launch with torchrun --nproc_per_node {pc.devices}, or set {names.no_parallel}")
+                             f"this is one process: launch with torchrun --nproc_per_node {pc.devices}, or set "
+                             f"{names.no_parallel}")
         device = dev.resolve_device(job.device)
         dev.set_device(device)
         return ParallelDims.single(device)
@@ -565,8 +566,8 @@ def build_trainer(job: TrainJob, pm: ParallelModel, model, train_data, eval_data
         dims.on_main(lambda: begin_run(job, fresh=clears_outputs(job, resume_path)))
     layout = f" on {dims.global_world} processes ({dims.pc.describe()})" if dims.distributed else ""
     log(f"training {base.num_parameters():,} parameters ({_trainable(model):,} trainable) on "
-        f"{dev.device_name(dims.device)} ({settings.precision}){layout}: {run_steps} steps of {job.batch_size} x "
-        f"{accumulation} x {dims.world_size} rows, {loader.steps_per_epoch} steps per epoch")
+        f"{dev.device_name(dims.device)} ({settings.precision}){layout}: "
+        f"{steps_in_words(run_steps, job.batch_size, accumulation, dims.world_size, loader.steps_per_epoch)}")
     metrics = None
     if dims.is_main:
         fpt = flops_per_token(base.num_parameters(), base.config.n_layer, base.config.n_embd, seq_length(job))
@@ -682,6 +683,15 @@ def begin_run(job: TrainJob, fresh: bool):
         dump_recipe(job.recipe, os.path.join(job.output_dir, "recipe.yaml"))
 
 
+def steps_in_words(steps: int, batch_size: int, accumulation: int, replicas: int, steps_per_epoch: int) -> str:
+    """What one optimizer step reads, each factor named: the training line is read by people who never saw a
+    recipe ("200 steps of 8 x 1 x 1 rows" left them guessing)."""
+    sequences = batch_size * accumulation * replicas
+    plural = "s" if replicas != 1 else ""
+    return (f"{steps} steps of {sequences} sequences each (batch_size {batch_size} x gradient accumulation "
+            f"{accumulation} x {replicas} data-parallel replica{plural}), {steps_per_epoch} steps per epoch")
+
+
 def _trainable(model) -> int:
     """Trainable parameters, without the internal vocab padding rows (as num_parameters counts) or the entries of a
     fused q / v adapter that stay zero (lora.mask_to_parts): MindFormers' count."""
@@ -785,11 +795,12 @@ def export_final(model, job: TrainJob, lora: bool) -> str:
 
 
 def generation_defaults(generation: dict, config) -> GenerationConfig:
-    """A job's generation settings (MindFormers' names: max_decode_length counts prompt + new tokens) as the
-    generation_config.json written with the export (the length capped by the model's context)."""
-    g = dict(generation)
-    max_length = min(g.pop("max_decode_length"), config.n_positions) if "max_decode_length" in g else None
-    return GenerationConfig.from_model_config(config, **g, max_length=max_length)
+    """A job's generation settings as the generation_config.json written with the export. The length
+    (max_decode_length) is not written, as transformers writes none for GPT-2: a max_length in the file made every
+    transformers generate(max_new_tokens=...) on the folder warn that both are set. The recipe's length still drives
+    run_mode predict and generate.py --config."""
+    g = {k: v for k, v in generation.items() if k != "max_decode_length"}
+    return GenerationConfig.from_model_config(config, **g)
 
 
 def adapter_base_name(job: TrainJob) -> str | None:

@@ -1,6 +1,7 @@
 """The export/import round trip against whatever transformers and peft this interpreter has (the oldest ones
 setup.cfg allows, in the environment tests/helpers/compat_env.py builds): model + tokenizer + pipeline + peft
-adapter, both directions, and the forward arguments. Prints one JSON object of measurements on its last line;
+adapter, both directions, the forward arguments, and generate()'s transformers options and pipeline() on our model
+object, and transformers.Trainer on our model (tests/test_hf_habits.py's habits, with this transformers). Prints one JSON object of measurements on its last line;
 tests/test_transformers4_compat.py asserts on it.
 
     python tests/compat/hf_round_trip.py WORK_DIR [EXPORT_DIR]
@@ -135,6 +136,71 @@ def forward_arguments(ids) -> dict:
                                               hf(inputs_embeds=embeds, use_cache=False).logits)}
 
 
+# generate()'s transformers options, against this transformers' generate on the same weights (as tests/test_hf_habits.py
+# does with the newer transformers)
+GENERATE_OPTIONS = [dict(max_length=11), dict(max_new_tokens=5, num_beams=3, num_return_sequences=2),
+                    dict(max_new_tokens=5, do_sample=True, top_k=20, num_return_sequences=2),
+                    dict(max_new_tokens=6, no_repeat_ngram_size=1), dict(max_new_tokens=5, do_sample=True, min_p=0.05),
+                    dict(max_new_tokens=5, num_beams=2, output_scores=True, return_dict_in_generate=True)]
+
+
+def generate_habits(ids) -> dict:
+    """Our generate() with transformers' options, and pipeline("text-generation", model=<our object>), against this
+    transformers' GPT-2 holding the same weights."""
+    ours = GPT2LMHeadModel.from_pretrained(os.path.join(WORK, "hf")).eval()
+    hf = transformers.GPT2LMHeadModel.from_pretrained(os.path.join(WORK, "hf")).eval()
+    mask = torch.ones_like(ids)
+    mask[1, :2] = 0  # row 1 left-padded
+    ids = ids.masked_fill(mask == 0, 50256)
+    equal, scores = [], 0.0
+    for options in GENERATE_OPTIONS:
+        torch.manual_seed(0)
+        with torch.no_grad():
+            theirs = hf.generate(ids, attention_mask=mask, pad_token_id=50256, **options)
+        mine = ours.generate(ids, attention_mask=mask, pad_token_id=50256, seed=0, **options)
+        if isinstance(theirs, torch.Tensor):
+            equal.append(isinstance(mine, torch.Tensor) and torch.equal(mine, theirs))
+        else:
+            equal.append(torch.equal(mine.sequences, theirs.sequences))
+            scores = max([scores, diff(mine.sequences_scores, theirs.sequences_scores)] +
+                         [diff(a, b) for a, b in zip(mine.scores, theirs.scores)])
+    texts = []
+    for model in (hf, ours):
+        pipe = transformers.pipeline("text-generation", model=model, tokenizer=load_tokenizer(), device="cpu")
+        torch.manual_seed(0)
+        texts.append(pipe([PROMPT, "Once upon a time"], do_sample=True, top_k=20, max_new_tokens=6))
+    return {"generate_options_equal": equal, "generate_scores": scores, "pipeline_model_object_equal":
+            texts[0] == texts[1] and pipe.model is ours}
+
+
+def trainer_habit() -> dict:
+    """transformers.Trainer (4.45 passes no num_items_in_batch) trains our model as this transformers' GPT-2: the
+    logged losses and gradient norms of two steps with gradient accumulation, same weights, same rows."""
+    # the shared environment's `datasets` is newer than transformers 4.45's huggingface_hub allows; Trainer needs it
+    # only for datasets.Dataset inputs, and the rows here are a list
+    transformers.utils.import_utils._datasets_available = False
+    g = torch.Generator().manual_seed(0)
+    rows = []
+    for _ in range(8):
+        ids = torch.randint(0, 50000, (10,), generator=g)
+        mask = (torch.arange(10) < int(torch.randint(5, 11, (1,), generator=g))).long()
+        rows.append(dict(input_ids=ids.masked_fill(mask == 0, 50256), attention_mask=mask,
+                         labels=ids.masked_fill(mask == 0, -100)))
+    logged = []
+    for model in (transformers.GPT2LMHeadModel.from_pretrained(os.path.join(WORK, "hf")),
+                  GPT2LMHeadModel.from_pretrained(os.path.join(WORK, "hf"))):
+        args = transformers.TrainingArguments(os.path.join(WORK, "trainer"), per_device_train_batch_size=2,
+                                              gradient_accumulation_steps=2, max_steps=2, learning_rate=1e-2,
+                                              logging_steps=1, report_to=[], seed=0, use_cpu=True,
+                                              save_strategy="no", disable_tqdm=True)
+        trainer = transformers.Trainer(model=model, args=args, train_dataset=rows)
+        trainer.train()
+        logged.append([(h["loss"], h["grad_norm"]) for h in trainer.state.log_history if "loss" in h])
+    return {"trainer_steps": [len(steps) for steps in logged],
+            "trainer_loss": max(abs(a[0] - b[0]) for a, b in zip(*logged)),
+            "trainer_grad_norm": max(abs(a[1] - b[1]) / b[1] for a, b in zip(*logged))}
+
+
 def newer_export(export: str) -> dict:
     """What the newer environment exported, loaded with this transformers / peft and compared with the numbers
     it measured there."""
@@ -162,6 +228,8 @@ if __name__ == "__main__":
     result.update(ours_to_transformers(WORK, ids))
     result.update(transformers_to_ours(WORK, ids))
     result.update(forward_arguments(ids))
+    result.update(generate_habits(ids[:, :7]))
+    result.update(trainer_habit())
     if len(sys.argv) > 2:
         result.update(newer_export(sys.argv[2]))
     print(json.dumps(result))
