@@ -494,6 +494,16 @@ class GPT2Model(GPT2PreTrainedModel):
 
 
 class GPT2LMHeadModel(GPT2PreTrainedModel):
+    # What differs between the heads, carried by the head so that no caller branches on the task: the data it learns
+    # from (data/sources.py: blocks of seq_length tokens, + 1 for training's next-token targets), how it is evaluated
+    # (eval/runner.py METRICS), its head module, a pipeline's last-stage loss (logits, targets), whether it pools one
+    # position (tensor parallel then hands it the whole sequence)
+    examples = "token_blocks"
+    metric = "perplexity"
+    head_name = "lm_head"
+    stage_loss = staticmethod(next_token_loss)
+    pools_last_token = False
+
     def __init__(self, config: GPT2Config):
         super().__init__()
         rng = _rng_snapshot()
@@ -607,6 +617,11 @@ class GPT2LMHeadModel(GPT2PreTrainedModel):
 
 class GPT2ForSequenceClassification(GPT2PreTrainedModel):
     hf_architecture = "GPT2ForSequenceClassification"
+    examples = "labelled_rows"  # input_ids / attention_mask / labels (what GPT2LMHeadModel's attributes say)
+    metric = "accuracy"
+    head_name = "score"
+    stage_loss = staticmethod(classification_loss)
+    pools_last_token = True
 
     def __init__(self, config: GPT2Config):
         super().__init__()

@@ -28,6 +28,20 @@ def load_script(path: str):
     return module
 
 
+@pytest.fixture(scope="session", autouse=True)
+def cache_home(tmp_path_factory):
+    """GPT2_CACHE for the session (data/download.py cache_home): the tiny recipes cache their data there, and a test
+    run never writes into the user's own cache; one folder for the session, so WikiText-2 is tokenized once."""
+    path = str(tmp_path_factory.mktemp("gpt2_cache"))
+    previous = os.environ.get("GPT2_CACHE")
+    os.environ["GPT2_CACHE"] = path
+    yield path
+    if previous is None:
+        os.environ.pop("GPT2_CACHE", None)
+    else:
+        os.environ["GPT2_CACHE"] = previous
+
+
 @pytest.fixture(scope="session")
 def data_dir():
     path = default_data_dir()

@@ -312,7 +312,7 @@ def test_head_count_from_a_mindformers_recipe(tmp_path, capsys):
         (["--config", recipe("four.yaml", num_heads=4), "--n_head", "2"], "--n_head 2 but"),
         (["--config", recipe("deep.yaml", num_heads=2, num_layers=3)], "model.model_config.num_layers=3 but the checkpoint has 2"),
         (["--config", recipe("nohead.yaml")], "has no model.model_config.num_heads"),
-        (["--config", str(tmp_path / "missing.yaml")], "missing.yaml: file not found"),
+        (["--config", str(tmp_path / "missing.yaml")], "--config not found: " + str(tmp_path / "missing.yaml")),
         (["--n_head", "3"], "3 heads (--n_head) do not divide the hidden size 8"),
     ]:
         assert main(["--mindspore_path", path, "--output_dir", str(tmp_path / "bad"), *args]) == 2, args
@@ -363,7 +363,7 @@ def test_conversion_errors(tmp_path, capsys):
     ms = read_ckpt(tmp_path / "m.ckpt")
     ms["backbone.blocks.0.attention.dense1.lora_a"] = torch.zeros(4, 64)
     write_ckpt(tmp_path / "lora.ckpt", ms)
-    with pytest.raises(ValueError, match="unexpected tensor 'backbone.blocks.0.attention.dense1.lora_a' .LoRA"):
+    with pytest.raises(ValueError, match="unexpected tensor 'backbone.blocks.0.attention.dense1.lora_a' .unmerged LoRA"):
         mindspore_to_hf(str(tmp_path / "lora.ckpt"), str(tmp_path / "out"))
 
 

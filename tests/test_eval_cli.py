@@ -150,6 +150,36 @@ def test_text_classification_cli_matches_the_api(sst2_classifier, data_dir, tmp_
     assert f"accuracy {api['accuracy']:.4f}" in printed
 
 
+def test_lengths_default_to_the_models_context_and_max_samples_takes_a_subset(lm_dirs, sst2_classifier, data_dir,
+                                                                             tmp_path, capsys):
+    """Issue 24: no --seq_length / --max_length reads rows of the model's context (64 here, not 1024 / 128), said on
+    stderr; --max_samples N (lm-eval's --limit N, or a fraction) evaluates the first N rows, as the API does on them."""
+    root, ours = lm_dirs
+    valid = head_of(os.path.join(data_dir, "wikitext-2", "wiki.valid.tokens"), 60, tmp_path / "wiki.valid.tokens")
+    blocks = prepare_wikitext2(valid, ours.config.n_positions)
+    assert blocks.shape[0] > 5
+    for flag in ("--max_samples", "--limit"):
+        out = tmp_path / "r.json"
+        assert evaluate.main(["--model", str(root / "ours"), "--eval_dataset_dir", valid, flag, "5", "--output_json",
+                              str(out), "--no_progress", "--device", "cpu"]) == 0
+        err = capsys.readouterr().err
+        assert "rows of 64 tokens: the model's context" in err
+        got, api = json.loads(out.read_text()), perplexity(ours, blocks[:5], 64)
+        assert got["seq_length"] == 64 and got["tokens"] == 5 * 63 == api["tokens"]
+        assert got["ppl"] == pytest.approx(api["ppl"], rel=1e-9)
+    got, _ = run_cli(["--model", str(root / "ours"), "--eval_dataset_dir", valid, "--limit", "0.5"], tmp_path, capsys)
+    assert got["tokens"] == (blocks.shape[0] // 2) * 63
+    dev = head_of(os.path.join(data_dir, "sst2", "dev.tsv"), 41, tmp_path / "dev.tsv")
+    model = GPT2ForSequenceClassification.from_pretrained(str(sst2_classifier))
+    api = classification_accuracy(model, {k: v[:7] for k, v in load_txtcls(dev, 64).items()})
+    got, _ = run_cli(["--task", "text_classification", "--model", str(sst2_classifier), "--eval_dataset_dir", dev,
+                      "--max_samples", "7"], tmp_path, capsys)
+    assert got["total"] == 7 and got["correct"] == api["correct"] and got["loss"] == pytest.approx(api["loss"])
+    for bad in ("0", "1.5", "-2"):
+        assert evaluate.main(["--model", str(root / "ours"), "--eval_dataset_dir", valid, "--max_samples", bad]) == 2
+        assert "--max_samples must be" in capsys.readouterr().err
+
+
 def test_cli_errors_are_one_line_with_exit_2(lm_dirs, tmp_path, capsys):
     root, _ = lm_dirs
     tokens, tsv = tmp_path / "x.tokens", tmp_path / "x.tsv"
@@ -159,7 +189,8 @@ def test_cli_errors_are_one_line_with_exit_2(lm_dirs, tmp_path, capsys):
     cases = [
         (["--model", ours, "--eval_dataset_dir", str(tmp_path / "missing.tokens")], "dataset not found"),
         (["--model", str(tmp_path / "nope"), "--eval_dataset_dir", str(tokens)], "model path not found"),
-        (["--model", ours, "--eval_dataset_dir", str(tokens)], "n_positions=64"),  # default seq_length 1024
+        (["--model", ours, "--eval_dataset_dir", str(tokens), "--seq_length", "1024"], "n_positions=64"),
+        (["--model", ours, "--eval_dataset_dir", str(tokens)], "fewer than one block of max_length 64"),  # its context
         (["--model", ours, "--eval_dataset_dir", str(tokens), "--seq_length", "32"], "fewer than one block"),
         (["--model", ours, "--eval_dataset_dir", str(tokens), "--seq_length", "32", "--stride", "64"], "stride"),
         (["--model", ours, "--eval_dataset_dir", str(tokens), "--seq_length", "32", "--stride", "8",

@@ -28,6 +28,7 @@ import yaml
 from conftest import HANG_GUARD_S, REPO, load_script, tiny_config
 from gpt2_ascend import GPT2ForSequenceClassification, GPT2LMHeadModel
 from gpt2_ascend import checkpoints as ckpt
+from gpt2_ascend.data.tokenizer import default_tokenizer_dir
 from gpt2_ascend.train.interrupt import Interrupted, StopOnSignal
 from gpt2_ascend.train.metrics import read_metrics
 from gpt2_ascend.train.rundir import OutputDirLock
@@ -490,7 +491,13 @@ def test_a_second_sigint_stops_at_once_and_corrupts_nothing(world, tmp_path):
     p.proc.send_signal(signal.SIGINT)
     code, err = p.finish()
     assert code == 130
-    assert_one_error(err, "interrupted by SIGINT: stopped at once (complete checkpoints are intact)", "--resume auto")
+    if checkpoint_steps(out):  # the resume command only where there is a checkpoint to resume from
+        assert_one_error(err, "interrupted by SIGINT: stopped at once; complete checkpoints are intact",
+                         "to continue: ", "--resume auto")
+    else:  # (the signals landed before the first save)
+        last = assert_one_error(err, "interrupted by SIGINT: stopped at once; no checkpoint was saved yet",
+                                "to start again: ", "--overwrite_output_dir")
+        assert "--resume" not in last
     for step in checkpoint_steps(out):  # whatever was written is complete
         ckpt.verify_checkpoint(str(out / "checkpoint" / ckpt.step_dir_name(step)))
     if (out / "checkpoint").exists():  # (the signals may land before the first save began)
@@ -1161,7 +1168,7 @@ def _bomb_cases(world, lm_dirs, tmp):
              "--no_progress"], ["the model in", "(n_layer=1000000, n_embd=768"]),
         "generate.py --adapter r 1e11": (
             "gpt2_ascend.commands.generate", ["--model", final, "--adapter", huge_adapter, "--prompt", "x",
-                                              "--device", "cpu", "--tokenizer", lm_dirs / "sound"],
+                                              "--device", "cpu", "--tokenizer", default_tokenizer_dir()],
             [f"{huge_adapter}", "'r'", "expected an integer in [1, 16777216]"]),
     }
 
@@ -1345,7 +1352,7 @@ def test_a_checkpoint_pruned_while_it_is_read_says_so(run, lm_dirs, capsys, monk
         return real_load(path, *args, **kwargs)
     monkeypatch.setattr(ckpt, "torch_load", pruned_meanwhile)
     code, out, err = call(generate.main, capsys, "--model", step, "--prompt", "Hi", "--device", "cpu",
-                          "--tokenizer", lm_dirs / "sound")
+                          "--tokenizer", default_tokenizer_dir())
     assert code == 2 and out == ""
     assert_one_error(err, f"{step} was removed while it was read", "read a newer one")
     assert checkpoint_steps(run) == [99, 100] and not [n for n in os.listdir(run / "checkpoint") if n.startswith(".")]

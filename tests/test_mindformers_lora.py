@@ -160,7 +160,7 @@ def test_lora_ckpt_through_a_lora_recipe_eval_and_refused_without_one(lora_ckpt,
     recipe["model"]["model_config"].pop("pet_config")
     (tmp_path / "plain.yaml").write_text(yaml.safe_dump(recipe))
     assert train.main(["--config", str(tmp_path / "plain.yaml")] + args[2:]) == 2
-    assert "holds unmerged LoRA adapters: use a LoRA recipe" in capsys.readouterr().err
+    assert "(unmerged LoRA weights: load them with a LoRA recipe" in capsys.readouterr().err
 
 
 def test_trainable_count_is_mindformers_for_q_v_adapters():

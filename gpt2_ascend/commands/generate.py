@@ -10,7 +10,6 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-import time
 import warnings
 from ..cli import ArgumentParser
 
@@ -45,7 +44,8 @@ def parse_args(argv=None):
     p.add_argument("--src_strategy_path_or_dir",
                    help="the strategy of a distributed --model output/checkpoint/ (default: the recipe's)")
     p.add_argument("--n_head", type=int, help="MindSpore weights: attention heads, which a .ckpt does not store "
-                                              "(default: --config's num_heads, else the preset of the model's width)")
+                                              "(default: a config.json beside it, else --config's num_heads for a "
+                                              "model of its width, else the preset of the model's width)")
     p.add_argument("--activation", choices=("gelu_new", "fast_gelu", "gelu"),
                    help="MindSpore weights: the MLP activation (default: --config's hidden_act, else the preset's)")
     p.add_argument("--adapter", help="a PEFT LoRA adapter directory, merged into the model")
@@ -139,22 +139,19 @@ def main(argv=None) -> int:
         return 2
 
 
-def recipe_shape(recipe) -> dict:
-    """The heads and activation a recipe's model_config gives, for MindSpore weights (which do not store them)."""
-    from gpt2_ascend.config import MINDFORMERS_ACTIVATIONS
-    mc = recipe.model.model_config
-    return dict(n_head=mc.num_heads, activation=MINDFORMERS_ACTIVATIONS[mc.hidden_act])
-
-
 def run(args) -> int:
     import torch
     from gpt2_ascend.cli import write_output_json
-    from gpt2_ascend.data.tokenizer import load_tokenizer, tokenizer_for
-    from gpt2_ascend.generation import check_sampling_args, generate_text
+    from gpt2_ascend.config import MINDFORMERS_ACTIVATIONS
+    from gpt2_ascend.data.tokenizer import check_tokenizer, load_tokenizer, tokenizer_for
+    from gpt2_ascend.device import resolve_device
+    from gpt2_ascend.generation import check_sampling_args
     from gpt2_ascend.hf import folder_generation_config, resolve_model_path
-    from gpt2_ascend.loading import is_mindspore, load_model, mindspore_overrides
+    from gpt2_ascend.loading import inspect_model, load_model, mindspore_shape, recipe_shape
     from gpt2_ascend.model import LANGUAGE_MODEL
-    from gpt2_ascend.train.recipe import load_recipe, recipe_names
+    from gpt2_ascend.predict import generate_texts
+    from gpt2_ascend.recipe_files import recipe_names
+    from gpt2_ascend.train.recipe import load_recipe
 
     config_path = args.config or (DEFAULT_RECIPE if DEFAULT_RECIPE in recipe_names() else None)
     recipe = load_recipe(config_path)
@@ -170,42 +167,33 @@ def run(args) -> int:
     kw = settings_from(args, recipe, folder_generation_config(path))
     check_sampling_args(**{k: kw[k] for k in SAMPLING_ARGS}, seed=kw["seed"])  # before loading a model
 
-    from gpt2_ascend.device import resolve_device
     device = resolve_device(args.device or recipe.device)
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}.get(args.dtype)
     if args.dtype == "auto":
         dtype = torch.bfloat16 if device.type in ("cuda", "npu") else torch.float32
     strategy = args.src_strategy_path_or_dir or recipe.src_strategy_path_or_dir or None
-    overrides = mindspore_overrides(path, strategy, args.n_head, args.activation)  # the flags, else --config's
-    if args.config and (strategy or is_mindspore(path)):
-        overrides = dict(recipe_shape(recipe), **overrides)
+    shape = mindspore_shape(path, strategy, args.n_head, args.activation)  # the flags, else --config's model
+    if args.config and not shape:
+        mc = recipe.model.model_config
+        shape = recipe_shape(mc.hidden_size, mc.num_heads, MINDFORMERS_ACTIVATIONS[mc.hidden_act], args.config)
+    inspect_model(path, LANGUAGE_MODEL, strategy=strategy, shape=shape, adapter=args.adapter)  # every input checked
+    check_tokenizer(tokenizer_for(path, args.tokenizer))  # before the weights are read
     model = load_model(path, LANGUAGE_MODEL, dtype=dtype, device=device, adapter=args.adapter, strategy=strategy,
-                       overrides=overrides)
+                       shape=shape)
     tokenizer = load_tokenizer(tokenizer_for(path, args.tokenizer))
     if args.compile and device.type != "cuda":
         print(f"note: --compile needs CUDA; decoding on {device.type} with the uncompiled fixed-shape step",
               file=sys.stderr)
         warnings.filterwarnings("ignore", message="compile=True needs")
 
-    results, start, new_tokens = [], time.perf_counter(), 0
-    for i in range(0, len(prompts), args.batch_size):
-        batch = prompts[i:i + args.batch_size]
-        streamer = None
-        if args.stream:
-            from transformers import TextStreamer
-            print(batch[0], end="", flush=True)
-            streamer = TextStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True)
-        texts = generate_text(model, tokenizer, batch, batch_size=len(batch), streamer=streamer, **kw)
-        for prompt, text in zip(batch, texts):
-            if not args.stream:
-                print(prompt + text, flush=True)
-            results.append(dict(prompt=prompt, text=text))
-            new_tokens += len(tokenizer(text).input_ids)
-    seconds = time.perf_counter() - start
-    print(f"{len(prompts)} prompt(s), ~{new_tokens} new tokens in {seconds:.2f}s on {device}", file=sys.stderr)
+    printed = (lambda prompt, text: print(prompt + text, flush=True)) if not args.stream else None
+    out = generate_texts(model, tokenizer, prompts, batch_size=args.batch_size, stream=print if args.stream else None,
+                         on_text=printed, **kw)
+    print(f"{len(prompts)} prompt(s), ~{out['new_tokens']} new tokens in {out['seconds']:.2f}s on {device}",
+          file=sys.stderr)
     if args.output_json:
         write_output_json(dict(model=model_path, adapter=args.adapter, settings={k: v for k, v in kw.items()},
-                               results=results, seconds=round(seconds, 3)), args.output_json)
+                               results=out["results"], seconds=out["seconds"]), args.output_json)
     return 0
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import shlex
 import sys
 
@@ -86,7 +87,12 @@ def parse_args(argv=None):
     p.add_argument("--batch_size", type=int, help="runner_config.batch_size")
     p.add_argument("--gradient_accumulation_steps", type=int, help="runner_config.gradient_accumulation_steps")
     p.add_argument("--output_dir", help="where metrics, checkpoints and final/ go")
-    p.add_argument("--max_steps", type=int, help="stop after N optimizer steps (the schedule spans them)")
+    p.add_argument("--max_steps", type=int, help="stop after N optimizer steps (the schedule spans them); its "
+                                                 "evaluations then read at most the rows it trains on")
+    p.add_argument("--max_eval_samples", type=int, metavar="N", help="eval_dataset.max_samples: evaluate the first N "
+                                                                     "rows (HF's run_clm.py flag)")
+    p.add_argument("--max_eval_batches", type=int, metavar="N",
+                   help="eval_dataset.max_batches: each evaluation stops after N batches")
     p.add_argument("--resume", metavar="auto|PATH",
                    help="auto: newest complete checkpoint in OUTPUT_DIR/checkpoint; or a step_N directory")
     p.add_argument("--device", help="auto | cpu | cuda[:N] | npu[:N]")
@@ -105,10 +111,15 @@ def parse_args(argv=None):
 
 
 def mindformers_style_overrides(argv: list[str], parser) -> tuple[list[str], list[str]]:
-    """(the other arguments, run_mindformer.py's `--section.key value` pairs as section.key=value overrides)."""
+    """(the other arguments, the recipe overrides: run_mindformer.py's `--section.key value` pairs as section.key=value,
+    and the section.key=value words themselves, taken out before argparse sees them: a --predict_data TEXT [TEXT ...]
+    in front would swallow them as prompts)."""
     rest, out = [], []
     while argv:
         arg = argv.pop(0)
+        if is_override(arg):
+            out.append(arg)
+            continue
         name, has_value, value = arg[2:].partition("=")
         if not (arg.startswith("--") and "." in name):
             rest.append(arg)
@@ -121,11 +132,19 @@ def mindformers_style_overrides(argv: list[str], parser) -> tuple[list[str], lis
     return rest, out
 
 
+def is_override(word: str) -> bool:
+    """A recipe override, section.key=value or key=value, whose first name is a recipe key (not a prompt's text)."""
+    from gpt2_ascend.train.recipe import SCHEMA
+    match = re.match(r"([A-Za-z_]\w*)(\.[A-Za-z_]\w*)*=", word)
+    return bool(match) and match.group(1) in SCHEMA
+
+
 # the flags that set a recipe key
 FLAG_KEYS = dict(run_mode="run_mode", train_dataset_dir="train_dataset.data_loader.dataset_dir",
                  eval_dataset_dir="eval_dataset.data_loader.dataset_dir", load_checkpoint="load_checkpoint",
                  src_strategy_path_or_dir="src_strategy_path_or_dir", output_dir="output_dir",
-                 max_steps="runner_config.max_steps", resume="resume_training",
+                 max_steps="runner_config.max_steps", max_eval_samples="eval_dataset.max_samples",
+                 max_eval_batches="eval_dataset.max_batches", resume="resume_training",
                  device="device", use_parallel="use_parallel", seed="seed", epochs="runner_config.epochs",
                  batch_size="runner_config.batch_size",
                  gradient_accumulation_steps="runner_config.gradient_accumulation_steps")
@@ -173,7 +192,8 @@ def flag_names():
                          max_steps="--max_steps", load_checkpoint="--load_checkpoint", train_data="--train_dataset_dir PATH",
                          use_parallel="--use_parallel True", no_parallel="--use_parallel False",
                          run_mode_train="--run_mode train", precision="model.model_config.compute_dtype={dtype}",
-                         device_cpu="--device cpu")
+                         device_cpu="--device cpu", eval_max_samples="--max_eval_samples",
+                         eval_max_batches="--max_eval_batches")
 
 
 def report_error(e: Exception):
@@ -188,8 +208,9 @@ def report_error(e: Exception):
     print_error(e, prefix)
 
 
-def resume_command(argv=None) -> str:
-    """This command with --resume auto in place of --resume X / --overwrite_output_dir: how to continue."""
+def resume_command(argv=None, ending: str | None = "--resume auto") -> str:
+    """This command with --resume auto (or `ending`: --overwrite_output_dir, or nothing) in place of --resume X /
+    --overwrite_output_dir: how to continue (or start again)."""
     from ..cli import invoked_words
     program = invoked_words("python train.py" if argv is not None else "")  # as the user typed it
     args, kept = list(sys.argv[1:] if argv is None else argv), []
@@ -204,21 +225,38 @@ def resume_command(argv=None) -> str:
     if world > 1:  # torchrun runs a Python script or module itself, and a console script with --no-python
         launcher = ["torchrun", "--nproc_per_node", os.environ.get("LOCAL_WORLD_SIZE", str(world))]
         program = launcher + (program[1:] if program[0] == "python" else ["--no-python", *program])
-    return shlex.join([*program, *kept, "--resume", "auto"])
+    return shlex.join([*program, *kept, *(ending.split() if ending else [])])
 
 
-def report_interrupt(e: BaseException, argv) -> int:
-    """Ctrl-C / SIGTERM: one line on rank 0 (where the checkpoint is, how to continue); exit 128 + signal."""
+def report_interrupt(e: BaseException, argv, output_dir: str | None = None) -> int:
+    """Ctrl-C / SIGTERM: one line on rank 0 (where the checkpoint is, how to continue: the resume command only when
+    there is a checkpoint to resume from); exit 128 + signal. output_dir: the training run's (None: not a training
+    run, or stopped before its recipe was read)."""
     import signal
     signum = getattr(e, "signum", signal.SIGINT)
     if int(os.environ.get("RANK", "0")) == 0:
         name = signal.Signals(signum).name
         if getattr(e, "checkpoint", None):
-            what = f"interrupted by {name} after step {e.step}, checkpoint saved: {e.checkpoint}"
+            line = f"interrupted by {name} after step {e.step}, checkpoint saved: {e.checkpoint}; to continue: " \
+                   f"{resume_command(argv)}"
         else:
-            what = f"interrupted by {name}: stopped at once (complete checkpoints are intact)"
-        print(f"error: {what}; to continue: {resume_command(argv)}", file=sys.stderr, flush=True)
+            line = f"interrupted by {name}: stopped at once; {what_is_left(output_dir, argv)}"
+        print(f"error: {line}", file=sys.stderr, flush=True)
     return 128 + signum
+
+
+def what_is_left(output_dir: str | None, argv) -> str:
+    """After a stop at once: how to continue from the newest checkpoint, or that there is none (and how to start
+    again), or, outside a training run, that nothing was written."""
+    from gpt2_ascend.checkpoints import checkpoint_root, list_checkpoints
+    if output_dir is None:
+        return "nothing was written"
+    if list_checkpoints(checkpoint_root(output_dir)):  # (every write is atomic: the newest complete one)
+        return f"complete checkpoints are intact; to continue: {resume_command(argv)}"
+    from gpt2_ascend.train.rundir import run_state
+    again = resume_command(argv, "--overwrite_output_dir") if run_state(output_dir).kind != "empty" else \
+        resume_command(argv, None)
+    return f"no checkpoint was saved yet, so there is nothing to resume; to start again: {again}"
 
 
 def main(argv=None) -> int:
@@ -229,6 +267,7 @@ def main(argv=None) -> int:
     from gpt2_ascend.train.job import job_from_recipe
     from gpt2_ascend.train.recipe import load_recipe
 
+    output_dir = None  # a training run's, once known: what an interruption leaves there
     try:
         check_path_flags(args)
         recipe = load_recipe(args.config, overrides_from_flags(args) + list(args.overrides), flags=flag_of_key(args))
@@ -236,9 +275,11 @@ def main(argv=None) -> int:
             return report_eval(recipe)
         if recipe.run_mode == "predict":
             return report_predict(recipe, predict_texts(args.predict_data), args.predict_batch_size)
-        summary = run_training(job_from_recipe(recipe, names=flag_names()), overwrite=args.overwrite_output_dir)
+        job = job_from_recipe(recipe, names=flag_names())
+        output_dir = job.output_dir
+        summary = run_training(job, overwrite=args.overwrite_output_dir)
     except (TrainingInterrupted, KeyboardInterrupt) as e:
-        return report_interrupt(e, argv)
+        return report_interrupt(e, argv, output_dir)
     except TrainingStopped as e:  # the run itself failed (it diverged), not its input: exit 1
         report_error(e)
         return 1
@@ -269,16 +310,11 @@ def predict_texts(predict_data: list[str] | None) -> list[str]:
 
 
 def report_eval(recipe) -> int:
-    from gpt2_ascend.train.run_modes import evaluate_recipe
-    result = evaluate_recipe(recipe)
-    if result["metric"] == "PerplexityMetric":
-        print(f"PerplexityMetric: loss {result['loss']:.4f}, PPL {result['PPL']:.4f} ({result['tokens']} tokens in "
-              f"{result['blocks']} blocks of {result['seq_length']}, batch {result['batch_size']})")
-    else:
-        print(f"Accuracy: {result['Accuracy']:.4f} ({result['correct']}/{result['total']}, batch "
-              f"{result['batch_size']})")
     from gpt2_ascend.eval.runner import nonfinite_problem
     from gpt2_ascend.fileio import json_safe
+    from gpt2_ascend.train.run_modes import evaluate_recipe, metric_of
+    result = evaluate_recipe(recipe)
+    print(metric_of(recipe).mindformers_line(result))
     problem = nonfinite_problem({key.lower(): value for key, value in result.items()})
     print(json.dumps(json_safe(dict(result, error=problem) if problem else result), allow_nan=False))
     if problem:  # printed, flagged, and not a success
@@ -288,9 +324,7 @@ def report_eval(recipe) -> int:
 
 def report_predict(recipe, texts: list[str], batch_size: int | None) -> int:
     from gpt2_ascend.train.run_modes import predict_recipe
-    out = predict_recipe(recipe, texts, batch_size)
-    for item in out["results"]:
-        print(item["prompt"] + item["text"], flush=True)
+    out = predict_recipe(recipe, texts, batch_size, on_text=lambda prompt, text: print(prompt + text, flush=True))
     rate = out["new_tokens"] / max(out["seconds"], 1e-9)
     print(f"{len(texts)} prompt(s), {out['new_tokens']} new tokens in {out['seconds']:.2f} s ({rate:.1f} tokens/s)",
           file=sys.stderr)

@@ -67,7 +67,7 @@ CHUNK = 1 << 16
 
 
 def default_data_dir() -> str:
-    """GPT2_DATA_DIR, else the ../shared/data folder beside the checkout, else ~/.cache/gpt2_ascend/data."""
+    """GPT2_DATA_DIR, else the ../shared/data folder beside the checkout, else the cache home's data/."""
     env = os.environ.get("GPT2_DATA_DIR")
     if env:
         return env
@@ -75,7 +75,23 @@ def default_data_dir() -> str:
     shared = os.path.join(os.path.dirname(repo_root), "shared", "data")
     if os.path.isdir(shared):
         return shared
-    return os.path.join(os.path.expanduser("~"), ".cache", "gpt2_ascend", "data")
+    return os.path.join(cache_home(), "data")
+
+
+def cache_home() -> str:
+    """Where the project keeps what it can make again (downloads, data prepared for the tiny recipes), never the
+    working directory: GPT2_CACHE, else the platform's user cache folder (XDG_CACHE_HOME or ~/.cache on Linux,
+    ~/Library/Caches on macOS, %LOCALAPPDATA% on Windows) + gpt2_ascend. A recipe path may start with $GPT2_CACHE."""
+    env = os.environ.get("GPT2_CACHE")
+    if env:
+        return os.path.expanduser(env)
+    if sys.platform == "darwin":
+        base = os.path.join(os.path.expanduser("~"), "Library", "Caches")
+    elif os.name == "nt":
+        base = os.environ.get("LOCALAPPDATA") or os.path.join(os.path.expanduser("~"), "AppData", "Local")
+    else:
+        base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return os.path.join(base, "gpt2_ascend")
 
 
 def url_for(name: str) -> str:

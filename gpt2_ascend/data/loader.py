@@ -123,6 +123,13 @@ def causal_lm_inputs(blocks) -> dict:
     return {"input_ids": blocks[:, :-1], "targets": blocks[:, 1:]}
 
 
+def model_inputs(data, examples: str) -> dict:
+    """A dataset of a head's `examples` as that model's keyword arguments: token blocks of T+1 become input_ids and
+    targets (causal_lm_inputs), labelled rows stay their columns."""
+    columns = as_columns(data)
+    return causal_lm_inputs(columns["input_ids"]) if examples == "token_blocks" else columns
+
+
 class StepLoader:
     """Deterministic, resumable, rank-sliced batches; one item = the micro-batches of one optimizer step."""
 

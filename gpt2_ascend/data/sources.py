@@ -171,3 +171,22 @@ def _datasets_txtcls(spec, max_length: int, tokenizer, cache_dir: str | None, sp
                max_length=max_length, tokenizer=tok_info["id"], format_version=FORMAT_VERSION)
     return _through_cache(cache_dir, hf_datasets.cache_stem(source), key, ".npz", lambda: hf_datasets.
                           txtcls_arrays_and_meta(source, rows, max_length, tok, tok_info, **columns), source.label)
+
+
+# ---------------------------------------------------------------------------------------------
+# what a head learns from (its `examples`: model.py), by the head, so that no caller branches on the task
+# ---------------------------------------------------------------------------------------------
+def load_examples(examples: str, path, length: int, training: bool = False, tokenizer=None,
+                  cache_dir: str | None = None, *, dataset_name: str = "sst_2", mindformers_compat: bool = False,
+                  text_column: str | None = None, label_column: str | None = None, text_format: str = "auto",
+                  split: str | None = None, num_proc: int | None = None):
+    """A head's data from any source: "token_blocks" (a language model's) are blocks of `length` tokens, one more in
+    training (the next token of the last position); "labelled_rows" (a classifier's) are input_ids / attention_mask /
+    labels rows of `length` tokens. The keywords apply where they mean something (data/hf_datasets.py, txtcls.py)."""
+    if examples == "token_blocks":
+        return load_token_blocks(path, length + (1 if training else 0), tokenizer, mindformers_compat, cache_dir,
+                                 text_column=text_column, text_format=text_format, split=split, num_proc=num_proc)
+    if examples == "labelled_rows":
+        return load_txtcls(path, length, tokenizer, cache_dir, dataset_name, mindformers_compat,
+                           text_column=text_column, label_column=label_column, split=split)
+    raise ValueError(f"unknown kind of examples {examples!r}: token_blocks or labelled_rows")

@@ -130,6 +130,16 @@ def load_tokenizer(path_or_hub_id: str | None = None):
 
     With no argument it reads the GPT-2 files of the data directory (GPT2_DATA_DIR)."""
     path = path_or_hub_id or default_tokenizer_dir()
+    if check_tokenizer(path):
+        return _gpt2_tokenizer(path)
+    from ..hf import download_from_hub
+    return load_tokenizer(download_from_hub(path))
+
+
+def check_tokenizer(path_or_hub_id: str | None = None) -> bool:
+    """A tokenizer directory's files, checked as load_tokenizer reads them (a missing folder or damaged file is one
+    line): the quick check a run makes before anything expensive. False for a hub id (checked once downloaded)."""
+    path = path_or_hub_id or default_tokenizer_dir()
     if os.path.isdir(path):
         vocab, merges = os.path.join(path, "vocab.json"), os.path.join(path, "merges.txt")
         if os.path.isfile(vocab) and os.path.isfile(merges):
@@ -137,11 +147,10 @@ def load_tokenizer(path_or_hub_id: str | None = None):
         elif not os.path.isfile(os.path.join(path, "tokenizer.json")):
             raise FileNotFoundError(f"no tokenizer in {path}: expected vocab.json + merges.txt or tokenizer.json")
         check_tokenizer_settings(path)
-        return _gpt2_tokenizer(path)
+        return True
     if os.path.exists(path) or path.startswith((".", "/", "~")):
         raise FileNotFoundError(f"tokenizer directory not found: {path}")
-    from ..hf import download_from_hub
-    return load_tokenizer(download_from_hub(path))
+    return False
 
 
 def save_tokenizer(tokenizer, output_dir: str, source_dir: str | None = None):

@@ -10,18 +10,19 @@ import torch.nn.functional as F
 
 from ..data.loader import integer_column
 from ..kv_cache import eval_mode
-from .perplexity import _autocast, _model_device, _model_dtype, _progress
+from .perplexity import _autocast, _model_device, _model_dtype, batches
 
 REQUIRED_KEYS = ("input_ids", "attention_mask", "labels")
 
 
 def classification_accuracy(model, data: dict, batch_size: int = 32, device=None, precision: str = "auto",
-                            progress: bool = False) -> dict:
+                            progress=False, stop=None) -> dict:
     """Accuracy of `model` on data = dict(input_ids (N, T), attention_mask (N, T), labels (N,)).
 
     Returns dict(accuracy, correct, total, per_class, loss): per_class maps each label id to
     {"total", "correct", "accuracy"}; loss is the mean cross-entropy over examples.
     device: where to run (default: where the model's weights are; the model is moved if they differ).
+    progress, stop: as perplexity's (a bar; a signal after a batch ends it: EvaluationStopped).
     """
     input_ids, attention_mask, labels = _arrays(data)
     if not isinstance(batch_size, int) or batch_size < 1:
@@ -40,7 +41,7 @@ def classification_accuracy(model, data: dict, batch_size: int = 32, device=None
 
     predictions, loss_sum = [], 0.0
     with eval_mode(model), torch.no_grad():
-        for start in _progress(range(0, labels.numel(), batch_size), progress, "accuracy"):
+        for start in batches(range(0, labels.numel(), batch_size), progress, "accuracy", stop):
             ids = input_ids[start:start + batch_size].to(device)
             mask = attention_mask[start:start + batch_size].to(device)
             target = labels[start:start + batch_size].to(device)

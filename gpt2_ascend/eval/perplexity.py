@@ -25,12 +25,14 @@ PROTOCOLS = ("token", "mindformers")
 
 
 def perplexity(model, token_ids, seq_length: int, batch_size: int = 8, stride: int | None = None,
-               protocol: str = "token", precision: str = "auto", progress: bool = False) -> dict:
+               protocol: str = "token", precision: str = "auto", progress=False, stop=None) -> dict:
     """Perplexity of `model` (anything whose forward(input_ids) returns `.logits`) on `token_ids`.
 
     token_ids: 1-D token stream or 2-D (blocks, seq_length) array / tensor. With `stride`, 2-D blocks
     are read as one stream (packed blocks are consecutive text).
     precision: "auto" (bf16 autocast on GPU / NPU, fp32 on CPU), "fp32", "bf16" or "fp16".
+    progress: a bar (True, or the bar's settings as a dict: progress.py). stop: polled after each batch; a signal
+    number from it ends the evaluation there (EvaluationStopped).
     Returns dict(loss, ppl, tokens) plus the protocol's settings.
     """
     tokens = _as_long_tensor(token_ids)
@@ -38,12 +40,12 @@ def perplexity(model, token_ids, seq_length: int, batch_size: int = 8, stride: i
     with eval_mode(model), torch.no_grad():
         if stride is not None:
             nll, count = _sliding_window_nll(model, tokens.reshape(-1), seq_length, stride, batch_size,
-                                             precision, progress)
+                                             precision, progress, stop)
             loss = nll / count
             settings = dict(protocol="stride", stride=stride)
         else:
             blocks = _blocks(tokens, seq_length)
-            batch_losses, count = _block_losses(model, blocks, batch_size, precision, progress)
+            batch_losses, count = _block_losses(model, blocks, batch_size, precision, progress, stop)
             if protocol == "mindformers":
                 loss = sum(m for m, _ in batch_losses) / len(batch_losses)
             else:
@@ -55,10 +57,10 @@ def perplexity(model, token_ids, seq_length: int, batch_size: int = 8, stride: i
 # ---------------------------------------------------------------------------------------------
 # the protocols
 # ---------------------------------------------------------------------------------------------
-def _block_losses(model, blocks, batch_size, precision, progress):
+def _block_losses(model, blocks, batch_size, precision, progress, stop=None):
     """[(mean loss, summed loss)] per batch of blocks, and the number of predicted tokens."""
     out, count = [], 0
-    for start in _progress(range(0, blocks.size(0), batch_size), progress, "perplexity"):
+    for start in batches(range(0, blocks.size(0), batch_size), progress, "perplexity", stop):
         batch = blocks[start:start + batch_size]
         nll = token_nll(model, batch, precision)  # (B, T-1)
         out.append((nll.mean().item(), nll.sum().item()))
@@ -66,7 +68,7 @@ def _block_losses(model, blocks, batch_size, precision, progress):
     return out, count
 
 
-def _sliding_window_nll(model, stream, seq_length, stride, batch_size, precision, progress):
+def _sliding_window_nll(model, stream, seq_length, stride, batch_size, precision, progress, stop=None):
     """Total NLL and token count, each token from position 1 on scored exactly once."""
     n = stream.numel()
     windows = []  # (begin, end, first scored position)
@@ -83,7 +85,7 @@ def _sliding_window_nll(model, stream, seq_length, stride, batch_size, precision
     full = [w for w in windows if w[1] - w[0] == seq_length]
     short = [w for w in windows if w[1] - w[0] != seq_length]  # at most one, at the end of the stream
     groups = [full[i:i + batch_size] for i in range(0, len(full), batch_size)] + [[w] for w in short]
-    for group in _progress(groups, progress, "perplexity"):
+    for group in batches(groups, progress, "perplexity", stop):
         batch = torch.stack([stream[b:e] for b, e, _ in group])
         nll = token_nll(model, batch, precision)  # nll[:, j] scores position begin + j + 1
         for row, (begin, end, first) in enumerate(group):
@@ -186,8 +188,31 @@ def _autocast(device: torch.device, precision: str, param_dtype: torch.dtype):
 
 
 
-def _progress(iterable, enabled: bool, desc: str):
-    if not enabled:
-        return iterable
-    from ..progress import progress_bar
-    return progress_bar(iterable, desc=desc, unit="batch")
+class EvaluationStopped(Exception):
+    """An evaluation ended early by a signal (SIGINT / SIGTERM) that its `stop` reported: a training run then saves
+    its step and stops, as its loop does between steps (train/interrupt.py)."""
+
+    def __init__(self, signum: int, done: int, total: int):
+        super().__init__(f"evaluation stopped by signal {signum} after {done} of {total} batches")
+        self.signum, self.done, self.total = signum, done, total
+
+
+def batches(iterable, progress, desc: str, stop=None):
+    """The batches of an evaluation, one by one: with the one progress bar (progress True, or the bar's settings as a
+    dict: desc, leave, ...), and with stop() polled after each batch (a signal number ends it: EvaluationStopped)."""
+    items = list(iterable)
+    if progress:
+        from ..progress import progress_bar
+        settings = {"desc": desc, "unit": "batch", **(progress if isinstance(progress, dict) else {})}  # (its own win)
+        shown = progress_bar(items, **settings)
+    else:
+        shown = items
+    try:
+        for done, item in enumerate(shown, 1):
+            yield item
+            signum = stop() if stop is not None and done < len(items) else 0  # (after the last: it is complete)
+            if signum:
+                raise EvaluationStopped(signum, done, len(items))
+    finally:
+        if progress:
+            shown.close()

@@ -22,11 +22,13 @@ which MindFormers' converter writes as attention.beta/masked_beta; they hold no 
 """
 from __future__ import annotations
 
+import os
 import re
 
 import torch
 
 from ..config import MINDFORMERS_ACTIVATIONS, PRESETS, GPT2Config
+from ..recipe_files import recipe_path
 from ..schema import MAX_SIZE, yaml_load
 
 WTE = "backbone.embedding.word_embedding.embedding_table"
@@ -165,10 +167,9 @@ def read_recipe_shape(path: str) -> dict:
     {n_head, n_layer, n_embd, vocab_size, activation} for the keys it sets."""
     import yaml
     try:
+        path = recipe_path(path, "--config")  # a file, or a packaged recipe's name
         with open(path, encoding="utf-8") as f:
             recipe = yaml_load(f.read(), f"--config {path}")  # bounded: an alias bomb is one line
-    except FileNotFoundError:
-        raise FileNotFoundError(f"--config {path}: file not found") from None
     except (OSError, UnicodeDecodeError, yaml.YAMLError) as e:
         raise ValueError(f"--config {path} is not a readable YAML recipe ({str(e).splitlines()[0]})") from None
     model_config = ((recipe or {}).get("model") or {}).get("model_config") if isinstance(recipe, dict) else None
@@ -193,13 +194,34 @@ def read_recipe_shape(path: str) -> dict:
     return shape
 
 
+def shape_beside(path: str) -> tuple[dict, str] | None:
+    """(the shape {n_head, n_layer, n_embd, vocab_size, activation}, the file) of the config.json beside a .ckpt
+    file (an HF export or a training run's config of the same model), or None: what a .ckpt does not store (its
+    heads, its activation) then comes from there."""
+    folder = os.path.dirname(os.path.abspath(path)) if os.path.isfile(path) else None
+    file = os.path.join(folder, "config.json") if folder else None
+    if not file or not os.path.isfile(file):
+        return None
+    config = GPT2Config.from_json_file(file)  # checked field by field: a bad one is one line naming the file
+    return dict(n_head=config.n_head, n_layer=config.n_layer, n_embd=config.n_embd, vocab_size=config.vocab_size,
+                activation=config.activation), file
+
+
+RECIPE_FIELDS = dict(n_layer="model.model_config.num_layers", n_embd="model.model_config.hidden_size",
+                     vocab_size="model.model_config.vocab_size", n_head="model.model_config.num_heads")
+CONFIG_FIELDS = dict(n_layer="n_layer", n_embd="n_embd", vocab_size="vocab_size", n_head="n_head")
+
+
 def infer_config(shapes: dict[str, tuple], n_head: int | None = None, activation: str | None = None,
-                 recipe: dict | None = None, recipe_path: str = "--config"):
+                 recipe: dict | None = None, recipe_path: str = "--config", fields: dict = RECIPE_FIELDS,
+                 described: dict | None = None, given_as: str = "--n_head"):
     """GPT2Config from MindFormers tensor shapes -> (config, classifier?, how the heads were chosen).
 
     Layers, hidden, vocab, positions and the MLP width come from the tensors; the number of heads is not in
-    them, so it is `n_head`, or the recipe's num_heads (`recipe`: read_recipe_shape, whose other sizes must
-    match the tensors), or the preset of the same width (else an error asking for --n_head or --config).
+    them, so it is `n_head`, or the recipe's num_heads (`recipe`: read_recipe_shape, or a config.json beside the
+    file: shape_beside, named by `fields`; its other sizes must match the tensors), or a run recipe's model when it
+    has the tensors' width (`described`: {n_embd, n_head, activation, source}), or the preset of the same width (else
+    an error saying where the heads can come from).
     """
     for required in (WTE, WPE, "backbone.layernorm.gamma"):
         if required not in shapes:
@@ -215,29 +237,32 @@ def infer_config(shapes: dict[str, tuple], n_head: int | None = None, activation
     n_inner = mapping[1] if mapping[1] != 4 * n_embd else None
     recipe = recipe or {}
     found = dict(n_layer=n_layer, n_embd=n_embd, vocab_size=vocab_size)
-    recipe_keys = dict(n_layer="num_layers", n_embd="hidden_size", vocab_size="vocab_size")
     for key, value in found.items():
         if key in recipe and recipe[key] != value:
-            raise ValueError(f"{recipe_path} says model.model_config.{recipe_keys[key]}={recipe[key]} but the "
-                             f"checkpoint has {value}: is it the recipe this checkpoint was trained with?")
+            raise ValueError(f"{recipe_path} says {fields[key]}={recipe[key]} but the checkpoint has {value}: is it "
+                             f"the {'recipe' if fields is RECIPE_FIELDS else 'config'} this checkpoint was trained "
+                             f"with?")
     if n_head is not None and "n_head" in recipe and recipe["n_head"] != n_head:
-        raise ValueError(f"--n_head {n_head} but {recipe_path} says model.model_config.num_heads="
-                         f"{recipe['n_head']}: pass one of them")
+        raise ValueError(f"--n_head {n_head} but {recipe_path} says {fields['n_head']}={recipe['n_head']}: pass one "
+                         f"of them")
     preset = preset_for_width(n_embd)
+    if not recipe and described and described["n_embd"] == n_embd:  # a run's recipe that describes this model
+        recipe, recipe_path = described, described["source"]
     if n_head is not None:
-        source = "--n_head"
+        source = given_as
     elif "n_head" in recipe:
         n_head, source = recipe["n_head"], recipe_path
     elif preset is not None:
         n_head, source = PRESETS[preset]["n_head"], f"preset {preset!r}"
     else:
-        raise ValueError(f"cannot tell the number of attention heads of a {n_embd}-wide model (a .ckpt does not "
-                         f"store it and no preset has that width): pass --n_head or --config RECIPE.yaml")
+        raise ValueError(f"cannot tell the number of attention heads of a {n_embd}-wide model: a .ckpt does not "
+                         f"store it and no preset has that width; give it (--n_head, a recipe's "
+                         f"model.model_config.num_heads, --config RECIPE.yaml, or a config.json beside the file)")
     if activation is None:
         activation = recipe.get("activation") or (PRESETS[preset]["activation"] if preset else "gelu_new")
     if n_embd % n_head:
-        raise ValueError(f"{n_head} heads ({source}) do not divide the hidden size {n_embd}: pass the model's "
-                         f"--n_head")
+        raise ValueError(f"{n_head} heads ({source}) do not divide the hidden size {n_embd}: give the model's own "
+                         f"number of heads")
     classifier = "score.weight" in shapes
     special = min(50256, vocab_size - 1)  # GPT-2's <|endoftext|> is the last id of its vocabulary
     config = GPT2Config(vocab_size=vocab_size, n_positions=n_positions, n_embd=n_embd, n_layer=n_layer,

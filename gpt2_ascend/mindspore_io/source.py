@@ -8,8 +8,8 @@ from ..hf import hf_to_ours, model_from_state
 from ..model import CLASSIFIER, LANGUAGE_MODEL, model_class
 from .ckpt import CkptError
 from .distributed import open_mindspore
-from .mapping import (MS_LORA, check_shapes, classify_ms_name, hf_shapes, hf_to_mindformers, infer_config,
-                      mindformers_to_hf, ms_sources, read_recipe_shape)
+from .mapping import (CONFIG_FIELDS, MS_LORA, RECIPE_FIELDS, check_shapes, classify_ms_name, hf_shapes,
+                      hf_to_mindformers, infer_config, mindformers_to_hf, ms_sources, read_recipe_shape, shape_beside)
 
 
 class MindFormersSource:
@@ -18,16 +18,24 @@ class MindFormersSource:
     whose slices are merged as each tensor is read."""
 
     def __init__(self, path: str, n_head: int | None = None, activation: str | None = None, verify_crc: bool = True,
-                 recipe: str | None = None, strategy: str | None = None):
-        recipe_shape = read_recipe_shape(recipe) if recipe else None
+                 recipe: str | None = None, strategy: str | None = None, described: dict | None = None,
+                 given_as: str = "--n_head"):
+        """n_head, activation: given (a flag); recipe: a MindFormers recipe file the checkpoint was trained with (its
+        sizes must be the tensors'); else a config.json beside the file; described: a run's recipe model
+        ({n_embd, n_head, activation, source}), whose heads count for a checkpoint of its width; else the preset.
+        given_as: how messages name a given n_head."""
+        recipe_shape, fields = (read_recipe_shape(recipe) if recipe else None), RECIPE_FIELDS
+        beside = shape_beside(path) if recipe is None and n_head is None else None
+        if beside:  # the config.json of an export or a run beside the .ckpt: its heads and activation
+            (recipe_shape, recipe), fields = beside, CONFIG_FIELDS
         self.reader = open_mindspore(path, strategy, verify_crc=verify_crc)
         try:
-            self._read_index(path, n_head, activation, recipe, recipe_shape)
+            self._read_index(path, n_head, activation, recipe, recipe_shape, fields, described, given_as)
         except BaseException:  # any refusal closes the file it opened
             self.reader.close()
             raise
 
-    def _read_index(self, path, n_head, activation, recipe, recipe_shape):
+    def _read_index(self, path, n_head, activation, recipe, recipe_shape, fields, described, given_as):
         self.skipped = {"optimizer": [], "bookkeeping": [], "buffer": []}
         self.lora_names = []  # unmerged LoRA tensors: see lora_adapters()
         shapes = {}
@@ -43,7 +51,8 @@ class MindFormersSource:
             else:
                 self.skipped[kind].append(name)
         self.config, self.classifier, self.heads_from = infer_config(shapes, n_head, activation, recipe_shape,
-                                                                     recipe or "--config")
+                                                                     recipe or "--config", fields, described,
+                                                                     given_as)
         self.hf_shapes = hf_shapes(self.config, self.classifier)
         check_shapes(shapes, {n: s for hf in self.hf_shapes for n, s in self._ms_shapes(hf)}, path)
         self.dtype = self.reader.entries[ms_sources("transformer.wte.weight")[0]].dtype
@@ -62,8 +71,10 @@ class MindFormersSource:
     def refuse_lora(self):
         """A plain conversion would drop the adapters: say how to keep them."""
         if self.lora_names:
-            raise ValueError(f"{self.reader.path}: unexpected tensor '{self.lora_names[0]}' (LoRA weights: merge them "
-                             f"first with convert/merge_lora.py --base {self.reader.path} --lora_alpha A)")
+            raise ValueError(f"{self.reader.path}: unexpected tensor '{self.lora_names[0]}' (unmerged LoRA weights: "
+                             f"load them with a LoRA recipe, whose model.model_config.pet_config.lora_alpha scales "
+                             f"them, or merge them first with convert/merge_lora.py --base {self.reader.path} "
+                             f"--lora_alpha A)")
 
     def lora_adapters(self) -> dict[tuple[int, str], tuple[torch.Tensor, torch.Tensor]]:
         """{(layer, MindFormers cell e.g. 'attention.dense1'): (lora_a [rank, in], lora_b [out, rank])}."""
@@ -97,7 +108,7 @@ def load_mindspore_model(mindspore_path: str, n_head: int | None = None, activat
     checkpoint holds, or `cls`: an LM checkpoint as a classifier gets a fresh head), in eval mode. Heads come
     from n_head or the MindFormers recipe `recipe` when the tensors cannot tell. config_overrides replace
     GPT2Config fields the tensors do not fix (dropout, labels, init). LoRA tensors are refused unless lora_base
-    (then only the base is loaded: convert.lora.load_mindformers_lora adds them)."""
+    (then only the base is loaded: mindspore_io.lora.load_mindformers_lora adds them)."""
     with MindFormersSource(mindspore_path, n_head, activation, verify_crc, recipe, strategy) as source:
         if not lora_base:
             source.refuse_lora()

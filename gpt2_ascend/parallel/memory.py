@@ -20,26 +20,15 @@ A pipeline stage holds up to min(P, micro-batches) micro-batches in flight (1F1B
 from __future__ import annotations
 
 import argparse
-from dataclasses import dataclass
 
 from ..budget import block_parameter_split
 from ..config import GPT2Config
+from .mesh import ParallelConfig
 
 GIB = 1024 ** 3
 
 
-@dataclass
-class Layout:
-    data_parallel: int = 1
-    model_parallel: int = 1
-    pipeline_stage: int = 1
-    optimizer_shard: bool = False
-    recompute: str = "none"
-    sequence_parallel: bool = False
-    micro_batch_num: int = 1
-
-
-def parameter_split(config: GPT2Config, layout: Layout) -> tuple[float, float]:
+def parameter_split(config: GPT2Config, layout: ParallelConfig) -> tuple[float, float]:
     """(parameters on the busiest device, of which TP-split) for the first pipeline stage."""
     h, layers, t, p = config.n_embd, config.n_layer, layout.model_parallel, layout.pipeline_stage
     block_split, block_whole = block_parameter_split(config)  # the budget's count (budget.parameter_count)
@@ -51,7 +40,7 @@ def parameter_split(config: GPT2Config, layout: Layout) -> tuple[float, float]:
     return split / t + whole, split / t
 
 
-def estimate(config: GPT2Config, layout: Layout, batch_size: int, seq_length: int,
+def estimate(config: GPT2Config, layout: ParallelConfig, batch_size: int, seq_length: int,
              precision: str = "bf16") -> dict:
     """Bytes per device (GiB) for model states, activations and their sum."""
     params, _ = parameter_split(config, layout)
@@ -98,8 +87,10 @@ def main(argv=None):
     p.add_argument("--precision", choices=("fp32", "bf16", "fp16"), default="bf16")
     a = p.parse_args(argv)
     config = GPT2Config.from_preset(a.preset, pad_vocab_size_multiple=64)
-    layout = Layout(a.data_parallel, a.model_parallel, a.pipeline_stage, a.optimizer_shard, a.recompute,
-                    a.sequence_parallel, a.micro_batch_num)
+    layout = ParallelConfig(data_parallel=a.data_parallel, model_parallel=a.model_parallel,
+                            pipeline_stage=a.pipeline_stage, micro_batch_num=a.micro_batch_num,
+                            optimizer_shard=a.optimizer_shard, recompute=a.recompute,
+                            sequence_parallel=a.sequence_parallel)
     r = estimate(config, layout, a.batch_size, a.seq_length or config.n_positions, a.precision)
     print(f"{a.preset}: {r['params_per_device'] / 1e9:.2f}B parameters per device; model states "
           f"{r['model_states_gib']:.1f} GiB + 16-bit copies {r['weight_copies_gib']:.1f} GiB + activations "

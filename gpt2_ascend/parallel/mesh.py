@@ -39,7 +39,7 @@ class ParallelConfig:
         if self.pipeline_schedule not in SCHEDULES:
             raise ValueError(f"parallel.pipeline_schedule must be one of {', '.join(SCHEDULES)}, "
                              f"got {self.pipeline_schedule!r}")
-        size = self.data_parallel * self.model_parallel * self.pipeline_stage
+        size = self.devices
         if world_size is not None and size != world_size:
             raise ValueError(f"data_parallel x model_parallel x pipeline_stage = {self.data_parallel} x "
                              f"{self.model_parallel} x {self.pipeline_stage} = {size}, but the world size is "
@@ -54,6 +54,16 @@ class ParallelConfig:
             raise ValueError(f"the 1f1b schedule needs micro_batch_num >= pipeline_stage "
                              f"({self.micro_batch_num} < {self.pipeline_stage}): raise micro_batch_num")
         return self
+
+    @property
+    def devices(self) -> int:
+        """The processes the layout takes: data x model x pipeline."""
+        return self.data_parallel * self.model_parallel * self.pipeline_stage
+
+    def describe(self, shard: bool = True) -> str:
+        """The layout in one phrase, for logs and messages (shard: with optimizer_shard when it is on)."""
+        return (f"data_parallel {self.data_parallel} x model_parallel {self.model_parallel} x pipeline_stage "
+                f"{self.pipeline_stage}" + (", optimizer_shard" if shard and self.optimizer_shard else ""))
 
     @property
     def uses_fsdp(self) -> bool:

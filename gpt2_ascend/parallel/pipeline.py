@@ -15,8 +15,6 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 
-from ..losses import classification_loss, next_token_loss
-from ..model import CLASSIFIER
 
 
 def split_layers(n_layer: int, stages: int) -> list[range]:
@@ -46,8 +44,8 @@ def pipeline_stage(model: nn.Module, stage: int, stages: int) -> nn.Module:
         body.wte = body.wpe = body.drop = None
     if not is_last:
         body.ln_f = None
-        setattr(part, head_name(part), None)
-    elif head_name(part) == "lm_head" and model.config.tie_word_embeddings and not is_first:
+        setattr(part, part.head_name, None)
+    elif ties_head(model) and not is_first:
         # the first stage owns the embedding; this stage keeps an equal copy as its head
         part.lm_head = _shallow_copy(model.lm_head)
         part.lm_head.weight = nn.Parameter(model.lm_head.weight.detach().clone())
@@ -64,8 +62,9 @@ def _shallow_copy(module: nn.Module) -> nn.Module:
     return clone
 
 
-def head_name(model: nn.Module) -> str:
-    return "score" if model.hf_architecture == CLASSIFIER else "lm_head"
+def ties_head(model: nn.Module) -> bool:
+    """The model's head is its word embedding (a tied LM head; a classifier's score head never is)."""
+    return model.head_name == "lm_head" and model.config.tie_word_embeddings
 
 
 def is_first_stage(part: nn.Module) -> bool:
@@ -74,13 +73,6 @@ def is_first_stage(part: nn.Module) -> bool:
 
 def is_last_stage(part: nn.Module) -> bool:
     return part.transformer.ln_f is not None
-
-
-def stage_loss_fn(is_classifier: bool):
-    """The model's own per-microbatch loss (losses.py); the schedule sums its gradients over microbatches and the
-    trainer averages them (see build_schedule). For language modelling the target is already the next token at each
-    position (the loader's targets)."""
-    return classification_loss if is_classifier else next_token_loss
 
 
 def build_schedule(submodule, stage_module: nn.Module, stage: int, stages: int, pp_group, device,
@@ -93,8 +85,9 @@ def build_schedule(submodule, stage_module: nn.Module, stage: int, stages: int, 
     from torch.distributed.pipelining import PipelineStage, Schedule1F1B, ScheduleGPipe
     pipe_stage = PipelineStage(submodule, stage, stages, device, group=pp_group)
     cls = {"gpipe": ScheduleGPipe, "1f1b": Schedule1F1B}[kind]
-    return cls(pipe_stage, n_microbatches=micro_batches,
-               loss_fn=stage_loss_fn(stage_module.hf_architecture == CLASSIFIER), scale_grads=False)
+    # the head's own per-microbatch loss (losses.py; a language model's target is already the next token at each
+    # position, the loader's targets)
+    return cls(pipe_stage, n_microbatches=micro_batches, loss_fn=stage_module.stage_loss, scale_grads=False)
 
 
 def pipeline_step(schedule, stage_module: nn.Module, input_ids, labels, attention_mask, pp_group):
@@ -120,7 +113,7 @@ class TiedEmbeddingSync:
         self.param, self.is_copy = None, False
         pp = mesh["pp"].size()
         first, last = is_first_stage(stage_module), is_last_stage(stage_module)
-        if pp == 1 or not stage_module.config.tie_word_embeddings or stage_module.hf_architecture == CLASSIFIER:
+        if pp == 1 or not ties_head(stage_module):
             return
         groups = {}
         full = mesh.mesh  # (pp, dp, tp) rank ids; every rank must create every group, in the same order

@@ -16,7 +16,6 @@ import torch
 import torch.nn as nn
 
 from ..hf import per_head_order
-from ..model import CLASSIFIER
 
 def to_per_head_qkv(model: nn.Module):
     """Permute every c_attn to the per-head layout in place (weights need data: call before sharding)."""
@@ -113,10 +112,10 @@ def apply_tensor_parallel(model: nn.Module, tp_mesh, sequence_parallel: bool = F
     to_per_head_qkv(model)
     top, block_plan = tp_plan(sequence_parallel)
     body = model.transformer
-    # The sequence-parallel norms need inputs on a sequence that splits evenly; classifiers pool by index,
-    # which needs the full sequence after ln_f.
-    classifier = model.hf_architecture == CLASSIFIER
-    if sequence_parallel and classifier:
+    # The sequence-parallel norms need inputs on a sequence that splits evenly; a head that pools one position (the
+    # classifier's) needs the full sequence after ln_f.
+    pools = model.pools_last_token
+    if sequence_parallel and pools:
         from torch.distributed.tensor.parallel import SequenceParallel
         top = {k: v for k, v in top.items() if k != "lm_head"}
         top["transformer.ln_f"] = SequenceParallel(use_local_output=False)
@@ -129,7 +128,7 @@ def apply_tensor_parallel(model: nn.Module, tp_mesh, sequence_parallel: bool = F
         model.lm_head.weight = body.wte.weight
     for _, block in body.blocks():
         parallelize_module(block, tp_mesh, block_plan)
-    if sequence_parallel and classifier and _has_module(model, "transformer.ln_f"):
+    if sequence_parallel and pools and _has_module(model, "transformer.ln_f"):
         _gather_sequence_before_pooling(body.ln_f)
     return model
 

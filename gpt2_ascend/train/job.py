@@ -20,11 +20,12 @@ from dataclasses import dataclass, field
 import torch
 
 from ..config import GPT2Config
+from ..loading import recipe_shape
 from ..model import LANGUAGE_MODEL
 from ..parallel.mesh import ParallelConfig
 from ..schema import Key, check_fields, parse
 from .optim import UPDATE_RULES, LRSchedule, resolve_total_steps, warmup_of
-from .recipe import SCHEDULE_TYPES, SCHEMA
+from .recipe import COMPUTE_DTYPES, SCHEDULE_TYPES, SCHEMA
 from .trainer import TrainSettings
 
 
@@ -43,6 +44,8 @@ class ArgumentNames:
     run_mode_train: str = "run_mode='train'"
     precision: str = "TrainSettings(precision='{precision}')"  # formatted with precision (fp16) and dtype (float16)
     device_cpu: str = "device='cpu'"
+    eval_max_samples: str = "DataSplit(max_samples=...)"
+    eval_max_batches: str = "eval_max_batches"
 
 
 PYTHON_NAMES = ArgumentNames()
@@ -51,7 +54,8 @@ RECIPE_NAMES = ArgumentNames(resume_auto="resume_training=auto", max_steps="runn
                              load_checkpoint="load_checkpoint", train_data="train_dataset.data_loader.dataset_dir",
                              use_parallel="use_parallel=true", no_parallel="use_parallel=false",
                              run_mode_train="run_mode=train", precision="model.model_config.compute_dtype={dtype}",
-                             device_cpu="device=cpu")
+                             device_cpu="device=cpu", eval_max_samples="eval_dataset.max_samples",
+                             eval_max_batches="eval_dataset.max_batches")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -93,6 +97,9 @@ class ModelSpec:
     load_checkpoint: str = ""  # as given (recorded in checkpoints); `source` is the resolved path
     strategy: str = ""  # a MindFormers distributed load_checkpoint's strategy (src_strategy_path_or_dir)
     overrides: dict = field(default_factory=dict)
+    # what a MindSpore load_checkpoint does not store, its heads and activation (loading.load_model's shape); empty:
+    # config's, for a checkpoint of config's width
+    shape: dict = field(default_factory=dict)
     seq_length: int = 1024
     lora: LoraSettings | None = None
     recompute: str = "none"  # none | full | selective
@@ -181,6 +188,11 @@ class TrainJob:
     epochs: int = 1
     shuffle: bool = True
     eval_batch_size: int | None = None  # None: batch_size
+    # the run's evaluations: at most eval_max_batches batches (None: all; in a run that max_steps ends and whose
+    # eval_data sets no max_samples, at most the rows it trains on), at eval_precision (None: the run's precision on
+    # GPU / NPU, fp32 on the CPU)
+    eval_max_batches: int | None = None
+    eval_precision: str | None = None
     seed: int = 0
     device: str = "auto"
     output_dir: str | None = None
@@ -239,7 +251,9 @@ SETTINGS_KEYS = python_keys(dict(
 JOB_KEYS = python_keys(dict(
     batch_size="runner_config.batch_size", gradient_accumulation_steps="runner_config.gradient_accumulation_steps",
     global_batch_size="runner_config.global_batch_size", epochs="runner_config.epochs",
-    shuffle="train_dataset.data_loader.shuffle", eval_batch_size="eval_dataset.batch_size", seed="seed",
+    shuffle="train_dataset.data_loader.shuffle", eval_batch_size="eval_dataset.batch_size",
+    eval_max_batches="eval_dataset.max_batches",
+    eval_precision=Key(None, "choice", ("fp32", "bf16", "fp16"), nullable=True), seed="seed",
     keep_checkpoints="callbacks.CheckpointMonitor.keep_checkpoint_max", use_parallel="use_parallel",
     meta_init="parallel.meta_init", compile="runner_config.compile", compile_scope="runner_config.compile_scope",
     loss_chunk_size="runner_config.loss_chunk_size", run_mode="run_mode"))
@@ -253,12 +267,15 @@ GENERATION_KEYS = python_keys(dict(  # the export's generation_config.json, unde
 
 
 def resolve_path(path: str) -> str:
-    """Expand ~ and environment variables; $GPT2_DATA_DIR defaults to the data directory."""
+    """Expand ~ and environment variables; $GPT2_DATA_DIR defaults to the data directory, $GPT2_CACHE to the cache
+    home (data/download.py: cache_home)."""
     if not path:
         return ""
-    from ..data.download import default_data_dir
-    for form in ("${GPT2_DATA_DIR}", "$GPT2_DATA_DIR"):
-        path = path.replace(form, default_data_dir())
+    from ..data.download import cache_home, default_data_dir
+    for name, default in (("GPT2_DATA_DIR", default_data_dir), ("GPT2_CACHE", cache_home)):
+        for form in ("${" + name + "}", "$" + name):
+            if form in path:
+                path = path.replace(form, default())
     return os.path.expanduser(os.path.expandvars(path))
 
 
@@ -272,7 +289,10 @@ def job_from_recipe(recipe, names: ArgumentNames = RECIPE_NAMES) -> TrainJob:
     mc, rc, wrapper, callbacks = (recipe.model.model_config, recipe.runner_config, recipe.runner_wrapper,
                                   recipe.callbacks)
     lora = lora_settings(recipe)
-    model = ModelSpec(architecture=recipe.model.arch.type, config=gpt2_config(recipe),
+    given = {"model.model_config.num_heads", "model.model_config.hidden_act"} & set(getattr(recipe, "given", ()))
+    config = gpt2_config(recipe)
+    shape = recipe_shape(config.n_embd, config.n_head, config.activation, "the recipe's model_config", bool(given))
+    model = ModelSpec(architecture=recipe.model.arch.type, config=config, shape=shape,
                       load_checkpoint=recipe.load_checkpoint, overrides=training_overrides(recipe),
                       strategy=resolve_path(recipe.src_strategy_path_or_dir) if recipe.src_strategy_path_or_dir else "",
                       seq_length=mc.seq_length, lora=LoraSettings(**lora) if lora else None,
@@ -301,7 +321,8 @@ def job_from_recipe(recipe, names: ArgumentNames = RECIPE_NAMES) -> TrainJob:
         settings=settings, optimizer=optimizer, batch_size=rc.batch_size,
         gradient_accumulation_steps=rc.gradient_accumulation_steps, global_batch_size=rc.global_batch_size,
         epochs=rc.epochs, shuffle=recipe.train_dataset.data_loader.shuffle,
-        eval_batch_size=recipe.eval_dataset.batch_size, seed=recipe.seed, device=recipe.device,
+        eval_batch_size=recipe.eval_dataset.batch_size, eval_max_batches=recipe.eval_dataset.max_batches,
+        eval_precision=COMPUTE_DTYPES.get(recipe.eval_dataset.compute_dtype), seed=recipe.seed, device=recipe.device,
         output_dir=os.path.abspath(resolve_path(recipe.output_dir)), resume=recipe.resume_training,
         keep_checkpoints=callbacks.CheckpointMonitor.keep_checkpoint_max,
         checkpoint_prefix=callbacks.CheckpointMonitor.prefix, tokenizer=resolve_path(recipe.tokenizer),

@@ -76,7 +76,7 @@ def device_change(job: TrainJob, env) -> dict:
 def layout_change(job: TrainJob, env, log=print) -> dict:
     world = int(env.get("WORLD_SIZE", "1"))
     pc = job.parallel
-    if world <= 1 or (job.use_parallel and pc.data_parallel * pc.model_parallel * pc.pipeline_stage > 1):
+    if world <= 1 or (job.use_parallel and pc.devices > 1):
         return {}  # one process, or an explicit layout (checked against the world size where the mesh is built)
     why = "1 x 1 x 1" if job.use_parallel else "use_parallel is false"
     log(f"{world} processes and no parallel layout ({why}): data parallel over {world} (data_parallel={world})")

@@ -13,7 +13,6 @@ one-line ValueError naming the key and what is valid.
 from __future__ import annotations
 
 import copy
-import os
 
 import yaml
 
@@ -22,6 +21,7 @@ from ..data.hf_datasets import TEXT_FORMATS  # issue 16: datasets sources
 from ..data.txtcls import DATASETS as TXTCLS_DATASETS  # MindFormers' txtcls_dataset_to_mindrecord.py names
 from ..fileio import atomic_write
 from ..model import ARCHITECTURES, LANGUAGE_MODEL
+from ..recipe_files import recipe_path
 from ..schema import MAX_SIZE, SEED_MAX, Key, Record, parse, shown, yaml_load
 from .optim import UPDATE_RULES
 from .trackers import TRACKERS  # issue 16
@@ -242,7 +242,14 @@ SCHEMA = _section(
         dataset_name=Key("sst_2", "choice", TXTCLS_DATASETS),
         batch_size=Key(None, "int", minimum=1, maximum=MAX_SIZE, nullable=True, doc="null = runner_config.batch_size"),
         mindformers_compat=Key(False, "bool"),
-        max_samples=Key(None, "int", minimum=1, nullable=True, doc="evaluate the first N rows (null = all)"),
+        max_samples=Key(None, "int", minimum=1, maximum=MAX_SIZE, nullable=True,
+                        doc="evaluate the first N rows (null: all, or in a run that max_steps ends, as many as it "
+                            "trains on unless max_batches is set)"),
+        max_batches=Key(None, "int", minimum=1, maximum=MAX_SIZE, nullable=True,
+                        doc="a training run's evaluations stop after N batches (null: no bound of their own)"),
+        compute_dtype=Key(None, "choice", tuple(COMPUTE_DTYPES), nullable=True,
+                          doc="a training run's evaluations (null: the run's compute_dtype on GPU / NPU, float32 on "
+                              "the CPU, as evaluate.py)"),
         **_datasets_keys("validation"),  # issue 16
     ),
     callbacks=CALLBACKS,
@@ -281,6 +288,7 @@ def load_recipe(path: str | None = None, overrides=(), base: dict | None = None,
     raw = _normalise_scale_sense(raw)
     recipe = parse(raw, SCHEMA, lambda name: _origin(name, origins, source), lax=True, record=Recipe)
     check_consistency(recipe, source)
+    recipe.given = frozenset(origins)  # the keys a flag or override set (a .ckpt takes its heads from those)
     return recipe
 
 
@@ -292,27 +300,6 @@ def _origin(name: str, origins: dict, source: str) -> str:
         if found:
             return found
     return source
-
-
-RECIPE_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "recipes")
-
-
-def recipe_names() -> list[str]:
-    """The packaged recipes (configs/gpt2/*.yaml, shipped in the wheel as gpt2_ascend/recipes/)."""
-    if not os.path.isdir(RECIPE_DIR):
-        return []
-    return sorted(name[:-len(".yaml")] for name in os.listdir(RECIPE_DIR) if name.endswith(".yaml"))
-
-
-def recipe_path(path_or_name: str) -> str:
-    """A YAML file as given, or a packaged recipe by name (pretrain_gpt2_small, with or without .yaml)."""
-    if os.path.isfile(path_or_name):
-        return path_or_name
-    name = path_or_name[:-len(".yaml")] if path_or_name.endswith(".yaml") else path_or_name
-    if os.sep not in name and name in recipe_names():
-        return os.path.join(RECIPE_DIR, name + ".yaml")
-    raise FileNotFoundError(f"recipe not found: {path_or_name}; pass a YAML file or the name of one of "
-                            f"{', '.join(recipe_names()) or 'configs/gpt2/*.yaml'}")
 
 
 def read_yaml(path: str) -> dict:

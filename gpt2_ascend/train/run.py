@@ -3,6 +3,8 @@
     start            the launcher's choices (accelerate's precision, data parallel over the world: launcher.py), the
                      device, or torchrun's process group and mesh (one device: every degree 1)
     prepare_output   lock OUTPUT_DIR and decide where to start (nothing on disk changes yet)
+    check_inputs     every input read and checked from its small files (start weights, data paths, tokenizer) and
+                     the training memory budgeted, before anything expensive (tokenizing, building the model)
     load_data        the datasets (files, `datasets` sources or in memory), as the model's keyword arguments
     build_model      build or load the model (on the meta device when large), parallelize it (one device: compile)
     build_trainer    loader, schedule, optimizer, checkpointer and Trainer; resume; the report_to trackers
@@ -21,17 +23,17 @@ import shutil
 import sys
 import time
 
-import numpy as np
 import torch
 
 from .. import checkpoints as ckpt
 from .. import device as dev
 from ..budget import parameter_count
 from ..config import GenerationConfig
-from ..data.loader import StepLoader, as_columns, causal_lm_inputs, checked_columns
+from ..data.loader import StepLoader, checked_columns, model_inputs
 from ..fileio import write_json
+from ..loading import inspect_model, load_model, recipe_shape
 from ..lora import unwrap_model
-from ..model import CLASSIFIER, LANGUAGE_MODEL, model_class
+from ..model import model_class
 from ..parallel.mesh import vocab_multiple
 from ..parallel.parallelize import ParallelDims, ParallelModel, init_parallel, parallelize
 from . import rundir
@@ -62,6 +64,7 @@ def run_training(recipe_or_job, overwrite: bool = False, log=print) -> dict:
     with contextlib.ExitStack() as scope:  # the lock and the signal handlers, released however it ends
         job, dims, stop, log = start(job, scope, log)
         resume_path = prepare_output(job, dims, overwrite, scope, log)
+        check_inputs(job, dims)
         seed_everything(job.seed, dims.device)
         train_data, eval_data = load_data(job, dims)
         pm, model, train_data, eval_data = build_model(job, dims, train_data, eval_data, log)
@@ -109,15 +112,14 @@ def init_dims(job: TrainJob) -> ParallelDims:
     a job without a layout is data parallel over them: apply_launcher); a layout that does not fit is one line."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
     pc, names = job.parallel, job.names
-    layout = pc.data_parallel * pc.model_parallel * pc.pipeline_stage
     if not job.use_parallel and world > 1:  # (apply_launcher made such a job data parallel)
         raise ValueError(f"WORLD_SIZE is {world} but use_parallel is false: pass {names.use_parallel}, or run one "
                          f"process")
     if not job.use_parallel or world == 1:
-        if job.use_parallel and layout > 1:
-            raise ValueError(f"the parallel section asks for {layout} devices (data_parallel {pc.data_parallel} x "
-                             f"model_parallel {pc.model_parallel} x pipeline_stage {pc.pipeline_stage}) but this is "
-                             f"one process: launch with torchrun --nproc_per_node {layout}, or set {names.no_parallel}")
+        if job.use_parallel and pc.devices > 1:
+            raise ValueError(f"the parallel section asks for {pc.devices} devices ({pc.describe(shard=False)}) but "
+                             f"this is one process: launch with torchrun --nproc_per_node {pc.devices}, or set "
+                             f"{names.no_parallel}")
         device = dev.resolve_device(job.device)
         dev.set_device(device)
         return ParallelDims.single(device)
@@ -258,6 +260,42 @@ def _warn(text: str):
 
 
 # ---------------------------------------------------------------------------------------------
+# check_inputs
+# ---------------------------------------------------------------------------------------------
+def check_inputs(job: TrainJob, dims: ParallelDims):
+    """Every input the run reads, checked before anything expensive (tokenizing the data, building or loading the
+    model): the start weights from their small files (loading.inspect_model: present, of a known kind, whole, their
+    shape; seq_length within their context), the data paths, the tokenizer of raw data, and the training memory.
+    Rank 0 checks, and its error is every rank's."""
+    def check():
+        if isinstance(job.model, ModelSpec):
+            config = start_config(job.model, build_overrides(job, dims))
+            if job.model.seq_length > config.n_positions:
+                raise ValueError(f"model_config.seq_length {job.model.seq_length} exceeds the model's n_positions "
+                                 f"{config.n_positions} ({job.model.source or 'model_config'}): set "
+                                 f"model.model_config.seq_length={config.n_positions}")
+        raw = False
+        for what, split in (("training data", job.train_data), ("evaluation data", job.eval_data)):
+            if isinstance(split, DataSplit) and isinstance(split.path, str):
+                from ..data import hf_datasets
+                if not hf_datasets.is_datasets_source(split.path):
+                    fetch_if_missing(split.path)
+                raw = raw or not split.path.endswith((".npy", ".npz"))
+        if raw or job.tokenizer:
+            from ..data.tokenizer import check_tokenizer
+            check_tokenizer(job.tokenizer or None)
+        require_training_memory(job, dims, build_overrides(job, dims))
+    dims.on_main(check)
+
+
+def build_overrides(job: TrainJob, dims: ParallelDims) -> dict:
+    """Config fields the layout sets on the model a run builds: a distributed run's vocab padding."""
+    if not dims.distributed:
+        return {}
+    return dict(pad_vocab_size_multiple=vocab_multiple(dims.pc, model_shape(job).pad_vocab_size_multiple))
+
+
+# ---------------------------------------------------------------------------------------------
 # load_data
 # ---------------------------------------------------------------------------------------------
 def load_data(job: TrainJob, dims: ParallelDims):
@@ -269,38 +307,38 @@ def load_data(job: TrainJob, dims: ParallelDims):
                          f"wiki.*.tokens / .txt / .tsv file, or a datasets source)")
     if dims.distributed and not dims.is_main:
         dims.barrier()
-    seq = seq_length(job)
-    train_data = read_split(job, job.train_data, seq + 1)
-    eval_data = read_split(job, job.eval_data, seq, default_split="validation")
+    train_data = read_split(job, job.train_data, training=True)
+    eval_data = read_split(job, job.eval_data, default_split="validation")
     if dims.distributed and dims.is_main:
         dims.barrier()
     return train_data, eval_data
 
 
-def read_split(job: TrainJob, split, width: int, default_split: str = "train"):
-    """A DataSplit read from its file or `datasets` source (its first max_samples rows; default_split: the split of a
-    hub id or DatasetDict that names none); a datasets object as DataSplit(it) (or its columns when it is already
-    tokenized); other in-memory data as it is."""
+def read_split(job: TrainJob, split, training: bool = False, default_split: str = "train"):
+    """A DataSplit read from its file or `datasets` source as the job's head reads data (data/sources.load_examples:
+    seq_length tokens a row, one more for a language model's training) (its first max_samples rows; default_split:
+    the split of a hub id or DatasetDict that names none); a datasets object as DataSplit(it) (or its columns when it
+    is already tokenized); other in-memory data as it is."""
     from ..data import hf_datasets
     if hf_datasets.is_datasets_object(split):
         columns = hf_datasets.token_columns(split)
         split = DataSplit(split) if columns is None else columns
     if not isinstance(split, DataSplit):
         return split
-    from ..data.sources import load_token_blocks, load_txtcls
+    from ..data.sources import load_examples
     path = split.path if hf_datasets.is_datasets_source(split.path) else fetch_if_missing(split.path)
-    tokenizer = job.tokenizer or None
-    cache_dir = job.data_cache_dir or (os.path.join(job.output_dir, "data_cache") if job.output_dir else None)
-    options = dict(text_column=split.text_column, split=split.split or default_split)
-    if job.architecture == CLASSIFIER:
-        data = load_txtcls(path, max_length=seq_length(job), tokenizer=tokenizer, cache_dir=cache_dir,
-                           dataset_name=split.dataset_name, mindformers_compat=split.mindformers_compat,
-                           label_column=split.label_column, **options)
-    else:
-        data = load_token_blocks(path, max_length=width, tokenizer=tokenizer,
-                                 mindformers_compat=split.mindformers_compat, cache_dir=cache_dir,
-                                 text_format=split.text_format, num_proc=split.num_proc, **options)
+    data = load_examples(model_class(job.architecture).examples, path, seq_length(job), training,
+                         tokenizer=job.tokenizer or None, cache_dir=data_cache(job),
+                         dataset_name=split.dataset_name, mindformers_compat=split.mindformers_compat,
+                         text_column=split.text_column, label_column=split.label_column,
+                         text_format=split.text_format, split=split.split or default_split, num_proc=split.num_proc)
     return first_rows(data, split.max_samples)
+
+
+def data_cache(job: TrainJob) -> str | None:
+    """Where raw data prepared on the fly is cached: data_cache_dir, else OUTPUT_DIR/data_cache (never the working
+    directory); none for an in-memory run without an output_dir."""
+    return job.data_cache_dir or (os.path.join(job.output_dir, "data_cache") if job.output_dir else None)
 
 
 def fetch_if_missing(path: str) -> str:
@@ -327,15 +365,8 @@ def check_data(data, model, what: str) -> dict:
     """The data's columns, checked against the model once up front (data/loader.checked_columns: integers, ids in
     its vocabulary, labels in its classes, 0/1 masks, no row without a token); a bad id would otherwise fail deep
     inside the embedding lookup, a -100 silently drop out of the loss."""
-    config = unwrap_model(model).config
-    classifier = unwrap_model(model).hf_architecture == CLASSIFIER
-    return checked_columns(data, config.vocab_size, config.num_labels if classifier else None, what)
-
-
-def model_inputs(data, architecture: str) -> dict:
-    """The data as columns of the model's keyword arguments: blocks of T+1 tokens become input_ids and targets."""
-    columns = as_columns(data)
-    return causal_lm_inputs(columns["input_ids"]) if architecture == LANGUAGE_MODEL else columns
+    base = unwrap_model(model)
+    return checked_columns(data, base.config.vocab_size, getattr(base, "num_labels", None), what)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -343,12 +374,10 @@ def model_inputs(data, architecture: str) -> dict:
 # ---------------------------------------------------------------------------------------------
 def build_model(job: TrainJob, dims: ParallelDims, train_data, eval_data, log):
     """(ParallelModel, the model as built: a PEFT wrapper for LoRA runs, and the data's columns checked against it:
-    check_data). Its training memory is budgeted before anything is built (require_training_memory). Distributed
+    check_data). (Its training memory was budgeted by check_inputs, before the data.) Distributed
     runs build on the CPU and parallelize moves this rank's part to its device; above META_INIT_PARAMS (or with
     meta_init) they build on the meta device and each rank allocates and fills only its shards."""
-    overrides = dict(pad_vocab_size_multiple=vocab_multiple(dims.pc, model_shape(job).pad_vocab_size_multiple)) \
-        if dims.distributed else {}
-    require_training_memory(job, dims, overrides)
+    overrides = build_overrides(job, dims)
     fill = None
     if dims.distributed and isinstance(job.model, ModelSpec) and use_meta_init(job, overrides):
         from ..parallel.materialize import filler
@@ -368,32 +397,64 @@ def build_model(job: TrainJob, dims: ParallelDims, train_data, eval_data, log):
 
 
 def model_from_spec(spec: ModelSpec, device: torch.device, log=print, config_overrides: dict | None = None):
-    """The model a spec asks for, on `device`: from scratch, or from load_checkpoint (an HF-format directory, one of
-    our checkpoints, a MindFormers .ckpt, or a PEFT adapter directory, whose training goes on from its base), with
+    """The model a spec asks for, on `device`: from scratch, or load_checkpoint's weights through loading.load_model
+    (any source it takes; a PEFT adapter directory or a MindFormers LoRA .ckpt goes on training its adapters), with
     LoRA adapters when spec.lora says so."""
-    from ..lora import adapter_base, apply_lora, load_adapter
-    source = spec.source
-    adapter = source if continues_adapter(source) else None
-    if adapter:
-        source = adapter_base(adapter)
-        log(f"continuing the adapter in {adapter} on its base model {source}")
-    if source:
-        model = load_start_weights(spec, source, config_overrides, log)
+    from ..lora import apply_lora
+    if spec.source:
+        model = load_model(spec.source, spec.architecture, dtype=torch.float32, new_head=True, keep_adapters=True,
+                           **source_arguments(spec, config_overrides))
+        report_source(spec, model, log)
     else:
         model = model_class(spec.architecture)(spec.config.replace(**(config_overrides or {})))
-    if spec.seq_length > model.config.n_positions:
+    base = unwrap_model(model)
+    if spec.seq_length > base.config.n_positions:
         raise ValueError(f"model_config.seq_length {spec.seq_length} exceeds the model's n_positions "
-                         f"{model.config.n_positions}: set model.model_config.seq_length={model.config.n_positions}")
-    model.set_recompute(spec.recompute)
-    if adapter:  # the adapter's own rank and targets: the spec's would be a different adapter
-        model = load_adapter(model, adapter, merge=False, trainable=True)
-    elif spec.lora and not hasattr(model, "peft_config"):  # (a MindFormers LoRA .ckpt has its own)
+                         f"{base.config.n_positions}: set model.model_config.seq_length={base.config.n_positions}")
+    base.set_recompute(spec.recompute)
+    if spec.lora and not hasattr(model, "peft_config"):  # (an adapter directory or a LoRA .ckpt brings its own)
         model = apply_lora(model, **dataclasses.asdict(spec.lora))
     return model.to(device)
 
 
+def source_arguments(spec: ModelSpec, config_overrides: dict | None = None) -> dict:
+    """load_model's / inspect_model's arguments for a spec's load_checkpoint, besides the path: the config fields the
+    run sets (dropout, labels, ...), a distributed checkpoint's strategy, what a .ckpt does not store (the heads: the
+    recipe's, loading.recipe_shape) and a MindFormers LoRA .ckpt's alpha and dropout (the recipe's pet_config)."""
+    config = spec.config
+    shape = spec.shape or recipe_shape(config.n_embd, config.n_head, config.activation, "ModelSpec.config")
+    lora = dict(lora_alpha=spec.lora.alpha, lora_dropout=spec.lora.dropout) if spec.lora else {}
+    return dict(overrides=dict(spec.overrides, **(config_overrides or {})), strategy=spec.strategy or None,
+                shape=shape, **lora)
+
+
+def report_source(spec: ModelSpec, model, log):
+    """What a run starting from a checkpoint should know: a continued adapter and its base, a MindFormers LoRA
+    checkpoint's adapters, a shape that is the checkpoint's rather than the recipe's."""
+    base = unwrap_model(model)
+    if continues_adapter(spec.source):
+        log(f"continuing the adapter in {spec.source} on its base model {base.name_or_path}")
+    if hasattr(model, "lora_layout"):
+        rank, targets = model.lora_layout
+        log(f"LoRA adapters from {spec.source}: rank {rank} on {', '.join(targets)} (alpha {spec.lora.alpha:g} from "
+            f"the recipe)")
+    want, have = spec.config, base.config
+    if (want.n_layer, want.n_embd, want.n_head, want.vocab_size) != (have.n_layer, have.n_embd, have.n_head,
+                                                                      have.vocab_size):
+        log(f"note: the model shape comes from {spec.source} ({have.n_layer} layers, hidden {have.n_embd}, "
+            f"{have.n_head} heads, vocab {have.vocab_size}), not from the recipe's model_config")
+
+
+def require_source(source: str):
+    """A load_checkpoint path that is not there, named as the recipe key (a hub id is left to the loader)."""
+    if not os.path.exists(source) and (source.startswith((".", "/", "~")) or source.count("/") > 1
+                                       or source.endswith(".ckpt")):
+        raise FileNotFoundError(f"load_checkpoint not found: {source}; pass an HF-format GPT-2 directory, "
+                                f"OUTPUT_DIR/checkpoint/step_N or a MindFormers .ckpt file")
+
+
 def continues_adapter(source: str) -> bool:
-    """load_checkpoint is a PEFT adapter directory (ours or one trained on transformers' GPT-2)."""
+    """load_checkpoint is a PEFT adapter directory (ours or one trained on transformers' GPT-2): a LoRA run."""
     from ..lora import is_adapter_dir
     return bool(source) and os.path.isdir(source) and is_adapter_dir(source)
 
@@ -404,80 +465,20 @@ def uses_lora(job: TrainJob) -> bool:
     return hasattr(job.model, "peft_config")
 
 
-def load_start_weights(spec: ModelSpec, source: str, config_overrides: dict | None, log):
-    """The weights a run starts from: loading.load_model's sources (an HF-format directory or hub id, one of our
-    (sharded) checkpoints, a MindFormers .ckpt or distributed checkpoint). A classifier may start from a language
-    model (a new head)."""
-    from ..loading import is_mindspore, load_model
-    if not os.path.exists(source) and (source.startswith((".", "/", "~")) or source.count("/") > 1):
-        raise FileNotFoundError(f"load_checkpoint not found: {source}; pass an HF-format GPT-2 directory, "
-                                f"OUTPUT_DIR/checkpoint/step_N or a MindFormers .ckpt file")
-    overrides = dict(spec.overrides, **(config_overrides or {}))
-    if spec.strategy or is_mindspore(source):  # MindFormers' own weights, converted on the fly
-        model = model_from_mindspore(spec, source, overrides, log)
-    else:
-        model = load_model(source, spec.architecture, dtype=torch.float32, overrides=overrides, new_head=True)
-    note_shape(spec, model.config, source, log)
-    return model
-
-
-def model_from_mindspore(spec: ModelSpec, path: str, overrides: dict, log=print):
-    """A MindFormers GPT-2 .ckpt or distributed checkpoint (with spec.strategy) as the spec's model: the tensors give
-    the shape, the spec the heads and activation (which a .ckpt does not record). A LoRA checkpoint (lora_a / lora_b
-    beside the base) becomes a LoRA model with its adapters, scaled by the spec's lora alpha."""
-    from ..convert.lora import load_mindformers_lora
-    from ..loading import load_model
-    from ..mindspore_io.source import MindFormersSource
-    cls, heads, act = model_class(spec.architecture), spec.config.n_head, spec.config.activation
-    strategy = spec.strategy or None
-    with MindFormersSource(path, heads, act, verify_crc=False, strategy=strategy) as source:  # its index only
-        has_lora = bool(source.lora_names)
-    if not has_lora:
-        return load_model(path, spec.architecture, dtype=torch.float32, new_head=True, strategy=strategy,
-                          overrides=dict(overrides, n_head=heads, activation=act))
-    lora = spec.lora
-    if not lora:
-        raise ValueError(f"{path} holds unmerged LoRA adapters: use a LoRA recipe (model.model_config.pet_config, "
-                         f"whose lora_alpha scales them), or merge them first with convert/merge_lora.py")
-    model = load_mindformers_lora(path, lora.alpha, heads, act, cls=cls, lora_dropout=lora.dropout,
-                                  verify_crc=False, strategy=strategy, **overrides)
-    rank, targets = model.lora_layout
-    log(f"LoRA adapters from {path}: rank {rank} on {', '.join(targets)} (alpha {lora.alpha:g} from the recipe)")
-    return model
-
-
-def note_shape(spec: ModelSpec, config, source: str, log):
-    want, have = spec.config, config
-    if (want.n_layer, want.n_embd, want.n_head, want.vocab_size) != (have.n_layer, have.n_embd, have.n_head,
-                                                                      have.vocab_size):
-        log(f"note: the model shape comes from {source} ({config.n_layer} layers, hidden {config.n_embd}, "
-            f"{config.n_head} heads, vocab {config.vocab_size}), not from the recipe's model_config")
-
-
 def use_meta_init(job: TrainJob, overrides: dict) -> bool:
     """meta_init, or automatically for models above META_INIT_PARAMS."""
     if job.meta_init is not None:
         return job.meta_init
-    config = start_config(job.model, overrides) or job.model.config
-    return parameter_count(config) > META_INIT_PARAMS
+    return parameter_count(start_config(job.model, overrides)) > META_INIT_PARAMS
 
 
 def start_config(spec: ModelSpec, overrides: dict | None = None):
-    """The config of the model a spec builds, read without any weight: the spec's own for a fresh model, or the
-    config.json of its load_checkpoint (an HF directory or weight file beside one, one of our checkpoints, a
-    torchrun run's sharded one); None where only loading tells (a hub id, a MindFormers .ckpt, an adapter)."""
-    from ..config import GPT2Config
-    from ..hf import load_config
-    source, changes = spec.source, dict(spec.overrides, **(overrides or {}))
-    if not source:
+    """The config of the model a spec builds, read without any weight: the spec's own for a fresh model, or its
+    load_checkpoint's (loading.inspect_model: every source, checked as it will be loaded)."""
+    if not spec.source:
         return spec.config.replace(**(overrides or {}))
-    if continues_adapter(source) or not os.path.exists(source):
-        return None
-    if os.path.isdir(source) and ckpt.is_sharded(source):
-        from ..safe_dcp import read_meta
-        return GPT2Config.from_hf_dict(read_meta(source)["model_config"]).replace(**changes)
-    folder = source if os.path.isdir(source) else os.path.dirname(source)
-    return load_config(source, **changes) if os.path.isfile(os.path.join(folder, "config.json")) else None
+    require_source(spec.source)
+    return inspect_model(spec.source, spec.architecture, new_head=True, **source_arguments(spec, overrides))
 
 
 def require_training_memory(job: TrainJob, dims: ParallelDims, overrides: dict):
@@ -489,13 +490,10 @@ def require_training_memory(job: TrainJob, dims: ParallelDims, overrides: dict):
     if not isinstance(job.model, ModelSpec) or uses_lora(job):
         return
     config = start_config(job.model, overrides)
-    if config is None:
-        return
     from ..budget import model_bytes, require_memory, shape_of
-    from ..parallel.memory import GIB, Layout, estimate
-    pc, precision = dims.pc, job.settings.precision
-    layout = Layout(pc.data_parallel, pc.model_parallel, pc.pipeline_stage, pc.optimizer_shard)
-    plan = estimate(config, layout, job.batch_size, seq_length(job), precision)
+    from ..parallel.memory import GIB, estimate
+    precision = job.settings.precision
+    plan = estimate(config, dims.pc, job.batch_size, seq_length(job), precision)
     nbytes = int((plan["model_states_gib"] + plan["weight_copies_gib"]) * GIB)
     per_device = " per device" if dims.distributed else ""
     what = (f"training the model ({shape_of(config)}: {plan['params_per_device']:,.0f} parameters{per_device} x 16 "
@@ -509,27 +507,15 @@ def require_training_memory(job: TrainJob, dims: ParallelDims, overrides: dict):
 
 def build_meta_model(spec: ModelSpec, overrides: dict, log):
     """The module tree on the meta device and where its weights will come from (None: a fresh init)."""
-    from ..config import GPT2Config
-    from ..hf import load_config
-    source = spec.source
     if spec.lora is not None:
         raise ValueError("LoRA runs build the whole model on each rank: set parallel.meta_init=false")
-    if source and ckpt.is_sharded(source):
-        from ..safe_dcp import read_meta
-        config = GPT2Config.from_hf_dict(read_meta(source)["model_config"])
-        config = config.replace(**dict(spec.overrides, **overrides))
-    elif source:
-        if not os.path.exists(source):
-            raise FileNotFoundError(f"load_checkpoint not found: {source}")
-        config = load_config(source, **dict(spec.overrides, **overrides))
-    else:
-        config = spec.config.replace(**overrides)
+    config = start_config(spec, overrides)
     with torch.device("meta"):
         model = model_class(spec.architecture)(config)
     model.set_recompute(spec.recompute)
-    log(f"building on the meta device ({'from ' + source if source else 'fresh init'}): each rank allocates "
-        f"only its shards")
-    return model, source or None
+    log(f"building on the meta device ({'from ' + spec.source if spec.source else 'fresh init'}): each rank "
+        f"allocates only its shards")
+    return model, spec.source or None
 
 
 def configure_speed(base, job: TrainJob, dims: ParallelDims, log):
@@ -538,7 +524,7 @@ def configure_speed(base, job: TrainJob, dims: ParallelDims, log):
     if dims.device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
-    if job.loss_chunk_size and base.hf_architecture == LANGUAGE_MODEL:
+    if job.loss_chunk_size:  # (read by a language model's head alone)
         if dims.pc.model_parallel > 1 or dims.pc.pipeline_stage > 1:
             log("note: runner_config.loss_chunk_size is ignored under tensor / pipeline parallel")
         else:
@@ -553,7 +539,7 @@ def build_trainer(job: TrainJob, pm: ParallelModel, model, train_data, eval_data
     OUTPUT_DIR (clearing an earlier run, recipe.yaml) happen here, once everything has been checked."""
     dims, base = pm.dims, unwrap_model(model)
     accumulation = accumulation_steps(job, dims.world_size, log)
-    loader = StepLoader(model_inputs(train_data, base.hf_architecture), batch_size=job.batch_size,
+    loader = StepLoader(model_inputs(train_data, base.examples), batch_size=job.batch_size,
                         micro_batches=accumulation, shuffle=job.shuffle, seed=job.seed, rank=dims.rank,
                         world_size=dims.world_size, pin_memory=dims.device.type == "cuda")
     run_steps = job.max_steps or loader.steps_per_epoch * job.epochs
@@ -563,9 +549,10 @@ def build_trainer(job: TrainJob, pm: ParallelModel, model, train_data, eval_data
                                 weight_decay=opt.weight_decay, device_type=dims.device.type, update_rule=opt.rule)
     settings = dataclasses.replace(job.settings, total_steps=run_steps, step_rule=opt.rule,
                                    progress=job.settings.progress and dims.is_main)
+    trained_rows = run_steps * job.batch_size * accumulation * dims.world_size
+    evaluator = make_evaluator(job, eval_data, dims, settings.precision, trained_rows, settings.progress, log)
     trainer = Trainer(pm.module, optimizer, schedule, loader, dims.device, settings, parallel=pm, log=log,
-                      evaluate=make_evaluator(job, eval_data, settings.precision),
-                      checkpointer=make_checkpointer(job, dims, base))
+                      evaluate=evaluator, checkpointer=make_checkpointer(job, dims, base))
     if resume_path:
         trainer.load_checkpoint(resume_path)
         log(f"resumed from {resume_path} (step {trainer.step})")
@@ -577,7 +564,7 @@ def build_trainer(job: TrainJob, pm: ParallelModel, model, train_data, eval_data
             log(f"the run is already at step {run_steps} of {run_steps}: nothing left to train")
     if job.output_dir is not None:  # everything is checked: only now does OUTPUT_DIR change (on rank 0)
         dims.on_main(lambda: begin_run(job, fresh=clears_outputs(job, resume_path)))
-    layout = f" on {dims.global_world} processes ({_layout(dims.pc)})" if dims.distributed else ""
+    layout = f" on {dims.global_world} processes ({dims.pc.describe()})" if dims.distributed else ""
     log(f"training {base.num_parameters():,} parameters ({_trainable(model):,} trainable) on "
         f"{dev.device_name(dims.device)} ({settings.precision}){layout}: "
         f"{steps_in_words(run_steps, job.batch_size, accumulation, dims.world_size, loader.steps_per_epoch)}")
@@ -625,25 +612,48 @@ def accumulation_steps(job: TrainJob, data_parallel: int, log=print) -> int:
     return steps
 
 
-def make_evaluator(job: TrainJob, eval_data, precision: str):
-    """A callable model -> dict(loss, ppl) or dict(accuracy, loss), using gpt2_ascend.eval."""
+def make_evaluator(job: TrainJob, eval_data, dims: ParallelDims, precision: str, trained_rows: int,
+                   progress: bool, log=print):
+    """A callable (model, stop) -> the numbers a run records of its evaluations (the head's metric: eval.runner's
+    evaluate and METRICS), or None without evaluation data. Bounded: eval_max_batches batches at most; a run that
+    max_steps ends evaluates at most the rows it trains on (max_steps x the global batch) unless the eval data sets
+    its max_samples (eval_dataset.max_samples) or eval_max_batches is set. Precision: eval_precision, else the run's
+    on GPU / NPU and fp32 on the CPU (evaluate.py's auto). A bar while it runs (progress), and stop(), polled after
+    each batch, ends it at a signal (eval.EvaluationStopped, which the trainer turns into a stop after the step)."""
     if eval_data is None:
         return None
-    from ..eval import classification_accuracy, perplexity
+    from ..eval.runner import evaluate, metric_of
     batch_size = job.eval_batch_size or job.batch_size
-    if job.architecture == CLASSIFIER:
-        columns = as_columns(eval_data)
+    rows = len(eval_data["input_ids"])  # (columns: check_data)
+    limit = eval_rows(job, rows, batch_size, trained_rows)
+    metric = metric_of(model_class(job.architecture))
+    precision = job.eval_precision or ("fp32" if dims.device.type == "cpu" else precision)
+    bound = f" ({eval_bound_reason(job)})" if limit < rows else ""
+    log(f"evaluations read {limit} of the {rows} evaluation rows in {precision}{bound}")
 
-        def evaluate(model):
-            r = classification_accuracy(model, columns, batch_size=batch_size, precision=precision)
-            return dict(loss=r["loss"], accuracy=r["accuracy"])
-    else:
-        blocks = as_columns(eval_data)["input_ids"]
+    def evaluate_run(model, stop=None) -> dict:
+        result = evaluate(model, eval_data, batch_size, precision, max_samples=limit, stop=stop,
+                          progress=dict(desc="eval", leave=False) if progress else False)
+        return {key: result[key] for key in metric.logged}
+    return evaluate_run
 
-        def evaluate(model):
-            r = perplexity(model, blocks, blocks.shape[1], batch_size=batch_size, precision=precision)
-            return dict(loss=r["loss"], ppl=r["ppl"])
-    return evaluate
+
+def eval_rows(job: TrainJob, rows: int, batch_size: int, trained_rows: int) -> int:
+    """How many evaluation rows each of a run's evaluations reads (the rule: make_evaluator)."""
+    if job.eval_max_batches is not None:
+        return min(rows, job.eval_max_batches * batch_size)
+    asked = isinstance(job.eval_data, DataSplit) and job.eval_data.max_samples is not None
+    if job.max_steps is None or asked:
+        return rows
+    return min(rows, trained_rows)
+
+
+def eval_bound_reason(job: TrainJob) -> str:
+    names = job.names
+    if job.eval_max_batches is not None:
+        return f"{names.eval_max_batches} {job.eval_max_batches}"
+    return (f"a run that {names.max_steps} ends evaluates at most the rows it trains on: set {names.eval_max_samples} "
+            f"or {names.eval_max_batches} to read more")
 
 
 def make_checkpointer(job: TrainJob, dims: ParallelDims, base):
@@ -680,11 +690,6 @@ def steps_in_words(steps: int, batch_size: int, accumulation: int, replicas: int
     plural = "s" if replicas != 1 else ""
     return (f"{steps} steps of {sequences} sequences each (batch_size {batch_size} x gradient accumulation "
             f"{accumulation} x {replicas} data-parallel replica{plural}), {steps_per_epoch} steps per epoch")
-
-
-def _layout(pc) -> str:
-    return (f"data_parallel {pc.data_parallel} x model_parallel {pc.model_parallel} x pipeline_stage "
-            f"{pc.pipeline_stage}" + (", optimizer_shard" if pc.optimizer_shard else ""))
 
 
 def _trainable(model) -> int:

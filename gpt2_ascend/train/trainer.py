@@ -25,10 +25,11 @@ import torch.distributed as dist
 from .. import checkpoints as ckpt
 from .. import device as dev
 from ..data.loader import StepLoader
+from ..eval.perplexity import EvaluationStopped
 from ..parallel.clip import clip_by_global_norm, clip_grad_norm
 from ..parallel.parallelize import ParallelDims, ParallelModel
 from ..parallel.pipeline import pipeline_step
-from .interrupt import StopOnSignal
+from .interrupt import StopOnSignal, signal_name
 from .metrics import MetricsLogger
 from .optim import LRSchedule, set_lr
 
@@ -215,7 +216,7 @@ class Trainer:
                     metrics.advance()
                 at_end = self.step == total_steps
                 self.stopped_by = 0 if at_end else self.stop_signal()
-                do_eval = self.evaluate_fn is not None and (
+                do_eval = self.evaluate_fn is not None and not self.stopped_by and (
                     at_end or (s.eval_interval and self.step % s.eval_interval == 0))
                 do_save = self.checkpointer is not None and (
                     at_end or self.stopped_by or (s.save_steps and self.step % s.save_steps == 0))
@@ -226,10 +227,10 @@ class Trainer:
                         self._write(records)
                         raise TrainingStopped(problem)
                     if do_eval:
-                        records[-1].update(self.evaluate())
+                        records[-1].update(self.evaluate())  # a signal during it: stopped_by, the step is saved
                     self._write(records)
                     last = records[-1]
-                    if do_save:
+                    if do_save or (self.stopped_by and self.checkpointer is not None):
                         self.save_checkpoint()
                     self._interval_start = time.perf_counter()  # eval / save time is not training time
                 if self.stopped_by:
@@ -308,10 +309,17 @@ class Trainer:
 
     def evaluate(self) -> dict:
         """Run the evaluation callback; its numbers go into the step's record as eval_*. (A pipeline stage cannot
-        run the whole model: run.py evaluates the merged final model instead.)"""
+        run the whole model: run.py evaluates the merged final model instead.) A signal during it is honoured as
+        between steps: the evaluation ends after its batch, unrecorded, and the loop stops after this step
+        (stopped_by), saving it; the ranks of a torchrun run agree after each batch (stop_signal)."""
         if self.pipelined:
             return {}
-        result = self.evaluate_fn(self.raw_model)
+        try:
+            result = self.evaluate_fn(self.raw_model, stop=self.stop_signal if self.stop is not None else None)
+        except EvaluationStopped as e:
+            self.stopped_by = e.signum
+            self.log(f"evaluation stopped after {e.done} of {e.total} batches ({signal_name(e.signum)}): not recorded")
+            return {}
         self.last_eval = dict(step=self.step, **result)
         return {f"eval_{k}": v for k, v in result.items()}
 
