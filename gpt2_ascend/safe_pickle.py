@@ -80,7 +80,9 @@ def tensor_dict(state, name: str) -> dict:
     if not isinstance(state, dict):
         raise ValueError(f"{name} is not a valid checkpoint: it holds {_what(state)}, not a state dict of tensors")
     for key, value in state.items():
-        if not isinstance(key, str) or not isinstance(value, torch.Tensor):
+        if not isinstance(key, str):
+            raise ValueError(f"{name} is not a valid checkpoint: its key {str(key)[:80]!r} is not a parameter name")
+        if not isinstance(value, torch.Tensor):
             raise ValueError(f"{name} is not a valid checkpoint: its entry {str(key)[:80]!r} holds {_what(value)}, "
                              f"not a tensor")
     return state

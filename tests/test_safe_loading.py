@@ -546,3 +546,16 @@ def test_merge_needs_only_the_model_files(tmp_path, capsys):
     capsys.readouterr()
     assert merge(["--src_ckpt_dir", path, "--dst_dir", str(tmp_path / "merged2")]) == 2
     assert_one_line_error(2, capsys.readouterr().err, "model.pt has 10 bytes, the manifest says")
+
+
+def test_a_state_dict_with_a_value_or_key_that_is_not_a_tensor_entry_is_one_line():
+    # a mutant of safe_pickle.py (`or` -> `and`, and a check loop that never ran) survived: every entry is checked
+    from gpt2_ascend.safe_pickle import tensor_dict
+    good = {"w": torch.zeros(2)}
+    assert tensor_dict(good, "f") is good
+    for state, said in (({"w": torch.zeros(1), "b": "some text"}, "its entry 'b' holds text ('some text'), not a tensor"),
+                        ({7: torch.zeros(1)}, "its key '7' is not a parameter name"),
+                        (["w"], "it holds a list, not a state dict of tensors")):
+        with pytest.raises(ValueError) as error:
+            tensor_dict(state, "f")
+        assert str(error.value) == f"f is not a valid checkpoint: {said}"
