@@ -3,7 +3,15 @@ import os
 import sys
 
 import pytest
-import torch
+
+# Bit-exact comparisons between processes on this machine (kill -9 + resume vs a run that never stopped) need every
+# process to split its work over the same threads: MKL may otherwise use fewer than asked (MKL_DYNAMIC defaults to
+# TRUE) and so may an OpenMP runtime told OMP_DYNAMIC. Set before torch loads them; the test processes' children
+# inherit it. (Once, under a busy loop on each core, a resumed run's losses differed from step 42 in the last bit.)
+os.environ.setdefault("MKL_DYNAMIC", "FALSE")
+os.environ.setdefault("OMP_DYNAMIC", "FALSE")
+
+import torch  # noqa: E402
 
 from gpt2_ascend import GPT2Config, GPT2ForSequenceClassification, GPT2LMHeadModel
 from gpt2_ascend.hf import hf_to_ours

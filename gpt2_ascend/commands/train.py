@@ -261,6 +261,14 @@ def what_is_left(output_dir: str | None, argv) -> str:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
+    from gpt2_ascend.parallel.mesh import end_process_group
+    try:
+        return train_and_report(args, argv)
+    finally:
+        end_process_group()  # a torchrun rank ends its process group itself, never at the interpreter's exit
+
+
+def train_and_report(args, argv) -> int:
     from gpt2_ascend.checkpoints import CheckpointError
     from gpt2_ascend.train import TrainingStopped, run_training
     from gpt2_ascend.train.interrupt import TrainingInterrupted

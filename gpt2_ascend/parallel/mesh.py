@@ -99,7 +99,20 @@ def start_process_group(device_name: str = "auto") -> torch.device:
     if not dist.is_initialized():
         kwargs = {"device_id": device} if device.type == "cuda" else {}
         dist.init_process_group(backend=dev.dist_backend(device), **kwargs)
+        _started_here.append(True)
     return device
+
+
+_started_here: list = []  # non-empty once start_process_group started the process group (not the caller)
+
+
+def end_process_group() -> None:
+    """Destroy the process group start_process_group started (one the caller started is the caller's to end).
+    Left to the interpreter's exit, gloo's worker threads could be torn down while joinable: a rank that had
+    finished its run then died of `terminate called without an active exception` (SIGABRT, seen under load)."""
+    if _started_here and dist.is_initialized():
+        dist.destroy_process_group()
+    _started_here.clear()
 
 
 def build_mesh(pc: ParallelConfig, device: torch.device):
