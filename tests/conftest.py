@@ -7,7 +7,8 @@ import pytest
 # Bit-exact comparisons between processes on this machine (kill -9 + resume vs a run that never stopped) need every
 # process to split its work over the same threads: MKL may otherwise use fewer than asked (MKL_DYNAMIC defaults to
 # TRUE) and so may an OpenMP runtime told OMP_DYNAMIC. Set before torch loads them; the test processes' children
-# inherit it. (Once, under a busy loop on each core, a resumed run's losses differed from step 42 in the last bit.)
+# inherit it. (Once, under a busy loop on each core, a resumed run's losses differed from step 42 in the last bit;
+# a varying thread count is the known cause of that, not a proven one.)
 os.environ.setdefault("MKL_DYNAMIC", "FALSE")
 os.environ.setdefault("OMP_DYNAMIC", "FALSE")
 

@@ -12,6 +12,7 @@ import os
 import re
 import shlex
 import sys
+import traceback
 
 from .hf_flags import EXAMPLES as HF_EXAMPLES, add_hf_flags, hf_flag_overrides
 from ..cli import ArgumentParser
@@ -261,11 +262,30 @@ def what_is_left(output_dir: str | None, argv) -> str:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    from gpt2_ascend.parallel.mesh import end_process_group
+    from gpt2_ascend.parallel.mesh import ranks_done, started_process_group
     try:
-        return train_and_report(args, argv)
-    finally:
-        end_process_group()  # a torchrun rank ends its process group itself, never at the interpreter's exit
+        code = train_and_report(args, argv)
+    except BaseException:
+        if not started_process_group():
+            raise
+        traceback.print_exc()  # as Python would have printed it
+        exit_now(1)
+    if started_process_group():
+        if code == 0:  # every rank finished (after an error another rank may be stuck in a collective: no barrier)
+            ranks_done()
+        exit_now(code)
+    return code
+
+
+def exit_now(code: int):
+    """A torchrun rank's end, once its run has written and closed everything: straight out of the process.
+    Python's own teardown of a rank (torch's C++ threads of the store and the process groups) sometimes died of
+    `terminate called without an active exception` (SIGABRT) on a loaded machine after the run had finished,
+    and torchrun then reported the finished run as failed (seen 3 times in 2 suites beside a busy loop on each
+    core; destroying the process group first was not enough). The ranks leave together (ranks_done) and skip it."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
 
 
 def train_and_report(args, argv) -> int:

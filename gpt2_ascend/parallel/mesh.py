@@ -106,13 +106,14 @@ def start_process_group(device_name: str = "auto") -> torch.device:
 _started_here: list = []  # non-empty once start_process_group started the process group (not the caller)
 
 
-def end_process_group() -> None:
-    """Destroy the process group start_process_group started (one the caller started is the caller's to end).
-    Left to the interpreter's exit, gloo's worker threads could be torn down while joinable: a rank that had
-    finished its run then died of `terminate called without an active exception` (SIGABRT, seen under load)."""
-    if _started_here and dist.is_initialized():
-        dist.destroy_process_group()
-    _started_here.clear()
+def started_process_group() -> bool:
+    """Whether start_process_group started this process's group (one the caller started is the caller's)."""
+    return bool(_started_here) and dist.is_initialized()
+
+
+def ranks_done() -> None:
+    """Every rank has finished its run (a barrier), so none leaves while another still talks to it."""
+    dist.barrier()
 
 
 def build_mesh(pc: ParallelConfig, device: torch.device):
