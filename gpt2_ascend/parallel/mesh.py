@@ -99,16 +99,17 @@ def start_process_group(device_name: str = "auto") -> torch.device:
     if not dist.is_initialized():
         kwargs = {"device_id": device} if device.type == "cuda" else {}
         dist.init_process_group(backend=dev.dist_backend(device), **kwargs)
-        _started_here.append(True)
+        global _started_here
+        _started_here = True
     return device
 
 
-_started_here: list = []  # non-empty once start_process_group started the process group (not the caller)
+_started_here = False  # start_process_group started the process group (not the caller)
 
 
 def started_process_group() -> bool:
     """Whether start_process_group started this process's group (one the caller started is the caller's)."""
-    return bool(_started_here) and dist.is_initialized()
+    return _started_here and dist.is_initialized()
 
 
 def ranks_done() -> None:
