@@ -230,6 +230,18 @@ def test_a_max_norm_that_is_not_positive_clips_nothing_on_either_path(max_norm):
         assert all(torch.equal(p.grad, grad) for p, grad in zip(params, natural)), clip.__name__
 
 
+def test_one_parameter_is_clipped_on_either_path():
+    """A model part with a single gradient (a LoRA pair's one trainable tensor, a head alone): both clips scale it
+    by max_norm / norm (each once read grads[0] for the device; any other index fails on one gradient)."""
+    from gpt2_ascend.parallel.clip import clip_by_global_norm, clip_grad_norm
+    grad = torch.randn(6, 4, generator=torch.Generator().manual_seed(0))
+    for clip in (clip_by_global_norm, clip_grad_norm):
+        param = torch.nn.Parameter(torch.zeros(6, 4))
+        param.grad = grad.clone()
+        assert clip([param], grad.norm().item() / 2).item() == pytest.approx(grad.norm().item(), rel=1e-6)
+        assert torch.allclose(param.grad, grad / 2, rtol=1e-5, atol=0), clip.__name__
+
+
 def test_merged_sharded_checkpoint_loads_in_transformers(workdir, single):
     import transformers
     out = workdir / "tp"
