@@ -112,6 +112,16 @@ KEPT_OPERATORS = (
 # Survivors that cannot change any behaviour: (module, the line before, the line after, why). Matched on the stripped
 # source lines of the mutant's diff, so they hold while the code around them moves.
 EQUIVALENT: list[tuple[str, str, str, str]] = [
+    # parallel/clip.py, generation.py, model.py (judged by the lead)
+    ("parallel/clip.py", "if max_norm and max_norm > 0 and grads:  # 0, None or below: no clipping (as clip_grad_norm)",
+     "if max_norm and max_norm >= 0 and grads:  # 0, None or below: no clipping (as clip_grad_norm)",
+     "they differ only at max_norm == 0, where `max_norm and` is already false"),
+    ("parallel/clip.py", "if max_norm and max_norm > 0:", "if max_norm and max_norm >= 0:",
+     "they differ only at max_norm == 0, where `max_norm and` is already false"),
+    ("parallel/clip.py", "torch._foreach_mul_(grads, clip_coefficient(total, max_norm, rule).to(grads[0].device))",
+     "torch._foreach_mul_(grads, clip_coefficient(total, max_norm, rule).to(grads[-1].device))",
+     "a rank's gradients all live on its one device (grads[1] fails on one gradient: "
+     "test_one_parameter_is_clipped_on_either_path)"),
     ("data/text.py", "files = tokenizer_files(path) if path and os.path.isdir(path) else []",
      "files = tokenizer_files(path) if path or os.path.isdir(path) else []",
      "tokenizer_files lists the path's vocab.json / merges.txt / tokenizer.json that exist: none unless path is a "

@@ -67,10 +67,10 @@ class SamplingSettings:
 def check_sampling_args(max_new_tokens: Optional[int] = None, min_new_tokens: int = 0, do_sample: bool = False,
                         temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
                         repetition_penalty: float = 1.0, seed: Optional[int] = None):
-    """Validate generation arguments up front (a CLI does this before loading a model); max_new_tokens
-    None means 'decided later' and is not checked."""
-    placeholder = max_new_tokens if max_new_tokens is not None else max(1, min_new_tokens if _is_int(min_new_tokens) else 1)
-    SamplingSettings(placeholder, min_new_tokens, do_sample, temperature, top_k, top_p, repetition_penalty).validate()
+    """Validate generation arguments up front (a CLI does this before loading a model); max_new_tokens None means
+    'decided later': min_new_tokens is then held to its own range only."""
+    known_max = max_new_tokens if max_new_tokens is not None else SAMPLING["max_new_tokens"].maximum
+    SamplingSettings(known_max, min_new_tokens, do_sample, temperature, top_k, top_p, repetition_penalty).validate()
     check(seed, SAMPLING["seed"], "seed", "the sampling arguments")
 
 

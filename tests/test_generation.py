@@ -418,7 +418,7 @@ def test_max_length_of_the_generation_config_counts_the_prompt(models):
 def test_check_sampling_args_accepts_its_defaults_and_names_the_bound():
     """The CLI's up-front check: its defaults are the valid 'off' values (greedy, no filter, no penalty), so any one
     argument can be given alone; a bad min_new_tokens names the bound it was checked against (max_new_tokens
-    decided later counts as 1)."""
+    decided later: only its own range)."""
     from gpt2_ascend.generation import check_sampling_args
     check_sampling_args()
     check_sampling_args(max_new_tokens=1)

@@ -251,6 +251,26 @@ def test_hf_config_with_transformers_4_generation_defaults_loads():
     assert GPT2Config.from_hf_dict({**hf_dict, **legacy}) == GPT2Config.from_preset("small")
 
 
+def test_classification_from_embeddings_pools_the_last_position_and_return_dict_is_transformers():
+    """inputs_embeds without a mask: there is no pad id to look for, so the last position is pooled (transformers
+    does the same, with a warning), on a batch whose size differs from its length; return_dict=True gives the
+    output object and False its tuple, as transformers' classifier."""
+    import warnings
+    config = tiny_config(num_labels=3)
+    hf = hf_model(config, kind="cls")
+    ours = ours_from_hf(hf, config, kind="cls")
+    embeds = torch.randn(3, 7, config.n_embd, generator=torch.Generator().manual_seed(0))
+    labels = torch.tensor([0, 2, 1])
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # transformers: "Results may be unexpected" without a pad id to look for
+        ref = hf(inputs_embeds=embeds, labels=labels)
+        out = ours(inputs_embeds=embeds, labels=labels, return_dict=True)
+        as_tuple = ours(inputs_embeds=embeds, labels=labels, return_dict=False)
+    assert out.logits.shape == (3, 3)
+    assert max_diff(out.logits, ref.logits) <= TOL
+    assert isinstance(as_tuple, tuple) and torch.equal(as_tuple[1], out.logits) and torch.equal(as_tuple[0], out.loss)
+
+
 def test_context_overflow_is_clear():
     config = tiny_config(n_positions=16)
     model = GPT2LMHeadModel(config).eval()
