@@ -73,3 +73,17 @@ def test_damaged_tokenizer_json_is_one_line(data_dir, tmp_path):
     (tmp_path / "tokenizer.json").write_bytes(data[: len(data) // 2])
     with pytest.raises(ValueError, match=rf"{re.escape(str(tmp_path))}/tokenizer.json is damaged or not a tokenizer"):
         load_tokenizer(str(tmp_path))
+
+
+def test_a_saved_model_s_tokenizer_names_its_context(data_dir, tmp_path):
+    """Next to a model of 128 positions the tokenizer says model_max_length 128, so `truncation=True` (ours and
+    transformers') cuts a long text to what the model can read; GPT-2's own files, which name none, give 1024."""
+    import transformers
+    from gpt2_ascend.data.tokenizer import copy_tokenizer
+    copy_tokenizer(f"{data_dir}/gpt2", str(tmp_path / "tiny"), model_max_length=128)
+    copy_tokenizer(f"{data_dir}/gpt2", str(tmp_path / "plain"))
+    long_text = "word " * 300
+    for tok in (load_tokenizer(str(tmp_path / "tiny")), transformers.AutoTokenizer.from_pretrained(tmp_path / "tiny")):
+        assert tok.model_max_length == 128 and len(tok(long_text, truncation=True).input_ids) == 128
+    assert load_tokenizer(str(tmp_path / "plain")).model_max_length == 1024
+    assert load_tokenizer(f"{data_dir}/gpt2").model_max_length == 1024

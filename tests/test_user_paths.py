@@ -111,6 +111,8 @@ def test_the_eval_bound_rule(tiny_recipe, tmp_path, capsys):
         blocks = np.load(tmp_path / "valid.npy")[:rows]
         api = perplexity(model, blocks, 16, batch_size=2, precision=precision)
         assert metrics(out)[-1]["eval_loss"] == pytest.approx(api["loss"], rel=1e-6 if precision == "fp32" else 1e-2)
+    with open(out / "final" / "tokenizer_config.json") as f:  # the exported tokenizer knows the model's context
+        assert model.config.n_positions == 16 and json.load(f)["model_max_length"] == 16
 
 
 def test_a_signal_during_an_evaluation_stops_it_after_its_batch_and_saves_the_step(tiny_recipe, tmp_path, capsys,

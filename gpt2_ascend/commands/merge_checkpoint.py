@@ -33,7 +33,7 @@ def main(argv=None):
         config, architecture = merge_checkpoint(args.src_ckpt_dir, args.dst_dir, dtype=args.dtype,
                                                 max_shard_size=args.max_shard_size)
         if args.tokenizer:
-            copy_tokenizer(args.tokenizer, args.dst_dir)
+            copy_tokenizer(args.tokenizer, args.dst_dir, config.n_positions)
     except (ValueError, OSError, CheckpointError) as e:
         print_error(e)
         return 2

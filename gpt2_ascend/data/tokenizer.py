@@ -115,9 +115,15 @@ def _gpt2_tokenizer(path: str):
     """GPT2TokenizerFast from a directory with vocab.json + merges.txt or tokenizer.json (transformers reads
     tokenizer.json when there is one). Byte-level BPE decodes exactly what was encoded (LOSSLESS_DECODE)."""
     from transformers import GPT2TokenizerFast
-    try:
+    settings = os.path.join(path, "tokenizer_config.json")  # (checked by check_tokenizer_settings)
+    saved = read_json(settings, fix="re-copy the tokenizer files").get("model_max_length") \
+        if os.path.isfile(settings) else None
+    try:  # the folder's own context (a model saved here names it), else GPT-2's 1024 (not transformers' int(1e30),
+        # "no limit")
         return GPT2TokenizerFast.from_pretrained(path, bos_token=EOS_TOKEN, eos_token=EOS_TOKEN, unk_token=EOS_TOKEN,
-                                                 pad_token=EOS_TOKEN, model_max_length=1024, **LOSSLESS_DECODE)
+                                                 pad_token=EOS_TOKEN,
+                                                 model_max_length=saved if saved and saved < int(1e30) else 1024,
+                                                 **LOSSLESS_DECODE)
     except Exception as e:  # noqa: BLE001 - tokenizers raises a bare Exception
         file = os.path.join(path, "tokenizer.json")
         what = file if os.path.isfile(file) else os.path.join(path, "vocab.json + merges.txt")
@@ -153,11 +159,14 @@ def check_tokenizer(path_or_hub_id: str | None = None) -> bool:
     return False
 
 
-def save_tokenizer(tokenizer, output_dir: str, source_dir: str | None = None):
+def save_tokenizer(tokenizer, output_dir: str, source_dir: str | None = None, model_max_length: int | None = None):
     """Write tokenizer files next to a model: tokenizer.json + tokenizer_config.json, and vocab.json +
     merges.txt (the original files where known, else the BPE model's), so that transformers' slow
-    GPT2Tokenizer of 4.x loads the export too."""
+    GPT2Tokenizer of 4.x loads the export too. model_max_length: the model's context (n_positions), which
+    transformers' tokenizer truncates to (`truncation=True`); GPT-2's 1024 otherwise."""
     os.makedirs(output_dir, exist_ok=True)
+    if model_max_length is not None:
+        tokenizer.model_max_length = model_max_length
     tokenizer.save_pretrained(output_dir)
     for name in ("vocab.json", "merges.txt"):
         src = os.path.join(source_dir, name) if source_dir else ""
@@ -167,10 +176,11 @@ def save_tokenizer(tokenizer, output_dir: str, source_dir: str | None = None):
         tokenizer.backend_tokenizer.model.save(output_dir)  # writes vocab.json and merges.txt
 
 
-def copy_tokenizer(source_dir: str, output_dir: str):
+def copy_tokenizer(source_dir: str, output_dir: str, model_max_length: int | None = None):
     """The tokenizer of source_dir written next to a model in output_dir (save_tokenizer: GPT-2's files, which
-    transformers 4.x and 5.x both load); FileNotFoundError when source_dir holds none."""
-    save_tokenizer(load_tokenizer(source_dir), output_dir, source_dir=source_dir)
+    transformers 4.x and 5.x both load, with the model's context as model_max_length); FileNotFoundError when
+    source_dir holds none."""
+    save_tokenizer(load_tokenizer(source_dir), output_dir, source_dir=source_dir, model_max_length=model_max_length)
 
 
 def tokenizer_files(path: str) -> list[str]:

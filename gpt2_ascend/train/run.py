@@ -790,7 +790,7 @@ def export_final(model, job: TrainJob, lora: bool) -> str:
         shutil.rmtree(target, ignore_errors=True)
         os.replace(adapter_dir, target)
     with contextlib.suppress(FileNotFoundError):  # a run without tokenizer files exports the weights alone
-        copy_tokenizer(job.tokenizer or default_tokenizer_dir(), final_dir)
+        copy_tokenizer(job.tokenizer or default_tokenizer_dir(), final_dir, model.config.n_positions)
     return final_dir
 
 
