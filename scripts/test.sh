@@ -4,4 +4,4 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
 . .venv/bin/activate
-python -m pytest -q tests "$@"
+python -m pytest -q --durations=20 tests "$@"  # (the 20 slowest tests named: the suite keeps under 15 minutes)

@@ -4,11 +4,9 @@ one working folder, in the order the documents give them. What cannot run here i
 a new example that is neither runnable nor listed fails the test, so the documents cannot drift from the code.
 
 Commands run in this process through each program's main() (no interpreter start-up per line); a training command
-gets CHEAP_TRAINING appended (a couple of steps; the flagship recipes one layer wide enough for the tiny data).
-
-Running them all costs ~4-5 minutes of CPU time, more than the suite's budget leaves: the inventory (every example
-runnable by a known program, or listed with its reason) runs always; the examples themselves with
-GPT2_RUN_DOC_EXAMPLES=1 (`GPT2_RUN_DOC_EXAMPLES=1 python -m pytest -q tests/test_docs_examples.py`)."""
+gets CHEAP_TRAINING appended (two steps of two rows; the flagship recipes one 64-wide layer: test_user_paths.py
+runs the flagship's own shape), a generation command that names no length CHEAP_GENERATION (8 new tokens), and the
+evaluation sets are 40-line slices. So every example runs in the suite, in ~1-2 minutes on 2 cores."""
 import glob
 import os
 import re
@@ -31,10 +29,12 @@ SUBSTITUTIONS = [
     ("hf_adapter", "out/lora/final/adapter"), ('from_preset("small")', 'from_preset("tiny")'),
     ("runner_config.max_steps=50", "runner_config.max_steps=2"),
 ]
-CHEAP_TRAINING = ["--max_steps", "2", "runner_config.progress_bar=false"]
+CHEAP_TRAINING = ["--max_steps", "2", "runner_config.progress_bar=false", "runner_config.batch_size=2"]
+CHEAP_GENERATION = ["--max_new_tokens", "8"]  # (a command that names a length keeps it)
 CHEAP_FLAGSHIP = ["model.model_config.seq_length=32", "model.model_config.num_layers=1",
-                  "model.model_config.compute_dtype=float32", "runner_config.batch_size=1",
-                  "runner_config.global_batch_size=1", "model.model_config.max_decode_length=40"]
+                  "model.model_config.hidden_size=64", "model.model_config.num_heads=4",
+                  "model.model_config.compute_dtype=float32", "runner_config.batch_size=2",
+                  "runner_config.global_batch_size=2", "model.model_config.max_decode_length=40"]
 
 # programs (the first word, or python's script) that cannot run here, and why
 CANNOT_PROGRAMS = {
@@ -139,6 +139,8 @@ def run_command(words: list[str]) -> int:
         main, args = (convert if words[0] == "gpt2-convert" else prepare).main, words[1:]
     else:
         raise AssertionError(f"no way to run {words[0]}: list it in CANNOT_PROGRAMS")
+    if words[0] in ("generate.py", "gpt2-generate") and not {"--max_new_tokens", "--max_length"} & set(args):
+        args = args + CHEAP_GENERATION
     if words[0] in ("train.py", "gpt2-train"):
         args = args + ["--device", "cpu"] + (CHEAP_FLAGSHIP if "_small" in " ".join(args) else [])
         if training(args):  # (the documents run several commands into one output_dir)
@@ -160,9 +162,10 @@ def workdir(tmp_path, data_dir, monkeypatch, capsys):
     documents start from, made by their own commands: out/tiny (training.md's first), gpt2.ckpt (README's
     hf_to_mindspore line), out/lora and out/sst2 (the tiny LoRA and SST-2 recipes)."""
     data = tmp_path / "data"
-    for folder, names, lines in (("wikitext-2", ("wiki.train.tokens", "wiki.valid.tokens", "wiki.test.tokens"), 150),
+    for folder, names, lines in (("wikitext-2", ("wiki.train.tokens",), 150),
+                                 ("wikitext-2", ("wiki.valid.tokens", "wiki.test.tokens"), 40),
                                  ("sst2", ("train.tsv", "dev.tsv"), 40)):
-        (data / folder).mkdir(parents=True)
+        (data / folder).mkdir(parents=True, exist_ok=True)
         for name in names:
             with open(os.path.join(data_dir, folder, name), encoding="utf-8") as f:
                 text = "".join(next(f) for _ in range(lines))
@@ -214,8 +217,6 @@ def test_every_example_is_runnable_or_listed_with_its_reason():
     assert len(run) >= 40 and len(skipped) >= 40, (len(run), len(skipped))
 
 
-@pytest.mark.skipif(os.environ.get("GPT2_RUN_DOC_EXAMPLES") != "1",
-                    reason="~4-5 CPU minutes: GPT2_RUN_DOC_EXAMPLES=1 runs every example (see the module's doc)")
 def test_every_example_is_run_or_listed_with_its_reason(workdir, capsys):
     """Each runnable example, in the documents' order, in the working folder: exit 0 (a python block: no exception)."""
     run, _ = runnable_examples()
