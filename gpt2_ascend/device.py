@@ -313,3 +313,20 @@ def _cgroup_folders() -> list[str]:
     except (OSError, ValueError):
         pass
     return folders + ["/sys/fs/cgroup", "/sys/fs/cgroup/memory"]
+
+
+@contextlib.contextmanager
+def on_meta_device():
+    """Build modules on the meta device (shapes, no memory) for weights that are adopted or sharded next, without
+    torch's layers drawing their own init there: a random init on meta tensors goes through torch's Python
+    reference kernels, whose first use imports torch._dynamo (1-3 s before a loaded model's first result)."""
+    layers = (torch.nn.Linear, torch.nn.Embedding, torch.nn.LayerNorm)
+    saved = [layer.reset_parameters for layer in layers]
+    for layer in layers:
+        layer.reset_parameters = lambda self: None
+    try:
+        with torch.device("meta"):
+            yield
+    finally:
+        for layer, reset in zip(layers, saved):
+            layer.reset_parameters = reset

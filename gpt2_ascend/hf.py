@@ -423,8 +423,9 @@ def folder_generation_config(path: str) -> GenerationConfig | None:
 
 def model_from_state(cls, config: GPT2Config, state: dict, source: str, dtype=None, device=None):
     """Build on the meta device and adopt the given tensors, so no memory goes to a throwaway init."""
+    from .device import on_meta_device
     dtype = parse_dtype(dtype)
-    with torch.device("meta"):
+    with on_meta_device():
         model = cls(config)
     is_classifier = model.hf_architecture == "GPT2ForSequenceClassification"
     fresh_head = is_classifier and "score.weight" not in state

@@ -257,7 +257,11 @@ class GPT2PreTrainedModel(nn.Module):
     def init_weights(self):
         """config.init_style "hf": N(0, initializer_range) everywhere, residual projections (c_proj) scaled by
         1 / sqrt(2 n_layer), as HF GPT-2; "mindformers": N(0, initializer_range) everywhere, no scaling, as
-        MindFormers' GPT-2. Biases 0, LayerNorm weight 1 and bias 0 in both."""
+        MindFormers' GPT-2. Biases 0, LayerNorm weight 1 and bias 0 in both. A model built on the meta device
+        (to adopt loaded weights) holds no values to draw: nothing to do (each call there cost a trip through
+        torch's device mode, whose first one imports torch._dynamo: seconds before a loaded model's first token)."""
+        if all(p.is_meta for p in self.parameters()):
+            return
         for name, module in self.named_modules():
             if isinstance(module, (nn.Linear, nn.Embedding)):
                 std = init_std(self.config, name)

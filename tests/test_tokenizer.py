@@ -87,3 +87,17 @@ def test_a_saved_model_s_tokenizer_names_its_context(data_dir, tmp_path):
         assert tok.model_max_length == 128 and len(tok(long_text, truncation=True).input_ids) == 128
     assert load_tokenizer(str(tmp_path / "plain")).model_max_length == 1024
     assert load_tokenizer(f"{data_dir}/gpt2").model_max_length == 1024
+
+
+def test_a_checked_tokenizer_is_checked_again_once_its_files_change(data_dir, tmp_path):
+    """check_bpe_files skips a pair it checked in this process only while both files are unchanged: merges.txt
+    truncated afterwards (another size) is refused at the next check."""
+    import shutil
+    from gpt2_ascend.data.tokenizer import check_bpe_files
+    for name in ("vocab.json", "merges.txt"):
+        shutil.copyfile(f"{data_dir}/gpt2/{name}", tmp_path / name)
+    check_bpe_files(str(tmp_path / "vocab.json"), str(tmp_path / "merges.txt"))
+    lines = (tmp_path / "merges.txt").read_text(encoding="utf-8").split("\n")
+    (tmp_path / "merges.txt").write_text("\n".join(lines[:1000]), encoding="utf-8")
+    with pytest.raises(ValueError, match="merges.txt is truncated or from another tokenizer"):
+        check_bpe_files(str(tmp_path / "vocab.json"), str(tmp_path / "merges.txt"))

@@ -510,7 +510,7 @@ def build_meta_model(spec: ModelSpec, overrides: dict, log):
     if spec.lora is not None:
         raise ValueError("LoRA runs build the whole model on each rank: set parallel.meta_init=false")
     config = start_config(spec, overrides)
-    with torch.device("meta"):
+    with dev.on_meta_device():
         model = model_class(spec.architecture)(config)
     model.set_recompute(spec.recompute)
     log(f"building on the meta device ({'from ' + spec.source if spec.source else 'fresh init'}): each rank "
