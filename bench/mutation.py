@@ -113,6 +113,9 @@ KEPT_OPERATORS = (
 # source lines of the mutant's diff, so they hold while the code around them moves.
 EQUIVALENT: list[tuple[str, str, str, str]] = [
     # parallel/clip.py, generation.py, model.py (judged by the lead)
+    ("train/optim.py", "num_cycles: float = 0.5  # cosine: waves over the decay (0.5: one half-cosine)",
+     "num_cycles: float = -0.5  # cosine: waves over the decay (0.5: one half-cosine)",
+     "num_cycles enters only as cos(pi * num_cycles * 2 * progress), and cos is even"),
     ("parallel/clip.py", "if max_norm and max_norm > 0 and grads:  # 0, None or below: no clipping (as clip_grad_norm)",
      "if max_norm and max_norm >= 0 and grads:  # 0, None or below: no clipping (as clip_grad_norm)",
      "they differ only at max_norm == 0, where `max_norm and` is already false"),

@@ -146,6 +146,37 @@ def test_total_steps_minus_one_means_dataset_size_times_epochs():
     assert resolve_total_steps(-1, steps_per_epoch=250, epochs=3) == 750
     assert resolve_total_steps(-1, 250, 3, max_steps=40) == 40
     assert resolve_total_steps(1000, 250, 3, max_steps=40) == 1000
+    assert resolve_total_steps(-1, 250, 3, max_steps=0) == resolve_total_steps(-1, 250, 3, max_steps=None) == 750
+
+
+def test_schedule_defaults_and_decay_steps_bounds():
+    """LRSchedule's defaults (the Python API's): polynomial from 1e-4 to 1e-5 over one step, no warmup. decay_steps
+    at its bounds: a decay of 1 step over 2 is refused (it would end before total_steps), one that ends exactly at
+    total_steps minus the warmup is accepted; past total_steps a polynomial schedule holds lr_end, while at
+    total_steps itself a longer decay_steps still has lr above it; a cosine schedule with decay_steps 1 is at lr_end
+    from step 1."""
+    assert LRSchedule()(0) == 1e-4 and LRSchedule()(1) == pytest.approx(1e-5)
+    assert LRSchedule(total_steps=4).warmup_steps == 0 and LRSchedule(total_steps=4)(2) == pytest.approx(5.5e-5)
+    with pytest.raises(ValueError, match="decay_steps 1 ends the polynomial decay"):
+        LRSchedule("polynomial", 1e-3, 1e-5, warmup_steps=0, total_steps=2, decay_steps=1)
+    longer = LRSchedule("polynomial", 1e-3, 1e-5, warmup_steps=3, total_steps=8, decay_steps=5)
+    assert longer(8) == pytest.approx(1e-5) and longer(5) == pytest.approx(1e-5 + (1e-3 - 1e-5) * (1 - 2 / 5))
+    slower = LRSchedule("polynomial", 1e-3, 1e-5, warmup_steps=2, total_steps=8, decay_steps=10)
+    assert slower(8) == pytest.approx(1e-5 + (1e-3 - 1e-5) * (1 - 6 / 10)) and slower(9) == 1e-5
+    cosine = LRSchedule("cosine", 1e-3, 1e-5, warmup_steps=0, total_steps=4, decay_steps=1)
+    assert cosine(0) == pytest.approx(1e-3) and cosine(1) == 1e-5
+
+
+def test_a_one_group_optimizer_state_keeps_its_update_rule(tmp_path):
+    """A model whose trainable weights are all matrices (LoRA's adapters) has one parameter group: its saved state
+    loads back under the same rule and is refused under the other, by the rule's one-line message."""
+    model = torch.nn.Sequential(torch.nn.Linear(4, 4, bias=False), torch.nn.Linear(4, 2, bias=False))
+    saved = build_optimizer(model, 1e-3, update_rule="mindspore")
+    assert len(saved.param_groups) == 1
+    build_optimizer(model, 1e-3, update_rule="mindspore").load_state_dict(saved.state_dict())
+    with pytest.raises(ValueError, match="trained with mindspore's update rule but this recipe's optimizer.type uses "
+                                         "torch's: resume with optimizer.type=FusedAdamWeightDecay"):
+        build_optimizer(model, 1e-3, update_rule="torch").load_state_dict(saved.state_dict())
 
 
 def test_param_groups_skip_decay_on_biases_and_1d_params():

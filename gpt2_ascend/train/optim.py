@@ -190,7 +190,7 @@ class LRSchedule:
             factor = (1.0 - (step - w) / (max(1, total - w) if decay is None else max(1, decay))) ** self.power
         else:
             progress = (step - w) / max(1, total - w)
-            factor = max(0.0, 0.5 * (1.0 + math.cos(math.pi * self.num_cycles * 2.0 * progress)))
+            factor = 0.5 * (1.0 + math.cos(math.pi * self.num_cycles * 2.0 * progress))  # (>= 0: MindFormers' max(0, .))
         return self.lr_end + (self.learning_rate - self.lr_end) * factor
 
     def state_dict(self) -> dict:
@@ -198,8 +198,8 @@ class LRSchedule:
 
 
 def resolve_total_steps(total_steps: int, steps_per_epoch: int, epochs: int, max_steps: int = -1) -> int:
-    """The schedule's length: the recipe's total_steps, or -1 -> max_steps when set, else the dataset's
-    steps per epoch x epochs (MindFormers: dataset size x epochs)."""
+    """The schedule's length: the recipe's total_steps, or -1 -> max_steps when set (>= 1; -1, 0 or None: not set),
+    else the dataset's steps per epoch x epochs (MindFormers: dataset size x epochs)."""
     if total_steps != -1:
         return total_steps
     if max_steps is not None and max_steps > 0:
@@ -213,10 +213,11 @@ def warmup_of(warmup_steps: int, warmup_ratio: float | None, total_steps: int) -
 
 
 def build_schedule(lr_config: dict, total_steps: int) -> LRSchedule:
-    """An LRSchedule from a recipe's lr_schedule section and the resolved number of steps."""
+    """An LRSchedule from a recipe's lr_schedule section (parsed: every key present) and the resolved number of
+    steps."""
     return LRSchedule(type=lr_config["type"], learning_rate=lr_config["learning_rate"],
                       lr_end=lr_config["lr_end"],
-                      warmup_steps=warmup_of(lr_config["warmup_steps"], lr_config.get("warmup_ratio"), total_steps),
+                      warmup_steps=warmup_of(lr_config["warmup_steps"], lr_config["warmup_ratio"], total_steps),
                       total_steps=total_steps, power=lr_config["power"],
-                      warmup_lr_init=lr_config["warmup_lr_init"], num_cycles=lr_config.get("num_cycles", 0.5),
-                      decay_steps=lr_config.get("decay_steps"))
+                      warmup_lr_init=lr_config["warmup_lr_init"], num_cycles=lr_config["num_cycles"],
+                      decay_steps=lr_config["decay_steps"])
