@@ -190,7 +190,8 @@ class LRSchedule:
             factor = (1.0 - (step - w) / (max(1, total - w) if decay is None else max(1, decay))) ** self.power
         else:
             progress = (step - w) / max(1, total - w)
-            factor = 0.5 * (1.0 + math.cos(math.pi * self.num_cycles * 2.0 * progress))  # (>= 0: MindFormers' max(0, .))
+            # (never negative: MindFormers' max(0, .) changes nothing)
+            factor = 0.5 * (1.0 + math.cos(math.pi * self.num_cycles * 2.0 * progress))
         return self.lr_end + (self.learning_rate - self.lr_end) * factor
 
     def state_dict(self) -> dict:
