@@ -162,6 +162,9 @@ EQUIVALENT: list[tuple[str, str, str, str]] = [
     # data/text.py, safe_dcp.py, safe_pickle.py (judged by i27c)
     ("data/text.py", 'cut = text.find("\\n", cut + 1)', 'cut = text.find("\\n", cut + 2)',
      "it skips only a '\\n' at cut + 1, which follows the '\\n' at cut, a whitespace: never a cut"),
+    ("safe_pickle.py", "while stream.tell() < len(data):", "while stream.tell() <= len(data):",
+     "at tell() == len(data) pickletools.genops raises at once ('pickle exhausted before seeing STOP'), which the "
+     "one caller takes as None, what the loop's end returns"),
 ]
 
 

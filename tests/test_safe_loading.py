@@ -693,6 +693,57 @@ def test_refusal_of_bytes_in_memory_names_the_global_and_damage_is_one_line(tmp_
     assert not marker.exists()
 
 
+def test_a_protocol_4_global_is_named_by_the_two_strings_before_it_when_both_are_identifiers(tmp_path):
+    """protocol 4's STACK_GLOBAL (torch's refusal does not name it) takes its module and name from the two strings
+    pushed last: keys before them, spaces and all, do not hide the global; a "module" that is no identifier names no
+    global (random bytes); a global of one memoized string twice names none, and the next global is named."""
+    import io
+    from gpt2_ascend.safe_pickle import UnsafeFileError, torch_load
+    marker = tmp_path / "MARKER"
+    keys_first = pickle.dumps({"x": 0, "y": 0, "my weights": Payload(marker)}, protocol=4)
+    no_identifier = b"\x80\x04\x8c\x03a b\x8c\x06system\x93."  # "a b" "system" STACK_GLOBAL STOP
+    memoized = b"\x80\x04\x8c\x05posix\x94h\x00\x93\x8c\x05posix\x8c\x06system\x93."  # then posix.system
+    for data in (keys_first, memoized):
+        with pytest.raises(UnsafeFileError, match=r"^refusing to load f: it contains a pickled object of type "
+                                                  r"posix\.system, which"):
+            torch_load(io.BytesIO(data), name="f")
+    with pytest.raises(ValueError, match=r"^f is not a valid checkpoint: it is not a PyTorch file of tensors"):
+        torch_load(io.BytesIO(no_identifier), name="f")
+    assert not marker.exists()
+
+
+def zip_checkpoint_naming_record(path, key):
+    """torch.save's file of {"w": tensor} whose pickle names the tensor's record `key`, a record the zip does not hold
+    (it holds "0"): a damaged checkpoint."""
+    import zipfile
+    torch.save({"w": torch.ones(2)}, path)
+    with zipfile.ZipFile(path) as z:
+        entries = [(info, z.read(info)) for info in z.infolist()]
+    with zipfile.ZipFile(path, "w") as z:
+        for info, data in entries:
+            if info.filename.endswith("data.pkl"):  # protocol 2: the key is BINUNICODE "0"
+                assert data.count(b"X\x01\x00\x00\x000") == 1
+                data = data.replace(b"X\x01\x00\x00\x000", b"X" + len(key).to_bytes(4, "little") + key.encode())
+            z.writestr(info, data)
+
+
+def test_a_missing_tensor_record_is_one_line_with_the_errors_first_line_with_or_without_mmap(tmp_path):
+    """torch's error names the record it misses, so a name can say anything: the line shows the error's first line
+    (a name with a newline cuts it there), and a name saying "mmap" is still this error, not the legacy format's
+    refusal of mmap; that format itself is read without mmap when mmap is asked for."""
+    from gpt2_ascend.safe_pickle import torch_load
+    path = tmp_path / "damaged.pt"
+    for key, shown in (("lost\nrecord", "data/lost"), ("mmap", "data/mmap")):
+        zip_checkpoint_naming_record(path, key)
+        for mmap in (False, True):
+            with pytest.raises(ValueError) as error:
+                torch_load(str(path), mmap=mmap)
+            assert re.fullmatch(rf"cannot read {re.escape(str(path))}: [^\n]*{shown}[^\n]* \(corrupt, truncated or "
+                                rf"not a PyTorch weights file\)", str(error.value)), (key, mmap, str(error.value))
+    torch.save({"w": torch.arange(3.0)}, tmp_path / "legacy.pt", _use_new_zipfile_serialization=False)
+    assert torch_load(str(tmp_path / "legacy.pt"), mmap=True)["w"].tolist() == [0.0, 1.0, 2.0]
+
+
 def test_merge_needs_only_the_model_files(tmp_path, capsys):
     """A damaged optimizer.pt does not stop merging (or evaluating) the weights; a damaged model.pt does, in one line."""
     from conftest import load_script
@@ -719,12 +770,15 @@ def test_merge_needs_only_the_model_files(tmp_path, capsys):
 
 
 def test_a_state_dict_with_a_value_or_key_that_is_not_a_tensor_entry_is_one_line():
-    # a mutant of safe_pickle.py (`or` -> `and`, and a check loop that never ran) survived: every entry is checked
+    # a mutant of safe_pickle.py (`or` -> `and`, and a check loop that never ran) survived: every entry is checked;
+    # a long key is shown by its first 80 characters, text by its first 40
     from gpt2_ascend.safe_pickle import tensor_dict
     good = {"w": torch.zeros(2)}
     assert tensor_dict(good, "f") is good
     for state, said in (({"w": torch.zeros(1), "b": "some text"}, "its entry 'b' holds text ('some text'), not a tensor"),
                         ({7: torch.zeros(1)}, "its key '7' is not a parameter name"),
+                        ({10 ** 99: torch.zeros(1)}, f"its key '1{'0' * 79}' is not a parameter name"),
+                        ({"k" * 99: "t" * 99}, f"its entry '{'k' * 80}' holds text ('{'t' * 40}'), not a tensor"),
                         (["w"], "it holds a list, not a state dict of tensors")):
         with pytest.raises(ValueError) as error:
             tensor_dict(state, "f")
