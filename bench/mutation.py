@@ -172,6 +172,12 @@ EQUIVALENT: list[tuple[str, str, str, str]] = [
      "with exactly vocab_size rows, logits[:, vocab_size:] is empty: filling it is a no-op"),
     ("losses.py", "logp = torch.log_softmax(logits, dim=-1)", "logp = torch.log_softmax(logits, dim=1)",
      "a chunk's logits are (tokens, vocab): dim 1 is the last"),
+    # data/text.py, safe_dcp.py, safe_pickle.py (judged by i27c)
+    ("data/text.py", 'cut = text.find("\\n", cut + 1)', 'cut = text.find("\\n", cut + 2)',
+     "it skips only a '\\n' at cut + 1, which follows the '\\n' at cut, a whitespace: never a cut"),
+    ("safe_pickle.py", "while stream.tell() < len(data):", "while stream.tell() <= len(data):",
+     "at tell() == len(data) pickletools.genops raises at once ('pickle exhausted before seeing STOP'), which the "
+     "one caller takes as None, what the loop's end returns"),
 ]
 
 

@@ -111,14 +111,12 @@ def _offending_global(file, message: str) -> str | None:
         return found.group(1)
     try:
         return _first_global(_pickle_bytes(file))
-    except Exception:  # noqa: BLE001 - not even a zip or a file to read: no global
+    except Exception:  # noqa: BLE001 - not a zip or a file to read, or a byte that is not pickle: no global before it
         return None
 
 
 def _pickle_bytes(file) -> bytes:
-    if hasattr(file, "seek"):
-        file.seek(0)
-    if zipfile.is_zipfile(file):
+    if zipfile.is_zipfile(file):  # (both seek to absolute offsets: a file object's position does not matter)
         with zipfile.ZipFile(file) as z:
             return z.read(next(n for n in z.namelist() if n.endswith("data.pkl")))
     if hasattr(file, "read"):
@@ -132,19 +130,17 @@ IDENTIFIER = re.compile(r"[A-Za-z_][\w.]*")
 
 
 def _first_global(data: bytes) -> str | None:
-    """The first global the pickles in `data` name (torch's legacy format is several pickles in a row), read up to
-    the first byte that is not pickle: a hostile pickle cut short still names its global, random bytes name none
-    (a GLOBAL opcode that random bytes happen to spell names no importable identifier)."""
+    """The first global the pickles in `data` name (torch's legacy format is several pickles in a row), or None.
+    pickletools raises at the first byte that is not pickle (the caller's None): a hostile pickle cut short has named
+    its global before it; random bytes name none (a GLOBAL opcode that random bytes happen to spell names no
+    importable identifier)."""
     stream, strings = io.BytesIO(data), []
-    try:
-        while stream.tell() < len(data):
-            for op, arg, _ in pickletools.genops(stream):
-                if op.name in ("GLOBAL", "INST") and all(IDENTIFIER.fullmatch(p) for p in str(arg).split(" ")):
-                    return str(arg).replace(" ", ".")
-                if op.name == "STACK_GLOBAL" and len(strings) >= 2 and all(map(IDENTIFIER.fullmatch, strings[-2:])):
-                    return f"{strings[-2]}.{strings[-1]}"
-                if isinstance(arg, str):
-                    strings.append(arg)
-    except Exception:  # noqa: BLE001 - the first byte that is not pickle: what came before named no global
-        pass
+    while stream.tell() < len(data):
+        for op, arg, _ in pickletools.genops(stream):
+            if op.name in ("GLOBAL", "INST") and all(IDENTIFIER.fullmatch(p) for p in str(arg).split(" ")):
+                return str(arg).replace(" ", ".")
+            if op.name == "STACK_GLOBAL" and len(strings) >= 2 and all(map(IDENTIFIER.fullmatch, strings[-2:])):
+                return f"{strings[-2]}.{strings[-1]}"
+            if isinstance(arg, str):
+                strings.append(arg)
     return None

@@ -220,6 +220,9 @@ def test_split_never_cuts_next_to_whitespace():
     # a newline at the very end, or right after a space at the start, is no cut; one between letters is
     assert split_for_tokenizer("abcdef\n", 2) == ["abcdef\n"]
     assert split_for_tokenizer("a\n bc\nde", 1) == ["a\n bc", "\nde"]
+    # cuts are searched from chunk_chars on, never before it: a text without one there is one piece
+    assert split_for_tokenizer("a\nbc d", 5) == ["a\nbc d"]
+    assert split_for_tokenizer("ab\nc", 1) == ["ab", "\nc"]  # one letter after the newline is enough
 
 
 def test_a_tokenizer_object_without_files_is_identified_by_its_whole_serialized_form():
@@ -235,6 +238,16 @@ def test_a_tokenizer_object_without_files_is_identified_by_its_whole_serialized_
     (_, info_merged), (_, info_unmerged) = resolve_tokenizer(merged), resolve_tokenizer(unmerged)
     assert info_merged["id"] != info_unmerged["id"] and info_merged["path"] is None
     assert resolve_tokenizer(merged)[1]["id"] == info_merged["id"]  # and the same object, the same id
+
+
+def test_a_tokenizer_object_loaded_from_a_folder_is_identified_by_the_folders_files(tok_dir, tok):
+    """A tokenizer object that remembers its folder (name_or_path) gets the folder's file checksums as its id, the
+    id the folder itself gets: data prepared with either is the same cache entry."""
+    from gpt2_ascend.data.text import resolve_tokenizer
+    _, by_object = resolve_tokenizer(tok)
+    assert by_object == resolve_tokenizer(tok_dir)[1]
+    assert by_object["path"] == os.path.abspath(tok_dir)
+    assert by_object["files_sha256"]["vocab.json"] == "196139668be63f3b5d6574427317ae82f612a97c5d1cdaf36ed2256dbf636783"
 
 
 def test_tokenizing_adds_no_special_tokens_even_where_the_tokenizer_would():

@@ -99,6 +99,26 @@ def sharded_checkpoint(root, marker, evil_file, name):
     return d
 
 
+def save_dcp(state, directory):
+    """DCP's files for `state`, written by one process."""
+    import warnings
+    import torch.distributed.checkpoint as dcp
+    with warnings.catch_warnings():  # "assuming the intent is to save in a single process"
+        warnings.simplefilter("ignore")
+        dcp.save(state, checkpoint_id=str(directory), no_dist=True)
+
+
+def sharded_dir(d, model_state, qkv_layout):
+    """A legitimate sharded checkpoint of the tiny model as parallel/checkpoint.py lays it out: DCP's files of
+    {"model": model_state}, config.json (the model and its c_attn layout) and the manifest."""
+    save_dcp({"model": model_state}, d)
+    meta = dict(model_config=hf_config_dict(), architecture="GPT2LMHeadModel", qkv_layout=qkv_layout, step=1)
+    (d / "config.json").write_text(json.dumps(meta))
+    (d / "manifest.json").write_text(json.dumps(dict(format=1, step=1, meta=dict(sharded=True))))
+    rehash(d)
+    return d
+
+
 def crafted_ckpt(root, name, record):
     """The micro MindFormers GPT-2 with one record replaced by `record` = (dims, type, bytes), crc intact."""
     tensors = read_ckpt(MICRO_CKPT)
@@ -334,11 +354,12 @@ def test_dcp_metadata_pointing_outside_the_directory_is_refused(tmp_path):
         dcp.save({"w": torch.ones(3)}, checkpoint_id=str(tmp_path), no_dist=True)
     metadata = read_dcp_metadata(str(tmp_path))  # what a real .metadata holds reads back
     assert list(metadata.state_dict_metadata) == ["w"]
-    for info in metadata.storage_data.values():
-        info.relative_path = "../../etc/passwd"
-    (tmp_path / ".metadata").write_bytes(pickle.dumps(metadata))
-    with pytest.raises(CheckpointError, match="points at '../../etc/passwd'"):
-        read_dcp_metadata(str(tmp_path))
+    for outside in ("../../etc/passwd", "sub/__0_0.distcp"):  # DCP writes its data files beside .metadata
+        for info in metadata.storage_data.values():
+            info.relative_path = outside
+        (tmp_path / ".metadata").write_bytes(pickle.dumps(metadata))
+        with pytest.raises(CheckpointError, match=f"points at '{outside}', not a file of the checkpoint directory$"):
+            read_dcp_metadata(str(tmp_path))
     (tmp_path / ".metadata").write_bytes(b"\x80\x04garbage")
     with pytest.raises(CheckpointError, match="corrupt .metadata"):
         read_dcp_metadata(str(tmp_path))
@@ -390,6 +411,155 @@ def test_a_dcp_failure_is_one_line_with_the_root_causes_first_line(tmp_path, mon
     with pytest.raises(CheckpointError) as error:
         safe_dcp.dcp_load({}, str(tmp_path))
     assert str(error.value) == f"checkpoint {tmp_path} cannot be loaded (ValueError: Size mismatch for model.w)"
+
+
+def test_a_metadata_that_fails_to_unpickle_is_one_line_with_the_errors_first_line(tmp_path, monkeypatch):
+    """DCP's own classes can fail while they are built: a TensorProperties whose memory-format code is not one
+    (here text of two lines) raises in its __setstate__. The line shown is the error's type and first line."""
+    from torch.distributed.checkpoint.metadata import TensorProperties
+    from gpt2_ascend.checkpoints import CheckpointError
+    from gpt2_ascend.safe_dcp import read_dcp_metadata
+    save_dcp({"model.w": torch.ones(3)}, tmp_path)
+    metadata = read_dcp_metadata(str(tmp_path))
+    monkeypatch.setattr(TensorProperties, "__getstate__",
+                        lambda self: (torch.float32, torch.strided, False, "no code\nits second line", False))
+    (tmp_path / ".metadata").write_bytes(pickle.dumps(metadata))
+    monkeypatch.undo()
+    with pytest.raises(CheckpointError) as error:
+        read_dcp_metadata(str(tmp_path))
+    assert re.fullmatch(rf"checkpoint {re.escape(str(tmp_path))} has a corrupt \.metadata \(RuntimeError: "
+                        rf"[^\n]*: no code\)", str(error.value)), str(error.value)
+
+
+def test_a_metadata_without_storage_meta_loads(tmp_path):
+    """DCP metadata need not carry a StorageMeta (a storage writer reports none by default; DCP's file writer
+    reports one): the reader gives it one to record its load id, and the checkpoint loads."""
+    import warnings
+    from gpt2_ascend.safe_dcp import dcp_load, read_dcp_metadata
+    save_dcp({"w": torch.arange(3.0)}, tmp_path)
+    metadata = read_dcp_metadata(str(tmp_path))
+    assert metadata.storage_meta is not None  # as this torch writes it
+    metadata.storage_meta = None
+    (tmp_path / ".metadata").write_bytes(pickle.dumps(metadata))
+    state = {"w": torch.zeros(3)}
+    with warnings.catch_warnings():  # "assuming the intent is to load in a single process": it is
+        warnings.simplefilter("ignore", UserWarning)
+        dcp_load(state, str(tmp_path), no_dist=True)
+    assert state["w"].tolist() == [0.0, 1.0, 2.0]
+
+
+def test_model_tensors_are_every_model_entry_with_a_possible_shape_and_dtype(tmp_path):
+    """model_tensors lists the model's tensors wherever .metadata puts them (here after an optimizer's), accepts an
+    empty dimension and refuses a negative one or a dtype that is not torch's, in one line, before any allocation."""
+    from gpt2_ascend.checkpoints import CheckpointError
+    from gpt2_ascend.safe_dcp import model_tensors, read_dcp_metadata
+    save_dcp({"optimizer.m": torch.ones(2), "model.w": torch.ones(3, 5)}, tmp_path)
+    metadata = read_dcp_metadata(str(tmp_path))
+    assert list(metadata.state_dict_metadata) == ["optimizer.m", "model.w"]
+    assert model_tensors(str(tmp_path)) == {"model.w": (torch.Size([3, 5]), torch.float32)}
+    item = metadata.state_dict_metadata["model.w"]
+    for size, dtype, refused in ((torch.Size([0, 5]), torch.float32, None),
+                                 (torch.Size([-1, 5]), torch.float32, "shape torch.Size([-1, 5]), dtype torch.float32"),
+                                 (torch.Size([3, 5]), "float32", "shape torch.Size([3, 5]), dtype float32")):
+        item.size, item.properties.dtype = size, dtype
+        (tmp_path / ".metadata").write_bytes(pickle.dumps(metadata))
+        if refused is None:
+            assert model_tensors(str(tmp_path)) == {"model.w": (size, dtype)}
+            continue
+        with pytest.raises(CheckpointError) as error:
+            model_tensors(str(tmp_path))
+        assert str(error.value) == f"checkpoint {tmp_path} has a corrupt .metadata (model.w: {refused})"
+
+
+def test_a_sharded_checkpoints_config_json_is_checked_and_completed(tmp_path):
+    """read_meta: what a config.json leaves out gets its default (HF's c_attn layout, not LoRA, no step, no layout);
+    a step from 0 and layout degrees from 1 are read, one below is refused in one line, as is a missing file."""
+    from gpt2_ascend.checkpoints import CheckpointError
+    from gpt2_ascend.safe_dcp import read_meta
+    file = tmp_path / "config.json"
+    base = dict(model_config=hf_config_dict(), architecture="GPT2LMHeadModel")
+    file.write_text(json.dumps(base))
+    meta = read_meta(str(tmp_path))
+    assert (meta["qkv_layout"], meta["lora"], meta["step"], meta["layout"]) == ("hf", False, None, None)
+    file.write_text(json.dumps(dict(base, step=0, layout={"data_parallel": 1, "tensor_parallel": 2})))
+    meta = read_meta(str(tmp_path))
+    assert meta["step"] == 0 and meta["layout"] == {"data_parallel": 1, "tensor_parallel": 2}
+    for wrong, said in (({"step": -1}, "bad value -1 for 'step' in {file}: expected an integer in [0, "),
+                        ({"layout": {"data_parallel": 0}},
+                         "bad value 0 for 'layout.data_parallel' in {file}: expected an integer in [1, "),
+                        (None, "[Errno 2] No such file or directory: '{file}')")):
+        if wrong is None:
+            file.unlink()
+        else:
+            file.write_text(json.dumps(dict(base, **wrong)))
+        with pytest.raises(CheckpointError) as error:
+            read_meta(str(tmp_path))
+        assert str(error.value).startswith(f"checkpoint {tmp_path} has a corrupt config.json ({said.format(file=file)}")
+
+
+def test_a_sharded_checkpoint_reads_back_whole_from_either_qkv_layout(tmp_path):
+    """load_full_model_state gives the model's state in HF's c_attn layout whichever layout the checkpoint holds
+    (torchrun runs save tensor-parallel ones per head), with its config and head."""
+    from gpt2_ascend import GPT2LMHeadModel
+    from gpt2_ascend.hf import convert_qkv_state
+    from gpt2_ascend.safe_dcp import load_full_model_state
+    config = tiny_config()
+    state = GPT2LMHeadModel(config).state_dict()
+    per_head = convert_qkv_state(state, config.n_embd, config.n_head, to="per_head")
+    assert not torch.equal(per_head["transformer.h.0.attn.c_attn.weight"], state["transformer.h.0.attn.c_attn.weight"])
+    for layout, saved in (("hf", state), ("per_head", per_head)):
+        back_config, back, architecture = load_full_model_state(str(sharded_dir(tmp_path / layout, saved, layout)))
+        assert back_config == config and architecture == "GPT2LMHeadModel"
+        assert sorted(back) == sorted(state)
+        assert all(torch.equal(back[key], state[key]) for key in state), layout
+
+
+RANK_1 = """if True:  # rank 1 of 2: a resume reads the checkpoint with rank 0, then waits while rank 0 alone exports it
+    import datetime, sys, torch, torch.distributed as dist, torch.distributed.checkpoint as dcp
+    dist.init_process_group("gloo", init_method=sys.argv[1], rank=1, world_size=2,
+                            timeout=datetime.timedelta(seconds=float(sys.argv[3])))
+    dcp.load({"model": {"transformer.wte.weight": torch.zeros(512, 64)}}, checkpoint_id=sys.argv[2])
+    dist.barrier()
+    dist.destroy_process_group()
+"""
+
+
+def test_in_a_torchrun_group_ranks_read_a_checkpoint_together_and_rank_0_alone_reads_it_whole(tmp_path):
+    """Two ranks, this process and a child. A resume's dcp_load (parallel/checkpoint.py) reads with every rank, as
+    DCP does in a process group (no 'single process' warning); the final export is rank 0 alone reading the whole
+    model (load_full_model_state) while the others wait at a barrier: no collective, which would wait for them
+    forever (HANG_GUARD_S, the group's timeout, is the last guard)."""
+    import datetime
+    import warnings
+    import torch.distributed as dist
+    from gpt2_ascend import GPT2LMHeadModel
+    from gpt2_ascend.safe_dcp import dcp_load, load_full_model_state
+    state = GPT2LMHeadModel(tiny_config()).state_dict()
+    path = str(sharded_dir(tmp_path / "step_0000001", state, "hf"))
+    store = f"file://{tmp_path / 'store'}"
+    child = subprocess.Popen([sys.executable, "-c", RANK_1, store, path, str(HANG_GUARD_S)],
+                             env=dict(os.environ, OMP_NUM_THREADS="1"), stderr=subprocess.PIPE, text=True)
+    try:
+        dist.init_process_group("gloo", init_method=store, rank=0, world_size=2,
+                                timeout=datetime.timedelta(seconds=HANG_GUARD_S))
+        try:
+            resumed = {"model": {"transformer.wte.weight": torch.zeros(512, 64)}}
+            with warnings.catch_warnings(record=True) as caught:
+                warnings.simplefilter("always")
+                dcp_load(resumed, path)
+            assert not [w for w in caught if "single process" in str(w.message)], [str(w.message) for w in caught]
+            assert torch.equal(resumed["model"]["transformer.wte.weight"], state["transformer.wte.weight"])
+            _, whole, _ = load_full_model_state(path)
+            dist.barrier()
+        finally:
+            dist.destroy_process_group()
+        _, err = child.communicate(timeout=HANG_GUARD_S)
+        assert child.returncode == 0, err
+    finally:
+        if child.poll() is None:  # this rank failed first: the child's group is gone
+            child.kill()
+            child.communicate()
+    assert all(torch.equal(whole[key], state[key]) for key in state)
 
 
 class Reduced:
@@ -523,6 +693,57 @@ def test_refusal_of_bytes_in_memory_names_the_global_and_damage_is_one_line(tmp_
     assert not marker.exists()
 
 
+def test_a_protocol_4_global_is_named_by_the_two_strings_before_it_when_both_are_identifiers(tmp_path):
+    """protocol 4's STACK_GLOBAL (torch's refusal does not name it) takes its module and name from the two strings
+    pushed last: keys before them, spaces and all, do not hide the global; a "module" that is no identifier names no
+    global (random bytes); a global of one memoized string twice names none, and the next global is named."""
+    import io
+    from gpt2_ascend.safe_pickle import UnsafeFileError, torch_load
+    marker = tmp_path / "MARKER"
+    keys_first = pickle.dumps({"x": 0, "y": 0, "my weights": Payload(marker)}, protocol=4)
+    no_identifier = b"\x80\x04\x8c\x03a b\x8c\x06system\x93."  # "a b" "system" STACK_GLOBAL STOP
+    memoized = b"\x80\x04\x8c\x05posix\x94h\x00\x93\x8c\x05posix\x8c\x06system\x93."  # then posix.system
+    for data in (keys_first, memoized):
+        with pytest.raises(UnsafeFileError, match=r"^refusing to load f: it contains a pickled object of type "
+                                                  r"posix\.system, which"):
+            torch_load(io.BytesIO(data), name="f")
+    with pytest.raises(ValueError, match=r"^f is not a valid checkpoint: it is not a PyTorch file of tensors"):
+        torch_load(io.BytesIO(no_identifier), name="f")
+    assert not marker.exists()
+
+
+def zip_checkpoint_naming_record(path, key):
+    """torch.save's file of {"w": tensor} whose pickle names the tensor's record `key`, a record the zip does not hold
+    (it holds "0"): a damaged checkpoint."""
+    import zipfile
+    torch.save({"w": torch.ones(2)}, path)
+    with zipfile.ZipFile(path) as z:
+        entries = [(info, z.read(info)) for info in z.infolist()]
+    with zipfile.ZipFile(path, "w") as z:
+        for info, data in entries:
+            if info.filename.endswith("data.pkl"):  # protocol 2: the key is BINUNICODE "0"
+                assert data.count(b"X\x01\x00\x00\x000") == 1
+                data = data.replace(b"X\x01\x00\x00\x000", b"X" + len(key).to_bytes(4, "little") + key.encode())
+            z.writestr(info, data)
+
+
+def test_a_missing_tensor_record_is_one_line_with_the_errors_first_line_with_or_without_mmap(tmp_path):
+    """torch's error names the record it misses, so a name can say anything: the line shows the error's first line
+    (a name with a newline cuts it there), and a name saying "mmap" is still this error, not the legacy format's
+    refusal of mmap; that format itself is read without mmap when mmap is asked for."""
+    from gpt2_ascend.safe_pickle import torch_load
+    path = tmp_path / "damaged.pt"
+    for key, shown in (("lost\nrecord", "data/lost"), ("mmap", "data/mmap")):
+        zip_checkpoint_naming_record(path, key)
+        for mmap in (False, True):
+            with pytest.raises(ValueError) as error:
+                torch_load(str(path), mmap=mmap)
+            assert re.fullmatch(rf"cannot read {re.escape(str(path))}: [^\n]*{shown}[^\n]* \(corrupt, truncated or "
+                                rf"not a PyTorch weights file\)", str(error.value)), (key, mmap, str(error.value))
+    torch.save({"w": torch.arange(3.0)}, tmp_path / "legacy.pt", _use_new_zipfile_serialization=False)
+    assert torch_load(str(tmp_path / "legacy.pt"), mmap=True)["w"].tolist() == [0.0, 1.0, 2.0]
+
+
 def test_merge_needs_only_the_model_files(tmp_path, capsys):
     """A damaged optimizer.pt does not stop merging (or evaluating) the weights; a damaged model.pt does, in one line."""
     from conftest import load_script
@@ -549,12 +770,15 @@ def test_merge_needs_only_the_model_files(tmp_path, capsys):
 
 
 def test_a_state_dict_with_a_value_or_key_that_is_not_a_tensor_entry_is_one_line():
-    # a mutant of safe_pickle.py (`or` -> `and`, and a check loop that never ran) survived: every entry is checked
+    # a mutant of safe_pickle.py (`or` -> `and`, and a check loop that never ran) survived: every entry is checked;
+    # a long key is shown by its first 80 characters, text by its first 40
     from gpt2_ascend.safe_pickle import tensor_dict
     good = {"w": torch.zeros(2)}
     assert tensor_dict(good, "f") is good
     for state, said in (({"w": torch.zeros(1), "b": "some text"}, "its entry 'b' holds text ('some text'), not a tensor"),
                         ({7: torch.zeros(1)}, "its key '7' is not a parameter name"),
+                        ({10 ** 99: torch.zeros(1)}, f"its key '1{'0' * 79}' is not a parameter name"),
+                        ({"k" * 99: "t" * 99}, f"its entry '{'k' * 80}' holds text ('{'t' * 40}'), not a tensor"),
                         (["w"], "it holds a list, not a state dict of tensors")):
         with pytest.raises(ValueError) as error:
             tensor_dict(state, "f")
