@@ -147,6 +147,7 @@ def test_total_steps_minus_one_means_dataset_size_times_epochs():
     assert resolve_total_steps(-1, 250, 3, max_steps=40) == 40
     assert resolve_total_steps(1000, 250, 3, max_steps=40) == 1000
     assert resolve_total_steps(-1, 250, 3, max_steps=0) == resolve_total_steps(-1, 250, 3, max_steps=None) == 750
+    assert resolve_total_steps(-1, 250, 3, max_steps=1) == 1
 
 
 def test_schedule_defaults_and_decay_steps_bounds():
@@ -163,8 +164,9 @@ def test_schedule_defaults_and_decay_steps_bounds():
     assert longer(8) == pytest.approx(1e-5) and longer(5) == pytest.approx(1e-5 + (1e-3 - 1e-5) * (1 - 2 / 5))
     slower = LRSchedule("polynomial", 1e-3, 1e-5, warmup_steps=2, total_steps=8, decay_steps=10)
     assert slower(8) == pytest.approx(1e-5 + (1e-3 - 1e-5) * (1 - 6 / 10)) and slower(9) == 1e-5
-    cosine = LRSchedule("cosine", 1e-3, 1e-5, warmup_steps=0, total_steps=4, decay_steps=1)
-    assert cosine(0) == pytest.approx(1e-3) and cosine(1) == 1e-5
+    for decay_steps in (1, 0):  # (0 counts as 1, as MindFormers' max(1, decay_steps))
+        cosine = LRSchedule("cosine", 1e-3, 1e-5, warmup_steps=0, total_steps=4, decay_steps=decay_steps)
+        assert cosine(0) == pytest.approx(1e-3) and cosine(1) == 1e-5
 
 
 def test_a_one_group_optimizer_state_keeps_its_update_rule(tmp_path):
