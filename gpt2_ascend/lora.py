@@ -286,8 +286,6 @@ def _adapter_problem(error: Exception) -> str:
     if "size mismatch" in str(error):
         detail = next(line for line in lines if "size mismatch" in line)
         return f"{detail} (was it trained on a base of another shape?)"
-    if isinstance(error, ValueError) and "Expecting" in lines[0]:
-        return f"adapter_config.json is not valid JSON ({lines[0]})"
     return f"{type(error).__name__}: {lines[0]} (is the adapter complete and for this base model?)"
 
 
