@@ -81,8 +81,8 @@ def apply_lora(model: torch.nn.Module, rank: int = 64, alpha: float = 128, dropo
     parameters (and a classifier's `score` head) stay trainable. fuse_qkv: see mindformers_targets."""
     from peft import LoraConfig, get_peft_model
 
-    if rank <= 0:
-        raise ValueError(f"lora rank must be a positive integer, got {rank}")
+    if isinstance(rank, bool) or not isinstance(rank, int) or rank <= 0:  # peft would build a broken layer
+        raise ValueError(f"lora rank must be a positive integer, got {rank!r}")
     target_modules = mindformers_targets(target_modules, fuse_qkv)
     parts = qkv_parts(target_modules)
     names = {name.rsplit(".", 1)[-1] for name, _ in model.named_modules()}
@@ -197,10 +197,10 @@ def load_adapter(model: torch.nn.Module, adapter_dir: str, merge: bool = True, t
 
 def require_adapter_memory(model: torch.nn.Module, rank, targets, what: str):
     """Before peft allocates an adapter: its A and B matrices, rank x (in + out) fp32 values per adapted linear
-    layer, fit the memory of the model's device (budget.require_memory). targets: module names (their last part),
-    or peft's one regex string matched against whole names; values of other types are left to the adapter's
-    validation."""
-    if not (isinstance(rank, int) and rank > 0) or not isinstance(targets, (str, list, tuple)):
+    layer, fit the memory of the model's device (budget.require_memory). rank: a positive integer (apply_lora and
+    the adapter's schema check it first). targets: module names (their last part), or peft's one regex string
+    matched against whole names; None (peft's default targets) is left to peft."""
+    if not isinstance(targets, (str, list, tuple)):
         return
     def targeted(name: str) -> bool:
         if isinstance(targets, str):
@@ -286,8 +286,6 @@ def _adapter_problem(error: Exception) -> str:
     if "size mismatch" in str(error):
         detail = next(line for line in lines if "size mismatch" in line)
         return f"{detail} (was it trained on a base of another shape?)"
-    if isinstance(error, ValueError) and "Expecting" in lines[0]:
-        return f"adapter_config.json is not valid JSON ({lines[0]})"
     return f"{type(error).__name__}: {lines[0]} (is the adapter complete and for this base model?)"
 
 
