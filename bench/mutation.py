@@ -114,6 +114,9 @@ KEPT_OPERATORS = (
 # source lines of the mutant's diff, so they hold while the code around them moves.
 EQUIVALENT: list[tuple[str, str, str, str]] = [
     # parallel/clip.py, generation.py, model.py (judged by the lead)
+    ("train/optim.py", 'found = optimizer.param_groups[0].get("update_rule", "torch")',
+     'found = optimizer.param_groups[-1].get("update_rule", "torch")',
+     "every group carries the same update_rule (build_optimizer / use_mindspore_rule set it on all)"),
     ("train/optim.py", "def resolve_total_steps(total_steps: int, steps_per_epoch: int, epochs: int, max_steps: int = -1) "
      "-> int:", "def resolve_total_steps(total_steps: int, steps_per_epoch: int, epochs: int, max_steps: int = -2) "
      "-> int:", "a default max_steps of -1 or -2 is equally 'not set' (only max_steps >= 1 is used)"),

@@ -169,6 +169,35 @@ def test_schedule_defaults_and_decay_steps_bounds():
         assert cosine(0) == pytest.approx(1e-3) and cosine(1) == 1e-5
 
 
+def test_schedule_edges_where_a_length_is_zero_or_one():
+    """The max(1, .) guards of MindFormers' formulas: a schedule whose warmup fills it (T - w = 0), decay_steps 0 or
+    1, a one-step cosine decay with a longer decay_steps; and the bounds of total_steps (>= 1) and warmup (>= 0)."""
+    assert LRSchedule("polynomial", 1e-3, 1e-5, warmup_steps=2, total_steps=2)(2) == 1e-3
+    assert LRSchedule("polynomial", 1e-3, 1e-5, warmup_steps=0, total_steps=1, decay_steps=0)(0) == 1e-3
+    assert LRSchedule("polynomial", 1e-3, 1e-5, warmup_steps=0, total_steps=1, decay_steps=1)(1) == pytest.approx(1e-5)
+    assert LRSchedule("cosine", 1e-3, 1e-5, warmup_steps=2, total_steps=2, decay_steps=5)(2) == pytest.approx(1e-3)
+    assert LRSchedule("cosine", 1e-3, 1e-5, warmup_steps=0, total_steps=1, decay_steps=4)(1) == pytest.approx(1e-5)
+    with pytest.raises(ValueError, match="total_steps must be >= 1, got 0"):
+        LRSchedule(total_steps=0)
+    with pytest.raises(ValueError, match="warmup_steps must be >= 0, got -1"):
+        LRSchedule(warmup_steps=-1)
+
+
+def test_optimizer_groups_hold_the_recipe_s_settings_and_refuse_a_frozen_model():
+    """build_optimizer's groups: MindFormers' two (weight decay 0.1 by default on matrices, none on vectors), each
+    naming its update rule (saved with the state), no bookkeeping keys; a model of vectors alone has one group; a
+    model with nothing to train is refused in one line."""
+    model = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.LayerNorm(4))
+    groups = build_optimizer(model, 1e-3).state_dict()["param_groups"]
+    assert [(g["weight_decay"], len(g["params"]), g["update_rule"]) for g in groups] == [(0.1, 1, "torch"),
+                                                                                         (0.0, 3, "torch")]
+    assert all("names" not in g for g in groups)
+    assert [len(g["params"]) for g in param_groups(torch.nn.LayerNorm(4), 0.1)] == [2]
+    model.requires_grad_(False)
+    with pytest.raises(ValueError, match="^the model has no trainable parameters$"):
+        build_optimizer(model, 1e-3)
+
+
 def test_a_one_group_optimizer_state_keeps_its_update_rule(tmp_path):
     """A model whose trainable weights are all matrices (LoRA's adapters) has one parameter group: its saved state
     loads back under the same rule and is refused under the other, by the rule's one-line message."""
