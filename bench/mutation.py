@@ -121,6 +121,9 @@ EQUIVALENT: list[tuple[str, str, str, str]] = [
     ("train/optim.py", "def resolve_total_steps(total_steps: int, steps_per_epoch: int, epochs: int, max_steps: int = -1) "
      "-> int:", "def resolve_total_steps(total_steps: int, steps_per_epoch: int, epochs: int, max_steps: int = -2) "
      "-> int:", "a default max_steps of -1 or -2 is equally 'not set' (only max_steps >= 1 is used)"),
+    ("train/optim.py", "def resolve_total_steps(total_steps: int, steps_per_epoch: int, epochs: int, max_steps: int = -1) "
+     "-> int:", "def resolve_total_steps(total_steps: int, steps_per_epoch: int, epochs: int, max_steps: int = -0) "
+     "-> int:", "the same: 0 is 'not set' too (test_total_steps_minus_one_means_dataset_size_times_epochs)"),
     ("train/optim.py", "num_cycles: float = 0.5  # cosine: waves over the decay (0.5: one half-cosine)",
      "num_cycles: float = -0.5  # cosine: waves over the decay (0.5: one half-cosine)",
      "num_cycles enters only as cos(pi * num_cycles * 2 * progress), and cos is even"),
