@@ -10,7 +10,7 @@ import torch
 from safetensors import safe_open
 
 from conftest import max_diff, randomize_lora_b, tiny_config
-from gpt2_ascend import GPT2LMHeadModel
+from gpt2_ascend import GPT2ForSequenceClassification, GPT2LMHeadModel
 from gpt2_ascend.lora import apply_lora, load_adapter, read_adapter_config, save_adapter
 
 E = 32  # n_embd: unlike any rank below, so a shape says which is which
@@ -88,6 +88,43 @@ def test_rank_1_is_the_smallest_adapter():
     assert c_attn_of(model).scaling["default"] == 2.0
 
 
+def test_only_c_attn_is_kept_to_its_q_k_v_parts(tmp_path):
+    """q alone (MindFormers' dense1) beside the output projections: c_attn's B trains q's rows only, every other
+    adapted layer's B all its rows."""
+    torch.manual_seed(0)
+    model = apply_lora(GPT2LMHeadModel(tiny_config(n_embd=E)), rank=2, dropout=0.0,
+                       target_modules=[".*dense1.*", ".*projection.*"])
+    ids = torch.randint(0, 500, (2, 7), generator=torch.Generator().manual_seed(1))
+    model(input_ids=ids, labels=ids).loss.backward()
+    block = model.base_model.model.transformer.h[0]
+    q_rows = block.attn.c_attn.lora_B["default"].weight.grad
+    assert (q_rows[:E] != 0).all() and (q_rows[E:] == 0).all()  # q's E rows of the 3E
+    for layer in (block.attn.c_proj, block.mlp.c_proj):
+        assert (layer.lora_B["default"].weight.grad != 0).all()  # all E rows, both columns
+
+
+@pytest.mark.parametrize("cls", [GPT2LMHeadModel, GPT2ForSequenceClassification])
+def test_a_classifiers_lora_trains_and_saves_its_head_an_lms_none(tmp_path, cls):
+    """A classifier's `score` head is new (random on an LM base): its LoRA trains it whole and the adapter carries
+    it (modules_to_save ["score"]); a language model's LoRA trains the adapters alone and saves no module whole."""
+    torch.manual_seed(0)
+    adapted = apply_lora(cls(tiny_config()), rank=2, alpha=4.0, dropout=0.0)
+    trained = [n for n, p in adapted.named_parameters() if p.requires_grad and "lora_" not in n]
+    save_adapter(adapted, str(tmp_path))
+    with safe_open(os.path.join(tmp_path, "adapter_model.safetensors"), framework="pt") as f:
+        saved_whole = {k: f.get_tensor(k) for k in f.keys() if "lora_" not in k}
+    if cls is GPT2LMHeadModel:
+        assert adapted.peft_config["default"].modules_to_save is None
+        assert trained == [] and saved_whole == {}
+        assert read_adapter_config(str(tmp_path))["modules_to_save"] is None
+    else:
+        assert "score" in adapted.peft_config["default"].modules_to_save
+        assert trained == ["base_model.model.score.modules_to_save.default.weight"]
+        assert list(saved_whole) == ["base_model.model.score.weight"]
+        assert torch.equal(saved_whole["base_model.model.score.weight"], adapted.base_model.model.score.weight)
+        assert read_adapter_config(str(tmp_path))["modules_to_save"] == ["score"]
+
+
 def test_an_invalid_target_regex_is_one_line():
     with pytest.raises(ValueError) as e:
         apply_lora(GPT2LMHeadModel(tiny_config()), target_modules=["(("])
@@ -156,6 +193,16 @@ def test_rank_pattern_ranks_start_at_1(tmp_path):
     assert str(e.value) == refusal(path, "rank_pattern.c_attn", 0, "an integer in [1, 16777216]")
 
 
+def test_alpha_pattern_alphas_are_positive(tmp_path):
+    path = tmp_path / "adapter_config.json"
+    path.write_text(json.dumps({"peft_type": "LORA", "alpha_pattern": {"c_attn": 0.5}}))
+    assert read_adapter_config(str(tmp_path))["alpha_pattern"] == {"c_attn": 0.5}
+    path.write_text(json.dumps({"peft_type": "LORA", "alpha_pattern": {"c_attn": 0}}))
+    with pytest.raises(ValueError) as e:
+        read_adapter_config(str(tmp_path))
+    assert str(e.value) == refusal(path, "alpha_pattern.c_attn", 0, "a finite number > 0")
+
+
 def test_a_rank_1_adapter_loads(tmp_path):
     adapter, adapted = saved_adapter(tmp_path / "a", rank=1, alpha=4.0)
     merged = load_adapter(base_of(adapted), adapter)
@@ -194,6 +241,17 @@ def test_load_adapter_merges_by_default(tmp_path):
         want = adapted(input_ids=ids).logits
         assert max_diff(want, base(ids).logits) > 1e-2  # the adapter changes the model...
         assert max_diff(merged.eval()(ids).logits, want) <= 1e-5  # ...and is folded into its weights
+
+
+def test_an_unmerged_adapter_loads_frozen_unless_trainable(tmp_path):
+    adapter, _ = saved_adapter(tmp_path / "a")
+    frozen = load_adapter(GPT2LMHeadModel(tiny_config()), adapter, merge=False)
+    assert frozen.peft_config["default"].inference_mode is True
+    assert [n for n, p in frozen.named_parameters() if p.requires_grad] == []
+    trains = load_adapter(GPT2LMHeadModel(tiny_config()), adapter, merge=False, trainable=True)
+    assert trains.peft_config["default"].inference_mode is False
+    assert [n for n, p in trains.named_parameters() if p.requires_grad] == [
+        f"base_model.model.transformer.h.{i}.attn.c_attn.lora_{m}.default.weight" for i in range(2) for m in "AB"]
 
 
 def test_an_adapter_of_another_shape_is_one_line(tmp_path):
