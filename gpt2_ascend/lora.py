@@ -279,14 +279,15 @@ def write_portable_config(path: str, config_class, modules_to_save=None):
 
 
 def _adapter_problem(error: Exception) -> str:
-    """The informative line of peft's error (a shape mismatch names the tensor on its second line)."""
+    """peft's error in one line: a shape mismatch by its line that names the tensor (the first is a header), any
+    other whole."""
     lines = [line.strip() for line in str(error).splitlines() if line.strip()]
     if not lines:
         return type(error).__name__
     if "size mismatch" in str(error):
         detail = next(line for line in lines if "size mismatch" in line)
         return f"{detail} (was it trained on a base of another shape?)"
-    return f"{type(error).__name__}: {lines[0]} (is the adapter complete and for this base model?)"
+    return f"{type(error).__name__}: {' '.join(lines)} (is the adapter complete and for this base model?)"
 
 
 def merge_adapter(peft_model) -> torch.nn.Module:

@@ -274,6 +274,21 @@ def test_a_damaged_adapter_file_is_one_line(tmp_path):
                             f"header: invalid header length (is the adapter complete and for this base model?)")
 
 
+def test_an_error_of_several_lines_is_kept_whole_on_one_line(tmp_path, monkeypatch):
+    # as torch words a strict state-dict load: its first line alone is a header that names no problem
+    from peft import PeftModel
+    def fails(*args, **kwargs):
+        raise RuntimeError("Error(s) in loading state_dict for PeftModelForCausalLM:\n\tUnexpected key(s) in "
+                           "state_dict: \"lora_C\".")
+    monkeypatch.setattr(PeftModel, "from_pretrained", fails)
+    adapter, _ = saved_adapter(tmp_path / "a")
+    with pytest.raises(ValueError) as e:
+        load_adapter(GPT2LMHeadModel(tiny_config()), adapter)
+    assert str(e.value) == (f"cannot load the LoRA adapter in {adapter}: RuntimeError: Error(s) in loading "
+                            f"state_dict for PeftModelForCausalLM: Unexpected key(s) in state_dict: \"lora_C\". (is "
+                            f"the adapter complete and for this base model?)")
+
+
 def test_an_invalid_target_regex_in_an_adapter_is_one_line(tmp_path):
     # the memory check cannot count layers with it (and lets it pass); peft then fails on it, in one line
     adapter, _ = saved_adapter(tmp_path / "a")
