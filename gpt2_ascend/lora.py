@@ -56,7 +56,7 @@ def mindformers_targets(patterns, fuse_qkv: bool = True) -> tuple[str, ...]:
 def qkv_parts(target_modules) -> list[str]:
     return [p for p in QKV if f"c_attn.{p}" in target_modules]
 
-ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")
+ADAPTER_WEIGHTS = ("adapter_model.safetensors", "adapter_model.bin")  # peft reads the first there is
 # peft's task type per architecture: CAUSAL_LM wraps in PeftModelForCausalLM; SEQ_CLS in
 # PeftModelForSequenceClassification, which also trains and saves the new `score` head (modules_to_save).
 TASK_TYPES = {"GPT2LMHeadModel": "CAUSAL_LM", "GPT2ForSequenceClassification": "SEQ_CLS"}
@@ -186,6 +186,7 @@ def load_adapter(model: torch.nn.Module, adapter_dir: str, merge: bool = True, t
     check_adapter_fits(model, adapter_dir, adapter_config)
     rank, targets = adapter_config.get("r"), adapter_config.get("target_modules")
     require_adapter_memory(model, rank, targets, f"the LoRA adapter in {adapter_dir} (r={rank})")
+    require_adapter_weights(adapter_dir)
     try:
         peft_model = PeftModel.from_pretrained(model, adapter_dir, is_trainable=trainable)
     except pickle.UnpicklingError as e:  # peft reads adapter_model.bin with weights_only=True
@@ -193,6 +194,15 @@ def load_adapter(model: torch.nn.Module, adapter_dir: str, merge: bool = True, t
     except Exception as e:  # peft / safetensors / json errors: one line that names the adapter
         raise ValueError(f"cannot load the LoRA adapter in {adapter_dir}: {_adapter_problem(e)}") from None
     return merge_adapter(peft_model) if merge else peft_model
+
+
+def require_adapter_weights(adapter_dir: str):
+    """peft reads adapter_model.safetensors (or an older adapter_model.bin); with neither there it would look for
+    the folder's name on the Hugging Face hub and fail on that instead."""
+    if not any(os.path.isfile(os.path.join(adapter_dir, name)) for name in ADAPTER_WEIGHTS):
+        raise ValueError(f"the LoRA adapter in {adapter_dir} lacks its weights file {ADAPTER_WEIGHTS[0]} (an older "
+                         f"peft's {ADAPTER_WEIGHTS[1]}): copy it beside its adapter_config.json, or save the adapter "
+                         f"again")
 
 
 def require_adapter_memory(model: torch.nn.Module, rank, targets, what: str):
@@ -228,7 +238,7 @@ def adapter_base(adapter_dir: str) -> str:
 def adapter_head_rows(adapter_dir: str, head: str) -> int | None:
     """Rows of a head the adapter trains and carries (modules_to_save, e.g. a classifier's `score`), or None."""
     from safetensors import safe_open
-    file = os.path.join(adapter_dir, "adapter_model.safetensors")
+    file = os.path.join(adapter_dir, ADAPTER_WEIGHTS[0])
     if not os.path.isfile(file):
         return None
     with safe_open(file, framework="pt") as f:

@@ -9,7 +9,7 @@ import pytest
 import torch
 from safetensors import safe_open
 
-from conftest import max_diff, randomize_lora_b, tiny_config
+from conftest import load_script, max_diff, randomize_lora_b, tiny_config
 from gpt2_ascend import GPT2ForSequenceClassification, GPT2LMHeadModel
 from gpt2_ascend.lora import apply_lora, load_adapter, read_adapter_config, save_adapter
 
@@ -298,6 +298,43 @@ def test_an_invalid_target_regex_in_an_adapter_is_one_line(tmp_path):
     assert re.fullmatch(rf"cannot load the LoRA adapter in {re.escape(adapter)}: \w+: missing \), unterminated "
                         r"subpattern at position 1 \(is the adapter complete and for this base model\?\)",
                         str(e.value)), str(e.value)
+
+
+# ---------------------------------------------------------------------------------------------
+# an adapter folder without its weights file: said so (peft would look for the folder on the hub), in the API and the CLIs
+# ---------------------------------------------------------------------------------------------
+def lacks_weights(adapter):
+    return (f"the LoRA adapter in {adapter} lacks its weights file adapter_model.safetensors (an older peft's "
+            f"adapter_model.bin): copy it beside its adapter_config.json, or save the adapter again")
+
+
+def test_an_adapter_without_its_weights_file_is_one_line(tmp_path):
+    adapter, _ = saved_adapter(tmp_path / "a")
+    os.remove(os.path.join(adapter, "adapter_model.safetensors"))
+    with pytest.raises(ValueError) as e:
+        load_adapter(GPT2LMHeadModel(tiny_config()), adapter)
+    assert str(e.value) == lacks_weights(adapter)
+
+
+def test_an_adapter_without_its_weights_file_in_generate(tmp_path, capsys):
+    adapter, adapted = saved_adapter(tmp_path / "a")
+    base_of(adapted).save_pretrained(str(tmp_path / "base"))
+    os.remove(os.path.join(adapter, "adapter_model.safetensors"))
+    code = load_script("generate.py").main(["--model", str(tmp_path / "base"), "--adapter", adapter, "--prompt", "hi",
+                                            "--max_new_tokens", "2", "--device", "cpu"])
+    err = capsys.readouterr().err
+    assert (code, err.strip().splitlines()[-1]) == (2, f"error: {lacks_weights(adapter)}"), err
+    assert "Traceback" not in err
+
+
+def test_an_older_peft_adapter_model_bin_loads(tmp_path):
+    adapter, adapted = saved_adapter(tmp_path / "a")
+    adapted.save_pretrained(str(tmp_path / "bin"), safe_serialization=False)  # peft's adapter_model.bin
+    assert sorted(os.listdir(tmp_path / "bin")) == ["README.md", "adapter_config.json", "adapter_model.bin"]
+    merged = load_adapter(base_of(adapted), str(tmp_path / "bin"))
+    ids = torch.randint(0, 500, (2, 7), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        assert max_diff(merged.eval()(ids).logits, adapted(input_ids=ids).logits) <= 1e-5
 
 
 # ---------------------------------------------------------------------------------------------
