@@ -180,20 +180,32 @@ def check_adapter_fits(model: torch.nn.Module, adapter_dir: str, adapter_config:
 def load_adapter(model: torch.nn.Module, adapter_dir: str, merge: bool = True, trainable: bool = False):
     """Attach a saved PEFT adapter (ours or one trained on transformers' GPT-2) to `model`; with merge=True
     fold it into the base weights and return a plain model (same logits, no adapter overhead)."""
-    from peft import PeftModel
+    from peft import LoraConfig, PeftModel
 
     adapter_config = read_adapter_config(adapter_dir)
     check_adapter_fits(model, adapter_dir, adapter_config)
     rank, targets = adapter_config.get("r"), adapter_config.get("target_modules")
+    if targets is None:  # none named: what peft adapts on transformers' GPT-2
+        targets = peft_gpt2_targets()
     require_adapter_memory(model, rank, targets, f"the LoRA adapter in {adapter_dir} (r={rank})")
     require_adapter_weights(adapter_dir)
     try:
-        peft_model = PeftModel.from_pretrained(model, adapter_dir, is_trainable=trainable)
+        config = LoraConfig.from_pretrained(adapter_dir)
+        if config.target_modules is None:  # peft finds its default by model_type, which our config does not give
+            config.target_modules = set(targets)
+        peft_model = PeftModel.from_pretrained(model, adapter_dir, is_trainable=trainable, config=config)
     except pickle.UnpicklingError as e:  # peft reads adapter_model.bin with weights_only=True
         raise refused(os.path.join(adapter_dir, "adapter_model.bin"), e) from None
     except Exception as e:  # peft / safetensors / json errors: one line that names the adapter
         raise ValueError(f"cannot load the LoRA adapter in {adapter_dir}: {_adapter_problem(e)}") from None
     return merge_adapter(peft_model) if merge else peft_model
+
+
+def peft_gpt2_targets() -> list[str]:
+    """The layers peft adapts on transformers' GPT-2 when an adapter names no target_modules (c_attn): peft looks
+    them up by the config's model_type, which GPT2Config.to_dict leaves out for older peft's sake."""
+    from peft.utils import TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING
+    return list(TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING["gpt2"])
 
 
 def require_adapter_weights(adapter_dir: str):
@@ -209,9 +221,7 @@ def require_adapter_memory(model: torch.nn.Module, rank, targets, what: str):
     """Before peft allocates an adapter: its A and B matrices, rank x (in + out) fp32 values per adapted linear
     layer, fit the memory of the model's device (budget.require_memory). rank: a positive integer (apply_lora and
     the adapter's schema check it first). targets: module names (their last part), or peft's one regex string
-    matched against whole names; None (peft's default targets) is left to peft."""
-    if not isinstance(targets, (str, list, tuple)):
-        return
+    matched against whole names (load_adapter fills in peft's default when the adapter names none)."""
     def targeted(name: str) -> bool:
         if isinstance(targets, str):
             return re.fullmatch(targets, name) is not None

@@ -216,7 +216,8 @@ def test_a_rank_1_adapter_loads(tmp_path):
 # ---------------------------------------------------------------------------------------------
 # the memory check before peft allocates: rank x (in + out) x 4 bytes over the adapted layers
 # ---------------------------------------------------------------------------------------------
-@pytest.mark.parametrize("targets", [["c_attn"], r".*\.c_attn"])  # names, or peft's one regex on whole names
+# names, peft's one regex on whole names, or none named (peft's default for GPT-2: c_attn)
+@pytest.mark.parametrize("targets", [["c_attn"], r".*\.c_attn", None])
 def test_the_memory_check_counts_exactly_the_targeted_layers(tmp_path, monkeypatch, targets):
     # c_attn is 64 in + 192 out in each of 2 blocks: 512 values per unit of rank; rank 1 is checked too
     adapter, _ = saved_adapter(tmp_path / "a", rank=1)
@@ -335,6 +336,46 @@ def test_an_older_peft_adapter_model_bin_loads(tmp_path):
     ids = torch.randint(0, 500, (2, 7), generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
         assert max_diff(merged.eval()(ids).logits, adapted(input_ids=ids).logits) <= 1e-5
+
+
+# ---------------------------------------------------------------------------------------------
+# an adapter_config.json without target_modules: the layers peft adapts on transformers' GPT-2
+# ---------------------------------------------------------------------------------------------
+def test_an_adapter_without_target_modules_adapts_c_attn_as_peft_on_transformers_does(tmp_path, capsys):
+    """peft's default for transformers' GPT-2 (its target-module mapping for model_type gpt2: c_attn), which peft
+    cannot look up on our model (GPT2Config.to_dict gives it no model_type): the same logits and the same greedy
+    continuation through generate.py --adapter as peft on transformers' GPT-2."""
+    import transformers
+    from peft import PeftModel
+    torch.manual_seed(0)
+    config = tiny_config(vocab_size=50257, pad_token_id=50256, eos_token_id=50256, bos_token_id=50256)
+    GPT2LMHeadModel(config).save_pretrained(str(tmp_path / "base"))
+    adapted = apply_lora(GPT2LMHeadModel.from_pretrained(tmp_path / "base"), rank=2, alpha=8.0, dropout=0.0)
+    randomize_lora_b(adapted)
+    adapter = str(tmp_path / "adapter")
+    save_adapter(adapted, adapter)
+    with_config(adapter, target_modules=None)
+    hf_base = transformers.GPT2LMHeadModel.from_pretrained(tmp_path / "base", attn_implementation="eager")
+    theirs = PeftModel.from_pretrained(hf_base, adapter).eval()
+    ours = load_adapter(GPT2LMHeadModel.from_pretrained(tmp_path / "base"), adapter, merge=False).eval()
+    assert theirs.peft_config["default"].target_modules == ours.peft_config["default"].target_modules == {"c_attn"}
+    ids = torch.randint(0, 50257, (2, 7), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        want = theirs(input_ids=ids).logits
+        assert max_diff(want, GPT2LMHeadModel.from_pretrained(tmp_path / "base")(ids).logits) > 1e-2
+        assert max_diff(ours(input_ids=ids).logits, want) <= 1e-5
+    out = tmp_path / "out.json"
+    code = load_script("generate.py").main(["--model", str(tmp_path / "base"), "--adapter", adapter, "--prompt",
+                                            "Hello world", "--max_new_tokens", "6", "--ignore_eos", "--output_json",
+                                            str(out), "--device", "cpu"])
+    assert code == 0, capsys.readouterr().err
+    from gpt2_ascend.data.tokenizer import load_tokenizer
+    tok = load_tokenizer()
+    prompt = torch.tensor([tok("Hello world").input_ids])
+    with torch.no_grad():
+        expected = theirs.generate(input_ids=prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=6,
+                                   do_sample=False, pad_token_id=50256)
+    assert tok(json.loads(out.read_text())["results"][0]["text"]).input_ids == expected[0, prompt.size(1):].tolist()
 
 
 # ---------------------------------------------------------------------------------------------
