@@ -302,7 +302,7 @@ def test_an_invalid_target_regex_in_an_adapter_is_one_line(tmp_path):
 
 
 # ---------------------------------------------------------------------------------------------
-# an adapter folder without its weights file: said so (peft would look for the folder on the hub), in the API and the CLIs
+# an adapter folder without its weights file: said so (peft would look the folder up on the hub), API and CLI
 # ---------------------------------------------------------------------------------------------
 def lacks_weights(adapter):
     return (f"the LoRA adapter in {adapter} lacks its weights file adapter_model.safetensors (an older peft's "
