@@ -193,6 +193,11 @@ EQUIVALENT: list[tuple[str, str, str, str]] = [
     ("lora.py", 'names = {name.rsplit(".", 1)[-1] for name, _ in model.named_modules()}',
      'names = {name.rsplit(".", 2)[-1] for name, _ in model.named_modules()}',
      "the last piece of rsplit with any maxsplit >= 1 is the text after the last '.' (or the whole name)"),
+    ("lora.py", 'return name.rsplit(".", 1)[-1] in targets', 'return name.rsplit(".", 2)[-1] in targets',
+     "the same: the last piece of any rsplit with maxsplit >= 1"),
+    ("lora.py", 'names = {name.rsplit(".", 1)[-1] for name, _ in peft_model.get_base_model().named_modules()}',
+     'names = {name.rsplit(".", 2)[-1] for name, _ in peft_model.get_base_model().named_modules()}',
+     "the same: the last piece of any rsplit with maxsplit >= 1"),
 ]
 
 

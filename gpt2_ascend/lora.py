@@ -56,7 +56,7 @@ def mindformers_targets(patterns, fuse_qkv: bool = True) -> tuple[str, ...]:
 def qkv_parts(target_modules) -> list[str]:
     return [p for p in QKV if f"c_attn.{p}" in target_modules]
 
-ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")
+ADAPTER_WEIGHTS = ("adapter_model.safetensors", "adapter_model.bin")  # peft reads the first there is
 # peft's task type per architecture: CAUSAL_LM wraps in PeftModelForCausalLM; SEQ_CLS in
 # PeftModelForSequenceClassification, which also trains and saves the new `score` head (modules_to_save).
 TASK_TYPES = {"GPT2LMHeadModel": "CAUSAL_LM", "GPT2ForSequenceClassification": "SEQ_CLS"}
@@ -180,14 +180,20 @@ def check_adapter_fits(model: torch.nn.Module, adapter_dir: str, adapter_config:
 def load_adapter(model: torch.nn.Module, adapter_dir: str, merge: bool = True, trainable: bool = False):
     """Attach a saved PEFT adapter (ours or one trained on transformers' GPT-2) to `model`; with merge=True
     fold it into the base weights and return a plain model (same logits, no adapter overhead)."""
-    from peft import PeftModel
+    from peft import LoraConfig, PeftModel
 
     adapter_config = read_adapter_config(adapter_dir)
     check_adapter_fits(model, adapter_dir, adapter_config)
     rank, targets = adapter_config.get("r"), adapter_config.get("target_modules")
+    if targets is None:  # none named: what peft adapts on transformers' GPT-2
+        targets = peft_gpt2_targets()
     require_adapter_memory(model, rank, targets, f"the LoRA adapter in {adapter_dir} (r={rank})")
+    require_adapter_weights(adapter_dir)
     try:
-        peft_model = PeftModel.from_pretrained(model, adapter_dir, is_trainable=trainable)
+        config = LoraConfig.from_pretrained(adapter_dir)
+        if config.target_modules is None:  # peft finds its default by model_type, which our config does not give
+            config.target_modules = set(targets)
+        peft_model = PeftModel.from_pretrained(model, adapter_dir, is_trainable=trainable, config=config)
     except pickle.UnpicklingError as e:  # peft reads adapter_model.bin with weights_only=True
         raise refused(os.path.join(adapter_dir, "adapter_model.bin"), e) from None
     except Exception as e:  # peft / safetensors / json errors: one line that names the adapter
@@ -195,13 +201,27 @@ def load_adapter(model: torch.nn.Module, adapter_dir: str, merge: bool = True, t
     return merge_adapter(peft_model) if merge else peft_model
 
 
+def peft_gpt2_targets() -> list[str]:
+    """The layers peft adapts on transformers' GPT-2 when an adapter names no target_modules (c_attn): peft looks
+    them up by the config's model_type, which GPT2Config.to_dict leaves out for older peft's sake."""
+    from peft.utils import TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING
+    return list(TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING["gpt2"])
+
+
+def require_adapter_weights(adapter_dir: str):
+    """peft reads adapter_model.safetensors (or an older adapter_model.bin); with neither there it would look for
+    the folder's name on the Hugging Face hub and fail on that instead."""
+    if not any(os.path.isfile(os.path.join(adapter_dir, name)) for name in ADAPTER_WEIGHTS):
+        raise ValueError(f"the LoRA adapter in {adapter_dir} lacks its weights file {ADAPTER_WEIGHTS[0]} (an older "
+                         f"peft's {ADAPTER_WEIGHTS[1]}): copy it beside its adapter_config.json, or save the adapter "
+                         f"again")
+
+
 def require_adapter_memory(model: torch.nn.Module, rank, targets, what: str):
     """Before peft allocates an adapter: its A and B matrices, rank x (in + out) fp32 values per adapted linear
     layer, fit the memory of the model's device (budget.require_memory). rank: a positive integer (apply_lora and
     the adapter's schema check it first). targets: module names (their last part), or peft's one regex string
-    matched against whole names; None (peft's default targets) is left to peft."""
-    if not isinstance(targets, (str, list, tuple)):
-        return
+    matched against whole names (load_adapter fills in peft's default when the adapter names none)."""
     def targeted(name: str) -> bool:
         if isinstance(targets, str):
             return re.fullmatch(targets, name) is not None
@@ -228,7 +248,7 @@ def adapter_base(adapter_dir: str) -> str:
 def adapter_head_rows(adapter_dir: str, head: str) -> int | None:
     """Rows of a head the adapter trains and carries (modules_to_save, e.g. a classifier's `score`), or None."""
     from safetensors import safe_open
-    file = os.path.join(adapter_dir, "adapter_model.safetensors")
+    file = os.path.join(adapter_dir, ADAPTER_WEIGHTS[0])
     if not os.path.isfile(file):
         return None
     with safe_open(file, framework="pt") as f:
@@ -279,14 +299,15 @@ def write_portable_config(path: str, config_class, modules_to_save=None):
 
 
 def _adapter_problem(error: Exception) -> str:
-    """The informative line of peft's error (a shape mismatch names the tensor on its second line)."""
+    """peft's error in one line: a shape mismatch by its line that names the tensor (the first is a header), any
+    other whole."""
     lines = [line.strip() for line in str(error).splitlines() if line.strip()]
     if not lines:
         return type(error).__name__
     if "size mismatch" in str(error):
         detail = next(line for line in lines if "size mismatch" in line)
         return f"{detail} (was it trained on a base of another shape?)"
-    return f"{type(error).__name__}: {lines[0]} (is the adapter complete and for this base model?)"
+    return f"{type(error).__name__}: {' '.join(lines)} (is the adapter complete and for this base model?)"
 
 
 def merge_adapter(peft_model) -> torch.nn.Module:

@@ -9,8 +9,8 @@ import pytest
 import torch
 from safetensors import safe_open
 
-from conftest import max_diff, randomize_lora_b, tiny_config
-from gpt2_ascend import GPT2LMHeadModel
+from conftest import load_script, max_diff, randomize_lora_b, tiny_config
+from gpt2_ascend import GPT2ForSequenceClassification, GPT2LMHeadModel
 from gpt2_ascend.lora import apply_lora, load_adapter, read_adapter_config, save_adapter
 
 E = 32  # n_embd: unlike any rank below, so a shape says which is which
@@ -88,6 +88,43 @@ def test_rank_1_is_the_smallest_adapter():
     assert c_attn_of(model).scaling["default"] == 2.0
 
 
+def test_only_c_attn_is_kept_to_its_q_k_v_parts(tmp_path):
+    """q alone (MindFormers' dense1) beside the output projections: c_attn's B trains q's rows only, every other
+    adapted layer's B all its rows."""
+    torch.manual_seed(0)
+    model = apply_lora(GPT2LMHeadModel(tiny_config(n_embd=E)), rank=2, dropout=0.0,
+                       target_modules=[".*dense1.*", ".*projection.*"])
+    ids = torch.randint(0, 500, (2, 7), generator=torch.Generator().manual_seed(1))
+    model(input_ids=ids, labels=ids).loss.backward()
+    block = model.base_model.model.transformer.h[0]
+    q_rows = block.attn.c_attn.lora_B["default"].weight.grad
+    assert (q_rows[:E] != 0).all() and (q_rows[E:] == 0).all()  # q's E rows of the 3E
+    for layer in (block.attn.c_proj, block.mlp.c_proj):
+        assert (layer.lora_B["default"].weight.grad != 0).all()  # all E rows, both columns
+
+
+@pytest.mark.parametrize("cls", [GPT2LMHeadModel, GPT2ForSequenceClassification])
+def test_a_classifiers_lora_trains_and_saves_its_head_an_lms_none(tmp_path, cls):
+    """A classifier's `score` head is new (random on an LM base): its LoRA trains it whole and the adapter carries
+    it (modules_to_save ["score"]); a language model's LoRA trains the adapters alone and saves no module whole."""
+    torch.manual_seed(0)
+    adapted = apply_lora(cls(tiny_config()), rank=2, alpha=4.0, dropout=0.0)
+    trained = [n for n, p in adapted.named_parameters() if p.requires_grad and "lora_" not in n]
+    save_adapter(adapted, str(tmp_path))
+    with safe_open(os.path.join(tmp_path, "adapter_model.safetensors"), framework="pt") as f:
+        saved_whole = {k: f.get_tensor(k) for k in f.keys() if "lora_" not in k}
+    if cls is GPT2LMHeadModel:
+        assert adapted.peft_config["default"].modules_to_save is None
+        assert trained == [] and saved_whole == {}
+        assert read_adapter_config(str(tmp_path))["modules_to_save"] is None
+    else:
+        assert "score" in adapted.peft_config["default"].modules_to_save
+        assert trained == ["base_model.model.score.modules_to_save.default.weight"]
+        assert list(saved_whole) == ["base_model.model.score.weight"]
+        assert torch.equal(saved_whole["base_model.model.score.weight"], adapted.base_model.model.score.weight)
+        assert read_adapter_config(str(tmp_path))["modules_to_save"] == ["score"]
+
+
 def test_an_invalid_target_regex_is_one_line():
     with pytest.raises(ValueError) as e:
         apply_lora(GPT2LMHeadModel(tiny_config()), target_modules=["(("])
@@ -156,6 +193,16 @@ def test_rank_pattern_ranks_start_at_1(tmp_path):
     assert str(e.value) == refusal(path, "rank_pattern.c_attn", 0, "an integer in [1, 16777216]")
 
 
+def test_alpha_pattern_alphas_are_positive(tmp_path):
+    path = tmp_path / "adapter_config.json"
+    path.write_text(json.dumps({"peft_type": "LORA", "alpha_pattern": {"c_attn": 0.5}}))
+    assert read_adapter_config(str(tmp_path))["alpha_pattern"] == {"c_attn": 0.5}
+    path.write_text(json.dumps({"peft_type": "LORA", "alpha_pattern": {"c_attn": 0}}))
+    with pytest.raises(ValueError) as e:
+        read_adapter_config(str(tmp_path))
+    assert str(e.value) == refusal(path, "alpha_pattern.c_attn", 0, "a finite number > 0")
+
+
 def test_a_rank_1_adapter_loads(tmp_path):
     adapter, adapted = saved_adapter(tmp_path / "a", rank=1, alpha=4.0)
     merged = load_adapter(base_of(adapted), adapter)
@@ -169,7 +216,8 @@ def test_a_rank_1_adapter_loads(tmp_path):
 # ---------------------------------------------------------------------------------------------
 # the memory check before peft allocates: rank x (in + out) x 4 bytes over the adapted layers
 # ---------------------------------------------------------------------------------------------
-@pytest.mark.parametrize("targets", [["c_attn"], r".*\.c_attn"])  # names, or peft's one regex on whole names
+# names, peft's one regex on whole names, or none named (peft's default for GPT-2: c_attn)
+@pytest.mark.parametrize("targets", [["c_attn"], r".*\.c_attn", None])
 def test_the_memory_check_counts_exactly_the_targeted_layers(tmp_path, monkeypatch, targets):
     # c_attn is 64 in + 192 out in each of 2 blocks: 512 values per unit of rank; rank 1 is checked too
     adapter, _ = saved_adapter(tmp_path / "a", rank=1)
@@ -196,6 +244,17 @@ def test_load_adapter_merges_by_default(tmp_path):
         assert max_diff(merged.eval()(ids).logits, want) <= 1e-5  # ...and is folded into its weights
 
 
+def test_an_unmerged_adapter_loads_frozen_unless_trainable(tmp_path):
+    adapter, _ = saved_adapter(tmp_path / "a")
+    frozen = load_adapter(GPT2LMHeadModel(tiny_config()), adapter, merge=False)
+    assert frozen.peft_config["default"].inference_mode is True
+    assert [n for n, p in frozen.named_parameters() if p.requires_grad] == []
+    trains = load_adapter(GPT2LMHeadModel(tiny_config()), adapter, merge=False, trainable=True)
+    assert trains.peft_config["default"].inference_mode is False
+    assert [n for n, p in trains.named_parameters() if p.requires_grad] == [
+        f"base_model.model.transformer.h.{i}.attn.c_attn.lora_{m}.default.weight" for i in range(2) for m in "AB"]
+
+
 def test_an_adapter_of_another_shape_is_one_line(tmp_path):
     adapter, _ = saved_adapter(tmp_path / "a")
     with pytest.raises(ValueError) as e:
@@ -216,6 +275,21 @@ def test_a_damaged_adapter_file_is_one_line(tmp_path):
                             f"header: invalid header length (is the adapter complete and for this base model?)")
 
 
+def test_an_error_of_several_lines_is_kept_whole_on_one_line(tmp_path, monkeypatch):
+    # as torch words a strict state-dict load: its first line alone is a header that names no problem
+    from peft import PeftModel
+    def fails(*args, **kwargs):
+        raise RuntimeError("Error(s) in loading state_dict for PeftModelForCausalLM:\n\tUnexpected key(s) in "
+                           "state_dict: \"lora_C\".")
+    monkeypatch.setattr(PeftModel, "from_pretrained", fails)
+    adapter, _ = saved_adapter(tmp_path / "a")
+    with pytest.raises(ValueError) as e:
+        load_adapter(GPT2LMHeadModel(tiny_config()), adapter)
+    assert str(e.value) == (f"cannot load the LoRA adapter in {adapter}: RuntimeError: Error(s) in loading "
+                            f"state_dict for PeftModelForCausalLM: Unexpected key(s) in state_dict: \"lora_C\". (is "
+                            f"the adapter complete and for this base model?)")
+
+
 def test_an_invalid_target_regex_in_an_adapter_is_one_line(tmp_path):
     # the memory check cannot count layers with it (and lets it pass); peft then fails on it, in one line
     adapter, _ = saved_adapter(tmp_path / "a")
@@ -225,6 +299,83 @@ def test_an_invalid_target_regex_in_an_adapter_is_one_line(tmp_path):
     assert re.fullmatch(rf"cannot load the LoRA adapter in {re.escape(adapter)}: \w+: missing \), unterminated "
                         r"subpattern at position 1 \(is the adapter complete and for this base model\?\)",
                         str(e.value)), str(e.value)
+
+
+# ---------------------------------------------------------------------------------------------
+# an adapter folder without its weights file: said so (peft would look the folder up on the hub), API and CLI
+# ---------------------------------------------------------------------------------------------
+def lacks_weights(adapter):
+    return (f"the LoRA adapter in {adapter} lacks its weights file adapter_model.safetensors (an older peft's "
+            f"adapter_model.bin): copy it beside its adapter_config.json, or save the adapter again")
+
+
+def test_an_adapter_without_its_weights_file_is_one_line(tmp_path):
+    adapter, _ = saved_adapter(tmp_path / "a")
+    os.remove(os.path.join(adapter, "adapter_model.safetensors"))
+    with pytest.raises(ValueError) as e:
+        load_adapter(GPT2LMHeadModel(tiny_config()), adapter)
+    assert str(e.value) == lacks_weights(adapter)
+
+
+def test_an_adapter_without_its_weights_file_in_generate(tmp_path, capsys):
+    adapter, adapted = saved_adapter(tmp_path / "a")
+    base_of(adapted).save_pretrained(str(tmp_path / "base"))
+    os.remove(os.path.join(adapter, "adapter_model.safetensors"))
+    code = load_script("generate.py").main(["--model", str(tmp_path / "base"), "--adapter", adapter, "--prompt", "hi",
+                                            "--max_new_tokens", "2", "--device", "cpu"])
+    err = capsys.readouterr().err
+    assert (code, err.strip().splitlines()[-1]) == (2, f"error: {lacks_weights(adapter)}"), err
+    assert "Traceback" not in err
+
+
+def test_an_older_peft_adapter_model_bin_loads(tmp_path):
+    adapter, adapted = saved_adapter(tmp_path / "a")
+    adapted.save_pretrained(str(tmp_path / "bin"), safe_serialization=False)  # peft's adapter_model.bin
+    assert sorted(os.listdir(tmp_path / "bin")) == ["README.md", "adapter_config.json", "adapter_model.bin"]
+    merged = load_adapter(base_of(adapted), str(tmp_path / "bin"))
+    ids = torch.randint(0, 500, (2, 7), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        assert max_diff(merged.eval()(ids).logits, adapted(input_ids=ids).logits) <= 1e-5
+
+
+# ---------------------------------------------------------------------------------------------
+# an adapter_config.json without target_modules: the layers peft adapts on transformers' GPT-2
+# ---------------------------------------------------------------------------------------------
+def test_an_adapter_without_target_modules_adapts_c_attn_as_peft_on_transformers_does(tmp_path, capsys):
+    """peft's default for transformers' GPT-2 (its target-module mapping for model_type gpt2: c_attn), which peft
+    cannot look up on our model (GPT2Config.to_dict gives it no model_type): the same logits and the same greedy
+    continuation through generate.py --adapter as peft on transformers' GPT-2."""
+    import transformers
+    from peft import PeftModel
+    torch.manual_seed(0)
+    config = tiny_config(vocab_size=50257, pad_token_id=50256, eos_token_id=50256, bos_token_id=50256)
+    GPT2LMHeadModel(config).save_pretrained(str(tmp_path / "base"))
+    adapted = apply_lora(GPT2LMHeadModel.from_pretrained(tmp_path / "base"), rank=2, alpha=8.0, dropout=0.0)
+    randomize_lora_b(adapted)
+    adapter = str(tmp_path / "adapter")
+    save_adapter(adapted, adapter)
+    with_config(adapter, target_modules=None)
+    hf_base = transformers.GPT2LMHeadModel.from_pretrained(tmp_path / "base", attn_implementation="eager")
+    theirs = PeftModel.from_pretrained(hf_base, adapter).eval()
+    ours = load_adapter(GPT2LMHeadModel.from_pretrained(tmp_path / "base"), adapter, merge=False).eval()
+    assert theirs.peft_config["default"].target_modules == ours.peft_config["default"].target_modules == {"c_attn"}
+    ids = torch.randint(0, 50257, (2, 7), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        want = theirs(input_ids=ids).logits
+        assert max_diff(want, GPT2LMHeadModel.from_pretrained(tmp_path / "base")(ids).logits) > 1e-2
+        assert max_diff(ours(input_ids=ids).logits, want) <= 1e-5
+    out = tmp_path / "out.json"
+    code = load_script("generate.py").main(["--model", str(tmp_path / "base"), "--adapter", adapter, "--prompt",
+                                            "Hello world", "--max_new_tokens", "6", "--ignore_eos", "--output_json",
+                                            str(out), "--device", "cpu"])
+    assert code == 0, capsys.readouterr().err
+    from gpt2_ascend.data.tokenizer import load_tokenizer
+    tok = load_tokenizer()
+    prompt = torch.tensor([tok("Hello world").input_ids])
+    with torch.no_grad():
+        expected = theirs.generate(input_ids=prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=6,
+                                   do_sample=False, pad_token_id=50256)
+    assert tok(json.loads(out.read_text())["results"][0]["text"]).input_ids == expected[0, prompt.size(1):].tolist()
 
 
 # ---------------------------------------------------------------------------------------------
