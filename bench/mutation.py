@@ -115,6 +115,10 @@ KEPT_OPERATORS = (
 # source lines of the mutant's diff, so they hold while the code around them moves.
 EQUIVALENT: list[tuple[str, str, str, str]] = [
     # parallel/clip.py, generation.py, model.py (judged by the lead)
+    ("model.py", "return pos.masked_fill(attention_mask == 0, 1)", "return pos.masked_fill(attention_mask == 0, 0)",
+     "any in-range position id for a pad slot: it changes only that slot's own hidden state, which the mask hides "
+     "from every real query and which no loss, pooling or generation step reads (each row alone equals it in a "
+     "padded batch: test_model.py / test_generation.py); transformers' own pad-slot states differ from ours anyway"),
     ("train/optim.py", 'found = optimizer.param_groups[0].get("update_rule", "torch")',
      'found = optimizer.param_groups[-1].get("update_rule", "torch")',
      "every group carries the same update_rule (build_optimizer / use_mindspore_rule set it on all)"),

@@ -3,7 +3,7 @@ import pytest
 import torch
 
 from gpt2_ascend import GPT2Config, GPT2LMHeadModel, KVCache
-from gpt2_ascend.model import positions_from_mask
+from gpt2_ascend.model import build_attention_mask, last_token_index, positions_from_mask
 from conftest import hf_model, max_diff, ours_from_hf, tiny_config
 
 TOL = 1e-6  # measured fp32 differences on these tiny shapes: at most 3e-7
@@ -205,6 +205,9 @@ def test_padded_vocab_is_invisible():
     ref = torch.nn.functional.cross_entropy(out.logits[:, :-1].reshape(-1, 500), ids[:, 1:].reshape(-1))
     assert abs(out.loss.item() - ref.item()) < 1e-6
     assert model.num_parameters() == GPT2LMHeadModel(config.replace(pad_vocab_size_multiple=1)).num_parameters()
+    untied = config.replace(tie_word_embeddings=False)  # both the embedding and the head carry the padding rows
+    assert GPT2LMHeadModel(untied).num_parameters() == \
+        GPT2LMHeadModel(untied.replace(pad_vocab_size_multiple=1)).num_parameters()
 
 
 @pytest.mark.parametrize("kwargs,message", [
@@ -269,6 +272,37 @@ def test_classification_from_embeddings_pools_the_last_position_and_return_dict_
     assert out.logits.shape == (3, 3)
     assert max_diff(out.logits, ref.logits) <= TOL
     assert isinstance(as_tuple, tuple) and torch.equal(as_tuple[1], out.logits) and torch.equal(as_tuple[0], out.loss)
+
+
+def test_plain_causal_attention_builds_no_mask_and_a_chunk_after_the_cache_sees_it_all():
+    """No mask tensor where SDPA's causal kernel (or none at all) does the work: a prompt without padding, and each
+    one-token step after the cache. A chunk of 3 tokens after 5 cached ones gets its causal mask by cache slot."""
+    assert build_attention_mask(None, q_len=7, past=0, device="cpu") is None
+    assert build_attention_mask(None, q_len=1, past=5, device="cpu") is None
+    mask = build_attention_mask(None, q_len=3, past=5, device="cpu")
+    assert mask.shape == (1, 1, 3, 8)
+    assert mask[0, 0].tolist() == [[k <= 5 + q for k in range(8)] for q in range(3)]
+
+
+def test_last_token_without_a_mask_or_pad_id_is_the_last_column_and_generation_feeds_unseen_tokens():
+    """A model with no pad id pools each row's last column (a batch of 3 rows of 7 tokens: index 6 for each); for a
+    generation step transformers' hook passes the whole prompt before the cache holds anything, and only the
+    tokens the cache has not seen after."""
+    ids = torch.randint(0, 100, (3, 7))
+    assert last_token_index(ids, None, None).tolist() == [6, 6, 6]
+    model = GPT2LMHeadModel(tiny_config()).eval()
+    assert torch.equal(model.prepare_inputs_for_generation(ids)["input_ids"], ids)
+    with torch.no_grad():
+        cache = model(ids[:, :4], use_cache=True).past_key_values
+    assert torch.equal(model.prepare_inputs_for_generation(ids, past_key_values=cache)["input_ids"], ids[:, 4:])
+
+
+def test_from_pretrained_refuses_dtype_and_torch_dtype_that_disagree(tmp_path):
+    GPT2LMHeadModel(tiny_config()).save_pretrained(str(tmp_path))
+    with pytest.raises(ValueError, match="disagree: pass one of them"):
+        GPT2LMHeadModel.from_pretrained(str(tmp_path), dtype=torch.float32, torch_dtype=torch.bfloat16)
+    model = GPT2LMHeadModel.from_pretrained(str(tmp_path), dtype=torch.bfloat16, torch_dtype=torch.bfloat16)
+    assert model.transformer.wte.weight.dtype == torch.bfloat16
 
 
 def test_context_overflow_is_clear():
