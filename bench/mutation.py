@@ -72,7 +72,7 @@ MODULES = {
                        "tests/test_train_trainer.py::test_fp16_overflow_skips_the_step_and_lowers_the_scale",
                        "tests/test_train_trainer.py::test_fp16_recovers_once_the_scale_fits"],
     "generation.py": ["tests/test_generation.py", "tests/test_model.py"],
-    "model.py": ["tests/test_model.py", "tests/test_model_parity.py", "tests/test_init.py",
+    "model.py": ["tests/test_model.py", "tests/test_model_parity.py", "tests/test_init.py", "tests/test_hf_habits.py",
                  "tests/test_generation.py", f"{HF_INTEROP}::test_forward_arguments_have_transformers_meaning",
                  f"{HF_INTEROP}::test_classifier_forward_arguments_have_transformers_meaning",
                  f"{HF_INTEROP}::test_unsupported_arguments_raise_type_error_naming_them"],

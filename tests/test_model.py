@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-from gpt2_ascend import GPT2Config, GPT2LMHeadModel, KVCache
+from gpt2_ascend import GPT2Config, GPT2ForSequenceClassification, GPT2LMHeadModel, KVCache
 from gpt2_ascend.model import build_attention_mask, last_token_index, positions_from_mask
 from conftest import hf_model, max_diff, ours_from_hf, tiny_config
 
@@ -295,6 +295,19 @@ def test_last_token_without_a_mask_or_pad_id_is_the_last_column_and_generation_f
     with torch.no_grad():
         cache = model(ids[:, :4], use_cache=True).past_key_values
     assert torch.equal(model.prepare_inputs_for_generation(ids, past_key_values=cache)["input_ids"], ids[:, 4:])
+
+
+def test_labels_at_num_labels_are_refused_and_embeddings_are_counted_out_as_transformers():
+    """A label equal to num_labels is one past the last class: refused in one line. num_parameters(exclude_embeddings)
+    leaves out wte and wpe, as transformers' does."""
+    config = tiny_config(num_labels=3)
+    model = GPT2ForSequenceClassification(config)
+    with pytest.raises(ValueError, match=r"labels must be in \[0, 3\), found 0..3"):
+        model(torch.zeros(2, 4, dtype=torch.long), labels=torch.tensor([0, 3]))
+    hf = hf_model(tiny_config())
+    ours = GPT2LMHeadModel(tiny_config())
+    assert ours.num_parameters(exclude_embeddings=True) == hf.num_parameters(exclude_embeddings=True)
+    assert ours.num_parameters() == hf.num_parameters()
 
 
 def test_from_pretrained_refuses_dtype_and_torch_dtype_that_disagree(tmp_path):
