@@ -111,5 +111,24 @@ def counting_backend(graphs: list, aot: bool = False):
     return backend
 
 
+def assert_generate_cli_continues_like(theirs, model_dir, adapter_dir, out_json, capsys):
+    """generate.py --adapter on model_dir gives, for "Hello world", the greedy 6 tokens of `theirs` (peft on
+    transformers' GPT-2 with the same adapter)."""
+    import json
+    from gpt2_ascend.data.tokenizer import load_tokenizer
+    code = load_script("generate.py").main(["--model", str(model_dir), "--adapter", str(adapter_dir), "--prompt",
+                                            "Hello world", "--max_new_tokens", "6", "--ignore_eos", "--output_json",
+                                            str(out_json), "--device", "cpu"])
+    assert code == 0, capsys.readouterr().err
+    tok = load_tokenizer()
+    prompt = torch.tensor([tok("Hello world").input_ids])
+    with torch.no_grad():
+        expected = theirs.generate(input_ids=prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=6,
+                                   do_sample=False, pad_token_id=50256)
+    with open(out_json) as f:
+        text = json.load(f)["results"][0]["text"]
+    assert tok(text).input_ids == expected[0, prompt.size(1):].tolist()
+
+
 def max_diff(a, b):
     return (a.float() - b.float()).abs().max().item()

@@ -8,7 +8,8 @@ import warnings
 import pytest
 import torch
 
-from conftest import hf_model, load_script, max_diff, ours_from_hf, randomize_lora_b, tiny_config
+from conftest import (assert_generate_cli_continues_like, hf_model, load_script, max_diff, ours_from_hf,
+                      randomize_lora_b, tiny_config)
 from gpt2_ascend import GPT2ForSequenceClassification, GPT2LMHeadModel
 from gpt2_ascend.config import GenerationConfig
 from gpt2_ascend.model import positions_from_mask
@@ -153,18 +154,7 @@ def test_hf_causal_lm_adapter_in_load_adapter_merge_lora_and_generate(tmp_path, 
         losses = [theirs(input_ids=b[None], labels=b[None]).loss for b in blocks]  # each block's mean over 15
     assert abs(json.loads(result.read_text())["loss"] - torch.stack(losses).mean().item()) <= 1e-5
     # generate.py --adapter: the greedy continuation peft + transformers produce
-    out = tmp_path / "out.json"
-    code = load_script("generate.py").main(["--model", str(tmp_path / "base"), "--adapter", str(tmp_path / "adapter"),
-                                            "--prompt", "Hello world", "--max_new_tokens", "6", "--ignore_eos",
-                                            "--output_json", str(out), "--device", "cpu"])
-    assert code == 0, capsys.readouterr().err
-    from gpt2_ascend.data.tokenizer import load_tokenizer
-    tok = load_tokenizer()
-    prompt = torch.tensor([tok("Hello world").input_ids])
-    with torch.no_grad():
-        expected = theirs.generate(input_ids=prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=6,
-                                   do_sample=False, pad_token_id=50256)
-    assert tok(json.loads(out.read_text())["results"][0]["text"]).input_ids == expected[0, prompt.size(1):].tolist()
+    assert_generate_cli_continues_like(theirs, tmp_path / "base", tmp_path / "adapter", tmp_path / "out.json", capsys)
 
 
 def test_hf_seq_cls_adapter_in_evaluate_and_merge_lora(tmp_path):

@@ -9,7 +9,7 @@ import pytest
 import torch
 from safetensors import safe_open
 
-from conftest import load_script, max_diff, randomize_lora_b, tiny_config
+from conftest import assert_generate_cli_continues_like, load_script, max_diff, randomize_lora_b, tiny_config
 from gpt2_ascend import GPT2ForSequenceClassification, GPT2LMHeadModel
 from gpt2_ascend.lora import apply_lora, load_adapter, read_adapter_config, save_adapter
 
@@ -183,24 +183,18 @@ def test_adapter_config_bounds(tmp_path, key, value, expected):
         assert str(e.value) == refusal(tmp_path / "adapter_config.json", key, value, expected)
 
 
-def test_rank_pattern_ranks_start_at_1(tmp_path):
+@pytest.mark.parametrize("key, smallest, refused, expected", [
+    ("rank_pattern", 1, 0, "an integer in [1, 16777216]"),  # ranks start at 1
+    ("alpha_pattern", 0.5, 0, "a finite number > 0"),  # alphas are positive
+])
+def test_pattern_values_are_bounded_like_their_key(tmp_path, key, smallest, refused, expected):
     path = tmp_path / "adapter_config.json"
-    path.write_text(json.dumps({"peft_type": "LORA", "rank_pattern": {"c_attn": 1}}))
-    assert read_adapter_config(str(tmp_path))["rank_pattern"] == {"c_attn": 1}
-    path.write_text(json.dumps({"peft_type": "LORA", "rank_pattern": {"c_attn": 0}}))
+    path.write_text(json.dumps({"peft_type": "LORA", key: {"c_attn": smallest}}))
+    assert read_adapter_config(str(tmp_path))[key] == {"c_attn": smallest}
+    path.write_text(json.dumps({"peft_type": "LORA", key: {"c_attn": refused}}))
     with pytest.raises(ValueError) as e:
         read_adapter_config(str(tmp_path))
-    assert str(e.value) == refusal(path, "rank_pattern.c_attn", 0, "an integer in [1, 16777216]")
-
-
-def test_alpha_pattern_alphas_are_positive(tmp_path):
-    path = tmp_path / "adapter_config.json"
-    path.write_text(json.dumps({"peft_type": "LORA", "alpha_pattern": {"c_attn": 0.5}}))
-    assert read_adapter_config(str(tmp_path))["alpha_pattern"] == {"c_attn": 0.5}
-    path.write_text(json.dumps({"peft_type": "LORA", "alpha_pattern": {"c_attn": 0}}))
-    with pytest.raises(ValueError) as e:
-        read_adapter_config(str(tmp_path))
-    assert str(e.value) == refusal(path, "alpha_pattern.c_attn", 0, "a finite number > 0")
+    assert str(e.value) == refusal(path, f"{key}.c_attn", refused, expected)
 
 
 def test_a_rank_1_adapter_loads(tmp_path):
@@ -364,18 +358,7 @@ def test_an_adapter_without_target_modules_adapts_c_attn_as_peft_on_transformers
         want = theirs(input_ids=ids).logits
         assert max_diff(want, GPT2LMHeadModel.from_pretrained(tmp_path / "base")(ids).logits) > 1e-2
         assert max_diff(ours(input_ids=ids).logits, want) <= 1e-5
-    out = tmp_path / "out.json"
-    code = load_script("generate.py").main(["--model", str(tmp_path / "base"), "--adapter", adapter, "--prompt",
-                                            "Hello world", "--max_new_tokens", "6", "--ignore_eos", "--output_json",
-                                            str(out), "--device", "cpu"])
-    assert code == 0, capsys.readouterr().err
-    from gpt2_ascend.data.tokenizer import load_tokenizer
-    tok = load_tokenizer()
-    prompt = torch.tensor([tok("Hello world").input_ids])
-    with torch.no_grad():
-        expected = theirs.generate(input_ids=prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=6,
-                                   do_sample=False, pad_token_id=50256)
-    assert tok(json.loads(out.read_text())["results"][0]["text"]).input_ids == expected[0, prompt.size(1):].tolist()
+    assert_generate_cli_continues_like(theirs, tmp_path / "base", adapter, tmp_path / "out.json", capsys)
 
 
 # ---------------------------------------------------------------------------------------------
