@@ -99,6 +99,9 @@ def _check_every_token_is_made(vocab: dict, merges: list, vocab_path: str, merge
                          f"files are not a pair; re-copy the tokenizer files")
 
 
+NO_LIMIT = int(1e30)  # the model_max_length transformers writes for a tokenizer without one
+
+
 def _special_token(value):
     """A special token as transformers writes it: the text, or {"content": text, ...} (an AddedToken)."""
     if isinstance(value, str) or (isinstance(value, dict) and isinstance(value.get("content"), str)):
@@ -114,7 +117,7 @@ TOKENIZER_SETTINGS = {
     "tokenizer_config.json": {
         **SPECIAL_TOKENS, "add_prefix_space": Key(False, "bool"), "add_bos_token": Key(False, "bool"),
         "add_eos_token": Key(False, "bool"), "clean_up_tokenization_spaces": Key(False, "bool"),
-        "model_max_length": Key(None, "int", minimum=1, maximum=int(1e30)),  # transformers writes int(1e30): no limit
+        "model_max_length": Key(None, "int", minimum=1, maximum=NO_LIMIT),
         "tokenizer_class": Key(None, "str"), EXTRA: Key(None, "any")},
     "special_tokens_map.json": {**SPECIAL_TOKENS, EXTRA: Key(None, "any")},
 }
@@ -135,11 +138,10 @@ def _gpt2_tokenizer(path: str):
     settings = os.path.join(path, "tokenizer_config.json")  # (checked by check_tokenizer_settings)
     saved = read_json(settings, fix="re-copy the tokenizer files").get("model_max_length") \
         if os.path.isfile(settings) else None
-    try:  # the folder's own context (a model saved here names it), else GPT-2's 1024 (not transformers' int(1e30),
-        # "no limit")
+    try:  # the folder's own context (a model saved here names it), else GPT-2's 1024 (not transformers' NO_LIMIT)
         return GPT2TokenizerFast.from_pretrained(path, bos_token=EOS_TOKEN, eos_token=EOS_TOKEN, unk_token=EOS_TOKEN,
                                                  pad_token=EOS_TOKEN,
-                                                 model_max_length=saved if saved and saved < int(1e30) else 1024,
+                                                 model_max_length=saved if saved and saved < NO_LIMIT else 1024,
                                                  **LOSSLESS_DECODE)
     except Exception as e:  # noqa: BLE001 - tokenizers raises a bare Exception
         file = os.path.join(path, "tokenizer.json")
