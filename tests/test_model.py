@@ -27,10 +27,28 @@ def test_incremental_decoding_equals_full_forward(static):
         out = model(ids[:, :6], past_key_values=cache, use_cache=True)
         steps = [out.logits]
         for t in range(6, 20):
-            out = model(ids[:, t:t + 1], past_key_values=out.past_key_values, use_cache=True)
+            # every other step passes the cache back without use_cache (transformers' loop, whose use_cache
+            # defaults to config.use_cache): a cache passed in is returned either way
+            kw = dict(use_cache=True) if t % 2 else {}
+            out = model(ids[:, t:t + 1], past_key_values=out.past_key_values, **kw)
             steps.append(out.logits)
     assert out.past_key_values.length == 20
     assert max_diff(torch.cat(steps, dim=1), full) <= TOL
+    assert model(ids[:, :3]).past_key_values is None  # no cache asked for, none passed: none returned
+
+
+def test_a_forward_with_labels_compiles_into_one_graph():
+    """check_labels reads labels only in eager mode: under torch.compile its data-dependent indexing would
+    break the graph (fullgraph=True raises) and sync the device every step."""
+    config = tiny_config()
+    torch.manual_seed(0)
+    model = GPT2LMHeadModel(config).eval()
+    ids = torch.randint(0, config.vocab_size, (2, 9))
+    torch._dynamo.reset()
+    with torch.no_grad():
+        compiled = torch.compile(model, backend="eager", fullgraph=True)(ids, labels=ids).loss
+        assert max_diff(compiled, model(ids, labels=ids).loss) <= TOL
+    torch._dynamo.reset()
 
 
 def test_incremental_decoding_with_left_padding_matches_hf():
