@@ -131,9 +131,10 @@ class CausalSelfAttention(nn.Module):
             q, k, v = (t.view(B, T, -1, self.head_dim) for t in qkv.chunk(3, dim=2))
         return q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
 
-    def forward(self, x, mask=None, cache: Optional[KVCache] = None, layer_idx: int = 0, attentions=None):
-        """attentions: a list to append this layer's attention weights to (output_attentions); the weights
-        exist only on the eager path, so that path runs then, whatever attn_implementation says."""
+    def forward(self, x, mask, cache: Optional[KVCache], layer_idx: int, attentions=None):
+        """Called by Block.forward only, with every argument (no defaults for it to disagree with).
+        attentions: a list to append this layer's attention weights to (output_attentions); the weights exist only
+        on the eager path, so that path runs then, whatever attn_implementation says."""
         B, T, _ = x.shape
         q, k, v = self.split_qkv(self.c_attn(x))
         if cache is not None:

@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-from gpt2_ascend import GPT2Config, GPT2ForSequenceClassification, GPT2LMHeadModel, KVCache
+from gpt2_ascend import GPT2Config, GPT2ForSequenceClassification, GPT2LMHeadModel, GPT2Model, KVCache
 from gpt2_ascend.model import build_attention_mask, last_token_index, positions_from_mask
 from conftest import hf_model, max_diff, ours_from_hf, tiny_config
 
@@ -198,6 +198,14 @@ def test_init_and_tied_head():
     proj_std = 0.02 / (2 * config.n_layer) ** 0.5
     assert abs(model.transformer.h[0].attn.c_proj.weight.std().item() - proj_std) < 1e-3
     assert model.transformer.h[0].attn.c_attn.bias.abs().max().item() == 0.0
+    torch.manual_seed(0)  # a bare body is initialised the same way: the LM's body under the same seed (but wte,
+    body = GPT2Model(config)  # which the LM's tied head draws again last)
+    ours, lms = body.state_dict(), model.transformer.state_dict()
+    assert list(ours) == list(lms) and all(torch.equal(ours[k], lms[k]) for k in ours if k != "wte.weight")
+    assert abs(body.wte.weight.std().item() - 0.02) < 2e-3
+    # transformers' question to its pipelines: only the language model generates
+    assert GPT2LMHeadModel.can_generate() and not GPT2Model.can_generate()
+    assert not GPT2ForSequenceClassification.can_generate()
 
 
 def test_meta_device_presets_and_parameter_counts():
