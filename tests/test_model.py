@@ -154,6 +154,29 @@ def test_classification_pools_the_masks_last_token_whatever_the_padding_id(side)
     assert max_diff(alone[1], alone[2]) > 1e-2  # rows differ: pooling the wrong token would show
 
 
+@pytest.mark.parametrize("cls", [GPT2LMHeadModel, GPT2ForSequenceClassification])
+def test_pipeline_stages_chained_in_one_process_give_the_whole_models_logits(cls):
+    """A pipeline's stages (first, middle, last; parallel/pipeline.py) are the model in its tensors-in,
+    tensors-out mode: a stage before the last hands on its hidden states (and the mask, when there is one), the
+    last gives logits. Chained by hand they are the whole model (torchrun runs them: test_parallel.py)."""
+    from gpt2_ascend.parallel.pipeline import pipeline_stage
+    config = tiny_config(n_layer=3, num_labels=3)
+    torch.manual_seed(0)
+    model = cls(config).eval()
+    ids = torch.randint(0, config.vocab_size - 1, (2, 10))
+    mask = torch.ones_like(ids)
+    mask[1, :4] = 0  # a left-padded row
+    stages = [pipeline_stage(model, s, 3) for s in range(3)]
+    with torch.no_grad():
+        for inputs, kw in (((ids, mask), dict(attention_mask=mask)), ((ids,), {})):
+            x = inputs
+            for stage in stages[:-1]:
+                x = stage(*x)
+                x = x if isinstance(x, tuple) else (x,)
+                assert len(x) == len(inputs) and x[0].shape == (2, 10, config.n_embd)
+            assert max_diff(stages[-1](*x), model(ids, **kw).logits) <= TOL
+
+
 def test_eager_and_sdpa_agree_and_dropout_is_off_in_eval():
     config = tiny_config(embd_pdrop=0.1, attn_pdrop=0.1, resid_pdrop=0.1)
     torch.manual_seed(0)
