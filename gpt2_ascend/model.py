@@ -171,7 +171,8 @@ class Block(nn.Module):
         self.ln_2 = nn.LayerNorm(config.n_embd, eps=config.layer_norm_epsilon)
         self.mlp = MLP(config)
 
-    def forward(self, x, mask=None, cache: Optional[KVCache] = None, layer_idx: int = 0, attentions=None):
+    def forward(self, x, mask, cache: Optional[KVCache], layer_idx: int, attentions=None):
+        # every argument from the caller (GPT2Model.forward, run_block), no default to disagree with;
         # attentions by keyword: tensor parallel's PrepareModuleInput lays out attn's four positional inputs
         x = x + self.attn(self.ln_1(x), mask, cache, layer_idx, attentions=attentions)
         return x + self.mlp(self.ln_2(x))

@@ -359,6 +359,12 @@ def test_hub_revision_and_local_files_only(tmp_path, monkeypatch):
         monkeypatch.setenv("HF_ENDPOINT", hub.url)
         GPT2LMHeadModel.from_pretrained("someone/tiny", revision="v1.0")
         assert any("/revision/v1.0" in request for request in hub.requests)  # asked the hub for that revision
+        # the weights come from the cache the next time, unless force_download says otherwise
+        assert hub.downloads.count("model.safetensors") == 1
+        GPT2LMHeadModel.from_pretrained("someone/tiny", revision="v1.0")
+        assert hub.downloads.count("model.safetensors") == 1
+        GPT2LMHeadModel.from_pretrained("someone/tiny", revision="v1.0", force_download=True)
+        assert hub.downloads.count("model.safetensors") == 2
     # the server is gone: the cache serves the revision fetched, and nothing else
     loaded = GPT2LMHeadModel.from_pretrained("someone/tiny", revision="v1.0", local_files_only=True)
     ids = torch.arange(8)[None]

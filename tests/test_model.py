@@ -37,6 +37,25 @@ def test_incremental_decoding_equals_full_forward(static):
     assert model(ids[:, :3]).past_key_values is None  # no cache asked for, none passed: none returned
 
 
+def test_every_prefix_sees_only_its_past_and_the_chunked_loss_answers_in_either_form():
+    """A prompt of any length (1, 2, 3 ... tokens, no mask) gives the logits of the same positions of a longer
+    one: causal at every length, two tokens included. The chunked-loss path (loss_chunk_size, training) returns
+    a ModelOutput, or a tuple with return_dict=False, as the logits path does."""
+    config = tiny_config()
+    torch.manual_seed(0)
+    model = GPT2LMHeadModel(config).eval()
+    ids = torch.randint(0, config.vocab_size, (2, 6))
+    with torch.no_grad():
+        full = model(ids).logits
+        for length in range(1, 6):
+            assert max_diff(model(ids[:, :length]).logits, full[:, :length]) <= TOL
+    model.config.loss_chunk_size = 4
+    out = model(ids, targets=ids)
+    as_tuple = model(ids, targets=ids, return_dict=False)
+    assert out.loss is not None and isinstance(as_tuple, tuple) and torch.equal(as_tuple[0], out.loss)
+    assert not isinstance(model(ids, targets=ids, return_dict=True), tuple)
+
+
 def test_a_forward_with_labels_compiles_into_one_graph():
     """check_labels reads labels only in eager mode: under torch.compile its data-dependent indexing would
     break the graph (fullgraph=True raises) and sync the device every step."""

@@ -18,6 +18,7 @@ class FakeHub:
         self.repos = repos
         self.interrupt = dict(interrupt or {})
         self.requests = []
+        self.downloads = []  # the files sent by a GET (a HEAD only asks for their metadata)
         self.ranges = []  # (file name, first byte asked for) of each GET with a Range header
         hub = self
 
@@ -60,6 +61,8 @@ class FakeHub:
                         data = open(file, "rb").read()
                         etag = hashlib.sha256(data).hexdigest()
                         start = self.range_start()
+                        if not head:
+                            hub.downloads.append(name)
                         if not head and start:
                             hub.ranges.append((name, start))
                         self.send_response(206 if start else 200)
