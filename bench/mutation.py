@@ -116,6 +116,13 @@ KEPT_OPERATORS = (
 # source lines of the mutant's diff, so they hold while the code around them moves.
 EQUIVALENT: list[tuple[str, str, str, str]] = [
     # parallel/clip.py, generation.py, model.py (judged by the lead)
+    ("model.py", "pos = attention_mask.long().cumsum(-1) - 1", "pos = attention_mask.long().cumsum(1) - 1",
+     "the mask is (batch, length) here, every other shape refused at the forward's entry: dim 1 is the last"),
+    ("model.py", 'x = step(block, x, mask, cache, i, self.recompute if self.training and cache is None else "none")',
+     'x = step(block, x, mask, cache, i, self.recompute if self.training or cache is None else "none")',
+     "they differ only in eval mode without a cache, where recomputation then wraps the block in "
+     "torch.utils.checkpoint: under no_grad that runs it once as is, with gradients it recomputes exactly "
+     "(test_recompute_modes_same_loss_and_grads_with_dropout): the same numbers, another cost"),
     ("model.py", "return pos.masked_fill(attention_mask == 0, 1)", "return pos.masked_fill(attention_mask == 0, 0)",
      "any in-range position id for a pad slot: it changes only that slot's own hidden state, which the mask hides "
      "from every real query and which no loss, pooling or generation step reads (each row alone equals it in a "

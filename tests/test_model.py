@@ -228,6 +228,11 @@ def test_gradient_checkpointing_same_loss_and_grads():
     model(ids, labels=ids).loss.backward()
     for n, p in model.named_parameters():
         assert max_diff(p.grad, grads[n]) <= 1e-6, n
+    # transformers' GPT2Model attribute, which its Trainer and peft read and set
+    body = model.transformer
+    assert body.gradient_checkpointing is True and body.recompute == "full"
+    body.gradient_checkpointing = False
+    assert body.gradient_checkpointing is False and body.recompute == "none"
 
 
 def test_init_and_tied_head():
@@ -363,6 +368,8 @@ def test_last_token_without_a_mask_or_pad_id_is_the_last_column_and_generation_f
     with torch.no_grad():
         cache = model(ids[:, :4], use_cache=True).past_key_values
     assert torch.equal(model.prepare_inputs_for_generation(ids, past_key_values=cache)["input_ids"], ids[:, 4:])
+    with torch.no_grad():  # the first step's forward starts the cache the next steps continue
+        assert model(**model.prepare_inputs_for_generation(ids)).past_key_values.length == 7
 
 
 def test_labels_at_num_labels_are_refused_and_embeddings_are_counted_out_as_transformers():
