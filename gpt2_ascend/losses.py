@@ -43,7 +43,9 @@ class _ChunkedLinearCrossEntropy(torch.autograd.Function):
             grad.mul_(keep[:, None].float())
             grad = grad.to(h.dtype)
             grad_hidden[start:start + chunk_size] = grad @ w
-            if weight_grad:
+            if weight_grad and grad.dtype == torch.float32:
+                grad_weight.addmm_(grad.t(), h)  # in place: no (vocab x C) temporary per chunk
+            elif weight_grad:
                 grad_weight += (grad.t() @ h).float()
         ctx.save_for_backward(grad_hidden, grad_weight, count)
         ctx.weight_dtype = weight.dtype
@@ -53,7 +55,8 @@ class _ChunkedLinearCrossEntropy(torch.autograd.Function):
     def backward(ctx, grad_loss):
         grad_hidden, grad_weight, count = ctx.saved_tensors
         scale = grad_loss / count
-        grad_w = (grad_weight * scale).to(ctx.weight_dtype) if grad_weight is not None else None
+        # in place (one backward per forward: a second one would find the saved tensor modified, and say so)
+        grad_w = grad_weight.mul_(scale).to(ctx.weight_dtype) if grad_weight is not None else None
         return grad_hidden * scale.to(grad_hidden.dtype), grad_w, None, None, None, None
 
 
