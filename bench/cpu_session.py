@@ -22,7 +22,10 @@ time the process's CPU time is measured (cpu_time_ratio = transformers' / ours')
 swing by 2x and more, CPU times much less. The machine's ceilings are measured in the same run: fp32 matmul
 GFLOP/s, read GB/s (a sum over 256 MiB) and copy GB/s (read + write), each the best of several tries. A decoding
 case's bound is what the read bandwidth allows: batch x read GB/s / (bytes of every weight read once per step +
-the KV cache read, mean over the steps); pct_of_bound = ours / bound. The 1-minute load average is recorded at
+the KV cache read, mean over the steps); pct_of_bound = ours / bound. A training or evaluation case's bound is what
+the matmul rate allows: GFLOP/s / FLOPs per token (nanoGPT's 6 N + 12 L C T for training, a third of it for
+scoring); with it come transformers' share of it and the largest ratio any implementation of the same arithmetic
+could reach here (bound / transformers). The 1-minute load average is recorded at
 the start and end of every case.
 
 Output: a table on stderr, and on stdout one JSON line per case, with at least
@@ -183,7 +186,7 @@ def case_line(case: str, ours_rate: float, theirs_rate: float, pct_of_bound=None
 # ---------------------------------------------------------------------------------------------
 # the cases
 # ---------------------------------------------------------------------------------------------
-def train_case(sizes: Sizes, args) -> dict:
+def train_case(sizes: Sizes, args, ceilings: dict) -> dict:
     """The trainer's step (bench/train.py's build_ours, fp32 on CPU) against transformers eager in a loop."""
     train_bench = load_bench("train")
     device = torch.device("cpu")
@@ -202,12 +205,31 @@ def train_case(sizes: Sizes, args) -> dict:
     seconds, cpu = interleaved(dict(ours=ours, theirs=theirs), sizes.train_rounds)
     ours_s, theirs_s = seconds["ours"], seconds["theirs"]
     tokens = sizes.train_batch * sizes.train_seq
-    return case_line("train-small", tokens / ours_s, tokens / theirs_s, None, update_rule=args.update_rule,
+    bound = compute_bound(config, sizes.train_seq, True, ceilings, tokens / theirs_s)
+    return case_line("train-small", tokens / ours_s, tokens / theirs_s,
+                     round(100 * tokens / ours_s / bound["bound_tokens_per_s"], 1), **bound, update_rule=args.update_rule,
                      loss_chunk_size=args.loss_chunk_size,
                      ours_step_s=round(ours_s, 3), transformers_step_s=round(theirs_s, 3),
                      cpu_time_ratio=round(cpu["theirs"] / cpu["ours"], 3),
                      optimizer=type(trainer.optimizer).__name__ + (" fused" if trainer.optimizer.defaults.get("fused")
                                                                   else ""))
+
+
+def flops_per_token(config, seq: int, training: bool) -> float:
+    """nanoGPT's / PaLM's count: 6 N + 12 L C T per trained token (forward + backward), a third of it per scored
+    token, N the weights of the matrix products (blocks and the head over the real vocabulary; not the position
+    table, a lookup)."""
+    c = config.n_embd
+    n = config.n_layer * 12 * c * c + config.vocab_size * c
+    return (6 * n + 12 * config.n_layer * c * seq) / (1 if training else 3)
+
+
+def compute_bound(config, seq: int, training: bool, ceilings: dict, theirs_rate: float) -> dict:
+    """The tokens/s the measured matmul rate allows, and transformers' share of it: a ratio above
+    bound / transformers is out of reach of any implementation doing the same arithmetic on this machine."""
+    bound = ceilings["matmul_gflops"] * 1e9 / flops_per_token(config, seq, training)
+    return dict(bound_tokens_per_s=round(bound, 1), transformers_pct_of_bound=round(100 * theirs_rate / bound, 1),
+                largest_possible_ratio=round(bound / theirs_rate, 2))
 
 
 def decode_bytes_per_step(model, batch: int, prompt: int, new_tokens: int) -> float:
@@ -253,7 +275,7 @@ def decode_case(case: str, sizes: Sizes, ceilings: dict) -> dict:
                      eager_same_tokens=bool(torch.equal(outputs["eager"], outputs["theirs"])))
 
 
-def eval_case(case: str, sizes: Sizes, data_dir: str | None) -> dict:
+def eval_case(case: str, sizes: Sizes, data_dir: str | None, ceilings: dict) -> dict:
     """Perplexity of WikiText-2 valid blocks: eval.perplexity() against transformers' loss, batch by batch."""
     generate_bench = load_bench("generate")
     from gpt2_ascend.eval import perplexity
@@ -290,7 +312,9 @@ def eval_case(case: str, sizes: Sizes, data_dir: str | None) -> dict:
             cpu[side] += time.process_time() - start_cpu
     mean = {side: sum(s for s, _ in v) / sum(n for _, n in v) for side, v in losses.items()}
     tokens = sum(n for _, n in losses["ours"])
-    return case_line(case, tokens / seconds["ours"], tokens / seconds["theirs"], None, tokens=tokens,
+    bound = compute_bound(config, seq, False, ceilings, tokens / seconds["theirs"])
+    return case_line(case, tokens / seconds["ours"], tokens / seconds["theirs"],
+                     round(100 * tokens / seconds["ours"] / bound["bound_tokens_per_s"], 1), **bound, tokens=tokens,
                      cpu_time_ratio=round(cpu["theirs"] / cpu["ours"], 3),
                      blocks=int(blocks.size(0)), seq_length=seq, loss_ours=round(mean["ours"], 8),
                      loss_transformers=round(mean["theirs"], 8),
@@ -336,11 +360,11 @@ def run_case(case: str, sizes: Sizes, args, ceilings: dict) -> dict:
     start_load = load_average()
     started = time.perf_counter()
     if case == "train-small":
-        line = train_case(sizes, args)
+        line = train_case(sizes, args, ceilings)
     elif case.startswith("decode-"):
         line = decode_case(case, sizes, ceilings)
     elif case.startswith("eval-"):
-        line = eval_case(case, sizes, args.data_dir)
+        line = eval_case(case, sizes, args.data_dir, ceilings)
     else:
         return startup_case(sizes)
     return dict(line, load_avg_start=start_load, load_avg_end=load_average(),

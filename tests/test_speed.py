@@ -218,9 +218,9 @@ def _plain_token_nll(model, ids):
 
 
 def test_chunked_eval_head_gives_the_plain_logits_losses():
-    """Perplexity's head (losses.chunked_token_nll: blocks of tokens written into reused buffers) scores every
-    token as the plain (tokens x vocab) logits + cross-entropy do: a padded vocabulary, blocks that do not
-    divide the tokens, a workspace reused by batches of other sizes."""
+    """Perplexity's head (losses.chunked_token_nll: blocks of tokens x words, an online log-sum-exp) scores every
+    token as the plain (tokens x vocab) logits + cross-entropy do: a padded vocabulary, blocks that divide neither
+    the tokens nor the vocabulary, a workspace reused by batches of other sizes."""
     from gpt2_ascend import GPT2LMHeadModel
     from gpt2_ascend.losses import chunked_token_nll
     from conftest import tiny_config
@@ -234,9 +234,16 @@ def test_chunked_eval_head_gives_the_plain_logits_losses():
             ids = torch.randint(0, 500, (batch, 17))
             hidden = model.transformer(ids).last_hidden_state[:, :-1]
             chunked = chunked_token_nll(hidden, model.lm_head.weight, ids[:, 1:], 500, chunk_size=7,
-                                        workspace=workspace)
+                                        workspace=workspace, vocab_block=128)  # 3 blocks of 128 and one of 116
             assert chunked.shape == (batch, 16) and max_diff(chunked, _plain_token_nll(model, ids)) <= 1e-6
-        assert workspace["buffers"][0].shape == (7, 500)  # one pair of (chunk x vocab) buffers, reused
+        assert workspace["buffer"].shape == (7, 128)  # one (chunk x block) buffer, reused
+        # logits hundreds apart between blocks (the first block's words scaled up): the running sum must be
+        # rescaled to the running max, or exp() overflows / underflows to a wrong or infinite loss
+        model.lm_head.weight[:128] *= 400.0
+        hidden = model.transformer(ids).last_hidden_state[:, :-1]
+        plain = _plain_token_nll(model, ids)
+        chunked = chunked_token_nll(hidden, model.lm_head.weight, ids[:, 1:], 500, chunk_size=7, vocab_block=128)
+        assert plain.abs().max() > 100 and max_diff(chunked, plain) <= 1e-6 * plain.abs().max()
 
 
 def test_perplexity_takes_the_chunked_head_and_keeps_its_number():
