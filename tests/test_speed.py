@@ -271,3 +271,25 @@ def test_perplexity_takes_the_chunked_head_and_keeps_its_number():
     lora = apply_lora(model, rank=2, alpha=4, dropout=0.0)
     assert abs(perplexity(lora, blocks, 33, batch_size=4, precision="fp32")["loss"] - plain["loss"]) <= 1e-6
     assert head_calls == []
+
+
+def test_a_decoding_step_compiled_for_the_cpu_takes_the_explicit_attention(monkeypatch):
+    """In a graph compiled for the CPU, one query per row (a decoding step) runs the explicit attention, which
+    inductor fuses into the graph, not SDPA's separate kernel; the same numbers (1e-6), and everywhere else
+    (eager, several queries) SDPA as before."""
+    from gpt2_ascend import ops
+    calls = []
+    sdpa = torch.nn.functional.scaled_dot_product_attention
+    monkeypatch.setattr(ops.F, "scaled_dot_product_attention", lambda *a, **k: calls.append(1) or sdpa(*a, **k))
+    g = torch.Generator().manual_seed(0)
+    k, v = torch.randn(2, 4, 9, 16, generator=g), torch.randn(2, 4, 9, 16, generator=g)
+    mask = torch.ones(2, 1, 1, 9, dtype=torch.bool)
+    mask[1, :, :, :3] = False  # a left-padded row
+    q = torch.randn(2, 4, 1, 16, generator=g)
+    eager = ops.attention(q, k, v, mask=mask)
+    assert len(calls) == 1
+    monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
+    compiled = ops.attention(q, k, v, mask=mask)
+    assert len(calls) == 1 and max_diff(compiled, eager) <= 1e-6
+    ops.attention(torch.randn(2, 4, 9, 16, generator=g), k, v, is_causal=True)  # a prompt: SDPA
+    assert len(calls) == 2
