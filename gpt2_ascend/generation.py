@@ -423,7 +423,19 @@ class Decoder:
             self.position.fill_(slot)
             if self.step_fn is not _forward_last and tokens.device.type == "cuda":
                 torch.compiler.cudagraph_mark_step_begin()
-            return self.step_fn(self.lm, tokens[:, None], self.slots, self.cache).clone()
+            try:
+                return self.step_fn(self.lm, tokens[:, None], self.slots, self.cache).clone()
+            except torch._dynamo.exc.BackendCompilerFailed as e:
+                if self.step_fn is _forward_last or tokens.device.type != "cpu":
+                    raise
+                # a CPU whose C++ toolchain cannot build inductor's kernels (no Python headers, an old
+                # compiler): the same step uncompiled, and no second try in this process
+                _COMPILE_FAILED.add("cpu")
+                self.step_fn = _forward_last
+                first_line = (str(e.inner_exception).strip().splitlines() or [type(e.inner_exception).__name__])[0]
+                warnings.warn(f"compile=True: the decode step did not compile on this CPU ({first_line[:200]}); "
+                              f"running it uncompiled", stacklevel=2)
+                return _forward_last(self.lm, tokens[:, None], self.slots, self.cache).clone()
         mask = self.slots[:, :slot + 1] if self.padded else None
         return _forward_last(self.lm, tokens[:, None], mask, self.cache)
 
@@ -436,6 +448,7 @@ def _forward_last(lm, input_ids, attention_mask, cache):
 
 
 _COMPILED_STEPS: dict = {}
+_COMPILE_FAILED: set = set()  # device types whose compiled step failed to build in this process
 
 
 def compile_supported(device: torch.device) -> bool:
@@ -443,7 +456,8 @@ def compile_supported(device: torch.device) -> bool:
     uncompiled."""
     if device.type == "cuda":
         return True
-    return device.type == "cpu" and any(shutil.which(c) for c in (os.environ.get("CXX"), "g++", "c++", "clang++") if c)
+    compilers = [c for c in (os.environ.get("CXX"), "g++", "c++", "clang++") if c]
+    return device.type == "cpu" and "cpu" not in _COMPILE_FAILED and any(shutil.which(c) for c in compilers)
 
 
 def compiled_step(device_type: str = "cuda"):

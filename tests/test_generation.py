@@ -483,3 +483,25 @@ def test_top_p_boundary_is_transformers(top_p, kept):
         theirs = torch.isfinite(TopPLogitsWarper(top_p)(None, scores.clone()))
         assert torch.equal(ours, theirs)
     assert int(ours.sum()) == kept
+
+
+def test_a_cpu_compile_that_fails_to_build_falls_back_with_one_warning(models, monkeypatch):
+    """A CPU with g++ but without what inductor's build needs (Python headers, a recent compiler): compile=True
+    warns once naming the cause, decodes the same tokens uncompiled, and does not try again in this process."""
+    import gpt2_ascend.generation as generation
+    ours, _ = models
+
+    def failing_step(*args):
+        raise torch._dynamo.exc.BackendCompilerFailed(failing_step, RuntimeError("fatal error: Python.h: No such "
+                                                                                 "file or directory"), None)
+    supported = generation.compile_supported
+    monkeypatch.setattr(generation, "_COMPILE_FAILED", set())
+    monkeypatch.setattr(generation, "compile_supported", lambda device: "cpu" not in generation._COMPILE_FAILED)
+    monkeypatch.setattr(generation, "compiled_step", lambda *_: failing_step)
+    ids, mask = left_pad(prompts(), PAD)
+    base = generate(ours, ids, attention_mask=mask, max_new_tokens=5, eos_token_id=None)
+    with pytest.warns(UserWarning, match=r"did not compile on this CPU \(fatal error: Python.h: No such file"):
+        fell_back = generate(ours, ids, attention_mask=mask, max_new_tokens=5, eos_token_id=None, compile=True)
+    assert torch.equal(fell_back, base) and generation._COMPILE_FAILED == {"cpu"}
+    assert not supported(torch.device("cpu"))  # the next compile=True says so up front
+    ours.__dict__.pop("_compiled_decoder", None)
