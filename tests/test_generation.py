@@ -1,4 +1,5 @@
 """gpt2_ascend.generation: transformers parity, KV cache numerics, sampling filters, stopping, streaming."""
+import os
 
 import pytest
 import torch
@@ -149,16 +150,18 @@ def test_cached_decode_logits_equal_full_recompute(models, fixed_shape):
         assert max_diff(step_logits, full[:, T - 1 + i]) <= 1e-5  # measured 5e-6 (logits up to ~6: init range 0.2)
 
 
-def test_fixed_shape_and_compile_flag_give_the_same_tokens_on_cpu(models):
+def test_fixed_shape_and_compile_flag_give_the_same_tokens_on_cpu(models, monkeypatch):
+    import gpt2_ascend.generation as generation
     ours, _ = models
     ids, mask = left_pad(prompts(), PAD)
     base = generate(ours, ids, attention_mask=mask, max_new_tokens=8, eos_token_id=None)
     fixed = generate(ours, ids, attention_mask=mask, max_new_tokens=8, eos_token_id=None, fixed_shape=True)
     assert torch.equal(base, fixed)
-    if not torch.cuda.is_available():
-        with pytest.warns(UserWarning, match="needs a CUDA device"):
-            compiled = generate(ours, ids, attention_mask=mask, max_new_tokens=8, eos_token_id=None, compile=True)
-        assert torch.equal(base, compiled)
+    # a CPU without a C++ compiler: compile=True says so and runs the fixed-shape step uncompiled
+    monkeypatch.setattr(generation.shutil, "which", lambda name: None)
+    with pytest.warns(UserWarning, match="needs a CUDA device, or a CPU with a C\\+\\+ compiler"):
+        compiled = generate(ours, ids, attention_mask=mask, max_new_tokens=8, eos_token_id=None, compile=True)
+    assert torch.equal(base, compiled)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
@@ -340,14 +343,14 @@ def test_context_overflow_and_bad_arguments_fail_with_one_line(models):
 
 
 def test_compiled_decode_step_traces_whole_and_is_reused_across_calls(models, monkeypatch):
-    """The --compile path on CPU: dynamo with a counting eager backend in place of CUDA graphs."""
+    """The --compile path's tracing on CPU: dynamo with a counting eager backend in place of inductor (whose C++
+    build takes minutes here: test_inductor_decode_on_cpu_gives_transformers_tokens runs it)."""
     import gpt2_ascend.generation as generation
     ours, _ = models
     graphs = []
     torch._dynamo.reset()
     step = torch.compile(generation._forward_last, backend=counting_backend(graphs), dynamic=False)
-    monkeypatch.setattr(generation, "compile_supported", lambda device: True)
-    monkeypatch.setattr(generation, "compiled_step", lambda: step)
+    monkeypatch.setattr(generation, "compiled_step", lambda *_: step)
     ids, mask = left_pad(prompts(), PAD)
     base = generate(ours, ids, attention_mask=mask, max_new_tokens=6, eos_token_id=None)
     first = generate(ours, ids, attention_mask=mask, max_new_tokens=6, eos_token_id=None, compile=True)
@@ -360,6 +363,40 @@ def test_compiled_decode_step_traces_whole_and_is_reused_across_calls(models, mo
     other = generate(ours, ids[:2], attention_mask=mask[:2], max_new_tokens=6, eos_token_id=None, compile=True)
     assert torch.equal(other, base[:2]) and ours._compiled_decoder[1] is not kept
     del ours._compiled_decoder
+    torch._dynamo.reset()
+
+
+def test_compile_on_cpu_is_inductor_without_cuda_graphs(monkeypatch):
+    """compile=True on a CPU with a C++ compiler compiles the step (inductor's default mode: no CUDA graph, so
+    no cudagraph step marker), once per device type."""
+    import gpt2_ascend.generation as generation
+    calls = []
+    monkeypatch.setattr(generation, "_COMPILED_STEPS", {})
+    monkeypatch.setattr(torch, "compile", lambda fn, **kw: calls.append(kw) or fn)
+    monkeypatch.setattr(generation.shutil, "which", lambda name: "/usr/bin/" + name)
+    assert generation.compile_supported(torch.device("cpu"))
+    assert generation.compiled_step("cpu") is generation.compiled_step("cpu") is generation._forward_last
+    assert calls == [dict(mode=None, dynamic=False)]
+    generation.compiled_step("cuda")
+    assert calls[1] == dict(mode="reduce-overhead", dynamic=False)
+
+
+@pytest.mark.skipif(os.environ.get("GPT2_SLOW_TESTS") != "1",
+                    reason="inductor's C++ build takes 1-2 minutes on 2 loaded cores: GPT2_SLOW_TESTS=1 runs it")
+def test_inductor_decode_on_cpu_gives_transformers_tokens():
+    """The real CPU compiled decode (inductor's C++ kernels, the fixed-shape cache): transformers' greedy tokens
+    for a left-padded batch, on a second call too (the kept decoder)."""
+    from gpt2_ascend.generation import compile_supported
+    if not compile_supported(torch.device("cpu")):
+        pytest.skip("no C++ compiler for inductor")
+    config = tiny_config(n_layer=1, n_embd=32, n_head=2, initializer_range=0.2)
+    hf = hf_model(config, seed=3)
+    ours = ours_from_hf(hf, config)
+    ids, mask = left_pad(prompts((6, 3)), PAD)
+    want = hf_generate(hf, ids, mask, max_new_tokens=6)
+    for _ in range(2):
+        got = generate(ours, ids, attention_mask=mask, max_new_tokens=6, eos_token_id=None, compile=True)
+        assert torch.equal(got, want)
     torch._dynamo.reset()
 
 
@@ -446,3 +483,25 @@ def test_top_p_boundary_is_transformers(top_p, kept):
         theirs = torch.isfinite(TopPLogitsWarper(top_p)(None, scores.clone()))
         assert torch.equal(ours, theirs)
     assert int(ours.sum()) == kept
+
+
+def test_a_cpu_compile_that_fails_to_build_falls_back_with_one_warning(models, monkeypatch):
+    """A CPU with g++ but without what inductor's build needs (Python headers, a recent compiler): compile=True
+    warns once naming the cause, decodes the same tokens uncompiled, and does not try again in this process."""
+    import gpt2_ascend.generation as generation
+    ours, _ = models
+
+    def failing_step(*args):
+        raise torch._dynamo.exc.BackendCompilerFailed(failing_step, RuntimeError("fatal error: Python.h: No such "
+                                                                                 "file or directory"), None)
+    supported = generation.compile_supported
+    monkeypatch.setattr(generation, "_COMPILE_FAILED", set())
+    monkeypatch.setattr(generation, "compile_supported", lambda device: "cpu" not in generation._COMPILE_FAILED)
+    monkeypatch.setattr(generation, "compiled_step", lambda *_: failing_step)
+    ids, mask = left_pad(prompts(), PAD)
+    base = generate(ours, ids, attention_mask=mask, max_new_tokens=5, eos_token_id=None)
+    with pytest.warns(UserWarning, match=r"did not compile on this CPU \(fatal error: Python.h: No such file"):
+        fell_back = generate(ours, ids, attention_mask=mask, max_new_tokens=5, eos_token_id=None, compile=True)
+    assert torch.equal(fell_back, base) and generation._COMPILE_FAILED == {"cpu"}
+    assert not supported(torch.device("cpu"))  # the next compile=True says so up front
+    ours.__dict__.pop("_compiled_decoder", None)

@@ -166,3 +166,130 @@ def test_compiled_blocks_keep_recompute_and_dropout_exact(recompute):
     assert max_diff(logits, eager_logits) <= 1e-6
     assert torch.equal(tokens, eager_tokens)
     torch._dynamo.reset()
+
+
+# ---------------------------------------------------------------------------------------------
+# CPU fast paths (issue 26): each computes what the plain path computes; bench/cpu_session.py times them
+# ---------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("rule", ["torch", "mindspore"])
+def test_cpu_optimizer_is_the_fused_kernel_and_trains_like_the_for_loop(rule):
+    """ops.adamw picks torch's fused CPU kernel, under either update rule; eight clipped trainer steps with it
+    give the per-step losses, gradient norms and weights of torch's single-tensor loop (its CPU default)."""
+    from gpt2_ascend import GPT2LMHeadModel
+    from gpt2_ascend.data.loader import causal_lm_inputs
+    from gpt2_ascend.train import Trainer, TrainSettings
+    from gpt2_ascend.train.optim import LRSchedule, build_optimizer, use_mindspore_rule
+    from conftest import tiny_config
+
+    torch.manual_seed(0)
+    start = GPT2LMHeadModel(tiny_config()).state_dict()
+    batches = [torch.randint(0, 512, (4, 17), generator=torch.Generator().manual_seed(i % 2)) for i in range(8)]
+    runs = {}
+    for kernel in ("fused", "for-loop"):
+        model = GPT2LMHeadModel(tiny_config())
+        model.load_state_dict(start)
+        optimizer = build_optimizer(model, 1e-3, update_rule=rule)
+        if kernel == "for-loop":  # the same groups in torch's plain loop
+            groups = [dict(params=g["params"], weight_decay=g["weight_decay"]) for g in optimizer.param_groups]
+            optimizer = torch.optim.AdamW(groups, lr=1e-3, betas=(0.9, 0.95), eps=1e-8, foreach=False)
+            if rule == "mindspore":
+                use_mindspore_rule(optimizer)
+        else:
+            assert optimizer.defaults["fused"] is True and not optimizer._step_supports_amp_scaling
+        trainer = Trainer(model, optimizer, LRSchedule("polynomial", 1e-3, 1e-4, 2, 8), None, torch.device("cpu"),
+                          TrainSettings(total_steps=8, precision="fp32", max_grad_norm=0.5, progress=False,
+                                        step_rule=rule), log=lambda *a, **k: None)
+        records = [trainer.train_step([causal_lm_inputs(b)]) for b in batches]
+        runs[kernel] = ([r["loss"].item() for r in records], [r["grad_norm"].item() for r in records],
+                        model.state_dict())
+    (fused_loss, fused_norm, fused_w), (loop_loss, loop_norm, loop_w) = runs["fused"], runs["for-loop"]
+    assert fused_loss[-1] < fused_loss[0] - 0.3  # it trains (by 0.5-0.6 in 8 steps)
+    # measured: losses within 5e-7, norms 1e-7 relative, weights 7e-7 (rounding: the kernels order the ops
+    # differently); a swapped beta pair is off by 0.016 in the losses (and stops the training)
+    assert max(abs(a - b) for a, b in zip(fused_loss, loop_loss)) <= 1e-5
+    assert max(abs(a - b) / b for a, b in zip(fused_norm, loop_norm)) <= 1e-6
+    assert max(max_diff(fused_w[k], loop_w[k]) for k in start) <= 1e-5
+
+
+def _plain_token_nll(model, ids):
+    logits = model(ids).logits[:, :-1].float()
+    return torch.nn.functional.cross_entropy(logits.reshape(-1, logits.size(-1)), ids[:, 1:].reshape(-1),
+                                             reduction="none").view(ids.size(0), -1)
+
+
+def test_chunked_eval_head_gives_the_plain_logits_losses():
+    """Perplexity's head (losses.chunked_token_nll: blocks of tokens x words, an online log-sum-exp) scores every
+    token as the plain (tokens x vocab) logits + cross-entropy do: a padded vocabulary, blocks that divide neither
+    the tokens nor the vocabulary, a workspace reused by batches of other sizes."""
+    from gpt2_ascend import GPT2LMHeadModel
+    from gpt2_ascend.losses import chunked_token_nll
+    from conftest import tiny_config
+
+    torch.manual_seed(0)
+    model = GPT2LMHeadModel(tiny_config(vocab_size=500, pad_vocab_size_multiple=64)).eval()
+    with torch.no_grad():
+        model.lm_head.weight[500:] = 5.0  # padding rows that would dominate every softmax if they were scored
+        workspace = {}
+        for batch in (3, 2):
+            ids = torch.randint(0, 500, (batch, 17))
+            hidden = model.transformer(ids).last_hidden_state[:, :-1]
+            chunked = chunked_token_nll(hidden, model.lm_head.weight, ids[:, 1:], 500, chunk_size=7,
+                                        workspace=workspace, vocab_block=128)  # 3 blocks of 128 and one of 116
+            assert chunked.shape == (batch, 16) and max_diff(chunked, _plain_token_nll(model, ids)) <= 1e-6
+        assert workspace["buffer"].shape == (7, 128)  # one (chunk x block) buffer, reused
+        # logits hundreds apart between blocks (the first block's words scaled up): the running sum must be
+        # rescaled to the running max, or exp() overflows / underflows to a wrong or infinite loss
+        model.lm_head.weight[:128] *= 400.0
+        hidden = model.transformer(ids).last_hidden_state[:, :-1]
+        plain = _plain_token_nll(model, ids)
+        chunked = chunked_token_nll(hidden, model.lm_head.weight, ids[:, 1:], 500, chunk_size=7, vocab_block=128)
+        assert plain.abs().max() > 100 and max_diff(chunked, plain) <= 1e-6 * plain.abs().max()
+
+
+def test_perplexity_takes_the_chunked_head_and_keeps_its_number():
+    """perplexity() on our model runs the chunked head (no (B, T, vocab) logits: the head's forward never runs)
+    and gives the loss of the plain path, which a forward hook forces (a hooked model is scored through its
+    forward); through peft the same."""
+    from gpt2_ascend import GPT2LMHeadModel
+    from gpt2_ascend.eval import perplexity
+    from gpt2_ascend.lora import apply_lora
+    from conftest import tiny_config
+
+    torch.manual_seed(0)
+    model = GPT2LMHeadModel(tiny_config())
+    blocks = torch.randint(0, 512, (11, 33))
+    head_calls = []
+    model.lm_head.register_forward_hook(lambda *_: head_calls.append(1))
+    fast = perplexity(model, blocks, 33, batch_size=4, precision="fp32")
+    assert head_calls == []
+    model.register_forward_hook(lambda *_: None)  # a hook the fast path would skip: the plain path runs
+    plain = perplexity(model, blocks, 33, batch_size=4, precision="fp32")
+    assert len(head_calls) == 3 and plain["tokens"] == fast["tokens"] == 11 * 32
+    assert abs(fast["loss"] - plain["loss"]) <= 1e-6
+    model._forward_hooks.clear()
+    head_calls.clear()
+    lora = apply_lora(model, rank=2, alpha=4, dropout=0.0)
+    assert abs(perplexity(lora, blocks, 33, batch_size=4, precision="fp32")["loss"] - plain["loss"]) <= 1e-6
+    assert head_calls == []
+
+
+def test_a_decoding_step_compiled_for_the_cpu_takes_the_explicit_attention(monkeypatch):
+    """In a graph compiled for the CPU, one query per row (a decoding step) runs the explicit attention, which
+    inductor fuses into the graph, not SDPA's separate kernel; the same numbers (1e-6), and everywhere else
+    (eager, several queries) SDPA as before."""
+    from gpt2_ascend import ops
+    calls = []
+    sdpa = torch.nn.functional.scaled_dot_product_attention
+    monkeypatch.setattr(ops.F, "scaled_dot_product_attention", lambda *a, **k: calls.append(1) or sdpa(*a, **k))
+    g = torch.Generator().manual_seed(0)
+    k, v = torch.randn(2, 4, 9, 16, generator=g), torch.randn(2, 4, 9, 16, generator=g)
+    mask = torch.ones(2, 1, 1, 9, dtype=torch.bool)
+    mask[1, :, :, :3] = False  # a left-padded row
+    q = torch.randn(2, 4, 1, 16, generator=g)
+    eager = ops.attention(q, k, v, mask=mask)
+    assert len(calls) == 1
+    monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
+    compiled = ops.attention(q, k, v, mask=mask)
+    assert len(calls) == 1 and max_diff(compiled, eager) <= 1e-6
+    ops.attention(torch.randn(2, 4, 9, 16, generator=g), k, v, is_causal=True)  # a prompt: SDPA
+    assert len(calls) == 2

@@ -66,7 +66,8 @@ def parse_args(argv=None):
     p.add_argument("--ignore_eos", action="store_true", help="do not stop at the end-of-text token")
     p.add_argument("--stream", action="store_true", help="print tokens as they are produced (batch size 1)")
     p.add_argument("--batch_size", type=int, default=1, help="prompts per batch (left-padded)")
-    p.add_argument("--compile", action="store_true", help="CUDA: compile the decode step into a CUDA graph")
+    p.add_argument("--compile", action="store_true",
+                   help="compile the decode step: a CUDA graph on CUDA, C++ kernels on CPU (the first batch compiles)")
     p.add_argument("--truncate_prompt", action="store_true",
                    help="drop the oldest prompt tokens when prompt + new tokens exceed the context")
     p.add_argument("--device", default=None, help="auto, cpu, cuda[:N] or npu[:N] (default: the recipe's)")
@@ -145,7 +146,7 @@ def run(args) -> int:
     from gpt2_ascend.config import MINDFORMERS_ACTIVATIONS
     from gpt2_ascend.data.tokenizer import check_tokenizer, load_tokenizer, tokenizer_for
     from gpt2_ascend.device import resolve_device
-    from gpt2_ascend.generation import check_sampling_args
+    from gpt2_ascend.generation import check_sampling_args, compile_supported
     from gpt2_ascend.hf import folder_generation_config, resolve_model_path
     from gpt2_ascend.loading import inspect_model, load_model, mindspore_shape, recipe_shape
     from gpt2_ascend.model import LANGUAGE_MODEL
@@ -181,9 +182,9 @@ def run(args) -> int:
     model = load_model(path, LANGUAGE_MODEL, dtype=dtype, device=device, adapter=args.adapter, strategy=strategy,
                        shape=shape)
     tokenizer = load_tokenizer(tokenizer_for(path, args.tokenizer))
-    if args.compile and device.type != "cuda":
-        print(f"note: --compile needs CUDA; decoding on {device.type} with the uncompiled fixed-shape step",
-              file=sys.stderr)
+    if args.compile and not compile_supported(device):
+        print(f"note: --compile needs CUDA, or a CPU with a C++ compiler; decoding on {device.type} with the "
+              f"uncompiled fixed-shape step", file=sys.stderr)
         warnings.filterwarnings("ignore", message="compile=True needs")
 
     printed = (lambda prompt, text: print(prompt + text, flush=True)) if not args.stream else None

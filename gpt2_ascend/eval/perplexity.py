@@ -14,12 +14,16 @@ from __future__ import annotations
 
 import contextlib
 import math
+import sys
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
 from ..kv_cache import eval_mode
+from ..lora import unwrap_model
+from ..losses import chunked_token_nll
+from ..model import GPT2LMHeadModel
 
 PROTOCOLS = ("token", "mindformers")
 
@@ -59,10 +63,10 @@ def perplexity(model, token_ids, seq_length: int, batch_size: int = 8, stride: i
 # ---------------------------------------------------------------------------------------------
 def _block_losses(model, blocks, batch_size, precision, progress, stop=None):
     """[(mean loss, summed loss)] per batch of blocks, and the number of predicted tokens."""
-    out, count = [], 0
+    out, count, workspace = [], 0, {}
     for start in batches(range(0, blocks.size(0), batch_size), progress, "perplexity", stop):
         batch = blocks[start:start + batch_size]
-        nll = token_nll(model, batch, precision)  # (B, T-1)
+        nll = token_nll(model, batch, precision, workspace)  # (B, T-1)
         out.append((nll.mean().item(), nll.sum().item()))
         count += nll.numel()
     return out, count
@@ -81,13 +85,13 @@ def _sliding_window_nll(model, stream, seq_length, stride, batch_size, precision
         prev_end = end
         if end == n:
             break
-    total, count = 0.0, 0
+    total, count, workspace = 0.0, 0, {}
     full = [w for w in windows if w[1] - w[0] == seq_length]
     short = [w for w in windows if w[1] - w[0] != seq_length]  # at most one, at the end of the stream
     groups = [full[i:i + batch_size] for i in range(0, len(full), batch_size)] + [[w] for w in short]
     for group in batches(groups, progress, "perplexity", stop):
         batch = torch.stack([stream[b:e] for b, e, _ in group])
-        nll = token_nll(model, batch, precision)  # nll[:, j] scores position begin + j + 1
+        nll = token_nll(model, batch, precision, workspace)  # nll[:, j] scores position begin + j + 1
         for row, (begin, end, first) in enumerate(group):
             scored = nll[row, first - begin - 1:end - begin - 1]
             total += scored.double().sum().item()
@@ -95,16 +99,41 @@ def _sliding_window_nll(model, stream, seq_length, stride, batch_size, precision
     return total, count
 
 
-def token_nll(model, input_ids: torch.Tensor, precision: str = "auto") -> torch.Tensor:
-    """Per-token negative log-likelihood (B, T-1) in fp32: logits at t scored against token t+1."""
+def token_nll(model, input_ids: torch.Tensor, precision: str = "auto", workspace: dict | None = None) -> torch.Tensor:
+    """Per-token negative log-likelihood (B, T-1) in fp32: logits at t scored against token t+1. Our language
+    model scores its final hidden states chunk by chunk (losses.chunked_token_nll: no (B, T, vocab) logits;
+    `workspace`, a dict kept across calls, lets every batch reuse its buffers); any other model (transformers',
+    a wrapped or sharded one) through its logits."""
     device = _model_device(model)
     input_ids = input_ids.to(device)
+    targets = input_ids[:, 1:]
+    lm = _chunkable_language_model(model)
     with _autocast(device, precision, _model_dtype(model)):
+        if lm is not None:
+            hidden = lm.transformer(input_ids=input_ids).last_hidden_state[:, :-1]
+            return chunked_token_nll(hidden, lm.lm_head.weight, targets, lm.config.vocab_size, workspace=workspace)
         logits = model(input_ids=input_ids).logits
     logits = logits[:, :-1].float()
-    targets = input_ids[:, 1:]
     nll = F.cross_entropy(logits.reshape(-1, logits.size(-1)), targets.reshape(-1), reduction="none")
     return nll.view(targets.shape)
+
+
+def _chunkable_language_model(model):
+    """Our GPT2LMHeadModel (inside a peft wrapper or not) when its body and plain head can be run directly:
+    not a pipeline stage, no adapted head, no hooks that its forward would run, no sharded (DTensor) parameter
+    (FSDP and tensor parallel gather them in hooks). None otherwise."""
+    lm = unwrap_model(model)
+    head = getattr(lm, "lm_head", None)
+    if not (isinstance(lm, GPT2LMHeadModel) and type(head) is torch.nn.Linear and lm.pipeline_stage is None):
+        return None
+    if lm._forward_hooks or lm._forward_pre_hooks or any(_is_dtensor(p) for p in lm.parameters()):
+        return None
+    return lm
+
+
+def _is_dtensor(tensor) -> bool:
+    dtensor = sys.modules.get("torch.distributed.tensor")  # never imported: no DTensor exists
+    return dtensor is not None and isinstance(tensor, dtensor.DTensor)
 
 
 # ---------------------------------------------------------------------------------------------
