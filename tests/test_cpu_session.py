@@ -31,9 +31,10 @@ def test_smoke_session_prints_one_json_line_per_case(tmp_path, capsys):
     assert [train["case"], decode["case"], evaluation["case"]] == ["train-small", "decode-small-b8-fp32", "eval-tiny"]
     assert train["optimizer"] == "AdamW fused"
     for line in (train, evaluation):  # a compute bound: the matmul rate over nanoGPT's FLOPs per token
-        assert line["pct_of_bound"] == pytest.approx(100 * line["ours"] / line["bound_tokens_per_s"], abs=0.1)
+        # (the line's numbers are rounded: 0.1% of slack)
+        assert line["pct_of_bound"] == pytest.approx(100 * line["ours"] / line["bound_tokens_per_s"], rel=1e-3, abs=0.1)
         assert line["largest_possible_ratio"] == pytest.approx(line["bound_tokens_per_s"] / line["transformers"],
-                                                               abs=0.01)
+                                                               rel=1e-3, abs=0.01)
     assert decode["same_tokens"] is True and decode["eager_same_tokens"] is True  # fp32 greedy, same weights
     assert 0 < decode["pct_of_bound"] < 100
     # our chunked perplexity and transformers' loss on the same WikiText-2 blocks
