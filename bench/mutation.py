@@ -76,7 +76,8 @@ MODULES = {
                  "tests/test_generation.py", f"{HF_INTEROP}::test_forward_arguments_have_transformers_meaning",
                  f"{HF_INTEROP}::test_classifier_forward_arguments_have_transformers_meaning",
                  f"{HF_INTEROP}::test_unsupported_arguments_raise_type_error_naming_them",
-                 "tests/test_faults.py::test_forward_with_labels_it_cannot_score_is_one_value_error"],
+                 "tests/test_faults.py::test_forward_with_labels_it_cannot_score_is_one_value_error",
+                 "tests/test_faults.py::test_forward_with_ids_it_cannot_embed_is_one_value_error"],
     "parallel/clip.py": ["tests/test_parallel.py::test_distributed_clip_scales_by_exactly_max_norm_over_norm",
                          "tests/test_parallel.py::test_a_max_norm_that_is_not_positive_clips_nothing_on_either_path",
                          "tests/test_parallel.py::test_one_parameter_is_clipped_on_either_path",
@@ -123,6 +124,11 @@ EQUIVALENT: list[tuple[str, str, str, str]] = [
      "they differ only in eval mode without a cache, where recomputation then wraps the block in "
      "torch.utils.checkpoint: under no_grad that runs it once as is, with gradients it recomputes exactly "
      "(test_recompute_modes_same_loss_and_grads_with_dropout): the same numbers, another cost"),
+    ("model.py", "return pos.masked_fill(attention_mask == 0, 1)", "return pos.masked_fill(attention_mask == 0, 2)",
+     "the same as 1 -> 0 below: any in-range position id for a pad slot"),
+    ("model.py", "return (torch.arange(T, device=input_ids.device, dtype=torch.int32) * real).argmax(-1)",
+     "return (torch.arange(T, device=input_ids.device, dtype=torch.int32) * real).argmax(1)",
+     "`real` is (batch, length) (the mask or the ids, both checked 2-D at the forward's entry): dim 1 is the last"),
     ("model.py", "return pos.masked_fill(attention_mask == 0, 1)", "return pos.masked_fill(attention_mask == 0, 0)",
      "any in-range position id for a pad slot: it changes only that slot's own hidden state, which the mask hides "
      "from every real query and which no loss, pooling or generation step reads (each row alone equals it in a "

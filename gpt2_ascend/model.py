@@ -194,7 +194,7 @@ def _saved_ops():
     aten = torch.ops.aten
     ops_ = {aten.mm.default, aten.addmm.default, aten.bmm.default, aten.baddbmm.default}
     for name in ("_scaled_dot_product_flash_attention", "_scaled_dot_product_efficient_attention",
-                 "_scaled_dot_product_cudnn_attention"):
+                 "_scaled_dot_product_cudnn_attention", "_scaled_dot_product_flash_attention_for_cpu"):
         if hasattr(aten, name):
             ops_.add(getattr(aten, name).default)
     return ops_

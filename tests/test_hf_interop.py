@@ -97,8 +97,12 @@ def test_unsupported_arguments_raise_type_error_naming_them():
         GPT2ForSequenceClassification(tiny_config())(ids, past_key_values=object())
     with pytest.raises(ValueError, match="exactly one of input_ids and inputs_embeds"):
         ours()
-    with torch.no_grad():  # None means "not asked for", as peft and HF code pass them
+    with torch.no_grad():  # None (or False) means "not asked for", as peft and HF code pass them
         assert torch.equal(ours(ids, head_mask=None, cache_position=None).logits, ours(ids).logits)
+        classifier = GPT2ForSequenceClassification(tiny_config()).eval()
+        assert torch.equal(classifier(ids, use_cache=False).logits, classifier(ids).logits)
+    with pytest.raises(TypeError, match="GPT2ForSequenceClassification.forward.*use_cache is not supported"):
+        classifier(ids, use_cache=True)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -423,6 +423,53 @@ def test_recompute_modes_same_loss_and_grads_with_dropout(mode):
         assert max_diff(p.grad, grads[n]) <= 1e-6, n
 
 
+@pytest.mark.parametrize("mode, reruns_products", [("none", False), ("full", True), ("selective", False)])
+def test_what_the_backward_pass_recomputes(mode, reruns_products):
+    """Full recompute runs each block's forward again in the backward pass (its linear layers and attention);
+    selective keeps the products and attention (the expensive part, on CPU as on accelerators) and reruns only
+    the cheap element-wise ops (GELU here); none reruns nothing. Counted op by op as the backward dispatches."""
+    import collections
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Count(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.calls = collections.Counter()
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.calls[func.overloadpacket.__name__] += 1
+            return func(*args, **(kwargs or {}))
+
+    config = tiny_config(n_layer=3)
+    torch.manual_seed(0)
+    model = GPT2LMHeadModel(config).train()
+    model.set_recompute(mode)
+    ids = torch.randint(0, config.vocab_size, (2, 16))
+    loss = model(ids, labels=ids).loss
+    with Count() as backward:
+        loss.backward()
+    attention = sum(n for op, n in backward.calls.items() if op.startswith("_scaled_dot_product") and
+                    not op.endswith("backward"))
+    linear = backward.calls["addmm"]  # linear layers' forward (a linear's backward is mm)
+    assert (linear > 0, attention) == ((True, 3) if reruns_products else (False, 0))
+    assert (backward.calls["gelu"] > 0) == (mode != "none")
+
+
+@pytest.mark.parametrize("mode", ["full", "selective"])
+def test_recomputed_blocks_pass_gradients_to_adapters_of_a_frozen_model(mode):
+    """LoRA on a frozen model: the first block's input (the embeddings) needs no gradient, yet its adapters get
+    theirs under recompute, without transformers' enable_input_require_grads hook (non-reentrant checkpointing;
+    the reentrant kind would give them none)."""
+    from gpt2_ascend.lora import apply_lora
+    torch.manual_seed(0)
+    model = apply_lora(GPT2LMHeadModel(tiny_config()), rank=2, alpha=4, dropout=0.0)
+    model.get_base_model().set_recompute(mode)
+    ids = torch.randint(0, 500, (2, 8))
+    model(ids, labels=ids).loss.backward()
+    first = {n: p.grad for n, p in model.named_parameters() if ".h.0." in n and "lora_B" in n}  # (A: 0 at B = 0)
+    assert first and all(g is not None and g.abs().sum() > 0 for g in first.values())
+
+
 def test_per_head_qkv_layout_gives_same_output():
     from gpt2_ascend.parallel.tensor_parallel import to_per_head_qkv
     config = tiny_config()
