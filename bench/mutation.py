@@ -124,6 +124,10 @@ EQUIVALENT: list[tuple[str, str, str, str]] = [
      "they differ only in eval mode without a cache, where recomputation then wraps the block in "
      "torch.utils.checkpoint: under no_grad that runs it once as is, with gradients it recomputes exactly "
      "(test_recompute_modes_same_loss_and_grads_with_dropout): the same numbers, another cost"),
+    ("model.py", "low_cpu_mem_usage: bool = True, revision=None, local_files_only: bool = False, cache_dir=None,",
+     "low_cpu_mem_usage: bool = False, revision=None, local_files_only: bool = False, cache_dir=None,",
+     "low_cpu_mem_usage is accepted for transformers' callers and only type-checked: the weights always go tensor by "
+     "tensor into a model built on the meta device (test_low_cpu_mem_usage_loads_without_a_second_copy)"),
     ("model.py", "return pos.masked_fill(attention_mask == 0, 1)", "return pos.masked_fill(attention_mask == 0, 2)",
      "the same as 1 -> 0 below: any in-range position id for a pad slot"),
     ("model.py", "return (torch.arange(T, device=input_ids.device, dtype=torch.int32) * real).argmax(-1)",

@@ -1,4 +1,6 @@
 """Cache, classification, attention kernels, init, meta device and config validation."""
+import re
+
 import pytest
 import torch
 
@@ -401,6 +403,29 @@ def test_context_overflow_is_clear():
     cache = model(torch.zeros(1, 10, dtype=torch.long), use_cache=True).past_key_values
     with pytest.raises(ValueError, match=r"^sequence of 17 tokens is longer"):  # 10 cached + 7 new
         model(torch.zeros(1, 7, dtype=torch.long), past_key_values=cache)
+    # a preallocated cache shorter than the context: filled exactly, then one position too many
+    cache = KVCache.static(config, 1, 9)
+    model(torch.zeros(1, 6, dtype=torch.long), past_key_values=cache)
+    model(torch.zeros(1, 3, dtype=torch.long), past_key_values=cache)
+    with pytest.raises(ValueError, match=r"^KV cache holds 9 positions but 10 are needed"):
+        model(torch.zeros(1, 1, dtype=torch.long), past_key_values=cache)
+
+
+@pytest.mark.parametrize("shape", [(2, 5), (5, 64, 1), (2, 5, 63)])
+def test_inputs_embeds_of_another_shape_is_one_line(shape):
+    model = GPT2LMHeadModel(tiny_config())
+    with pytest.raises(ValueError, match=rf"^inputs_embeds must have shape \(batch, length, 64\), got {re.escape(str(shape))}$"):
+        model(inputs_embeds=torch.zeros(shape))
+
+
+def test_which_head_pools_one_position_and_a_bare_body_keeps_no_cache():
+    """The classifier pools one position (tensor parallel then hands its head the whole sequence), the language
+    model scores every position (its head stays sharded over the vocabulary: test_parallel's tp_sp layout fails
+    with a mixed Tensor / DTensor product otherwise); a bare GPT2Model returns no cache unless asked, as the LM."""
+    assert GPT2ForSequenceClassification.pools_last_token and not GPT2LMHeadModel.pools_last_token
+    body = GPT2Model(tiny_config()).eval()
+    ids = torch.zeros(1, 4, dtype=torch.long)
+    assert body(ids).past_key_values is None and body(ids, use_cache=True).past_key_values.length == 4
 
 
 @pytest.mark.parametrize("mode", ["full", "selective"])
