@@ -226,7 +226,9 @@ def test_gradient_checkpointing_same_loss_and_grads():
     model(ids, labels=ids).loss.backward()
     grads = {n: p.grad.clone() for n, p in model.named_parameters()}
     model.zero_grad()
+    assert not model.is_gradient_checkpointing
     model.gradient_checkpointing_enable()
+    assert model.is_gradient_checkpointing  # (transformers' property)
     model(ids, labels=ids).loss.backward()
     for n, p in model.named_parameters():
         assert max_diff(p.grad, grads[n]) <= 1e-6, n
