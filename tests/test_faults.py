@@ -1773,6 +1773,7 @@ def test_a_bin_that_is_not_a_checkpoint_says_so(case, lm_dirs, tmp_path, capsys)
     ("lm", [[1, -5, 3]], "labels must be in [0, 512) (-100 is skipped), found -5..3"),
     ("lm", [[1, -1, 3]], "labels must be in [0, 512) (-100 is skipped), found -1..3"),  # the edge below 0
     ("lm", [[1.0, 2.0, 3.0]], "labels must hold integer class ids, got dtype torch.float32"),
+    ("classifier", [True, False], "labels must hold integer class ids, got dtype torch.bool"),
     ("classifier", [0, 2], "labels must be in [0, 2), found 0..2"),
     ("classifier", [-100, 1], "labels must be in [0, 2), found -100..1"),
     ("classifier", [-1, 1], "labels must be in [0, 2), found -1..1"),
