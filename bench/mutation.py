@@ -77,7 +77,8 @@ MODULES = {
                  f"{HF_INTEROP}::test_classifier_forward_arguments_have_transformers_meaning",
                  f"{HF_INTEROP}::test_unsupported_arguments_raise_type_error_naming_them",
                  "tests/test_faults.py::test_forward_with_labels_it_cannot_score_is_one_value_error",
-                 "tests/test_faults.py::test_forward_with_ids_it_cannot_embed_is_one_value_error"],
+                 "tests/test_faults.py::test_forward_with_ids_it_cannot_embed_is_one_value_error",
+                 "tests/test_speed.py::test_compiled_blocks_keep_recompute_and_dropout_exact"],
     "parallel/clip.py": ["tests/test_parallel.py::test_distributed_clip_scales_by_exactly_max_norm_over_norm",
                          "tests/test_parallel.py::test_a_max_norm_that_is_not_positive_clips_nothing_on_either_path",
                          "tests/test_parallel.py::test_one_parameter_is_clipped_on_either_path",
@@ -124,6 +125,10 @@ EQUIVALENT: list[tuple[str, str, str, str]] = [
      "they differ only in eval mode without a cache, where recomputation then wraps the block in "
      "torch.utils.checkpoint: under no_grad that runs it once as is, with gradients it recomputes exactly "
      "(test_recompute_modes_same_loss_and_grads_with_dropout): the same numbers, another cost"),
+    ("model.py", "force_download: bool = False, token=None, trust_remote_code: bool = False, **config_overrides):",
+     "force_download: bool = False, token=None, trust_remote_code: bool = True, **config_overrides):",
+     "trust_remote_code is accepted for transformers' callers and only type-checked: no code is ever run from a "
+     "model folder, whatever it says (test_safe_loading.py)"),
     ("model.py", "low_cpu_mem_usage: bool = True, revision=None, local_files_only: bool = False, cache_dir=None,",
      "low_cpu_mem_usage: bool = False, revision=None, local_files_only: bool = False, cache_dir=None,",
      "low_cpu_mem_usage is accepted for transformers' callers and only type-checked: the weights always go tensor by "
