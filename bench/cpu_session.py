@@ -207,7 +207,8 @@ def train_case(sizes: Sizes, args, ceilings: dict) -> dict:
     tokens = sizes.train_batch * sizes.train_seq
     bound = compute_bound(config, sizes.train_seq, True, ceilings, tokens / theirs_s)
     return case_line("train-small", tokens / ours_s, tokens / theirs_s,
-                     round(100 * tokens / ours_s / bound["bound_tokens_per_s"], 1), **bound, update_rule=args.update_rule,
+                     round(100 * tokens / ours_s / bound["bound_tokens_per_s"], 1), **bound,
+                     update_rule=args.update_rule,
                      loss_chunk_size=args.loss_chunk_size,
                      ours_step_s=round(ours_s, 3), transformers_step_s=round(theirs_s, 3),
                      cpu_time_ratio=round(cpu["theirs"] / cpu["ours"], 3),

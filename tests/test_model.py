@@ -416,7 +416,8 @@ def test_context_overflow_is_clear():
 @pytest.mark.parametrize("shape", [(2, 5), (5, 64, 1), (2, 5, 63)])
 def test_inputs_embeds_of_another_shape_is_one_line(shape):
     model = GPT2LMHeadModel(tiny_config())
-    with pytest.raises(ValueError, match=rf"^inputs_embeds must have shape \(batch, length, 64\), got {re.escape(str(shape))}$"):
+    message = rf"^inputs_embeds must have shape \(batch, length, 64\), got {re.escape(str(shape))}$"
+    with pytest.raises(ValueError, match=message):
         model(inputs_embeds=torch.zeros(shape))
 
 
