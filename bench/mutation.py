@@ -71,7 +71,7 @@ MODULES = {
                        "tests/test_train_trainer.py::test_clipping_scales_the_update_by_exactly_max_norm_over_norm",
                        "tests/test_train_trainer.py::test_fp16_overflow_skips_the_step_and_lowers_the_scale",
                        "tests/test_train_trainer.py::test_fp16_recovers_once_the_scale_fits"],
-    "generation.py": ["tests/test_generation.py", "tests/test_model.py"],
+    "generation.py": ["tests/test_generation.py", "tests/test_model.py", "tests/test_hf_habits.py"],
     "model.py": ["tests/test_model.py", "tests/test_model_parity.py", "tests/test_init.py", "tests/test_hf_habits.py",
                  "tests/test_generation.py", f"{HF_INTEROP}::test_forward_arguments_have_transformers_meaning",
                  f"{HF_INTEROP}::test_classifier_forward_arguments_have_transformers_meaning",
