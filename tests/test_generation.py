@@ -1,5 +1,6 @@
 """gpt2_ascend.generation: transformers parity, KV cache numerics, sampling filters, stopping, streaming."""
 import os
+import warnings
 
 import pytest
 import torch
@@ -154,14 +155,17 @@ def test_fixed_shape_and_compile_flag_give_the_same_tokens_on_cpu(models, monkey
     import gpt2_ascend.generation as generation
     ours, _ = models
     ids, mask = left_pad(prompts(), PAD)
-    base = generate(ours, ids, attention_mask=mask, max_new_tokens=8, eos_token_id=None)
-    fixed = generate(ours, ids, attention_mask=mask, max_new_tokens=8, eos_token_id=None, fixed_shape=True)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("error", message="compile=True")  # none asked for: no word about it
+        base = generate(ours, ids, attention_mask=mask, max_new_tokens=8, eos_token_id=None)
+        fixed = generate(ours, ids, attention_mask=mask, max_new_tokens=8, eos_token_id=None, fixed_shape=True)
     assert torch.equal(base, fixed)
     # a CPU without a C++ compiler: compile=True says so and runs the fixed-shape step uncompiled
     monkeypatch.setattr(generation.shutil, "which", lambda name: None)
-    with pytest.warns(UserWarning, match="needs a CUDA device, or a CPU with a C\\+\\+ compiler"):
+    with pytest.warns(UserWarning, match="needs a CUDA device, or a CPU with a C\\+\\+ compiler") as record:
         compiled = generate(ours, ids, attention_mask=mask, max_new_tokens=8, eos_token_id=None, compile=True)
     assert torch.equal(base, compiled)
+    assert record[0].filename == __file__  # the warning points at the caller's line
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
