@@ -342,8 +342,14 @@ def test_context_overflow_and_bad_arguments_fail_with_one_line(models):
         assert "\n" not in str(err.value)
     with pytest.raises(ValueError, match="left-padded"):
         generate(ours, small, attention_mask=torch.tensor([[1, 1, 1, 0, 0]]))
-    with pytest.raises(ValueError, match="token ids must be in"):
-        generate(ours, torch.tensor([[1, 600]]))
+    with pytest.raises(ValueError, match=r"^token ids must be in \[0, 512\), found 1\.\.600$"):  # the prompt's
+        generate(ours, torch.tensor([[1, 600]]))  # own check, before any forward (the model's says more)
+    with pytest.raises(ValueError, match=r"non-empty \(batch, length\) tensor of token ids, got shape \(2, 0\)"):
+        generate(ours, torch.zeros(2, 0, dtype=torch.long))
+    # the longest answer truncation allows: one prompt token kept, n_positions - 1 new ones
+    longest = generate(ours, ids, max_new_tokens=63, truncate_prompt=True, eos_token_id=None)
+    assert longest.shape == (1, 64) and torch.equal(longest, generate(ours, ids[:, -1:], max_new_tokens=63,
+                                                                      eos_token_id=None))
 
 
 def test_compiled_decode_step_traces_whole_and_is_reused_across_calls(models, monkeypatch):
