@@ -515,3 +515,33 @@ def test_a_cpu_compile_that_fails_to_build_falls_back_with_one_warning(models, m
     assert torch.equal(fell_back, base) and generation._COMPILE_FAILED == {"cpu"}
     assert not supported(torch.device("cpu"))  # the next compile=True says so up front
     ours.__dict__.pop("_compiled_decoder", None)
+
+
+def test_generate_text_takes_batches_of_one_and_streams_a_lone_prompt_at_any_batch_size():
+    """batch_size=1 is a batch size (each prompt alone gives the batched texts); a streamer with one prompt needs
+    no batch_size=1 (only several prompts in one batch would interleave)."""
+    from gpt2_ascend import GPT2Config, GPT2LMHeadModel
+    from gpt2_ascend.generation import generate_text
+
+    config = GPT2Config(n_layer=1, n_embd=32, n_head=2, n_positions=16, vocab_size=30, embd_pdrop=0.0,
+                        attn_pdrop=0.0, resid_pdrop=0.0, eos_token_id=29, pad_token_id=29, bos_token_id=29)
+    torch.manual_seed(0)
+    model = GPT2LMHeadModel(config).eval()
+    kw = dict(max_new_tokens=4, eos_token_id=None)
+    assert generate_text(model, Chars(), ["abc", "de"], batch_size=1, **kw) == \
+        generate_text(model, Chars(), ["abc", "de"], batch_size=2, **kw)
+
+    class Recorder:
+        def __init__(self):
+            self.tokens = []
+
+        def put(self, ids):
+            self.tokens.append(torch.as_tensor(ids).flatten().tolist())
+
+        def end(self):
+            self.tokens.append("end")
+
+    streamed = Recorder()
+    text = generate_text(model, Chars(), ["abc"], streamer=streamed, **kw)  # batch_size left at its default
+    assert streamed.tokens[0] == [0, 1, 2] and streamed.tokens[-1] == "end" and len(streamed.tokens) == 1 + 4 + 1
+    assert text == generate_text(model, Chars(), ["abc"], **kw)
