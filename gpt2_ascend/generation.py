@@ -45,13 +45,15 @@ FROM_CONFIG = _FromConfig()
 
 @dataclass
 class SamplingSettings:
-    max_new_tokens: int = 20
-    min_new_tokens: int = 0
-    do_sample: bool = False
-    temperature: float = 1.0
-    top_k: int = 0
-    top_p: float = 1.0
-    repetition_penalty: float = 1.0
+    """One call's decoding settings, every one given (the defaults are the caller's: generate() takes them from the
+    model's generation_config, as transformers does)."""
+    max_new_tokens: int
+    min_new_tokens: int
+    do_sample: bool
+    temperature: float
+    top_k: int
+    top_p: float
+    repetition_penalty: float
 
     def validate(self, source: str = "the sampling arguments"):
         """One-line errors naming the bad argument and what is allowed: config.SAMPLING's ranges, where the
