@@ -346,6 +346,9 @@ def test_context_overflow_and_bad_arguments_fail_with_one_line(models):
         generate(ours, torch.tensor([[1, 600]]))  # own check, before any forward (the model's says more)
     with pytest.raises(ValueError, match=r"non-empty \(batch, length\) tensor of token ids, got shape \(2, 0\)"):
         generate(ours, torch.zeros(2, 0, dtype=torch.long))
+    # a model whose generation config sets no length: transformers' 20 new tokens
+    assert ours.generation_config.max_new_tokens is None and ours.generation_config.max_length is None
+    assert generate(ours, small, eos_token_id=None).shape == (1, 5 + 20)
     # the longest answer truncation allows: one prompt token kept, n_positions - 1 new ones
     longest = generate(ours, ids, max_new_tokens=63, truncate_prompt=True, eos_token_id=None)
     assert longest.shape == (1, 64) and torch.equal(longest, generate(ours, ids[:, -1:], max_new_tokens=63,
