@@ -342,6 +342,8 @@ def test_context_overflow_and_bad_arguments_fail_with_one_line(models):
         assert "\n" not in str(err.value)
     with pytest.raises(ValueError, match="left-padded"):
         generate(ours, small, attention_mask=torch.tensor([[1, 1, 1, 0, 0]]))
+    with pytest.raises(TypeError, match="generate needs a gpt2_ascend GPT2LMHeadModel, got GPT2LMHeadModel"):
+        generate(models[1], small)  # transformers' own model: its generate() is transformers
     with pytest.raises(ValueError, match=r"^token ids must be in \[0, 512\), found 1\.\.600$"):  # the prompt's
         generate(ours, torch.tensor([[1, 600]]))  # own check, before any forward (the model's says more)
     with pytest.raises(ValueError, match=r"non-empty \(batch, length\) tensor of token ids, got shape \(2, 0\)"):
@@ -368,6 +370,8 @@ def test_compiled_decode_step_traces_whole_and_is_reused_across_calls(models, mo
     base = generate(ours, ids, attention_mask=mask, max_new_tokens=6, eos_token_id=None)
     first = generate(ours, ids, attention_mask=mask, max_new_tokens=6, eos_token_id=None, compile=True)
     kept = ours._compiled_decoder[1]
+    for t in kept.cache.keys + kept.cache.values:  # what a NaN left by an earlier call in a masked slot would do:
+        t.fill_(float("nan"))                      # the kept cache is cleared before it is used again
     second = generate(ours, ids, attention_mask=mask, max_new_tokens=6, eos_token_id=None, compile=True)
     assert torch.equal(first, base) and torch.equal(second, base)
     assert len(graphs) == 1  # one graph (no graph break), not recompiled for a second call of the same shape
