@@ -125,6 +125,15 @@ EQUIVALENT: list[tuple[str, str, str, str]] = [
      "they differ only in eval mode without a cache, where recomputation then wraps the block in "
      "torch.utils.checkpoint: under no_grad that runs it once as is, with gradients it recomputes exactly "
      "(test_recompute_modes_same_loss_and_grads_with_dropout): the same numbers, another cost"),
+    ("generation.py", "if s.repetition_penalty != 1.0:", "if s.repetition_penalty != 0.0:",
+     "a penalty of 1.0 divides and multiplies scores by 1, exactly: the guard only saves the work (0.0 is refused "
+     "by SamplingSettings.validate before the loop)"),
+    ("generation.py", "k = min(k, scores.size(-1))", "k = min(k, scores.size(1))",
+     "scores are (batch, vocab) in every call (process_logits): dim 1 is the last"),
+    ("generation.py", "kth = torch.topk(scores, k, dim=-1).values[..., -1:]",
+     "kth = torch.topk(scores, k, dim=1).values[..., -1:]", "the same: (batch, vocab) scores"),
+    ("generation.py", "remove = remove_sorted.scatter(-1, order, remove_sorted)",
+     "remove = remove_sorted.scatter(1, order, remove_sorted)", "the same: (batch, vocab) scores"),
     ("model.py", "force_download: bool = False, token=None, trust_remote_code: bool = False, **config_overrides):",
      "force_download: bool = False, token=None, trust_remote_code: bool = True, **config_overrides):",
      "trust_remote_code is accepted for transformers' callers and only type-checked: no code is ever run from a "
