@@ -490,8 +490,7 @@ def _decode_loop(decoder: Decoder, input_ids, attention_mask, s: SamplingSetting
     generator = torch.Generator(device=device).manual_seed(seed) if seed is not None else None
     unfinished = torch.ones(B, dtype=torch.bool, device=device)
     all_done = torch.zeros(s.max_new_tokens, dtype=torch.bool, device=device)
-    # the stop check syncs with the device; on accelerators do it every few steps and trim afterwards
-    check_every = 1 if device.type == "cpu" or streamer is not None else 8
+    check_every = stop_check_interval(device, streamer)
     if streamer is not None:
         streamer.put(input_ids.cpu())
 
@@ -522,6 +521,16 @@ def _decode_loop(decoder: Decoder, input_ids, attention_mask, s: SamplingSetting
     if streamer is not None:
         streamer.end()
     return tokens[:, :T + n]
+
+
+ACCELERATOR_STOP_CHECK = 8
+
+
+def stop_check_interval(device: torch.device, streamer) -> int:
+    """Steps between two stop checks, each a device-to-host sync: every step on CPU (no sync to save) and when
+    streaming; every ACCELERATOR_STOP_CHECK steps on accelerators, the output trimmed afterwards to the exact step
+    where every row had finished."""
+    return 1 if device.type == "cpu" or streamer is not None else ACCELERATOR_STOP_CHECK
 
 
 def _require_finite(nonfinite: torch.Tensor, step: int):

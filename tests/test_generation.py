@@ -552,3 +552,25 @@ def test_generate_text_takes_batches_of_one_and_streams_a_lone_prompt_at_any_bat
     text = generate_text(model, Chars(), ["abc"], streamer=streamed, **kw)  # batch_size left at its default
     assert streamed.tokens[0] == [0, 1, 2] and streamed.tokens[-1] == "end" and len(streamed.tokens) == 1 + 4 + 1
     assert text == generate_text(model, Chars(), ["abc"], **kw)
+
+
+@pytest.mark.parametrize("interval", [3, 8])
+def test_checking_for_the_stop_every_few_steps_gives_the_every_step_output(models, monkeypatch, interval):
+    """On an accelerator the stop check (a device sync) runs every few steps and the output is trimmed to the step
+    where the last row finished: the same tokens and length as checking every step (CPU's way), here on CPU with the
+    interval forced; a NaN model is still refused at its first new token."""
+    import gpt2_ascend.generation as generation
+    ours, _ = models
+    ids, mask = left_pad(prompts(), PAD)
+    ids, mask = ids[:1], mask[:1]  # one row: the whole batch finishes when it does
+    free = generate(ours, ids, attention_mask=mask, max_new_tokens=12, eos_token_id=None)
+    eos = int(free[0, ids.size(1) + 4])  # the row ends at its 5th new token (or earlier, if it emits it before)
+    every_step = generate(ours, ids, attention_mask=mask, max_new_tokens=12, eos_token_id=eos)
+    assert every_step.size(1) <= ids.size(1) + 5 < free.size(1)  # it stopped early
+    monkeypatch.setattr(generation, "stop_check_interval", lambda device, streamer: interval)
+    assert torch.equal(generate(ours, ids, attention_mask=mask, max_new_tokens=12, eos_token_id=eos), every_step)
+    broken = type(ours)(ours.config).eval()
+    with torch.no_grad():
+        broken.transformer.ln_f.weight.fill_(float("nan"))
+    with pytest.raises(ValueError, match="became NaN/inf by new token 1:"):
+        generate(broken, ids, attention_mask=mask, max_new_tokens=12, eos_token_id=None)
