@@ -107,14 +107,6 @@ def parse_args(argv=None):
     return p.parse_args(argv)
 
 
-def selected_cases(spec: str) -> list[str]:
-    names = [c.strip() for c in spec.split(",") if c.strip()]
-    unknown = [c for c in names if c not in CASES]
-    if unknown or not names:
-        raise ValueError(f"unknown case {unknown[0] if unknown else spec!r}: use {', '.join(CASES)}")
-    return names
-
-
 def load_bench(name: str):
     """bench/<name>.py as a module (by path: the repository root holds scripts of the same names)."""
     spec = importlib.util.spec_from_file_location(f"bench_{name}", os.path.join(REPO, "bench", f"{name}.py"))
@@ -396,7 +388,7 @@ def table(lines: list[dict]) -> str:
 def main(argv=None) -> int:
     args = parse_args(argv)
     try:
-        cases = selected_cases(args.cases)
+        cases = load_bench("generate").selected_cases(args.cases, CASES)
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
