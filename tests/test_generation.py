@@ -154,6 +154,13 @@ def test_cached_decode_logits_equal_full_recompute(models, fixed_shape):
 def test_fixed_shape_and_compile_flag_give_the_same_tokens_on_cpu(models, monkeypatch):
     import gpt2_ascend.generation as generation
     ours, _ = models
+    built = []  # the cache mode of each decoder generate() builds
+
+    class Recorded(generation.Decoder):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            built.append(self.fixed_shape)
+    monkeypatch.setattr(generation, "Decoder", Recorded)
     ids, mask = left_pad(prompts(), PAD)
     with warnings.catch_warnings():
         warnings.filterwarnings("error", message="compile=True")  # none asked for: no word about it
@@ -164,8 +171,11 @@ def test_fixed_shape_and_compile_flag_give_the_same_tokens_on_cpu(models, monkey
     monkeypatch.setattr(generation.shutil, "which", lambda name: None)
     with pytest.warns(UserWarning, match="needs a CUDA device, or a CPU with a C\\+\\+ compiler") as record:
         compiled = generate(ours, ids, attention_mask=mask, max_new_tokens=8, eos_token_id=None, compile=True)
+        ours.generate(ids, attention_mask=mask, max_new_tokens=2, eos_token_id=None, compile=True)
     assert torch.equal(base, compiled)
-    assert record[0].filename == __file__  # the warning points at the caller's line
+    assert built == [False, True, True, True]  # fixed_shape=True and compile=True each run the fixed-shape cache
+    # the warning points at the caller's line, through generate() and model.generate() alike
+    assert [w.filename for w in record] == [__file__, __file__]
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
@@ -482,9 +492,24 @@ def test_check_sampling_args_accepts_its_defaults_and_names_the_bound():
         check_sampling_args(min_new_tokens=2.5)  # not an integer: the schema's range names the argument
     assert str(err.value) == ("bad value 2.5 for 'min_new_tokens' in the sampling arguments: expected an integer "
                               "in [0, 16777216]")
+    for name in ("min_new_tokens", "do_sample", "temperature", "top_k", "top_p", "repetition_penalty"):
+        with pytest.raises(ValueError, match=f"bad value None for '{name}'"):
+            check_sampling_args(**{name: None})  # None is generate()'s 'from the config', not a value here
     with pytest.raises(ValueError) as err:
         check_sampling_args(min_new_tokens=3, max_new_tokens=2)
     assert str(err.value) == "min_new_tokens must be an integer in [0, max_new_tokens=2], got 3"
+
+
+def test_only_transformers_defaults_and_zero_like_values_leave_a_setting_off():
+    """What routes a call to transformers' generate(): a setting counts as off at its default, or when it and its
+    default are both 'nothing' (None, False, 0, 0.0, empty); -1, 1 or True ask for something."""
+    from gpt2_ascend.generation import is_default
+    for name, value in [("min_length", 0), ("min_length", 0.0), ("min_length", None), ("no_repeat_ngram_size", 0),
+                        ("bad_words_ids", None), ("bad_words_ids", []), ("output_scores", False), ("num_beams", 1)]:
+        assert is_default(name, value), (name, value)
+    for name, value in [("min_length", -1), ("min_length", -1.0), ("min_length", 1), ("output_scores", True),
+                        ("no_repeat_ngram_size", 1.0), ("bad_words_ids", [[3]]), ("num_beams", 2)]:
+        assert not is_default(name, value), (name, value)
 
 
 @pytest.mark.parametrize("top_p, kept", [(0.5, 2), (0.75, 3), (0.25, 1), (1.0, 4)])
@@ -511,17 +536,63 @@ def test_a_cpu_compile_that_fails_to_build_falls_back_with_one_warning(models, m
     def failing_step(*args):
         raise torch._dynamo.exc.BackendCompilerFailed(failing_step, RuntimeError("fatal error: Python.h: No such "
                                                                                  "file or directory"), None)
+    def no_cuda_graphs():
+        raise AssertionError("a CPU step marked a CUDA graph step")
     supported = generation.compile_supported
     monkeypatch.setattr(generation, "_COMPILE_FAILED", set())
     monkeypatch.setattr(generation, "compile_supported", lambda device: "cpu" not in generation._COMPILE_FAILED)
     monkeypatch.setattr(generation, "compiled_step", lambda *_: failing_step)
+    monkeypatch.setattr(torch.compiler, "cudagraph_mark_step_begin", no_cuda_graphs)
     ids, mask = left_pad(prompts(), PAD)
     base = generate(ours, ids, attention_mask=mask, max_new_tokens=5, eos_token_id=None)
-    with pytest.warns(UserWarning, match=r"did not compile on this CPU \(fatal error: Python.h: No such file"):
+    with pytest.warns(UserWarning, match=r"did not compile on this CPU \(fatal error: Python.h: No such file") as record:
         fell_back = generate(ours, ids, attention_mask=mask, max_new_tokens=5, eos_token_id=None, compile=True)
     assert torch.equal(fell_back, base) and generation._COMPILE_FAILED == {"cpu"}
+    assert len(record) == 1 and record[0].filename == __file__  # the caller's line
     assert not supported(torch.device("cpu"))  # the next compile=True says so up front
     ours.__dict__.pop("_compiled_decoder", None)
+
+
+def test_a_compile_failure_off_the_cpu_is_raised(models, monkeypatch):
+    """Only a CPU's build failure falls back to the uncompiled step (a missing toolchain there is common); on an
+    accelerator it is a real error and reaches the caller (tokens on the meta device stand in for one)."""
+    import gpt2_ascend.generation as generation
+    ours, _ = models
+
+    def failing_step(*args):
+        raise torch._dynamo.exc.BackendCompilerFailed(failing_step, RuntimeError("inductor failed"), None)
+    monkeypatch.setattr(generation, "_COMPILE_FAILED", set())
+    decoder = generation.Decoder(ours, 1, 8, fixed_shape=True)
+    decoder.step_fn = failing_step
+    with pytest.raises(torch._dynamo.exc.BackendCompilerFailed):
+        decoder.step(torch.zeros(1, dtype=torch.long, device="meta"), 0)
+    assert generation._COMPILE_FAILED == set()
+
+
+def test_generate_text_returns_text_without_special_tokens_and_batches_eight_prompts(models, monkeypatch):
+    """A row that finishes early is filled with the pad token (a special token, here the eos id): its text is what
+    it gets alone, the pad never decoded; prompts go to generate() eight at a time unless batch_size says."""
+    import gpt2_ascend.generation as generation
+    from gpt2_ascend.generation import generate_text
+
+    class SpecialChars(Chars):
+        def decode(self, ids, skip_special_tokens=False):  # transformers' default: special tokens kept
+            return "".join("<pad>" if i == PAD else chr(i + 97) if i < 26 else "?" for i in ids
+                           if not (skip_special_tokens and i == PAD))
+    ours, _ = models
+    tok = SpecialChars()
+    rows = [generate(ours, torch.tensor(tok(p).input_ids), max_new_tokens=6, eos_token_id=None)[-6:].tolist()
+            for p in ("abc", "xyz")]
+    eos = rows[0][1]  # the first row stops at its second new token; the second never emits it
+    assert eos not in rows[1] and eos != rows[0][0] and PAD not in rows[0] + rows[1]
+    texts = generate_text(ours, tok, ["abc", "xyz"], max_new_tokens=6, eos_token_id=eos, pad_token_id=PAD)
+    assert texts == [tok.decode(rows[0][:2]), tok.decode(rows[1])]
+    batches = []
+    real_generate = generation.generate
+    monkeypatch.setattr(generation, "generate", lambda model, ids, **kw: batches.append(len(ids)) or
+                        real_generate(model, ids, **kw))
+    generate_text(ours, tok, ["ab"] * 9, max_new_tokens=1)
+    assert batches == [8, 1]
 
 
 def test_generate_text_takes_batches_of_one_and_streams_a_lone_prompt_at_any_batch_size():

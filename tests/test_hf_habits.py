@@ -219,6 +219,13 @@ def test_generate_keeps_its_own_options_on_transformers_path(pair, prompts):
     kept = ours.generate(long, max_new_tokens=4, num_beams=2, truncate_prompt=True)
     with torch.no_grad():
         assert torch.equal(kept, hf.generate(long[:, -60:], max_new_tokens=4, num_beams=2))
+    # the room for new tokens read from the call's own generation config; compile says it does not apply here,
+    # at the caller's line
+    import transformers
+    config = transformers.GenerationConfig(max_new_tokens=4, num_beams=2, pad_token_id=PAD)
+    with pytest.warns(UserWarning, match="runs transformers' generation code, uncompiled") as record:
+        assert torch.equal(kept, ours.generate(long, generation_config=config, truncate_prompt=True, compile=True))
+    assert [w.filename for w in record] == [__file__]
 
 
 # ---------------------------------------------------------------------------------------------
