@@ -201,6 +201,19 @@ EQUIVALENT: list[tuple[str, str, str, str]] = [
      "CUDA only, not judged on CPU: off CUDA both conditions are False (a CPU step never marks a CUDA graph "
      "step: test_a_cpu_compile_that_fails_to_build_falls_back_with_one_warning); on CUDA "
      "test_compiled_cuda_graph_decode_equals_eager_on_gpu runs it when a GPU is lent"),
+    ("generation.py", "probs = torch.softmax(scores, dim=-1)", "probs = torch.softmax(scores, dim=1)",
+     "the same: (batch, vocab) scores"),
+    ("generation.py", "if eos is not None and ("
+     "(i + 1) % check_every == 0 or last) and bool(all_done[:i + 1].any()):",
+     "if eos is not None and ("
+     "(i + 2) % check_every == 0 or last) and bool(all_done[:i + 1].any()):",
+     "moves the accelerator's stop checks one step earlier: the output is cut where all_done says, exactly, "
+     "whichever step the check runs at (checking every step, on CPU or with a streamer, (i + 2) % 1 == 0 as well)"),
+    ("generation.py", "if eos is not None and ("
+     "(i + 1) % check_every == 0 or last) and bool(all_done[:i + 1].any()):",
+     "if eos is not None and ("
+     "(i + 1) % check_every == 0 or last) and bool(all_done[:i + 2].any()):",
+     "all_done[i + 1] is still False when step i reads it (set at step i + 1): the same any()"),
     ("generation.py", "if s.top_p < 1.0:", "if s.top_p <= 1.0:",
      "top_p_filter at p = 1 drops only tokens whose ascending cumulative probability is <= 0, i.e. exactly 0: "
      "softmax gives them 0 either way, so the sampled distribution is the same bit for bit"),

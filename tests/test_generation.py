@@ -350,14 +350,19 @@ def test_context_overflow_and_bad_arguments_fail_with_one_line(models):
         with pytest.raises(ValueError, match=msg) as err:
             generate(ours, small, **kw)
         assert "\n" not in str(err.value)
-    with pytest.raises(ValueError, match="left-padded"):
-        generate(ours, small, attention_mask=torch.tensor([[1, 1, 1, 0, 0]]))
+    for bad_mask in ([[1, 1, 1, 0, 0]], [[1, 0, 1, 1, 1]], [[0, 0, 0, 0, 0]]):  # right, holed, empty
+        with pytest.raises(ValueError, match="left-padded"):
+            generate(ours, small, attention_mask=torch.tensor(bad_mask))
+    assert torch.equal(generate(ours, small[0], attention_mask=torch.ones(5, dtype=torch.long), eos_token_id=None),
+                       generate(ours, small[0], eos_token_id=None))  # a 1-D mask with a 1-D prompt
     with pytest.raises(TypeError, match="generate needs a gpt2_ascend GPT2LMHeadModel, got GPT2LMHeadModel"):
         generate(models[1], small)  # transformers' own model: its generate() is transformers
     with pytest.raises(ValueError, match=r"^token ids must be in \[0, 512\), found 1\.\.600$"):  # the prompt's
         generate(ours, torch.tensor([[1, 600]]))  # own check, before any forward (the model's says more)
     with pytest.raises(ValueError, match=r"non-empty \(batch, length\) tensor of token ids, got shape \(2, 0\)"):
         generate(ours, torch.zeros(2, 0, dtype=torch.long))
+    with pytest.raises(ValueError, match=r"non-empty \(batch, length\) tensor of token ids, got shape \(0, 5\)"):
+        generate(ours, torch.zeros(0, 5, dtype=torch.long))
     # a model whose generation config sets no length: transformers' 20 new tokens
     assert ours.generation_config.max_new_tokens is None and ours.generation_config.max_length is None
     assert generate(ours, small, eos_token_id=None).shape == (1, 5 + 20)
@@ -430,13 +435,6 @@ def test_inductor_decode_on_cpu_gives_transformers_tokens():
 def test_generate_text_with_a_truncated_prompt_returns_the_new_tokens():
     from gpt2_ascend import GPT2Config, GPT2LMHeadModel
     from gpt2_ascend.generation import generate_text
-
-    class Chars:  # a tokenizer of single characters: ids 0..25
-        def __call__(self, text):
-            return type("E", (), {"input_ids": [ord(c) - 97 for c in text]})()
-
-        def decode(self, ids, skip_special_tokens=True):
-            return "".join(chr(i + 97) if i < 26 else "?" for i in ids)
 
     config = GPT2Config(n_layer=1, n_embd=32, n_head=2, n_positions=16, vocab_size=30, embd_pdrop=0.0,
                         attn_pdrop=0.0, resid_pdrop=0.0, eos_token_id=29, pad_token_id=29, bos_token_id=29)
@@ -534,8 +532,9 @@ def test_a_cpu_compile_that_fails_to_build_falls_back_with_one_warning(models, m
     ours, _ = models
 
     def failing_step(*args):
-        raise torch._dynamo.exc.BackendCompilerFailed(failing_step, RuntimeError("fatal error: Python.h: No such "
-                                                                                 "file or directory"), None)
+        raise torch._dynamo.exc.BackendCompilerFailed(failing_step, RuntimeError(cause), None)
+    cause = "fatal error: Python.h: No such file or directory" + " and more" * 40 + "\nthe compiler's next line"
+
     def no_cuda_graphs():
         raise AssertionError("a CPU step marked a CUDA graph step")
     supported = generation.compile_supported
@@ -545,10 +544,11 @@ def test_a_cpu_compile_that_fails_to_build_falls_back_with_one_warning(models, m
     monkeypatch.setattr(torch.compiler, "cudagraph_mark_step_begin", no_cuda_graphs)
     ids, mask = left_pad(prompts(), PAD)
     base = generate(ours, ids, attention_mask=mask, max_new_tokens=5, eos_token_id=None)
-    with pytest.warns(UserWarning, match=r"did not compile on this CPU \(fatal error: Python.h: No such file") as record:
+    with pytest.warns(UserWarning, match=r"did not compile on this CPU \(fatal error: Python.h: No such") as record:
         fell_back = generate(ours, ids, attention_mask=mask, max_new_tokens=5, eos_token_id=None, compile=True)
     assert torch.equal(fell_back, base) and generation._COMPILE_FAILED == {"cpu"}
     assert len(record) == 1 and record[0].filename == __file__  # the caller's line
+    assert f"({cause[:200]}); running it uncompiled" in str(record[0].message)  # its first 200 characters
     assert not supported(torch.device("cpu"))  # the next compile=True says so up front
     ours.__dict__.pop("_compiled_decoder", None)
 
@@ -609,19 +609,9 @@ def test_generate_text_takes_batches_of_one_and_streams_a_lone_prompt_at_any_bat
     assert generate_text(model, Chars(), ["abc", "de"], batch_size=1, **kw) == \
         generate_text(model, Chars(), ["abc", "de"], batch_size=2, **kw)
 
-    class Recorder:
-        def __init__(self):
-            self.tokens = []
-
-        def put(self, ids):
-            self.tokens.append(torch.as_tensor(ids).flatten().tolist())
-
-        def end(self):
-            self.tokens.append("end")
-
-    streamed = Recorder()
+    streamed = RecordingStreamer()
     text = generate_text(model, Chars(), ["abc"], streamer=streamed, **kw)  # batch_size left at its default
-    assert streamed.tokens[0] == [0, 1, 2] and streamed.tokens[-1] == "end" and len(streamed.tokens) == 1 + 4 + 1
+    assert streamed.puts[0].flatten().tolist() == [0, 1, 2] and len(streamed.puts) == 1 + 4 and streamed.ended == 1
     assert text == generate_text(model, Chars(), ["abc"], **kw)
 
 
@@ -638,10 +628,49 @@ def test_checking_for_the_stop_every_few_steps_gives_the_every_step_output(model
     eos = int(free[0, ids.size(1) + 4])  # the row ends at its 5th new token (or earlier, if it emits it before)
     every_step = generate(ours, ids, attention_mask=mask, max_new_tokens=12, eos_token_id=eos)
     assert every_step.size(1) <= ids.size(1) + 5 < free.size(1)  # it stopped early
+    streamed = RecordingStreamer()
+    assert torch.equal(generate(ours, ids, attention_mask=mask, max_new_tokens=12, eos_token_id=eos,
+                                streamer=streamed), every_step)
+    assert len(streamed.puts) == 1 + (every_step.size(1) - ids.size(1)) and streamed.ended == 1  # prompt, new tokens
+    finished = every_step.size(1) - ids.size(1)  # new tokens, the eos included
+    last_window = generate(ours, ids, attention_mask=mask, max_new_tokens=finished + 1, eos_token_id=eos)
     monkeypatch.setattr(generation, "stop_check_interval", lambda device, streamer: interval)
     assert torch.equal(generate(ours, ids, attention_mask=mask, max_new_tokens=12, eos_token_id=eos), every_step)
+    # the end is a check too: a stop after the last regular check is found there (interval 8: no regular check)
+    assert torch.equal(generate(ours, ids, attention_mask=mask, max_new_tokens=finished + 1, eos_token_id=eos),
+                       last_window)
     broken = type(ours)(ours.config).eval()
     with torch.no_grad():
         broken.transformer.ln_f.weight.fill_(float("nan"))
     with pytest.raises(ValueError, match="became NaN/inf by new token 1:"):
         generate(broken, ids, attention_mask=mask, max_new_tokens=12, eos_token_id=None)
+
+
+def test_the_stop_check_interval_is_one_on_cpu_and_when_streaming():
+    from gpt2_ascend.generation import ACCELERATOR_STOP_CHECK, stop_check_interval
+    assert ACCELERATOR_STOP_CHECK == 8
+    assert stop_check_interval(torch.device("cpu"), None) == 1
+    assert stop_check_interval(torch.device("cpu"), RecordingStreamer()) == 1
+    assert stop_check_interval(torch.device("cuda"), RecordingStreamer()) == 1  # no token streamed unchecked
+    assert stop_check_interval(torch.device("cuda"), None) == 8
+
+
+@pytest.mark.parametrize("interval, nan_from, max_new, reported", [(None, 2, 6, 3), (3, 4, 12, 6), (3, 3, 5, 5)])
+def test_nan_logits_are_reported_at_the_first_check_after_them(models, monkeypatch, interval, nan_from, max_new,
+                                                               reported):
+    """Logits turning NaN at new token `nan_from` (1 = the first after the prompt's) are refused at the first check
+    at or after it: every token on CPU; with checks every 3 steps at step 3, 6, ..., or at the end."""
+    import gpt2_ascend.generation as generation
+    ours, _ = models
+    real_step = generation.Decoder.step
+    steps = []
+
+    def step(self, tokens, slot):  # the k-th step's logits choose new token k + 1 (0-based: k)
+        steps.append(slot)
+        logits = real_step(self, tokens, slot)
+        return logits.fill_(float("nan")) if len(steps) >= nan_from else logits
+    monkeypatch.setattr(generation.Decoder, "step", step)
+    if interval is not None:
+        monkeypatch.setattr(generation, "stop_check_interval", lambda device, streamer: interval)
+    with pytest.raises(ValueError, match=f"became NaN/inf by new token {reported}:"):
+        generate(ours, torch.tensor(prompts((5,))), max_new_tokens=max_new, eos_token_id=None)

@@ -228,6 +228,38 @@ def test_generate_keeps_its_own_options_on_transformers_path(pair, prompts):
     assert [w.filename for w in record] == [__file__]
 
 
+def test_eos_token_id_is_kept_on_transformers_path(pair, prompts):
+    """A call that runs transformers' generate() (beam search here) stops at the eos id it is given, as transformers
+    does, and eos_token_id=None never stops, whatever the generation config says."""
+    import copy
+    hf, ours = pair
+    ids, mask = prompts
+    kw = dict(attention_mask=mask, max_new_tokens=8, num_beams=2)
+    free = ours.generate(ids, eos_token_id=None, **kw)
+    eos = int(free[0, ids.size(1) + 2])  # the first row's third new token
+    with torch.no_grad():
+        theirs = hf.generate(ids, eos_token_id=eos, pad_token_id=PAD, **kw)
+    assert theirs.shape != free.shape or not torch.equal(theirs, free)  # it stops there
+    assert torch.equal(ours.generate(ids, eos_token_id=eos, pad_token_id=PAD, **kw), theirs)
+    saved = ours.generation_config
+    try:
+        ours.generation_config = copy.deepcopy(saved)
+        ours.generation_config.eos_token_id = eos
+        assert torch.equal(ours.generate(ids, eos_token_id=None, **kw), free)
+    finally:
+        ours.generation_config = saved
+
+
+def test_a_prompt_filling_the_context_gets_its_one_token_on_transformers_path(pair):
+    """transformers' generate() needs no position past the prompt for one new token: a prompt of n_positions tokens
+    gets it, as from transformers' own model (more would pass the context: the model says so)."""
+    hf, ours = pair
+    full = torch.randint(0, PAD, (1, ours.config.n_positions), generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        assert torch.equal(ours.generate(full, max_new_tokens=1, num_beams=2),
+                           hf.generate(full, max_new_tokens=1, num_beams=2))
+
+
 # ---------------------------------------------------------------------------------------------
 # pipeline("text-generation", model=<our model object>)
 # ---------------------------------------------------------------------------------------------
