@@ -214,6 +214,17 @@ EQUIVALENT: list[tuple[str, str, str, str]] = [
      "if eos is not None and ("
      "(i + 1) % check_every == 0 or last) and bool(all_done[:i + 2].any()):",
      "all_done[i + 1] is still False when step i reads it (set at step i + 1): the same any()"),
+    ("generation.py", "cumulative = sorted_scores.softmax(dim=-1).cumsum(dim=-1)",
+     "cumulative = sorted_scores.softmax(dim=-1).cumsum(dim=1)", "the same: (batch, vocab) scores"),
+    ("generation.py", "self.position = torch.zeros(1, dtype=torch.long, device=device)",
+     "self.position = torch.zeros(2, dtype=torch.long, device=device)",
+     "two equal entries (every step fills the buffer with its slot): the step's one token is broadcast to two "
+     "identical queries at that slot, which write the same key twice and give the same last logits: twice the "
+     "work, the same tokens"),
+    ("generation.py", "ACCELERATOR_STOP_CHECK = 8", "ACCELERATOR_STOP_CHECK = 9",
+     "a tuning constant (device syncs saved vs steps run past the stop): any interval gives the every-step output "
+     "(test_checking_for_the_stop_every_few_steps_gives_the_every_step_output, at 3 and 8)"),
+    ("generation.py", "ACCELERATOR_STOP_CHECK = 8", "ACCELERATOR_STOP_CHECK = 7", "the same: a tuning constant"),
     ("generation.py", "if s.top_p < 1.0:", "if s.top_p <= 1.0:",
      "top_p_filter at p = 1 drops only tokens whose ascending cumulative probability is <= 0, i.e. exactly 0: "
      "softmax gives them 0 either way, so the sampled distribution is the same bit for bit"),

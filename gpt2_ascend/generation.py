@@ -213,9 +213,9 @@ def is_default(name: str, value) -> bool:
 def own_decoder_covers(generation_config, options: dict) -> bool:
     """True when the model's generation config and the call's transformers options (generate()'s **options) ask for
     nothing the decoder here does not implement: greedy or sampling, one eos id, one sequence per prompt, a cache."""
-    for name, value in generation_config.to_diff_dict().items():
-        if name in GENERATION_BOOKKEEPING_KEYS or name.startswith("_"):
-            continue
+    settings = {name: value for name, value in generation_config.to_diff_dict().items()
+                if name not in GENERATION_BOOKKEEPING_KEYS and not name.startswith("_")}
+    for name, value in settings.items():
         if name in OWN_DECODER_SETTINGS:
             if isinstance(value, list):  # several eos ids
                 return False
@@ -258,7 +258,8 @@ def _generate_with_transformers(lm, input_ids, attention_mask, generation_config
     input_ids, attention_mask = prepare_prompt(input_ids, attention_mask, lm.config, budget, truncate_prompt,
                                                lm.device)
     out = transformers_generate(lm, input_ids, attention_mask, generation_config, seed, **options)
-    return out[0] if squeeze and isinstance(out, torch.Tensor) else out
+    # a 1-D prompt gives a 1-D answer; several sequences for it (num_return_sequences) stay rows
+    return out[0] if squeeze and isinstance(out, torch.Tensor) and out.size(0) == 1 else out
 
 
 def generate_text(model, tokenizer, prompts, batch_size: int = 8, max_decode_length: Optional[int] = None,
@@ -385,7 +386,7 @@ def _special_ids(config, defaults, eos_token_id, pad_token_id):
 class Decoder:
     """Owns the preallocated cache and the slot mask (B, max_length) of one generate call."""
 
-    def __init__(self, lm, batch_size: int, max_length: int, fixed_shape: bool = False, compiled: bool = False):
+    def __init__(self, lm, batch_size: int, max_length: int, fixed_shape: bool, compiled: bool = False):
         self.lm = lm
         device, dtype = next(lm.parameters()).device, next(lm.parameters()).dtype
         self.cache = KVCache.static(lm.config, batch_size, max_length, device=device, dtype=dtype,

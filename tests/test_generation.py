@@ -64,6 +64,20 @@ def test_greedy_matches_transformers_single_and_left_padded_batch(models, penalt
         assert torch.equal(single[0, len(p):], got[row, ids.size(1):])
 
 
+def test_repetition_penalty_is_transformers_on_scores_of_every_sign():
+    """Seen tokens' scores below 0 are multiplied by the penalty, the others (0 and (0, 1) included) divided, as
+    transformers' processor does; unseen tokens keep theirs."""
+    from transformers.generation.logits_process import RepetitionPenaltyLogitsProcessor
+    from gpt2_ascend.generation import SamplingSettings, process_logits
+    scores = torch.tensor([[-2.0, -0.5, 0.0, 0.25, 0.75, 1.0, 3.0, -1.0, 0.5]])
+    seen_ids = torch.tensor([[0, 1, 2, 3, 4, 5, 6]])
+    seen = torch.zeros_like(scores, dtype=torch.bool).scatter_(1, seen_ids, True)
+    settings = SamplingSettings(5, 0, False, 1.0, 0, 1.0, 1.5)
+    theirs = RepetitionPenaltyLogitsProcessor(1.5)(seen_ids, scores.clone())
+    assert torch.equal(process_logits(scores, settings, 0, seen=seen), theirs)
+    assert theirs[0, 3] == 0.25 / 1.5 and theirs[0, 1] == -0.75 and theirs[0, 8] == 0.5
+
+
 def test_repetition_penalty_skips_padding_whose_id_the_model_competes_for(models):
     """Left padding with the token the short prompt's greedy continuation starts with as the pad id: padding is not
     part of the sequence, so that token is not penalised for it (with pad id 511, a token the model never picks,
@@ -350,7 +364,7 @@ def test_context_overflow_and_bad_arguments_fail_with_one_line(models):
         with pytest.raises(ValueError, match=msg) as err:
             generate(ours, small, **kw)
         assert "\n" not in str(err.value)
-    for bad_mask in ([[1, 1, 1, 0, 0]], [[1, 0, 1, 1, 1]], [[0, 0, 0, 0, 0]]):  # right, holed, empty
+    for bad_mask in ([[1, 1, 1, 0, 0]], [[1, 0, 1, 1, 1]], [[0, 1, 0, 1, 1]], [[0, 0, 0, 0, 0]]):  # right, holed, empty
         with pytest.raises(ValueError, match="left-padded"):
             generate(ours, small, attention_mask=torch.tensor(bad_mask))
     assert torch.equal(generate(ours, small[0], attention_mask=torch.ones(5, dtype=torch.long), eos_token_id=None),
@@ -359,6 +373,9 @@ def test_context_overflow_and_bad_arguments_fail_with_one_line(models):
         generate(models[1], small)  # transformers' own model: its generate() is transformers
     with pytest.raises(ValueError, match=r"^token ids must be in \[0, 512\), found 1\.\.600$"):  # the prompt's
         generate(ours, torch.tensor([[1, 600]]))  # own check, before any forward (the model's says more)
+    with pytest.raises(ValueError, match=r"^token ids must be in \[0, 512\), found 1\.\.512$"):
+        generate(ours, torch.tensor([[1, 512]]))
+    assert generate(ours, small, max_new_tokens=2, eos_token_id=0, pad_token_id=0).size(1) >= 6  # id 0 is an id
     with pytest.raises(ValueError, match=r"non-empty \(batch, length\) tensor of token ids, got shape \(2, 0\)"):
         generate(ours, torch.zeros(2, 0, dtype=torch.long))
     with pytest.raises(ValueError, match=r"non-empty \(batch, length\) tensor of token ids, got shape \(0, 5\)"):
@@ -471,6 +488,7 @@ def test_max_length_of_the_generation_config_counts_the_prompt(models):
         ours.generation_config = changed
         out = generate(ours, torch.tensor(prompts((5, 5))), eos_token_id=None)
         assert out.shape == (2, 12)
+        assert generate(ours, torch.tensor(prompts((5, 5))), eos_token_id=None, max_length=9).shape == (2, 9)  # the call's
         texts = generate_text(ours, Chars(), ["abcde", "ab", "abc"], batch_size=2, eos_token_id=None)
         assert [len(t) for t in texts] == [7, 7, 9]  # batches of widths 5 and 3
     finally:
@@ -609,10 +627,16 @@ def test_generate_text_takes_batches_of_one_and_streams_a_lone_prompt_at_any_bat
     assert generate_text(model, Chars(), ["abc", "de"], batch_size=1, **kw) == \
         generate_text(model, Chars(), ["abc", "de"], batch_size=2, **kw)
 
+    with pytest.raises(ValueError, match="a streamer follows one sequence: use batch_size=1"):
+        generate_text(model, Chars(), ["abc", "de"], streamer=RecordingStreamer(), **kw)
+    generate_text(model, Chars(), ["abc", "de"], streamer=RecordingStreamer(), batch_size=1, **kw)
     streamed = RecordingStreamer()
     text = generate_text(model, Chars(), ["abc"], streamer=streamed, **kw)  # batch_size left at its default
     assert streamed.puts[0].flatten().tolist() == [0, 1, 2] and len(streamed.puts) == 1 + 4 and streamed.ended == 1
     assert text == generate_text(model, Chars(), ["abc"], **kw)
+    model.config.pad_token_id = None  # GPT-2's own config: prompts are padded with the bos/eos id
+    assert generate_text(model, Chars(), ["abc", "de"], **kw) == generate_text(model, Chars(), ["abc", "de"],
+                                                                               batch_size=1, **kw)
 
 
 @pytest.mark.parametrize("interval", [3, 8])
@@ -648,11 +672,10 @@ def test_checking_for_the_stop_every_few_steps_gives_the_every_step_output(model
 
 def test_the_stop_check_interval_is_one_on_cpu_and_when_streaming():
     from gpt2_ascend.generation import ACCELERATOR_STOP_CHECK, stop_check_interval
-    assert ACCELERATOR_STOP_CHECK == 8
     assert stop_check_interval(torch.device("cpu"), None) == 1
     assert stop_check_interval(torch.device("cpu"), RecordingStreamer()) == 1
     assert stop_check_interval(torch.device("cuda"), RecordingStreamer()) == 1  # no token streamed unchecked
-    assert stop_check_interval(torch.device("cuda"), None) == 8
+    assert stop_check_interval(torch.device("cuda"), None) == ACCELERATOR_STOP_CHECK > 1
 
 
 @pytest.mark.parametrize("interval, nan_from, max_new, reported", [(None, 2, 6, 3), (3, 4, 12, 6), (3, 3, 5, 5)])
