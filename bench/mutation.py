@@ -225,6 +225,16 @@ EQUIVALENT: list[tuple[str, str, str, str]] = [
      "a tuning constant (device syncs saved vs steps run past the stop): any interval gives the every-step output "
      "(test_checking_for_the_stop_every_few_steps_gives_the_every_step_output, at 3 and 8)"),
     ("generation.py", "ACCELERATOR_STOP_CHECK = 8", "ACCELERATOR_STOP_CHECK = 7", "the same: a tuning constant"),
+    ("generation.py", "cumulative = sorted_scores.softmax(dim=-1).cumsum(dim=-1)",
+     "cumulative = sorted_scores.softmax(dim=1).cumsum(dim=-1)", "the same: (batch, vocab) scores"),
+    ("generation.py", "self.padded = False", "self.padded = True",
+     "a placeholder: prefill() sets it from the mask before any step() reads it"),
+    ("generation.py", "if eos is not None and ("
+     "(i + 1) % check_every == 0 or last) and bool(all_done[:i + 1].any()):",
+     "if eos is not None and ("
+     "(i - 1) % check_every == 0 or last) and bool(all_done[:i + 1].any()):",
+     "the checks at steps 1, 4, 7, ... instead of 2, 5, 8 (every step where the interval is 1): the output is cut "
+     "where all_done says, exactly, whichever step the check runs at"),
     ("generation.py", "if s.top_p < 1.0:", "if s.top_p <= 1.0:",
      "top_p_filter at p = 1 drops only tokens whose ascending cumulative probability is <= 0, i.e. exactly 0: "
      "softmax gives them 0 either way, so the sampled distribution is the same bit for bit"),

@@ -376,6 +376,8 @@ def test_context_overflow_and_bad_arguments_fail_with_one_line(models):
     with pytest.raises(ValueError, match=r"^token ids must be in \[0, 512\), found 1\.\.512$"):
         generate(ours, torch.tensor([[1, 512]]))
     assert generate(ours, small, max_new_tokens=2, eos_token_id=0, pad_token_id=0).size(1) >= 6  # id 0 is an id
+    with pytest.raises(ValueError, match=r"eos_token_id must be a token id in \[0, 512\) or None, got -1"):
+        generate(ours, small, eos_token_id=-1)
     with pytest.raises(ValueError, match=r"non-empty \(batch, length\) tensor of token ids, got shape \(2, 0\)"):
         generate(ours, torch.zeros(2, 0, dtype=torch.long))
     with pytest.raises(ValueError, match=r"non-empty \(batch, length\) tensor of token ids, got shape \(0, 5\)"):
@@ -488,7 +490,7 @@ def test_max_length_of_the_generation_config_counts_the_prompt(models):
         ours.generation_config = changed
         out = generate(ours, torch.tensor(prompts((5, 5))), eos_token_id=None)
         assert out.shape == (2, 12)
-        assert generate(ours, torch.tensor(prompts((5, 5))), eos_token_id=None, max_length=9).shape == (2, 9)  # the call's
+        assert generate(ours, torch.tensor(prompts((5, 5))), eos_token_id=None, max_length=9).shape == (2, 9)
         texts = generate_text(ours, Chars(), ["abcde", "ab", "abc"], batch_size=2, eos_token_id=None)
         assert [len(t) for t in texts] == [7, 7, 9]  # batches of widths 5 and 3
     finally:
@@ -514,6 +516,18 @@ def test_check_sampling_args_accepts_its_defaults_and_names_the_bound():
     with pytest.raises(ValueError) as err:
         check_sampling_args(min_new_tokens=3, max_new_tokens=2)
     assert str(err.value) == "min_new_tokens must be an integer in [0, max_new_tokens=2], got 3"
+
+
+def test_a_setting_is_set_when_it_differs_from_transformers_blank_config(monkeypatch):
+    """transformers 4.x stores its defaults in every GenerationConfig (max_length 20), 5.x leaves them None: a
+    config sets a value only where it is not None and not the blank config's own (a 4.x blank stands in here)."""
+    import types
+    import gpt2_ascend.generation as generation
+    monkeypatch.setattr(generation, "blank_generation_config", lambda: types.SimpleNamespace(max_length=20))
+    config = lambda **kw: types.SimpleNamespace(**kw)  # noqa: E731
+    assert not generation.is_set(config(max_length=20), "max_length")  # 4.x's stored default: not set
+    assert generation.is_set(config(max_length=30), "max_length")
+    assert not generation.is_set(config(max_length=None), "max_length") and not generation.is_set(config(), "top_k")
 
 
 def test_only_transformers_defaults_and_zero_like_values_leave_a_setting_off():
@@ -627,16 +641,26 @@ def test_generate_text_takes_batches_of_one_and_streams_a_lone_prompt_at_any_bat
     assert generate_text(model, Chars(), ["abc", "de"], batch_size=1, **kw) == \
         generate_text(model, Chars(), ["abc", "de"], batch_size=2, **kw)
 
-    with pytest.raises(ValueError, match="a streamer follows one sequence: use batch_size=1"):
-        generate_text(model, Chars(), ["abc", "de"], streamer=RecordingStreamer(), **kw)
+    for batch_size in (2, 8):
+        with pytest.raises(ValueError, match="a streamer follows one sequence: use batch_size=1"):
+            generate_text(model, Chars(), ["abc", "de"], streamer=RecordingStreamer(), batch_size=batch_size, **kw)
     generate_text(model, Chars(), ["abc", "de"], streamer=RecordingStreamer(), batch_size=1, **kw)
     streamed = RecordingStreamer()
     text = generate_text(model, Chars(), ["abc"], streamer=streamed, **kw)  # batch_size left at its default
     assert streamed.puts[0].flatten().tolist() == [0, 1, 2] and len(streamed.puts) == 1 + 4 and streamed.ended == 1
     assert text == generate_text(model, Chars(), ["abc"], **kw)
+    # max_decode_length counts the prompt: 8 - 3
+    assert len(generate_text(model, Chars(), "abc", max_decode_length=8, eos_token_id=None)) == 5
     model.config.pad_token_id = None  # GPT-2's own config: prompts are padded with the bos/eos id
     assert generate_text(model, Chars(), ["abc", "de"], **kw) == generate_text(model, Chars(), ["abc", "de"],
                                                                                batch_size=1, **kw)
+    # an empty prompt starts from the bos token, else from eos
+    model.config.bos_token_id = 27
+    from_bos = generate(model, torch.tensor([[27]]), **kw)[0, 1:].tolist()
+    assert generate_text(model, Chars(), "", **kw) == Chars().decode(from_bos)
+    model.config.bos_token_id = None
+    from_eos = generate(model, torch.tensor([[29]]), **kw)[0, 1:].tolist()
+    assert from_eos != from_bos and generate_text(model, Chars(), "", **kw) == Chars().decode(from_eos)
 
 
 @pytest.mark.parametrize("interval", [3, 8])

@@ -255,6 +255,10 @@ def test_what_the_generation_config_holds_picks_the_decoder(pair, prompts):
         ours.generation_config = saved
     two = ours.generate(ids[1], max_new_tokens=4, do_sample=True, num_return_sequences=2, seed=3)
     assert two.shape == (2, ids.size(1) + 4)
+    # an option after max_length is still read (beam search here)
+    with torch.no_grad():
+        assert torch.equal(ours.generate(ids, attention_mask=mask, max_length=ids.size(1) + 4, num_beams=2),
+                           hf.generate(ids, attention_mask=mask, max_length=ids.size(1) + 4, num_beams=2))
 
 
 def test_eos_token_id_is_kept_on_transformers_path(pair, prompts):
