@@ -235,6 +235,8 @@ EQUIVALENT: list[tuple[str, str, str, str]] = [
      "(i - 1) % check_every == 0 or last) and bool(all_done[:i + 1].any()):",
      "the checks at steps 1, 4, 7, ... instead of 2, 5, 8 (every step where the interval is 1): the output is cut "
      "where all_done says, exactly, whichever step the check runs at"),
+    ("generation.py", "return texts[0] if single else texts", "return texts[-1] if single else texts",
+     "a single prompt gives a list of one text: its first is its last"),
     ("generation.py", "if s.top_p < 1.0:", "if s.top_p <= 1.0:",
      "top_p_filter at p = 1 drops only tokens whose ascending cumulative probability is <= 0, i.e. exactly 0: "
      "softmax gives them 0 either way, so the sampled distribution is the same bit for bit"),
