@@ -45,7 +45,7 @@ def greedy_reference(model, ids, mask, steps, penalty=1.0):
     return ids
 
 
-@pytest.mark.parametrize("penalty", [1.0, 1.3])
+@pytest.mark.parametrize("penalty", [1.0, 1.3, 2.0])
 def test_greedy_matches_transformers_single_and_left_padded_batch(models, penalty):
     ours, hf = models
     batch = prompts()
@@ -224,6 +224,25 @@ def test_sampling_is_reproducible_with_a_seed(models):
     assert not torch.equal(a, c)
     torch.manual_seed(0)  # the seed's generator is private: the global RNG does not change the result
     assert torch.equal(generate(ours, ids, seed=7, **kw), a)
+    # top_k=0 filters nothing (as top_k=vocab): a sample, not the greedy tokens
+    unfiltered = generate(ours, ids, seed=7, top_k=0, **kw)
+    assert torch.equal(unfiltered, generate(ours, ids, seed=7, top_k=512, **kw))
+    assert not torch.equal(unfiltered, generate(ours, ids, attention_mask=mask, max_new_tokens=10, eos_token_id=None))
+
+
+def test_sampling_scores_are_transformers_warpers():
+    """temperature, then top-k, then top-p, each as transformers' warper computes it (at any temperature, 2.0
+    included: no value is skipped as if it were 1)."""
+    from transformers.generation.logits_process import TemperatureLogitsWarper, TopKLogitsWarper
+    from gpt2_ascend.generation import SamplingSettings, process_logits
+    scores = torch.randn(2, 40, generator=torch.Generator().manual_seed(0)) * 3
+    for temperature in (2.0, 0.5):
+        for top_k in (0, 5):
+            theirs = TemperatureLogitsWarper(temperature)(None, scores.clone())
+            if top_k:
+                theirs = TopKLogitsWarper(top_k)(None, theirs)
+            settings = SamplingSettings(5, 0, True, temperature, top_k, 1.0, 1.0)
+            assert torch.equal(process_logits(scores, settings, 0), theirs), (temperature, top_k)
 
 
 def allowed_tokens(logits, temperature, top_k, top_p):
@@ -352,8 +371,11 @@ def test_peft_wrapped_model_generates_like_the_merged_one(models):
 def test_context_overflow_and_bad_arguments_fail_with_one_line(models):
     ours, _ = models
     ids = torch.randint(0, 500, (1, 60))
-    with pytest.raises(ValueError, match="exceeds the model's context n_positions=64"):
+    with pytest.raises(ValueError, match="^prompt of 60 tokens plus max_new_tokens=10 exceeds the model's context "
+                                         "n_positions=64"):
         generate(ours, ids, max_new_tokens=10)
+    with pytest.raises(ValueError, match="^max_new_tokens=64 leaves no room for a prompt in n_positions=64$"):
+        generate(ours, ids, max_new_tokens=64, truncate_prompt=True)
     truncated = generate(ours, ids, max_new_tokens=10, truncate_prompt=True, eos_token_id=None)
     assert torch.equal(truncated, generate(ours, ids[:, -54:], max_new_tokens=10, eos_token_id=None))
     small = ids[:, :5]
@@ -501,6 +523,7 @@ def test_check_sampling_args_accepts_its_defaults_and_names_the_bound():
     """The CLI's up-front check: its defaults are the valid 'off' values (greedy, no filter, no penalty), so any one
     argument can be given alone; a bad min_new_tokens names the bound it was checked against (max_new_tokens
     decided later: only its own range)."""
+    from gpt2_ascend.config import MIN_TEMPERATURE
     from gpt2_ascend.generation import check_sampling_args
     check_sampling_args()
     check_sampling_args(max_new_tokens=1)
@@ -513,6 +536,8 @@ def test_check_sampling_args_accepts_its_defaults_and_names_the_bound():
     for name in ("min_new_tokens", "do_sample", "temperature", "top_k", "top_p", "repetition_penalty"):
         with pytest.raises(ValueError, match=f"bad value None for '{name}'"):
             check_sampling_args(**{name: None})  # None is generate()'s 'from the config', not a value here
+    check_sampling_args(min_new_tokens=2, max_new_tokens=2)  # the bounds are allowed
+    check_sampling_args(do_sample=True, temperature=MIN_TEMPERATURE)
     with pytest.raises(ValueError) as err:
         check_sampling_args(min_new_tokens=3, max_new_tokens=2)
     assert str(err.value) == "min_new_tokens must be an integer in [0, max_new_tokens=2], got 3"
@@ -649,8 +674,18 @@ def test_generate_text_takes_batches_of_one_and_streams_a_lone_prompt_at_any_bat
     text = generate_text(model, Chars(), ["abc"], streamer=streamed, **kw)  # batch_size left at its default
     assert streamed.puts[0].flatten().tolist() == [0, 1, 2] and len(streamed.puts) == 1 + 4 and streamed.ended == 1
     assert text == generate_text(model, Chars(), ["abc"], **kw)
-    # max_decode_length counts the prompt: 8 - 3
+    # max_decode_length counts the prompt: 8 - 3 (and 3 leaves none); so does transformers' max_length
     assert len(generate_text(model, Chars(), "abc", max_decode_length=8, eos_token_id=None)) == 5
+    assert len(generate_text(model, Chars(), "abc", max_length=7, eos_token_id=None)) == 4
+    with pytest.raises(ValueError, match="a prompt of 3 tokens leaves no room under max_decode_length=3"):
+        generate_text(model, Chars(), "abc", max_decode_length=3)
+    for bad in (0, 2.5, True):
+        with pytest.raises(ValueError, match=f"batch_size must be a positive integer, got {bad!r}"):
+            generate_text(model, Chars(), ["abc", "de"], batch_size=bad, **kw)
+    # a length from the generation config, and a prompt longer than the context truncated
+    model.generation_config.max_new_tokens = 4
+    assert len(generate_text(model, Chars(), "abcdefghijklmnopqrst", truncate_prompt=True, eos_token_id=None)) == 4
+    model.generation_config.max_new_tokens = None
     model.config.pad_token_id = None  # GPT-2's own config: prompts are padded with the bos/eos id
     assert generate_text(model, Chars(), ["abc", "de"], **kw) == generate_text(model, Chars(), ["abc", "de"],
                                                                                batch_size=1, **kw)
@@ -700,6 +735,8 @@ def test_the_stop_check_interval_is_one_on_cpu_and_when_streaming():
     assert stop_check_interval(torch.device("cpu"), RecordingStreamer()) == 1
     assert stop_check_interval(torch.device("cuda"), RecordingStreamer()) == 1  # no token streamed unchecked
     assert stop_check_interval(torch.device("cuda"), None) == ACCELERATOR_STOP_CHECK > 1
+    from gpt2_ascend.generation import compile_supported
+    assert compile_supported(torch.device("cuda"))  # CUDA graphs need no host compiler
 
 
 @pytest.mark.parametrize("interval, nan_from, max_new, reported", [(None, 2, 6, 3), (3, 4, 12, 6), (3, 3, 5, 5)])
