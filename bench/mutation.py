@@ -255,6 +255,9 @@ EQUIVALENT: list[tuple[str, str, str, str]] = [
      "temperature 1.0 then divides by 1, exactly; 0.0 never reaches here (sampling refuses it in validate)"),
     ("generation.py", "if s.top_p < 1.0:", "if s.top_p < 2.0:",
      "top_p is at most 1 (validate): the same as `<= 1.0`, judged below"),
+    ("generation.py", "temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,",
+     "temperature: float = 2.0, top_k: int = 0, top_p: float = 1.0,",
+     "a validator's default: temperature 2.0 passes wherever 1.0 does"),
     ("generation.py", "if s.top_p < 1.0:", "if s.top_p <= 1.0:",
      "top_p_filter at p = 1 drops only tokens whose ascending cumulative probability is <= 0, i.e. exactly 0: "
      "softmax gives them 0 either way, so the sampled distribution is the same bit for bit"),
