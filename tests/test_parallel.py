@@ -418,3 +418,36 @@ def test_meta_init_fresh_model_trains(workdir):
         assert state[name][500:].abs().max().item() == 0.0, name
     assert torch.equal(state["transformer.wte.weight"], state["lm_head.weight"])  # the head is still the embedding
     assert all(torch.isfinite(t).all() for t in weights(out / "final").values())
+
+
+SEQUENCE_PARALLEL_PLACEMENTS = r"""
+import json, torch, torch.distributed as dist
+from torch.distributed.device_mesh import init_device_mesh
+from gpt2_ascend import GPT2Config, GPT2LMHeadModel
+from gpt2_ascend.parallel.tensor_parallel import apply_tensor_parallel
+dist.init_process_group("gloo")
+torch.manual_seed(0)
+model = GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=32, n_head=2, n_positions=16, vocab_size=64))
+apply_tensor_parallel(model, init_device_mesh("cpu", (1,)), sequence_parallel=True)
+seen = {}
+block = model.transformer.h[0]
+for name, module in [("attn.c_proj", block.attn.c_proj), ("mlp.c_proj", block.mlp.c_proj),
+                     ("ln_f", model.transformer.ln_f)]:
+    module.register_forward_hook(lambda m, i, o, name=name: seen.setdefault(name, repr(tuple(o.placements))) and None)
+model(torch.randint(0, 64, (2, 8)))
+print(json.dumps(seen))
+dist.destroy_process_group()
+"""
+
+
+def test_sequence_parallel_keeps_the_residual_stream_split_on_the_sequence():
+    """The point of sequence parallel: between the blocks' matrix products the activations stay sharded on the
+    sequence dim (a reduce-scatter there, not an all-reduce); an equal loss would not show a plan that shards
+    another dim and redistributes at every residual add. One rank, a mesh of one: the placements are the plan's."""
+    env = dict(os.environ, RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1",
+               MASTER_PORT=str(_port()), PYTHONPATH=REPO)
+    proc = subprocess.run([sys.executable, "-c", SEQUENCE_PARALLEL_PLACEMENTS], env=env, capture_output=True,
+                          text=True, timeout=HANG_GUARD_S)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    placements = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert placements == {name: "(Shard(dim=1),)" for name in ("attn.c_proj", "mlp.c_proj", "ln_f")}

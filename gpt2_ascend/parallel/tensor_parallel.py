@@ -99,7 +99,7 @@ def tp_plan(sequence_parallel: bool) -> tuple[dict, dict]:
     return top, block
 
 
-def apply_tensor_parallel(model: nn.Module, tp_mesh, sequence_parallel: bool = False):
+def apply_tensor_parallel(model: nn.Module, tp_mesh, sequence_parallel: bool):
     """Shard `model` (an LM or classifier, or a pipeline stage holding some of its parts) over tp_mesh."""
     from torch.distributed.tensor.parallel import parallelize_module
     config = model.config
