@@ -260,6 +260,9 @@ EQUIVALENT: list[tuple[str, str, str, str]] = [
     ("generation.py", "temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,",
      "temperature: float = 2.0, top_k: int = 0, top_p: float = 1.0,",
      "a validator's default: temperature 2.0 passes wherever 1.0 does"),
+    ("generation.py", "return out[0] if squeeze and isinstance(out, torch.Tensor) and out.size(0) == 1 else out",
+     "return out[-1] if squeeze and isinstance(out, torch.Tensor) and out.size(0) == 1 else out",
+     "one row: its first is its last"),
     ("generation.py", "if s.top_p < 1.0:", "if s.top_p <= 1.0:",
      "top_p_filter at p = 1 drops only tokens whose ascending cumulative probability is <= 0, i.e. exactly 0: "
      "softmax gives them 0 either way, so the sampled distribution is the same bit for bit"),
@@ -298,6 +301,24 @@ EQUIVALENT: list[tuple[str, str, str, str]] = [
      "lm_head's input is ln_f's output, a DTensor (SequenceParallel keeps DTensors): ColwiseParallel takes a "
      "DTensor's own placement and reads the declared one only to compare it with Replicate, which Shard(0) fails "
      "as Shard(1) does (both redistribute to Replicate)"),
+    ("parallel/tensor_parallel.py", "module.c_attn.bias.copy_(module.c_attn.bias.index_select(0, idx))",
+     "module.c_attn.bias.copy_(module.c_attn.bias.index_select(-1, idx))", "the bias is 1-D: dim -1 is dim 0"),
+    ("parallel/tensor_parallel.py", '"attn": PrepareModuleInput(input_layouts=(Shard(1), None, None, None),',
+     '"attn": PrepareModuleInput(input_layouts=(Shard(0), None, None, None),',
+     "the block's input is ln_1's / ln_2's output, a DTensor (SequenceParallel): PrepareModuleInput keeps a "
+     "DTensor's own placement and reads the declared one only to compare it with the desired Replicate"),
+    ("parallel/tensor_parallel.py", '"attn": PrepareModuleInput(input_layouts=(Shard(1), None, None, None),',
+     '"attn": PrepareModuleInput(input_layouts=(Shard(2), None, None, None),',
+     "the block's input is ln_1's / ln_2's output, a DTensor (SequenceParallel): PrepareModuleInput keeps a "
+     "DTensor's own placement and reads the declared one only to compare it with the desired Replicate"),
+    ("parallel/tensor_parallel.py", '"mlp": PrepareModuleInput(input_layouts=(Shard(1),), desired_input_layouts=(Replicate(),)),',
+     '"mlp": PrepareModuleInput(input_layouts=(Shard(0),), desired_input_layouts=(Replicate(),)),',
+     "the block's input is ln_1's / ln_2's output, a DTensor (SequenceParallel): PrepareModuleInput keeps a "
+     "DTensor's own placement and reads the declared one only to compare it with the desired Replicate"),
+    ("parallel/tensor_parallel.py", '"mlp": PrepareModuleInput(input_layouts=(Shard(1),), desired_input_layouts=(Replicate(),)),',
+     '"mlp": PrepareModuleInput(input_layouts=(Shard(2),), desired_input_layouts=(Replicate(),)),',
+     "the block's input is ln_1's / ln_2's output, a DTensor (SequenceParallel): PrepareModuleInput keeps a "
+     "DTensor's own placement and reads the declared one only to compare it with the desired Replicate"),
     # data/text.py, safe_dcp.py, safe_pickle.py (judged by i27c)
     ("data/text.py", 'cut = text.find("\\n", cut + 1)', 'cut = text.find("\\n", cut + 2)',
      "it skips only a '\\n' at cut + 1, which follows the '\\n' at cut, a whitespace: never a cut"),

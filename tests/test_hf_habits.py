@@ -291,6 +291,9 @@ def test_a_prompt_filling_the_context_gets_its_one_token_on_transformers_path(pa
     with torch.no_grad():
         assert torch.equal(ours.generate(full, max_new_tokens=1, num_beams=2),
                            hf.generate(full, max_new_tokens=1, num_beams=2))
+    longer = torch.cat([full, full[:, :1]], dim=1)  # the prompt alone past the context: our one line
+    with pytest.raises(ValueError, match=f"^prompt of {longer.size(1)} tokens plus max_new_tokens=0 exceeds"):
+        ours.generate(longer, max_new_tokens=1, num_beams=2)
 
 
 # ---------------------------------------------------------------------------------------------

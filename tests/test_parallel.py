@@ -435,13 +435,29 @@ for name, module in [("attn.c_proj", block.attn.c_proj), ("mlp.c_proj", block.ml
                      ("ln_f", model.transformer.ln_f)]:
     module.register_forward_hook(lambda m, i, o, name=name: seen.setdefault(name, repr(tuple(o.placements))) and None)
 model(torch.randint(0, 64, (2, 8)))
+# replicate_parallel(): plain tensors in become Replicate DTensors, anything else (None, a DTensor) passes as is;
+# the output is a plain tensor again
+from torch.distributed.tensor import DTensor, Replicate
+from torch.distributed.tensor.parallel import parallelize_module
+from gpt2_ascend.parallel.tensor_parallel import replicate_parallel
+class Scale(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.w = torch.nn.Parameter(torch.full((3,), 2.0))
+    def forward(self, x, y):
+        seen.setdefault("kinds", []).append([type(x).__name__, type(y).__name__])
+        return x * self.w if y is None else x * self.w + y
+scale = parallelize_module(Scale(), init_device_mesh("cpu", (1,)), replicate_parallel())
+x = torch.ones(3)
+outputs = [scale(x, None), scale(DTensor.from_local(x, scale.w.device_mesh, [Replicate()]), x)]
+seen["outputs"] = [[type(o).__name__, o.tolist()] for o in outputs]
 print(json.dumps(seen))
 dist.destroy_process_group()
 """
 
 
 def test_sequence_parallel_keeps_the_residual_stream_split_on_the_sequence():
-    """The point of sequence parallel: between the blocks' matrix products the activations stay sharded on the
+    """(And replicate_parallel's contract, in the same process.) The point of sequence parallel: between the blocks' matrix products the activations stay sharded on the
     sequence dim (a reduce-scatter there, not an all-reduce); an equal loss would not show a plan that shards
     another dim and redistributes at every residual add. One rank, a mesh of one: the placements are the plan's."""
     env = dict(os.environ, RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1",
@@ -449,5 +465,9 @@ def test_sequence_parallel_keeps_the_residual_stream_split_on_the_sequence():
     proc = subprocess.run([sys.executable, "-c", SEQUENCE_PARALLEL_PLACEMENTS], env=env, capture_output=True,
                           text=True, timeout=HANG_GUARD_S)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    placements = json.loads(proc.stdout.strip().splitlines()[-1])
-    assert placements == {name: "(Shard(dim=1),)" for name in ("attn.c_proj", "mlp.c_proj", "ln_f")}
+    seen = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert {k: seen[k] for k in ("attn.c_proj", "mlp.c_proj", "ln_f")} == \
+        {name: "(Shard(dim=1),)" for name in ("attn.c_proj", "mlp.c_proj", "ln_f")}
+    # the style of the modules every rank keeps whole (replicate_parallel), on its own
+    assert seen["kinds"] == [["DTensor", "NoneType"], ["DTensor", "DTensor"]]
+    assert seen["outputs"] == [["Tensor", [2.0, 2.0, 2.0]], ["Tensor", [3.0, 3.0, 3.0]]]
