@@ -457,9 +457,10 @@ dist.destroy_process_group()
 
 
 def test_sequence_parallel_keeps_the_residual_stream_split_on_the_sequence():
-    """(And replicate_parallel's contract, in the same process.) The point of sequence parallel: between the blocks' matrix products the activations stay sharded on the
+    """The point of sequence parallel: between the blocks' matrix products the activations stay sharded on the
     sequence dim (a reduce-scatter there, not an all-reduce); an equal loss would not show a plan that shards
-    another dim and redistributes at every residual add. One rank, a mesh of one: the placements are the plan's."""
+    another dim and redistributes at every residual add. One rank, a mesh of one: the placements are the plan's.
+    The same process checks replicate_parallel(), the style of the modules every rank keeps whole."""
     env = dict(os.environ, RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1",
                MASTER_PORT=str(_port()), PYTHONPATH=REPO)
     proc = subprocess.run([sys.executable, "-c", SEQUENCE_PARALLEL_PLACEMENTS], env=env, capture_output=True,
