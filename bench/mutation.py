@@ -89,7 +89,8 @@ MODULES = {
     "parallel/tensor_parallel.py": ["tests/test_model.py",
                                     "tests/test_parallel.py::test_sequence_parallel_keeps_the_residual_stream_split_on_"
                                     "the_sequence", f"{PARALLEL}[tp-2-layout2]", f"{PARALLEL}[tp_sp-2-layout3]",
-                                    "tests/test_parallel.py::test_tensor_parallel_finetunes_nonzero_biases_like_one_process"],
+                                    "tests/test_parallel.py::test_tensor_parallel_finetunes_nonzero_biases_like_one_process",
+                                    "tests/test_parallel.py::test_classifier_layouts_match_one_process[cls_tp_sp-layout2]"],
     "parallel/pipeline.py": ["tests/test_init.py", f"{PARALLEL}[pp_1f1b-2-layout5]", f"{PARALLEL}[pp_gpipe-2-layout4]",
                              f"{PARALLEL}[pp_accum-2-layout8]", "tests/test_parallel.py::test_classifier_layouts_match_one_process[cls_pp-layout0]"],
 }
@@ -263,6 +264,10 @@ EQUIVALENT: list[tuple[str, str, str, str]] = [
     ("generation.py", "return out[0] if squeeze and isinstance(out, torch.Tensor) and out.size(0) == 1 else out",
      "return out[-1] if squeeze and isinstance(out, torch.Tensor) and out.size(0) == 1 else out",
      "one row: its first is its last"),
+    ("generation.py",
+     "penalized = torch.where(scores < 0, scores * s.repetition_penalty, scores / s.repetition_penalty)",
+     "penalized = torch.where(scores <= 0, scores * s.repetition_penalty, scores / s.repetition_penalty)",
+     "a score of exactly 0 times the penalty or over it is 0 either way"),
     ("generation.py", "if s.top_p < 1.0:", "if s.top_p <= 1.0:",
      "top_p_filter at p = 1 drops only tokens whose ascending cumulative probability is <= 0, i.e. exactly 0: "
      "softmax gives them 0 either way, so the sampled distribution is the same bit for bit"),
@@ -301,6 +306,9 @@ EQUIVALENT: list[tuple[str, str, str, str]] = [
      "lm_head's input is ln_f's output, a DTensor (SequenceParallel keeps DTensors): ColwiseParallel takes a "
      "DTensor's own placement and reads the declared one only to compare it with Replicate, which Shard(0) fails "
      "as Shard(1) does (both redistribute to Replicate)"),
+    ("parallel/tensor_parallel.py",
+     '"lm_head": ColwiseParallel(input_layouts=Shard(1), output_layouts=Replicate()),',
+     '"lm_head": ColwiseParallel(input_layouts=Shard(2), output_layouts=Replicate()),', "the same as Shard(0)"),
     ("parallel/tensor_parallel.py", "module.c_attn.bias.copy_(module.c_attn.bias.index_select(0, idx))",
      "module.c_attn.bias.copy_(module.c_attn.bias.index_select(-1, idx))", "the bias is 1-D: dim -1 is dim 0"),
     ("parallel/tensor_parallel.py", '"attn": PrepareModuleInput(input_layouts=(Shard(1), None, None, None),',

@@ -187,6 +187,8 @@ def test_global_batch_is_kept_by_accumulation_on_fewer_processes(workdir):
 @pytest.mark.parametrize("name, layout", [
     ("cls_pp", ["parallel.pipeline_stage=2", "parallel.micro_batch_num=2"]),
     ("cls_dp", ["parallel.data_parallel=2", "runner_config.batch_size=4"]),
+    # the pooled head under sequence parallel takes the whole sequence back (ln_f's gather before pooling)
+    ("cls_tp_sp", ["parallel.model_parallel=2", "parallel.sequence_parallel=true"]),
 ])
 def test_classifier_layouts_match_one_process(workdir, single_cls, name, layout):
     assert_same_run(run(workdir, name, 2, *layout, recipe="cls.yaml"), single_cls)
@@ -431,8 +433,8 @@ model = GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=32, n_head=2, n_positions=1
 apply_tensor_parallel(model, init_device_mesh("cpu", (1,)), sequence_parallel=True)
 seen = {}
 block = model.transformer.h[0]
-for name, module in [("attn.c_proj", block.attn.c_proj), ("mlp.c_proj", block.mlp.c_proj),
-                     ("ln_f", model.transformer.ln_f)]:
+for name, module in [("drop", model.transformer.drop), ("attn.c_proj", block.attn.c_proj),
+                     ("mlp.c_proj", block.mlp.c_proj), ("ln_f", model.transformer.ln_f)]:
     module.register_forward_hook(lambda m, i, o, name=name: seen.setdefault(name, repr(tuple(o.placements))) and None)
 model(torch.randint(0, 64, (2, 8)))
 # replicate_parallel(): plain tensors in become Replicate DTensors, anything else (None, a DTensor) passes as is;
@@ -467,8 +469,8 @@ def test_sequence_parallel_keeps_the_residual_stream_split_on_the_sequence():
                           text=True, timeout=HANG_GUARD_S)
     assert proc.returncode == 0, proc.stderr[-3000:]
     seen = json.loads(proc.stdout.strip().splitlines()[-1])
-    assert {k: seen[k] for k in ("attn.c_proj", "mlp.c_proj", "ln_f")} == \
-        {name: "(Shard(dim=1),)" for name in ("attn.c_proj", "mlp.c_proj", "ln_f")}
+    names = ("drop", "attn.c_proj", "mlp.c_proj", "ln_f")
+    assert {k: seen[k] for k in names} == {name: "(Shard(dim=1),)" for name in names}
     # the style of the modules every rank keeps whole (replicate_parallel), on its own
     assert seen["kinds"] == [["DTensor", "NoneType"], ["DTensor", "DTensor"]]
     assert seen["outputs"] == [["Tensor", [2.0, 2.0, 2.0]], ["Tensor", [3.0, 3.0, 3.0]]]
