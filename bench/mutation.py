@@ -268,6 +268,12 @@ EQUIVALENT: list[tuple[str, str, str, str]] = [
      "penalized = torch.where(scores < 0, scores * s.repetition_penalty, scores / s.repetition_penalty)",
      "penalized = torch.where(scores <= 0, scores * s.repetition_penalty, scores / s.repetition_penalty)",
      "a score of exactly 0 times the penalty or over it is 0 either way"),
+    ("generation.py", "if eos is not None and ("
+     "(i + 1) % check_every == 0 or last) and bool(all_done[:i + 1].any()):",
+     "if eos is not None and ("
+     "(i + 0) % check_every == 0 or last) and bool(all_done[:i + 1].any()):",
+     "the checks at steps 0, 3, 6, ... (every step where the interval is 1): the output is cut where all_done "
+     "says, exactly, whichever step the check runs at"),
     ("generation.py", "if s.top_p < 1.0:", "if s.top_p <= 1.0:",
      "top_p_filter at p = 1 drops only tokens whose ascending cumulative probability is <= 0, i.e. exactly 0: "
      "softmax gives them 0 either way, so the sampled distribution is the same bit for bit"),
@@ -309,6 +315,11 @@ EQUIVALENT: list[tuple[str, str, str, str]] = [
     ("parallel/tensor_parallel.py",
      '"lm_head": ColwiseParallel(input_layouts=Shard(1), output_layouts=Replicate()),',
      '"lm_head": ColwiseParallel(input_layouts=Shard(2), output_layouts=Replicate()),', "the same as Shard(0)"),
+    ("parallel/tensor_parallel.py",
+     "return tuple(DTensor.from_local(t, mesh, [Replicate()], run_check=False)",
+     "return tuple(DTensor.from_local(t, mesh, [Replicate()], run_check=True)",
+     "run_check broadcasts rank 0's tensor over the replicas: every rank feeds these modules the same ids and "
+     "activations, so it only costs a collective"),
     ("parallel/tensor_parallel.py", "module.c_attn.bias.copy_(module.c_attn.bias.index_select(0, idx))",
      "module.c_attn.bias.copy_(module.c_attn.bias.index_select(-1, idx))", "the bias is 1-D: dim -1 is dim 0"),
     ("parallel/tensor_parallel.py", '"attn": PrepareModuleInput(input_layouts=(Shard(1), None, None, None),',

@@ -397,6 +397,10 @@ def test_context_overflow_and_bad_arguments_fail_with_one_line(models):
         generate(ours, torch.tensor([[1, 600]]))  # own check, before any forward (the model's says more)
     with pytest.raises(ValueError, match=r"^token ids must be in \[0, 512\), found 1\.\.512$"):
         generate(ours, torch.tensor([[1, 512]]))
+    with pytest.raises(ValueError, match=r"^token ids must be in \[0, 512\), found -1\.\.3$"):
+        generate(ours, torch.tensor([[-1, 3]]))
+    with pytest.raises(ValueError, match=r"eos_token_id must be a token id in \[0, 512\) or None, got 512"):
+        generate(ours, small, eos_token_id=512)
     assert generate(ours, small, max_new_tokens=2, eos_token_id=0, pad_token_id=0).size(1) >= 6  # id 0 is an id
     with pytest.raises(ValueError, match=r"eos_token_id must be a token id in \[0, 512\) or None, got -1"):
         generate(ours, small, eos_token_id=-1)

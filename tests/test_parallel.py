@@ -422,6 +422,19 @@ def test_meta_init_fresh_model_trains(workdir):
     assert all(torch.isfinite(t).all() for t in weights(out / "final").values())
 
 
+def test_only_modules_a_model_or_stage_holds_are_planned():
+    """The tensor-parallel plan names every part of the LM and the classifier; a model or pipeline stage gets the
+    entries of the parts it has (a stage before the last holds ln_f as None)."""
+    from gpt2_ascend import GPT2Config, GPT2ForSequenceClassification, GPT2LMHeadModel
+    from gpt2_ascend.parallel.tensor_parallel import _has_module
+    config = GPT2Config(n_layer=1, n_embd=32, n_head=2, n_positions=16, vocab_size=64)
+    lm, classifier = GPT2LMHeadModel(config), GPT2ForSequenceClassification(config)
+    assert _has_module(lm, "lm_head") and _has_module(lm, "transformer.wte") and not _has_module(lm, "score")
+    assert _has_module(classifier, "score") and not _has_module(classifier, "lm_head")
+    lm.transformer.ln_f = None
+    assert not _has_module(lm, "transformer.ln_f")
+
+
 SEQUENCE_PARALLEL_PLACEMENTS = r"""
 import json, torch, torch.distributed as dist
 from torch.distributed.device_mesh import init_device_mesh
