@@ -93,7 +93,8 @@ MODULES = {
                                     "tests/test_parallel.py::test_tensor_parallel_finetunes_nonzero_biases_like_one_process",
                                     "tests/test_parallel.py::test_classifier_layouts_match_one_process[cls_tp_sp-layout2]"],
     "parallel/pipeline.py": ["tests/test_init.py", f"{PARALLEL}[pp_1f1b-2-layout5]", f"{PARALLEL}[pp_gpipe-2-layout4]",
-                             f"{PARALLEL}[pp_accum-2-layout8]", "tests/test_parallel.py::test_classifier_layouts_match_one_process[cls_pp-layout0]"],
+                             f"{PARALLEL}[pp_accum-2-layout8]", f"{PARALLEL}[tp_pp-4-layout7]",
+                             "tests/test_parallel.py::test_classifier_layouts_match_one_process[cls_pp-layout0]"],
 }
 # the tests above that run the module in subprocesses (prefixes of node ids): every mutant of the module runs them
 SUBPROCESS_TESTS = {
