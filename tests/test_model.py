@@ -196,6 +196,10 @@ def test_pipeline_stages_chained_in_one_process_give_the_whole_models_logits(cls
                 x = x if isinstance(x, tuple) else (x,)
                 assert len(x) == len(inputs) and x[0].shape == (2, 10, config.n_embd)
             assert max_diff(stages[-1](*x), model(ids, **kw).logits) <= TOL
+    if cls is GPT2LMHeadModel:  # the tied head of a last stage is its own copy of the embedding (the ranks keep the
+        head, embedding = stages[-1].lm_head, model.transformer.wte  # two equal by summing their gradients)
+        assert head.weight is not embedding.weight and torch.equal(head.weight, embedding.weight)
+        assert head is not model.lm_head and model.lm_head.weight is embedding.weight  # the model stays as it was
 
 
 def test_eager_and_sdpa_agree_and_dropout_is_off_in_eval():
