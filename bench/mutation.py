@@ -95,6 +95,8 @@ MODULES = {
     "parallel/pipeline.py": ["tests/test_init.py",
                              "tests/test_model.py::test_pipeline_stages_chained_in_one_process_give_the_whole_models_"
                              "logits",
+                             "tests/test_model.py::test_pipeline_stages_split_the_layers_contiguously_the_first_taking_"
+                             "the_extra_ones",
                              f"{PARALLEL}[pp_1f1b-2-layout5]", f"{PARALLEL}[pp_gpipe-2-layout4]",
                              f"{PARALLEL}[pp_accum-2-layout8]", f"{PARALLEL}[tp_pp-4-layout7]",
                              "tests/test_parallel.py::test_classifier_layouts_match_one_process[cls_pp-layout0]"],

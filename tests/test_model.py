@@ -175,6 +175,14 @@ def test_classification_pools_the_masks_last_token_whatever_the_padding_id(side)
     assert max_diff(alone[1], alone[2]) > 1e-2  # rows differ: pooling the wrong token would show
 
 
+def test_pipeline_stages_split_the_layers_contiguously_the_first_taking_the_extra_ones():
+    from gpt2_ascend.parallel.pipeline import split_layers
+    assert split_layers(4, 2) == [range(0, 2), range(2, 4)]
+    assert split_layers(5, 2) == [range(0, 3), range(3, 5)]
+    assert split_layers(7, 3) == [range(0, 3), range(3, 5), range(5, 7)]
+    assert split_layers(48, 5) == [range(0, 10), range(10, 20), range(20, 30), range(30, 39), range(39, 48)]
+
+
 @pytest.mark.parametrize("cls", [GPT2LMHeadModel, GPT2ForSequenceClassification])
 def test_pipeline_stages_chained_in_one_process_give_the_whole_models_logits(cls):
     """A pipeline's stages (first, middle, last; parallel/pipeline.py) are the model in its tensors-in,
