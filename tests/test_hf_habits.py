@@ -228,40 +228,36 @@ def test_generate_keeps_its_own_options_on_transformers_path(pair, prompts):
     assert [w.filename for w in record] == [__file__]
 
 
-def test_what_the_generation_config_holds_picks_the_decoder(pair, prompts):
+def test_what_the_generation_config_holds_picks_the_decoder(pair, prompts, monkeypatch):
     """transformers' bookkeeping in a generation config (its version, _from_model_config) asks for nothing: the
     decoder here runs (fixed_shape applies: no word about transformers' path); several eos ids are transformers'
     (the output is transformers' own); a 1-D prompt with several sequences gives them all."""
     import copy
     hf, ours = pair
     ids, mask = prompts
-    saved = ours.generation_config
-    try:
-        config = ours.generation_config = copy.deepcopy(saved)
-        config._from_model_config, config.transformers_version = True, "4.45.0"
-        with warnings.catch_warnings():
-            warnings.filterwarnings("error", message="compile / fixed_shape")
-            ours.generate(ids, attention_mask=mask, max_new_tokens=3, fixed_shape=True)
-        free = ours.generate(ids, attention_mask=mask, max_new_tokens=8, eos_token_id=None)
-        config.eos_token_id = [int(free[0, ids.size(1) + 2]), int(free[1, ids.size(1) + 4])]
-        hf_config = copy.deepcopy(hf.generation_config)
-        hf_config.eos_token_id = config.eos_token_id
-        with torch.no_grad():
-            theirs = hf.generate(ids, attention_mask=mask, max_new_tokens=8, pad_token_id=PAD,
-                                 generation_config=hf_config)
-        assert theirs.shape != free.shape  # it stopped early
-        assert torch.equal(ours.generate(ids, attention_mask=mask, max_new_tokens=8, pad_token_id=PAD), theirs)
-    finally:
-        ours.generation_config = saved
     two = ours.generate(ids[1], max_new_tokens=4, do_sample=True, num_return_sequences=2, seed=3)
     assert two.shape == (2, ids.size(1) + 4)
     # an option after max_length is still read (beam search here)
     with torch.no_grad():
         assert torch.equal(ours.generate(ids, attention_mask=mask, max_length=ids.size(1) + 4, num_beams=2),
                            hf.generate(ids, attention_mask=mask, max_length=ids.size(1) + 4, num_beams=2))
+    config = copy.deepcopy(ours.generation_config)
+    monkeypatch.setattr(ours, "generation_config", config)
+    config._from_model_config, config.transformers_version = True, "4.45.0"
+    with warnings.catch_warnings():
+        warnings.filterwarnings("error", message="compile / fixed_shape")
+        ours.generate(ids, attention_mask=mask, max_new_tokens=3, fixed_shape=True)
+    free = ours.generate(ids, attention_mask=mask, max_new_tokens=8, eos_token_id=None)
+    config.eos_token_id = [int(free[0, ids.size(1) + 2]), int(free[1, ids.size(1) + 4])]
+    hf_config = copy.deepcopy(hf.generation_config)
+    hf_config.eos_token_id = config.eos_token_id
+    with torch.no_grad():
+        theirs = hf.generate(ids, attention_mask=mask, max_new_tokens=8, pad_token_id=PAD, generation_config=hf_config)
+    assert theirs.shape != free.shape  # it stopped early
+    assert torch.equal(ours.generate(ids, attention_mask=mask, max_new_tokens=8, pad_token_id=PAD), theirs)
 
 
-def test_eos_token_id_is_kept_on_transformers_path(pair, prompts):
+def test_eos_token_id_is_kept_on_transformers_path(pair, prompts, monkeypatch):
     """A call that runs transformers' generate() (beam search here) stops at the eos id it is given, as transformers
     does, and eos_token_id=None never stops, whatever the generation config says."""
     import copy
@@ -274,13 +270,9 @@ def test_eos_token_id_is_kept_on_transformers_path(pair, prompts):
         theirs = hf.generate(ids, eos_token_id=eos, pad_token_id=PAD, **kw)
     assert theirs.shape != free.shape or not torch.equal(theirs, free)  # it stops there
     assert torch.equal(ours.generate(ids, eos_token_id=eos, pad_token_id=PAD, **kw), theirs)
-    saved = ours.generation_config
-    try:
-        ours.generation_config = copy.deepcopy(saved)
-        ours.generation_config.eos_token_id = eos
-        assert torch.equal(ours.generate(ids, eos_token_id=None, **kw), free)
-    finally:
-        ours.generation_config = saved
+    monkeypatch.setattr(ours, "generation_config", copy.deepcopy(ours.generation_config))
+    ours.generation_config.eos_token_id = eos
+    assert torch.equal(ours.generate(ids, eos_token_id=None, **kw), free)
 
 
 def test_a_prompt_filling_the_context_gets_its_one_token_on_transformers_path(pair):
